@@ -1,0 +1,120 @@
+//! kiln's one error type.
+//!
+//! Every user mistake (a bad layer option, a shape that does not fit, a label out of range, an
+//! unreadable file, an invalid config field) comes back as one of these variants, naming the layer,
+//! sample, field or path and saying what was expected. Nothing a user can pass in makes kiln panic.
+
+use std::path::PathBuf;
+
+/// kiln's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in kiln.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A layer's specification is invalid (bad option, or it does not fit its input shape).
+    #[error("layer '{layer}': {reason}")]
+    Layer { layer: String, reason: String },
+
+    /// The model as a whole is invalid (empty, bad input shape, duplicate names, ...).
+    #[error("model: {0}")]
+    Model(String),
+
+    /// Data handed to kiln does not have the shape or length that was expected.
+    #[error("shape mismatch in {what}: expected {expected}, got {got}")]
+    Shape {
+        what: String,
+        expected: String,
+        got: String,
+    },
+
+    /// A configuration field is invalid.
+    #[error("config field '{field}': {reason}")]
+    Config { field: String, reason: String },
+
+    /// A label (target) is invalid for the loss in use.
+    #[error("label of sample {sample}: {reason}")]
+    Label { sample: usize, reason: String },
+
+    /// A parameter name that the model does not have, or data of the wrong size for it.
+    #[error("parameter '{name}': {reason}")]
+    Param { name: String, reason: String },
+
+    /// A file or directory could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    /// A file was read but its content is not valid.
+    #[error("{path}: {reason}")]
+    Format { path: PathBuf, reason: String },
+
+    /// The requested device cannot be used (no GPU, no driver, a missing library, ...).
+    #[error("device {device}: {reason}")]
+    Device { device: String, reason: String },
+
+    /// A call into a device library failed.
+    #[error("{call} failed: {status}")]
+    DeviceCall { call: String, status: String },
+
+    /// The device ran out of memory.
+    #[error(
+        "out of device memory: model '{model}' at batch size {batch} needs {needed} bytes \
+         ({free} free); try a smaller batch"
+    )]
+    OutOfMemory {
+        model: String,
+        batch: usize,
+        needed: u64,
+        free: u64,
+    },
+
+    /// A request that kiln cannot honour in its current state (for example asking for gradients
+    /// before a backward pass).
+    #[error("{0}")]
+    State(String),
+}
+
+impl Error {
+    pub(crate) fn layer(layer: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Layer {
+            layer: layer.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn shape(
+        what: impl Into<String>,
+        expected: impl std::fmt::Display,
+        got: impl std::fmt::Display,
+    ) -> Self {
+        Error::Shape {
+            what: what.into(),
+            expected: expected.to_string(),
+            got: got.to_string(),
+        }
+    }
+
+    pub(crate) fn config(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Config {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn format(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        Error::Format {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+}

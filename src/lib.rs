@@ -1,0 +1,7 @@
+//! kiln: define convolutional neural networks with a fluent builder and train them fast.
+
+pub mod error;
+pub mod rng;
+pub mod tensor;
+
+pub use error::{Error, Result};
