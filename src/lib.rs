@@ -1,7 +1,20 @@
 //! kiln: define convolutional neural networks with a fluent builder and train them fast.
+//!
+//! The crate is organised as the rooms of `DESIGN.md`:
+//!
+//! | module | holds |
+//! | --- | --- |
+//! | [`model`] | layers and options, the builder, the validated graph, shapes, parameters, summary |
+//! | [`backend`] | the backend seam (buffers, op kernels on plain descriptors) and the CPU backend |
+//! | [`exec`] | compiling a model into a plan of kernels over buffers allocated once, running it |
+//! | [`zoo`] | the seed tutorial's architectures, ResNet-18 and an Inception block |
 
+pub mod backend;
 pub mod error;
+pub mod exec;
+pub mod model;
 pub mod rng;
 pub mod tensor;
+pub mod zoo;
 
 pub use error::{Error, Result};

@@ -1,0 +1,59 @@
+//! Dense (fully connected) layer on the CPU: one gemm per pass, split by gemm over the pool.
+//!
+//! `y[m, n] = x[m, k] * w[n, k]^T + b`; backward `dx = dy * w`, `dw = dy^T * x`, `db = sum_m dy`.
+
+use super::float::Float;
+use super::matmul::{Mat, matmul};
+
+#[allow(clippy::too_many_arguments)]
+pub fn forward<T: Float>(
+    m: usize,
+    k: usize,
+    n: usize,
+    x: &[T],
+    w: &[T],
+    b: Option<&[T]>,
+    y: &mut [T],
+    threads: usize,
+) {
+    matmul(y, n, false, Mat::rm(x, m, k), Mat::rm(w, n, k).t(), threads);
+    if let Some(b) = b {
+        for row in y.chunks_mut(n) {
+            row.iter_mut().zip(b).for_each(|(v, &bj)| *v += bj);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn backward<T: Float>(
+    m: usize,
+    k: usize,
+    n: usize,
+    x: &[T],
+    w: &[T],
+    dy: &[T],
+    dx: Option<(&mut [T], bool)>,
+    dw: (&mut [T], bool),
+    db: Option<(&mut [T], bool)>,
+    threads: usize,
+) {
+    if let Some((dx, acc)) = dx {
+        matmul(dx, k, acc, Mat::rm(dy, m, n), Mat::rm(w, n, k), threads);
+    }
+    matmul(
+        dw.0,
+        k,
+        dw.1,
+        Mat::rm(dy, m, n).t(),
+        Mat::rm(x, m, k),
+        threads,
+    );
+    if let Some((db, acc)) = db {
+        if !acc {
+            db.fill(T::ZERO);
+        }
+        for row in dy.chunks(n) {
+            db.iter_mut().zip(row).for_each(|(d, &g)| *d += g);
+        }
+    }
+}

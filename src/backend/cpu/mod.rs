@@ -1,0 +1,570 @@
+//! The CPU backend: every op in pure Rust, multi-threaded with rayon, matrix products by the
+//! `gemm` crate. Generic over the element type: `CpuBackend<f32>` trains, `CpuBackend<f64>` is
+//! the reference that gradient checks and the GPU backend are compared against.
+//!
+//! Results are bit-identical run to run for a given thread count: work is split into fixed
+//! ranges and partial sums are combined in a fixed order.
+//!
+//! `KILN_DEBUG=1` prints every op with its time; `KILN_NUM_THREADS` sets the default thread
+//! count.
+
+mod activation;
+mod batch_norm;
+mod conv2d;
+mod dropout;
+mod float;
+mod join;
+mod linear;
+mod matmul;
+mod pool2d;
+mod softmax;
+
+pub use float::Float;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::Backend;
+use super::ops::{BufId, CounterId, GradOut, Op};
+use crate::{Error, Result};
+
+/// Element-wise kernels work on chunks of this many values (a multiple of 4, for dropout).
+pub(crate) const CHUNK: usize = 1 << 14;
+
+/// Writes `v` into `d`, or adds it when `acc`.
+#[inline]
+pub(crate) fn store<T: Float>(d: &mut T, v: T, acc: bool) {
+    if acc {
+        *d += v;
+    } else {
+        *d = v;
+    }
+}
+
+/// The CPU backend; `T` is `f32` (training) or `f64` (reference).
+pub struct CpuBackend<T: Float = f32> {
+    bufs: Vec<Vec<T>>,
+    counters: Vec<u64>,
+    scratch: Vec<conv2d::Scratch<T>>,
+    pool: Arc<rayon::ThreadPool>,
+    threads: usize,
+    debug: bool,
+}
+
+/// The thread count used when none is given: `KILN_NUM_THREADS`, else all cores.
+pub fn default_threads() -> usize {
+    std::env::var("KILN_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n: &usize| n > 0)
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+}
+
+impl<T: Float> CpuBackend<T> {
+    /// A backend with its own pool of `threads` threads (`None`: [`default_threads`]).
+    pub fn new(threads: Option<usize>) -> Result<Self> {
+        let threads = threads.unwrap_or_else(default_threads);
+        if threads == 0 {
+            return Err(Error::config("threads", "must be at least 1"));
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("kiln-cpu-{i}"))
+            .build()
+            .map_err(|e| Error::Device {
+                device: "cpu".into(),
+                reason: format!("cannot start threads: {e}"),
+            })?;
+        Ok(CpuBackend {
+            bufs: Vec::new(),
+            counters: Vec::new(),
+            scratch: (0..threads).map(|_| conv2d::Scratch::default()).collect(),
+            pool: Arc::new(pool),
+            threads,
+            debug: std::env::var("KILN_DEBUG").is_ok_and(|v| v == "1"),
+        })
+    }
+
+    /// Number of worker threads.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Direct access to a buffer's values.
+    pub fn buffer(&self, id: BufId) -> &[T] {
+        &self.bufs[id.0]
+    }
+
+    /// Direct mutable access to a buffer's values.
+    pub fn buffer_mut(&mut self, id: BufId) -> &mut [T] {
+        &mut self.bufs[id.0]
+    }
+
+    /// Total bytes held in buffers.
+    pub fn bytes(&self) -> usize {
+        self.bufs
+            .iter()
+            .map(|b| b.len() * std::mem::size_of::<T>())
+            .sum()
+    }
+
+    fn take(&mut self, id: BufId) -> Vec<T> {
+        std::mem::take(&mut self.bufs[id.0])
+    }
+
+    fn put(&mut self, id: BufId, v: Vec<T>) {
+        self.bufs[id.0] = v;
+    }
+
+    fn take_grad(&mut self, g: GradOut) -> (Vec<T>, bool) {
+        (self.take(g.buf), g.accumulate)
+    }
+
+    fn exec(&mut self, op: &Op) -> Result<()> {
+        let threads = self.threads;
+        match op {
+            Op::Conv2d { g, x, w, b, y } => {
+                let mut yv = self.take(*y);
+                let bufs = &self.bufs;
+                conv2d::forward(
+                    g,
+                    &bufs[x.0],
+                    &bufs[w.0],
+                    b.map(|b| bufs[b.0].as_slice()),
+                    &mut yv,
+                    &mut self.scratch,
+                    threads,
+                );
+                self.put(*y, yv);
+            }
+            Op::Conv2dBackward {
+                g,
+                x,
+                w,
+                dy,
+                dx,
+                dw,
+                db,
+            } => {
+                let mut dxv = dx.map(|d| self.take_grad(d));
+                let mut dwv = self.take_grad(*dw);
+                let mut dbv = db.map(|d| self.take_grad(d));
+                let bufs = &self.bufs;
+                conv2d::backward(
+                    g,
+                    &bufs[x.0],
+                    &bufs[w.0],
+                    &bufs[dy.0],
+                    dxv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
+                    (&mut dwv.0, dwv.1),
+                    dbv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
+                    &mut self.scratch,
+                    threads,
+                );
+                if let (Some(d), Some((v, _))) = (dx, dxv) {
+                    self.put(d.buf, v);
+                }
+                self.put(dw.buf, dwv.0);
+                if let (Some(d), Some((v, _))) = (db, dbv) {
+                    self.put(d.buf, v);
+                }
+            }
+            Op::Linear {
+                m,
+                k,
+                n,
+                x,
+                w,
+                b,
+                y,
+            } => {
+                let mut yv = self.take(*y);
+                let bufs = &self.bufs;
+                linear::forward(
+                    *m,
+                    *k,
+                    *n,
+                    &bufs[x.0],
+                    &bufs[w.0],
+                    b.map(|b| bufs[b.0].as_slice()),
+                    &mut yv,
+                    threads,
+                );
+                self.put(*y, yv);
+            }
+            Op::LinearBackward {
+                m,
+                k,
+                n,
+                x,
+                w,
+                dy,
+                dx,
+                dw,
+                db,
+            } => {
+                let mut dxv = dx.map(|d| self.take_grad(d));
+                let mut dwv = self.take_grad(*dw);
+                let mut dbv = db.map(|d| self.take_grad(d));
+                let bufs = &self.bufs;
+                linear::backward(
+                    *m,
+                    *k,
+                    *n,
+                    &bufs[x.0],
+                    &bufs[w.0],
+                    &bufs[dy.0],
+                    dxv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
+                    (&mut dwv.0, dwv.1),
+                    dbv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
+                    threads,
+                );
+                if let (Some(d), Some((v, _))) = (dx, dxv) {
+                    self.put(d.buf, v);
+                }
+                self.put(dw.buf, dwv.0);
+                if let (Some(d), Some((v, _))) = (db, dbv) {
+                    self.put(d.buf, v);
+                }
+            }
+            Op::Act { f, len, x, y } => {
+                let mut yv = self.take(*y);
+                activation::forward(*f, &self.bufs[x.0][..*len], &mut yv[..*len]);
+                self.put(*y, yv);
+            }
+            Op::ActBackward {
+                f,
+                len,
+                x,
+                y,
+                dy,
+                dx,
+            } => {
+                let (mut dxv, acc) = self.take_grad(*dx);
+                let b = &self.bufs;
+                activation::backward(
+                    *f,
+                    &b[x.0][..*len],
+                    &b[y.0][..*len],
+                    &b[dy.0][..*len],
+                    (&mut dxv[..*len], acc),
+                );
+                self.put(dx.buf, dxv);
+            }
+            Op::Softmax {
+                dim, inner, x, y, ..
+            } => {
+                let mut yv = self.take(*y);
+                softmax::forward(*dim, *inner, &self.bufs[x.0], &mut yv);
+                self.put(*y, yv);
+            }
+            Op::SoftmaxBackward {
+                dim,
+                inner,
+                y,
+                dy,
+                dx,
+                ..
+            } => {
+                let (mut dxv, acc) = self.take_grad(*dx);
+                softmax::backward(
+                    *dim,
+                    *inner,
+                    &self.bufs[y.0],
+                    &self.bufs[dy.0],
+                    (&mut dxv, acc),
+                );
+                self.put(dx.buf, dxv);
+            }
+            Op::Dropout {
+                rate,
+                len,
+                seed,
+                counter,
+                x,
+                y,
+                mask,
+            } => {
+                let step = self.counters[counter.0];
+                self.counters[counter.0] += 1;
+                let mut yv = self.take(*y);
+                let mut mv = self.take(*mask);
+                dropout::forward(
+                    *rate,
+                    *seed,
+                    step,
+                    &self.bufs[x.0][..*len],
+                    &mut yv[..*len],
+                    &mut mv[..*len],
+                );
+                self.put(*y, yv);
+                self.put(*mask, mv);
+            }
+            Op::DropoutBackward { len, mask, dy, dx } => {
+                let (mut dxv, acc) = self.take_grad(*dx);
+                dropout::backward(
+                    &self.bufs[mask.0][..*len],
+                    &self.bufs[dy.0][..*len],
+                    (&mut dxv[..*len], acc),
+                );
+                self.put(dx.buf, dxv);
+            }
+            Op::BatchNormTrain {
+                g,
+                x,
+                gamma,
+                beta,
+                y,
+                mean,
+                invstd,
+                running,
+            } => {
+                let mut yv = self.take(*y);
+                let mut mv = self.take(*mean);
+                let mut iv = self.take(*invstd);
+                let mut rv = running.map(|(m, v, mom)| (self.take(m), self.take(v), mom));
+                let b = &self.bufs;
+                batch_norm::forward_train(
+                    g,
+                    &b[x.0],
+                    gamma.map(|i| b[i.0].as_slice()),
+                    beta.map(|i| b[i.0].as_slice()),
+                    &mut yv,
+                    &mut mv,
+                    &mut iv,
+                    rv.as_mut()
+                        .map(|(m, v, mom)| (m.as_mut_slice(), v.as_mut_slice(), *mom)),
+                );
+                self.put(*y, yv);
+                self.put(*mean, mv);
+                self.put(*invstd, iv);
+                if let (Some((mi, vi, _)), Some((m, v, _))) = (running, rv) {
+                    self.put(*mi, m);
+                    self.put(*vi, v);
+                }
+            }
+            Op::BatchNormInfer {
+                g,
+                x,
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                y,
+            } => {
+                let mut yv = self.take(*y);
+                let b = &self.bufs;
+                batch_norm::forward_infer(
+                    g,
+                    &b[x.0],
+                    gamma.map(|i| b[i.0].as_slice()),
+                    beta.map(|i| b[i.0].as_slice()),
+                    &b[running_mean.0],
+                    &b[running_var.0],
+                    &mut yv,
+                );
+                self.put(*y, yv);
+            }
+            Op::BatchNormBackward {
+                g,
+                x,
+                gamma,
+                mean,
+                invstd,
+                dy,
+                dx,
+                dgamma,
+                dbeta,
+            } => {
+                let mut dxv = dx.map(|d| self.take_grad(d));
+                let mut dgv = dgamma.map(|d| self.take_grad(d));
+                let mut dbv = dbeta.map(|d| self.take_grad(d));
+                let b = &self.bufs;
+                batch_norm::backward(
+                    g,
+                    &b[x.0],
+                    gamma.map(|i| b[i.0].as_slice()),
+                    &b[mean.0],
+                    &b[invstd.0],
+                    &b[dy.0],
+                    dxv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
+                    dgv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
+                    dbv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
+                );
+                for (d, v) in [(dx, dxv), (dgamma, dgv), (dbeta, dbv)] {
+                    if let (Some(d), Some((v, _))) = (d, v) {
+                        self.put(d.buf, v);
+                    }
+                }
+            }
+            Op::MaxPool { g, x, y, argmax } => {
+                let mut yv = self.take(*y);
+                let mut av = self.take(*argmax);
+                pool2d::max_forward(g, &self.bufs[x.0], &mut yv, &mut av);
+                self.put(*y, yv);
+                self.put(*argmax, av);
+            }
+            Op::MaxPoolBackward { g, argmax, dy, dx } => {
+                let (mut dxv, acc) = self.take_grad(*dx);
+                pool2d::max_backward(g, &self.bufs[argmax.0], &self.bufs[dy.0], (&mut dxv, acc));
+                self.put(dx.buf, dxv);
+            }
+            Op::AvgPool {
+                g,
+                count_include_pad,
+                x,
+                y,
+            } => {
+                let mut yv = self.take(*y);
+                pool2d::avg_forward(g, *count_include_pad, &self.bufs[x.0], &mut yv);
+                self.put(*y, yv);
+            }
+            Op::AvgPoolBackward {
+                g,
+                count_include_pad,
+                dy,
+                dx,
+            } => {
+                let (mut dxv, acc) = self.take_grad(*dx);
+                pool2d::avg_backward(g, *count_include_pad, &self.bufs[dy.0], (&mut dxv, acc));
+                self.put(dx.buf, dxv);
+            }
+            Op::Add { len, inputs, y } => {
+                let mut yv = self.take(*y);
+                let ins: Vec<&[T]> = inputs.iter().map(|i| &self.bufs[i.0][..*len]).collect();
+                join::add(&ins, &mut yv[..*len]);
+                self.put(*y, yv);
+            }
+            Op::Concat { n, inner, parts, y } => {
+                let mut yv = self.take(*y);
+                let ps: Vec<(&[T], usize)> = parts
+                    .iter()
+                    .map(|(b, c)| (self.bufs[b.0].as_slice(), *c))
+                    .collect();
+                join::concat(*n, *inner, &ps, &mut yv);
+                self.put(*y, yv);
+            }
+            Op::ConcatBackward {
+                n,
+                inner,
+                parts,
+                dy,
+            } => {
+                let total: usize = parts.iter().map(|p| p.1).sum();
+                let mut offset = 0;
+                for (g, ch) in parts {
+                    if let Some(g) = g {
+                        let (mut dxv, acc) = self.take_grad(*g);
+                        join::concat_backward(
+                            *n,
+                            *inner,
+                            total,
+                            &self.bufs[dy.0],
+                            offset,
+                            *ch,
+                            (&mut dxv, acc),
+                        );
+                        self.put(g.buf, dxv);
+                    }
+                    offset += ch;
+                }
+            }
+            Op::GradInto { len, src, dst } => {
+                let (mut dv, acc) = self.take_grad(*dst);
+                join::grad_into(&self.bufs[src.0][..*len], (&mut dv[..*len], acc));
+                self.put(dst.buf, dv);
+            }
+            Op::Fill { len, buf, value } => {
+                self.bufs[buf.0][..*len].fill(T::from_f32(*value));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<T: Float> Backend for CpuBackend<T> {
+    fn describe(&self) -> String {
+        format!(
+            "cpu ({} threads, {})",
+            self.threads,
+            std::any::type_name::<T>()
+        )
+    }
+
+    fn alloc(&mut self, len: usize) -> Result<BufId> {
+        self.bufs.push(vec![T::ZERO; len]);
+        Ok(BufId(self.bufs.len() - 1))
+    }
+
+    fn len(&self, buf: BufId) -> usize {
+        self.bufs[buf.0].len()
+    }
+
+    fn write(&mut self, buf: BufId, data: &[f32]) -> Result<()> {
+        let b = &mut self.bufs[buf.0];
+        if b.len() != data.len() {
+            return Err(Error::shape("buffer write", b.len(), data.len()));
+        }
+        b.iter_mut()
+            .zip(data)
+            .for_each(|(d, &s)| *d = T::from_f32(s));
+        Ok(())
+    }
+
+    fn read(&mut self, buf: BufId) -> Result<Vec<f32>> {
+        Ok(self.bufs[buf.0].iter().map(|v| v.to_f32()).collect())
+    }
+
+    fn write_f64(&mut self, buf: BufId, data: &[f64]) -> Result<()> {
+        let b = &mut self.bufs[buf.0];
+        if b.len() != data.len() {
+            return Err(Error::shape("buffer write", b.len(), data.len()));
+        }
+        b.iter_mut()
+            .zip(data)
+            .for_each(|(d, &s)| *d = T::from_f64(s));
+        Ok(())
+    }
+
+    fn read_f64(&mut self, buf: BufId) -> Result<Vec<f64>> {
+        Ok(self.bufs[buf.0].iter().map(|v| v.to_f64()).collect())
+    }
+
+    fn new_counter(&mut self) -> Result<CounterId> {
+        self.counters.push(0);
+        Ok(CounterId(self.counters.len() - 1))
+    }
+
+    fn counter(&mut self, id: CounterId) -> Result<u64> {
+        Ok(self.counters[id.0])
+    }
+
+    fn set_counter(&mut self, id: CounterId, value: u64) -> Result<()> {
+        self.counters[id.0] = value;
+        Ok(())
+    }
+
+    fn run(&mut self, ops: &[Op]) -> Result<()> {
+        let pool = self.pool.clone();
+        pool.install(|| {
+            for op in ops {
+                if self.debug {
+                    let t = Instant::now();
+                    self.exec(op)?;
+                    eprintln!(
+                        "[kiln cpu] {:<22} {:>9.3} ms",
+                        op.name(),
+                        t.elapsed().as_secs_f64() * 1e3
+                    );
+                } else {
+                    self.exec(op)?;
+                }
+            }
+            Ok(())
+        })
+    }
+}

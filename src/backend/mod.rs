@@ -1,0 +1,58 @@
+//! The backend seam: buffers, copies, and op kernels described by the plain descriptors of
+//! [`ops`]. A backend knows ops, not layers, and nothing above it.
+//!
+//! - [`cpu::CpuBackend`]: pure Rust, multi-threaded (rayon + gemm), generic over `f32` and `f64`;
+//!   the numerical reference every other backend is checked against.
+
+pub mod cpu;
+pub mod ops;
+
+pub use ops::{ActFn, BnGeom, BufId, ConvGeom, CounterId, GradOut, Op, PoolGeom};
+
+use crate::Result;
+
+/// What an engine needs from a device.
+///
+/// Buffers are allocated once per plan and addressed by [`BufId`]; [`Backend::run`] executes a
+/// list of ops in order. Reading a buffer is the only point at which a backend must wait for
+/// queued work, so a step that nobody reads from costs no synchronisation.
+pub trait Backend {
+    /// A one-line description (device, threads).
+    fn describe(&self) -> String;
+
+    /// A new buffer of `len` zeros.
+    fn alloc(&mut self, len: usize) -> Result<BufId>;
+
+    /// Length of a buffer in elements.
+    fn len(&self, buf: BufId) -> usize;
+
+    /// Copies host values into a buffer (lengths must match).
+    fn write(&mut self, buf: BufId, data: &[f32]) -> Result<()>;
+
+    /// Copies a buffer to the host.
+    fn read(&mut self, buf: BufId) -> Result<Vec<f32>>;
+
+    /// Copies host values into a buffer at full `f64` precision where the backend computes in
+    /// `f64` (the reference path); others round to their own precision.
+    fn write_f64(&mut self, buf: BufId, data: &[f64]) -> Result<()> {
+        let v: Vec<f32> = data.iter().map(|&x| x as f32).collect();
+        self.write(buf, &v)
+    }
+
+    /// Reads a buffer as `f64`.
+    fn read_f64(&mut self, buf: BufId) -> Result<Vec<f64>> {
+        Ok(self.read(buf)?.into_iter().map(f64::from).collect())
+    }
+
+    /// A new execution counter starting at zero.
+    fn new_counter(&mut self) -> Result<CounterId>;
+
+    /// The counter's current value.
+    fn counter(&mut self, id: CounterId) -> Result<u64>;
+
+    /// Sets a counter (restoring a checkpoint).
+    fn set_counter(&mut self, id: CounterId, value: u64) -> Result<()>;
+
+    /// Executes `ops` in order.
+    fn run(&mut self, ops: &[Op]) -> Result<()>;
+}

@@ -1,0 +1,325 @@
+//! The op descriptors every backend executes: plain data (sizes, options, buffer ids), no layers,
+//! no pointers, nothing device-specific. A plan is a `Vec<Op>`; the CPU backend runs it op by op
+//! and the CUDA backend captures the same list as one CUDA graph.
+//!
+//! Conventions: tensors are contiguous row-major (NCHW for images). Gradients are written into a
+//! [`GradOut`], which either overwrites its buffer or adds to it (when several consumers of one
+//! tensor each contribute to its gradient, or when parameter gradients accumulate over batches).
+
+use serde::{Deserialize, Serialize};
+
+/// A buffer of `f32` (or, on the CPU reference path, `f64`) values owned by a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BufId(pub usize);
+
+/// A per-layer execution counter kept by the backend (on the GPU in device memory, so a replayed
+/// graph advances it): it makes each dropout mask depend on the step without host involvement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CounterId(pub usize);
+
+/// Where a gradient goes: overwrite `buf`, or add to what it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GradOut {
+    pub buf: BufId,
+    pub accumulate: bool,
+}
+
+/// Geometry of a 2-D convolution over an NCHW batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeom {
+    /// Batch size.
+    pub n: usize,
+    /// Input channels, height, width.
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    /// Output channels.
+    pub k: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub sh: usize,
+    pub sw: usize,
+    pub ph: usize,
+    pub pw: usize,
+    pub dh: usize,
+    pub dw: usize,
+    pub groups: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
+impl ConvGeom {
+    pub fn input_len(&self) -> usize {
+        self.n * self.c * self.h * self.w
+    }
+    pub fn output_len(&self) -> usize {
+        self.n * self.k * self.oh * self.ow
+    }
+    pub fn weight_len(&self) -> usize {
+        self.k * (self.c / self.groups) * self.kh * self.kw
+    }
+    /// A 1x1, stride-1, unpadded convolution: a plain matrix product per image.
+    pub fn is_pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.sh == 1 && self.sw == 1 && self.ph == 0 && self.pw == 0
+    }
+}
+
+/// Geometry of a 2-D pooling window over an NCHW batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolGeom {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub sh: usize,
+    pub sw: usize,
+    pub ph: usize,
+    pub pw: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
+impl PoolGeom {
+    pub fn input_len(&self) -> usize {
+        self.n * self.c * self.h * self.w
+    }
+    pub fn output_len(&self) -> usize {
+        self.n * self.c * self.oh * self.ow
+    }
+}
+
+/// Element-wise activation functions (PyTorch's definitions).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ActFn {
+    Relu,
+    LeakyRelu(f32),
+    Elu(f32),
+    Sigmoid,
+    Tanh,
+    Silu,
+    Gelu,
+}
+
+/// Batch-norm shape: `n` samples, `c` channels, `hw` values per channel per sample.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BnGeom {
+    pub n: usize,
+    pub c: usize,
+    pub hw: usize,
+    pub eps: f32,
+}
+
+/// One kernel launch of a plan.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// `y = conv(x, w) + b`.
+    Conv2d {
+        g: ConvGeom,
+        x: BufId,
+        w: BufId,
+        b: Option<BufId>,
+        y: BufId,
+    },
+    /// Gradients of a convolution: input (`dx`), filter (`dw`) and bias (`db`).
+    Conv2dBackward {
+        g: ConvGeom,
+        x: BufId,
+        w: BufId,
+        dy: BufId,
+        dx: Option<GradOut>,
+        dw: GradOut,
+        db: Option<GradOut>,
+    },
+    /// `y[m, n] = x[m, k] * w[n, k]^T + b[n]`.
+    Linear {
+        m: usize,
+        k: usize,
+        n: usize,
+        x: BufId,
+        w: BufId,
+        b: Option<BufId>,
+        y: BufId,
+    },
+    LinearBackward {
+        m: usize,
+        k: usize,
+        n: usize,
+        x: BufId,
+        w: BufId,
+        dy: BufId,
+        dx: Option<GradOut>,
+        dw: GradOut,
+        db: Option<GradOut>,
+    },
+    /// `y = f(x)` over `len` values.
+    Act {
+        f: ActFn,
+        len: usize,
+        x: BufId,
+        y: BufId,
+    },
+    /// `dx = f'(x) * dy`, given the forward input `x` and output `y`.
+    ActBackward {
+        f: ActFn,
+        len: usize,
+        x: BufId,
+        y: BufId,
+        dy: BufId,
+        dx: GradOut,
+    },
+    /// Softmax over the middle axis of an `[outer, dim, inner]` view.
+    Softmax {
+        outer: usize,
+        dim: usize,
+        inner: usize,
+        x: BufId,
+        y: BufId,
+    },
+    SoftmaxBackward {
+        outer: usize,
+        dim: usize,
+        inner: usize,
+        y: BufId,
+        dy: BufId,
+        dx: GradOut,
+    },
+    /// `mask = (u >= rate) / (1 - rate)`, `y = x * mask`, where `u` is the Philox uniform for
+    /// (`seed`, the counter's value, element index); the counter then advances by one.
+    Dropout {
+        rate: f32,
+        len: usize,
+        seed: u64,
+        counter: CounterId,
+        x: BufId,
+        y: BufId,
+        mask: BufId,
+    },
+    DropoutBackward {
+        len: usize,
+        mask: BufId,
+        dy: BufId,
+        dx: GradOut,
+    },
+    /// Batch norm with the batch's statistics (training, or evaluation without running
+    /// statistics): saves `mean` and `invstd` for backward and, when `running` is given as
+    /// `(mean, var, momentum)`, updates the running statistics as PyTorch does (unbiased
+    /// variance).
+    BatchNormTrain {
+        g: BnGeom,
+        x: BufId,
+        gamma: Option<BufId>,
+        beta: Option<BufId>,
+        y: BufId,
+        mean: BufId,
+        invstd: BufId,
+        running: Option<(BufId, BufId, f32)>,
+    },
+    /// Batch norm with running statistics (evaluation).
+    BatchNormInfer {
+        g: BnGeom,
+        x: BufId,
+        gamma: Option<BufId>,
+        beta: Option<BufId>,
+        running_mean: BufId,
+        running_var: BufId,
+        y: BufId,
+    },
+    BatchNormBackward {
+        g: BnGeom,
+        x: BufId,
+        gamma: Option<BufId>,
+        mean: BufId,
+        invstd: BufId,
+        dy: BufId,
+        dx: Option<GradOut>,
+        dgamma: Option<GradOut>,
+        dbeta: Option<GradOut>,
+    },
+    /// Max pooling; `argmax` receives, per output, the index of the chosen input within its
+    /// `h * w` plane (as a float, exact below 2^24).
+    MaxPool {
+        g: PoolGeom,
+        x: BufId,
+        y: BufId,
+        argmax: BufId,
+    },
+    MaxPoolBackward {
+        g: PoolGeom,
+        argmax: BufId,
+        dy: BufId,
+        dx: GradOut,
+    },
+    AvgPool {
+        g: PoolGeom,
+        count_include_pad: bool,
+        x: BufId,
+        y: BufId,
+    },
+    AvgPoolBackward {
+        g: PoolGeom,
+        count_include_pad: bool,
+        dy: BufId,
+        dx: GradOut,
+    },
+    /// `y = sum(inputs)` over `len` values.
+    Add {
+        len: usize,
+        inputs: Vec<BufId>,
+        y: BufId,
+    },
+    /// Concatenation of `n` samples along channels: part `i` contributes `parts[i].1` channels
+    /// of `inner` values each.
+    Concat {
+        n: usize,
+        inner: usize,
+        parts: Vec<(BufId, usize)>,
+        y: BufId,
+    },
+    /// The gradient of a concatenation, split back to the parts that need one.
+    ConcatBackward {
+        n: usize,
+        inner: usize,
+        parts: Vec<(Option<GradOut>, usize)>,
+        dy: BufId,
+    },
+    /// `dst = src` or `dst += src` over `len` values (the gradient of an addition).
+    GradInto {
+        len: usize,
+        src: BufId,
+        dst: GradOut,
+    },
+    /// Sets `len` values of `buf` to `value`.
+    Fill { len: usize, buf: BufId, value: f32 },
+}
+
+impl Op {
+    /// A short name for logs and profiles.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Conv2d { .. } => "conv2d",
+            Op::Conv2dBackward { .. } => "conv2d_backward",
+            Op::Linear { .. } => "linear",
+            Op::LinearBackward { .. } => "linear_backward",
+            Op::Act { .. } => "activation",
+            Op::ActBackward { .. } => "activation_backward",
+            Op::Softmax { .. } => "softmax",
+            Op::SoftmaxBackward { .. } => "softmax_backward",
+            Op::Dropout { .. } => "dropout",
+            Op::DropoutBackward { .. } => "dropout_backward",
+            Op::BatchNormTrain { .. } => "batch_norm_train",
+            Op::BatchNormInfer { .. } => "batch_norm_infer",
+            Op::BatchNormBackward { .. } => "batch_norm_backward",
+            Op::MaxPool { .. } => "max_pool",
+            Op::MaxPoolBackward { .. } => "max_pool_backward",
+            Op::AvgPool { .. } => "avg_pool",
+            Op::AvgPoolBackward { .. } => "avg_pool_backward",
+            Op::Add { .. } => "add",
+            Op::Concat { .. } => "concat",
+            Op::ConcatBackward { .. } => "concat_backward",
+            Op::GradInto { .. } => "grad_into",
+            Op::Fill { .. } => "fill",
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! Execution: a model's parameters placed on a backend once, plans compiled per batch size and
+//! mode (see [`plan`]), and the calls that run them.
+//!
+//! ```
+//! use kiln::backend::cpu::CpuBackend;
+//! use kiln::exec::{Executor, Mode};
+//! use kiln::model::ModelBuilder;
+//! use kiln::tensor::Tensor;
+//!
+//! let model = ModelBuilder::new(&[2, 4]).dense(3).relu().dense(2).build().unwrap();
+//! let mut exec = Executor::new(&model, CpuBackend::<f32>::new(Some(1)).unwrap()).unwrap();
+//! let x = Tensor::new(&[2, 4], vec![0.5; 8]).unwrap();
+//! let y = exec.predict(&x, Mode::Eval).unwrap();
+//! assert_eq!(y.shape(), &[2, 2]);
+//! ```
+
+pub mod plan;
+
+pub use plan::{BufRole, Mode, ParamBuffers, Plan, PlanOptions, PlannedBuffer};
+
+use crate::backend::{Backend, CounterId};
+use crate::model::{Layer, Model};
+use crate::tensor::Tensor;
+use crate::{Error, Result};
+
+/// Handle to a compiled plan of an [`Executor`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PlanId(usize);
+
+/// A model placed on a backend: parameter buffers allocated and filled once, plus the plans
+/// compiled so far (each allocated once and reused on every call).
+pub struct Executor<B: Backend> {
+    backend: B,
+    model: Model,
+    params: Vec<ParamBuffers>,
+    counters: Vec<Option<CounterId>>,
+    plans: Vec<Plan>,
+}
+
+impl<B: Backend> Executor<B> {
+    /// Allocates and uploads the model's parameters on `backend`.
+    pub fn new(model: &Model, mut backend: B) -> Result<Self> {
+        let mut params = Vec::with_capacity(model.params().len());
+        for (spec, value) in model.params().iter().zip(model.param_values()) {
+            let v = backend.alloc(spec.len())?;
+            backend.write(v, value)?;
+            let grad = if spec.trainable {
+                Some(backend.alloc(spec.len())?)
+            } else {
+                None
+            };
+            params.push(ParamBuffers { value: v, grad });
+        }
+        let mut counters = Vec::with_capacity(model.nodes().len());
+        for node in model.nodes() {
+            counters.push(match node.layer {
+                Layer::Dropout { .. } => Some(backend.new_counter()?),
+                _ => None,
+            });
+        }
+        Ok(Executor {
+            backend,
+            model: model.clone(),
+            params,
+            counters,
+            plans: Vec::new(),
+        })
+    }
+
+    /// The plan for `batch` samples in `mode`, compiled and allocated on first request.
+    pub fn plan(&mut self, batch: usize, mode: Mode, options: PlanOptions) -> Result<PlanId> {
+        let options = if mode == Mode::Eval {
+            PlanOptions::default()
+        } else {
+            options
+        };
+        if let Some(i) = self
+            .plans
+            .iter()
+            .position(|p| p.batch == batch && p.mode == mode && p.options == options)
+        {
+            return Ok(PlanId(i));
+        }
+        let p = plan::compile(
+            &self.model,
+            &self.params,
+            &self.counters,
+            &mut self.backend,
+            batch,
+            mode,
+            options,
+        )?;
+        self.plans.push(p);
+        Ok(PlanId(self.plans.len() - 1))
+    }
+
+    /// The compiled plan behind a handle.
+    pub fn plan_info(&self, id: PlanId) -> &Plan {
+        &self.plans[id.0]
+    }
+
+    /// Copies a batch into the plan's input buffer.
+    pub fn set_input(&mut self, id: PlanId, data: &[f32]) -> Result<()> {
+        let p = &self.plans[id.0];
+        let expected = p.batch * self.model.nodes()[0].shape.iter().product::<usize>();
+        if data.len() != expected {
+            return Err(Error::shape(
+                "model input",
+                format!(
+                    "{expected} values ({} samples of {:?})",
+                    p.batch,
+                    self.model.nodes()[0].shape
+                ),
+                data.len(),
+            ));
+        }
+        self.backend.write(p.input, data)
+    }
+
+    /// Runs the forward kernels.
+    pub fn forward(&mut self, id: PlanId) -> Result<()> {
+        let ops = std::mem::take(&mut self.plans[id.0].forward);
+        let r = self.backend.run(&ops);
+        self.plans[id.0].forward = ops;
+        r
+    }
+
+    /// Copies the output to the host.
+    pub fn read_output(&mut self, id: PlanId) -> Result<Vec<f32>> {
+        let out = self.plans[id.0].output;
+        self.backend.read(out)
+    }
+
+    /// Sets the gradient of the loss with respect to the output (training plans).
+    pub fn set_output_grad(&mut self, id: PlanId, grad: &[f32]) -> Result<()> {
+        let p = &self.plans[id.0];
+        let g = p
+            .output_grad
+            .ok_or_else(|| Error::State("this plan has no backward pass".into()))?;
+        let expected = self.backend.len(g);
+        if grad.len() != expected {
+            return Err(Error::shape("output gradient", expected, grad.len()));
+        }
+        self.backend.write(g, grad)
+    }
+
+    /// Runs the backward kernels (training plans).
+    pub fn backward(&mut self, id: PlanId) -> Result<()> {
+        if self.plans[id.0].mode != Mode::Train {
+            return Err(Error::State("backward needs a training plan".into()));
+        }
+        let ops = std::mem::take(&mut self.plans[id.0].backward);
+        let r = self.backend.run(&ops);
+        self.plans[id.0].backward = ops;
+        r
+    }
+
+    /// The gradient with respect to the input (plans compiled with `input_grad`).
+    pub fn read_input_grad(&mut self, id: PlanId) -> Result<Vec<f32>> {
+        let g = self.plans[id.0]
+            .input_grad
+            .ok_or_else(|| Error::State("the plan was not compiled with input_grad".into()))?;
+        self.backend.read(g)
+    }
+
+    fn param_index(&self, name: &str) -> Result<usize> {
+        self.model
+            .params()
+            .iter()
+            .position(|p| p.name == name)
+            .ok_or_else(|| Error::Param {
+                name: name.into(),
+                reason: "the model has no parameter of this name".into(),
+            })
+    }
+
+    /// The parameter buffers, in the order of `model().params()`.
+    pub fn param_buffers(&self) -> &[ParamBuffers] {
+        &self.params
+    }
+
+    /// Current value of a parameter.
+    pub fn read_param(&mut self, name: &str) -> Result<Vec<f32>> {
+        let i = self.param_index(name)?;
+        self.backend.read(self.params[i].value)
+    }
+
+    /// Current gradient of a trainable parameter.
+    pub fn read_param_grad(&mut self, name: &str) -> Result<Vec<f32>> {
+        let i = self.param_index(name)?;
+        let g = self.params[i].grad.ok_or_else(|| Error::Param {
+            name: name.into(),
+            reason: "is not trainable, so it has no gradient".into(),
+        })?;
+        self.backend.read(g)
+    }
+
+    /// Overwrites a parameter's value.
+    pub fn write_param(&mut self, name: &str, value: &[f32]) -> Result<()> {
+        let i = self.param_index(name)?;
+        let spec = &self.model.params()[i];
+        if value.len() != spec.len() {
+            return Err(Error::Param {
+                name: name.into(),
+                reason: format!(
+                    "expected {} values for shape {:?}, got {}",
+                    spec.len(),
+                    spec.shape,
+                    value.len()
+                ),
+            });
+        }
+        self.backend.write(self.params[i].value, value)
+    }
+
+    /// Copies the current parameters back into the executor's model and returns it.
+    pub fn sync_model(&mut self) -> Result<&Model> {
+        for i in 0..self.params.len() {
+            let v = self.backend.read(self.params[i].value)?;
+            let name = self.model.params()[i].name.clone();
+            self.model.set_param(&name, &v)?;
+        }
+        Ok(&self.model)
+    }
+
+    /// The model (its parameter values as of the last [`Executor::sync_model`]).
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// The dropout counter of node `i`, if it is a dropout layer.
+    pub fn dropout_counter(&self, node: usize) -> Option<CounterId> {
+        self.counters.get(node).copied().flatten()
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
+    }
+
+    /// Runs the model on a batch and returns its output (training mode applies dropout and
+    /// batch statistics, and updates running statistics, as PyTorch's `model.train()` does).
+    pub fn predict(&mut self, input: &Tensor, mode: Mode) -> Result<Tensor> {
+        let per_sample = &self.model.nodes()[0].shape;
+        if input.shape().len() != per_sample.len() + 1 || input.shape()[1..] != per_sample[..] {
+            return Err(Error::shape(
+                "model input",
+                format!(
+                    "[batch, {}]",
+                    per_sample
+                        .iter()
+                        .map(|d| d.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                format!("{:?}", input.shape()),
+            ));
+        }
+        let batch = input.shape()[0];
+        let id = self.plan(batch, mode, PlanOptions::default())?;
+        self.set_input(id, input.data())?;
+        self.forward(id)?;
+        let mut shape = vec![batch];
+        shape.extend_from_slice(&self.model.nodes().last().unwrap().shape);
+        Tensor::new(&shape, self.read_output(id)?)
+    }
+}

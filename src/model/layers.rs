@@ -1,0 +1,337 @@
+//! The layer kinds a model is made of, and their options.
+//!
+//! Each option struct is a small builder (`Conv2d::new(32, 3).stride(2).padding(1)`) handed to the
+//! matching `ModelBuilder::*_with` method; the short methods (`conv2d(32, 3)`) use the defaults,
+//! which are PyTorch's. Validation of options against the input shape happens in `shape.rs`.
+
+use serde::{Deserialize, Serialize};
+
+/// How a convolution or pooling window is padded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Padding {
+    /// No padding (PyTorch's `padding=0`, Keras's `"valid"`).
+    Valid,
+    /// Output spatial size equals input size (stride 1 only), as PyTorch's `padding="same"`.
+    Same,
+    /// Zero padding of `(height, width)` on each side.
+    Explicit(usize, usize),
+}
+
+impl From<usize> for Padding {
+    fn from(p: usize) -> Self {
+        Padding::Explicit(p, p)
+    }
+}
+
+impl From<(usize, usize)> for Padding {
+    fn from(p: (usize, usize)) -> Self {
+        Padding::Explicit(p.0, p.1)
+    }
+}
+
+impl From<&str> for Padding {
+    /// `"same"` or `"valid"`; anything else becomes `Padding::Explicit(usize::MAX, ..)`, which the
+    /// model build rejects with an error naming the layer.
+    fn from(s: &str) -> Self {
+        match s.to_ascii_lowercase().as_str() {
+            "same" => Padding::Same,
+            "valid" => Padding::Valid,
+            _ => Padding::Explicit(usize::MAX, usize::MAX),
+        }
+    }
+}
+
+/// A 2-D convolution: `out_channels` filters of `kernel` size over NCHW input.
+///
+/// Weight `[out, in/groups, kh, kw]`, bias `[out]`, initialised as PyTorch's `nn.Conv2d`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Conv2d {
+    pub out_channels: usize,
+    pub kernel: (usize, usize),
+    pub stride: (usize, usize),
+    pub padding: Padding,
+    pub dilation: (usize, usize),
+    pub groups: usize,
+    pub bias: bool,
+}
+
+impl Conv2d {
+    /// `out_channels` filters of `kernel x kernel`, stride 1, no padding, with bias.
+    pub fn new(out_channels: usize, kernel: usize) -> Self {
+        Conv2d {
+            out_channels,
+            kernel: (kernel, kernel),
+            stride: (1, 1),
+            padding: Padding::Valid,
+            dilation: (1, 1),
+            groups: 1,
+            bias: true,
+        }
+    }
+    /// A non-square kernel `(height, width)`.
+    pub fn kernel_hw(mut self, kh: usize, kw: usize) -> Self {
+        self.kernel = (kh, kw);
+        self
+    }
+    pub fn stride(mut self, s: usize) -> Self {
+        self.stride = (s, s);
+        self
+    }
+    pub fn stride_hw(mut self, sh: usize, sw: usize) -> Self {
+        self.stride = (sh, sw);
+        self
+    }
+    /// `1`, `(1, 2)`, `"same"`, `"valid"` or a [`Padding`].
+    pub fn padding(mut self, p: impl Into<Padding>) -> Self {
+        self.padding = p.into();
+        self
+    }
+    pub fn dilation(mut self, d: usize) -> Self {
+        self.dilation = (d, d);
+        self
+    }
+    pub fn dilation_hw(mut self, dh: usize, dw: usize) -> Self {
+        self.dilation = (dh, dw);
+        self
+    }
+    /// Grouped convolution; `groups == in_channels == out_channels` is depthwise.
+    pub fn groups(mut self, g: usize) -> Self {
+        self.groups = g;
+        self
+    }
+    pub fn bias(mut self, b: bool) -> Self {
+        self.bias = b;
+        self
+    }
+}
+
+/// A fully connected layer; flattens its input to `[batch, features]` itself.
+///
+/// Weight `[out, in]`, bias `[out]`, initialised as PyTorch's `nn.Linear`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Linear {
+    pub out_features: usize,
+    pub bias: bool,
+}
+
+impl Linear {
+    pub fn new(out_features: usize) -> Self {
+        Linear {
+            out_features,
+            bias: true,
+        }
+    }
+    pub fn bias(mut self, b: bool) -> Self {
+        self.bias = b;
+        self
+    }
+}
+
+/// Batch normalisation over channels (4-D input) or features (2-D input), as PyTorch's
+/// `BatchNorm2d` / `BatchNorm1d`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BatchNorm {
+    pub eps: f32,
+    /// Weight of the newest batch in the running statistics (PyTorch's `momentum`, 0.1).
+    pub momentum: f32,
+    /// Learnable scale and shift (`weight`, `bias`).
+    pub affine: bool,
+    /// Keep running statistics for evaluation; without them evaluation uses batch statistics.
+    pub track_running_stats: bool,
+}
+
+impl Default for BatchNorm {
+    fn default() -> Self {
+        BatchNorm {
+            eps: 1e-5,
+            momentum: 0.1,
+            affine: true,
+            track_running_stats: true,
+        }
+    }
+}
+
+impl BatchNorm {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn eps(mut self, eps: f32) -> Self {
+        self.eps = eps;
+        self
+    }
+    pub fn momentum(mut self, m: f32) -> Self {
+        self.momentum = m;
+        self
+    }
+    pub fn affine(mut self, a: bool) -> Self {
+        self.affine = a;
+        self
+    }
+    pub fn track_running_stats(mut self, t: bool) -> Self {
+        self.track_running_stats = t;
+        self
+    }
+}
+
+/// Max or average pooling window.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Pool2d {
+    pub kernel: (usize, usize),
+    /// Defaults to the kernel size, as in PyTorch.
+    pub stride: (usize, usize),
+    pub padding: (usize, usize),
+    /// Average pooling only: count padded zeros in the divisor (PyTorch's default, true).
+    pub count_include_pad: bool,
+}
+
+impl Pool2d {
+    /// A `kernel x kernel` window with stride equal to the kernel and no padding.
+    pub fn new(kernel: usize) -> Self {
+        Pool2d {
+            kernel: (kernel, kernel),
+            stride: (kernel, kernel),
+            padding: (0, 0),
+            count_include_pad: true,
+        }
+    }
+    pub fn kernel_hw(mut self, kh: usize, kw: usize) -> Self {
+        self.kernel = (kh, kw);
+        self
+    }
+    pub fn stride(mut self, s: usize) -> Self {
+        self.stride = (s, s);
+        self
+    }
+    pub fn stride_hw(mut self, sh: usize, sw: usize) -> Self {
+        self.stride = (sh, sw);
+        self
+    }
+    pub fn padding(mut self, p: usize) -> Self {
+        self.padding = (p, p);
+        self
+    }
+    pub fn padding_hw(mut self, ph: usize, pw: usize) -> Self {
+        self.padding = (ph, pw);
+        self
+    }
+    pub fn count_include_pad(mut self, c: bool) -> Self {
+        self.count_include_pad = c;
+        self
+    }
+}
+
+/// Element-wise activation functions, with PyTorch's definitions.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Activation {
+    Relu,
+    /// `x` for `x > 0`, else `slope * x` (PyTorch's default slope is 0.01).
+    LeakyRelu {
+        slope: f32,
+    },
+    /// `x` for `x > 0`, else `alpha * (exp(x) - 1)`.
+    Elu {
+        alpha: f32,
+    },
+    Sigmoid,
+    Tanh,
+    /// `x * sigmoid(x)`, also called swish.
+    Silu,
+    /// `x * Phi(x)` with the exact normal CDF (PyTorch's default, not the tanh approximation).
+    Gelu,
+}
+
+impl Activation {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Activation::Relu => "relu",
+            Activation::LeakyRelu { .. } => "leaky_relu",
+            Activation::Elu { .. } => "elu",
+            Activation::Sigmoid => "sigmoid",
+            Activation::Tanh => "tanh",
+            Activation::Silu => "silu",
+            Activation::Gelu => "gelu",
+        }
+    }
+}
+
+/// One node of a model's graph.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Layer {
+    /// The model's input; always node 0.
+    Input,
+    Conv2d(Conv2d),
+    Linear(Linear),
+    /// `[batch, ...] -> [batch, product]`.
+    Flatten,
+    /// `[batch, ...] -> [batch, shape...]`, same number of elements per sample.
+    Reshape(Vec<usize>),
+    Activation(Activation),
+    /// Softmax along `axis` of the full tensor (batch is axis 0; negative counts from the end).
+    Softmax {
+        axis: isize,
+    },
+    /// Zeroes each element with probability `rate` in training and scales the rest by
+    /// `1 / (1 - rate)`; the identity in evaluation.
+    Dropout {
+        rate: f32,
+    },
+    BatchNorm(BatchNorm),
+    MaxPool2d(Pool2d),
+    AvgPool2d(Pool2d),
+    /// Mean over height and width: `[batch, C, H, W] -> [batch, C]`.
+    GlobalAvgPool,
+    /// Element-wise sum of two or more inputs of identical shape (residual join).
+    Add,
+    /// Concatenation along the channel (or feature) axis (Inception join).
+    Concat,
+}
+
+impl Layer {
+    /// The short type name used for automatic layer names and in summaries.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Layer::Input => "input",
+            Layer::Conv2d(_) => "conv2d",
+            Layer::Linear(_) => "dense",
+            Layer::Flatten => "flatten",
+            Layer::Reshape(_) => "reshape",
+            Layer::Activation(a) => a.name(),
+            Layer::Softmax { .. } => "softmax",
+            Layer::Dropout { .. } => "dropout",
+            Layer::BatchNorm(_) => "batch_norm",
+            Layer::MaxPool2d(_) => "max_pool2d",
+            Layer::AvgPool2d(_) => "avg_pool2d",
+            Layer::GlobalAvgPool => "global_avg_pool",
+            Layer::Add => "add",
+            Layer::Concat => "concat",
+        }
+    }
+
+    /// The PyTorch-style class name shown in summaries.
+    pub fn display_type(&self) -> String {
+        match self {
+            Layer::Input => "Input".into(),
+            Layer::Conv2d(_) => "Conv2d".into(),
+            Layer::Linear(_) => "Linear".into(),
+            Layer::Flatten => "Flatten".into(),
+            Layer::Reshape(_) => "Reshape".into(),
+            Layer::Activation(a) => match a {
+                Activation::Relu => "ReLU".into(),
+                Activation::LeakyRelu { slope } => format!("LeakyReLU({slope})"),
+                Activation::Elu { alpha } => format!("ELU({alpha})"),
+                Activation::Sigmoid => "Sigmoid".into(),
+                Activation::Tanh => "Tanh".into(),
+                Activation::Silu => "SiLU".into(),
+                Activation::Gelu => "GELU".into(),
+            },
+            Layer::Softmax { axis } => format!("Softmax({axis})"),
+            Layer::Dropout { rate } => format!("Dropout({rate})"),
+            Layer::BatchNorm(_) => "BatchNorm".into(),
+            Layer::MaxPool2d(_) => "MaxPool2d".into(),
+            Layer::AvgPool2d(_) => "AvgPool2d".into(),
+            Layer::GlobalAvgPool => "GlobalAvgPool".into(),
+            Layer::Add => "Add".into(),
+            Layer::Concat => "Concat".into(),
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! FLOP counts and the summary table.
+
+use super::layers::Layer;
+use super::{Model, shape};
+
+fn numel(s: &[usize]) -> u64 {
+    s.iter().product::<usize>() as u64
+}
+
+/// Forward FLOPs of node `i` for one sample; a multiply-add counts as two.
+pub(super) fn node_flops(m: &Model, i: usize) -> u64 {
+    let node = &m.nodes[i];
+    let out = numel(&node.shape);
+    let input = node
+        .inputs
+        .first()
+        .map(|&j| m.nodes[j].shape.as_slice())
+        .unwrap_or(&[]);
+    match &node.layer {
+        Layer::Input | Layer::Flatten | Layer::Reshape(_) | Layer::Concat => 0,
+        Layer::Conv2d(c) => {
+            let per_out = 2 * (input[0] / c.groups * c.kernel.0 * c.kernel.1) as u64;
+            out * per_out + if c.bias { out } else { 0 }
+        }
+        Layer::Linear(l) => {
+            let fan_in = numel(input);
+            out * 2 * fan_in + if l.bias { out } else { 0 }
+        }
+        Layer::Activation(_) | Layer::Dropout { .. } => out,
+        Layer::Softmax { .. } => 3 * out,
+        Layer::BatchNorm(_) => 2 * out,
+        Layer::MaxPool2d(p) | Layer::AvgPool2d(p) => out * (p.kernel.0 * p.kernel.1) as u64,
+        Layer::GlobalAvgPool => numel(input),
+        Layer::Add => out * (node.inputs.len() as u64 - 1),
+    }
+}
+
+fn fmt_count(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (k, ch) in s.chars().enumerate() {
+        if k > 0 && (s.len() - k) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+fn fmt_flops(f: u64) -> String {
+    match f {
+        0 => "-".into(),
+        f if f >= 1_000_000_000 => format!("{:.2} G", f as f64 / 1e9),
+        f if f >= 1_000_000 => format!("{:.2} M", f as f64 / 1e6),
+        f if f >= 1_000 => format!("{:.1} K", f as f64 / 1e3),
+        f => f.to_string(),
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.2} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// Whether a node's output is a view of its input (no memory of its own).
+pub(crate) fn is_view(layer: &Layer) -> bool {
+    matches!(layer, Layer::Flatten | Layer::Reshape(_))
+}
+
+pub(super) fn render(m: &Model) -> String {
+    let batch = m.batch as u64;
+    let mut rows: Vec<[String; 5]> = Vec::new();
+    for (i, node) in m.nodes.iter().enumerate() {
+        let params: usize = m
+            .params
+            .iter()
+            .filter(|p| p.node == i && p.trainable)
+            .map(|p| p.len())
+            .sum();
+        let from = if node.inputs.len() > 1 {
+            node.inputs
+                .iter()
+                .map(|&j| m.nodes[j].name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        } else {
+            String::new()
+        };
+        let detail = match &node.layer {
+            Layer::Conv2d(c) => {
+                let r = shape::resolve_conv(&node.name, c, &m.nodes[node.inputs[0]].shape).ok();
+                let pad = r.map(|r| r.pad).unwrap_or((0, 0));
+                let mut d = format!("k{}x{}", c.kernel.0, c.kernel.1);
+                if c.stride != (1, 1) {
+                    d += &format!(" s{}x{}", c.stride.0, c.stride.1);
+                }
+                if pad != (0, 0) {
+                    d += &format!(" p{}x{}", pad.0, pad.1);
+                }
+                if c.dilation != (1, 1) {
+                    d += &format!(" d{}x{}", c.dilation.0, c.dilation.1);
+                }
+                if c.groups != 1 {
+                    d += &format!(" g{}", c.groups);
+                }
+                d
+            }
+            Layer::MaxPool2d(p) | Layer::AvgPool2d(p) => {
+                format!(
+                    "k{}x{} s{}x{}",
+                    p.kernel.0, p.kernel.1, p.stride.0, p.stride.1
+                )
+            }
+            _ => from,
+        };
+        let ty = node.layer.display_type();
+        let ty = if detail.is_empty() {
+            ty
+        } else {
+            format!("{ty} [{detail}]")
+        };
+        rows.push([
+            format!("{} ({ty})", node.name),
+            format!("{:?}", m.shape_with_batch(i)),
+            if params > 0 {
+                fmt_count(params as u64)
+            } else {
+                "0".into()
+            },
+            fmt_flops(m.flops(i) * batch),
+            String::new(),
+        ]);
+    }
+    let headers = ["Layer (type)", "Output shape", "Param #", "FLOPs (fwd)"];
+    let mut widths = [0usize; 4];
+    for (k, h) in headers.iter().enumerate() {
+        widths[k] = h.len();
+        for r in &rows {
+            widths[k] = widths[k].max(r[k].chars().count());
+        }
+    }
+    let total_w = widths.iter().sum::<usize>() + 3 * 2;
+    let mut s = String::new();
+    let line = |c: char| c.to_string().repeat(total_w) + "\n";
+    s += &line('=');
+    s += &format!(
+        "{:<w0$}  {:<w1$}  {:>w2$}  {:>w3$}\n",
+        headers[0],
+        headers[1],
+        headers[2],
+        headers[3],
+        w0 = widths[0],
+        w1 = widths[1],
+        w2 = widths[2],
+        w3 = widths[3]
+    );
+    s += &line('=');
+    for r in &rows {
+        s += &format!(
+            "{:<w0$}  {:<w1$}  {:>w2$}  {:>w3$}\n",
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2],
+            w3 = widths[3]
+        );
+    }
+    s += &line('=');
+    let trainable = m.param_count() as u64;
+    let buffers = m.buffer_count() as u64;
+    let activations: u64 = m
+        .nodes
+        .iter()
+        .filter(|n| !is_view(&n.layer))
+        .map(|n| numel(&n.shape) * batch)
+        .sum();
+    s += &format!(
+        "Total params:          {}\n",
+        fmt_count(trainable + buffers)
+    );
+    s += &format!("Trainable params:      {}\n", fmt_count(trainable));
+    s += &format!("Non-trainable (stats): {}\n", fmt_count(buffers));
+    s += &format!(
+        "Parameter memory:      {}\n",
+        mib((trainable + buffers) * 4)
+    );
+    s += &format!(
+        "Activation memory:     {} (forward, batch {batch}, f32)\n",
+        mib(activations * 4)
+    );
+    s += &format!(
+        "Forward FLOPs:         {} per batch of {batch}\n",
+        fmt_flops(m.total_flops() * batch)
+    );
+    s += &line('-');
+    s
+}
