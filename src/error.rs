@@ -22,11 +22,7 @@ pub enum Error {
 
     /// Data handed to kiln does not have the shape or length that was expected.
     #[error("shape mismatch in {what}: expected {expected}, got {got}")]
-    Shape {
-        what: String,
-        expected: String,
-        got: String,
-    },
+    Shape { what: String, expected: String, got: String },
 
     /// A configuration field is invalid.
     #[error("config field '{field}': {reason}")]
@@ -42,10 +38,7 @@ pub enum Error {
 
     /// A file or directory could not be read or written.
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
 
     /// A file was read but its content is not valid.
     #[error("{path}: {reason}")]
@@ -64,12 +57,7 @@ pub enum Error {
         "out of device memory: model '{model}' at batch size {batch} needs {needed} bytes \
          ({free} free); try a smaller batch"
     )]
-    OutOfMemory {
-        model: String,
-        batch: usize,
-        needed: u64,
-        free: u64,
-    },
+    OutOfMemory { model: String, batch: usize, needed: u64, free: u64 },
 
     /// A request that kiln cannot honour in its current state (for example asking for gradients
     /// before a backward pass).
@@ -79,10 +67,7 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn layer(layer: impl Into<String>, reason: impl Into<String>) -> Self {
-        Error::Layer {
-            layer: layer.into(),
-            reason: reason.into(),
-        }
+        Error::Layer { layer: layer.into(), reason: reason.into() }
     }
 
     pub(crate) fn shape(
@@ -90,31 +75,20 @@ impl Error {
         expected: impl std::fmt::Display,
         got: impl std::fmt::Display,
     ) -> Self {
-        Error::Shape {
-            what: what.into(),
-            expected: expected.to_string(),
-            got: got.to_string(),
-        }
+        Error::Shape { what: what.into(), expected: expected.to_string(), got: got.to_string() }
     }
 
     pub(crate) fn config(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        Error::Config {
-            field: field.into(),
-            reason: reason.into(),
-        }
+        Error::Config { field: field.into(), reason: reason.into() }
     }
 
+    #[allow(dead_code)] // for the data and io modules
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), source }
     }
 
+    #[allow(dead_code)] // for the data and io modules
     pub(crate) fn format(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
-        Error::Format {
-            path: path.into(),
-            reason: reason.into(),
-        }
+        Error::Format { path: path.into(), reason: reason.into() }
     }
 }

@@ -15,24 +15,14 @@ impl Tensor {
     pub fn new(shape: &[usize], data: Vec<f32>) -> Result<Self> {
         let n: usize = shape.iter().product();
         if n != data.len() {
-            return Err(Error::shape(
-                "tensor data",
-                format!("{n} values for shape {shape:?}"),
-                data.len(),
-            ));
+            return Err(Error::shape("tensor data", format!("{n} values for shape {shape:?}"), data.len()));
         }
-        Ok(Tensor {
-            shape: shape.to_vec(),
-            data,
-        })
+        Ok(Tensor { shape: shape.to_vec(), data })
     }
 
     /// A tensor of zeros.
     pub fn zeros(shape: &[usize]) -> Self {
-        Tensor {
-            shape: shape.to_vec(),
-            data: vec![0.0; shape.iter().product()],
-        }
+        Tensor { shape: shape.to_vec(), data: vec![0.0; shape.iter().product()] }
     }
 
     pub fn shape(&self) -> &[usize] {

@@ -7,6 +7,7 @@
 use crate::model::{Conv2d, ModelBuilder, Pool2d, branch};
 
 /// Tutorial 1's simple CNN: 3x32x32 -> Conv(16) -> Conv(32) -> FC(64) -> 10.
+#[rustfmt::skip]
 pub fn simple_cnn(batch: usize) -> ModelBuilder {
     ModelBuilder::new(&[batch, 3, 32, 32])
         .conv2d(16, 3)
@@ -28,6 +29,7 @@ pub fn simple_cnn(batch: usize) -> ModelBuilder {
 }
 
 /// Tutorial 2's VGG-style advanced CNN with dropout.
+#[rustfmt::skip]
 pub fn advanced_cnn(batch: usize) -> ModelBuilder {
     ModelBuilder::new(&[batch, 3, 32, 32])
         .conv2d(32, 3)
@@ -73,6 +75,7 @@ pub fn advanced_cnn(batch: usize) -> ModelBuilder {
 }
 
 /// Tutorial 2's multi-scale CNN (1x1, 3x3, 5x5 kernels).
+#[rustfmt::skip]
 pub fn multiscale_cnn(batch: usize) -> ModelBuilder {
     ModelBuilder::new(&[batch, 3, 32, 32])
         .conv2d(16, 1)
@@ -102,6 +105,7 @@ pub fn multiscale_cnn(batch: usize) -> ModelBuilder {
 }
 
 /// Tutorial 3's MNIST CNN: 1x28x28 -> 32 -> 32 -> 64 -> 64 -> 128 -> 10.
+#[rustfmt::skip]
 pub fn mnist_cnn(batch: usize) -> ModelBuilder {
     ModelBuilder::new(&[batch, 1, 28, 28])
         .conv2d(32, 3)
@@ -133,6 +137,7 @@ pub fn mnist_cnn(batch: usize) -> ModelBuilder {
 }
 
 /// Tutorial 3's CIFAR-10 CNN.
+#[rustfmt::skip]
 pub fn cifar_cnn(batch: usize) -> ModelBuilder {
     ModelBuilder::new(&[batch, 3, 32, 32])
         .conv2d(32, 3)
@@ -179,6 +184,7 @@ pub fn cifar_cnn(batch: usize) -> ModelBuilder {
 
 /// torchvision's BasicBlock: two 3x3 convolutions with batch norm, and an identity shortcut, or a
 /// strided 1x1 projection when the shape changes. Names follow torchvision (`layer1.0.conv1`).
+#[rustfmt::skip]
 fn basic_block(
     b: ModelBuilder,
     prefix: &str,
@@ -216,6 +222,7 @@ fn basic_block(
 /// ResNet-18 with the CIFAR stem (3x3 stride-1 first convolution, no max pool), as
 /// `torchvision.models.resnet18(num_classes)` with `conv1 = Conv2d(3, 64, 3, 1, 1, bias=False)`
 /// and `maxpool = Identity()`; 11,173,962 parameters for 10 classes.
+#[rustfmt::skip]
 pub fn resnet18(batch: usize, classes: usize) -> ModelBuilder {
     let mut b = ModelBuilder::new(&[batch, 3, 32, 32])
         .conv2d_with(Conv2d::new(64, 3).padding(1).bias(false))
@@ -247,6 +254,7 @@ pub fn resnet18(batch: usize, classes: usize) -> ModelBuilder {
 
 /// An Inception-style block (GoogLeNet's 3a sizes) on a 192x28x28 input: 1x1, 1x1->3x3,
 /// 1x1->5x5 and 3x3 max-pool->1x1 branches concatenated to 256 channels, then a classifier.
+#[rustfmt::skip]
 pub fn inception_block(batch: usize, classes: usize) -> ModelBuilder {
     ModelBuilder::new(&[batch, 192, 28, 28])
         .concat([

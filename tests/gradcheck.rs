@@ -64,10 +64,7 @@ fn check_with(builder: ModelBuilder, tol: f64) {
     let model = builder.seed(3).build().expect("model builds");
     let batch = model.batch_size();
     let x = input_for(&model, 11);
-    let opts = PlanOptions {
-        input_grad: true,
-        accumulate_param_grads: false,
-    };
+    let opts = PlanOptions { input_grad: true, accumulate_param_grads: false };
 
     // f64 analytic gradients.
     let mut exec = Executor::new(&model, CpuBackend::<f64>::new(Some(2)).unwrap()).unwrap();
@@ -75,14 +72,8 @@ fn check_with(builder: ModelBuilder, tol: f64) {
     exec.set_input(plan, &x).unwrap();
     let out_len = exec.backend().len(exec.plan_info(plan).output);
     let mut rng = Rng::new(99);
-    let r: Vec<f64> = (0..out_len)
-        .map(|_| rng.uniform_range(-1.0, 1.0) as f64)
-        .collect();
-    let mut case = Case {
-        exec,
-        plan,
-        r: r.clone(),
-    };
+    let r: Vec<f64> = (0..out_len).map(|_| rng.uniform_range(-1.0, 1.0) as f64).collect();
+    let mut case = Case { exec, plan, r: r.clone() };
     case.loss();
     let og = case.exec.plan_info(plan).output_grad.unwrap();
     case.exec.backend_mut().write_f64(og, &r).unwrap();
@@ -135,18 +126,9 @@ fn check_with(builder: ModelBuilder, tol: f64) {
     case.exec.backward(plan).unwrap();
     let (o64, o32) = (case.exec.plan_info(plan).output, e32.plan_info(p32).output);
     let mut pairs = vec![("output".to_string(), o64, o32)];
-    for (k, (spec, b64)) in model
-        .params()
-        .iter()
-        .zip(case.exec.param_buffers())
-        .enumerate()
-    {
+    for (k, (spec, b64)) in model.params().iter().zip(case.exec.param_buffers()).enumerate() {
         if let Some(g) = b64.grad {
-            pairs.push((
-                format!("{}.grad", spec.name),
-                g,
-                e32.param_buffers()[k].grad.unwrap(),
-            ));
+            pairs.push((format!("{}.grad", spec.name), g, e32.param_buffers()[k].grad.unwrap()));
         }
         if spec.trainable {
             // Running statistics are left out: the f64 executor ran many more forward passes.
@@ -161,15 +143,9 @@ fn check_with(builder: ModelBuilder, tol: f64) {
     for (name, a, b) in pairs {
         let reference = case.exec.backend_mut().read_f64(a).unwrap();
         let got = e32.backend_mut().read(b).unwrap();
-        let scale = reference
-            .iter()
-            .fold(0.0f64, |m, v| m.max(v.abs()))
-            .max(1e-3);
+        let scale = reference.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-3);
         for (i, (r, g)) in reference.iter().zip(&got).enumerate() {
-            assert!(
-                (r - *g as f64).abs() <= 1e-4 * scale + 1e-6,
-                "f32 vs f64 {name}[{i}]: {g} vs {r} (scale {scale})"
-            );
+            assert!((r - *g as f64).abs() <= 1e-4 * scale + 1e-6, "f32 vs f64 {name}[{i}]: {g} vs {r} (scale {scale})");
         }
     }
 }
@@ -201,15 +177,7 @@ fn conv2d_groups_and_depthwise() {
 
 #[test]
 fn conv2d_non_square_no_bias() {
-    check(
-        img(2, 2, 6, 7).conv2d_with(
-            Conv2d::new(3, 2)
-                .kernel_hw(2, 3)
-                .stride_hw(2, 1)
-                .padding((1, 0))
-                .bias(false),
-        ),
-    );
+    check(img(2, 2, 6, 7).conv2d_with(Conv2d::new(3, 2).kernel_hw(2, 3).stride_hw(2, 1).padding((1, 0)).bias(false)));
 }
 
 #[test]
@@ -221,11 +189,7 @@ fn conv2d_pointwise() {
 
 #[test]
 fn dense_and_views() {
-    check(
-        ModelBuilder::new(&[3, 5])
-            .dense(4)
-            .dense_with(Linear::new(2).bias(false)),
-    );
+    check(ModelBuilder::new(&[3, 5]).dense(4).dense_with(Linear::new(2).bias(false)));
     check(img(2, 2, 3, 3).dense(4));
     check(img(2, 2, 3, 3).flatten().dense(3));
     check(img(2, 2, 3, 4).reshape(&[4, 6]).softmax(-1));
@@ -233,15 +197,10 @@ fn dense_and_views() {
 
 #[test]
 fn activations() {
-    let acts: Vec<fn(ModelBuilder) -> ModelBuilder> = vec![
-        |b| b.relu(),
-        |b| b.leaky_relu(0.1),
-        |b| b.elu(0.7),
-        |b| b.sigmoid(),
-        |b| b.tanh(),
-        |b| b.silu(),
-        |b| b.gelu(),
-    ];
+    let acts: Vec<fn(ModelBuilder) -> ModelBuilder> =
+        vec![|b| b.relu(), |b| b.leaky_relu(0.1), |b| b.elu(0.7), |b| b.sigmoid(), |b| b.tanh(), |b| b.silu(), |b| {
+            b.gelu()
+        }];
     for act in acts {
         check(act(img(2, 2, 3, 3).conv2d(3, 2)));
     }
@@ -262,46 +221,17 @@ fn dropout_in_training() {
 #[test]
 fn batch_norm_training() {
     check_with(img(3, 2, 4, 4).conv2d(3, 3).batch_norm(), 5e-5);
-    check_with(
-        ModelBuilder::new(&[5, 4])
-            .dense(6)
-            .batch_norm()
-            .relu()
-            .dense(2),
-        5e-5,
-    );
-    check_with(
-        img(3, 2, 4, 4)
-            .conv2d(3, 3)
-            .batch_norm_with(BatchNorm::new().affine(false).momentum(0.3)),
-        5e-5,
-    );
-    check_with(
-        img(3, 2, 4, 4)
-            .conv2d(3, 3)
-            .batch_norm_with(BatchNorm::new().track_running_stats(false)),
-        5e-5,
-    );
+    check_with(ModelBuilder::new(&[5, 4]).dense(6).batch_norm().relu().dense(2), 5e-5);
+    check_with(img(3, 2, 4, 4).conv2d(3, 3).batch_norm_with(BatchNorm::new().affine(false).momentum(0.3)), 5e-5);
+    check_with(img(3, 2, 4, 4).conv2d(3, 3).batch_norm_with(BatchNorm::new().track_running_stats(false)), 5e-5);
 }
 
 #[test]
 fn pooling() {
     check(img(2, 2, 6, 6).conv2d(3, 1).max_pool2d(2));
-    check(
-        img(2, 2, 5, 5)
-            .conv2d(3, 1)
-            .max_pool2d_with(Pool2d::new(3).stride(1).padding(1)),
-    );
-    check(
-        img(2, 2, 6, 5)
-            .conv2d(3, 1)
-            .avg_pool2d_with(Pool2d::new(3).stride(2).padding(1)),
-    );
-    check(
-        img(2, 2, 6, 5)
-            .conv2d(3, 1)
-            .avg_pool2d_with(Pool2d::new(3).stride(2).padding(1).count_include_pad(false)),
-    );
+    check(img(2, 2, 5, 5).conv2d(3, 1).max_pool2d_with(Pool2d::new(3).stride(1).padding(1)));
+    check(img(2, 2, 6, 5).conv2d(3, 1).avg_pool2d_with(Pool2d::new(3).stride(2).padding(1)));
+    check(img(2, 2, 6, 5).conv2d(3, 1).avg_pool2d_with(Pool2d::new(3).stride(2).padding(1).count_include_pad(false)));
     check(img(2, 2, 4, 5).conv2d(3, 1).global_avg_pool().dense(2));
 }
 
@@ -310,23 +240,12 @@ fn residual_joins() {
     check(
         img(2, 3, 5, 5)
             .conv2d_with(Conv2d::new(4, 3).padding(1))
-            .residual(|m| {
-                m.conv2d_with(Conv2d::new(4, 3).padding(1))
-                    .tanh()
-                    .conv2d_with(Conv2d::new(4, 3).padding(1))
-            }),
+            .residual(|m| m.conv2d_with(Conv2d::new(4, 3).padding(1)).tanh().conv2d_with(Conv2d::new(4, 3).padding(1))),
     );
     check_with(
         img(3, 3, 6, 6).conv2d(4, 1).residual_with(
-            |m| {
-                m.conv2d_with(Conv2d::new(6, 3).stride(2).padding(1))
-                    .batch_norm()
-                    .relu()
-            },
-            |s| {
-                s.conv2d_with(Conv2d::new(6, 1).stride(2).bias(false))
-                    .batch_norm()
-            },
+            |m| m.conv2d_with(Conv2d::new(6, 3).stride(2).padding(1)).batch_norm().relu(),
+            |s| s.conv2d_with(Conv2d::new(6, 1).stride(2).bias(false)).batch_norm(),
         ),
         5e-5,
     );

@@ -291,7 +291,11 @@ pub enum Op {
         dst: GradOut,
     },
     /// Sets `len` values of `buf` to `value`.
-    Fill { len: usize, buf: BufId, value: f32 },
+    Fill {
+        len: usize,
+        buf: BufId,
+        value: f32,
+    },
 }
 
 impl Op {

@@ -44,11 +44,7 @@ impl<B: Backend> Executor<B> {
         for (spec, value) in model.params().iter().zip(model.param_values()) {
             let v = backend.alloc(spec.len())?;
             backend.write(v, value)?;
-            let grad = if spec.trainable {
-                Some(backend.alloc(spec.len())?)
-            } else {
-                None
-            };
+            let grad = if spec.trainable { Some(backend.alloc(spec.len())?) } else { None };
             params.push(ParamBuffers { value: v, grad });
         }
         let mut counters = Vec::with_capacity(model.nodes().len());
@@ -58,38 +54,16 @@ impl<B: Backend> Executor<B> {
                 _ => None,
             });
         }
-        Ok(Executor {
-            backend,
-            model: model.clone(),
-            params,
-            counters,
-            plans: Vec::new(),
-        })
+        Ok(Executor { backend, model: model.clone(), params, counters, plans: Vec::new() })
     }
 
     /// The plan for `batch` samples in `mode`, compiled and allocated on first request.
     pub fn plan(&mut self, batch: usize, mode: Mode, options: PlanOptions) -> Result<PlanId> {
-        let options = if mode == Mode::Eval {
-            PlanOptions::default()
-        } else {
-            options
-        };
-        if let Some(i) = self
-            .plans
-            .iter()
-            .position(|p| p.batch == batch && p.mode == mode && p.options == options)
-        {
+        let options = if mode == Mode::Eval { PlanOptions::default() } else { options };
+        if let Some(i) = self.plans.iter().position(|p| p.batch == batch && p.mode == mode && p.options == options) {
             return Ok(PlanId(i));
         }
-        let p = plan::compile(
-            &self.model,
-            &self.params,
-            &self.counters,
-            &mut self.backend,
-            batch,
-            mode,
-            options,
-        )?;
+        let p = plan::compile(&self.model, &self.params, &self.counters, &mut self.backend, batch, mode, options)?;
         self.plans.push(p);
         Ok(PlanId(self.plans.len() - 1))
     }
@@ -106,11 +80,7 @@ impl<B: Backend> Executor<B> {
         if data.len() != expected {
             return Err(Error::shape(
                 "model input",
-                format!(
-                    "{expected} values ({} samples of {:?})",
-                    p.batch,
-                    self.model.nodes()[0].shape
-                ),
+                format!("{expected} values ({} samples of {:?})", p.batch, self.model.nodes()[0].shape),
                 data.len(),
             ));
         }
@@ -134,9 +104,7 @@ impl<B: Backend> Executor<B> {
     /// Sets the gradient of the loss with respect to the output (training plans).
     pub fn set_output_grad(&mut self, id: PlanId, grad: &[f32]) -> Result<()> {
         let p = &self.plans[id.0];
-        let g = p
-            .output_grad
-            .ok_or_else(|| Error::State("this plan has no backward pass".into()))?;
+        let g = p.output_grad.ok_or_else(|| Error::State("this plan has no backward pass".into()))?;
         let expected = self.backend.len(g);
         if grad.len() != expected {
             return Err(Error::shape("output gradient", expected, grad.len()));
@@ -168,10 +136,7 @@ impl<B: Backend> Executor<B> {
             .params()
             .iter()
             .position(|p| p.name == name)
-            .ok_or_else(|| Error::Param {
-                name: name.into(),
-                reason: "the model has no parameter of this name".into(),
-            })
+            .ok_or_else(|| Error::Param { name: name.into(), reason: "the model has no parameter of this name".into() })
     }
 
     /// The parameter buffers, in the order of `model().params()`.
@@ -202,12 +167,7 @@ impl<B: Backend> Executor<B> {
         if value.len() != spec.len() {
             return Err(Error::Param {
                 name: name.into(),
-                reason: format!(
-                    "expected {} values for shape {:?}, got {}",
-                    spec.len(),
-                    spec.shape,
-                    value.len()
-                ),
+                reason: format!("expected {} values for shape {:?}, got {}", spec.len(), spec.shape, value.len()),
             });
         }
         self.backend.write(self.params[i].value, value)
@@ -248,14 +208,7 @@ impl<B: Backend> Executor<B> {
         if input.shape().len() != per_sample.len() + 1 || input.shape()[1..] != per_sample[..] {
             return Err(Error::shape(
                 "model input",
-                format!(
-                    "[batch, {}]",
-                    per_sample
-                        .iter()
-                        .map(|d| d.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
+                format!("[batch, {}]", per_sample.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
                 format!("{:?}", input.shape()),
             ));
         }

@@ -84,11 +84,7 @@ impl Plan {
     }
     /// Bytes of the buffers of one role.
     pub fn bytes_of(&self, role: BufRole) -> usize {
-        self.buffers
-            .iter()
-            .filter(|b| b.role == role)
-            .map(|b| b.len * 4)
-            .sum()
+        self.buffers.iter().filter(|b| b.role == role).map(|b| b.len * 4).sum()
     }
 }
 
@@ -100,12 +96,7 @@ struct Builder<'a, B: Backend> {
 impl<B: Backend> Builder<'_, B> {
     fn alloc(&mut self, len: usize, role: BufRole, label: String) -> Result<BufId> {
         let id = self.backend.alloc(len)?;
-        self.buffers.push(PlannedBuffer {
-            id,
-            len,
-            role,
-            label,
-        });
+        self.buffers.push(PlannedBuffer { id, len, role, label });
         Ok(id)
     }
 }
@@ -124,9 +115,7 @@ fn act_fn(a: &Activation) -> ActFn {
 
 fn conv_geom(model: &Model, i: usize, batch: usize) -> Result<ConvGeom> {
     let node = &model.nodes()[i];
-    let Layer::Conv2d(c) = &node.layer else {
-        unreachable!("conv_geom on a non-conv node")
-    };
+    let Layer::Conv2d(c) = &node.layer else { unreachable!("conv_geom on a non-conv node") };
     let ins = &model.nodes()[node.inputs[0]].shape;
     let r = shape::resolve_conv(&node.name, c, ins)?;
     Ok(ConvGeom {
@@ -177,39 +166,17 @@ fn pool_geom(
 fn softmax_dims(batch: usize, ins: &[usize], axis: isize) -> (usize, usize, usize) {
     let mut full = vec![batch];
     full.extend_from_slice(ins);
-    let ax = if axis < 0 {
-        (axis + full.len() as isize) as usize
-    } else {
-        axis as usize
-    };
-    (
-        full[..ax].iter().product(),
-        full[ax],
-        full[ax + 1..].iter().product(),
-    )
+    let ax = if axis < 0 { (axis + full.len() as isize) as usize } else { axis as usize };
+    (full[..ax].iter().product(), full[ax], full[ax + 1..].iter().product())
 }
 
 fn bn_geom(ins: &[usize], batch: usize, eps: f32) -> BnGeom {
-    BnGeom {
-        n: batch,
-        c: ins[0],
-        hw: ins[1..].iter().product(),
-        eps,
-    }
+    BnGeom { n: batch, c: ins[0], hw: ins[1..].iter().product(), eps }
 }
 
 /// Finds the buffers of parameter `role` of node `i`.
-fn param(
-    model: &Model,
-    params: &[ParamBuffers],
-    i: usize,
-    role: ParamRole,
-) -> Option<ParamBuffers> {
-    model
-        .params()
-        .iter()
-        .position(|p| p.node == i && p.role == role)
-        .map(|k| params[k])
+fn param(model: &Model, params: &[ParamBuffers], i: usize, role: ParamRole) -> Option<ParamBuffers> {
+    model.params().iter().position(|p| p.node == i && p.role == role).map(|k| params[k])
 }
 
 /// Compiles `model` for `batch` samples in `mode`, allocating the plan's buffers on `backend`.
@@ -229,10 +196,7 @@ pub fn compile<B: Backend>(
     }
     let nodes = model.nodes();
     let numel = |i: usize| batch * nodes[i].shape.iter().product::<usize>();
-    let mut b = Builder {
-        backend,
-        buffers: Vec::new(),
-    };
+    let mut b = Builder { backend, buffers: Vec::new() };
     let mut out: Vec<BufId> = Vec::with_capacity(nodes.len());
     let mut forward = Vec::new();
     // What backward needs from forward, per node.
@@ -241,11 +205,7 @@ pub fn compile<B: Backend>(
     for (i, node) in nodes.iter().enumerate() {
         let name = &node.name;
         let x = node.inputs.first().map(|&j| out[j]);
-        let ins: &[usize] = node
-            .inputs
-            .first()
-            .map(|&j| nodes[j].shape.as_slice())
-            .unwrap_or(&[]);
+        let ins: &[usize] = node.inputs.first().map(|&j| nodes[j].shape.as_slice()).unwrap_or(&[]);
         let new_out = |b: &mut Builder<B>| b.alloc(numel(i), BufRole::Activation, name.clone());
         let y = match &node.layer {
             Layer::Input => b.alloc(numel(0), BufRole::Input, "input".into())?,
@@ -254,33 +214,15 @@ pub fn compile<B: Backend>(
             Layer::Conv2d(c) => {
                 let y = new_out(&mut b)?;
                 let g = conv_geom(model, i, batch)?;
-                let w = param(model, params, i, ParamRole::Weight)
-                    .expect("conv weight")
-                    .value;
-                let bias = if c.bias {
-                    param(model, params, i, ParamRole::Bias).map(|p| p.value)
-                } else {
-                    None
-                };
-                forward.push(Op::Conv2d {
-                    g,
-                    x: x.unwrap(),
-                    w,
-                    b: bias,
-                    y,
-                });
+                let w = param(model, params, i, ParamRole::Weight).expect("conv weight").value;
+                let bias = if c.bias { param(model, params, i, ParamRole::Bias).map(|p| p.value) } else { None };
+                forward.push(Op::Conv2d { g, x: x.unwrap(), w, b: bias, y });
                 y
             }
             Layer::Linear(l) => {
                 let y = new_out(&mut b)?;
-                let w = param(model, params, i, ParamRole::Weight)
-                    .expect("linear weight")
-                    .value;
-                let bias = if l.bias {
-                    param(model, params, i, ParamRole::Bias).map(|p| p.value)
-                } else {
-                    None
-                };
+                let w = param(model, params, i, ParamRole::Weight).expect("linear weight").value;
+                let bias = if l.bias { param(model, params, i, ParamRole::Bias).map(|p| p.value) } else { None };
                 forward.push(Op::Linear {
                     m: batch,
                     k: ins.iter().product(),
@@ -294,24 +236,13 @@ pub fn compile<B: Backend>(
             }
             Layer::Activation(a) => {
                 let y = new_out(&mut b)?;
-                forward.push(Op::Act {
-                    f: act_fn(a),
-                    len: numel(i),
-                    x: x.unwrap(),
-                    y,
-                });
+                forward.push(Op::Act { f: act_fn(a), len: numel(i), x: x.unwrap(), y });
                 y
             }
             Layer::Softmax { axis } => {
                 let y = new_out(&mut b)?;
                 let (outer, dim, inner) = softmax_dims(batch, ins, *axis);
-                forward.push(Op::Softmax {
-                    outer,
-                    dim,
-                    inner,
-                    x: x.unwrap(),
-                    y,
-                });
+                forward.push(Op::Softmax { outer, dim, inner, x: x.unwrap(), y });
                 y
             }
             Layer::Dropout { rate } => {
@@ -319,15 +250,7 @@ pub fn compile<B: Backend>(
                 let mask = b.alloc(numel(i), BufRole::Saved, format!("{name}.mask"))?;
                 let counter = counters[i].expect("dropout counter");
                 let seed = crate::rng::mix_seed(model.seed() ^ 0xD80F_0A7E, i as u64);
-                forward.push(Op::Dropout {
-                    rate: *rate,
-                    len: numel(i),
-                    seed,
-                    counter,
-                    x: x.unwrap(),
-                    y,
-                    mask,
-                });
+                forward.push(Op::Dropout { rate: *rate, len: numel(i), seed, counter, x: x.unwrap(), y, mask });
                 saved[i] = vec![mask];
                 y
             }
@@ -365,16 +288,7 @@ pub fn compile<B: Backend>(
                             (Mode::Train, Some(rm), Some(rv)) => Some((rm, rv, bn.momentum)),
                             _ => None,
                         };
-                        forward.push(Op::BatchNormTrain {
-                            g,
-                            x: x.unwrap(),
-                            gamma,
-                            beta,
-                            y,
-                            mean,
-                            invstd,
-                            running,
-                        });
+                        forward.push(Op::BatchNormTrain { g, x: x.unwrap(), gamma, beta, y, mean, invstd, running });
                         saved[i] = vec![mean, invstd];
                     }
                 }
@@ -384,60 +298,32 @@ pub fn compile<B: Backend>(
                 let y = new_out(&mut b)?;
                 let argmax = b.alloc(numel(i), BufRole::Saved, format!("{name}.argmax"))?;
                 let g = pool_geom(ins, &node.shape, batch, p.kernel, p.stride, p.padding);
-                forward.push(Op::MaxPool {
-                    g,
-                    x: x.unwrap(),
-                    y,
-                    argmax,
-                });
+                forward.push(Op::MaxPool { g, x: x.unwrap(), y, argmax });
                 saved[i] = vec![argmax];
                 y
             }
             Layer::AvgPool2d(p) => {
                 let y = new_out(&mut b)?;
                 let g = pool_geom(ins, &node.shape, batch, p.kernel, p.stride, p.padding);
-                forward.push(Op::AvgPool {
-                    g,
-                    count_include_pad: p.count_include_pad,
-                    x: x.unwrap(),
-                    y,
-                });
+                forward.push(Op::AvgPool { g, count_include_pad: p.count_include_pad, x: x.unwrap(), y });
                 y
             }
             Layer::GlobalAvgPool => {
                 let y = new_out(&mut b)?;
                 let g = pool_geom(ins, &[], batch, (ins[1], ins[2]), (1, 1), (0, 0));
-                forward.push(Op::AvgPool {
-                    g,
-                    count_include_pad: true,
-                    x: x.unwrap(),
-                    y,
-                });
+                forward.push(Op::AvgPool { g, count_include_pad: true, x: x.unwrap(), y });
                 y
             }
             Layer::Add => {
                 let y = new_out(&mut b)?;
-                forward.push(Op::Add {
-                    len: numel(i),
-                    inputs: node.inputs.iter().map(|&j| out[j]).collect(),
-                    y,
-                });
+                forward.push(Op::Add { len: numel(i), inputs: node.inputs.iter().map(|&j| out[j]).collect(), y });
                 y
             }
             Layer::Concat => {
                 let y = new_out(&mut b)?;
                 let inner = node.shape[1..].iter().product();
-                let parts = node
-                    .inputs
-                    .iter()
-                    .map(|&j| (out[j], nodes[j].shape[0]))
-                    .collect();
-                forward.push(Op::Concat {
-                    n: batch,
-                    inner,
-                    parts,
-                    y,
-                });
+                let parts = node.inputs.iter().map(|&j| (out[j], nodes[j].shape[0])).collect();
+                forward.push(Op::Concat { n: batch, inner, parts, y });
                 y
             }
         };
@@ -494,11 +380,7 @@ fn plan_backward<B: Backend>(
         grad[i] = Some(if is_view {
             grad[nodes[i].inputs[0]].expect("view input needs grad")
         } else {
-            b.alloc(
-                numel(i),
-                BufRole::Gradient,
-                format!("{}.grad", nodes[i].name),
-            )?
+            b.alloc(numel(i), BufRole::Gradient, format!("{}.grad", nodes[i].name))?
         });
     }
     let last = nodes.len() - 1;
@@ -518,10 +400,7 @@ fn plan_backward<B: Backend>(
     let pgrad = |i: usize, role: ParamRole| -> Option<GradOut> {
         param(model, params, i, role)
             .and_then(|p| p.grad)
-            .map(|g| GradOut {
-                buf: g,
-                accumulate: options.accumulate_param_grads,
-            })
+            .map(|g| GradOut { buf: g, accumulate: options.accumulate_param_grads })
     };
 
     let mut ops = Vec::new();
@@ -562,37 +441,18 @@ fn plan_backward<B: Backend>(
             }
             Layer::Activation(a) => {
                 if let Some(dx) = into(j0, &mut written) {
-                    ops.push(Op::ActBackward {
-                        f: act_fn(a),
-                        len: numel(i),
-                        x,
-                        y,
-                        dy,
-                        dx,
-                    });
+                    ops.push(Op::ActBackward { f: act_fn(a), len: numel(i), x, y, dy, dx });
                 }
             }
             Layer::Softmax { axis } => {
                 if let Some(dx) = into(j0, &mut written) {
                     let (outer, dim, inner) = softmax_dims(batch, &nodes[j0].shape, *axis);
-                    ops.push(Op::SoftmaxBackward {
-                        outer,
-                        dim,
-                        inner,
-                        y,
-                        dy,
-                        dx,
-                    });
+                    ops.push(Op::SoftmaxBackward { outer, dim, inner, y, dy, dx });
                 }
             }
             Layer::Dropout { .. } => {
                 if let Some(dx) = into(j0, &mut written) {
-                    ops.push(Op::DropoutBackward {
-                        len: numel(i),
-                        mask: saved[i][0],
-                        dy,
-                        dx,
-                    });
+                    ops.push(Op::DropoutBackward { len: numel(i), mask: saved[i][0], dy, dx });
                 }
             }
             Layer::BatchNorm(bn) => {
@@ -615,76 +475,35 @@ fn plan_backward<B: Backend>(
             }
             Layer::MaxPool2d(p) => {
                 if let Some(dx) = into(j0, &mut written) {
-                    let g = pool_geom(
-                        &nodes[j0].shape,
-                        &node.shape,
-                        batch,
-                        p.kernel,
-                        p.stride,
-                        p.padding,
-                    );
-                    ops.push(Op::MaxPoolBackward {
-                        g,
-                        argmax: saved[i][0],
-                        dy,
-                        dx,
-                    });
+                    let g = pool_geom(&nodes[j0].shape, &node.shape, batch, p.kernel, p.stride, p.padding);
+                    ops.push(Op::MaxPoolBackward { g, argmax: saved[i][0], dy, dx });
                 }
             }
             Layer::AvgPool2d(p) => {
                 if let Some(dx) = into(j0, &mut written) {
-                    let g = pool_geom(
-                        &nodes[j0].shape,
-                        &node.shape,
-                        batch,
-                        p.kernel,
-                        p.stride,
-                        p.padding,
-                    );
-                    ops.push(Op::AvgPoolBackward {
-                        g,
-                        count_include_pad: p.count_include_pad,
-                        dy,
-                        dx,
-                    });
+                    let g = pool_geom(&nodes[j0].shape, &node.shape, batch, p.kernel, p.stride, p.padding);
+                    ops.push(Op::AvgPoolBackward { g, count_include_pad: p.count_include_pad, dy, dx });
                 }
             }
             Layer::GlobalAvgPool => {
                 if let Some(dx) = into(j0, &mut written) {
                     let s = &nodes[j0].shape;
                     let g = pool_geom(s, &[], batch, (s[1], s[2]), (1, 1), (0, 0));
-                    ops.push(Op::AvgPoolBackward {
-                        g,
-                        count_include_pad: true,
-                        dy,
-                        dx,
-                    });
+                    ops.push(Op::AvgPoolBackward { g, count_include_pad: true, dy, dx });
                 }
             }
             Layer::Add => {
                 for &j in &node.inputs {
                     if let Some(dst) = into(j, &mut written) {
-                        ops.push(Op::GradInto {
-                            len: numel(i),
-                            src: dy,
-                            dst,
-                        });
+                        ops.push(Op::GradInto { len: numel(i), src: dy, dst });
                     }
                 }
             }
             Layer::Concat => {
-                let parts: Vec<(Option<GradOut>, usize)> = node
-                    .inputs
-                    .iter()
-                    .map(|&j| (into(j, &mut written), nodes[j].shape[0]))
-                    .collect();
+                let parts: Vec<(Option<GradOut>, usize)> =
+                    node.inputs.iter().map(|&j| (into(j, &mut written), nodes[j].shape[0])).collect();
                 if parts.iter().any(|p| p.0.is_some()) {
-                    ops.push(Op::ConcatBackward {
-                        n: batch,
-                        inner: node.shape[1..].iter().product(),
-                        parts,
-                        dy,
-                    });
+                    ops.push(Op::ConcatBackward { n: batch, inner: node.shape[1..].iter().product(), parts, dy });
                 }
             }
         }

@@ -63,11 +63,7 @@ impl ModelBuilder {
     pub fn new(input_shape: &[usize]) -> Self {
         ModelBuilder {
             input_shape: input_shape.to_vec(),
-            nodes: vec![Pending {
-                name: Some("input".into()),
-                layer: Layer::Input,
-                inputs: vec![],
-            }],
+            nodes: vec![Pending { name: Some("input".into()), layer: Layer::Input, inputs: vec![] }],
             cursor: 0,
             last_added: None,
             seed: 0,
@@ -83,11 +79,7 @@ impl ModelBuilder {
 
     /// Appends any layer after the current one.
     pub fn layer(mut self, layer: Layer) -> Self {
-        self.nodes.push(Pending {
-            name: None,
-            layer,
-            inputs: vec![self.cursor],
-        });
+        self.nodes.push(Pending { name: None, layer, inputs: vec![self.cursor] });
         self.cursor = self.nodes.len() - 1;
         self.last_added = Some(self.cursor);
         self
@@ -98,9 +90,7 @@ impl ModelBuilder {
         match self.last_added {
             Some(i) => self.nodes[i].name = Some(name.to_string()),
             None => {
-                self.error.get_or_insert(Error::Model(format!(
-                    "name(\"{name}\") called before any layer was added"
-                )));
+                self.error.get_or_insert(Error::Model(format!("name(\"{name}\") called before any layer was added")));
             }
         }
         self
@@ -191,11 +181,7 @@ impl ModelBuilder {
     }
 
     /// Runs `f` on a builder positioned at `fork` and returns it with the branch's last node.
-    fn run_branch(
-        mut self,
-        fork: usize,
-        f: impl FnOnce(ModelBuilder) -> ModelBuilder,
-    ) -> (Self, usize) {
+    fn run_branch(mut self, fork: usize, f: impl FnOnce(ModelBuilder) -> ModelBuilder) -> (Self, usize) {
         self.cursor = fork;
         let b = f(self);
         let end = b.cursor;
@@ -203,11 +189,7 @@ impl ModelBuilder {
     }
 
     fn join(mut self, layer: Layer, inputs: Vec<usize>) -> Self {
-        self.nodes.push(Pending {
-            name: None,
-            layer,
-            inputs,
-        });
+        self.nodes.push(Pending { name: None, layer, inputs });
         self.cursor = self.nodes.len() - 1;
         self.last_added = Some(self.cursor);
         self
@@ -265,19 +247,10 @@ impl ModelBuilder {
             let shape = if i == 0 {
                 shape[1..].to_vec()
             } else {
-                let ins: Vec<&[usize]> = p
-                    .inputs
-                    .iter()
-                    .map(|&j| nodes[j].shape.as_slice())
-                    .collect();
+                let ins: Vec<&[usize]> = p.inputs.iter().map(|&j| nodes[j].shape.as_slice()).collect();
                 super::shape::infer(&name, &p.layer, &ins)?
             };
-            nodes.push(Node {
-                name,
-                layer: p.layer,
-                inputs: p.inputs,
-                shape,
-            });
+            nodes.push(Node { name, layer: p.layer, inputs: p.inputs, shape });
         }
         Model::from_nodes(nodes, self.input_shape[0], self.seed)
     }
@@ -293,10 +266,7 @@ fn assign_names(nodes: &[Pending]) -> Result<Vec<String>> {
                 return Err(Error::Model("a layer name must not be empty".into()));
             }
             if !taken.insert(n.clone()) {
-                return Err(Error::layer(
-                    n,
-                    "duplicate layer name: every layer needs a unique name",
-                ));
+                return Err(Error::layer(n, "duplicate layer name: every layer needs a unique name"));
             }
         }
     }

@@ -116,10 +116,7 @@ pub struct Linear {
 
 impl Linear {
     pub fn new(out_features: usize) -> Self {
-        Linear {
-            out_features,
-            bias: true,
-        }
+        Linear { out_features, bias: true }
     }
     pub fn bias(mut self, b: bool) -> Self {
         self.bias = b;
@@ -142,12 +139,7 @@ pub struct BatchNorm {
 
 impl Default for BatchNorm {
     fn default() -> Self {
-        BatchNorm {
-            eps: 1e-5,
-            momentum: 0.1,
-            affine: true,
-            track_running_stats: true,
-        }
+        BatchNorm { eps: 1e-5, momentum: 0.1, affine: true, track_running_stats: true }
     }
 }
 
@@ -187,12 +179,7 @@ pub struct Pool2d {
 impl Pool2d {
     /// A `kernel x kernel` window with stride equal to the kernel and no padding.
     pub fn new(kernel: usize) -> Self {
-        Pool2d {
-            kernel: (kernel, kernel),
-            stride: (kernel, kernel),
-            padding: (0, 0),
-            count_include_pad: true,
-        }
+        Pool2d { kernel: (kernel, kernel), stride: (kernel, kernel), padding: (0, 0), count_include_pad: true }
     }
     pub fn kernel_hw(mut self, kh: usize, kw: usize) -> Self {
         self.kernel = (kh, kw);

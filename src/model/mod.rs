@@ -44,26 +44,12 @@ impl Model {
         let mut params = Vec::new();
         for (i, node) in nodes.iter().enumerate() {
             if let Some(&src) = node.inputs.first() {
-                params.extend(params::param_specs(
-                    i,
-                    &node.name,
-                    &node.layer,
-                    &nodes[src].shape,
-                ));
+                params.extend(params::param_specs(i, &node.name, &node.layer, &nodes[src].shape));
             }
         }
-        let values = params
-            .iter()
-            .enumerate()
-            .map(|(k, p)| params::init_param(p, &nodes[p.node].layer, seed, k))
-            .collect();
-        Ok(Model {
-            nodes,
-            params,
-            values,
-            batch,
-            seed,
-        })
+        let values =
+            params.iter().enumerate().map(|(k, p)| params::init_param(p, &nodes[p.node].layer, seed, k)).collect();
+        Ok(Model { nodes, params, values, batch, seed })
     }
 
     /// The layers, input node first, output node last.
@@ -111,20 +97,12 @@ impl Model {
     /// Number of trainable parameters (what PyTorch's `sum(p.numel() for p in m.parameters())`
     /// gives).
     pub fn param_count(&self) -> usize {
-        self.params
-            .iter()
-            .filter(|p| p.trainable)
-            .map(|p| p.len())
-            .sum()
+        self.params.iter().filter(|p| p.trainable).map(|p| p.len()).sum()
     }
 
     /// Number of non-trained values (batch-norm running statistics).
     pub fn buffer_count(&self) -> usize {
-        self.params
-            .iter()
-            .filter(|p| !p.trainable)
-            .map(|p| p.len())
-            .sum()
+        self.params.iter().filter(|p| !p.trainable).map(|p| p.len()).sum()
     }
 
     /// Current values of every parameter, in the order of [`Model::params`].
@@ -134,22 +112,15 @@ impl Model {
 
     /// Current value of the parameter `name` (such as `"conv1.weight"`).
     pub fn param(&self, name: &str) -> Option<&[f32]> {
-        self.params
-            .iter()
-            .position(|p| p.name == name)
-            .map(|i| self.values[i].as_slice())
+        self.params.iter().position(|p| p.name == name).map(|i| self.values[i].as_slice())
     }
 
     /// Replaces the value of parameter `name`; the length must match its shape.
     pub fn set_param(&mut self, name: &str, value: &[f32]) -> Result<()> {
-        let i = self
-            .params
-            .iter()
-            .position(|p| p.name == name)
-            .ok_or_else(|| Error::Param {
-                name: name.into(),
-                reason: "the model has no parameter of this name".into(),
-            })?;
+        let i = self.params.iter().position(|p| p.name == name).ok_or_else(|| Error::Param {
+            name: name.into(),
+            reason: "the model has no parameter of this name".into(),
+        })?;
         if value.len() != self.params[i].len() {
             return Err(Error::Param {
                 name: name.into(),

@@ -41,12 +41,7 @@ impl ParamSpec {
 }
 
 /// The parameters of node `node` named `name`, given its per-sample input shape.
-pub(crate) fn param_specs(
-    node: usize,
-    name: &str,
-    layer: &Layer,
-    input: &[usize],
-) -> Vec<ParamSpec> {
+pub(crate) fn param_specs(node: usize, name: &str, layer: &Layer, input: &[usize]) -> Vec<ParamSpec> {
     let spec = |suffix: &str, role, shape: Vec<usize>, trainable, fan_in| ParamSpec {
         name: format!("{name}.{suffix}"),
         node,
@@ -67,33 +62,15 @@ pub(crate) fn param_specs(
                 fan_in,
             )];
             if c.bias {
-                v.push(spec(
-                    "bias",
-                    ParamRole::Bias,
-                    vec![c.out_channels],
-                    true,
-                    fan_in,
-                ));
+                v.push(spec("bias", ParamRole::Bias, vec![c.out_channels], true, fan_in));
             }
             v
         }
         Layer::Linear(l) => {
             let fan_in: usize = input.iter().product();
-            let mut v = vec![spec(
-                "weight",
-                ParamRole::Weight,
-                vec![l.out_features, fan_in],
-                true,
-                fan_in,
-            )];
+            let mut v = vec![spec("weight", ParamRole::Weight, vec![l.out_features, fan_in], true, fan_in)];
             if l.bias {
-                v.push(spec(
-                    "bias",
-                    ParamRole::Bias,
-                    vec![l.out_features],
-                    true,
-                    fan_in,
-                ));
+                v.push(spec("bias", ParamRole::Bias, vec![l.out_features], true, fan_in));
             }
             v
         }
@@ -105,20 +82,8 @@ pub(crate) fn param_specs(
                 v.push(spec("bias", ParamRole::Bias, vec![c], true, 1));
             }
             if bn.track_running_stats {
-                v.push(spec(
-                    "running_mean",
-                    ParamRole::RunningMean,
-                    vec![c],
-                    false,
-                    1,
-                ));
-                v.push(spec(
-                    "running_var",
-                    ParamRole::RunningVar,
-                    vec![c],
-                    false,
-                    1,
-                ));
+                v.push(spec("running_mean", ParamRole::RunningMean, vec![c], false, 1));
+                v.push(spec("running_var", ParamRole::RunningVar, vec![c], false, 1));
             }
             v
         }
@@ -138,11 +103,7 @@ pub(crate) fn init_param(spec: &ParamSpec, layer: &Layer, seed: u64, index: usiz
         (Layer::BatchNorm(_), ParamRole::Weight) | (_, ParamRole::RunningVar) => vec![1.0; n],
         (Layer::BatchNorm(_), ParamRole::Bias) | (_, ParamRole::RunningMean) => vec![0.0; n],
         _ => {
-            let bound = if spec.fan_in > 0 {
-                1.0 / (spec.fan_in as f32).sqrt()
-            } else {
-                0.0
-            };
+            let bound = if spec.fan_in > 0 { 1.0 / (spec.fan_in as f32).sqrt() } else { 0.0 };
             let mut rng = Rng::new(mix_seed(seed, index as u64));
             (0..n).map(|_| rng.uniform_range(-bound, bound)).collect()
         }

@@ -22,41 +22,22 @@ fn need_4d(name: &str, what: &str, input: &[usize]) -> Result<(usize, usize, usi
         [c, h, w] => Ok((*c, *h, *w)),
         _ => Err(Error::layer(
             name,
-            format!(
-                "{what} needs a [batch, C, H, W] input, got per-sample shape {}",
-                dims_str(input)
-            ),
+            format!("{what} needs a [batch, C, H, W] input, got per-sample shape {}", dims_str(input)),
         )),
     }
 }
 
 fn positive(name: &str, what: &str, v: usize) -> Result<()> {
-    if v == 0 {
-        Err(Error::layer(
-            name,
-            format!("{what} must be at least 1, got 0"),
-        ))
-    } else {
-        Ok(())
-    }
+    if v == 0 { Err(Error::layer(name, format!("{what} must be at least 1, got 0"))) } else { Ok(()) }
 }
 
 /// Output length of a window of extent `eff` sliding with `stride` over `len + 2 * pad`.
-fn window_out(
-    name: &str,
-    axis: &str,
-    len: usize,
-    pad: usize,
-    eff: usize,
-    stride: usize,
-) -> Result<usize> {
+fn window_out(name: &str, axis: &str, len: usize, pad: usize, eff: usize, stride: usize) -> Result<usize> {
     let padded = len + 2 * pad;
     if eff > padded {
         return Err(Error::layer(
             name,
-            format!(
-                "kernel extent {eff} along {axis} is larger than the padded input ({len} + 2*{pad} = {padded})"
-            ),
+            format!("kernel extent {eff} along {axis} is larger than the padded input ({len} + 2*{pad} = {padded})"),
         ));
     }
     Ok((padded - eff) / stride + 1)
@@ -71,7 +52,7 @@ pub fn resolve_conv(name: &str, conv: &Conv2d, input: &[usize]) -> Result<ConvRe
     positive(name, "stride", conv.stride.0.min(conv.stride.1))?;
     positive(name, "dilation", conv.dilation.0.min(conv.dilation.1))?;
     positive(name, "groups", conv.groups)?;
-    if c % conv.groups != 0 || conv.out_channels % conv.groups != 0 {
+    if !c.is_multiple_of(conv.groups) || !conv.out_channels.is_multiple_of(conv.groups) {
         return Err(Error::layer(
             name,
             format!(
@@ -80,18 +61,12 @@ pub fn resolve_conv(name: &str, conv: &Conv2d, input: &[usize]) -> Result<ConvRe
             ),
         ));
     }
-    let eff = (
-        conv.dilation.0 * (conv.kernel.0 - 1) + 1,
-        conv.dilation.1 * (conv.kernel.1 - 1) + 1,
-    );
+    let eff = (conv.dilation.0 * (conv.kernel.0 - 1) + 1, conv.dilation.1 * (conv.kernel.1 - 1) + 1);
     let pad = match conv.padding {
         Padding::Valid => (0, 0),
         Padding::Explicit(ph, pw) => {
             if ph == usize::MAX || pw == usize::MAX {
-                return Err(Error::layer(
-                    name,
-                    "padding must be \"same\", \"valid\" or a number",
-                ));
+                return Err(Error::layer(name, "padding must be \"same\", \"valid\" or a number"));
             }
             (ph, pw)
         }
@@ -99,10 +74,7 @@ pub fn resolve_conv(name: &str, conv: &Conv2d, input: &[usize]) -> Result<ConvRe
             if conv.stride != (1, 1) {
                 return Err(Error::layer(
                     name,
-                    format!(
-                        "padding \"same\" needs stride 1, got stride {:?}",
-                        conv.stride
-                    ),
+                    format!("padding \"same\" needs stride 1, got stride {:?}", conv.stride),
                 ));
             }
             let (th, tw) = (eff.0 - 1, eff.1 - 1);
@@ -121,10 +93,7 @@ pub fn resolve_conv(name: &str, conv: &Conv2d, input: &[usize]) -> Result<ConvRe
     };
     let oh = window_out(name, "height", h, pad.0, eff.0, conv.stride.0)?;
     let ow = window_out(name, "width", w, pad.1, eff.1, conv.stride.1)?;
-    Ok(ConvResolved {
-        pad,
-        out_hw: (oh, ow),
-    })
+    Ok(ConvResolved { pad, out_hw: (oh, ow) })
 }
 
 /// Output `(oh, ow)` of a pooling window over a `[C, H, W]` input.
@@ -136,41 +105,22 @@ pub fn resolve_pool(name: &str, pool: &Pool2d, input: &[usize]) -> Result<(usize
     if pool.padding.0 > pool.kernel.0 / 2 || pool.padding.1 > pool.kernel.1 / 2 {
         return Err(Error::layer(
             name,
-            format!(
-                "padding {:?} must be at most half the kernel {:?} (as in PyTorch)",
-                pool.padding, pool.kernel
-            ),
+            format!("padding {:?} must be at most half the kernel {:?} (as in PyTorch)", pool.padding, pool.kernel),
         ));
     }
-    let oh = window_out(
-        name,
-        "height",
-        h,
-        pool.padding.0,
-        pool.kernel.0,
-        pool.stride.0,
-    )?;
-    let ow = window_out(
-        name,
-        "width",
-        w,
-        pool.padding.1,
-        pool.kernel.1,
-        pool.stride.1,
-    )?;
+    let oh = window_out(name, "height", h, pool.padding.0, pool.kernel.0, pool.stride.0)?;
+    let ow = window_out(name, "width", w, pool.padding.1, pool.kernel.1, pool.stride.1)?;
     Ok((oh, ow))
 }
 
 fn check_activation(name: &str, a: &Activation) -> Result<()> {
     match *a {
-        Activation::LeakyRelu { slope } if !slope.is_finite() => Err(Error::layer(
-            name,
-            format!("leaky_relu slope must be finite, got {slope}"),
-        )),
-        Activation::Elu { alpha } if !alpha.is_finite() => Err(Error::layer(
-            name,
-            format!("elu alpha must be finite, got {alpha}"),
-        )),
+        Activation::LeakyRelu { slope } if !slope.is_finite() => {
+            Err(Error::layer(name, format!("leaky_relu slope must be finite, got {slope}")))
+        }
+        Activation::Elu { alpha } if !alpha.is_finite() => {
+            Err(Error::layer(name, format!("elu alpha must be finite, got {alpha}")))
+        }
         _ => Ok(()),
     }
 }
@@ -186,16 +136,10 @@ fn check_batch_norm(name: &str, bn: &BatchNorm, input: &[usize]) -> Result<()> {
         ));
     }
     if !(bn.eps > 0.0 && bn.eps.is_finite()) {
-        return Err(Error::layer(
-            name,
-            format!("eps must be positive and finite, got {}", bn.eps),
-        ));
+        return Err(Error::layer(name, format!("eps must be positive and finite, got {}", bn.eps)));
     }
     if !(0.0..=1.0).contains(&bn.momentum) {
-        return Err(Error::layer(
-            name,
-            format!("momentum must be in [0, 1], got {}", bn.momentum),
-        ));
+        return Err(Error::layer(name, format!("momentum must be in [0, 1], got {}", bn.momentum)));
     }
     Ok(())
 }
@@ -206,17 +150,11 @@ pub fn infer(name: &str, layer: &Layer, inputs: &[&[usize]]) -> Result<Vec<usize
     let one = || -> Result<&[usize]> {
         match inputs {
             [x] => Ok(x),
-            _ => Err(Error::layer(
-                name,
-                format!("expects one input, got {}", inputs.len()),
-            )),
+            _ => Err(Error::layer(name, format!("expects one input, got {}", inputs.len()))),
         }
     };
     match layer {
-        Layer::Input => Err(Error::layer(
-            name,
-            "an input layer can only be the first node",
-        )),
+        Layer::Input => Err(Error::layer(name, "an input layer can only be the first node")),
         Layer::Conv2d(conv) => {
             let r = resolve_conv(name, conv, one()?)?;
             Ok(vec![conv.out_channels, r.out_hw.0, r.out_hw.1])
@@ -230,19 +168,13 @@ pub fn infer(name: &str, layer: &Layer, inputs: &[&[usize]]) -> Result<Vec<usize
         Layer::Reshape(target) => {
             let x = one()?;
             if target.is_empty() || target.contains(&0) {
-                return Err(Error::layer(
-                    name,
-                    format!("reshape target {target:?} must have non-zero dimensions"),
-                ));
+                return Err(Error::layer(name, format!("reshape target {target:?} must have non-zero dimensions")));
             }
             let (a, b): (usize, usize) = (x.iter().product(), target.iter().product());
             if a != b {
                 return Err(Error::layer(
                     name,
-                    format!(
-                        "cannot reshape {} ({a} values per sample) into {target:?} ({b} values)",
-                        dims_str(x)
-                    ),
+                    format!("cannot reshape {} ({a} values per sample) into {target:?} ({b} values)", dims_str(x)),
                 ));
             }
             Ok(target.clone())
@@ -257,19 +189,14 @@ pub fn infer(name: &str, layer: &Layer, inputs: &[&[usize]]) -> Result<Vec<usize
             if *axis < -rank || *axis >= rank {
                 return Err(Error::layer(
                     name,
-                    format!(
-                        "softmax axis {axis} is out of range for a rank-{rank} tensor (batch included)"
-                    ),
+                    format!("softmax axis {axis} is out of range for a rank-{rank} tensor (batch included)"),
                 ));
             }
             Ok(x.to_vec())
         }
         Layer::Dropout { rate } => {
             if !(0.0..1.0).contains(rate) {
-                return Err(Error::layer(
-                    name,
-                    format!("dropout rate must be in [0, 1), got {rate}"),
-                ));
+                return Err(Error::layer(name, format!("dropout rate must be in [0, 1), got {rate}")));
             }
             Ok(one()?.to_vec())
         }
@@ -289,10 +216,7 @@ pub fn infer(name: &str, layer: &Layer, inputs: &[&[usize]]) -> Result<Vec<usize
         }
         Layer::Add => {
             if inputs.len() < 2 {
-                return Err(Error::layer(
-                    name,
-                    format!("add needs at least two inputs, got {}", inputs.len()),
-                ));
+                return Err(Error::layer(name, format!("add needs at least two inputs, got {}", inputs.len())));
             }
             for x in &inputs[1..] {
                 if *x != inputs[0] {
@@ -311,10 +235,7 @@ pub fn infer(name: &str, layer: &Layer, inputs: &[&[usize]]) -> Result<Vec<usize
         }
         Layer::Concat => {
             if inputs.len() < 2 {
-                return Err(Error::layer(
-                    name,
-                    format!("concat needs at least two inputs, got {}", inputs.len()),
-                ));
+                return Err(Error::layer(name, format!("concat needs at least two inputs, got {}", inputs.len())));
             }
             let first = inputs[0];
             let mut channels = 0;

@@ -11,11 +11,7 @@ fn numel(s: &[usize]) -> u64 {
 pub(super) fn node_flops(m: &Model, i: usize) -> u64 {
     let node = &m.nodes[i];
     let out = numel(&node.shape);
-    let input = node
-        .inputs
-        .first()
-        .map(|&j| m.nodes[j].shape.as_slice())
-        .unwrap_or(&[]);
+    let input = node.inputs.first().map(|&j| m.nodes[j].shape.as_slice()).unwrap_or(&[]);
     match &node.layer {
         Layer::Input | Layer::Flatten | Layer::Reshape(_) | Layer::Concat => 0,
         Layer::Conv2d(c) => {
@@ -39,7 +35,7 @@ fn fmt_count(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (k, ch) in s.chars().enumerate() {
-        if k > 0 && (s.len() - k) % 3 == 0 {
+        if k > 0 && (s.len() - k).is_multiple_of(3) {
             out.push(',');
         }
         out.push(ch);
@@ -68,20 +64,11 @@ pub(crate) fn is_view(layer: &Layer) -> bool {
 
 pub(super) fn render(m: &Model) -> String {
     let batch = m.batch as u64;
-    let mut rows: Vec<[String; 5]> = Vec::new();
+    let mut rows: Vec<[String; 4]> = Vec::new();
     for (i, node) in m.nodes.iter().enumerate() {
-        let params: usize = m
-            .params
-            .iter()
-            .filter(|p| p.node == i && p.trainable)
-            .map(|p| p.len())
-            .sum();
+        let params: usize = m.params.iter().filter(|p| p.node == i && p.trainable).map(|p| p.len()).sum();
         let from = if node.inputs.len() > 1 {
-            node.inputs
-                .iter()
-                .map(|&j| m.nodes[j].name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
+            node.inputs.iter().map(|&j| m.nodes[j].name.as_str()).collect::<Vec<_>>().join(", ")
         } else {
             String::new()
         };
@@ -105,29 +92,17 @@ pub(super) fn render(m: &Model) -> String {
                 d
             }
             Layer::MaxPool2d(p) | Layer::AvgPool2d(p) => {
-                format!(
-                    "k{}x{} s{}x{}",
-                    p.kernel.0, p.kernel.1, p.stride.0, p.stride.1
-                )
+                format!("k{}x{} s{}x{}", p.kernel.0, p.kernel.1, p.stride.0, p.stride.1)
             }
             _ => from,
         };
         let ty = node.layer.display_type();
-        let ty = if detail.is_empty() {
-            ty
-        } else {
-            format!("{ty} [{detail}]")
-        };
+        let ty = if detail.is_empty() { ty } else { format!("{ty} [{detail}]") };
         rows.push([
             format!("{} ({ty})", node.name),
             format!("{:?}", m.shape_with_batch(i)),
-            if params > 0 {
-                fmt_count(params as u64)
-            } else {
-                "0".into()
-            },
+            if params > 0 { fmt_count(params as u64) } else { "0".into() },
             fmt_flops(m.flops(i) * batch),
-            String::new(),
         ]);
     }
     let headers = ["Layer (type)", "Output shape", "Param #", "FLOPs (fwd)"];
@@ -170,30 +145,13 @@ pub(super) fn render(m: &Model) -> String {
     s += &line('=');
     let trainable = m.param_count() as u64;
     let buffers = m.buffer_count() as u64;
-    let activations: u64 = m
-        .nodes
-        .iter()
-        .filter(|n| !is_view(&n.layer))
-        .map(|n| numel(&n.shape) * batch)
-        .sum();
-    s += &format!(
-        "Total params:          {}\n",
-        fmt_count(trainable + buffers)
-    );
+    let activations: u64 = m.nodes.iter().filter(|n| !is_view(&n.layer)).map(|n| numel(&n.shape) * batch).sum();
+    s += &format!("Total params:          {}\n", fmt_count(trainable + buffers));
     s += &format!("Trainable params:      {}\n", fmt_count(trainable));
     s += &format!("Non-trainable (stats): {}\n", fmt_count(buffers));
-    s += &format!(
-        "Parameter memory:      {}\n",
-        mib((trainable + buffers) * 4)
-    );
-    s += &format!(
-        "Activation memory:     {} (forward, batch {batch}, f32)\n",
-        mib(activations * 4)
-    );
-    s += &format!(
-        "Forward FLOPs:         {} per batch of {batch}\n",
-        fmt_flops(m.total_flops() * batch)
-    );
+    s += &format!("Parameter memory:      {}\n", mib((trainable + buffers) * 4));
+    s += &format!("Activation memory:     {} (forward, batch {batch}, f32)\n", mib(activations * 4));
+    s += &format!("Forward FLOPs:         {} per batch of {batch}\n", fmt_flops(m.total_flops() * batch));
     s += &line('-');
     s
 }

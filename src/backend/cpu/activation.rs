@@ -91,11 +91,9 @@ fn derivative<T: Float>(f: ActFn, x: T, y: T) -> T {
 }
 
 pub fn forward<T: Float>(f: ActFn, x: &[T], y: &mut [T]) {
-    y.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .for_each(|(y, x)| {
-            y.iter_mut().zip(x).for_each(|(y, &x)| *y = apply(f, x));
-        });
+    y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
+        y.iter_mut().zip(x).for_each(|(y, &x)| *y = apply(f, x));
+    });
 }
 
 pub fn backward<T: Float>(f: ActFn, x: &[T], y: &[T], dy: &[T], dx: (&mut [T], bool)) {

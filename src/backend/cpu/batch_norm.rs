@@ -29,18 +29,13 @@ fn channel_sums<T: Float>(g: &BnGeom, x: &[T], f: impl Fn(usize, T) -> f64 + Syn
 
 /// `y[n, c, i] = x[n, c, i] * scale[c] + shift[c]`, image by image in parallel.
 fn affine<T: Float>(g: &BnGeom, x: &[T], scale: &[T], shift: &[T], y: &mut [T]) {
-    y.par_chunks_mut(g.c * g.hw)
-        .zip(x.par_chunks(g.c * g.hw))
-        .for_each(|(y, x)| {
-            for c in 0..g.c {
-                let (a, b) = (scale[c], shift[c]);
-                let r = c * g.hw..(c + 1) * g.hw;
-                y[r.clone()]
-                    .iter_mut()
-                    .zip(&x[r])
-                    .for_each(|(y, &x)| *y = x * a + b);
-            }
-        });
+    y.par_chunks_mut(g.c * g.hw).zip(x.par_chunks(g.c * g.hw)).for_each(|(y, x)| {
+        for c in 0..g.c {
+            let (a, b) = (scale[c], shift[c]);
+            let r = c * g.hw..(c + 1) * g.hw;
+            y[r.clone()].iter_mut().zip(&x[r]).for_each(|(y, &x)| *y = x * a + b);
+        }
+    });
 }
 
 fn gamma_beta<T: Float>(c: usize, gamma: Option<&[T]>, beta: Option<&[T]>) -> (Vec<T>, Vec<T>) {
@@ -76,11 +71,7 @@ pub fn forward_train<T: Float>(
     }
     if let Some((rm, rv, momentum)) = running {
         let m = momentum as f64;
-        let unbias = if count > 1.0 {
-            count / (count - 1.0)
-        } else {
-            1.0
-        };
+        let unbias = if count > 1.0 { count / (count - 1.0) } else { 1.0 };
         for c in 0..g.c {
             rm[c] = T::from_f64((1.0 - m) * rm[c].to_f64() + m * mu[c]);
             rv[c] = T::from_f64((1.0 - m) * rv[c].to_f64() + m * var[c] * unbias);
@@ -152,23 +143,19 @@ pub fn backward<T: Float>(
     }
     if let Some((dx, acc)) = dx {
         let count = (g.n * g.hw) as f64;
-        let gm: Vec<f64> = (0..g.c)
-            .map(|c| gamma.map(|g| g[c].to_f64()).unwrap_or(1.0))
-            .collect();
-        dx.par_chunks_mut(g.c * g.hw)
-            .enumerate()
-            .for_each(|(n, dxn)| {
-                for c in 0..g.c {
-                    let (m, is) = (mean[c].to_f64(), invstd[c].to_f64());
-                    let k = gm[c] * is / count;
-                    let (sdy, sdyx) = sums[c];
-                    let base = (n * g.c + c) * g.hw;
-                    for i in 0..g.hw {
-                        let xhat = (x[base + i].to_f64() - m) * is;
-                        let v = k * (count * dy[base + i].to_f64() - sdy - xhat * sdyx);
-                        store(&mut dxn[c * g.hw + i], T::from_f64(v), acc);
-                    }
+        let gm: Vec<f64> = (0..g.c).map(|c| gamma.map(|g| g[c].to_f64()).unwrap_or(1.0)).collect();
+        dx.par_chunks_mut(g.c * g.hw).enumerate().for_each(|(n, dxn)| {
+            for c in 0..g.c {
+                let (m, is) = (mean[c].to_f64(), invstd[c].to_f64());
+                let k = gm[c] * is / count;
+                let (sdy, sdyx) = sums[c];
+                let base = (n * g.c + c) * g.hw;
+                for i in 0..g.hw {
+                    let xhat = (x[base + i].to_f64() - m) * is;
+                    let v = k * (count * dy[base + i].to_f64() - sdy - xhat * sdyx);
+                    store(&mut dxn[c * g.hw + i], T::from_f64(v), acc);
                 }
-            });
+            }
+        });
     }
 }

@@ -37,11 +37,7 @@ fn valid_range(off: isize, s: usize, len: usize, out: usize) -> (usize, usize) {
     let s = s as isize;
     let lo = if off >= 0 { 0 } else { ((-off) + s - 1) / s };
     let last = len as isize - 1 - off;
-    let hi = if last < 0 {
-        0
-    } else {
-        (last / s + 1).min(out as isize)
-    };
+    let hi = if last < 0 { 0 } else { (last / s + 1).min(out as isize) };
     let lo = lo.min(hi);
     (lo as usize, hi as usize)
 }
@@ -135,48 +131,31 @@ pub fn forward<T: Float>(
     let (per_in, per_out) = (g.c * hw, g.k * ohw);
     let (_, per, inner) = split(g.n, threads);
     let pointwise = g.is_pointwise();
-    y.par_chunks_mut(per * per_out)
-        .zip(scratch.par_iter_mut())
-        .enumerate()
-        .for_each(|(ci, (ychunk, s))| {
-            if !pointwise {
-                resize(&mut s.col, cg * kk * ohw);
-            }
-            for (j, yimg) in ychunk.chunks_mut(per_out).enumerate() {
-                let ximg = &x[(ci * per + j) * per_in..][..per_in];
-                for grp in 0..g.groups {
-                    let xg = &ximg[grp * cg * hw..][..cg * hw];
-                    let wg = &w[grp * kg * cg * kk..][..kg * cg * kk];
-                    let yg = &mut yimg[grp * kg * ohw..][..kg * ohw];
-                    if pointwise {
-                        matmul(
-                            yg,
-                            ohw,
-                            false,
-                            Mat::rm(wg, kg, cg),
-                            Mat::rm(xg, cg, ohw),
-                            inner,
-                        );
-                    } else {
-                        im2col(g, cg, xg, &mut s.col);
-                        matmul(
-                            yg,
-                            ohw,
-                            false,
-                            Mat::rm(wg, kg, cg * kk),
-                            Mat::rm(&s.col, cg * kk, ohw),
-                            inner,
-                        );
-                    }
-                }
-                if let Some(b) = b {
-                    for (o, plane) in yimg.chunks_mut(ohw).enumerate() {
-                        let bo = b[o];
-                        plane.iter_mut().for_each(|v| *v += bo);
-                    }
+    y.par_chunks_mut(per * per_out).zip(scratch.par_iter_mut()).enumerate().for_each(|(ci, (ychunk, s))| {
+        if !pointwise {
+            resize(&mut s.col, cg * kk * ohw);
+        }
+        for (j, yimg) in ychunk.chunks_mut(per_out).enumerate() {
+            let ximg = &x[(ci * per + j) * per_in..][..per_in];
+            for grp in 0..g.groups {
+                let xg = &ximg[grp * cg * hw..][..cg * hw];
+                let wg = &w[grp * kg * cg * kk..][..kg * cg * kk];
+                let yg = &mut yimg[grp * kg * ohw..][..kg * ohw];
+                if pointwise {
+                    matmul(yg, ohw, false, Mat::rm(wg, kg, cg), Mat::rm(xg, cg, ohw), inner);
+                } else {
+                    im2col(g, cg, xg, &mut s.col);
+                    matmul(yg, ohw, false, Mat::rm(wg, kg, cg * kk), Mat::rm(&s.col, cg * kk, ohw), inner);
                 }
             }
-        });
+            if let Some(b) = b {
+                for (o, plane) in yimg.chunks_mut(ohw).enumerate() {
+                    let bo = b[o];
+                    plane.iter_mut().for_each(|v| *v += bo);
+                }
+            }
+        }
+    });
 }
 
 /// Gradients of a convolution. `dx`, `dw` and `db` are `(buffer, accumulate)`.
@@ -203,11 +182,7 @@ pub fn backward<T: Float>(
         Some((d, _)) => d.chunks_mut(per * per_in).map(Some).collect(),
         None => (0..chunks).map(|_| None).collect(),
     };
-    let work: Vec<_> = dx_chunks
-        .drain(..)
-        .zip(scratch.iter_mut())
-        .enumerate()
-        .collect();
+    let work: Vec<_> = dx_chunks.drain(..).zip(scratch.iter_mut()).enumerate().collect();
     work.into_par_iter().for_each(|(ci, (mut dxc, s))| {
         resize(&mut s.dw, wlen);
         s.dw.fill(T::ZERO);
@@ -223,9 +198,7 @@ pub fn backward<T: Float>(
             let img = first + j;
             let ximg = &x[img * per_in..][..per_in];
             let dyimg = &dy[img * per_out..][..per_out];
-            let mut dximg = dxc
-                .as_deref_mut()
-                .map(|d| &mut d[j * per_in..(j + 1) * per_in]);
+            let mut dximg = dxc.as_deref_mut().map(|d| &mut d[j * per_in..(j + 1) * per_in]);
             if let Some(d) = dximg.as_deref_mut()
                 && !dx_acc
                 && !pointwise
@@ -238,44 +211,16 @@ pub fn backward<T: Float>(
                 let dyg = &dyimg[grp * kg * ohw..][..kg * ohw];
                 let dwg = &mut s.dw[grp * kg * cg * kk..][..kg * cg * kk];
                 if pointwise {
-                    matmul(
-                        dwg,
-                        cg,
-                        true,
-                        Mat::rm(dyg, kg, ohw),
-                        Mat::rm(xg, cg, ohw).t(),
-                        inner,
-                    );
+                    matmul(dwg, cg, true, Mat::rm(dyg, kg, ohw), Mat::rm(xg, cg, ohw).t(), inner);
                     if let Some(d) = dximg.as_deref_mut() {
                         let dxg = &mut d[grp * cg * hw..][..cg * hw];
-                        matmul(
-                            dxg,
-                            hw,
-                            dx_acc,
-                            Mat::rm(wg, kg, cg).t(),
-                            Mat::rm(dyg, kg, ohw),
-                            inner,
-                        );
+                        matmul(dxg, hw, dx_acc, Mat::rm(wg, kg, cg).t(), Mat::rm(dyg, kg, ohw), inner);
                     }
                 } else {
                     im2col(g, cg, xg, &mut s.col);
-                    matmul(
-                        dwg,
-                        cg * kk,
-                        true,
-                        Mat::rm(dyg, kg, ohw),
-                        Mat::rm(&s.col, cg * kk, ohw).t(),
-                        inner,
-                    );
+                    matmul(dwg, cg * kk, true, Mat::rm(dyg, kg, ohw), Mat::rm(&s.col, cg * kk, ohw).t(), inner);
                     if let Some(d) = dximg.as_deref_mut() {
-                        matmul(
-                            &mut s.dcol,
-                            ohw,
-                            false,
-                            Mat::rm(wg, kg, cg * kk).t(),
-                            Mat::rm(dyg, kg, ohw),
-                            inner,
-                        );
+                        matmul(&mut s.dcol, ohw, false, Mat::rm(wg, kg, cg * kk).t(), Mat::rm(dyg, kg, ohw), inner);
                         col2im_add(g, cg, &s.dcol, &mut d[grp * cg * hw..][..cg * hw]);
                     }
                 }

@@ -12,21 +12,18 @@ use crate::rng::dropout_uniforms;
 pub fn forward<T: Float>(rate: f32, seed: u64, step: u64, x: &[T], y: &mut [T], mask: &mut [T]) {
     let scale = T::from_f32(1.0 / (1.0 - rate));
     debug_assert_eq!(CHUNK % 4, 0);
-    y.par_chunks_mut(CHUNK)
-        .zip(mask.par_chunks_mut(CHUNK))
-        .enumerate()
-        .for_each(|(c, (y, mask))| {
-            let base = c * CHUNK;
-            for (blk, (yb, mb)) in y.chunks_mut(4).zip(mask.chunks_mut(4)).enumerate() {
-                let start = base + blk * 4;
-                let u = dropout_uniforms(seed, step, (start / 4) as u64);
-                for e in 0..yb.len() {
-                    let m = if u[e] >= rate { scale } else { T::ZERO };
-                    mb[e] = m;
-                    yb[e] = x[start + e] * m;
-                }
+    y.par_chunks_mut(CHUNK).zip(mask.par_chunks_mut(CHUNK)).enumerate().for_each(|(c, (y, mask))| {
+        let base = c * CHUNK;
+        for (blk, (yb, mb)) in y.chunks_mut(4).zip(mask.chunks_mut(4)).enumerate() {
+            let start = base + blk * 4;
+            let u = dropout_uniforms(seed, step, (start / 4) as u64);
+            for e in 0..yb.len() {
+                let m = if u[e] >= rate { scale } else { T::ZERO };
+                mb[e] = m;
+                yb[e] = x[start + e] * m;
             }
-        });
+        }
+    });
 }
 
 pub fn backward<T: Float>(mask: &[T], dy: &[T], dx: (&mut [T], bool)) {

@@ -19,17 +19,14 @@ pub fn add<T: Float>(inputs: &[&[T]], y: &mut [T]) {
 /// Concatenates `parts` (each `(data, channels)`) along channels for each of `n` samples.
 pub fn concat<T: Float>(n: usize, inner: usize, parts: &[(&[T], usize)], y: &mut [T]) {
     let total: usize = parts.iter().map(|p| p.1).sum();
-    y.par_chunks_mut(total * inner)
-        .enumerate()
-        .take(n)
-        .for_each(|(s, ys)| {
-            let mut off = 0;
-            for (x, ch) in parts {
-                let len = ch * inner;
-                ys[off..off + len].copy_from_slice(&x[s * len..(s + 1) * len]);
-                off += len;
-            }
-        });
+    y.par_chunks_mut(total * inner).enumerate().take(n).for_each(|(s, ys)| {
+        let mut off = 0;
+        for (x, ch) in parts {
+            let len = ch * inner;
+            ys[off..off + len].copy_from_slice(&x[s * len..(s + 1) * len]);
+            off += len;
+        }
+    });
 }
 
 /// Splits the gradient of a concatenation: part `i` of sample `s` gets its channel slice.
@@ -44,20 +41,15 @@ pub fn concat_backward<T: Float>(
 ) {
     let (dx, acc) = dx;
     let len = channels * inner;
-    dx.par_chunks_mut(len)
-        .enumerate()
-        .take(n)
-        .for_each(|(s, d)| {
-            let src = &dy[s * total * inner + offset * inner..][..len];
-            d.iter_mut().zip(src).for_each(|(d, &g)| store(d, g, acc));
-        });
+    dx.par_chunks_mut(len).enumerate().take(n).for_each(|(s, d)| {
+        let src = &dy[s * total * inner + offset * inner..][..len];
+        d.iter_mut().zip(src).for_each(|(d, &g)| store(d, g, acc));
+    });
 }
 
 pub fn grad_into<T: Float>(src: &[T], dst: (&mut [T], bool)) {
     let (dst, acc) = dst;
-    dst.par_chunks_mut(CHUNK)
-        .zip(src.par_chunks(CHUNK))
-        .for_each(|(d, s)| {
-            d.iter_mut().zip(s).for_each(|(d, &s)| store(d, s, acc));
-        });
+    dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| {
+        d.iter_mut().zip(s).for_each(|(d, &s)| store(d, s, acc));
+    });
 }

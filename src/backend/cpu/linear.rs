@@ -6,16 +6,7 @@ use super::float::Float;
 use super::matmul::{Mat, matmul};
 
 #[allow(clippy::too_many_arguments)]
-pub fn forward<T: Float>(
-    m: usize,
-    k: usize,
-    n: usize,
-    x: &[T],
-    w: &[T],
-    b: Option<&[T]>,
-    y: &mut [T],
-    threads: usize,
-) {
+pub fn forward<T: Float>(m: usize, k: usize, n: usize, x: &[T], w: &[T], b: Option<&[T]>, y: &mut [T], threads: usize) {
     matmul(y, n, false, Mat::rm(x, m, k), Mat::rm(w, n, k).t(), threads);
     if let Some(b) = b {
         for row in y.chunks_mut(n) {
@@ -40,14 +31,7 @@ pub fn backward<T: Float>(
     if let Some((dx, acc)) = dx {
         matmul(dx, k, acc, Mat::rm(dy, m, n), Mat::rm(w, n, k), threads);
     }
-    matmul(
-        dw.0,
-        k,
-        dw.1,
-        Mat::rm(dy, m, n).t(),
-        Mat::rm(x, m, k),
-        threads,
-    );
+    matmul(dw.0, k, dw.1, Mat::rm(dy, m, n).t(), Mat::rm(x, m, k), threads);
     if let Some((db, acc)) = db {
         if !acc {
             db.fill(T::ZERO);

@@ -16,52 +16,26 @@ pub struct Mat<'a, T> {
 impl<'a, T> Mat<'a, T> {
     /// A row-major `rows x cols` matrix.
     pub fn rm(data: &'a [T], rows: usize, cols: usize) -> Self {
-        Mat {
-            data,
-            rows,
-            cols,
-            rs: cols,
-            cs: 1,
-        }
+        Mat { data, rows, cols, rs: cols, cs: 1 }
     }
     /// The transpose of this view (no copy).
     pub fn t(self) -> Self {
-        Mat {
-            data: self.data,
-            rows: self.cols,
-            cols: self.rows,
-            rs: self.cs,
-            cs: self.rs,
-        }
+        Mat { data: self.data, rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs }
     }
     fn max_index(&self) -> usize {
-        if self.rows == 0 || self.cols == 0 {
-            0
-        } else {
-            (self.rows - 1) * self.rs + (self.cols - 1) * self.cs
-        }
+        if self.rows == 0 || self.cols == 0 { 0 } else { (self.rows - 1) * self.rs + (self.cols - 1) * self.cs }
     }
 }
 
 /// `c = a * b` (or `c += a * b` when `accumulate`), with `c` row-major `a.rows x b.cols` at row
 /// stride `ldc`. `threads > 1` lets gemm split the product over the current rayon pool.
-pub fn matmul<T: Float>(
-    c: &mut [T],
-    ldc: usize,
-    accumulate: bool,
-    a: Mat<T>,
-    b: Mat<T>,
-    threads: usize,
-) {
+pub fn matmul<T: Float>(c: &mut [T], ldc: usize, accumulate: bool, a: Mat<T>, b: Mat<T>, threads: usize) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(k, b.rows, "matmul: inner dimensions differ");
     if m == 0 || n == 0 {
         return;
     }
-    assert!(
-        (m - 1) * ldc + n <= c.len(),
-        "matmul: destination too small"
-    );
+    assert!((m - 1) * ldc + n <= c.len(), "matmul: destination too small");
     if k == 0 {
         if !accumulate {
             for r in 0..m {
@@ -70,15 +44,8 @@ pub fn matmul<T: Float>(
         }
         return;
     }
-    assert!(
-        a.max_index() < a.data.len() && b.max_index() < b.data.len(),
-        "matmul: operand too small"
-    );
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
+    assert!(a.max_index() < a.data.len() && b.max_index() < b.data.len(), "matmul: operand too small");
+    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: the asserts above keep every index gemm touches inside the three slices, and `c`
     // is borrowed mutably, so it cannot alias `a` or `b`.
     unsafe {

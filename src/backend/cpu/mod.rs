@@ -57,11 +57,7 @@ pub fn default_threads() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .filter(|&n: &usize| n > 0)
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        })
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
 }
 
 impl<T: Float> CpuBackend<T> {
@@ -75,10 +71,7 @@ impl<T: Float> CpuBackend<T> {
             .num_threads(threads)
             .thread_name(|i| format!("kiln-cpu-{i}"))
             .build()
-            .map_err(|e| Error::Device {
-                device: "cpu".into(),
-                reason: format!("cannot start threads: {e}"),
-            })?;
+            .map_err(|e| Error::Device { device: "cpu".into(), reason: format!("cannot start threads: {e}") })?;
         Ok(CpuBackend {
             bufs: Vec::new(),
             counters: Vec::new(),
@@ -106,10 +99,7 @@ impl<T: Float> CpuBackend<T> {
 
     /// Total bytes held in buffers.
     pub fn bytes(&self) -> usize {
-        self.bufs
-            .iter()
-            .map(|b| b.len() * std::mem::size_of::<T>())
-            .sum()
+        self.bufs.iter().map(|b| b.len() * std::mem::size_of::<T>()).sum()
     }
 
     fn take(&mut self, id: BufId) -> Vec<T> {
@@ -141,15 +131,7 @@ impl<T: Float> CpuBackend<T> {
                 );
                 self.put(*y, yv);
             }
-            Op::Conv2dBackward {
-                g,
-                x,
-                w,
-                dy,
-                dx,
-                dw,
-                db,
-            } => {
+            Op::Conv2dBackward { g, x, w, dy, dx, dw, db } => {
                 let mut dxv = dx.map(|d| self.take_grad(d));
                 let mut dwv = self.take_grad(*dw);
                 let mut dbv = db.map(|d| self.take_grad(d));
@@ -173,40 +155,13 @@ impl<T: Float> CpuBackend<T> {
                     self.put(d.buf, v);
                 }
             }
-            Op::Linear {
-                m,
-                k,
-                n,
-                x,
-                w,
-                b,
-                y,
-            } => {
+            Op::Linear { m, k, n, x, w, b, y } => {
                 let mut yv = self.take(*y);
                 let bufs = &self.bufs;
-                linear::forward(
-                    *m,
-                    *k,
-                    *n,
-                    &bufs[x.0],
-                    &bufs[w.0],
-                    b.map(|b| bufs[b.0].as_slice()),
-                    &mut yv,
-                    threads,
-                );
+                linear::forward(*m, *k, *n, &bufs[x.0], &bufs[w.0], b.map(|b| bufs[b.0].as_slice()), &mut yv, threads);
                 self.put(*y, yv);
             }
-            Op::LinearBackward {
-                m,
-                k,
-                n,
-                x,
-                w,
-                dy,
-                dx,
-                dw,
-                db,
-            } => {
+            Op::LinearBackward { m, k, n, x, w, dy, dx, dw, db } => {
                 let mut dxv = dx.map(|d| self.take_grad(d));
                 let mut dwv = self.take_grad(*dw);
                 let mut dbv = db.map(|d| self.take_grad(d));
@@ -236,93 +191,37 @@ impl<T: Float> CpuBackend<T> {
                 activation::forward(*f, &self.bufs[x.0][..*len], &mut yv[..*len]);
                 self.put(*y, yv);
             }
-            Op::ActBackward {
-                f,
-                len,
-                x,
-                y,
-                dy,
-                dx,
-            } => {
+            Op::ActBackward { f, len, x, y, dy, dx } => {
                 let (mut dxv, acc) = self.take_grad(*dx);
                 let b = &self.bufs;
-                activation::backward(
-                    *f,
-                    &b[x.0][..*len],
-                    &b[y.0][..*len],
-                    &b[dy.0][..*len],
-                    (&mut dxv[..*len], acc),
-                );
+                activation::backward(*f, &b[x.0][..*len], &b[y.0][..*len], &b[dy.0][..*len], (&mut dxv[..*len], acc));
                 self.put(dx.buf, dxv);
             }
-            Op::Softmax {
-                dim, inner, x, y, ..
-            } => {
+            Op::Softmax { dim, inner, x, y, .. } => {
                 let mut yv = self.take(*y);
                 softmax::forward(*dim, *inner, &self.bufs[x.0], &mut yv);
                 self.put(*y, yv);
             }
-            Op::SoftmaxBackward {
-                dim,
-                inner,
-                y,
-                dy,
-                dx,
-                ..
-            } => {
+            Op::SoftmaxBackward { dim, inner, y, dy, dx, .. } => {
                 let (mut dxv, acc) = self.take_grad(*dx);
-                softmax::backward(
-                    *dim,
-                    *inner,
-                    &self.bufs[y.0],
-                    &self.bufs[dy.0],
-                    (&mut dxv, acc),
-                );
+                softmax::backward(*dim, *inner, &self.bufs[y.0], &self.bufs[dy.0], (&mut dxv, acc));
                 self.put(dx.buf, dxv);
             }
-            Op::Dropout {
-                rate,
-                len,
-                seed,
-                counter,
-                x,
-                y,
-                mask,
-            } => {
+            Op::Dropout { rate, len, seed, counter, x, y, mask } => {
                 let step = self.counters[counter.0];
                 self.counters[counter.0] += 1;
                 let mut yv = self.take(*y);
                 let mut mv = self.take(*mask);
-                dropout::forward(
-                    *rate,
-                    *seed,
-                    step,
-                    &self.bufs[x.0][..*len],
-                    &mut yv[..*len],
-                    &mut mv[..*len],
-                );
+                dropout::forward(*rate, *seed, step, &self.bufs[x.0][..*len], &mut yv[..*len], &mut mv[..*len]);
                 self.put(*y, yv);
                 self.put(*mask, mv);
             }
             Op::DropoutBackward { len, mask, dy, dx } => {
                 let (mut dxv, acc) = self.take_grad(*dx);
-                dropout::backward(
-                    &self.bufs[mask.0][..*len],
-                    &self.bufs[dy.0][..*len],
-                    (&mut dxv[..*len], acc),
-                );
+                dropout::backward(&self.bufs[mask.0][..*len], &self.bufs[dy.0][..*len], (&mut dxv[..*len], acc));
                 self.put(dx.buf, dxv);
             }
-            Op::BatchNormTrain {
-                g,
-                x,
-                gamma,
-                beta,
-                y,
-                mean,
-                invstd,
-                running,
-            } => {
+            Op::BatchNormTrain { g, x, gamma, beta, y, mean, invstd, running } => {
                 let mut yv = self.take(*y);
                 let mut mv = self.take(*mean);
                 let mut iv = self.take(*invstd);
@@ -336,8 +235,7 @@ impl<T: Float> CpuBackend<T> {
                     &mut yv,
                     &mut mv,
                     &mut iv,
-                    rv.as_mut()
-                        .map(|(m, v, mom)| (m.as_mut_slice(), v.as_mut_slice(), *mom)),
+                    rv.as_mut().map(|(m, v, mom)| (m.as_mut_slice(), v.as_mut_slice(), *mom)),
                 );
                 self.put(*y, yv);
                 self.put(*mean, mv);
@@ -347,15 +245,7 @@ impl<T: Float> CpuBackend<T> {
                     self.put(*vi, v);
                 }
             }
-            Op::BatchNormInfer {
-                g,
-                x,
-                gamma,
-                beta,
-                running_mean,
-                running_var,
-                y,
-            } => {
+            Op::BatchNormInfer { g, x, gamma, beta, running_mean, running_var, y } => {
                 let mut yv = self.take(*y);
                 let b = &self.bufs;
                 batch_norm::forward_infer(
@@ -369,17 +259,7 @@ impl<T: Float> CpuBackend<T> {
                 );
                 self.put(*y, yv);
             }
-            Op::BatchNormBackward {
-                g,
-                x,
-                gamma,
-                mean,
-                invstd,
-                dy,
-                dx,
-                dgamma,
-                dbeta,
-            } => {
+            Op::BatchNormBackward { g, x, gamma, mean, invstd, dy, dx, dgamma, dbeta } => {
                 let mut dxv = dx.map(|d| self.take_grad(d));
                 let mut dgv = dgamma.map(|d| self.take_grad(d));
                 let mut dbv = dbeta.map(|d| self.take_grad(d));
@@ -413,22 +293,12 @@ impl<T: Float> CpuBackend<T> {
                 pool2d::max_backward(g, &self.bufs[argmax.0], &self.bufs[dy.0], (&mut dxv, acc));
                 self.put(dx.buf, dxv);
             }
-            Op::AvgPool {
-                g,
-                count_include_pad,
-                x,
-                y,
-            } => {
+            Op::AvgPool { g, count_include_pad, x, y } => {
                 let mut yv = self.take(*y);
                 pool2d::avg_forward(g, *count_include_pad, &self.bufs[x.0], &mut yv);
                 self.put(*y, yv);
             }
-            Op::AvgPoolBackward {
-                g,
-                count_include_pad,
-                dy,
-                dx,
-            } => {
+            Op::AvgPoolBackward { g, count_include_pad, dy, dx } => {
                 let (mut dxv, acc) = self.take_grad(*dx);
                 pool2d::avg_backward(g, *count_include_pad, &self.bufs[dy.0], (&mut dxv, acc));
                 self.put(dx.buf, dxv);
@@ -441,33 +311,17 @@ impl<T: Float> CpuBackend<T> {
             }
             Op::Concat { n, inner, parts, y } => {
                 let mut yv = self.take(*y);
-                let ps: Vec<(&[T], usize)> = parts
-                    .iter()
-                    .map(|(b, c)| (self.bufs[b.0].as_slice(), *c))
-                    .collect();
+                let ps: Vec<(&[T], usize)> = parts.iter().map(|(b, c)| (self.bufs[b.0].as_slice(), *c)).collect();
                 join::concat(*n, *inner, &ps, &mut yv);
                 self.put(*y, yv);
             }
-            Op::ConcatBackward {
-                n,
-                inner,
-                parts,
-                dy,
-            } => {
+            Op::ConcatBackward { n, inner, parts, dy } => {
                 let total: usize = parts.iter().map(|p| p.1).sum();
                 let mut offset = 0;
                 for (g, ch) in parts {
                     if let Some(g) = g {
                         let (mut dxv, acc) = self.take_grad(*g);
-                        join::concat_backward(
-                            *n,
-                            *inner,
-                            total,
-                            &self.bufs[dy.0],
-                            offset,
-                            *ch,
-                            (&mut dxv, acc),
-                        );
+                        join::concat_backward(*n, *inner, total, &self.bufs[dy.0], offset, *ch, (&mut dxv, acc));
                         self.put(g.buf, dxv);
                     }
                     offset += ch;
@@ -488,11 +342,7 @@ impl<T: Float> CpuBackend<T> {
 
 impl<T: Float> Backend for CpuBackend<T> {
     fn describe(&self) -> String {
-        format!(
-            "cpu ({} threads, {})",
-            self.threads,
-            std::any::type_name::<T>()
-        )
+        format!("cpu ({} threads, {})", self.threads, std::any::type_name::<T>())
     }
 
     fn alloc(&mut self, len: usize) -> Result<BufId> {
@@ -509,9 +359,7 @@ impl<T: Float> Backend for CpuBackend<T> {
         if b.len() != data.len() {
             return Err(Error::shape("buffer write", b.len(), data.len()));
         }
-        b.iter_mut()
-            .zip(data)
-            .for_each(|(d, &s)| *d = T::from_f32(s));
+        b.iter_mut().zip(data).for_each(|(d, &s)| *d = T::from_f32(s));
         Ok(())
     }
 
@@ -524,9 +372,7 @@ impl<T: Float> Backend for CpuBackend<T> {
         if b.len() != data.len() {
             return Err(Error::shape("buffer write", b.len(), data.len()));
         }
-        b.iter_mut()
-            .zip(data)
-            .for_each(|(d, &s)| *d = T::from_f64(s));
+        b.iter_mut().zip(data).for_each(|(d, &s)| *d = T::from_f64(s));
         Ok(())
     }
 
@@ -555,11 +401,7 @@ impl<T: Float> Backend for CpuBackend<T> {
                 if self.debug {
                     let t = Instant::now();
                     self.exec(op)?;
-                    eprintln!(
-                        "[kiln cpu] {:<22} {:>9.3} ms",
-                        op.name(),
-                        t.elapsed().as_secs_f64() * 1e3
-                    );
+                    eprintln!("[kiln cpu] {:<22} {:>9.3} ms", op.name(), t.elapsed().as_secs_f64() * 1e3);
                 } else {
                     self.exec(op)?;
                 }

@@ -8,12 +8,7 @@ use crate::backend::ops::PoolGeom;
 
 /// The clipped window of output `(oy, ox)` and PyTorch's `count_include_pad` divisor.
 #[inline]
-fn window(
-    g: &PoolGeom,
-    oy: usize,
-    ox: usize,
-    count_include_pad: bool,
-) -> (usize, usize, usize, usize, usize) {
+fn window(g: &PoolGeom, oy: usize, ox: usize, count_include_pad: bool) -> (usize, usize, usize, usize, usize) {
     let hs = (oy * g.sh) as isize - g.ph as isize;
     let ws = (ox * g.sw) as isize - g.pw as isize;
     let he = (hs + g.kh as isize).min((g.h + g.ph) as isize);
@@ -21,43 +16,36 @@ fn window(
     let padded = ((he - hs) * (we - ws)) as usize;
     let (h0, w0) = (hs.max(0) as usize, ws.max(0) as usize);
     let (h1, w1) = (he.min(g.h as isize) as usize, we.min(g.w as isize) as usize);
-    let div = if count_include_pad {
-        padded
-    } else {
-        (h1 - h0) * (w1 - w0)
-    };
+    let div = if count_include_pad { padded } else { (h1 - h0) * (w1 - w0) };
     (h0, h1, w0, w1, div)
 }
 
 pub fn max_forward<T: Float>(g: &PoolGeom, x: &[T], y: &mut [T], argmax: &mut [T]) {
     let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
-    y.par_chunks_mut(ohw)
-        .zip(argmax.par_chunks_mut(ohw))
-        .enumerate()
-        .for_each(|(p, (y, am))| {
-            let xp = &x[p * hw..(p + 1) * hw];
-            for oy in 0..g.oh {
-                for ox in 0..g.ow {
-                    let (h0, h1, w0, w1, _) = window(g, oy, ox, true);
-                    let mut best = T::neg_infinity();
-                    let mut at = h0 * g.w + w0;
-                    'win: for iy in h0..h1 {
-                        for ix in w0..w1 {
-                            let v = xp[iy * g.w + ix];
-                            if v > best || v.is_nan() {
-                                best = v;
-                                at = iy * g.w + ix;
-                                if v.is_nan() {
-                                    break 'win;
-                                }
+    y.par_chunks_mut(ohw).zip(argmax.par_chunks_mut(ohw)).enumerate().for_each(|(p, (y, am))| {
+        let xp = &x[p * hw..(p + 1) * hw];
+        for oy in 0..g.oh {
+            for ox in 0..g.ow {
+                let (h0, h1, w0, w1, _) = window(g, oy, ox, true);
+                let mut best = T::neg_infinity();
+                let mut at = h0 * g.w + w0;
+                'win: for iy in h0..h1 {
+                    for ix in w0..w1 {
+                        let v = xp[iy * g.w + ix];
+                        if v > best || v.is_nan() {
+                            best = v;
+                            at = iy * g.w + ix;
+                            if v.is_nan() {
+                                break 'win;
                             }
                         }
                     }
-                    y[oy * g.ow + ox] = best;
-                    am[oy * g.ow + ox] = T::from_usize(at);
                 }
+                y[oy * g.ow + ox] = best;
+                am[oy * g.ow + ox] = T::from_usize(at);
             }
-        });
+        }
+    });
 }
 
 pub fn max_backward<T: Float>(g: &PoolGeom, argmax: &[T], dy: &[T], dx: (&mut [T], bool)) {
@@ -92,12 +80,7 @@ pub fn avg_forward<T: Float>(g: &PoolGeom, count_include_pad: bool, x: &[T], y: 
     });
 }
 
-pub fn avg_backward<T: Float>(
-    g: &PoolGeom,
-    count_include_pad: bool,
-    dy: &[T],
-    dx: (&mut [T], bool),
-) {
+pub fn avg_backward<T: Float>(g: &PoolGeom, count_include_pad: bool, dy: &[T], dx: (&mut [T], bool)) {
     let (dx, acc) = dx;
     let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
     dx.par_chunks_mut(hw).enumerate().for_each(|(p, dxp)| {
