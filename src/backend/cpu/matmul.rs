@@ -45,6 +45,18 @@ pub fn matmul<T: Float>(c: &mut [T], ldc: usize, accumulate: bool, a: Mat<T>, b:
         return;
     }
     assert!(a.max_index() < a.data.len() && b.max_index() < b.data.len(), "matmul: operand too small");
+    // Contraction contiguous in both operands and long next to the output: dot products beat
+    // gemm there (see dot.rs); gemm stays better when the output is large.
+    if a.cs == 1 && b.rs == 1 && k >= 4 * m.max(n) && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        let cast = |s: &[T]| -> &[f32] {
+            // SAFETY: T is f32 (checked above), so the slice has the same layout.
+            unsafe { std::slice::from_raw_parts(s.as_ptr() as *const f32, s.len()) }
+        };
+        // SAFETY: as above, for the mutable destination.
+        let c32 = unsafe { std::slice::from_raw_parts_mut(c.as_mut_ptr() as *mut f32, c.len()) };
+        super::dot::gemm_nt(m, n, k, cast(a.data), a.rs, cast(b.data), b.cs, c32, ldc, accumulate, threads);
+        return;
+    }
     let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: the asserts above keep every index gemm touches inside the three slices, and `c`
     // is borrowed mutably, so it cannot alias `a` or `b`.

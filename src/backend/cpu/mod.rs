@@ -11,6 +11,7 @@
 mod activation;
 mod batch_norm;
 mod conv2d;
+mod dot;
 mod dropout;
 mod float;
 mod join;

@@ -1,0 +1,243 @@
+//! `c (+)= a * b^T` with both operands row-major along the contraction axis ("NT"), for f32.
+//!
+//! The `gemm` crate is slow on this shape when the contraction is long and the output small, as
+//! in a dense layer's forward pass at small batch (`y[8, 512] = x[8, 51200] * w[512, 51200]^T`
+//! ran at 5 GFLOP/s, 16x below its speed on other layouts; see `BENCHMARKS.md`). Here each
+//! output is a dot product of two contiguous rows: a 4x4 register tile of such dot products runs
+//! over the contraction in SIMD lanes, with AVX-512 or AVX2+FMA picked at run time.
+
+use rayon::prelude::*;
+
+const KC: usize = 2048;
+
+/// A 4x4 tile of dot products over `k` values: rows `a[i * lda..]`, `b[j * ldb..]`.
+///
+/// # Safety
+/// `a` must hold 4 rows of `k` values at stride `lda`, `b` 4 rows at stride `ldb`.
+#[inline(always)]
+unsafe fn tile<const L: usize, const FMA: bool>(
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    k: usize,
+) -> [[f32; 4]; 4] {
+    let mut acc = [[[0f32; L]; 4]; 4];
+    let full = k / L * L;
+    let mut p = 0;
+    while p < full {
+        // SAFETY: p + L <= k, so every read stays within the rows.
+        let av: [[f32; L]; 4] =
+            std::array::from_fn(|i| unsafe { (a.add(i * lda + p) as *const [f32; L]).read_unaligned() });
+        let bv: [[f32; L]; 4] =
+            std::array::from_fn(|j| unsafe { (b.add(j * ldb + p) as *const [f32; L]).read_unaligned() });
+        for i in 0..4 {
+            for j in 0..4 {
+                for l in 0..L {
+                    acc[i][j][l] =
+                        if FMA { av[i][l].mul_add(bv[j][l], acc[i][j][l]) } else { acc[i][j][l] + av[i][l] * bv[j][l] };
+                }
+            }
+        }
+        p += L;
+    }
+    let mut out = [[0f32; 4]; 4];
+    for i in 0..4 {
+        for j in 0..4 {
+            let mut s: f32 = acc[i][j].iter().sum();
+            for q in full..k {
+                // SAFETY: q < k.
+                s += unsafe { *a.add(i * lda + q) * *b.add(j * ldb + q) };
+            }
+            out[i][j] = s;
+        }
+    }
+    out
+}
+
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Adds `a * b^T` for all `m` rows of `a` and the first `nb` rows of `b` into `out`, whose
+/// element (i, j) is at `out.add(i * ldc + j)`.
+///
+/// # Safety
+/// `out` must be valid for those writes, and no other thread may touch those elements.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block<const L: usize, const FMA: bool>(
+    m: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    nb: usize,
+    out: *mut f32,
+    ldc: usize,
+) {
+    // SAFETY (all writes below): (i, j) with i < m, j < nb, as the caller guarantees.
+    let add = |i: usize, j: usize, v: f32| unsafe { *out.add(i * ldc + j) += v };
+    for k0 in (0..k).step_by(KC) {
+        let kc = KC.min(k - k0);
+        let mut i = 0;
+        while i + 4 <= m {
+            let mut j = 0;
+            while j + 4 <= nb {
+                // SAFETY: rows i..i+4 of a and j..j+4 of b exist and hold k0 + kc values.
+                let t =
+                    unsafe { tile::<L, FMA>(a.as_ptr().add(i * lda + k0), lda, b.as_ptr().add(j * ldb + k0), ldb, kc) };
+                for (ii, row) in t.iter().enumerate() {
+                    for (jj, v) in row.iter().enumerate() {
+                        add(i + ii, j + jj, *v);
+                    }
+                }
+                j += 4;
+            }
+            for jj in j..nb {
+                for ii in i..i + 4 {
+                    add(ii, jj, dot(&a[ii * lda + k0..][..kc], &b[jj * ldb + k0..][..kc]));
+                }
+            }
+            i += 4;
+        }
+        for ii in i..m {
+            for jj in 0..nb {
+                add(ii, jj, dot(&a[ii * lda + k0..][..kc], &b[jj * ldb + k0..][..kc]));
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_avx512(
+    m: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    nb: usize,
+    out: *mut f32,
+    ldc: usize,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe { block::<16, true>(m, k, a, lda, b, ldb, nb, out, ldc) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_avx2(
+    m: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    nb: usize,
+    out: *mut f32,
+    ldc: usize,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe { block::<8, true>(m, k, a, lda, b, ldb, nb, out, ldc) }
+}
+
+/// # Safety
+/// As [`block`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_dispatch(
+    m: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    nb: usize,
+    out: *mut f32,
+    ldc: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the features were detected on this CPU; the rest is the caller's promise.
+            return unsafe { block_avx512(m, k, a, lda, b, ldb, nb, out, ldc) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { block_avx2(m, k, a, lda, b, ldb, nb, out, ldc) };
+        }
+    }
+    // SAFETY: the caller's promise.
+    unsafe { block::<8, false>(m, k, a, lda, b, ldb, nb, out, ldc) }
+}
+
+/// A raw pointer that may cross threads: each task writes its own columns only.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// `c[m, n] = a[m, k] * b[n, k]^T` (or `+=` when `accumulate`); `a`, `b`, `c` row-major with row
+/// strides `lda`, `ldb`, `ldc`. Blocks of columns of `c` are split over the current rayon pool;
+/// each output is summed in the same order whatever the thread count.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_nt(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    threads: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(a.len() >= (m - 1) * lda + k && b.len() >= (n - 1) * ldb + k && c.len() >= (m - 1) * ldc + n);
+    assert!(ldc >= n);
+    if !accumulate {
+        for i in 0..m {
+            c[i * ldc..i * ldc + n].fill(0.0);
+        }
+    }
+    let per = n.div_ceil(threads.max(1) * 2).max(16).next_multiple_of(4);
+    let out = SendPtr(c.as_mut_ptr());
+    (0..n.div_ceil(per)).into_par_iter().for_each(|blk| {
+        let j0 = blk * per;
+        let nb = per.min(n - j0);
+        let o = out;
+        // SAFETY: the asserts above keep (i, j0 + j) inside `c` for i < m, j < nb, and column
+        // blocks are disjoint, so no two tasks write the same element.
+        unsafe { block_dispatch(m, k, a, lda, &b[j0 * ldb..], ldb, nb, o.0.add(j0), ldc) };
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_naive_on_ragged_shapes() {
+        for &(m, n, k) in &[(1, 1, 1), (3, 5, 7), (4, 4, 16), (9, 21, 100), (8, 64, 2500), (13, 3, 4097)] {
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 11) as f32 - 5.0).collect();
+            let b: Vec<f32> = (0..n * k).map(|i| ((i * 5) % 13) as f32 - 6.0).collect();
+            let mut c = vec![1.0f32; m * n];
+            gemm_nt(m, n, k, &a, k, &b, k, &mut c, n, true, 2);
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f32 = 1.0 + (0..k).map(|p| a[i * k + p] * b[j * k + p]).sum::<f32>();
+                    assert_eq!(c[i * n + j], want, "({m},{n},{k}) at ({i},{j})");
+                }
+            }
+        }
+    }
+}
