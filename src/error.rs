@@ -36,6 +36,11 @@ pub enum Error {
     #[error("label of sample {sample}: {reason}")]
     Label { sample: usize, reason: String },
 
+    /// One sample of a dataset could not be produced: an index out of range, a transform that does
+    /// not fit the image, an image whose shape differs from the rest of its batch.
+    #[error("sample {index}: {reason}")]
+    Sample { index: usize, reason: String },
+
     /// A parameter name that the model does not have, or data of the wrong size for it.
     #[error("parameter '{name}': {reason}")]
     Param { name: String, reason: String },
@@ -100,6 +105,13 @@ impl Error {
     pub(crate) fn config(field: impl Into<String>, reason: impl Into<String>) -> Self {
         Error::Config {
             field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn sample(index: usize, reason: impl Into<String>) -> Self {
+        Error::Sample {
+            index,
             reason: reason.into(),
         }
     }
