@@ -83,6 +83,8 @@ pub enum Error {
 }
 
 impl Error {
+    // Used by the model module, which the data branch does not have yet.
+    #[allow(dead_code)]
     pub(crate) fn layer(layer: impl Into<String>, reason: impl Into<String>) -> Self {
         Error::Layer {
             layer: layer.into(),
