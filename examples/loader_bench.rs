@@ -17,8 +17,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use kiln::data::{
-    Compose, DataLoader, Dataset, ImageFolder, Normalize, RandomCrop, RandomHorizontalFlip,
-    ToFloat,
+    Compose, DataLoader, Dataset, ImageFolder, Normalize, RandomCrop, RandomHorizontalFlip, ToFloat,
 };
 use kiln::rng::Rng;
 
@@ -116,7 +115,12 @@ fn main() -> Result<(), Box<dyn Error>> {
     );
 
     let configs: [(&str, usize, bool, bool); 5] = [
-        ("decode + augment, 0 workers (consumer thread)", 0, true, false),
+        (
+            "decode + augment, 0 workers (consumer thread)",
+            0,
+            true,
+            false,
+        ),
         ("decode + augment, 1 worker", 1, true, false),
         ("decode + augment, 2 workers", 2, true, false),
         ("decode only, 2 workers", 2, false, false),

@@ -472,3 +472,22 @@ fn length_and_size_hint_agree() {
     assert!(empty.is_empty());
     assert_eq!(empty.epoch(0).count(), 0);
 }
+
+#[test]
+fn resuming_mid_epoch_gives_the_remaining_batches() {
+    for workers in [0, 3] {
+        let loader = DataLoader::builder(Numbers::new(50))
+            .batch_size(6)
+            .shuffle(true)
+            .seed(4)
+            .workers(workers)
+            .transform(augment())
+            .build()
+            .unwrap();
+        let whole = all_batches(&loader, 2);
+        let rest: Vec<Batch> = loader.epoch_from(2, 4).map(|b| b.unwrap()).collect();
+        assert_eq!(rest, whole[4..], "{workers} workers");
+        assert_eq!(loader.epoch_from(2, 4).len(), whole.len() - 4);
+        assert_eq!(loader.epoch_from(2, 99).count(), 0);
+    }
+}

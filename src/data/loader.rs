@@ -355,6 +355,13 @@ impl DataLoader {
     /// from being built (naming the sample and, where there is one, its file); iteration may go on
     /// past an error. Dropping the iterator early stops and joins the workers.
     pub fn epoch(&self, epoch: u64) -> Epoch {
+        self.epoch_from(epoch, 0)
+    }
+
+    /// The batches of `epoch` from batch `first` on (none if `first >= len()`), the same as
+    /// `epoch(epoch).skip(first)` would give but without building the skipped batches: for
+    /// resuming from a checkpoint taken mid-epoch, which needs only (seed, epoch, batches done).
+    pub fn epoch_from(&self, epoch: u64, first: usize) -> Epoch {
         let job = Arc::new(EpochJob {
             inner: Arc::clone(&self.inner),
             epoch,
@@ -363,7 +370,8 @@ impl DataLoader {
             stop: AtomicBool::new(false),
         });
         let mut it = Epoch {
-            next: 0,
+            next: first,
+            first,
             batches: job.batches,
             receivers: Vec::new(),
             handles: Vec::new(),
@@ -371,13 +379,13 @@ impl DataLoader {
             done: false,
             job,
         };
-        let workers = self.inner.workers.min(it.batches);
+        let workers = self.inner.workers.min(it.batches.saturating_sub(first));
         for w in 0..workers {
             let (tx, rx) = sync_channel(self.inner.prefetch);
             let job = Arc::clone(&it.job);
             let spawned = std::thread::Builder::new()
                 .name(format!("kiln-data-{w}"))
-                .spawn(move || worker(job, w, workers, tx));
+                .spawn(move || worker(job, first + w, workers, tx));
             match spawned {
                 Ok(h) => {
                     it.receivers.push(rx);
@@ -516,10 +524,10 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "(no message)".into())
 }
 
-/// Worker `w` of `workers`: builds batches `w, w + workers, ...` and sends them in order until
-/// the epoch ends or the consumer goes away.
-fn worker(job: Arc<EpochJob>, w: usize, workers: usize, tx: SyncSender<Result<Batch>>) {
-    for k in (w..job.batches).step_by(workers) {
+/// A worker: builds batches `start, start + workers, ...` and sends them in order until the
+/// epoch ends or the consumer goes away.
+fn worker(job: Arc<EpochJob>, start: usize, workers: usize, tx: SyncSender<Result<Batch>>) {
+    for k in (start..job.batches).step_by(workers) {
         if job.stop.load(Ordering::Relaxed) {
             return;
         }
@@ -534,6 +542,9 @@ fn worker(job: Arc<EpochJob>, w: usize, workers: usize, tx: SyncSender<Result<Ba
 pub struct Epoch {
     job: Arc<EpochJob>,
     next: usize,
+    /// The first batch of this iterator (0 unless resumed mid-epoch); batch k is worker
+    /// (k - first) % workers's.
+    first: usize,
     batches: usize,
     /// One channel per worker; empty when batches are built on the consumer's thread.
     receivers: Vec<Receiver<Result<Batch>>>,
@@ -558,7 +569,7 @@ impl Iterator for Epoch {
         if self.receivers.is_empty() {
             return Some(self.job.batch_caught(k));
         }
-        let w = k % self.receivers.len();
+        let w = (k - self.first) % self.receivers.len();
         match self.receivers[w].recv() {
             Ok(batch) => Some(batch),
             Err(_) => {
@@ -582,7 +593,7 @@ impl Iterator for Epoch {
         } else if self.done {
             0
         } else {
-            self.batches - self.next
+            self.batches.saturating_sub(self.next)
         };
         (left, Some(left))
     }
