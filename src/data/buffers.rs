@@ -11,6 +11,18 @@
 use std::sync::Mutex;
 
 /// Supplies the loader's batch buffers and takes them back.
+///
+/// A consumer done with a batch hands it back with
+/// [`DataLoader::recycle`](super::DataLoader::recycle), which passes the buffer to
+/// [`give`](BufferSource::give); the workers [`take`](BufferSource::take) buffers for new batches.
+/// The default is a [`BufferPool`]. A backend that wants batches in page-locked memory (CUDA)
+/// implements this trait: it can pin each buffer it hands out in place (`cudaHostRegister`) and
+/// keep it registered while it circulates.
+///
+/// Caveat for such a source: a batch dropped without being recycled frees its buffer through
+/// Rust's allocator, still pinned. A pinning source is therefore for consumers that recycle every
+/// batch (a training loop does); the alternative is to leave the default pool in place and copy
+/// each batch into a pinned staging buffer before upload.
 pub trait BufferSource: Send + Sync {
     /// A buffer of exactly `len` values; the loader overwrites every one of them.
     fn take(&self, len: usize) -> Vec<f32>;

@@ -1,16 +1,5 @@
-//! [`ImageFolder`]: a tree of JPEG and PNG images with one folder per class, as torchvision's
-//! `ImageFolder` reads it:
-//!
-//! ```text
-//! root/cat/001.png      label 0 ("cat": class folders sorted by name)
-//! root/cat/x/002.jpg    label 0 (class folders are searched recursively)
-//! root/dog/003.jpeg     label 1
-//! ```
-//!
-//! Files are listed and checked when the dataset is built, and decoded by [`Dataset::get`] (in
-//! the loader's workers). A file that cannot be read or decoded is never passed over silently:
-//! under [`OnError::Fail`] building fails with its path; under [`OnError::Skip`] it is left out,
-//! a warning is printed, and [`ImageFolder::skipped`] lists it with the reason.
+//! [`ImageFolder`]: a class-per-folder tree of JPEG and PNG images, listed and checked when built,
+//! decoded on demand.
 
 use std::fs;
 use std::io::Cursor;
@@ -51,7 +40,20 @@ pub struct Skipped {
     pub reason: String,
 }
 
-/// A class-per-folder tree of JPEG/PNG images; see the [module docs](self).
+/// A tree of JPEG and PNG images with one folder per class, as torchvision's `ImageFolder` reads
+/// it:
+///
+/// ```text
+/// root/cat/001.png      label 0 ("cat": class folders sorted by name)
+/// root/cat/x/002.jpg    label 0 (class folders are searched recursively)
+/// root/dog/003.jpeg     label 1
+/// ```
+///
+/// Hidden entries (".name") and files of other extensions are ignored. Files are listed and
+/// checked ([`Check`]) when the dataset is built, and decoded by [`Dataset::get`] (in the loader's
+/// workers). A file that cannot be read or decoded is never passed over silently: under
+/// [`OnError::Fail`] building fails with its path; under [`OnError::Skip`] it is left out, a
+/// warning is printed, and [`ImageFolder::skipped`] lists it with the reason.
 #[derive(Clone, Debug)]
 pub struct ImageFolder {
     root: PathBuf,

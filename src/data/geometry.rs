@@ -1,15 +1,6 @@
-//! Geometric transforms: centre and random crops (with zero padding), bilinear resize and small
-//! rotations.
-//!
-//! Conventions, chosen to match PyTorch where a user would compare:
-//! - Bilinear resize is `F.interpolate(mode="bilinear", align_corners=False, antialias=False)`:
-//!   output pixel `d` samples input coordinate `(d + 0.5) * in / out - 0.5`, clamped at 0, and the
-//!   last row/column repeats at the far edge. No antialiasing: shrinking by more than 2x aliases.
-//! - Crop offsets are those of torchvision's `CenterCrop` (round half to even) and `RandomCrop`
-//!   (constant padding on every side, then a uniform offset).
-//! - Rotations turn counter-clockwise for positive angles about the image centre
-//!   `((w - 1) / 2, (h - 1) / 2)`, keep the size, and sample bilinearly; a neighbour outside the
-//!   image counts as the fill value (`grid_sample` with zero padding when fill is 0).
+//! Geometric transforms: centre and random crops (with constant padding), bilinear resize and
+//! small rotations. Each type's docs give its exact convention; they follow PyTorch and
+//! torchvision wherever a user would compare.
 
 use super::sample::Image;
 use super::transforms::Transform;
@@ -155,7 +146,10 @@ pub enum ResizeMode {
     KeepAspectCrop,
 }
 
-/// Bilinear resize to `h x w`; see the [module docs](self) for the exact sampling.
+/// Bilinear resize to `h x w`, as PyTorch's
+/// `F.interpolate(mode="bilinear", align_corners=False, antialias=False)`: output pixel `d`
+/// samples input coordinate `(d + 0.5) * in / out - 0.5`, clamped at 0, and the last row/column
+/// repeats at the far edge. No antialiasing: shrinking by more than 2x aliases.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Resize {
     h: usize,
@@ -237,8 +231,9 @@ impl Transform for Resize {
     }
 }
 
-/// `image` turned by `degrees` counter-clockwise about its centre, same size, bilinear, with
-/// `fill` where the turned image does not cover the output.
+/// `image` turned by `degrees` counter-clockwise about its centre `((w - 1) / 2, (h - 1) / 2)`,
+/// same size, sampled bilinearly; a neighbour outside the image counts as `fill` (PyTorch's
+/// `grid_sample` with zero padding when `fill` is 0).
 pub fn rotate(image: &Image, degrees: f32, fill: f32) -> Image {
     let (h, w) = (image.height(), image.width());
     let (sin, cos) = (degrees as f64).to_radians().sin_cos();

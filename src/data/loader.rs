@@ -1,17 +1,6 @@
 //! The [`DataLoader`]: seeded epoch orders, batching, worker threads that load, decode and augment
 //! ahead of the consumer, an optional cache of decoded samples, and sharding for data-parallel
 //! training.
-//!
-//! How an epoch runs with `W` workers: batch `k` of the epoch is built by worker `k % W`, which
-//! sends it down its own bounded channel (`prefetch` batches deep); the consumer receives batch
-//! `k` from channel `k % W`. So batches arrive in order with no reordering buffer, at most
-//! `W * (prefetch + 1)` batches exist ahead of the consumer, and one slow batch holds up only the
-//! batches behind it (PyTorch's `DataLoader` works the same way). Dropping the [`Epoch`] raises a
-//! stop flag that workers check between samples, closes the channels, and joins the workers.
-//!
-//! Nothing a worker does depends on which worker it is: the epoch order is a pure function of
-//! (seed, epoch), and a sample's augmentation of (seed, epoch, index) ([`sample_rng`]), so the
-//! batches are the same for any number of workers, including none.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -236,7 +225,18 @@ impl DataLoaderBuilder {
     }
 }
 
-/// Batches of a dataset, epoch after epoch; see the [module docs](self).
+/// Batches of a dataset, epoch after epoch.
+///
+/// How an epoch runs with `W` workers: batch `k` of the epoch is built by worker `k % W`, which
+/// sends it down its own bounded channel (`prefetch` batches deep); the consumer receives batch
+/// `k` from channel `k % W`. So batches arrive in order with no reordering buffer, at most
+/// `W * (prefetch + 1)` batches exist ahead of the consumer, and one slow batch holds up only the
+/// batches behind it (PyTorch's `DataLoader` works the same way). Dropping the [`Epoch`] raises a
+/// stop flag that workers check between samples, closes the channels, and joins the workers.
+///
+/// Nothing a worker does depends on which worker it is: the epoch order is a pure function of
+/// (seed, epoch), and a sample's augmentation of (seed, epoch, index) ([`sample_rng`]), so the
+/// batches are the same for any number of workers, including none.
 ///
 /// ```
 /// use kiln::data::{DataLoader, TensorDataset};
