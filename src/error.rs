@@ -32,6 +32,11 @@ pub enum Error {
     #[error("label of sample {sample}: {reason}")]
     Label { sample: usize, reason: String },
 
+    /// One sample of a dataset could not be produced: an index out of range, a transform that does
+    /// not fit the image, an image whose shape differs from the rest of its batch.
+    #[error("sample {index}: {reason}")]
+    Sample { index: usize, reason: String },
+
     /// A parameter name that the model does not have, or data of the wrong size for it.
     #[error("parameter '{name}': {reason}")]
     Param { name: String, reason: String },
@@ -82,12 +87,14 @@ impl Error {
         Error::Config { field: field.into(), reason: reason.into() }
     }
 
-    #[allow(dead_code)] // for the data and io modules
+    pub(crate) fn sample(index: usize, reason: impl Into<String>) -> Self {
+        Error::Sample { index, reason: reason.into() }
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }
     }
 
-    #[allow(dead_code)] // for the data and io modules
     pub(crate) fn format(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
         Error::Format { path: path.into(), reason: reason.into() }
     }

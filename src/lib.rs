@@ -7,9 +7,11 @@
 //! | [`model`] | layers and options, the builder, the validated graph, shapes, parameters, summary |
 //! | [`backend`] | the backend seam (buffers, op kernels on plain descriptors) and the CPU backend |
 //! | [`exec`] | compiling a model into a plan of kernels over buffers allocated once, running it |
+//! | [`data`] | datasets, transforms and the prefetching loader (host batches only) |
 //! | [`zoo`] | the seed tutorial's architectures, ResNet-18 and an Inception block |
 
 pub mod backend;
+pub mod data;
 pub mod error;
 pub mod exec;
 pub mod model;
