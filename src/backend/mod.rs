@@ -7,7 +7,7 @@
 pub mod cpu;
 pub mod ops;
 
-pub use ops::{ActFn, BnGeom, BufId, ConvGeom, CounterId, GradOut, Op, PoolGeom};
+pub use ops::{ActFn, BnGeom, BufId, ConvGeom, CounterId, GradOut, LossFn, Op, OptParam, OptRule, PoolGeom, Scoring};
 
 use crate::Result;
 

@@ -111,6 +111,141 @@ pub struct BnGeom {
     pub eps: f32,
 }
 
+/// A loss function on the model output `pred` (`n` samples of `c` values) and the targets.
+///
+/// Targets are class indices (`n` values) for [`LossFn::SoftmaxCrossEntropy`] with
+/// `class_targets`, else values with the shape of `pred`. Every loss is averaged as PyTorch's
+/// `reduction="mean"` does: over samples for the cross-entropies, over all elements otherwise.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum LossFn {
+    /// Softmax cross-entropy on logits, with optional label smoothing. Targets are class indices
+    /// or probabilities (one-hot or soft).
+    SoftmaxCrossEntropy {
+        label_smoothing: f32,
+        class_targets: bool,
+    },
+    /// Binary cross-entropy on probabilities (PyTorch clamps the logs at -100).
+    BinaryCrossEntropy,
+    /// Binary cross-entropy on logits, computed stably.
+    BinaryCrossEntropyWithLogits,
+    /// `-sum(t * log(clip(p, 1e-7, 1)))` on probabilities, as Keras's categorical cross-entropy.
+    /// Targets are class indices or probabilities.
+    CategoricalCrossEntropy {
+        class_targets: bool,
+    },
+    MeanSquaredError,
+    MeanAbsoluteError,
+    Huber {
+        delta: f32,
+    },
+}
+
+/// How the loss op scores predictions for the accuracy metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scoring {
+    /// No accuracy (regression).
+    None,
+    /// Class prediction by arg-max; `top_k` also counts targets among the k largest outputs.
+    ArgMax { top_k: usize },
+    /// Element-wise binary prediction: output above `0.5` (probabilities) or `0` (logits).
+    Binary { logits: bool },
+}
+
+/// Layout of the loss op's statistics buffer: the batch's mean loss and correct counts, and sums
+/// over every batch since the buffer was last cleared (so an epoch's metrics need one read).
+pub mod stats {
+    /// Mean loss of the last batch.
+    pub const LOSS: usize = 0;
+    /// Correct predictions in the last batch (top-1, or elements for binary scoring).
+    pub const CORRECT: usize = 1;
+    /// Targets among the top k outputs in the last batch.
+    pub const CORRECT_K: usize = 2;
+    /// Sum over batches of mean loss times samples.
+    pub const SUM_LOSS: usize = 3;
+    pub const SUM_CORRECT: usize = 4;
+    pub const SUM_CORRECT_K: usize = 5;
+    /// Samples seen.
+    pub const SUM_SAMPLES: usize = 6;
+    /// Predictions scored (samples, or elements under binary scoring).
+    pub const SUM_SCORED: usize = 7;
+    /// Number of values in the buffer.
+    pub const LEN: usize = 8;
+}
+
+/// An optimizer's update rule and its fixed hyper-parameters, with PyTorch's semantics.
+/// The learning rate and the momentum (SGD, RMSprop) or beta1 (Adam family) are read from the
+/// device `hyper` buffer each step, so schedules reach the device without re-planning.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum OptRule {
+    Sgd {
+        dampening: f32,
+        nesterov: bool,
+        weight_decay: f32,
+    },
+    /// Adam; `decoupled` is AdamW's weight decay.
+    Adam {
+        beta2: f32,
+        eps: f32,
+        weight_decay: f32,
+        decoupled: bool,
+        amsgrad: bool,
+    },
+    RmsProp {
+        alpha: f32,
+        eps: f32,
+        weight_decay: f32,
+        centered: bool,
+    },
+    Adagrad {
+        lr_decay: f32,
+        eps: f32,
+        weight_decay: f32,
+    },
+    Adadelta {
+        rho: f32,
+        eps: f32,
+        weight_decay: f32,
+    },
+    NAdam {
+        beta2: f32,
+        eps: f32,
+        weight_decay: f32,
+        momentum_decay: f32,
+    },
+}
+
+impl OptRule {
+    /// Number of state tensors each parameter needs (moments, accumulators).
+    pub fn state_tensors(&self) -> usize {
+        match *self {
+            OptRule::Sgd { .. } => 1,
+            OptRule::Adam { amsgrad, .. } => 2 + amsgrad as usize,
+            OptRule::RmsProp { centered, .. } => 2 + centered as usize,
+            OptRule::Adagrad { .. } => 1,
+            OptRule::Adadelta { .. } => 2,
+            OptRule::NAdam { .. } => 2,
+        }
+    }
+}
+
+/// Indices into an optimizer's `hyper` buffer.
+pub mod hyper {
+    pub const LR: usize = 0;
+    /// SGD/RMSprop momentum, or Adam/NAdam beta1.
+    pub const MOMENTUM: usize = 1;
+    pub const LEN: usize = 2;
+}
+
+/// One parameter tensor handled by an optimizer step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OptParam {
+    pub len: usize,
+    pub value: BufId,
+    pub grad: BufId,
+    /// State tensors, as many as [`OptRule::state_tensors`].
+    pub state: Vec<BufId>,
+}
+
 /// One kernel launch of a plan.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
@@ -296,6 +431,43 @@ pub enum Op {
         buf: BufId,
         value: f32,
     },
+    /// Loss and accuracy of `pred` against `target`: writes the batch's figures into `stats` (see
+    /// [`stats`]) and adds them to its sums, and, when `dpred` is given, the gradient of the mean
+    /// loss times `grad_scale` (1/k under gradient accumulation).
+    Loss {
+        f: LossFn,
+        scoring: Scoring,
+        n: usize,
+        c: usize,
+        pred: BufId,
+        target: BufId,
+        stats: BufId,
+        dpred: Option<BufId>,
+        grad_scale: f32,
+    },
+    /// Scales gradients so their global L2 norm is at most `max_norm`, as PyTorch's
+    /// `clip_grad_norm_` (coefficient `max_norm / (norm + 1e-6)` when below one); the norm before
+    /// clipping is written to `norm[0]`.
+    ClipGradNorm {
+        grads: Vec<(BufId, usize)>,
+        max_norm: f32,
+        norm: BufId,
+    },
+    /// Clamps every gradient value to `[-clip, clip]`.
+    ClipGradValue {
+        grads: Vec<(BufId, usize)>,
+        clip: f32,
+    },
+    /// One optimizer step over all `params`. `step` counts steps (it is incremented first, so
+    /// the first step is number 1); `scalars` holds per-optimizer scalar state (NAdam's
+    /// momentum product, starting at 1).
+    OptimizerStep {
+        rule: OptRule,
+        hyper: BufId,
+        step: CounterId,
+        scalars: BufId,
+        params: Vec<OptParam>,
+    },
 }
 
 impl Op {
@@ -324,6 +496,10 @@ impl Op {
             Op::ConcatBackward { .. } => "concat_backward",
             Op::GradInto { .. } => "grad_into",
             Op::Fill { .. } => "fill",
+            Op::Loss { .. } => "loss",
+            Op::ClipGradNorm { .. } => "clip_grad_norm",
+            Op::ClipGradValue { .. } => "clip_grad_value",
+            Op::OptimizerStep { .. } => "optimizer_step",
         }
     }
 }

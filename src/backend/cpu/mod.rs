@@ -16,7 +16,9 @@ mod dropout;
 mod float;
 mod join;
 mod linear;
+mod loss;
 mod matmul;
+mod optimizer;
 mod pool2d;
 mod softmax;
 
@@ -26,7 +28,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::Backend;
-use super::ops::{BufId, CounterId, GradOut, Op};
+use super::ops::{self, BufId, CounterId, GradOut, Op, OptRule};
 use crate::{Error, Result};
 
 /// Element-wise kernels work on chunks of this many values (a multiple of 4, for dropout).
@@ -335,6 +337,67 @@ impl<T: Float> CpuBackend<T> {
             }
             Op::Fill { len, buf, value } => {
                 self.bufs[buf.0][..*len].fill(T::from_f32(*value));
+            }
+            Op::Loss { f, scoring, n, c, pred, target, stats, dpred, grad_scale } => {
+                let mut sv = self.take(*stats);
+                let mut dv = dpred.map(|d| self.take(d));
+                let b = &self.bufs;
+                loss::loss(*f, *scoring, *n, *c, &b[pred.0], &b[target.0], &mut sv, dv.as_deref_mut(), *grad_scale);
+                self.put(*stats, sv);
+                if let (Some(d), Some(v)) = (dpred, dv) {
+                    self.put(*d, v);
+                }
+            }
+            Op::ClipGradNorm { grads, max_norm, norm } => {
+                let views: Vec<&[T]> = grads.iter().map(|(g, len)| &self.bufs[g.0][..*len]).collect();
+                let total = optimizer::global_norm(&views);
+                let coef = T::from_f64(optimizer::clip_coef(total, *max_norm));
+                self.bufs[norm.0][0] = T::from_f64(total);
+                for (g, len) in grads {
+                    self.bufs[g.0][..*len].iter_mut().for_each(|v| *v *= coef);
+                }
+            }
+            Op::ClipGradValue { grads, clip } => {
+                let (lo, hi) = (T::from_f32(-clip), T::from_f32(*clip));
+                for (g, len) in grads {
+                    for v in &mut self.bufs[g.0][..*len] {
+                        if *v < lo {
+                            *v = lo;
+                        } else if *v > hi {
+                            *v = hi;
+                        }
+                    }
+                }
+            }
+            Op::OptimizerStep { rule, hyper, step, scalars, params } => {
+                let t = self.counters[step.0] + 1;
+                self.counters[step.0] = t;
+                let h = &self.bufs[hyper.0];
+                let (lr, mom) = (h[ops::hyper::LR].to_f64(), h[ops::hyper::MOMENTUM].to_f64());
+                let mut mu_product = 1.0;
+                if let OptRule::NAdam { momentum_decay, .. } = rule {
+                    let prev = self.bufs[scalars.0][0].to_f64();
+                    mu_product = prev * optimizer::nadam_mu(mom, *momentum_decay as f64, t);
+                    self.bufs[scalars.0][0] = T::from_f64(mu_product);
+                }
+                for p in params {
+                    let mut w = self.take(p.value);
+                    let mut st: Vec<Vec<T>> = p.state.iter().map(|s| self.take(*s)).collect();
+                    optimizer::update(
+                        *rule,
+                        t,
+                        lr,
+                        mom,
+                        mu_product,
+                        &mut w[..p.len],
+                        &self.bufs[p.grad.0][..p.len],
+                        &mut st,
+                    );
+                    self.put(p.value, w);
+                    for (s, v) in p.state.iter().zip(st) {
+                        self.put(*s, v);
+                    }
+                }
             }
         }
         Ok(())
