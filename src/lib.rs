@@ -17,6 +17,7 @@ pub mod exec;
 pub mod model;
 pub mod rng;
 pub mod tensor;
+pub mod train;
 pub mod zoo;
 
 pub use error::{Error, Result};

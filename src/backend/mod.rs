@@ -55,4 +55,53 @@ pub trait Backend {
 
     /// Executes `ops` in order.
     fn run(&mut self, ops: &[Op]) -> Result<()>;
+
+    /// Executes `ops`, which the caller promises are the same list every time it passes `key`:
+    /// a backend may record them once and replay the record (the CUDA backend captures a CUDA
+    /// graph). The default runs them.
+    fn run_cached(&mut self, key: u64, ops: &[Op]) -> Result<()> {
+        let _ = key;
+        self.run(ops)
+    }
+}
+
+/// A boxed backend is a backend: the trainer holds `Box<dyn Backend + Send>` so that user
+/// types carry no backend parameter.
+impl Backend for Box<dyn Backend + Send> {
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+    fn alloc(&mut self, len: usize) -> Result<BufId> {
+        (**self).alloc(len)
+    }
+    fn len(&self, buf: BufId) -> usize {
+        (**self).len(buf)
+    }
+    fn write(&mut self, buf: BufId, data: &[f32]) -> Result<()> {
+        (**self).write(buf, data)
+    }
+    fn read(&mut self, buf: BufId) -> Result<Vec<f32>> {
+        (**self).read(buf)
+    }
+    fn write_f64(&mut self, buf: BufId, data: &[f64]) -> Result<()> {
+        (**self).write_f64(buf, data)
+    }
+    fn read_f64(&mut self, buf: BufId) -> Result<Vec<f64>> {
+        (**self).read_f64(buf)
+    }
+    fn new_counter(&mut self) -> Result<CounterId> {
+        (**self).new_counter()
+    }
+    fn counter(&mut self, id: CounterId) -> Result<u64> {
+        (**self).counter(id)
+    }
+    fn set_counter(&mut self, id: CounterId, value: u64) -> Result<()> {
+        (**self).set_counter(id, value)
+    }
+    fn run(&mut self, ops: &[Op]) -> Result<()> {
+        (**self).run(ops)
+    }
+    fn run_cached(&mut self, key: u64, ops: &[Op]) -> Result<()> {
+        (**self).run_cached(key, ops)
+    }
 }

@@ -60,6 +60,7 @@ mod geometry;
 mod idx;
 mod loader;
 mod sample;
+pub mod synthetic;
 mod transforms;
 
 pub use buffers::{BufferPool, BufferSource};

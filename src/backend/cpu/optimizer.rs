@@ -39,13 +39,13 @@ pub fn update<T: Float>(
             par3(w, g, buf, |w, g, b| {
                 let mut d = g;
                 if wd != T::ZERO {
-                    d = d + wd * *w;
+                    d += wd * *w;
                 }
                 if mu != T::ZERO {
                     *b = if first { d } else { *b * mu + (T::ONE - damp) * d };
                     d = if nesterov { d + mu * *b } else { *b };
                 }
-                *w = *w - lr * d;
+                *w -= lr * d;
             });
         }
         OptRule::Adam { beta2, eps, weight_decay, decoupled, .. } => {
@@ -74,7 +74,7 @@ pub fn update<T: Float>(
                     if decoupled {
                         w[i] *= decay;
                     } else {
-                        gi = gi + wd * w[i];
+                        gi += wd * w[i];
                     }
                 }
                 m[i] = lerp(m[i], gi, one_m_b1);
@@ -88,7 +88,7 @@ pub fn update<T: Float>(
                     }
                     None => v[i].sqrt() / bc2_sqrt + eps,
                 };
-                w[i] = w[i] - step_size * (m[i] / denom);
+                w[i] -= step_size * (m[i] / denom);
             }
         }
         OptRule::RmsProp { alpha, eps, weight_decay, .. } => {
@@ -108,7 +108,7 @@ pub fn update<T: Float>(
             for i in 0..w.len() {
                 let mut gi = g[i];
                 if weight_decay != 0.0 {
-                    gi = gi + wd * w[i];
+                    gi += wd * w[i];
                 }
                 sq[i] = sq[i] * a + one_m_a * gi * gi;
                 let avg = match ga.as_deref_mut() {
@@ -120,9 +120,9 @@ pub fn update<T: Float>(
                 };
                 if mom > 0.0 {
                     buf[i] = buf[i] * mu + gi / avg;
-                    w[i] = w[i] - lr * buf[i];
+                    w[i] -= lr * buf[i];
                 } else {
-                    w[i] = w[i] - lr * (gi / avg);
+                    w[i] -= lr * (gi / avg);
                 }
             }
         }
@@ -133,11 +133,11 @@ pub fn update<T: Float>(
             par3(w, g, sum, |w, g, s| {
                 let mut gi = g;
                 if wd != T::ZERO {
-                    gi = gi + wd * *w;
+                    gi += wd * *w;
                 }
                 *s += gi * gi;
                 let std = s.sqrt() + eps;
-                *w = *w - clr * (gi / std);
+                *w -= clr * (gi / std);
             });
         }
         OptRule::Adadelta { rho, eps, weight_decay } => {
@@ -153,13 +153,13 @@ pub fn update<T: Float>(
             for i in 0..w.len() {
                 let mut gi = g[i];
                 if weight_decay != 0.0 {
-                    gi = gi + wd * w[i];
+                    gi += wd * w[i];
                 }
                 sq[i] = sq[i] * r + one_m_r * gi * gi;
                 let std = (sq[i] + eps).sqrt();
                 let delta = (acc[i] + eps).sqrt() / std * gi;
                 acc[i] = acc[i] * r + one_m_r * delta * delta;
-                w[i] = w[i] - lr * delta;
+                w[i] -= lr * delta;
             }
         }
         OptRule::NAdam { beta2, eps, weight_decay, momentum_decay } => {
@@ -183,13 +183,13 @@ pub fn update<T: Float>(
             for i in 0..w.len() {
                 let mut gi = g[i];
                 if weight_decay != 0.0 {
-                    gi = gi + wd * w[i];
+                    gi += wd * w[i];
                 }
                 m[i] = lerp(m[i], gi, one_m_b1);
                 v[i] = v[i] * b2 + one_m_b2 * gi * gi;
                 let denom = (v[i] / bc2).sqrt() + eps;
-                w[i] = w[i] + c_grad * (gi / denom);
-                w[i] = w[i] + c_avg * (m[i] / denom);
+                w[i] += c_grad * (gi / denom);
+                w[i] += c_avg * (m[i] / denom);
             }
         }
     }

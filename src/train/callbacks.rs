@@ -1,0 +1,112 @@
+//! Callbacks run by [`super::Trainer::fit_with`] after every epoch: early stopping and per-epoch
+//! logging, and the trait for your own.
+
+use super::metrics::EpochLog;
+
+/// Whether `fit` goes on after an epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Control {
+    Continue,
+    Stop,
+}
+
+/// Something to run after every epoch.
+pub trait Callback {
+    fn on_epoch_end(&mut self, log: &EpochLog) -> Control;
+}
+
+/// Which figure a callback watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Monitor {
+    ValLoss,
+    ValAccuracy,
+    TrainLoss,
+    TrainAccuracy,
+}
+
+impl Monitor {
+    /// The figure from a log, and whether larger is better.
+    fn read(&self, log: &EpochLog) -> Option<(f64, bool)> {
+        match self {
+            Monitor::ValLoss => log.val.map(|m| (m.loss as f64, false)),
+            Monitor::ValAccuracy => log.val.and_then(|m| m.accuracy).map(|a| (a as f64, true)),
+            Monitor::TrainLoss => Some((log.train.loss as f64, false)),
+            Monitor::TrainAccuracy => log.train.accuracy.map(|a| (a as f64, true)),
+        }
+    }
+}
+
+/// Stops training when the monitored figure has not improved by more than `min_delta` for
+/// `patience` epochs (Keras's `EarlyStopping`). The figure is watched only when the epoch has it
+/// (no validation data: validation figures are absent and nothing stops).
+#[derive(Clone, Debug)]
+pub struct EarlyStopping {
+    pub monitor: Monitor,
+    pub patience: usize,
+    pub min_delta: f64,
+    best: Option<f64>,
+    wait: usize,
+    /// Epoch at which training was stopped, if it was.
+    pub stopped_epoch: Option<usize>,
+}
+
+impl EarlyStopping {
+    pub fn new(monitor: Monitor, patience: usize) -> Self {
+        EarlyStopping { monitor, patience, min_delta: 0.0, best: None, wait: 0, stopped_epoch: None }
+    }
+
+    pub fn min_delta(mut self, d: f64) -> Self {
+        self.min_delta = d;
+        self
+    }
+}
+
+impl Callback for EarlyStopping {
+    fn on_epoch_end(&mut self, log: &EpochLog) -> Control {
+        let Some((v, larger_better)) = self.monitor.read(log) else { return Control::Continue };
+        let improved = match self.best {
+            None => true,
+            Some(b) if larger_better => v > b + self.min_delta,
+            Some(b) => v < b - self.min_delta,
+        };
+        if improved {
+            self.best = Some(v);
+            self.wait = 0;
+            return Control::Continue;
+        }
+        self.wait += 1;
+        if self.wait >= self.patience {
+            self.stopped_epoch = Some(log.epoch);
+            Control::Stop
+        } else {
+            Control::Continue
+        }
+    }
+}
+
+/// Prints one line per epoch: loss, accuracy, validation figures, learning rate and time.
+#[derive(Clone, Debug, Default)]
+pub struct Logger;
+
+impl Callback for Logger {
+    fn on_epoch_end(&mut self, log: &EpochLog) -> Control {
+        println!("{}", format_log(log));
+        Control::Continue
+    }
+}
+
+/// `epoch 3: loss 0.1234 acc 96.10% | val loss 0.1100 acc 96.50% | lr 1.0e-3 | 2.1s`
+pub fn format_log(log: &EpochLog) -> String {
+    let mut s = format!("epoch {:>3}: loss {:.4}", log.epoch, log.train.loss);
+    if let Some(a) = log.train.accuracy {
+        s += &format!(" acc {:.2}%", a * 100.0);
+    }
+    if let Some(v) = log.val {
+        s += &format!(" | val loss {:.4}", v.loss);
+        if let Some(a) = v.accuracy {
+            s += &format!(" acc {:.2}%", a * 100.0);
+        }
+    }
+    s += &format!(" | lr {:.2e} | {:.1}s", log.lr, log.seconds);
+    s
+}

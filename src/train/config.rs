@@ -1,0 +1,326 @@
+//! The trainer's configuration: optimizer, loss, problem type, schedule, clipping, accumulation,
+//! device and seed, with every field validated in one place ([`TrainerConfig::validate`]).
+
+use serde::{Deserialize, Serialize};
+
+use super::loss::Loss;
+use super::schedule::{Schedule, Warmup};
+use crate::{Error, Result};
+
+/// What the model predicts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Problem {
+    /// Class labels: accuracy is reported.
+    Classification,
+    /// Continuous targets: no accuracy.
+    Regression,
+}
+
+/// An optimizer and its hyper-parameters, with PyTorch's semantics and defaults (the learning
+/// rate is [`TrainerConfig::learning_rate`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Optimizer {
+    Sgd {
+        momentum: f32,
+        dampening: f32,
+        nesterov: bool,
+        weight_decay: f32,
+    },
+    Adam {
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+        weight_decay: f32,
+        amsgrad: bool,
+    },
+    /// Adam with decoupled weight decay.
+    AdamW {
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+        weight_decay: f32,
+        amsgrad: bool,
+    },
+    RmsProp {
+        alpha: f32,
+        eps: f32,
+        momentum: f32,
+        centered: bool,
+        weight_decay: f32,
+    },
+    Adagrad {
+        lr_decay: f32,
+        eps: f32,
+        weight_decay: f32,
+        initial_accumulator_value: f32,
+    },
+    Adadelta {
+        rho: f32,
+        eps: f32,
+        weight_decay: f32,
+    },
+    NAdam {
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+        weight_decay: f32,
+        momentum_decay: f32,
+    },
+    /// L-BFGS for full-batch problems (no line search, as PyTorch's default): each
+    /// `train_batch` call is one `optimizer.step(closure)` of up to `max_iter` evaluations.
+    Lbfgs {
+        max_iter: usize,
+        history_size: usize,
+        tolerance_grad: f32,
+        tolerance_change: f32,
+    },
+}
+
+impl Optimizer {
+    /// Plain SGD with the given momentum (0 for none).
+    pub fn sgd(momentum: f32) -> Self {
+        Optimizer::Sgd { momentum, dampening: 0.0, nesterov: false, weight_decay: 0.0 }
+    }
+    /// Adam with PyTorch's defaults (betas 0.9, 0.999, eps 1e-8).
+    pub fn adam() -> Self {
+        Optimizer::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, amsgrad: false }
+    }
+    /// AdamW with PyTorch's defaults (weight decay 0.01).
+    pub fn adamw() -> Self {
+        Optimizer::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, amsgrad: false }
+    }
+    pub fn rmsprop() -> Self {
+        Optimizer::RmsProp { alpha: 0.99, eps: 1e-8, momentum: 0.0, centered: false, weight_decay: 0.0 }
+    }
+    pub fn adagrad() -> Self {
+        Optimizer::Adagrad { lr_decay: 0.0, eps: 1e-10, weight_decay: 0.0, initial_accumulator_value: 0.0 }
+    }
+    pub fn adadelta() -> Self {
+        Optimizer::Adadelta { rho: 0.9, eps: 1e-6, weight_decay: 0.0 }
+    }
+    pub fn nadam() -> Self {
+        Optimizer::NAdam { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, momentum_decay: 4e-3 }
+    }
+    pub fn lbfgs() -> Self {
+        Optimizer::Lbfgs { max_iter: 20, history_size: 100, tolerance_grad: 1e-7, tolerance_change: 1e-9 }
+    }
+
+    /// The optimizer's name as PyTorch spells it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Optimizer::Sgd { .. } => "SGD",
+            Optimizer::Adam { .. } => "Adam",
+            Optimizer::AdamW { .. } => "AdamW",
+            Optimizer::RmsProp { .. } => "RMSprop",
+            Optimizer::Adagrad { .. } => "Adagrad",
+            Optimizer::Adadelta { .. } => "Adadelta",
+            Optimizer::NAdam { .. } => "NAdam",
+            Optimizer::Lbfgs { .. } => "LBFGS",
+        }
+    }
+
+    /// The momentum (SGD, RMSprop) or beta1 (Adam family) that the device reads each step.
+    pub(crate) fn momentum(&self) -> f32 {
+        match *self {
+            Optimizer::Sgd { momentum, .. } | Optimizer::RmsProp { momentum, .. } => momentum,
+            Optimizer::Adam { beta1, .. } | Optimizer::AdamW { beta1, .. } | Optimizer::NAdam { beta1, .. } => beta1,
+            _ => 0.0,
+        }
+    }
+}
+
+/// Gradient clipping before each optimizer step.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum GradClip {
+    /// Scale all gradients so their global L2 norm is at most this (`clip_grad_norm_`).
+    Norm(f32),
+    /// Clamp every gradient value to `[-v, v]` (`clip_grad_value_`).
+    Value(f32),
+}
+
+/// When the learning-rate schedule advances.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ScheduleUnit {
+    /// After every optimizer step.
+    Batch,
+    /// After every epoch of [`crate::train::Trainer::fit`] (or each call to
+    /// [`crate::train::Trainer::end_epoch`]).
+    Epoch,
+}
+
+/// Where the model trains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceChoice {
+    /// The pure-Rust CPU backend with `threads` threads (`None`: all cores, or `KILN_NUM_THREADS`).
+    Cpu { threads: Option<usize> },
+}
+
+/// Everything the trainer needs to know. `TrainerConfig::default()` works: Adam at 1e-3, sparse
+/// cross-entropy, classification, batch 32, on the CPU.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainerConfig {
+    /// Largest batch `train_batch` accepts; plans are made for it and for any smaller last batch.
+    pub batch_size: usize,
+    /// Base learning rate (schedules scale it).
+    pub learning_rate: f64,
+    pub optimizer: Optimizer,
+    pub loss: Loss,
+    pub problem: Problem,
+    /// Optional learning-rate schedule, and how often it advances.
+    pub schedule: Option<Schedule>,
+    pub schedule_unit: ScheduleUnit,
+    /// Linear warm-up before the schedule (or before the constant rate).
+    pub warmup: Option<Warmup>,
+    pub grad_clip: Option<GradClip>,
+    /// Accumulate gradients over this many batches before each optimizer step.
+    pub grad_accumulation: usize,
+    /// Top-k accuracy reported by `evaluate` (classification).
+    pub top_k: usize,
+    pub device: DeviceChoice,
+    /// Seed for dropout and data order (weights come from the model's own seed).
+    pub seed: u64,
+}
+
+impl Default for TrainerConfig {
+    fn default() -> Self {
+        TrainerConfig {
+            batch_size: 32,
+            learning_rate: 1e-3,
+            optimizer: Optimizer::adam(),
+            loss: Loss::SparseCrossEntropy,
+            problem: Problem::Classification,
+            schedule: None,
+            schedule_unit: ScheduleUnit::Epoch,
+            warmup: None,
+            grad_clip: None,
+            grad_accumulation: 1,
+            top_k: 5,
+            device: DeviceChoice::Cpu { threads: None },
+            seed: 0,
+        }
+    }
+}
+
+fn positive(field: &str, v: f32) -> Result<()> {
+    if v > 0.0 && v.is_finite() { Ok(()) } else { Err(Error::config(field, format!("must be positive, got {v}"))) }
+}
+
+fn non_negative(field: &str, v: f32) -> Result<()> {
+    if v >= 0.0 && v.is_finite() { Ok(()) } else { Err(Error::config(field, format!("must be >= 0, got {v}"))) }
+}
+
+fn open_unit(field: &str, v: f32) -> Result<()> {
+    if v > 0.0 && v < 1.0 { Ok(()) } else { Err(Error::config(field, format!("must be in (0, 1), got {v}"))) }
+}
+
+fn half_open_unit(field: &str, v: f32) -> Result<()> {
+    if (0.0..1.0).contains(&v) { Ok(()) } else { Err(Error::config(field, format!("must be in [0, 1), got {v}"))) }
+}
+
+fn closed_unit(field: &str, v: f32) -> Result<()> {
+    if (0.0..=1.0).contains(&v) { Ok(()) } else { Err(Error::config(field, format!("must be in [0, 1], got {v}"))) }
+}
+
+impl TrainerConfig {
+    /// Checks every field; the error names the field and says why.
+    pub fn validate(&self) -> Result<()> {
+        if self.batch_size == 0 {
+            return Err(Error::config("batch_size", "must be at least 1"));
+        }
+        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
+            return Err(Error::config("learning_rate", format!("must be positive, got {}", self.learning_rate)));
+        }
+        if self.grad_accumulation == 0 {
+            return Err(Error::config("grad_accumulation", "must be at least 1"));
+        }
+        if self.top_k == 0 {
+            return Err(Error::config("top_k", "must be at least 1"));
+        }
+        match self.optimizer {
+            Optimizer::Sgd { momentum, dampening, nesterov, weight_decay } => {
+                non_negative("optimizer.momentum", momentum)?;
+                non_negative("optimizer.dampening", dampening)?;
+                non_negative("optimizer.weight_decay", weight_decay)?;
+                if nesterov && (momentum <= 0.0 || dampening != 0.0) {
+                    return Err(Error::config(
+                        "optimizer.nesterov",
+                        "Nesterov momentum requires a momentum and zero dampening",
+                    ));
+                }
+            }
+            Optimizer::Adam { beta1, beta2, eps, weight_decay, .. }
+            | Optimizer::AdamW { beta1, beta2, eps, weight_decay, .. } => {
+                half_open_unit("optimizer.beta1", beta1)?;
+                open_unit("optimizer.beta2", beta2)?;
+                positive("optimizer.eps", eps)?;
+                non_negative("optimizer.weight_decay", weight_decay)?;
+            }
+            Optimizer::NAdam { beta1, beta2, eps, weight_decay, momentum_decay } => {
+                open_unit("optimizer.beta1", beta1)?;
+                open_unit("optimizer.beta2", beta2)?;
+                positive("optimizer.eps", eps)?;
+                non_negative("optimizer.weight_decay", weight_decay)?;
+                non_negative("optimizer.momentum_decay", momentum_decay)?;
+            }
+            Optimizer::RmsProp { alpha, eps, momentum, weight_decay, .. } => {
+                closed_unit("optimizer.alpha", alpha)?;
+                positive("optimizer.eps", eps)?;
+                non_negative("optimizer.momentum", momentum)?;
+                non_negative("optimizer.weight_decay", weight_decay)?;
+            }
+            Optimizer::Adagrad { lr_decay, eps, weight_decay, initial_accumulator_value } => {
+                non_negative("optimizer.lr_decay", lr_decay)?;
+                positive("optimizer.eps", eps)?;
+                non_negative("optimizer.weight_decay", weight_decay)?;
+                non_negative("optimizer.initial_accumulator_value", initial_accumulator_value)?;
+            }
+            Optimizer::Adadelta { rho, eps, weight_decay } => {
+                closed_unit("optimizer.rho", rho)?;
+                positive("optimizer.eps", eps)?;
+                non_negative("optimizer.weight_decay", weight_decay)?;
+            }
+            Optimizer::Lbfgs { max_iter, history_size, tolerance_grad, tolerance_change } => {
+                if max_iter == 0 {
+                    return Err(Error::config("optimizer.max_iter", "must be at least 1"));
+                }
+                if history_size == 0 {
+                    return Err(Error::config("optimizer.history_size", "must be at least 1"));
+                }
+                non_negative("optimizer.tolerance_grad", tolerance_grad)?;
+                non_negative("optimizer.tolerance_change", tolerance_change)?;
+                if self.grad_accumulation != 1 {
+                    return Err(Error::config("grad_accumulation", "L-BFGS evaluates full batches; use 1"));
+                }
+                if self.grad_clip.is_some() {
+                    return Err(Error::config("grad_clip", "is not applied by L-BFGS; leave it unset"));
+                }
+            }
+        }
+        match self.grad_clip {
+            Some(GradClip::Norm(v)) => positive("grad_clip", v)?,
+            Some(GradClip::Value(v)) => positive("grad_clip", v)?,
+            None => {}
+        }
+        if let Some(s) = &self.schedule {
+            s.validate()?;
+        }
+        if let Some(w) = &self.warmup {
+            w.validate()?;
+        }
+        if let DeviceChoice::Cpu { threads: Some(0) } = self.device {
+            return Err(Error::config("device", "CPU thread count must be at least 1"));
+        }
+        self.loss.validate()?;
+        match (self.problem, self.loss.is_regression()) {
+            (Problem::Classification, true) => Err(Error::config(
+                "loss",
+                format!("{} is a regression loss but problem is Classification", self.loss.name()),
+            )),
+            (Problem::Regression, false) => Err(Error::config(
+                "loss",
+                format!("{} is a classification loss but problem is Regression", self.loss.name()),
+            )),
+            _ => Ok(()),
+        }
+    }
+}

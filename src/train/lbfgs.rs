@@ -1,0 +1,141 @@
+//! L-BFGS for full-batch problems: a port of PyTorch's `torch.optim.LBFGS.step` without line
+//! search (its default). It runs on the host over the flattened parameters; each evaluation of
+//! the loss and gradient is a forward and backward pass on the backend.
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+
+use crate::Result;
+
+/// L-BFGS state carried between `step` calls, as PyTorch keeps it in `optimizer.state`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct LbfgsState {
+    d: Vec<f32>,
+    t: f64,
+    old_dirs: VecDeque<Vec<f32>>,
+    old_stps: VecDeque<Vec<f32>>,
+    ro: VecDeque<f64>,
+    h_diag: f64,
+    prev_flat_grad: Option<Vec<f32>>,
+    prev_loss: f64,
+    n_iter: usize,
+    func_evals: usize,
+}
+
+/// Hyper-parameters (PyTorch's names and defaults; `max_eval` is `max_iter * 5 / 4`).
+#[derive(Clone, Copy, Debug)]
+pub struct LbfgsConfig {
+    pub lr: f64,
+    pub max_iter: usize,
+    pub history_size: usize,
+    pub tolerance_grad: f64,
+    pub tolerance_change: f64,
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
+}
+
+fn max_abs(a: &[f32]) -> f64 {
+    a.iter().fold(0.0f64, |m, &x| m.max((x as f64).abs()))
+}
+
+/// One `optimizer.step(closure)`. `params` holds the flattened parameters and is updated in
+/// place; `eval(params)` returns the loss and flattened gradient there. Returns the loss of the
+/// first evaluation, as PyTorch does.
+pub fn step(
+    cfg: LbfgsConfig,
+    state: &mut LbfgsState,
+    params: &mut [f32],
+    mut eval: impl FnMut(&[f32]) -> Result<(f64, Vec<f32>)>,
+) -> Result<f64> {
+    let max_eval = cfg.max_iter * 5 / 4;
+    let (orig_loss, mut flat_grad) = eval(params)?;
+    let mut loss = orig_loss;
+    let mut current_evals = 1;
+    state.func_evals += 1;
+    if max_abs(&flat_grad) <= cfg.tolerance_grad {
+        return Ok(orig_loss);
+    }
+    let mut n_iter = 0;
+    while n_iter < cfg.max_iter {
+        n_iter += 1;
+        state.n_iter += 1;
+        if state.n_iter == 1 {
+            state.d = flat_grad.iter().map(|g| -g).collect();
+            state.old_dirs.clear();
+            state.old_stps.clear();
+            state.ro.clear();
+            state.h_diag = 1.0;
+        } else {
+            let prev = state.prev_flat_grad.as_ref().expect("set after the first iteration");
+            let y: Vec<f32> = flat_grad.iter().zip(prev).map(|(a, b)| a - b).collect();
+            let s: Vec<f32> = state.d.iter().map(|d| (*d as f64 * state.t) as f32).collect();
+            let ys = dot(&y, &s);
+            if ys > 1e-10 {
+                if state.old_dirs.len() == cfg.history_size {
+                    state.old_dirs.pop_front();
+                    state.old_stps.pop_front();
+                    state.ro.pop_front();
+                }
+                state.h_diag = ys / dot(&y, &y);
+                state.old_dirs.push_back(y);
+                state.old_stps.push_back(s);
+                state.ro.push_back(1.0 / ys);
+            }
+            let num_old = state.old_dirs.len();
+            let mut al = vec![0.0f64; num_old];
+            let mut q: Vec<f32> = flat_grad.iter().map(|g| -g).collect();
+            for i in (0..num_old).rev() {
+                al[i] = dot(&state.old_stps[i], &q) * state.ro[i];
+                for (qv, dv) in q.iter_mut().zip(&state.old_dirs[i]) {
+                    *qv -= (al[i] * *dv as f64) as f32;
+                }
+            }
+            let mut r: Vec<f32> = q.iter().map(|v| (*v as f64 * state.h_diag) as f32).collect();
+            for (i, a) in al.iter().enumerate() {
+                let be_i = dot(&state.old_dirs[i], &r) * state.ro[i];
+                for (rv, sv) in r.iter_mut().zip(&state.old_stps[i]) {
+                    *rv += ((a - be_i) * *sv as f64) as f32;
+                }
+            }
+            state.d = r;
+        }
+        state.prev_flat_grad = Some(flat_grad.clone());
+        state.prev_loss = loss;
+        state.t = if state.n_iter == 1 {
+            (1.0f64).min(1.0 / flat_grad.iter().map(|g| (*g as f64).abs()).sum::<f64>()) * cfg.lr
+        } else {
+            cfg.lr
+        };
+        let gtd = dot(&flat_grad, &state.d);
+        if gtd > -cfg.tolerance_change {
+            break;
+        }
+        for (p, d) in params.iter_mut().zip(&state.d) {
+            *p += (state.t * *d as f64) as f32;
+        }
+        let mut ls_evals = 0;
+        let mut opt_cond = false;
+        if n_iter != cfg.max_iter {
+            let (l, g) = eval(params)?;
+            loss = l;
+            flat_grad = g;
+            opt_cond = max_abs(&flat_grad) <= cfg.tolerance_grad;
+            ls_evals = 1;
+        }
+        current_evals += ls_evals;
+        state.func_evals += ls_evals;
+        if n_iter == cfg.max_iter || current_evals >= max_eval || opt_cond {
+            break;
+        }
+        if state.d.iter().map(|d| (*d as f64 * state.t).abs()).fold(0.0, f64::max) <= cfg.tolerance_change {
+            break;
+        }
+        if (loss - state.prev_loss).abs() < cfg.tolerance_change {
+            break;
+        }
+    }
+    Ok(orig_loss)
+}

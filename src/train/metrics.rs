@@ -1,0 +1,52 @@
+//! What training reports: per-step results, evaluation metrics, per-epoch logs and the history.
+
+use serde::{Deserialize, Serialize};
+
+/// The result of one training step.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepResult {
+    /// Mean loss over the batch.
+    pub loss: f32,
+    /// Fraction of correct predictions (classification only).
+    pub accuracy: Option<f32>,
+}
+
+/// Loss and accuracy over a dataset (or an epoch of training batches).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    /// Mean loss per sample.
+    pub loss: f32,
+    /// Top-1 accuracy (classification only); for binary losses, the fraction of correct
+    /// element-wise predictions.
+    pub accuracy: Option<f32>,
+    /// Accuracy counting a prediction correct when the target is among the `top_k` largest
+    /// outputs (arg-max classification only).
+    pub top_k_accuracy: Option<f32>,
+    pub top_k: usize,
+    /// Samples seen.
+    pub samples: usize,
+}
+
+/// One epoch of `fit`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EpochLog {
+    /// 1-based epoch number.
+    pub epoch: usize,
+    pub train: Metrics,
+    pub val: Option<Metrics>,
+    /// Learning rate used during the epoch's last step.
+    pub lr: f64,
+    pub seconds: f64,
+}
+
+/// Every epoch's log.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct History {
+    pub epochs: Vec<EpochLog>,
+}
+
+impl History {
+    pub fn last(&self) -> Option<&EpochLog> {
+        self.epochs.last()
+    }
+}
