@@ -578,6 +578,7 @@ impl Trainer {
         for batch in data.epoch(0) {
             let batch = batch?;
             self.eval_batch(&batch.inputs, Targets::Classes(&batch.labels))?;
+            data.recycle(batch);
         }
         self.read_metrics(self.eval_stats)
     }
@@ -603,6 +604,7 @@ impl Trainer {
             for batch in train.epoch(self.epoch as u64) {
                 let batch = batch?;
                 self.train_step(&batch.inputs, &batch.labels)?;
+                train.recycle(batch);
             }
             let train_m = self.take_epoch_metrics()?;
             let val_m = match val {
