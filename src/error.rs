@@ -59,8 +59,8 @@ pub enum Error {
 
     /// The device ran out of memory.
     #[error(
-        "out of device memory: model '{model}' at batch size {batch} needs {needed} bytes \
-         ({free} free); try a smaller batch"
+        "out of memory: {model} at batch size {batch} needs {needed} bytes{}; try a smaller batch",
+        free_note(*free)
     )]
     OutOfMemory { model: String, batch: usize, needed: u64, free: u64 },
 
@@ -68,6 +68,10 @@ pub enum Error {
     /// before a backward pass).
     #[error("{0}")]
     State(String),
+}
+
+fn free_note(free: u64) -> String {
+    if free > 0 { format!(" ({free} bytes free on the device)") } else { String::new() }
 }
 
 impl Error {

@@ -134,3 +134,24 @@ fn parameter_gradients_accumulate_when_asked() {
         assert!((2.0 * a - b).abs() < 1e-6);
     }
 }
+
+#[test]
+fn running_out_of_memory_is_an_error_and_a_smaller_batch_still_works() {
+    let m = zoo::simple_cnn(8).build().unwrap();
+    let mut e = Executor::new(&m, cpu(1)).unwrap();
+    // 2^24 images of 3x32x32 would need about 4 TB for activations and gradients.
+    let err = e.plan(1 << 24, Mode::Train, PlanOptions::default()).unwrap_err();
+    match &err {
+        kiln::Error::OutOfMemory { batch, needed, .. } => {
+            assert_eq!(*batch, 1 << 24);
+            assert!(*needed > 1 << 40, "needed {needed}");
+        }
+        other => panic!("expected OutOfMemory, got {other}"),
+    }
+    assert!(err.to_string().contains("8-layer model") && err.to_string().contains("try a smaller batch"), "{err}");
+    let before = e.backend().bytes();
+    let p = e.plan(8, Mode::Train, PlanOptions::default()).unwrap();
+    e.set_input(p, &[0.1; 8 * 3 * 32 * 32]).unwrap();
+    e.forward(p).unwrap();
+    assert!(e.backend().bytes() > before);
+}

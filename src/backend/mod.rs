@@ -26,6 +26,9 @@ pub trait Backend {
     /// Length of a buffer in elements.
     fn len(&self, buf: BufId) -> usize;
 
+    /// Releases a buffer's memory (after a plan failed part-way); the id must not be used again.
+    fn free(&mut self, buf: BufId) -> Result<()>;
+
     /// Copies host values into a buffer (lengths must match).
     fn write(&mut self, buf: BufId, data: &[f32]) -> Result<()>;
 
@@ -76,6 +79,9 @@ impl Backend for Box<dyn Backend + Send> {
     }
     fn len(&self, buf: BufId) -> usize {
         (**self).len(buf)
+    }
+    fn free(&mut self, buf: BufId) -> Result<()> {
+        (**self).free(buf)
     }
     fn write(&mut self, buf: BufId, data: &[f32]) -> Result<()> {
         (**self).write(buf, data)

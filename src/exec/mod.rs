@@ -63,7 +63,28 @@ impl<B: Backend> Executor<B> {
         if let Some(i) = self.plans.iter().position(|p| p.batch == batch && p.mode == mode && p.options == options) {
             return Ok(PlanId(i));
         }
-        let p = plan::compile(&self.model, &self.params, &self.counters, &mut self.backend, batch, mode, options)?;
+        let p = match plan::compile(&self.model, &self.params, &self.counters, &mut self.backend, batch, mode, options)
+        {
+            Ok(p) => p,
+            Err(Error::OutOfMemory { free, .. }) => {
+                // Report what the whole plan needs, measured by planning it without memory.
+                let mut dry = plan::SizeOnly::default();
+                let needed = plan::compile(&self.model, &self.params, &self.counters, &mut dry, batch, mode, options)
+                    .map(|p| p.bytes() as u64)
+                    .unwrap_or(0);
+                return Err(Error::OutOfMemory {
+                    model: format!(
+                        "the {}-layer model ({} parameters)",
+                        self.model.nodes().len() - 1,
+                        self.model.param_count()
+                    ),
+                    batch,
+                    needed,
+                    free,
+                });
+            }
+            Err(e) => return Err(e),
+        };
         self.plans.push(p);
         Ok(PlanId(self.plans.len() - 1))
     }

@@ -88,14 +88,59 @@ impl Plan {
     }
 }
 
+/// A backend that only hands out buffer ids: compiling a plan against it measures the plan's
+/// memory without allocating any (used to report what a plan that ran out of memory needed).
+#[derive(Default)]
+pub struct SizeOnly {
+    lens: Vec<usize>,
+    counters: usize,
+}
+
+impl Backend for SizeOnly {
+    fn describe(&self) -> String {
+        "size-only planning".into()
+    }
+    fn alloc(&mut self, len: usize) -> Result<BufId> {
+        self.lens.push(len);
+        Ok(BufId(self.lens.len() - 1))
+    }
+    fn len(&self, buf: BufId) -> usize {
+        self.lens[buf.0]
+    }
+    fn free(&mut self, _: BufId) -> Result<()> {
+        Ok(())
+    }
+    fn write(&mut self, _: BufId, _: &[f32]) -> Result<()> {
+        Err(Error::State("a size-only backend holds no data".into()))
+    }
+    fn read(&mut self, _: BufId) -> Result<Vec<f32>> {
+        Err(Error::State("a size-only backend holds no data".into()))
+    }
+    fn new_counter(&mut self) -> Result<CounterId> {
+        self.counters += 1;
+        Ok(CounterId(self.counters - 1))
+    }
+    fn counter(&mut self, _: CounterId) -> Result<u64> {
+        Ok(0)
+    }
+    fn set_counter(&mut self, _: CounterId, _: u64) -> Result<()> {
+        Ok(())
+    }
+    fn run(&mut self, _: &[Op]) -> Result<()> {
+        Err(Error::State("a size-only backend runs nothing".into()))
+    }
+}
+
 struct Builder<'a, B: Backend> {
     backend: &'a mut B,
     buffers: Vec<PlannedBuffer>,
+    allocated: &'a mut Vec<BufId>,
 }
 
 impl<B: Backend> Builder<'_, B> {
     fn alloc(&mut self, len: usize, role: BufRole, label: String) -> Result<BufId> {
         let id = self.backend.alloc(len)?;
+        self.allocated.push(id);
         self.buffers.push(PlannedBuffer { id, len, role, label });
         Ok(id)
     }
@@ -191,12 +236,38 @@ pub fn compile<B: Backend>(
     mode: Mode,
     options: PlanOptions,
 ) -> Result<Plan> {
+    let mut allocated = Vec::new();
+    let r = compile_into(model, params, counters, backend, batch, mode, options, &mut allocated);
+    if r.is_err() {
+        // Leave the backend as it was, so a smaller batch can be tried.
+        for id in allocated {
+            backend.free(id)?;
+        }
+    }
+    r
+}
+
+#[allow(clippy::too_many_arguments)]
+fn compile_into<B: Backend>(
+    model: &Model,
+    params: &[ParamBuffers],
+    counters: &[Option<CounterId>],
+    backend: &mut B,
+    batch: usize,
+    mode: Mode,
+    options: PlanOptions,
+    allocated: &mut Vec<BufId>,
+) -> Result<Plan> {
     if batch == 0 {
         return Err(Error::config("batch size", "must be at least 1"));
     }
+    let largest = model.nodes().iter().map(|n| n.shape.iter().product::<usize>()).max().unwrap_or(1);
+    if largest.checked_mul(batch).is_none_or(|n| n > 1 << 40) {
+        return Err(Error::config("batch size", format!("{batch} makes tensors of more than 2^40 values")));
+    }
     let nodes = model.nodes();
     let numel = |i: usize| batch * nodes[i].shape.iter().product::<usize>();
-    let mut b = Builder { backend, buffers: Vec::new() };
+    let mut b = Builder { backend, buffers: Vec::new(), allocated };
     let mut out: Vec<BufId> = Vec::with_capacity(nodes.len());
     let mut forward = Vec::new();
     // What backward needs from forward, per node.

@@ -30,6 +30,10 @@ use super::layers::{Activation, BatchNorm, Conv2d, Layer, Linear, Pool2d};
 use super::{Model, Node};
 use crate::{Error, Result};
 
+/// Largest number of values a tensor may have (per sample, or the whole input batch): 2^40.
+/// Beyond it sizes multiplied by a batch size could overflow.
+const MAX_ELEMENTS: usize = 1 << 40;
+
 /// One branch of a [`ModelBuilder::concat`] block: a closure that appends layers to the builder
 /// it is given. Make one with [`branch`].
 pub struct Branch<'a>(Box<dyn FnOnce(ModelBuilder) -> ModelBuilder + 'a>);
@@ -233,6 +237,9 @@ impl ModelBuilder {
             return Err(e);
         }
         let shape = &self.input_shape;
+        if shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).is_none_or(|n| n > MAX_ELEMENTS) {
+            return Err(Error::Model(format!("input shape {shape:?} is too large")));
+        }
         if !(shape.len() == 2 || shape.len() == 4) || shape.contains(&0) {
             return Err(Error::Model(format!(
                 "input shape must be [batch, C, H, W] or [batch, features] with non-zero sizes, got {shape:?}"
@@ -250,6 +257,9 @@ impl ModelBuilder {
                 let ins: Vec<&[usize]> = p.inputs.iter().map(|&j| nodes[j].shape.as_slice()).collect();
                 super::shape::infer(&name, &p.layer, &ins)?
             };
+            if shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).is_none_or(|n| n > MAX_ELEMENTS) {
+                return Err(Error::layer(&name, format!("output shape {shape:?} is too large")));
+            }
             nodes.push(Node { name, layer: p.layer, inputs: p.inputs, shape });
         }
         Model::from_nodes(nodes, self.input_shape[0], self.seed)

@@ -410,12 +410,28 @@ impl<T: Float> Backend for CpuBackend<T> {
     }
 
     fn alloc(&mut self, len: usize) -> Result<BufId> {
-        self.bufs.push(vec![T::ZERO; len]);
+        // A failed allocation must be an error, not an abort: the caller (a plan for a batch
+        // size too large for this machine) can try a smaller one.
+        let mut v = Vec::new();
+        let bytes = (len as u64).saturating_mul(std::mem::size_of::<T>() as u64);
+        v.try_reserve_exact(len).map_err(|_| Error::OutOfMemory {
+            model: String::new(),
+            batch: 0,
+            needed: bytes,
+            free: 0,
+        })?;
+        v.resize(len, T::ZERO);
+        self.bufs.push(v);
         Ok(BufId(self.bufs.len() - 1))
     }
 
     fn len(&self, buf: BufId) -> usize {
         self.bufs[buf.0].len()
+    }
+
+    fn free(&mut self, buf: BufId) -> Result<()> {
+        self.bufs[buf.0] = Vec::new();
+        Ok(())
     }
 
     fn write(&mut self, buf: BufId, data: &[f32]) -> Result<()> {
