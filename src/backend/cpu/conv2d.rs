@@ -5,6 +5,13 @@
 //! the input itself). Backward reuses the same unfolding: `dw_g += dy_g * col^T` and
 //! `dcol = w_g^T * dy_g`, folded back into `dx` (col2im).
 //!
+//! Stride-1 convolutions (the common case) unfold "wide": the input is padded once into scratch,
+//! and each `col` row is one contiguous slice of the padded planes, as long as `L = (OH - 1) *
+//! Wp + OW` (Wp the padded width), so the products compute an output `Wp` wide whose last
+//! `Wp - OW` columns of each row are garbage and are dropped when copying out. Unfolding is then
+//! `C/G*KH*KW` memory copies per image instead of `C/G*KH*KW*OH` short ones (on the MNIST CNN's
+//! 3x3 layers the short copies cost as much as the matrix product; see BENCHMARKS.md).
+//!
 //! Work is split into one contiguous range of images per thread; each range accumulates its own
 //! filter and bias gradient, and the ranges are summed in order afterwards, so results are
 //! identical run to run for a given thread count. With fewer images than threads, the threads
@@ -23,6 +30,113 @@ pub struct Scratch<T> {
     pub dcol: Vec<T>,
     pub dw: Vec<T>,
     pub db: Vec<T>,
+    /// Padded input (wide lowering).
+    pub xpad: Vec<T>,
+    /// Wide output, or the wide output gradient in backward.
+    pub ywide: Vec<T>,
+    /// Padded input gradient (wide lowering).
+    pub dxpad: Vec<T>,
+}
+
+/// How a convolution becomes matrix products.
+#[derive(Clone, Copy)]
+enum Lowering {
+    /// 1x1, stride 1, no padding: the input is the matrix.
+    Pointwise,
+    /// Stride 1: wide unfolding of the padded input; `hp, wp` padded size, `l` row length.
+    Wide { hp: usize, wp: usize, l: usize },
+    /// Anything else: classic im2col.
+    Im2col,
+}
+
+fn lowering(g: &ConvGeom) -> Lowering {
+    if g.is_pointwise() {
+        Lowering::Pointwise
+    } else if g.sh == 1 && g.sw == 1 {
+        let (hp, wp) = (g.h + 2 * g.ph, g.w + 2 * g.pw);
+        Lowering::Wide { hp, wp, l: (g.oh - 1) * wp + g.ow }
+    } else {
+        Lowering::Im2col
+    }
+}
+
+fn padded(g: &ConvGeom) -> bool {
+    g.ph > 0 || g.pw > 0
+}
+
+/// Copies `cg` planes of `x` into `xp` with a zero border of `(ph, pw)`.
+fn pad_into<T: Float>(g: &ConvGeom, cg: usize, hp: usize, wp: usize, x: &[T], xp: &mut [T]) {
+    for c in 0..cg {
+        let dst = &mut xp[c * hp * wp..(c + 1) * hp * wp];
+        dst[..g.ph * wp].fill(T::ZERO);
+        dst[(g.ph + g.h) * wp..].fill(T::ZERO);
+        for iy in 0..g.h {
+            let row = &mut dst[(iy + g.ph) * wp..(iy + g.ph + 1) * wp];
+            row[..g.pw].fill(T::ZERO);
+            row[g.pw + g.w..].fill(T::ZERO);
+            row[g.pw..g.pw + g.w].copy_from_slice(&x[(c * g.h + iy) * g.w..][..g.w]);
+        }
+    }
+}
+
+/// Row `(c, ki, kj)` of the wide unfolding starts at this offset of the padded planes.
+#[inline]
+fn wide_offset(g: &ConvGeom, hp: usize, wp: usize, c: usize, ki: usize, kj: usize) -> usize {
+    c * hp * wp + ki * g.dh * wp + kj * g.dw
+}
+
+fn unfold_wide<T: Float>(g: &ConvGeom, cg: usize, hp: usize, wp: usize, l: usize, src: &[T], col: &mut [T]) {
+    for c in 0..cg {
+        for ki in 0..g.kh {
+            for kj in 0..g.kw {
+                let r = (c * g.kh + ki) * g.kw + kj;
+                let off = wide_offset(g, hp, wp, c, ki, kj);
+                col[r * l..(r + 1) * l].copy_from_slice(&src[off..off + l]);
+            }
+        }
+    }
+}
+
+/// The adjoint of [`unfold_wide`]: adds each row of `dcol` onto the padded planes `dst`.
+fn fold_wide_add<T: Float>(g: &ConvGeom, cg: usize, hp: usize, wp: usize, l: usize, dcol: &[T], dst: &mut [T]) {
+    for c in 0..cg {
+        for ki in 0..g.kh {
+            for kj in 0..g.kw {
+                let r = (c * g.kh + ki) * g.kw + kj;
+                let off = wide_offset(g, hp, wp, c, ki, kj);
+                dst[off..off + l].iter_mut().zip(&dcol[r * l..(r + 1) * l]).for_each(|(d, &v)| *d += v);
+            }
+        }
+    }
+}
+
+/// `y[o, oy, ox] = wide[o, oy * wp + ox]` for `kg` output planes.
+fn compact<T: Float>(g: &ConvGeom, kg: usize, wp: usize, l: usize, wide: &[T], y: &mut [T]) {
+    for o in 0..kg {
+        for oy in 0..g.oh {
+            y[(o * g.oh + oy) * g.ow..][..g.ow].copy_from_slice(&wide[o * l + oy * wp..][..g.ow]);
+        }
+    }
+}
+
+/// The inverse of [`compact`], with zeros in the garbage columns.
+fn expand<T: Float>(g: &ConvGeom, kg: usize, wp: usize, l: usize, dy: &[T], wide: &mut [T]) {
+    wide.fill(T::ZERO);
+    for o in 0..kg {
+        for oy in 0..g.oh {
+            wide[o * l + oy * wp..][..g.ow].copy_from_slice(&dy[(o * g.oh + oy) * g.ow..][..g.ow]);
+        }
+    }
+}
+
+/// Adds the interior of the padded planes `dxp` onto `dx`.
+fn unpad_add<T: Float>(g: &ConvGeom, cg: usize, hp: usize, wp: usize, dxp: &[T], dx: &mut [T]) {
+    for c in 0..cg {
+        for iy in 0..g.h {
+            let src = &dxp[c * hp * wp + (iy + g.ph) * wp + g.pw..][..g.w];
+            dx[(c * g.h + iy) * g.w..][..g.w].iter_mut().zip(src).for_each(|(d, &v)| *d += v);
+        }
+    }
 }
 
 fn resize<T: Float>(v: &mut Vec<T>, len: usize) {
@@ -130,10 +244,18 @@ pub fn forward<T: Float>(
     let (kk, ohw, hw) = (g.kh * g.kw, g.oh * g.ow, g.h * g.w);
     let (per_in, per_out) = (g.c * hw, g.k * ohw);
     let (_, per, inner) = split(g.n, threads);
-    let pointwise = g.is_pointwise();
+    let lower = lowering(g);
     y.par_chunks_mut(per * per_out).zip(scratch.par_iter_mut()).enumerate().for_each(|(ci, (ychunk, s))| {
-        if !pointwise {
-            resize(&mut s.col, cg * kk * ohw);
+        match lower {
+            Lowering::Pointwise => {}
+            Lowering::Im2col => resize(&mut s.col, cg * kk * ohw),
+            Lowering::Wide { hp, l, wp } => {
+                resize(&mut s.col, cg * kk * l);
+                resize(&mut s.ywide, kg * l);
+                if padded(g) {
+                    resize(&mut s.xpad, cg * hp * wp);
+                }
+            }
         }
         for (j, yimg) in ychunk.chunks_mut(per_out).enumerate() {
             let ximg = &x[(ci * per + j) * per_in..][..per_in];
@@ -141,11 +263,24 @@ pub fn forward<T: Float>(
                 let xg = &ximg[grp * cg * hw..][..cg * hw];
                 let wg = &w[grp * kg * cg * kk..][..kg * cg * kk];
                 let yg = &mut yimg[grp * kg * ohw..][..kg * ohw];
-                if pointwise {
-                    matmul(yg, ohw, false, Mat::rm(wg, kg, cg), Mat::rm(xg, cg, ohw), inner);
-                } else {
-                    im2col(g, cg, xg, &mut s.col);
-                    matmul(yg, ohw, false, Mat::rm(wg, kg, cg * kk), Mat::rm(&s.col, cg * kk, ohw), inner);
+                match lower {
+                    Lowering::Pointwise => matmul(yg, ohw, false, Mat::rm(wg, kg, cg), Mat::rm(xg, cg, ohw), inner),
+                    Lowering::Im2col => {
+                        im2col(g, cg, xg, &mut s.col);
+                        matmul(yg, ohw, false, Mat::rm(wg, kg, cg * kk), Mat::rm(&s.col, cg * kk, ohw), inner);
+                    }
+                    Lowering::Wide { hp, wp, l } => {
+                        let Scratch { col, ywide, xpad, .. } = &mut *s;
+                        let src: &[T] = if padded(g) {
+                            pad_into(g, cg, hp, wp, xg, xpad);
+                            xpad
+                        } else {
+                            xg
+                        };
+                        unfold_wide(g, cg, hp, wp, l, src, col);
+                        matmul(ywide, l, false, Mat::rm(wg, kg, cg * kk), Mat::rm(col, cg * kk, l), inner);
+                        compact(g, kg, wp, l, ywide, yg);
+                    }
                 }
             }
             if let Some(b) = b {
@@ -176,6 +311,7 @@ pub fn backward<T: Float>(
     let (per_in, per_out) = (g.c * hw, g.k * ohw);
     let (chunks, per, inner) = split(g.n, threads);
     let pointwise = g.is_pointwise();
+    let lower = lowering(g);
     let wlen = g.weight_len();
     let dx_acc = dx.as_ref().map(|d| d.1).unwrap_or(false);
     let mut dx_chunks: Vec<Option<&mut [T]>> = match dx {
@@ -188,9 +324,21 @@ pub fn backward<T: Float>(
         s.dw.fill(T::ZERO);
         resize(&mut s.db, g.k);
         s.db.fill(T::ZERO);
-        if !pointwise {
-            resize(&mut s.col, cg * kk * ohw);
-            resize(&mut s.dcol, cg * kk * ohw);
+        match lower {
+            Lowering::Pointwise => {}
+            Lowering::Im2col => {
+                resize(&mut s.col, cg * kk * ohw);
+                resize(&mut s.dcol, cg * kk * ohw);
+            }
+            Lowering::Wide { hp, wp, l } => {
+                resize(&mut s.col, cg * kk * l);
+                resize(&mut s.dcol, cg * kk * l);
+                resize(&mut s.ywide, kg * l);
+                if padded(g) {
+                    resize(&mut s.xpad, cg * hp * wp);
+                    resize(&mut s.dxpad, cg * hp * wp);
+                }
+            }
         }
         let first = ci * per;
         let count = per.min(g.n - first);
@@ -209,19 +357,45 @@ pub fn backward<T: Float>(
                 let xg = &ximg[grp * cg * hw..][..cg * hw];
                 let wg = &w[grp * kg * cg * kk..][..kg * cg * kk];
                 let dyg = &dyimg[grp * kg * ohw..][..kg * ohw];
-                let dwg = &mut s.dw[grp * kg * cg * kk..][..kg * cg * kk];
-                if pointwise {
-                    matmul(dwg, cg, true, Mat::rm(dyg, kg, ohw), Mat::rm(xg, cg, ohw).t(), inner);
-                    if let Some(d) = dximg.as_deref_mut() {
-                        let dxg = &mut d[grp * cg * hw..][..cg * hw];
-                        matmul(dxg, hw, dx_acc, Mat::rm(wg, kg, cg).t(), Mat::rm(dyg, kg, ohw), inner);
+                let Scratch { col, dcol, ywide, xpad, dxpad, dw: sdw, .. } = &mut *s;
+                let dwg = &mut sdw[grp * kg * cg * kk..][..kg * cg * kk];
+                match lower {
+                    Lowering::Pointwise => {
+                        matmul(dwg, cg, true, Mat::rm(dyg, kg, ohw), Mat::rm(xg, cg, ohw).t(), inner);
+                        if let Some(d) = dximg.as_deref_mut() {
+                            let dxg = &mut d[grp * cg * hw..][..cg * hw];
+                            matmul(dxg, hw, dx_acc, Mat::rm(wg, kg, cg).t(), Mat::rm(dyg, kg, ohw), inner);
+                        }
                     }
-                } else {
-                    im2col(g, cg, xg, &mut s.col);
-                    matmul(dwg, cg * kk, true, Mat::rm(dyg, kg, ohw), Mat::rm(&s.col, cg * kk, ohw).t(), inner);
-                    if let Some(d) = dximg.as_deref_mut() {
-                        matmul(&mut s.dcol, ohw, false, Mat::rm(wg, kg, cg * kk).t(), Mat::rm(dyg, kg, ohw), inner);
-                        col2im_add(g, cg, &s.dcol, &mut d[grp * cg * hw..][..cg * hw]);
+                    Lowering::Im2col => {
+                        im2col(g, cg, xg, col);
+                        matmul(dwg, cg * kk, true, Mat::rm(dyg, kg, ohw), Mat::rm(col, cg * kk, ohw).t(), inner);
+                        if let Some(d) = dximg.as_deref_mut() {
+                            matmul(dcol, ohw, false, Mat::rm(wg, kg, cg * kk).t(), Mat::rm(dyg, kg, ohw), inner);
+                            col2im_add(g, cg, dcol, &mut d[grp * cg * hw..][..cg * hw]);
+                        }
+                    }
+                    Lowering::Wide { hp, wp, l } => {
+                        let src: &[T] = if padded(g) {
+                            pad_into(g, cg, hp, wp, xg, xpad);
+                            xpad
+                        } else {
+                            xg
+                        };
+                        unfold_wide(g, cg, hp, wp, l, src, col);
+                        expand(g, kg, wp, l, dyg, ywide);
+                        matmul(dwg, cg * kk, true, Mat::rm(ywide, kg, l), Mat::rm(col, cg * kk, l).t(), inner);
+                        if let Some(d) = dximg.as_deref_mut() {
+                            let dxg = &mut d[grp * cg * hw..][..cg * hw];
+                            matmul(dcol, l, false, Mat::rm(wg, kg, cg * kk).t(), Mat::rm(ywide, kg, l), inner);
+                            if padded(g) {
+                                dxpad.fill(T::ZERO);
+                                fold_wide_add(g, cg, hp, wp, l, dcol, dxpad);
+                                unpad_add(g, cg, hp, wp, dxpad, dxg);
+                            } else {
+                                fold_wide_add(g, cg, hp, wp, l, dcol, dxg);
+                            }
+                        }
                     }
                 }
             }
