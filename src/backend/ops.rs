@@ -471,6 +471,135 @@ pub enum Op {
 }
 
 impl Op {
+    /// Calls `f` on every buffer id the op names (inputs, outputs, saved tensors, gradients).
+    pub fn visit_bufs(&mut self, f: &mut impl FnMut(&mut BufId)) {
+        fn g(d: &mut GradOut, f: &mut impl FnMut(&mut BufId)) {
+            f(&mut d.buf)
+        }
+        match self {
+            Op::Conv2d { x, w, b, y, .. } | Op::Linear { x, w, b, y, .. } => {
+                f(x);
+                f(w);
+                b.iter_mut().for_each(&mut *f);
+                f(y);
+            }
+            Op::Conv2dBackward { x, w, dy, dx, dw, db, .. } | Op::LinearBackward { x, w, dy, dx, dw, db, .. } => {
+                f(x);
+                f(w);
+                f(dy);
+                dx.iter_mut().for_each(|d| g(d, f));
+                g(dw, f);
+                db.iter_mut().for_each(|d| g(d, f));
+            }
+            Op::Act { x, y, .. } | Op::Softmax { x, y, .. } | Op::AvgPool { x, y, .. } => {
+                f(x);
+                f(y);
+            }
+            Op::ActBackward { x, y, dy, dx, .. } => {
+                f(x);
+                f(y);
+                f(dy);
+                g(dx, f);
+            }
+            Op::SoftmaxBackward { y, dy, dx, .. } => {
+                f(y);
+                f(dy);
+                g(dx, f);
+            }
+            Op::Dropout { x, y, mask, .. } => {
+                f(x);
+                f(y);
+                f(mask);
+            }
+            Op::DropoutBackward { mask, dy, dx, .. } => {
+                f(mask);
+                f(dy);
+                g(dx, f);
+            }
+            Op::BatchNormTrain { x, gamma, beta, y, mean, invstd, running, .. } => {
+                f(x);
+                gamma.iter_mut().for_each(&mut *f);
+                beta.iter_mut().for_each(&mut *f);
+                f(y);
+                f(mean);
+                f(invstd);
+                if let Some((m, v, _)) = running {
+                    f(m);
+                    f(v);
+                }
+            }
+            Op::BatchNormInfer { x, gamma, beta, running_mean, running_var, y, .. } => {
+                f(x);
+                gamma.iter_mut().for_each(&mut *f);
+                beta.iter_mut().for_each(&mut *f);
+                f(running_mean);
+                f(running_var);
+                f(y);
+            }
+            Op::BatchNormBackward { x, gamma, mean, invstd, dy, dx, dgamma, dbeta, .. } => {
+                f(x);
+                gamma.iter_mut().for_each(&mut *f);
+                f(mean);
+                f(invstd);
+                f(dy);
+                for d in [dx, dgamma, dbeta] {
+                    d.iter_mut().for_each(|d| g(d, f));
+                }
+            }
+            Op::MaxPool { x, y, argmax, .. } => {
+                f(x);
+                f(y);
+                f(argmax);
+            }
+            Op::MaxPoolBackward { argmax, dy, dx, .. } => {
+                f(argmax);
+                f(dy);
+                g(dx, f);
+            }
+            Op::AvgPoolBackward { dy, dx, .. } => {
+                f(dy);
+                g(dx, f);
+            }
+            Op::Add { inputs, y, .. } => {
+                inputs.iter_mut().for_each(&mut *f);
+                f(y);
+            }
+            Op::Concat { parts, y, .. } => {
+                parts.iter_mut().for_each(|(b, _)| f(b));
+                f(y);
+            }
+            Op::ConcatBackward { parts, dy, .. } => {
+                parts.iter_mut().for_each(|(d, _)| d.iter_mut().for_each(|d| g(d, f)));
+                f(dy);
+            }
+            Op::GradInto { src, dst, .. } => {
+                f(src);
+                g(dst, f);
+            }
+            Op::Fill { buf, .. } => f(buf),
+            Op::Loss { pred, target, stats, dpred, .. } => {
+                f(pred);
+                f(target);
+                f(stats);
+                dpred.iter_mut().for_each(&mut *f);
+            }
+            Op::ClipGradNorm { grads, norm, .. } => {
+                grads.iter_mut().for_each(|(b, _)| f(b));
+                f(norm);
+            }
+            Op::ClipGradValue { grads, .. } => grads.iter_mut().for_each(|(b, _)| f(b)),
+            Op::OptimizerStep { hyper, scalars, params, .. } => {
+                f(hyper);
+                f(scalars);
+                for p in params {
+                    f(&mut p.value);
+                    f(&mut p.grad);
+                    p.state.iter_mut().for_each(&mut *f);
+                }
+            }
+        }
+    }
+
     /// A short name for logs and profiles.
     pub fn name(&self) -> &'static str {
         match self {

@@ -442,7 +442,12 @@ fn plan_backward<B: Backend>(
         let has_params = model.params().iter().any(|p| p.node == i && p.trainable);
         needs[i] = has_params || nodes[i].inputs.iter().any(|&j| needs[j]);
     }
+    // Gradient buffers are planned in two passes: the ops are written against virtual ids,
+    // then each virtual buffer gets a physical one that is free over its lifetime (from the op
+    // that first writes it to the op that last reads it), so backward needs memory for the
+    // gradients alive at once, not for every tensor's gradient.
     let mut grad: Vec<Option<BufId>> = vec![None; nodes.len()];
+    let mut virtual_len: Vec<(usize, String)> = Vec::new();
     for i in 0..nodes.len() {
         if !needs[i] {
             continue;
@@ -451,7 +456,8 @@ fn plan_backward<B: Backend>(
         grad[i] = Some(if is_view {
             grad[nodes[i].inputs[0]].expect("view input needs grad")
         } else {
-            b.alloc(numel(i), BufRole::Gradient, format!("{}.grad", nodes[i].name))?
+            virtual_len.push((numel(i), format!("{}.grad", nodes[i].name)));
+            BufId(VIRTUAL + virtual_len.len() - 1)
         });
     }
     let last = nodes.len() - 1;
@@ -579,6 +585,58 @@ fn plan_backward<B: Backend>(
             }
         }
     }
+    // Lifetimes of the virtual gradient buffers over `ops`: the output gradient is written
+    // before backward starts (by the loss) and the input gradient is read after it ends.
+    let n_virtual = virtual_len.len();
+    let mut first = vec![usize::MAX; n_virtual];
+    let mut last = vec![0usize; n_virtual];
+    for (k, op) in ops.iter_mut().enumerate() {
+        op.visit_bufs(&mut |b: &mut BufId| {
+            if b.0 >= VIRTUAL {
+                let v = b.0 - VIRTUAL;
+                first[v] = first[v].min(k + 1);
+                last[v] = last[v].max(k + 1);
+            }
+        });
+    }
+    first[dout.0 - VIRTUAL] = 0;
+    if let Some(ig) = plan.input_grad {
+        last[ig.0 - VIRTUAL] = ops.len() + 1;
+    }
+    let mut order: Vec<usize> = (0..n_virtual).collect();
+    order.sort_by_key(|&v| first[v]);
+    let mut physical = vec![BufId(0); n_virtual];
+    // (buffer, length, free after op index)
+    let mut pool: Vec<(BufId, usize, usize)> = Vec::new();
+    for v in order {
+        let (len, label) = &virtual_len[v];
+        let reuse = pool.iter().position(|&(_, l, free_after)| l == *len && free_after < first[v]);
+        physical[v] = match reuse {
+            Some(p) => {
+                pool[p].2 = last[v];
+                pool[p].0
+            }
+            None => {
+                let id = b.alloc(*len, BufRole::Gradient, label.clone())?;
+                pool.push((id, *len, last[v]));
+                id
+            }
+        };
+    }
+    let map = |b: &mut BufId| {
+        if b.0 >= VIRTUAL {
+            *b = physical[b.0 - VIRTUAL];
+        }
+    };
+    let mut map = map;
+    for op in &mut ops {
+        op.visit_bufs(&mut map);
+    }
+    plan.output_grad.iter_mut().for_each(&mut map);
+    plan.input_grad.iter_mut().for_each(&mut map);
     plan.backward = ops;
     Ok(())
 }
+
+/// Virtual gradient buffer ids start here, far above any real id.
+const VIRTUAL: usize = usize::MAX / 2;
