@@ -3,10 +3,18 @@
 //!
 //! - [`cpu::CpuBackend`]: pure Rust, multi-threaded (rayon + gemm), generic over `f32` and `f64`;
 //!   the numerical reference every other backend is checked against.
+//! - [`cuda::CudaBackend`]: cuDNN convolutions, cuBLASLt dense layers, NVRTC-compiled kernels for
+//!   the rest, CUDA graphs for repeated op lists. Compiled in every build; the CUDA libraries are
+//!   loaded at run time, so a machine without them gets an error at creation, never a panic.
+//! - [`Device`]: which of the two to create (`Device::Auto` takes the GPU when one is usable).
 
 pub mod cpu;
+pub mod cuda;
+mod device;
 pub mod ops;
 
+pub use cuda::{CudaBackend, CudaOptions};
+pub use device::Device;
 pub use ops::{ActFn, BnGeom, BufId, ConvGeom, CounterId, GradOut, Op, PoolGeom};
 
 use crate::Result;
@@ -16,7 +24,9 @@ use crate::Result;
 /// Buffers are allocated once per plan and addressed by [`BufId`]; [`Backend::run`] executes a
 /// list of ops in order. Reading a buffer is the only point at which a backend must wait for
 /// queued work, so a step that nobody reads from costs no synchronisation.
-pub trait Backend {
+///
+/// Backends are `Send`: an executor (and the trainer around it) may move to another thread.
+pub trait Backend: Send {
     /// A one-line description (device, threads).
     fn describe(&self) -> String;
 
@@ -55,4 +65,71 @@ pub trait Backend {
 
     /// Executes `ops` in order.
     fn run(&mut self, ops: &[Op]) -> Result<()>;
+
+    /// Executes `ops` in order, where the caller promises that `key` always names this same op
+    /// list (a plan's step). The CUDA backend runs the first call eagerly (the warm-up, where
+    /// algorithm searches and workspace allocations happen), captures the second into a CUDA
+    /// graph and replays that graph from then on. Backends without such a mechanism just run.
+    fn run_cached(&mut self, key: u64, ops: &[Op]) -> Result<()> {
+        let _ = key;
+        self.run(ops)
+    }
+
+    /// Waits until all queued work has finished (for timing; reads already wait).
+    fn synchronize(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    /// The most device memory this backend has held at once, in bytes, where it tracks it.
+    fn peak_memory(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// A boxed backend is a backend, so `Executor<Box<dyn Backend>>` works for a device chosen at
+/// run time ([`Device::open`]). Every method forwards, the defaults included, so the boxed
+/// backend behaves exactly as the one inside.
+impl Backend for Box<dyn Backend> {
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+    fn alloc(&mut self, len: usize) -> Result<BufId> {
+        (**self).alloc(len)
+    }
+    fn len(&self, buf: BufId) -> usize {
+        (**self).len(buf)
+    }
+    fn write(&mut self, buf: BufId, data: &[f32]) -> Result<()> {
+        (**self).write(buf, data)
+    }
+    fn read(&mut self, buf: BufId) -> Result<Vec<f32>> {
+        (**self).read(buf)
+    }
+    fn write_f64(&mut self, buf: BufId, data: &[f64]) -> Result<()> {
+        (**self).write_f64(buf, data)
+    }
+    fn read_f64(&mut self, buf: BufId) -> Result<Vec<f64>> {
+        (**self).read_f64(buf)
+    }
+    fn new_counter(&mut self) -> Result<CounterId> {
+        (**self).new_counter()
+    }
+    fn counter(&mut self, id: CounterId) -> Result<u64> {
+        (**self).counter(id)
+    }
+    fn set_counter(&mut self, id: CounterId, value: u64) -> Result<()> {
+        (**self).set_counter(id, value)
+    }
+    fn run(&mut self, ops: &[Op]) -> Result<()> {
+        (**self).run(ops)
+    }
+    fn run_cached(&mut self, key: u64, ops: &[Op]) -> Result<()> {
+        (**self).run_cached(key, ops)
+    }
+    fn synchronize(&mut self) -> Result<()> {
+        (**self).synchronize()
+    }
+    fn peak_memory(&self) -> Option<u64> {
+        (**self).peak_memory()
+    }
 }
