@@ -1,22 +1,23 @@
 //! The CUDA backend against the CPU reference, layer by layer and on whole models: same model,
 //! same weights, same batch; forward output, input gradient, every parameter gradient and the
 //! batch-norm running statistics after a training step, then the evaluation output, all within
-//! 1e-4 of the tensor's largest magnitude (f32, no TF32). A second training plan that
+//! 1e-4 of the tensor's largest magnitude (f32, no TF32; with gradcheck.rs's floor for tensors
+//! that are analytically zero, see `cuda_common::within`). A second training plan that
 //! accumulates parameter gradients over two steps checks the accumulate paths (cuDNN and
 //! cuBLASLt with beta = 1, the epilogue fallbacks).
 //!
 //! The model list is tests/gradcheck.rs's, plus ResNet-18 and the seed CNNs of `kiln::zoo`.
 //! Without a GPU every test prints `skipped: <reason>` and passes.
 
-use kiln::backend::Backend;
 use kiln::backend::cpu::CpuBackend;
+use kiln::backend::{Backend, CudaBackend, CudaOptions};
 use kiln::exec::{Executor, Mode, PlanOptions};
 use kiln::model::{BatchNorm, Conv2d, Linear, Model, ModelBuilder, Pool2d, branch};
 use kiln::rng::Rng;
 use kiln::zoo;
 
 mod cuda_common;
-use cuda_common::{cuda, rel_err};
+use cuda_common::{cuda, rel_err, within};
 
 const TOL: f64 = 1e-4;
 
@@ -58,18 +59,22 @@ fn step<B: Backend>(e: &mut Executor<B>, model: &Model, opts: PlanOptions, steps
 /// Runs `builder`'s model on both backends and returns the worst relative error.
 fn compare(name: &str, builder: ModelBuilder) -> f64 {
     let Some(gpu) = cuda() else { return 0.0 };
+    compare_on(name, builder, gpu, TOL)
+}
+
+fn compare_on(name: &str, builder: ModelBuilder, gpu: CudaBackend, tol: f64) -> f64 {
     let model = builder.seed(3).build().expect("model builds");
     let mut worst = (0f64, String::new());
     let mut g = Executor::new(&model, gpu).unwrap();
     let mut c = Executor::new(&model, CpuBackend::<f32>::new(None).unwrap()).unwrap();
     let plain = PlanOptions { input_grad: true, accumulate_param_grads: false };
-    let accumulating = PlanOptions { input_grad: false, accumulate_param_grads: true };
+    let accumulating = PlanOptions { input_grad: true, accumulate_param_grads: true };
     for (opts, steps, tag) in [(plain, 1, ""), (accumulating, 2, " (accumulated)")] {
         let want = step(&mut c, &model, opts, steps);
         let got = step(&mut g, &model, opts, steps);
         for ((what, r), (_, v)) in want.iter().zip(&got) {
             let err = rel_err(r, v);
-            assert!(err <= TOL, "{name}: {what}{tag}: GPU differs from CPU by {err:e} of its largest value");
+            assert!(within(r, v, tol), "{name}: {what}{tag}: GPU differs from CPU by {err:e} of its largest value");
             if err >= worst.0 {
                 worst = (err, format!("{what}{tag}"));
             }
@@ -77,6 +82,14 @@ fn compare(name: &str, builder: ModelBuilder) -> f64 {
     }
     println!("parity {name:<28} max rel err {:.2e} ({})", worst.0, worst.1);
     worst.0
+}
+
+/// A convolution without bias, for those feeding batch norm (or a softmax along a spatial
+/// axis): there the bias gradient is analytically zero, and comparing two f32 roundings of zero
+/// measures nothing (they differ by about 1e-6 for gradients of order one). Real networks (the
+/// ResNets) leave that bias out for the same reason; biased convolutions are covered elsewhere.
+fn no_bias(k: usize, kernel: usize) -> Conv2d {
+    Conv2d::new(k, kernel).bias(false)
 }
 
 fn img(b: usize, c: usize, h: usize, w: usize) -> ModelBuilder {
@@ -130,7 +143,7 @@ fn activations() {
 fn softmax_axes() {
     compare("softmax rows", ModelBuilder::new(&[3, 6]).dense(5).softmax(1));
     compare("softmax channels", img(2, 3, 3, 3).conv2d(4, 1).softmax(1));
-    compare("softmax last axis", img(2, 3, 3, 3).conv2d(4, 1).softmax(-1));
+    compare("softmax last axis", img(2, 3, 3, 3).conv2d_with(Conv2d::new(4, 1).bias(false)).softmax(-1));
     compare("softmax wide rows", ModelBuilder::new(&[4, 50]).dense(1000).softmax(1));
 }
 
@@ -142,17 +155,17 @@ fn dropout_in_training() {
 
 #[test]
 fn batch_norm() {
-    compare("batch norm 4-D", img(3, 2, 4, 4).conv2d(3, 3).batch_norm());
+    compare("batch norm 4-D", img(3, 2, 4, 4).conv2d_with(no_bias(3, 3)).batch_norm());
     compare("batch norm 2-D", ModelBuilder::new(&[5, 4]).dense(6).batch_norm().relu().dense(2));
     compare(
         "batch norm affine off",
-        img(3, 2, 4, 4).conv2d(3, 3).batch_norm_with(BatchNorm::new().affine(false).momentum(0.3)),
+        img(3, 2, 4, 4).conv2d_with(no_bias(3, 3)).batch_norm_with(BatchNorm::new().affine(false).momentum(0.3)),
     );
     compare(
         "batch norm no running stats",
-        img(3, 2, 4, 4).conv2d(3, 3).batch_norm_with(BatchNorm::new().track_running_stats(false)),
+        img(3, 2, 4, 4).conv2d_with(no_bias(3, 3)).batch_norm_with(BatchNorm::new().track_running_stats(false)),
     );
-    compare("batch norm large", img(16, 8, 16, 16).conv2d(16, 3).batch_norm());
+    compare("batch norm large", img(16, 8, 16, 16).conv2d_with(no_bias(16, 3)).batch_norm());
 }
 
 #[test]
@@ -178,7 +191,7 @@ fn joins() {
     compare(
         "residual projection",
         img(3, 3, 6, 6).conv2d(4, 1).residual_with(
-            |m| m.conv2d_with(Conv2d::new(6, 3).stride(2).padding(1)).batch_norm().relu(),
+            |m| m.conv2d_with(no_bias(6, 3).stride(2).padding(1)).batch_norm().relu(),
             |s| s.conv2d_with(Conv2d::new(6, 1).stride(2).bias(false)).batch_norm(),
         ),
     );
@@ -198,7 +211,7 @@ fn mixed_model() {
     compare(
         "mixed",
         img(2, 3, 8, 8)
-            .conv2d_with(Conv2d::new(4, 3).padding(1))
+            .conv2d_with(no_bias(4, 3).padding(1))
             .batch_norm()
             .relu()
             .max_pool2d(2)
@@ -223,4 +236,17 @@ fn seed_cnns() {
     compare("mnist cnn", zoo::mnist_cnn(4));
     compare("cifar cnn", zoo::cifar_cnn(4));
     compare("inception block", zoo::inception_block(2, 10));
+}
+
+/// With TF32 allowed, convolutions and dense layers round their inputs to 10-bit mantissas:
+/// results stay within TF32's tolerance (about 1e-3 relative), and the backend says TF32 is on.
+#[test]
+fn tf32_option() {
+    if cuda().is_none() {
+        return;
+    }
+    let gpu = CudaBackend::with_options(0, CudaOptions { tf32: true, ..Default::default() }).unwrap();
+    assert!(gpu.describe().contains("TF32 on"), "{}", gpu.describe());
+    let err = compare_on("tf32 conv+dense", img(8, 16, 12, 12).conv2d(32, 3).relu().dense(20), gpu, 1e-2);
+    println!("tf32: max rel err {err:.2e} (f32 paths stay near 1e-7)");
 }

@@ -4,12 +4,15 @@
 //!
 //! Per convolution geometry the backend keeps the descriptors and, per direction, the algorithm
 //! chosen by timing every candidate once (`cudnnFind*AlgorithmEx`, on scratch outputs so an
-//! accumulating gradient is never clobbered). Only deterministic algorithms are taken (so a
-//! replayed graph computes exactly what eager execution does), and unless TF32 was asked for,
-//! only `CUDNN_FMA_MATH` ones (`CUDNN_DEFAULT_MATH` lets cuDNN use TF32 tensor cores on Ampere
-//! and later, about 1e-3 relative error). The search happens in the warm-up run; one workspace
-//! serves every convolution (work on the one stream is serialised) and grows, never shrinks,
-//! in the warm-up only.
+//! accumulating gradient is never clobbered). Unless TF32 was asked for, the choice keeps f32
+//! accuracy: `CUDNN_FMA_MATH` only (`CUDNN_DEFAULT_MATH` lets cuDNN use TF32 tensor cores on
+//! Ampere and later, about 1e-3 relative error), and an FFT or Winograd algorithm (which
+//! transform the data and lose precision, but are often twice as fast) only after it has been
+//! run beside the fastest direct or GEMM-based one on the same data and agreed with it to 1e-5
+//! of its largest value. Deterministic algorithms are preferred, so a replayed graph computes
+//! exactly what eager execution does (see [`pick`]). The search happens in the warm-up run; one
+//! workspace serves every convolution (work on the one stream is serialised) and grows, never
+//! shrinks, in the warm-up only.
 
 use std::collections::HashMap;
 use std::ffi::{CStr, c_void};
@@ -41,14 +44,35 @@ pub(crate) fn check_dnn(call: &str, r: sys::cudnnStatus_t) -> Result<()> {
     Err(Error::DeviceCall { call: call.to_string(), status })
 }
 
+/// One lock for every cuDNN call in the process. cuDNN documents handles as usable from several
+/// threads at once when each thread has its own, but cuDNN 9.14's legacy convolution API was
+/// seen on the H100 here returning `CUDNN_STATUS_INTERNAL_ERROR` and `EXECUTION_FAILED` when two
+/// backends (two threads, two handles, one context) called it concurrently, and never when the
+/// same calls ran one thread at a time. The calls only queue work, so serialising them costs a
+/// single-backend process nothing.
+static CUDNN_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn cudnn_lock() -> std::sync::MutexGuard<'static, ()> {
+    // A panic while holding the lock leaves nothing half-done that the lock protects.
+    CUDNN_LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// The largest workspace an algorithm search may offer candidates (algorithms that want more
 /// are not considered); also bounded by half the free memory.
 const SEARCH_WORKSPACE: usize = 512 << 20;
 
+/// An algorithm of one of the three directions.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Algo {
+    Forward(sys::cudnnConvolutionFwdAlgo_t),
+    BackwardData(sys::cudnnConvolutionBwdDataAlgo_t),
+    BackwardFilter(sys::cudnnConvolutionBwdFilterAlgo_t),
+}
+
 /// The algorithm chosen for one direction of one geometry.
 #[derive(Clone, Copy, Debug)]
-struct Chosen<A> {
-    algo: A,
+struct Chosen {
+    algo: Algo,
     memory: usize,
     math: sys::cudnnMathType_t,
 }
@@ -59,9 +83,7 @@ struct ConvEntry {
     y: sys::cudnnTensorDescriptor_t,
     w: sys::cudnnFilterDescriptor_t,
     conv: sys::cudnnConvolutionDescriptor_t,
-    fwd: Option<Chosen<sys::cudnnConvolutionFwdAlgo_t>>,
-    bwd_data: Option<Chosen<sys::cudnnConvolutionBwdDataAlgo_t>>,
-    bwd_filter: Option<Chosen<sys::cudnnConvolutionBwdFilterAlgo_t>>,
+    chosen: [Option<Chosen>; 3],
 }
 
 impl Drop for ConvEntry {
@@ -89,6 +111,7 @@ pub(crate) struct Cudnn {
 impl Cudnn {
     pub fn new(stream: cudarc::driver::sys::CUstream, tf32: bool) -> Result<Cudnn> {
         let mut handle = std::ptr::null_mut();
+        let _lock = cudnn_lock();
         // SAFETY: out-pointer to a local; the stream is live for the backend's life.
         unsafe {
             dnn!(cudnnCreate(&mut handle))?;
@@ -105,6 +128,7 @@ impl Cudnn {
 
 impl Drop for Cudnn {
     fn drop(&mut self) {
+        let _lock = cudnn_lock();
         self.convs.clear();
         // SAFETY: the handle belongs to this value; the stream has been synchronised.
         unsafe {
@@ -128,9 +152,7 @@ fn describe(g: &ConvGeom) -> Result<ConvEntry> {
         y: std::ptr::null_mut(),
         w: std::ptr::null_mut(),
         conv: std::ptr::null_mut(),
-        fwd: None,
-        bwd_data: None,
-        bwd_filter: None,
+        chosen: [None; 3],
     };
     use sys::cudnnDataType_t::CUDNN_DATA_FLOAT as F32;
     use sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW as NCHW;
@@ -189,31 +211,58 @@ fn describe(g: &ConvGeom) -> Result<ConvEntry> {
 /// What the selection needs from any of cuDNN's three perf structs.
 struct Candidate {
     index: usize,
+    algo: Algo,
     ok: bool,
+    /// A direct or GEMM-based algorithm: exact f32 arithmetic. The FFT and Winograd ones
+    /// transform the data first and lose precision (seen here: a 5x5 filter gradient off by
+    /// 6e-4 of its largest value on a run where such an algorithm timed fastest).
+    exact: bool,
+    time: f32,
     memory: usize,
     deterministic: bool,
     math: sys::cudnnMathType_t,
+    /// One line for logs and errors.
+    text: String,
 }
 
-/// The fastest usable candidate (cuDNN returns them fastest first): deterministic, FMA math
-/// unless TF32 is allowed, within the workspace offered.
-fn pick(cands: &[Candidate], tf32: bool, workspace: usize) -> Option<usize> {
-    let usable =
-        |c: &&Candidate| c.ok && c.memory <= workspace && (tf32 || c.math == sys::cudnnMathType_t::CUDNN_FMA_MATH);
-    cands.iter().filter(usable).find(|c| c.deterministic).map(|c| c.index)
+/// The fastest usable candidate (cuDNN returns them fastest first) within the workspace
+/// offered: FMA math unless TF32 is allowed, exact (direct or GEMM-based) when `exact`. Among
+/// those a deterministic one if there is any (so graph replays equal eager runs bit for bit),
+/// else the fastest non-deterministic one (some shapes have none that is deterministic; their
+/// results vary in the last bits from run to run, as PyTorch's do by default).
+fn pick(cands: &[Candidate], tf32: bool, exact: bool, workspace: usize) -> Option<usize> {
+    let usable: Vec<&Candidate> = cands
+        .iter()
+        .filter(|c| {
+            c.ok && c.memory <= workspace
+                && (tf32 || c.math == sys::cudnnMathType_t::CUDNN_FMA_MATH)
+                && (c.exact || !exact)
+        })
+        .collect();
+    usable.iter().find(|c| c.deterministic).or(usable.first()).map(|c| c.index)
 }
 
 macro_rules! candidates {
-    ($perf:expr, $n:expr) => {
+    ($perf:expr, $n:expr, $wrap:expr) => {
         $perf[..$n]
             .iter()
             .enumerate()
-            .map(|(index, p)| Candidate {
-                index,
-                ok: p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS,
-                memory: p.memory,
-                deterministic: p.determinism == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC,
-                math: p.mathType,
+            .map(|(index, p)| {
+                let name = format!("{:?}", p.algo);
+                Candidate {
+                    index,
+                    algo: $wrap(p.algo),
+                    ok: p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS,
+                    exact: !name.contains("FFT") && !name.contains("WINOGRAD"),
+                    time: p.time,
+                    memory: p.memory,
+                    deterministic: p.determinism == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC,
+                    math: p.mathType,
+                    text: format!(
+                        "{name} {:?} {:.3} ms {} B {:?} {:?}",
+                        p.status, p.time, p.memory, p.determinism, p.mathType
+                    ),
+                }
             })
             .collect::<Vec<_>>()
     };
@@ -222,10 +271,13 @@ macro_rules! candidates {
 /// Which direction a search is for.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Dir {
-    Forward,
-    BackwardData,
-    BackwardFilter,
+    Forward = 0,
+    BackwardData = 1,
+    BackwardFilter = 2,
 }
+
+/// How closely a transform (FFT, Winograd) algorithm must match the exact one to be used.
+const TRANSFORM_TOLERANCE: f64 = 1e-5;
 
 impl CudaBackend {
     fn math(&self) -> sys::cudnnMathType_t {
@@ -250,8 +302,49 @@ impl CudaBackend {
         Ok(self.dnn.workspace)
     }
 
-    /// Times every algorithm of one direction on scratch outputs and records the choice.
-    fn conv_search(&mut self, g: &ConvGeom, dir: Dir, a: CUdeviceptr, b: CUdeviceptr) -> Result<()> {
+    /// Queues one convolution pass: `out = op(a, b)` (+ `beta * out`) with the direction's
+    /// operands: forward `(x, w) -> y`, backward data `(w, dy) -> dx`, backward filter
+    /// `(x, dy) -> dw`.
+    #[allow(clippy::too_many_arguments)]
+    fn conv_run(
+        &self,
+        g: &ConvGeom,
+        c: Chosen,
+        a: CUdeviceptr,
+        b: CUdeviceptr,
+        out: CUdeviceptr,
+        beta: f32,
+        ws: (CUdeviceptr, usize),
+    ) -> Result<()> {
+        let e = self.dnn.convs.get(&key(g)).ok_or_else(|| Error::State("convolution not described".into()))?;
+        let (h, one) = (self.dnn.handle, 1.0f32);
+        let (alpha, beta) = (&one as *const f32 as *const c_void, &beta as *const f32 as *const c_void);
+        let (a, b, out, w) = (a as *const c_void, b as *const c_void, out as *mut c_void, ws.0 as *mut c_void);
+        // SAFETY: live descriptors and device buffers of the sizes the descriptors state
+        // (checked against the plan in `exec`); the workspace holds at least `c.memory` bytes.
+        unsafe {
+            dnn!(cudnnSetConvolutionMathType(e.conv, c.math))?;
+            match c.algo {
+                Algo::Forward(algo) => {
+                    dnn!(cudnnConvolutionForward(h, alpha, e.x, a, e.w, b, e.conv, algo, w, ws.1, beta, e.y, out))
+                }
+                Algo::BackwardData(algo) => {
+                    dnn!(cudnnConvolutionBackwardData(h, alpha, e.w, a, e.y, b, e.conv, algo, w, ws.1, beta, e.x, out))
+                }
+                Algo::BackwardFilter(algo) => {
+                    dnn!(cudnnConvolutionBackwardFilter(
+                        h, alpha, e.x, a, e.y, b, e.conv, algo, w, ws.1, beta, e.w, out
+                    ))
+                }
+            }
+        }
+    }
+
+    /// The algorithm of one direction, searched for on first use (warm-up only).
+    fn conv_algo(&mut self, g: &ConvGeom, dir: Dir, a: CUdeviceptr, b: CUdeviceptr) -> Result<Chosen> {
+        if let Some(c) = self.conv_entry(g)?.chosen[dir as usize] {
+            return Ok(c);
+        }
         if self.mem.capturing {
             return Err(Error::State(format!(
                 "cuDNN algorithm search ({dir:?}) during CUDA graph capture: the warm-up run did not cover this convolution"
@@ -263,47 +356,40 @@ impl CudaBackend {
             Dir::BackwardFilter => g.weight_len(),
         };
         let (free, _) = self.gpu.mem_info()?;
-        let ws_bytes = SEARCH_WORKSPACE.min((free / 2) as usize).saturating_sub(out_bytes);
-        let scratch = self.mem.alloc(&self.gpu, out_bytes)?;
-        let ws = match self.mem.alloc(&self.gpu, ws_bytes) {
-            Ok(p) => p,
-            Err(e) => {
-                self.mem.free_now(&self.gpu, scratch)?;
-                return Err(e);
+        let ws_bytes = SEARCH_WORKSPACE.min((free / 2) as usize).saturating_sub(2 * out_bytes);
+        let mut temps = Vec::new();
+        let r = (|| {
+            for bytes in [out_bytes, out_bytes, ws_bytes] {
+                temps.push(self.mem.alloc(&self.gpu, bytes)?);
             }
-        };
-        let r = self.conv_search_in(g, dir, a, b, scratch, ws, ws_bytes);
-        self.mem.free_now(&self.gpu, scratch)?;
-        self.mem.free_now(&self.gpu, ws)?;
-        r
+            self.conv_search(g, dir, a, b, (temps[0], temps[1]), (temps[2], ws_bytes))
+        })();
+        for t in temps {
+            self.mem.free_now(&self.gpu, t)?;
+        }
+        let c = r?;
+        self.conv_entry(g)?.chosen[dir as usize] = Some(c);
+        Ok(c)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn conv_search_in(
+    /// Times every algorithm (`cudnnFind*AlgorithmEx`) and chooses one; see the module docs.
+    fn conv_search(
         &mut self,
         g: &ConvGeom,
         dir: Dir,
         a: CUdeviceptr,
         b: CUdeviceptr,
-        scratch: CUdeviceptr,
-        ws: CUdeviceptr,
-        ws_bytes: usize,
-    ) -> Result<()> {
+        scratch: (CUdeviceptr, CUdeviceptr),
+        ws: (CUdeviceptr, usize),
+    ) -> Result<Chosen> {
         let (tf32, math, handle) = (self.dnn.tf32, self.math(), self.dnn.handle);
         let e = self.conv_entry(g)?;
         let (xd, yd, wd, cd) = (e.x, e.y, e.w, e.conv);
-        let (a, b, s, w) = (a as *const c_void, b as *const c_void, scratch as *mut c_void, ws as *mut c_void);
+        let (ap, bp, s, w) = (a as *const c_void, b as *const c_void, scratch.0 as *mut c_void, ws.0 as *mut c_void);
         let mut n = 0;
-        let none = || Error::DeviceCall {
-            call: format!("cuDNN algorithm search ({dir:?}) for {g:?}"),
-            status: format!(
-                "no deterministic algorithm{} fits in {ws_bytes} bytes of workspace",
-                if tf32 { "" } else { " with FMA math (no TF32)" }
-            ),
-        };
         // SAFETY: descriptors and pointers describe live device buffers of the right sizes;
         // the perf arrays hold as many entries as requested.
-        unsafe {
+        let cands = unsafe {
             dnn!(cudnnSetConvolutionMathType(cd, math))?;
             match dir {
                 Dir::Forward => {
@@ -311,9 +397,9 @@ impl CudaBackend {
                     dnn!(cudnnFindConvolutionForwardAlgorithmEx(
                         handle,
                         xd,
-                        a,
+                        ap,
                         wd,
-                        b,
+                        bp,
                         cd,
                         yd,
                         s,
@@ -321,20 +407,18 @@ impl CudaBackend {
                         &mut n,
                         perf.as_mut_ptr(),
                         w,
-                        ws_bytes
+                        ws.1
                     ))?;
-                    let i = pick(&candidates!(perf, n as usize), tf32, ws_bytes).ok_or_else(none)?;
-                    let p = perf[i];
-                    self.conv_entry(g)?.fwd = Some(Chosen { algo: p.algo, memory: p.memory, math: p.mathType });
+                    candidates!(perf, n as usize, Algo::Forward)
                 }
                 Dir::BackwardData => {
                     let mut perf = [std::mem::zeroed::<sys::cudnnConvolutionBwdDataAlgoPerf_t>(); 6];
                     dnn!(cudnnFindConvolutionBackwardDataAlgorithmEx(
                         handle,
                         wd,
-                        a,
+                        ap,
                         yd,
-                        b,
+                        bp,
                         cd,
                         xd,
                         s,
@@ -342,20 +426,18 @@ impl CudaBackend {
                         &mut n,
                         perf.as_mut_ptr(),
                         w,
-                        ws_bytes
+                        ws.1
                     ))?;
-                    let i = pick(&candidates!(perf, n as usize), tf32, ws_bytes).ok_or_else(none)?;
-                    let p = perf[i];
-                    self.conv_entry(g)?.bwd_data = Some(Chosen { algo: p.algo, memory: p.memory, math: p.mathType });
+                    candidates!(perf, n as usize, Algo::BackwardData)
                 }
                 Dir::BackwardFilter => {
                     let mut perf = [std::mem::zeroed::<sys::cudnnConvolutionBwdFilterAlgoPerf_t>(); 7];
                     dnn!(cudnnFindConvolutionBackwardFilterAlgorithmEx(
                         handle,
                         xd,
-                        a,
+                        ap,
                         yd,
-                        b,
+                        bp,
                         cd,
                         wd,
                         s,
@@ -363,55 +445,65 @@ impl CudaBackend {
                         &mut n,
                         perf.as_mut_ptr(),
                         w,
-                        ws_bytes
+                        ws.1
                     ))?;
-                    let i = pick(&candidates!(perf, n as usize), tf32, ws_bytes).ok_or_else(none)?;
-                    let p = perf[i];
-                    self.conv_entry(g)?.bwd_filter = Some(Chosen { algo: p.algo, memory: p.memory, math: p.mathType });
+                    candidates!(perf, n as usize, Algo::BackwardFilter)
                 }
             }
-        }
+        };
+        let chosen = |i: usize| Chosen { algo: cands[i].algo, memory: cands[i].memory, math: cands[i].math };
+        let exact = pick(&cands, tf32, !tf32, ws.1);
+        let fastest = pick(&cands, tf32, false, ws.1);
+        let (choice, note) = match (exact, fastest) {
+            (_, None) => {
+                return Err(Error::DeviceCall {
+                    call: format!("cuDNN algorithm search ({dir:?}) for {g:?}"),
+                    status: format!(
+                        "no algorithm{} fits in {} bytes of workspace; candidates: {}",
+                        if tf32 { "" } else { " with FMA math (no TF32)" },
+                        ws.1,
+                        cands.iter().map(|c| c.text.as_str()).collect::<Vec<_>>().join("; ")
+                    ),
+                });
+            }
+            // TF32, or nothing exact to check against: the fastest.
+            (None, Some(f)) => (f, "no exact algorithm".to_string()),
+            (Some(x), Some(f)) if x == f || cands[f].time >= 0.9 * cands[x].time => (x, String::new()),
+            // A transform algorithm at least 10% faster: use it if it agrees with the exact one.
+            (Some(x), Some(f)) => {
+                self.conv_run(g, chosen(x), a, b, scratch.0, 0.0, ws)?;
+                self.conv_run(g, chosen(f), a, b, scratch.1, 0.0, ws)?;
+                let len = match dir {
+                    Dir::Forward => g.output_len(),
+                    Dir::BackwardData => g.input_len(),
+                    Dir::BackwardFilter => g.weight_len(),
+                };
+                let (mut rx, mut rf) = (vec![0f32; len], vec![0f32; len]);
+                self.mem.download(&self.gpu, scratch.0, super::f32_bytes_mut(&mut rx))?;
+                self.mem.download(&self.gpu, scratch.1, super::f32_bytes_mut(&mut rf))?;
+                let err = relative_difference(&rx, &rf);
+                if err <= TRANSFORM_TOLERANCE {
+                    (f, format!("transform checked: {err:.1e} from {}", cands[x].text))
+                } else {
+                    (x, format!("transform rejected: {err:.1e} from exact ({})", cands[f].text))
+                }
+            }
+        };
         if self.debug {
-            let e = self.conv_entry(g)?;
-            let chosen = match dir {
-                Dir::Forward => format!("{:?}", e.fwd),
-                Dir::BackwardData => format!("{:?}", e.bwd_data),
-                Dir::BackwardFilter => format!("{:?}", e.bwd_filter),
-            };
-            eprintln!("[kiln cuda] cudnn {dir:?} {:?}: {chosen}", key(g));
+            eprintln!("[kiln cuda] cudnn {dir:?} {:?}: {} {note}", key(g), cands[choice].text);
+            for c in &cands {
+                eprintln!("[kiln cuda]     candidate {}", c.text);
+            }
         }
-        Ok(())
+        Ok(chosen(choice))
     }
 
     pub(super) fn conv_forward(&mut self, g: &ConvGeom, x: BufId, w: BufId, b: Option<BufId>, y: BufId) -> Result<()> {
+        let _lock = cudnn_lock();
         let (xp, wp, yp) = (self.ptr(x), self.ptr(w), self.ptr(y));
-        if self.conv_entry(g)?.fwd.is_none() {
-            self.conv_search(g, Dir::Forward, xp, wp)?;
-        }
-        let e = self.conv_entry(g)?;
-        let (xd, yd, wd, cd, c) = (e.x, e.y, e.w, e.conv, e.fwd.expect("searched above"));
-        let (ws, ws_bytes) = self.conv_workspace(c.memory)?;
-        let (one, zero) = (1.0f32, 0.0f32);
-        // SAFETY: live descriptors and device buffers of the sizes the descriptors state
-        // (checked against the plan in `exec`); the workspace holds `c.memory` bytes.
-        unsafe {
-            dnn!(cudnnSetConvolutionMathType(cd, c.math))?;
-            dnn!(cudnnConvolutionForward(
-                self.dnn.handle,
-                &one as *const f32 as *const c_void,
-                xd,
-                xp as *const c_void,
-                wd,
-                wp as *const c_void,
-                cd,
-                c.algo,
-                ws as *mut c_void,
-                ws_bytes,
-                &zero as *const f32 as *const c_void,
-                yd,
-                yp as *mut c_void
-            ))?;
-        }
+        let c = self.conv_algo(g, Dir::Forward, xp, wp)?;
+        let ws = self.conv_workspace(c.memory)?;
+        self.conv_run(g, c, xp, wp, yp, 0.0, ws)?;
         if let Some(b) = b {
             self.bias_add(y, b, g.n, g.k, g.oh * g.ow)?;
         }
@@ -429,66 +521,73 @@ impl CudaBackend {
         dw: GradOut,
         db: Option<GradOut>,
     ) -> Result<()> {
+        let _lock = cudnn_lock();
         let (xp, wp, dyp) = (self.ptr(x), self.ptr(w), self.ptr(dy));
-        let one = 1.0f32;
         let beta = |acc: bool| if acc { 1.0f32 } else { 0.0f32 };
         if let Some(dx) = dx {
-            if self.conv_entry(g)?.bwd_data.is_none() {
-                self.conv_search(g, Dir::BackwardData, wp, dyp)?;
-            }
-            let e = self.conv_entry(g)?;
-            let (xd, yd, wd, cd, c) = (e.x, e.y, e.w, e.conv, e.bwd_data.expect("searched above"));
-            let (ws, ws_bytes) = self.conv_workspace(c.memory)?;
-            let b = beta(dx.accumulate);
-            // SAFETY: as in `conv_forward`.
-            unsafe {
-                dnn!(cudnnSetConvolutionMathType(cd, c.math))?;
-                dnn!(cudnnConvolutionBackwardData(
-                    self.dnn.handle,
-                    &one as *const f32 as *const c_void,
-                    wd,
-                    wp as *const c_void,
-                    yd,
-                    dyp as *const c_void,
-                    cd,
-                    c.algo,
-                    ws as *mut c_void,
-                    ws_bytes,
-                    &b as *const f32 as *const c_void,
-                    xd,
-                    self.ptr(dx.buf) as *mut c_void
-                ))?;
-            }
+            let c = self.conv_algo(g, Dir::BackwardData, wp, dyp)?;
+            let ws = self.conv_workspace(c.memory)?;
+            self.conv_run(g, c, wp, dyp, self.ptr(dx.buf), beta(dx.accumulate), ws)?;
         }
-        if self.conv_entry(g)?.bwd_filter.is_none() {
-            self.conv_search(g, Dir::BackwardFilter, xp, dyp)?;
-        }
-        let e = self.conv_entry(g)?;
-        let (xd, yd, wd, cd, c) = (e.x, e.y, e.w, e.conv, e.bwd_filter.expect("searched above"));
-        let (ws, ws_bytes) = self.conv_workspace(c.memory)?;
-        let b = beta(dw.accumulate);
-        // SAFETY: as in `conv_forward`.
-        unsafe {
-            dnn!(cudnnSetConvolutionMathType(cd, c.math))?;
-            dnn!(cudnnConvolutionBackwardFilter(
-                self.dnn.handle,
-                &one as *const f32 as *const c_void,
-                xd,
-                xp as *const c_void,
-                yd,
-                dyp as *const c_void,
-                cd,
-                c.algo,
-                ws as *mut c_void,
-                ws_bytes,
-                &b as *const f32 as *const c_void,
-                wd,
-                self.ptr(dw.buf) as *mut c_void
-            ))?;
-        }
+        let c = self.conv_algo(g, Dir::BackwardFilter, xp, dyp)?;
+        let ws = self.conv_workspace(c.memory)?;
+        self.conv_run(g, c, xp, dyp, self.ptr(dw.buf), beta(dw.accumulate), ws)?;
         if let Some(db) = db {
             self.channel_sum(dy, db, g.n, g.k, g.oh * g.ow)?;
         }
         Ok(())
+    }
+}
+
+/// Largest difference relative to the reference's largest magnitude; infinite where either
+/// holds a NaN or infinity the other does not.
+fn relative_difference(reference: &[f32], other: &[f32]) -> f64 {
+    let scale = reference.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+    let mut diff = 0f64;
+    for (a, b) in reference.iter().zip(other) {
+        if a.is_finite() != b.is_finite() {
+            return f64::INFINITY;
+        }
+        diff = diff.max((*a as f64 - *b as f64).abs());
+    }
+    if scale == 0.0 { diff } else { diff / scale }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sys::cudnnMathType_t::{CUDNN_DEFAULT_MATH as DEFAULT, CUDNN_FMA_MATH as FMA};
+
+    fn cand(index: usize, exact: bool, deterministic: bool, math: sys::cudnnMathType_t, memory: usize) -> Candidate {
+        let algo = Algo::Forward(sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_GEMM);
+        Candidate { index, algo, ok: true, exact, time: index as f32, memory, deterministic, math, text: String::new() }
+    }
+
+    #[test]
+    fn pick_prefers_exact_deterministic_fma_within_the_workspace() {
+        let cands = [
+            cand(0, false, true, FMA, 0),    // FFT: fastest, not exact
+            cand(1, true, false, FMA, 0),    // exact, non-deterministic
+            cand(2, true, true, DEFAULT, 0), // may use TF32
+            cand(3, true, true, FMA, 1000),  // too much workspace below
+            cand(4, true, true, FMA, 10),
+        ];
+        assert_eq!(pick(&cands, false, true, 100), Some(4));
+        assert_eq!(pick(&cands, false, true, 1000), Some(3));
+        // Without a deterministic exact candidate: the fastest exact one.
+        assert_eq!(pick(&cands[..3], false, true, 100), Some(1));
+        // Transforms allowed (to be checked against the exact choice): the FFT one.
+        assert_eq!(pick(&cands, false, false, 100), Some(0));
+        // TF32 allowed: every math type too, deterministic first.
+        assert_eq!(pick(&cands[1..], true, false, 100), Some(2));
+        let failed = Candidate { ok: false, ..cand(0, true, true, FMA, 0) };
+        assert_eq!(pick(&[failed], false, true, 100), None);
+    }
+
+    #[test]
+    fn relative_difference_flags_non_finite_values() {
+        let d = relative_difference(&[2.0, -4.0], &[2.0, -4.0004]);
+        assert!((d - 1e-4).abs() < 1e-6, "{d}");
+        assert!(relative_difference(&[1.0, 2.0], &[1.0, f32::NAN]).is_infinite());
     }
 }
