@@ -8,7 +8,7 @@
 //! accuracy: `CUDNN_FMA_MATH` only (`CUDNN_DEFAULT_MATH` lets cuDNN use TF32 tensor cores on
 //! Ampere and later, about 1e-3 relative error), and an FFT or Winograd algorithm (which
 //! transform the data and lose precision, but are often twice as fast) only after it has been
-//! run beside the fastest direct or GEMM-based one on the same data and agreed with it to 1e-5
+//! run beside the fastest direct or GEMM-based one on the same data and agreed with it to 2e-5
 //! of its largest value. Deterministic algorithms are preferred, so a replayed graph computes
 //! exactly what eager execution does (see [`pick`]). The search happens in the warm-up run; one
 //! workspace serves every convolution (work on the one stream is serialised) and grows, never
@@ -276,8 +276,12 @@ enum Dir {
     BackwardFilter = 2,
 }
 
-/// How closely a transform (FFT, Winograd) algorithm must match the exact one to be used.
-const TRANSFORM_TOLERANCE: f64 = 1e-5;
+/// How closely a transform (FFT, Winograd) algorithm must match the exact one to be used,
+/// relative to the result's largest value: a fifth of the 1e-4 that a whole model must stay
+/// within. Measured on ResNet-18 (batch 64, H100): Winograd forward and backward-data passes
+/// differ by 1.0e-5 to 1.7e-5 and pass; backward-filter transforms at 2.6e-5 to 4.7e-5 and the
+/// 6e-4 case that prompted the check do not.
+const TRANSFORM_TOLERANCE: f64 = 2e-5;
 
 impl CudaBackend {
     fn math(&self) -> sys::cudnnMathType_t {

@@ -40,7 +40,8 @@ impl Drop for Cached {
 
 impl CudaBackend {
     pub(super) fn run_cached_ops(&mut self, key: u64, ops: &[Op]) -> Result<()> {
-        if self.eager {
+        // Nothing to capture in an empty list (CUDA would instantiate an empty graph).
+        if self.eager || ops.is_empty() {
             return self.run_ops(ops);
         }
         let state = self.graphs.get(&key).filter(|c| c.ops == ops).map(|c| c.graph.map(|g| g.1));

@@ -172,6 +172,10 @@ impl CudaBackend {
             Some(a) => *a,
             None => {
                 let a = self.gemm_heuristic(&ds)?;
+                if self.debug {
+                    let what = if a.is_some() { "heuristic algorithm" } else { "no algorithm, falling back" };
+                    eprintln!("[kiln cuda] cublasLt {gm:?}: {what}");
+                }
                 self.lt.algos.insert(gm, a);
                 a
             }
