@@ -3,10 +3,18 @@
 //!
 //! - [`cpu::CpuBackend`]: pure Rust, multi-threaded (rayon + gemm), generic over `f32` and `f64`;
 //!   the numerical reference every other backend is checked against.
+//! - [`cuda::CudaBackend`]: cuDNN convolutions, cuBLASLt dense layers, NVRTC-compiled kernels for
+//!   the rest, CUDA graphs for repeated op lists. Compiled in every build; the CUDA libraries are
+//!   loaded at run time, so a machine without them gets an error at creation, never a panic.
+//! - [`Device`]: which of the two to create (`Device::Auto` takes the GPU when one is usable).
 
 pub mod cpu;
+pub mod cuda;
+mod device;
 pub mod ops;
 
+pub use cuda::{CudaBackend, CudaOptions};
+pub use device::Device;
 pub use ops::{ActFn, BnGeom, BufId, ConvGeom, CounterId, GradOut, LossFn, Op, OptParam, OptRule, PoolGeom, Scoring};
 
 use crate::Result;
@@ -16,7 +24,9 @@ use crate::Result;
 /// Buffers are allocated once per plan and addressed by [`BufId`]; [`Backend::run`] executes a
 /// list of ops in order. Reading a buffer is the only point at which a backend must wait for
 /// queued work, so a step that nobody reads from costs no synchronisation.
-pub trait Backend {
+///
+/// Backends are `Send`: an executor (and the trainer around it) may move to another thread.
+pub trait Backend: Send {
     /// A one-line description (device, threads).
     fn describe(&self) -> String;
 
@@ -59,18 +69,30 @@ pub trait Backend {
     /// Executes `ops` in order.
     fn run(&mut self, ops: &[Op]) -> Result<()>;
 
-    /// Executes `ops`, which the caller promises are the same list every time it passes `key`:
-    /// a backend may record them once and replay the record (the CUDA backend captures a CUDA
-    /// graph). The default runs them.
+    /// Executes `ops` in order, where the caller promises that `key` always names this same op
+    /// list (a plan's step). The CUDA backend runs the first call eagerly (the warm-up, where
+    /// algorithm searches and workspace allocations happen), captures the second into a CUDA
+    /// graph and replays that graph from then on. Backends without such a mechanism just run.
     fn run_cached(&mut self, key: u64, ops: &[Op]) -> Result<()> {
         let _ = key;
         self.run(ops)
     }
+
+    /// Waits until all queued work has finished (for timing; reads already wait).
+    fn synchronize(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    /// The most device memory this backend has held at once, in bytes, where it tracks it.
+    fn peak_memory(&self) -> Option<u64> {
+        None
+    }
 }
 
-/// A boxed backend is a backend: the trainer holds `Box<dyn Backend + Send>` so that user
-/// types carry no backend parameter.
-impl Backend for Box<dyn Backend + Send> {
+/// A boxed backend is a backend, so `Executor<Box<dyn Backend>>` works for a device chosen at
+/// run time ([`Device::open`]). Every method forwards, the defaults included, so the boxed
+/// backend behaves exactly as the one inside.
+impl Backend for Box<dyn Backend> {
     fn describe(&self) -> String {
         (**self).describe()
     }
@@ -109,5 +131,11 @@ impl Backend for Box<dyn Backend + Send> {
     }
     fn run_cached(&mut self, key: u64, ops: &[Op]) -> Result<()> {
         (**self).run_cached(key, ops)
+    }
+    fn synchronize(&mut self) -> Result<()> {
+        (**self).synchronize()
+    }
+    fn peak_memory(&self) -> Option<u64> {
+        (**self).peak_memory()
     }
 }

@@ -65,7 +65,7 @@ struct OptState {
 
 /// Trains one model; see the module documentation.
 pub struct Trainer {
-    exec: Executor<Box<dyn Backend + Send>>,
+    exec: Executor<Box<dyn Backend>>,
     config: TrainerConfig,
     out_shape: Vec<usize>,
     opt: Option<OptState>,
@@ -115,7 +115,7 @@ impl Trainer {
         config.validate()?;
         let out_shape = model.nodes().last().expect("a built model has layers").shape.clone();
         config.loss.check_output(&out_shape)?;
-        let backend: Box<dyn Backend + Send> = match config.device {
+        let backend: Box<dyn Backend> = match config.device {
             DeviceChoice::Cpu { threads } => Box::new(CpuBackend::<f32>::new(threads)?),
         };
         let mut exec = Executor::new(model, backend)?;
@@ -209,7 +209,7 @@ impl Trainer {
     }
 
     /// The executor (parameters, plans, backend) for advanced use.
-    pub fn executor(&mut self) -> &mut Executor<Box<dyn Backend + Send>> {
+    pub fn executor(&mut self) -> &mut Executor<Box<dyn Backend>> {
         &mut self.exec
     }
 

@@ -1,0 +1,104 @@
+//! Element-wise activations on the GPU, forward and backward: one NVRTC kernel each, with the
+//! function chosen by a code (uniform across the launch, so the switch costs nothing). The
+//! formulas are the CPU backend's (`backend/cpu/activation.rs`), written the same way so the
+//! two agree to a few ulps.
+
+use super::CudaBackend;
+use super::driver::Args;
+use super::nvrtc::ModuleSrc;
+use crate::Result;
+use crate::backend::ops::{ActFn, BufId, GradOut};
+
+pub(super) const MODULE: ModuleSrc = ModuleSrc {
+    name: "activation",
+    kernels: &["act_forward", "act_backward"],
+    source: r#"
+__device__ __forceinline__ float sigmoid_(float x) {
+    if (x >= 0.f) return 1.f / (1.f + expf(-x));
+    float e = expf(x);
+    return e / (1.f + e);
+}
+
+// f: 0 relu, 1 leaky relu (p = slope), 2 elu (p = alpha), 3 sigmoid, 4 tanh, 5 silu, 6 gelu (erf).
+__device__ __forceinline__ float act_(int f, float p, float x) {
+    switch (f) {
+    case 0: return x > 0.f ? x : 0.f;
+    case 1: return x > 0.f ? x : x * p;
+    case 2: return x > 0.f ? x : p * (expf(x) - 1.f);
+    case 3: return sigmoid_(x);
+    case 4: return tanhf(x);
+    case 5: return x * sigmoid_(x);
+    default: return 0.5f * x * (1.f + erff(x * 0.70710678118654752f));
+    }
+}
+
+// f'(x), given the forward input x and output y.
+__device__ __forceinline__ float dact_(int f, float p, float x, float y) {
+    switch (f) {
+    case 0: return x > 0.f ? 1.f : 0.f;
+    case 1: return x > 0.f ? 1.f : p;
+    case 2: return x > 0.f ? 1.f : y + p;
+    case 3: return y * (1.f - y);
+    case 4: return 1.f - y * y;
+    case 5: { float s = sigmoid_(x); return s * (1.f + x * (1.f - s)); }
+    default: {
+        float cdf = 0.5f * (1.f + erff(x * 0.70710678118654752f));
+        float pdf = 0.398942280401432678f * expf(-0.5f * x * x);
+        return cdf + x * pdf;
+    }
+    }
+}
+
+extern "C" __global__ void act_forward(int f, float p, const float* x, float* y, i64 n) {
+    GRID_LOOP(i, n) y[i] = act_(f, p, x[i]);
+}
+
+extern "C" __global__ void act_backward(int f, float p, const float* x, const float* y, const float* dy,
+                                        float* dx, i64 n, int acc) {
+    GRID_LOOP(i, n) store(&dx[i], dact_(f, p, x[i], y[i]) * dy[i], acc);
+}
+"#,
+};
+
+/// The kernel's code and parameter for an activation.
+fn code(f: ActFn) -> (i32, f32) {
+    match f {
+        ActFn::Relu => (0, 0.0),
+        ActFn::LeakyRelu(s) => (1, s),
+        ActFn::Elu(a) => (2, a),
+        ActFn::Sigmoid => (3, 0.0),
+        ActFn::Tanh => (4, 0.0),
+        ActFn::Silu => (5, 0.0),
+        ActFn::Gelu => (6, 0.0),
+    }
+}
+
+impl CudaBackend {
+    pub(super) fn act_forward(&mut self, f: ActFn, len: usize, x: BufId, y: BufId) -> Result<()> {
+        let (c, p) = code(f);
+        let args = Args::new().i32(c).f32(p).ptr(self.ptr(x)).ptr(self.ptr(y)).i64(len);
+        self.launch_elems("act_forward", len, &args)
+    }
+
+    pub(super) fn act_backward(
+        &mut self,
+        f: ActFn,
+        len: usize,
+        x: BufId,
+        y: BufId,
+        dy: BufId,
+        dx: GradOut,
+    ) -> Result<()> {
+        let (c, p) = code(f);
+        let args = Args::new()
+            .i32(c)
+            .f32(p)
+            .ptr(self.ptr(x))
+            .ptr(self.ptr(y))
+            .ptr(self.ptr(dy))
+            .ptr(self.ptr(dx.buf))
+            .i64(len)
+            .i32(dx.accumulate as i32);
+        self.launch_elems("act_backward", len, &args)
+    }
+}

@@ -1,0 +1,523 @@
+//! The CUDA backend: every [`Op`] on an NVIDIA GPU, f32, with the CPU backend's semantics.
+//!
+//! | op | how | file |
+//! | --- | --- | --- |
+//! | convolution | cuDNN (algorithm timed once per shape, deterministic, no TF32 by default) | `conv2d.rs` |
+//! | dense | cuBLASLt (bias and bias gradient fused in epilogues) | `linear.rs` |
+//! | everything else | CUDA C compiled by NVRTC for the GPU's architecture, cached on disk | `activation.rs`, `softmax.rs`, `dropout.rs`, `batch_norm.rs`, `pool2d.rs`, `join.rs`, `nvrtc.rs` |
+//!
+//! Memory is allocated when the planner asks ([`Backend::alloc`]) and never freed before the
+//! backend is dropped (`memory.rs`); host copies go through pinned staging buffers; only reads
+//! synchronise. [`Backend::run_cached`] captures a step into a CUDA graph (`graph.rs`).
+//! The CUDA libraries are loaded at run time and checked first (`loader.rs`), so creating a
+//! backend on a machine without them is an [`Error::Device`], not a panic.
+//!
+//! Environment: `KILN_EAGER=1` runs `run_cached` lists eagerly (same kernels, no graphs);
+//! `KILN_DEBUG=1` logs every launch with its shapes and time (and algorithm choices, captures
+//! and replays); `KILN_CACHE_DIR` sets the kernel cache folder; `KILN_CUDA_LIBRARY_PATH` adds
+//! folders to search for the libraries.
+
+mod activation;
+mod batch_norm;
+mod conv2d;
+mod driver;
+mod dropout;
+mod graph;
+mod join;
+mod linear;
+mod loader;
+mod memory;
+mod nvrtc;
+mod pool2d;
+mod softmax;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use cudarc::driver::sys;
+
+use super::Backend;
+use super::ops::{BufId, CounterId, Op};
+use crate::{Error, Result};
+use driver::{Args, Event, Gpu};
+use memory::DeviceMemory;
+
+pub use nvrtc::default_cache_dir;
+
+/// Every NVRTC-compiled kernel module.
+const MODULES: &[&nvrtc::ModuleSrc] =
+    &[&activation::MODULE, &batch_norm::MODULE, &dropout::MODULE, &join::MODULE, &pool2d::MODULE, &softmax::MODULE];
+
+/// Options of a [`CudaBackend`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CudaOptions {
+    /// Let convolutions and dense layers use TF32 tensor cores (about 1e-3 relative error
+    /// instead of f32's 1e-6; faster on large layers). Off by default.
+    pub tf32: bool,
+    /// Where compiled kernels are cached; `None`: [`default_cache_dir`].
+    pub cache_dir: Option<PathBuf>,
+    /// Run `run_cached` lists eagerly instead of as CUDA graphs; `None`: `KILN_EAGER=1`.
+    pub eager: Option<bool>,
+    /// Log every launch; `None`: `KILN_DEBUG=1`.
+    pub debug: Option<bool>,
+}
+
+fn env_flag(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| v == "1")
+}
+
+/// A CUDA GPU as a [`Backend`]. See the module documentation.
+pub struct CudaBackend {
+    // Fields drop in order: graphs before the memory they point into, every library handle
+    // before the context, the context (`gpu`) last.
+    graphs: HashMap<u64, graph::Cached>,
+    dnn: conv2d::Cudnn,
+    lt: linear::Lt,
+    funcs: HashMap<&'static str, sys::CUfunction>,
+    /// Owns the loaded kernel modules that `funcs` points into.
+    _modules: Vec<nvrtc::Module>,
+    bufs: Vec<(sys::CUdeviceptr, usize)>,
+    mem: DeviceMemory,
+    compiles: usize,
+    nvrtc_version: (i32, i32),
+    tf32: bool,
+    eager: bool,
+    debug: bool,
+    gpu: Gpu,
+}
+
+// SAFETY: the raw handles (context, stream, library handles, modules, graphs) are only used
+// through `&mut self` or `&self` methods, never from two threads at once, and every entry
+// point makes the context current on the calling thread first (`Gpu::bind`). The CUDA driver,
+// cuDNN and cuBLASLt allow a handle to be used from another thread as long as calls are not
+// concurrent.
+unsafe impl Send for CudaBackend {}
+
+impl CudaBackend {
+    /// The GPU of this ordinal with default options.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        Self::with_options(ordinal, CudaOptions::default())
+    }
+
+    /// The GPU of this ordinal. Fails with [`Error::Device`] when there is no such GPU or the
+    /// driver, NVRTC, cuBLASLt or cuDNN is missing.
+    pub fn with_options(ordinal: usize, options: CudaOptions) -> Result<Self> {
+        let device = format!("cuda:{ordinal}");
+        let libs = loader::ensure().map_err(|reason| Error::Device { device: device.clone(), reason })?;
+        let debug = options.debug.unwrap_or_else(|| env_flag("KILN_DEBUG"));
+        if debug {
+            eprintln!("[kiln cuda] libraries: {}", libs.paths.join(", "));
+        }
+        let gpu = Gpu::open(ordinal)?;
+        let unusable = |what: &str, e: Error| Error::Device { device: device.clone(), reason: format!("{what}: {e}") };
+        let mut mem = DeviceMemory::new()?;
+        let cache_dir = options.cache_dir.clone().or_else(default_cache_dir);
+        let mut compiler = nvrtc::Compiler::new(gpu.cc, cache_dir).map_err(|e| unusable("NVRTC", e))?;
+        let modules = compiler.load_all(MODULES)?;
+        if debug {
+            eprintln!(
+                "[kiln cuda] kernels: {} module(s) compiled, {} from the cache",
+                compiler.compiles,
+                MODULES.len() - compiler.compiles
+            );
+        }
+        let funcs = modules.iter().flat_map(|m| m.functions.iter().copied()).collect();
+        let dnn = conv2d::Cudnn::new(gpu.stream, options.tf32).map_err(|e| unusable("cuDNN", e))?;
+        let ws = mem.alloc(&gpu, linear::LT_WORKSPACE)?;
+        let lt = linear::Lt::new(ws, options.tf32).map_err(|e| unusable("cuBLASLt", e))?;
+        Ok(CudaBackend {
+            graphs: HashMap::new(),
+            dnn,
+            lt,
+            funcs,
+            _modules: modules,
+            bufs: Vec::new(),
+            mem,
+            compiles: compiler.compiles,
+            nvrtc_version: compiler.version,
+            tf32: options.tf32,
+            eager: options.eager.unwrap_or_else(|| env_flag("KILN_EAGER")),
+            debug,
+            gpu,
+        })
+    }
+
+    /// How many kernel modules this backend compiled with NVRTC (0 when all came from the disk
+    /// cache).
+    pub fn nvrtc_compiles(&self) -> usize {
+        self.compiles
+    }
+
+    /// Device bytes held now (buffers, workspaces, counters).
+    pub fn memory_in_use(&self) -> u64 {
+        self.mem.current()
+    }
+
+    /// Runs `ops` eagerly, timing each with device events; returns milliseconds per op. For
+    /// profiling: every op waits for the previous one to finish.
+    pub fn profile(&mut self, ops: &[Op]) -> Result<Vec<f64>> {
+        self.gpu.bind()?;
+        let (start, end) = (Event::new(true)?, Event::new(true)?);
+        let mut times = Vec::with_capacity(ops.len());
+        for op in ops {
+            start.record(self.gpu.stream)?;
+            self.exec(op)?;
+            end.record(self.gpu.stream)?;
+            end.wait()?;
+            times.push(end.since(&start)?);
+        }
+        Ok(times)
+    }
+
+    fn ptr(&self, b: BufId) -> sys::CUdeviceptr {
+        self.bufs[b.0].0
+    }
+
+    fn opt_ptr(&self, b: Option<BufId>) -> sys::CUdeviceptr {
+        b.map(|b| self.ptr(b)).unwrap_or(0)
+    }
+
+    fn func(&self, name: &str) -> Result<sys::CUfunction> {
+        self.funcs.get(name).copied().ok_or_else(|| Error::State(format!("CUDA kernel {name} is not loaded")))
+    }
+
+    /// Launches a grid-stride kernel over `n` items: 256 threads a block, at most 32 blocks per
+    /// multiprocessor (enough to fill it; more only adds scheduling).
+    fn launch_elems(&self, name: &str, n: usize, args: &Args) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let grid = n.div_ceil(256).min(self.gpu.sm_count as usize * 32) as u32;
+        self.gpu.launch(self.func(name)?, grid, 256, 0, args)
+    }
+
+    fn launch_blocks(&self, name: &str, grid: u32, block: u32, shared: u32, args: &Args) -> Result<()> {
+        if grid == 0 {
+            return Ok(());
+        }
+        self.gpu.launch(self.func(name)?, grid, block, shared, args)
+    }
+
+    /// Checks that every buffer an op touches exists and is long enough: a wrong op list must
+    /// be an error, not a write past a device allocation.
+    fn validate(&self, op: &Op) -> Result<()> {
+        for (b, need) in extents(op) {
+            let have = self.bufs.get(b.0).map(|x| x.1);
+            match have {
+                Some(have) if have >= need => {}
+                _ => {
+                    return Err(Error::shape(
+                        format!("buffer {} of op {}", b.0, op.name()),
+                        format!("at least {need} values"),
+                        have.map_or("no such buffer".to_string(), |h| format!("{h} values")),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues one op.
+    fn exec(&mut self, op: &Op) -> Result<()> {
+        self.validate(op)?;
+        match op {
+            Op::Conv2d { g, x, w, b, y } => self.conv_forward(g, *x, *w, *b, *y),
+            Op::Conv2dBackward { g, x, w, dy, dx, dw, db } => self.conv_backward(g, *x, *w, *dy, *dx, *dw, *db),
+            Op::Linear { m, k, n, x, w, b, y } => self.linear_forward(*m, *k, *n, *x, *w, *b, *y),
+            Op::LinearBackward { m, k, n, x, w, dy, dx, dw, db } => {
+                self.linear_backward(*m, *k, *n, *x, *w, *dy, *dx, *dw, *db)
+            }
+            Op::Act { f, len, x, y } => self.act_forward(*f, *len, *x, *y),
+            Op::ActBackward { f, len, x, y, dy, dx } => self.act_backward(*f, *len, *x, *y, *dy, *dx),
+            Op::Softmax { outer, dim, inner, x, y } => self.softmax_forward(*outer, *dim, *inner, *x, *y),
+            Op::SoftmaxBackward { outer, dim, inner, y, dy, dx } => {
+                self.softmax_backward(*outer, *dim, *inner, *y, *dy, *dx)
+            }
+            Op::Dropout { rate, len, seed, counter, x, y, mask } => {
+                self.dropout_forward(*rate, *len, *seed, *counter, *x, *y, *mask)
+            }
+            Op::DropoutBackward { len, mask, dy, dx } => self.dropout_backward(*len, *mask, *dy, *dx),
+            Op::BatchNormTrain { g, x, gamma, beta, y, mean, invstd, running } => {
+                self.bn_train_forward(g, *x, *gamma, *beta, *y, *mean, *invstd, *running)
+            }
+            Op::BatchNormInfer { g, x, gamma, beta, running_mean, running_var, y } => {
+                self.bn_infer_forward(g, *x, *gamma, *beta, *running_mean, *running_var, *y)
+            }
+            Op::BatchNormBackward { g, x, gamma, mean, invstd, dy, dx, dgamma, dbeta } => {
+                self.bn_backward(g, *x, *gamma, *mean, *invstd, *dy, *dx, *dgamma, *dbeta)
+            }
+            Op::MaxPool { g, x, y, argmax } => self.max_pool_forward(g, *x, *y, *argmax),
+            Op::MaxPoolBackward { g, argmax, dy, dx } => self.max_pool_backward(g, *argmax, *dy, *dx),
+            Op::AvgPool { g, count_include_pad, x, y } => self.avg_pool_forward(g, *count_include_pad, *x, *y),
+            Op::AvgPoolBackward { g, count_include_pad, dy, dx } => {
+                self.avg_pool_backward(g, *count_include_pad, *dy, *dx)
+            }
+            Op::Add { len, inputs, y } => self.add(*len, inputs, *y),
+            Op::Concat { n, inner, parts, y } => self.concat(*n, *inner, parts, *y),
+            Op::ConcatBackward { n, inner, parts, dy } => self.concat_backward(*n, *inner, parts, *dy),
+            Op::GradInto { len, src, dst } => self.grad_into(*len, *src, *dst),
+            Op::Fill { len, buf, value } => self.fill(*len, *buf, *value),
+            // Ops added to ops.rs after this backend (on another branch) compile, and say
+            // plainly that the GPU does not run them yet.
+            #[allow(unreachable_patterns)]
+            other => Err(Error::State(format!("op {} is not implemented on the CUDA backend", other.name()))),
+        }
+    }
+
+    /// Runs ops eagerly; under `KILN_DEBUG=1` each is timed and logged.
+    fn run_ops(&mut self, ops: &[Op]) -> Result<()> {
+        if !self.debug {
+            return ops.iter().try_for_each(|op| self.exec(op));
+        }
+        for (op, ms) in ops.iter().zip(self.profile(ops)?) {
+            eprintln!("[kiln cuda] {:<20} {:<48} {ms:>9.3} ms", op.name(), shapes(op));
+        }
+        Ok(())
+    }
+
+    /// The bytes of a host f32 slice (the device is little-endian, as every host kiln runs on).
+    fn check_write(&self, buf: BufId, len: usize) -> Result<sys::CUdeviceptr> {
+        let (p, have) = *self.bufs.get(buf.0).ok_or_else(|| Error::State(format!("no buffer {}", buf.0)))?;
+        if have != len {
+            return Err(Error::shape("buffer write", have, len));
+        }
+        Ok(p)
+    }
+}
+
+fn f32_bytes(v: &[f32]) -> &[u8] {
+    // SAFETY: any f32 bit pattern is a valid sequence of 4 bytes; the lengths match.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
+fn f32_bytes_mut(v: &mut [f32]) -> &mut [u8] {
+    // SAFETY: any 4 bytes are a valid f32; the lengths match.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, std::mem::size_of_val(v)) }
+}
+
+/// Every buffer an op reads or writes, with the number of values it needs.
+fn extents(op: &Op) -> Vec<(BufId, usize)> {
+    let mut v = Vec::new();
+    let opt = |b: Option<BufId>, n: usize, v: &mut Vec<(BufId, usize)>| {
+        if let Some(b) = b {
+            v.push((b, n));
+        }
+    };
+    match op {
+        Op::Conv2d { g, x, w, b, y } => {
+            v.extend([(*x, g.input_len()), (*w, g.weight_len()), (*y, g.output_len())]);
+            opt(*b, g.k, &mut v);
+        }
+        Op::Conv2dBackward { g, x, w, dy, dx, dw, db } => {
+            v.extend([(*x, g.input_len()), (*w, g.weight_len()), (*dy, g.output_len()), (dw.buf, g.weight_len())]);
+            opt(dx.map(|d| d.buf), g.input_len(), &mut v);
+            opt(db.map(|d| d.buf), g.k, &mut v);
+        }
+        Op::Linear { m, k, n, x, w, b, y } => {
+            v.extend([(*x, m * k), (*w, n * k), (*y, m * n)]);
+            opt(*b, *n, &mut v);
+        }
+        Op::LinearBackward { m, k, n, x, w, dy, dx, dw, db } => {
+            v.extend([(*x, m * k), (*w, n * k), (*dy, m * n), (dw.buf, n * k)]);
+            opt(dx.map(|d| d.buf), m * k, &mut v);
+            opt(db.map(|d| d.buf), *n, &mut v);
+        }
+        Op::Act { len, x, y, .. } => v.extend([(*x, *len), (*y, *len)]),
+        Op::ActBackward { len, x, y, dy, dx, .. } => v.extend([(*x, *len), (*y, *len), (*dy, *len), (dx.buf, *len)]),
+        Op::Softmax { outer, dim, inner, x, y } => v.extend([(*x, outer * dim * inner), (*y, outer * dim * inner)]),
+        Op::SoftmaxBackward { outer, dim, inner, y, dy, dx } => {
+            let n = outer * dim * inner;
+            v.extend([(*y, n), (*dy, n), (dx.buf, n)]);
+        }
+        Op::Dropout { len, x, y, mask, .. } => v.extend([(*x, *len), (*y, *len), (*mask, *len)]),
+        Op::DropoutBackward { len, mask, dy, dx } => v.extend([(*mask, *len), (*dy, *len), (dx.buf, *len)]),
+        Op::BatchNormTrain { g, x, gamma, beta, y, mean, invstd, running } => {
+            let n = g.n * g.c * g.hw;
+            v.extend([(*x, n), (*y, n), (*mean, g.c), (*invstd, g.c)]);
+            opt(*gamma, g.c, &mut v);
+            opt(*beta, g.c, &mut v);
+            opt(running.map(|r| r.0), g.c, &mut v);
+            opt(running.map(|r| r.1), g.c, &mut v);
+        }
+        Op::BatchNormInfer { g, x, gamma, beta, running_mean, running_var, y } => {
+            let n = g.n * g.c * g.hw;
+            v.extend([(*x, n), (*y, n), (*running_mean, g.c), (*running_var, g.c)]);
+            opt(*gamma, g.c, &mut v);
+            opt(*beta, g.c, &mut v);
+        }
+        Op::BatchNormBackward { g, x, gamma, mean, invstd, dy, dx, dgamma, dbeta } => {
+            let n = g.n * g.c * g.hw;
+            v.extend([(*x, n), (*dy, n), (*mean, g.c), (*invstd, g.c)]);
+            opt(*gamma, g.c, &mut v);
+            opt(dx.map(|d| d.buf), n, &mut v);
+            opt(dgamma.map(|d| d.buf), g.c, &mut v);
+            opt(dbeta.map(|d| d.buf), g.c, &mut v);
+        }
+        Op::MaxPool { g, x, y, argmax } => {
+            v.extend([(*x, g.input_len()), (*y, g.output_len()), (*argmax, g.output_len())])
+        }
+        Op::MaxPoolBackward { g, argmax, dy, dx } => {
+            v.extend([(*argmax, g.output_len()), (*dy, g.output_len()), (dx.buf, g.input_len())])
+        }
+        Op::AvgPool { g, x, y, .. } => v.extend([(*x, g.input_len()), (*y, g.output_len())]),
+        Op::AvgPoolBackward { g, dy, dx, .. } => v.extend([(*dy, g.output_len()), (dx.buf, g.input_len())]),
+        Op::Add { len, inputs, y } => {
+            v.extend(inputs.iter().map(|b| (*b, *len)));
+            v.push((*y, *len));
+        }
+        Op::Concat { n, inner, parts, y } => {
+            v.extend(parts.iter().map(|(b, c)| (*b, n * c * inner)));
+            v.push((*y, n * inner * parts.iter().map(|p| p.1).sum::<usize>()));
+        }
+        Op::ConcatBackward { n, inner, parts, dy } => {
+            v.extend(parts.iter().filter_map(|(g, c)| g.map(|g| (g.buf, n * c * inner))));
+            v.push((*dy, n * inner * parts.iter().map(|p| p.1).sum::<usize>()));
+        }
+        Op::GradInto { len, src, dst } => v.extend([(*src, *len), (dst.buf, *len)]),
+        Op::Fill { len, buf, .. } => v.push((*buf, *len)),
+        #[allow(unreachable_patterns)]
+        _ => {}
+    }
+    v
+}
+
+/// A short description of an op's shapes for the debug log.
+fn shapes(op: &Op) -> String {
+    match op {
+        Op::Conv2d { g, .. } | Op::Conv2dBackward { g, .. } => format!(
+            "{}x{}x{}x{} -> {}x{}x{} k{}x{} s{}x{} p{}x{} d{}x{} g{}",
+            g.n, g.c, g.h, g.w, g.k, g.oh, g.ow, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.groups
+        ),
+        Op::Linear { m, k, n, .. } | Op::LinearBackward { m, k, n, .. } => format!("{m}x{k} -> {m}x{n}"),
+        Op::Act { f, len, .. } | Op::ActBackward { f, len, .. } => format!("{f:?} {len}"),
+        Op::Softmax { outer, dim, inner, .. } | Op::SoftmaxBackward { outer, dim, inner, .. } => {
+            format!("{outer}x[{dim}]x{inner}")
+        }
+        Op::Dropout { rate, len, .. } => format!("p={rate} {len}"),
+        Op::DropoutBackward { len, .. } | Op::GradInto { len, .. } | Op::Fill { len, .. } => format!("{len}"),
+        Op::BatchNormTrain { g, .. } | Op::BatchNormInfer { g, .. } | Op::BatchNormBackward { g, .. } => {
+            format!("{}x{}x{}", g.n, g.c, g.hw)
+        }
+        Op::MaxPool { g, .. }
+        | Op::MaxPoolBackward { g, .. }
+        | Op::AvgPool { g, .. }
+        | Op::AvgPoolBackward { g, .. } => {
+            format!("{}x{}x{}x{} -> {}x{} k{}x{} s{}x{}", g.n, g.c, g.h, g.w, g.oh, g.ow, g.kh, g.kw, g.sh, g.sw)
+        }
+        Op::Add { len, inputs, .. } => format!("{} x {len}", inputs.len()),
+        Op::Concat { n, inner, parts, .. } => {
+            format!("{n} x {:?} x {inner}", parts.iter().map(|p| p.1).collect::<Vec<_>>())
+        }
+        Op::ConcatBackward { n, inner, parts, .. } => {
+            format!("{n} x {:?} x {inner}", parts.iter().map(|p| p.1).collect::<Vec<_>>())
+        }
+        #[allow(unreachable_patterns)]
+        _ => String::new(),
+    }
+}
+
+impl Backend for CudaBackend {
+    fn describe(&self) -> String {
+        let gib = self.gpu.total_mem as f64 / (1u64 << 30) as f64;
+        format!(
+            "cuda:{} ({}, sm_{}{}, {} SMs, {gib:.1} GiB; cuDNN {}, cuBLASLt {}, NVRTC {}.{}; TF32 {}{})",
+            self.gpu.ordinal,
+            self.gpu.name,
+            self.gpu.cc.0,
+            self.gpu.cc.1,
+            self.gpu.sm_count,
+            self.dnn.version,
+            self.lt.version,
+            self.nvrtc_version.0,
+            self.nvrtc_version.1,
+            if self.tf32 { "on" } else { "off" },
+            if self.eager { ", eager" } else { "" },
+        )
+    }
+
+    fn alloc(&mut self, len: usize) -> Result<BufId> {
+        self.gpu.bind()?;
+        let bytes = len.checked_mul(4).ok_or(Error::OutOfMemory {
+            model: String::new(),
+            batch: 0,
+            needed: u64::MAX,
+            free: self.gpu.mem_info()?.0,
+        })?;
+        let p = self.mem.alloc(&self.gpu, bytes)?;
+        self.bufs.push((p, len));
+        Ok(BufId(self.bufs.len() - 1))
+    }
+
+    fn len(&self, buf: BufId) -> usize {
+        self.bufs[buf.0].1
+    }
+
+    fn free(&mut self, buf: BufId) -> Result<()> {
+        self.gpu.bind()?;
+        let (p, _) = self.bufs[buf.0];
+        self.mem.free_now(&self.gpu, p)?;
+        self.bufs[buf.0] = (0, 0);
+        Ok(())
+    }
+
+    fn write(&mut self, buf: BufId, data: &[f32]) -> Result<()> {
+        self.gpu.bind()?;
+        let p = self.check_write(buf, data.len())?;
+        self.mem.upload(&self.gpu, p, f32_bytes(data))
+    }
+
+    fn read(&mut self, buf: BufId) -> Result<Vec<f32>> {
+        self.gpu.bind()?;
+        let (p, len) = *self.bufs.get(buf.0).ok_or_else(|| Error::State(format!("no buffer {}", buf.0)))?;
+        let mut out = vec![0f32; len];
+        self.mem.download(&self.gpu, p, f32_bytes_mut(&mut out))?;
+        Ok(out)
+    }
+
+    fn new_counter(&mut self) -> Result<CounterId> {
+        self.gpu.bind()?;
+        Ok(CounterId(self.mem.new_counter(&self.gpu)?))
+    }
+
+    fn counter(&mut self, id: CounterId) -> Result<u64> {
+        self.gpu.bind()?;
+        let p = self.mem.counter_ptr(id.0)?;
+        let mut b = [0u8; 8];
+        self.mem.download(&self.gpu, p, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    fn set_counter(&mut self, id: CounterId, value: u64) -> Result<()> {
+        self.gpu.bind()?;
+        let p = self.mem.counter_ptr(id.0)?;
+        self.mem.upload(&self.gpu, p, &value.to_le_bytes())
+    }
+
+    fn run(&mut self, ops: &[Op]) -> Result<()> {
+        self.gpu.bind()?;
+        self.run_ops(ops)
+    }
+
+    fn run_cached(&mut self, key: u64, ops: &[Op]) -> Result<()> {
+        self.gpu.bind()?;
+        self.run_cached_ops(key, ops)
+    }
+
+    fn synchronize(&mut self) -> Result<()> {
+        self.gpu.bind()?;
+        self.gpu.sync()
+    }
+
+    fn peak_memory(&self) -> Option<u64> {
+        Some(self.mem.peak())
+    }
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        // Make the context current and let queued work finish; the fields then drop in
+        // declaration order (graphs, libraries, modules, memory, and the context last).
+        let _ = self.gpu.bind();
+        let _ = self.gpu.sync();
+    }
+}

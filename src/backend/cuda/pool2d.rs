@@ -1,0 +1,158 @@
+//! Max and average pooling on the GPU, forward and backward, as `backend/cpu/pool2d.rs`
+//! (PyTorch's windows, `count_include_pad`, NaN propagation; global average pooling is an
+//! average pool whose window is the whole plane).
+//!
+//! Forward: one thread per output. Backward gathers instead of scattering: one thread per
+//! input value walks the outputs whose window covers it, in increasing output order. No two
+//! threads write one value, so no atomics, and the sums are added in the CPU's order, so the
+//! results match the CPU bit for bit.
+
+use super::CudaBackend;
+use super::driver::Args;
+use super::nvrtc::ModuleSrc;
+use crate::Result;
+use crate::backend::ops::{BufId, GradOut, PoolGeom};
+
+pub(super) const MODULE: ModuleSrc = ModuleSrc {
+    name: "pool2d",
+    kernels: &["max_pool_forward", "max_pool_backward", "avg_pool_forward", "avg_pool_backward"],
+    source: r#"
+// The geometry, in the order PoolGeom lists it (n and c folded into the plane count).
+#define POOL_ARGS i64 planes, i64 h, i64 w, i64 kh, i64 kw, i64 sh, i64 sw, i64 ph, i64 pw, i64 oh, i64 ow
+
+// Clipped window of output (oy, ox) and the divisor of an average pool.
+__device__ __forceinline__ void window_(i64 oy, i64 ox, i64 h, i64 w, i64 kh, i64 kw, i64 sh, i64 sw, i64 ph, i64 pw,
+                                        int cip, i64* h0, i64* h1, i64* w0, i64* w1, i64* div) {
+    i64 hs = oy * sh - ph, ws = ox * sw - pw;
+    i64 he = min(hs + kh, h + ph), we = min(ws + kw, w + pw);
+    i64 padded = (he - hs) * (we - ws);
+    *h0 = max(hs, (i64)0); *w0 = max(ws, (i64)0);
+    *h1 = min(he, h); *w1 = min(we, w);
+    *div = cip ? padded : (*h1 - *h0) * (*w1 - *w0);
+}
+
+// Outputs along one axis whose window covers input index i: [lo, hi] (empty when lo > hi).
+__device__ __forceinline__ void covering_(i64 i, i64 k, i64 s, i64 p, i64 out, i64* lo, i64* hi) {
+    i64 a = i + p - k;
+    *lo = a < 0 ? 0 : a / s + 1;
+    *hi = min((i + p) / s, out - 1);
+}
+
+extern "C" __global__ void max_pool_forward(const float* x, float* y, float* argmax, POOL_ARGS) {
+    GRID_LOOP(o, planes * oh * ow) {
+        i64 p = o / (oh * ow), oy = (o / ow) % oh, ox = o % ow;
+        i64 h0, h1, w0, w1, div;
+        window_(oy, ox, h, w, kh, kw, sh, sw, ph, pw, 1, &h0, &h1, &w0, &w1, &div);
+        const float* xp = x + p * h * w;
+        float best = -INFINITY;
+        i64 at = h0 * w + w0;
+        bool done = false;
+        for (i64 iy = h0; iy < h1 && !done; iy++) {
+            for (i64 ix = w0; ix < w1; ix++) {
+                float v = xp[iy * w + ix];
+                if (v > best || isnan(v)) {
+                    best = v;
+                    at = iy * w + ix;
+                    if (isnan(v)) { done = true; break; }
+                }
+            }
+        }
+        y[o] = best;
+        argmax[o] = (float)at;
+    }
+}
+
+extern "C" __global__ void max_pool_backward(const float* argmax, const float* dy, float* dx, POOL_ARGS, int acc) {
+    GRID_LOOP(i, planes * h * w) {
+        i64 p = i / (h * w), iy = (i / w) % h, ix = i % w;
+        i64 at = iy * w + ix;
+        i64 ylo, yhi, xlo, xhi;
+        covering_(iy, kh, sh, ph, oh, &ylo, &yhi);
+        covering_(ix, kw, sw, pw, ow, &xlo, &xhi);
+        float s = acc ? dx[i] : 0.f;
+        for (i64 oy = ylo; oy <= yhi; oy++)
+            for (i64 ox = xlo; ox <= xhi; ox++) {
+                i64 o = (p * oh + oy) * ow + ox;
+                if ((i64)argmax[o] == at) s += dy[o];
+            }
+        dx[i] = s;
+    }
+}
+
+extern "C" __global__ void avg_pool_forward(const float* x, float* y, POOL_ARGS, int cip) {
+    GRID_LOOP(o, planes * oh * ow) {
+        i64 p = o / (oh * ow), oy = (o / ow) % oh, ox = o % ow;
+        i64 h0, h1, w0, w1, div;
+        window_(oy, ox, h, w, kh, kw, sh, sw, ph, pw, cip, &h0, &h1, &w0, &w1, &div);
+        const float* xp = x + p * h * w;
+        float s = 0.f;
+        for (i64 iy = h0; iy < h1; iy++)
+            for (i64 ix = w0; ix < w1; ix++) s += xp[iy * w + ix];
+        y[o] = s / (float)div;
+    }
+}
+
+extern "C" __global__ void avg_pool_backward(const float* dy, float* dx, POOL_ARGS, int cip, int acc) {
+    GRID_LOOP(i, planes * h * w) {
+        i64 p = i / (h * w), iy = (i / w) % h, ix = i % w;
+        i64 ylo, yhi, xlo, xhi;
+        covering_(iy, kh, sh, ph, oh, &ylo, &yhi);
+        covering_(ix, kw, sw, pw, ow, &xlo, &xhi);
+        float s = acc ? dx[i] : 0.f;
+        for (i64 oy = ylo; oy <= yhi; oy++)
+            for (i64 ox = xlo; ox <= xhi; ox++) {
+                i64 h0, h1, w0, w1, div;
+                window_(oy, ox, h, w, kh, kw, sh, sw, ph, pw, cip, &h0, &h1, &w0, &w1, &div);
+                s += dy[(p * oh + oy) * ow + ox] / (float)div;
+            }
+        dx[i] = s;
+    }
+}
+"#,
+};
+
+/// The geometry arguments shared by every pooling kernel.
+fn geom(args: Args, g: &PoolGeom) -> Args {
+    args.i64(g.n * g.c)
+        .i64(g.h)
+        .i64(g.w)
+        .i64(g.kh)
+        .i64(g.kw)
+        .i64(g.sh)
+        .i64(g.sw)
+        .i64(g.ph)
+        .i64(g.pw)
+        .i64(g.oh)
+        .i64(g.ow)
+}
+
+impl CudaBackend {
+    pub(super) fn max_pool_forward(&mut self, g: &PoolGeom, x: BufId, y: BufId, argmax: BufId) -> Result<()> {
+        let args = geom(Args::new().ptr(self.ptr(x)).ptr(self.ptr(y)).ptr(self.ptr(argmax)), g);
+        self.launch_elems("max_pool_forward", g.output_len(), &args)
+    }
+
+    pub(super) fn max_pool_backward(&mut self, g: &PoolGeom, argmax: BufId, dy: BufId, dx: GradOut) -> Result<()> {
+        let args = geom(Args::new().ptr(self.ptr(argmax)).ptr(self.ptr(dy)).ptr(self.ptr(dx.buf)), g)
+            .i32(dx.accumulate as i32);
+        self.launch_elems("max_pool_backward", g.input_len(), &args)
+    }
+
+    pub(super) fn avg_pool_forward(&mut self, g: &PoolGeom, count_include_pad: bool, x: BufId, y: BufId) -> Result<()> {
+        let args = geom(Args::new().ptr(self.ptr(x)).ptr(self.ptr(y)), g).i32(count_include_pad as i32);
+        self.launch_elems("avg_pool_forward", g.output_len(), &args)
+    }
+
+    pub(super) fn avg_pool_backward(
+        &mut self,
+        g: &PoolGeom,
+        count_include_pad: bool,
+        dy: BufId,
+        dx: GradOut,
+    ) -> Result<()> {
+        let args = geom(Args::new().ptr(self.ptr(dy)).ptr(self.ptr(dx.buf)), g)
+            .i32(count_include_pad as i32)
+            .i32(dx.accumulate as i32);
+        self.launch_elems("avg_pool_backward", g.input_len(), &args)
+    }
+}

@@ -1,0 +1,120 @@
+//! Softmax over the middle axis of an `[outer, dim, inner]` view on the GPU, forward and
+//! backward, as the CPU backend defines it (`backend/cpu/softmax.rs`): max-subtracted, a NaN
+//! anywhere along the axis propagates.
+//!
+//! Two shapes of launch: rows (`inner == 1`, a dense layer's classes) take one warp per row and
+//! reduce with shuffles; everything else takes one thread per `(outer, inner)` column looping
+//! over `dim` (a channel softmax over images, where neighbouring threads read neighbouring
+//! values). Both reduce in a fixed order, so results are the same run to run.
+
+use super::CudaBackend;
+use super::driver::Args;
+use super::nvrtc::ModuleSrc;
+use crate::Result;
+use crate::backend::ops::{BufId, GradOut};
+
+pub(super) const MODULE: ModuleSrc = ModuleSrc {
+    name: "softmax",
+    kernels: &["softmax_cols", "softmax_rows", "softmax_backward_cols", "softmax_backward_rows"],
+    source: r#"
+__device__ __forceinline__ float max_nan(float m, float v) { return (v > m || isnan(v)) ? v : m; }
+
+extern "C" __global__ void softmax_cols(const float* x, float* y, i64 outer, i64 dim, i64 inner) {
+    GRID_LOOP(t, outer * inner) {
+        i64 base = (t / inner) * dim * inner + t % inner;
+        float m = -INFINITY;
+        for (i64 d = 0; d < dim; d++) m = max_nan(m, x[base + d * inner]);
+        float s = 0.f;
+        for (i64 d = 0; d < dim; d++) { float e = expf(x[base + d * inner] - m); y[base + d * inner] = e; s += e; }
+        float inv = 1.f / s;
+        for (i64 d = 0; d < dim; d++) y[base + d * inner] *= inv;
+    }
+}
+
+__device__ __forceinline__ float warp_max_nan(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = max_nan(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// One warp per row of `dim` values; blockDim.x is a multiple of 32.
+extern "C" __global__ void softmax_rows(const float* x, float* y, i64 rows, i64 dim) {
+    i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    i64 warps = (i64)gridDim.x * blockDim.x / 32;
+    for (i64 r = warp; r < rows; r += warps) {
+        const float* xr = x + r * dim;
+        float* yr = y + r * dim;
+        float m = -INFINITY;
+        for (i64 d = lane; d < dim; d += 32) m = max_nan(m, xr[d]);
+        m = warp_max_nan(m);
+        float s = 0.f;
+        for (i64 d = lane; d < dim; d += 32) { float e = expf(xr[d] - m); yr[d] = e; s += e; }
+        float inv = 1.f / warp_sum(s);
+        for (i64 d = lane; d < dim; d += 32) yr[d] *= inv;
+    }
+}
+
+// dx = y * (dy - sum(dy * y)) along the axis.
+extern "C" __global__ void softmax_backward_cols(const float* y, const float* dy, float* dx, i64 outer, i64 dim,
+                                                 i64 inner, int acc) {
+    GRID_LOOP(t, outer * inner) {
+        i64 base = (t / inner) * dim * inner + t % inner;
+        float dot = 0.f;
+        for (i64 d = 0; d < dim; d++) dot += dy[base + d * inner] * y[base + d * inner];
+        for (i64 d = 0; d < dim; d++) {
+            i64 j = base + d * inner;
+            store(&dx[j], y[j] * (dy[j] - dot), acc);
+        }
+    }
+}
+
+extern "C" __global__ void softmax_backward_rows(const float* y, const float* dy, float* dx, i64 rows, i64 dim,
+                                                 int acc) {
+    i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    i64 warps = (i64)gridDim.x * blockDim.x / 32;
+    for (i64 r = warp; r < rows; r += warps) {
+        i64 o = r * dim;
+        float dot = 0.f;
+        for (i64 d = lane; d < dim; d += 32) dot += dy[o + d] * y[o + d];
+        dot = warp_sum(dot);
+        for (i64 d = lane; d < dim; d += 32) store(&dx[o + d], y[o + d] * (dy[o + d] - dot), acc);
+    }
+}
+"#,
+};
+
+impl CudaBackend {
+    pub(super) fn softmax_forward(&mut self, outer: usize, dim: usize, inner: usize, x: BufId, y: BufId) -> Result<()> {
+        if inner == 1 {
+            let args = Args::new().ptr(self.ptr(x)).ptr(self.ptr(y)).i64(outer).i64(dim);
+            self.launch_elems("softmax_rows", outer * 32, &args)
+        } else {
+            let args = Args::new().ptr(self.ptr(x)).ptr(self.ptr(y)).i64(outer).i64(dim).i64(inner);
+            self.launch_elems("softmax_cols", outer * inner, &args)
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn softmax_backward(
+        &mut self,
+        outer: usize,
+        dim: usize,
+        inner: usize,
+        y: BufId,
+        dy: BufId,
+        dx: GradOut,
+    ) -> Result<()> {
+        let acc = dx.accumulate as i32;
+        let args = Args::new().ptr(self.ptr(y)).ptr(self.ptr(dy)).ptr(self.ptr(dx.buf)).i64(outer).i64(dim);
+        if inner == 1 {
+            self.launch_elems("softmax_backward_rows", outer * 32, &args.i32(acc))
+        } else {
+            self.launch_elems("softmax_backward_cols", outer * inner, &args.i64(inner).i32(acc))
+        }
+    }
+}

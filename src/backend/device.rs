@@ -1,0 +1,114 @@
+//! Choosing a backend at run time: [`Device::Cpu`], [`Device::Cuda`] or [`Device::Auto`].
+//!
+//! `Auto` takes GPU 0 when a usable one and the CUDA libraries are present, else the CPU with a
+//! one-line notice on stderr saying why. An explicit `Cuda(i)` that cannot be honoured is an
+//! [`Error::Device`], never a fallback: a user who asked for the GPU should not silently get a
+//! run a hundred times slower.
+//!
+//! ```
+//! use kiln::backend::{Backend, Device};
+//!
+//! let backend = Device::Cpu.open().unwrap();
+//! assert!(backend.describe().starts_with("cpu"));
+//! assert_eq!("cuda:1".parse::<Device>().unwrap(), Device::Cuda(1));
+//! ```
+
+use std::fmt;
+use std::str::FromStr;
+
+use super::Backend;
+use super::cpu::CpuBackend;
+use super::cuda::{CudaBackend, CudaOptions};
+use crate::{Error, Result};
+
+/// Where a model runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Device {
+    /// The pure-Rust CPU backend (f32, all cores or `KILN_NUM_THREADS`).
+    Cpu,
+    /// The CUDA GPU of this ordinal.
+    Cuda(usize),
+    /// GPU 0 when usable, else the CPU (with a notice on stderr).
+    #[default]
+    Auto,
+}
+
+impl Device {
+    /// Creates the backend with default options, printing the fallback notice of `Auto` (if
+    /// any) on stderr. The backend's [`Backend::describe`] says what was chosen.
+    pub fn open(self) -> Result<Box<dyn Backend>> {
+        self.open_with(&CudaOptions::default())
+    }
+
+    /// [`Device::open`] with CUDA options (TF32, kernel cache folder, eager mode).
+    pub fn open_with(self, options: &CudaOptions) -> Result<Box<dyn Backend>> {
+        let (backend, notice) = self.open_noting(options)?;
+        if let Some(n) = notice {
+            eprintln!("{n}");
+        }
+        Ok(backend)
+    }
+
+    /// Creates the backend and returns, instead of printing it, the notice saying why `Auto`
+    /// fell back to the CPU (`None` when it did not).
+    pub fn open_noting(self, options: &CudaOptions) -> Result<(Box<dyn Backend>, Option<String>)> {
+        match self {
+            Device::Cpu => Ok((Box::new(CpuBackend::<f32>::new(None)?), None)),
+            Device::Cuda(i) => Ok((Box::new(CudaBackend::with_options(i, options.clone())?), None)),
+            Device::Auto => match CudaBackend::with_options(0, options.clone()) {
+                Ok(b) => Ok((Box::new(b), None)),
+                Err(e) => {
+                    let notice = format!("kiln: no usable GPU ({e}); running on the CPU");
+                    Ok((Box::new(CpuBackend::<f32>::new(None)?), Some(notice)))
+                }
+            },
+        }
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+            Device::Auto => write!(f, "auto"),
+        }
+    }
+}
+
+/// Parses `cpu`, `auto`, `cuda` (GPU 0) and `cuda:N`, as a command line or config gives them.
+impl FromStr for Device {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let t = s.trim().to_ascii_lowercase();
+        match t.as_str() {
+            "cpu" => Ok(Device::Cpu),
+            "auto" => Ok(Device::Auto),
+            "cuda" | "gpu" => Ok(Device::Cuda(0)),
+            _ => t
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| Error::config("device", format!("expected cpu, cuda, cuda:N or auto, got '{s}'"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_prints() {
+        for (s, d) in
+            [("cpu", Device::Cpu), ("auto", Device::Auto), ("cuda:0", Device::Cuda(0)), ("cuda:3", Device::Cuda(3))]
+        {
+            assert_eq!(s.parse::<Device>().unwrap(), d);
+            assert_eq!(d.to_string(), s);
+        }
+        assert_eq!(" CUDA ".parse::<Device>().unwrap(), Device::Cuda(0));
+        assert!("cuda:x".parse::<Device>().is_err());
+        assert!("tpu".parse::<Device>().is_err());
+    }
+}
