@@ -1,7 +1,7 @@
 //! Trains a CNN on the full MNIST (60,000 training images) and reports accuracy on the 10,000
 //! test images.
 //!
-//!     cargo run --release --example mnist -- [DIR] [--epochs N] [--seed-model] [--batch N]
+//!     cargo run --release --example mnist -- [DIR] [--epochs N] [--seed-model] [--batch N] [--device cpu|cuda|auto]
 //!
 //! DIR holds the four IDX files, raw or gzipped (default `../shared/data/mnist`;
 //! `scripts/fetch-mnist.sh DIR` downloads them). The default model is a small CNN with batch norm
@@ -26,6 +26,7 @@ fn main() -> anyhow::Result<()> {
     let epochs: usize = arg(&args, "--epochs", 3);
     let batch: usize = arg(&args, "--batch", 64);
     let seed_model = args.iter().any(|a| a == "--seed-model");
+    let device: kiln::backend::Device = arg(&args, "--device", kiln::backend::Device::Auto);
 
     let start = Instant::now();
     let normalise =
@@ -71,6 +72,7 @@ fn main() -> anyhow::Result<()> {
         schedule: Some(Schedule::Cosine { t_max: steps, eta_min: 0.0 }),
         schedule_unit: ScheduleUnit::Batch,
         seed: 1,
+        device,
         ..Default::default()
     };
     let mut trainer = Trainer::new(&model, config)?;

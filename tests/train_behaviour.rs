@@ -10,13 +10,12 @@ use kiln::model::ModelBuilder;
 use kiln::rng::Rng;
 use kiln::tensor::Tensor;
 use kiln::train::{
-    DeviceChoice, EarlyStopping, GradClip, Loss, Monitor, Optimizer, Problem, Schedule, ScheduleUnit, Trainer,
-    TrainerConfig,
+    Device, EarlyStopping, GradClip, Loss, Monitor, Optimizer, Problem, Schedule, ScheduleUnit, Trainer, TrainerConfig,
 };
 use kiln::{Error, zoo};
 
-fn cpu() -> DeviceChoice {
-    DeviceChoice::Cpu { threads: Some(2) }
+fn cpu() -> Device {
+    Device::Cpu
 }
 
 fn random(shape: &[usize], seed: u64) -> Tensor {

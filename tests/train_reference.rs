@@ -273,7 +273,8 @@ fn lbfgs_matches_pytorch_on_a_full_batch_regression() {
         optimizer: Optimizer::lbfgs(),
         loss: Loss::MeanSquaredError,
         problem: Problem::Regression,
-        device: kiln::train::DeviceChoice::Cpu { threads: Some(1) },
+        device: kiln::train::Device::Cpu,
+        threads: Some(1),
         ..Default::default()
     };
     let mut t = Trainer::new(&model, config).unwrap();

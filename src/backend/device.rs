@@ -22,7 +22,7 @@ use super::cuda::{CudaBackend, CudaOptions};
 use crate::{Error, Result};
 
 /// Where a model runs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Device {
     /// The pure-Rust CPU backend (f32, all cores or `KILN_NUM_THREADS`).
     Cpu,

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::loss::Loss;
 use super::schedule::{Schedule, Warmup};
+use crate::backend::Device;
 use crate::{Error, Result};
 
 /// What the model predicts.
@@ -148,15 +149,8 @@ pub enum ScheduleUnit {
     Epoch,
 }
 
-/// Where the model trains.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum DeviceChoice {
-    /// The pure-Rust CPU backend with `threads` threads (`None`: all cores, or `KILN_NUM_THREADS`).
-    Cpu { threads: Option<usize> },
-}
-
 /// Everything the trainer needs to know. `TrainerConfig::default()` works: Adam at 1e-3, sparse
-/// cross-entropy, classification, batch 32, on the CPU.
+/// cross-entropy, classification, batch 32, on the GPU when there is a usable one, else the CPU.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainerConfig {
     /// Largest batch `train_batch` accepts; plans are made for it and for any smaller last batch.
@@ -176,7 +170,14 @@ pub struct TrainerConfig {
     pub grad_accumulation: usize,
     /// Top-k accuracy reported by `evaluate` (classification).
     pub top_k: usize,
-    pub device: DeviceChoice,
+    /// Where to train: [`Device::Auto`] (the default) takes the GPU when a usable one and the
+    /// CUDA libraries are present, else the CPU with a one-line notice.
+    pub device: Device,
+    /// CPU threads (`None`: all cores, or `KILN_NUM_THREADS`).
+    pub threads: Option<usize>,
+    /// Let the GPU use TF32 tensor cores for convolutions and dense layers (faster, about 1e-3
+    /// relative error); off by default, so results match the f32 CPU reference.
+    pub tf32: bool,
     /// Seed for dropout and data order (weights come from the model's own seed).
     pub seed: u64,
 }
@@ -195,7 +196,9 @@ impl Default for TrainerConfig {
             grad_clip: None,
             grad_accumulation: 1,
             top_k: 5,
-            device: DeviceChoice::Cpu { threads: None },
+            device: Device::Auto,
+            threads: None,
+            tf32: false,
             seed: 0,
         }
     }
@@ -307,8 +310,8 @@ impl TrainerConfig {
         if let Some(w) = &self.warmup {
             w.validate()?;
         }
-        if let DeviceChoice::Cpu { threads: Some(0) } = self.device {
-            return Err(Error::config("device", "CPU thread count must be at least 1"));
+        if self.threads == Some(0) {
+            return Err(Error::config("threads", "must be at least 1"));
         }
         self.loss.validate()?;
         match (self.problem, self.loss.is_regression()) {

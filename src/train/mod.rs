@@ -13,8 +13,9 @@ mod metrics;
 mod schedule;
 mod trainer;
 
+pub use crate::backend::Device;
 pub use callbacks::{Callback, Control, EarlyStopping, Logger, Monitor, format_log};
-pub use config::{DeviceChoice, GradClip, Optimizer, Problem, ScheduleUnit, TrainerConfig};
+pub use config::{GradClip, Optimizer, Problem, ScheduleUnit, TrainerConfig};
 pub use loss::{Loss, Targets};
 pub use metrics::{EpochLog, History, Metrics, StepResult};
 pub use schedule::{Anneal, PlateauMode, Schedule, Scheduler, Warmup};

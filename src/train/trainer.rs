@@ -20,7 +20,7 @@
 use std::time::Instant;
 
 use super::callbacks::{Callback, Control};
-use super::config::{DeviceChoice, GradClip, Optimizer, Problem, ScheduleUnit, TrainerConfig};
+use super::config::{GradClip, Optimizer, Problem, ScheduleUnit, TrainerConfig};
 use super::lbfgs::{self, LbfgsConfig, LbfgsState};
 use super::loss::Targets;
 use super::metrics::{EpochLog, History, Metrics, StepResult};
@@ -28,6 +28,7 @@ use super::schedule::Scheduler;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::ops::{hyper, stats};
 use crate::backend::{Backend, BufId, CounterId, LossFn, Op, OptParam, OptRule, Scoring};
+use crate::backend::{CudaBackend, CudaOptions, Device};
 use crate::data::DataLoader;
 use crate::exec::{Executor, Mode, PlanId, PlanOptions};
 use crate::model::Model;
@@ -88,6 +89,24 @@ pub struct Trainer {
     lbfgs_first: Option<StepResult>,
 }
 
+/// The backend for a config: the CPU with its thread count, the GPU with its TF32 setting, or,
+/// for `Auto`, the GPU when one is usable and otherwise the CPU (saying why once per process).
+fn open_device(config: &TrainerConfig) -> Result<Box<dyn Backend>> {
+    let cuda = |i| CudaBackend::with_options(i, CudaOptions { tf32: config.tf32, ..Default::default() });
+    Ok(match config.device {
+        Device::Cpu => Box::new(CpuBackend::<f32>::new(config.threads)?),
+        Device::Cuda(i) => Box::new(cuda(i)?),
+        Device::Auto => match cuda(0) {
+            Ok(b) => Box::new(b),
+            Err(e) => {
+                static NOTICE: std::sync::Once = std::sync::Once::new();
+                NOTICE.call_once(|| eprintln!("kiln: no usable GPU ({e}); training on the CPU"));
+                Box::new(CpuBackend::<f32>::new(config.threads)?)
+            }
+        },
+    })
+}
+
 fn opt_rule(o: &Optimizer) -> Option<OptRule> {
     Some(match *o {
         Optimizer::Sgd { dampening, nesterov, weight_decay, .. } => OptRule::Sgd { dampening, nesterov, weight_decay },
@@ -113,11 +132,16 @@ impl Trainer {
     /// Validates the config against the model and places both on the configured device.
     pub fn new(model: &Model, config: TrainerConfig) -> Result<Trainer> {
         config.validate()?;
+        let backend = open_device(&config)?;
+        Self::with_backend(model, config, backend)
+    }
+
+    /// As [`Trainer::new`], on a backend the caller made (ignoring `config.device`, `threads`
+    /// and `tf32`), for example a [`CudaBackend`] with options of its own.
+    pub fn with_backend(model: &Model, config: TrainerConfig, backend: Box<dyn Backend>) -> Result<Trainer> {
+        config.validate()?;
         let out_shape = model.nodes().last().expect("a built model has layers").shape.clone();
         config.loss.check_output(&out_shape)?;
-        let backend: Box<dyn Backend> = match config.device {
-            DeviceChoice::Cpu { threads } => Box::new(CpuBackend::<f32>::new(threads)?),
-        };
         let mut exec = Executor::new(model, backend)?;
         let b = exec.backend_mut();
         let hyper = b.alloc(hyper::LEN)?;

@@ -376,9 +376,12 @@ impl<T: Float> CpuBackend<T> {
                 let (lr, mom) = (h[ops::hyper::LR].to_f64(), h[ops::hyper::MOMENTUM].to_f64());
                 let mut mu_product = 1.0;
                 if let OptRule::NAdam { momentum_decay, .. } = rule {
+                    // Stored and used at the buffer's precision, as PyTorch keeps it in a
+                    // float32 tensor (and as the GPU kernel does).
                     let prev = self.bufs[scalars.0][0].to_f64();
-                    mu_product = prev * optimizer::nadam_mu(mom, *momentum_decay as f64, t);
-                    self.bufs[scalars.0][0] = T::from_f64(mu_product);
+                    let stored = T::from_f64(prev * optimizer::nadam_mu(mom, *momentum_decay as f64, t));
+                    self.bufs[scalars.0][0] = stored;
+                    mu_product = stored.to_f64();
                 }
                 for p in params {
                     let mut w = self.take(p.value);

@@ -26,8 +26,10 @@ mod graph;
 mod join;
 mod linear;
 mod loader;
+mod loss;
 mod memory;
 mod nvrtc;
+mod optimizer;
 mod pool2d;
 mod softmax;
 
@@ -37,7 +39,7 @@ use std::path::PathBuf;
 use cudarc::driver::sys;
 
 use super::Backend;
-use super::ops::{BufId, CounterId, Op};
+use super::ops::{BufId, CounterId, LossFn, Op, hyper, stats};
 use crate::{Error, Result};
 use driver::{Args, Event, Gpu};
 use memory::DeviceMemory;
@@ -45,8 +47,16 @@ use memory::DeviceMemory;
 pub use nvrtc::default_cache_dir;
 
 /// Every NVRTC-compiled kernel module.
-const MODULES: &[&nvrtc::ModuleSrc] =
-    &[&activation::MODULE, &batch_norm::MODULE, &dropout::MODULE, &join::MODULE, &pool2d::MODULE, &softmax::MODULE];
+const MODULES: &[&nvrtc::ModuleSrc] = &[
+    &activation::MODULE,
+    &batch_norm::MODULE,
+    &dropout::MODULE,
+    &join::MODULE,
+    &loss::MODULE,
+    &optimizer::MODULE,
+    &pool2d::MODULE,
+    &softmax::MODULE,
+];
 
 /// Options of a [`CudaBackend`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -79,6 +89,8 @@ pub struct CudaBackend {
     bufs: Vec<(sys::CUdeviceptr, usize)>,
     mem: DeviceMemory,
     compiles: usize,
+    /// An 8-byte device accumulator (clipping's sum of squares), allocated on first use.
+    scratch64: Option<sys::CUdeviceptr>,
     nvrtc_version: (i32, i32),
     tf32: bool,
     eager: bool,
@@ -134,6 +146,7 @@ impl CudaBackend {
             bufs: Vec::new(),
             mem,
             compiles: compiler.compiles,
+            scratch64: None,
             nvrtc_version: compiler.version,
             tf32: options.tf32,
             eager: options.eager.unwrap_or_else(|| env_flag("KILN_EAGER")),
@@ -167,6 +180,16 @@ impl CudaBackend {
             times.push(end.since(&start)?);
         }
         Ok(times)
+    }
+
+    /// The f64 accumulator, allocated the first time (in an eager run, never during capture).
+    fn f64_scratch(&mut self) -> Result<sys::CUdeviceptr> {
+        if let Some(p) = self.scratch64 {
+            return Ok(p);
+        }
+        let p = self.mem.alloc(&self.gpu, 8)?;
+        self.scratch64 = Some(p);
+        Ok(p)
     }
 
     fn ptr(&self, b: BufId) -> sys::CUdeviceptr {
@@ -257,10 +280,14 @@ impl CudaBackend {
             Op::ConcatBackward { n, inner, parts, dy } => self.concat_backward(*n, *inner, parts, *dy),
             Op::GradInto { len, src, dst } => self.grad_into(*len, *src, *dst),
             Op::Fill { len, buf, value } => self.fill(*len, *buf, *value),
-            // Ops added to ops.rs after this backend (on another branch) compile, and say
-            // plainly that the GPU does not run them yet.
-            #[allow(unreachable_patterns)]
-            other => Err(Error::State(format!("op {} is not implemented on the CUDA backend", other.name()))),
+            Op::Loss { f, scoring, n, c, pred, target, stats, dpred, grad_scale } => {
+                self.loss(*f, *scoring, *n, *c, *pred, *target, *stats, *dpred, *grad_scale)
+            }
+            Op::ClipGradNorm { grads, max_norm, norm } => self.clip_grad_norm(grads, *max_norm, *norm),
+            Op::ClipGradValue { grads, clip } => self.clip_grad_value(grads, *clip),
+            Op::OptimizerStep { rule, hyper, step, scalars, params } => {
+                self.optimizer_step(*rule, *hyper, *step, *scalars, params)
+            }
         }
     }
 
@@ -375,8 +402,31 @@ fn extents(op: &Op) -> Vec<(BufId, usize)> {
         }
         Op::GradInto { len, src, dst } => v.extend([(*src, *len), (dst.buf, *len)]),
         Op::Fill { len, buf, .. } => v.push((*buf, *len)),
-        #[allow(unreachable_patterns)]
-        _ => {}
+        Op::Loss { f, n, c, pred, target, stats, dpred, .. } => {
+            let class_targets = matches!(
+                f,
+                LossFn::SoftmaxCrossEntropy { class_targets: true, .. }
+                    | LossFn::CategoricalCrossEntropy { class_targets: true }
+            );
+            v.extend([(*pred, n * c), (*target, if class_targets { *n } else { n * c }), (*stats, stats::LEN)]);
+            opt(*dpred, n * c, &mut v);
+        }
+        Op::ClipGradNorm { grads, norm, .. } => {
+            v.extend(grads.iter().copied());
+            v.push((*norm, 1));
+        }
+        Op::ClipGradValue { grads, .. } => v.extend(grads.iter().copied()),
+        Op::OptimizerStep { rule, hyper: h, scalars, params, .. } => {
+            v.extend([(*h, hyper::LEN), (*scalars, 1)]);
+            for p in params {
+                v.extend([(p.value, p.len), (p.grad, p.len)]);
+                if p.state.len() != rule.state_tensors() {
+                    // Caught by the length check: an impossible extent names the problem.
+                    v.push((p.value, usize::MAX));
+                }
+                v.extend(p.state.iter().map(|s| (*s, p.len)));
+            }
+        }
     }
     v
 }
@@ -411,8 +461,12 @@ fn shapes(op: &Op) -> String {
         Op::ConcatBackward { n, inner, parts, .. } => {
             format!("{n} x {:?} x {inner}", parts.iter().map(|p| p.1).collect::<Vec<_>>())
         }
-        #[allow(unreachable_patterns)]
-        _ => String::new(),
+        Op::Loss { f, n, c, .. } => format!("{f:?} {n}x{c}"),
+        Op::ClipGradNorm { grads, max_norm, .. } => format!("{} tensors, max norm {max_norm}", grads.len()),
+        Op::ClipGradValue { grads, clip } => format!("{} tensors, clip {clip}", grads.len()),
+        Op::OptimizerStep { rule, params, .. } => {
+            format!("{rule:?} on {} tensors ({} values)", params.len(), params.iter().map(|p| p.len).sum::<usize>())
+        }
     }
 }
 

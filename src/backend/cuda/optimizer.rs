@@ -1,0 +1,306 @@
+//! Optimizer updates and gradient clipping on the GPU, the CPU reference's formulas
+//! (`backend/cpu/optimizer.rs`) operation for operation. The learning rate and momentum/beta1
+//! come from the device `hyper` buffer and the step number from a device counter, so a replayed
+//! CUDA graph uses whatever the trainer wrote before the launch: schedules reach the GPU.
+//!
+//! One small kernel advances the step counter (and NAdam's momentum product), then one launch
+//! per parameter tensor updates it. Clipping by norm sums squares into an f64 accumulator with
+//! one atomic add per block, then scales every gradient by PyTorch's coefficient.
+
+use super::CudaBackend;
+use super::driver::Args;
+use super::nvrtc::ModuleSrc;
+use crate::Result;
+use crate::backend::ops::{BufId, CounterId, OptParam, OptRule};
+
+pub(super) const MODULE: ModuleSrc = ModuleSrc {
+    name: "optimizer",
+    kernels: &[
+        "opt_begin",
+        "opt_sgd",
+        "opt_adam",
+        "opt_rmsprop",
+        "opt_adagrad",
+        "opt_adadelta",
+        "opt_nadam",
+        "sumsq",
+        "clip_scale",
+        "clip_value",
+        "zero_f64",
+    ],
+    source: r#"
+__device__ __forceinline__ float lerpf_(float a, float b, float w) {
+    return w < 0.5f ? a + w * (b - a) : b - (b - a) * (1.f - w);
+}
+
+// t = ++step; for NAdam (md >= 0) scalars[0] = (float)(scalars[0] * mu_t).
+extern "C" __global__ void opt_begin(u64* step, float* scalars, const float* hyper, float md) {
+    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    u64 t = *step + 1;
+    *step = t;
+    if (md >= 0.f) {
+        double mu = (double)hyper[1] * (1.0 - 0.5 * pow(0.96, (double)t * (double)md));
+        scalars[0] = (float)((double)scalars[0] * mu);
+    }
+}
+
+extern "C" __global__ void opt_sgd(float* w, const float* g, float* buf, i64 n, const float* hyper,
+                                   const u64* step, float damp, int nesterov, float wd) {
+    float lr = hyper[0], mu = hyper[1];
+    int first = *step == 1;
+    GRID_LOOP(i, n) {
+        float d = g[i];
+        if (wd != 0.f) d = d + wd * w[i];
+        if (mu != 0.f) {
+            buf[i] = first ? d : buf[i] * mu + (1.f - damp) * d;
+            d = nesterov ? d + mu * buf[i] : buf[i];
+        }
+        w[i] = w[i] - lr * d;
+    }
+}
+
+extern "C" __global__ void opt_adam(float* w, const float* g, float* m, float* v, float* vmax, i64 n,
+                                    const float* hyper, const u64* step, float beta2, float eps, float wd,
+                                    int decoupled) {
+    double t = (double)*step, lr = (double)hyper[0], b1 = (double)hyper[1];
+    float step_size = (float)(lr / (1.0 - pow(b1, t)));
+    float bc2_sqrt = (float)sqrt(1.0 - pow((double)beta2, t));
+    float one_m_b1 = (float)(1.0 - b1), one_m_b2 = 1.f - beta2;
+    float decay = (float)(1.0 - lr * (double)wd);
+    GRID_LOOP(i, n) {
+        float gi = g[i];
+        if (wd != 0.f) {
+            if (decoupled) w[i] *= decay; else gi = gi + wd * w[i];
+        }
+        m[i] = lerpf_(m[i], gi, one_m_b1);
+        v[i] = v[i] * beta2 + one_m_b2 * gi * gi;
+        float denom;
+        if (vmax) {
+            if (v[i] > vmax[i]) vmax[i] = v[i];
+            denom = sqrtf(vmax[i]) / bc2_sqrt + eps;
+        } else {
+            denom = sqrtf(v[i]) / bc2_sqrt + eps;
+        }
+        w[i] = w[i] - step_size * (m[i] / denom);
+    }
+}
+
+extern "C" __global__ void opt_rmsprop(float* w, const float* g, float* sq, float* buf, float* ga, i64 n,
+                                       const float* hyper, float alpha, float eps, float wd) {
+    float lr = hyper[0], mu = hyper[1], one_m_a = 1.f - alpha;
+    GRID_LOOP(i, n) {
+        float gi = g[i];
+        if (wd != 0.f) gi = gi + wd * w[i];
+        sq[i] = sq[i] * alpha + one_m_a * gi * gi;
+        float avg;
+        if (ga) {
+            ga[i] = lerpf_(ga[i], gi, one_m_a);
+            avg = sqrtf(sq[i] - ga[i] * ga[i]) + eps;
+        } else {
+            avg = sqrtf(sq[i]) + eps;
+        }
+        if (mu > 0.f) {
+            buf[i] = buf[i] * mu + gi / avg;
+            w[i] = w[i] - lr * buf[i];
+        } else {
+            w[i] = w[i] - lr * (gi / avg);
+        }
+    }
+}
+
+extern "C" __global__ void opt_adagrad(float* w, const float* g, float* sum, i64 n, const float* hyper,
+                                       const u64* step, float lr_decay, float eps, float wd) {
+    float clr = (float)((double)hyper[0] / (1.0 + ((double)*step - 1.0) * (double)lr_decay));
+    GRID_LOOP(i, n) {
+        float gi = g[i];
+        if (wd != 0.f) gi = gi + wd * w[i];
+        sum[i] += gi * gi;
+        float std_ = sqrtf(sum[i]) + eps;
+        w[i] = w[i] - clr * (gi / std_);
+    }
+}
+
+extern "C" __global__ void opt_adadelta(float* w, const float* g, float* sq, float* acc, i64 n,
+                                        const float* hyper, float rho, float eps, float wd) {
+    float lr = hyper[0], one_m_r = 1.f - rho;
+    GRID_LOOP(i, n) {
+        float gi = g[i];
+        if (wd != 0.f) gi = gi + wd * w[i];
+        sq[i] = sq[i] * rho + one_m_r * gi * gi;
+        float std_ = sqrtf(sq[i] + eps);
+        float delta = sqrtf(acc[i] + eps) / std_ * gi;
+        acc[i] = acc[i] * rho + one_m_r * delta * delta;
+        w[i] = w[i] - lr * delta;
+    }
+}
+
+extern "C" __global__ void opt_nadam(float* w, const float* g, float* m, float* v, i64 n, const float* hyper,
+                                     const u64* step, const float* scalars, float beta2, float eps, float wd,
+                                     float md) {
+    double t = (double)*step, lr = (double)hyper[0], b1 = (double)hyper[1];
+    double mu = b1 * (1.0 - 0.5 * pow(0.96, t * (double)md));
+    double mu_next = b1 * (1.0 - 0.5 * pow(0.96, (t + 1.0) * (double)md));
+    double mu_product = (double)scalars[0];
+    float c_grad = (float)(-lr * (1.0 - mu) / (1.0 - mu_product));
+    float c_avg = (float)(-lr * mu_next / (1.0 - mu_product * mu_next));
+    float one_m_b1 = (float)(1.0 - b1), one_m_b2 = 1.f - beta2;
+    float bc2 = (float)(1.0 - pow((double)beta2, t));
+    GRID_LOOP(i, n) {
+        float gi = g[i];
+        if (wd != 0.f) gi = gi + wd * w[i];
+        m[i] = lerpf_(m[i], gi, one_m_b1);
+        v[i] = v[i] * beta2 + one_m_b2 * gi * gi;
+        float denom = sqrtf(v[i] / bc2) + eps;
+        w[i] = w[i] + c_grad * (gi / denom);
+        w[i] = w[i] + c_avg * (m[i] / denom);
+    }
+}
+
+extern "C" __global__ void zero_f64(double* p) { if (threadIdx.x == 0 && blockIdx.x == 0) *p = 0.0; }
+
+// acc += sum of squares of g (one atomic add per block).
+extern "C" __global__ void sumsq(const float* g, i64 n, double* acc) {
+    __shared__ double sh[256];
+    double s = 0.0;
+    GRID_LOOP(i, n) s += (double)g[i] * (double)g[i];
+    s = block_sum(s, sh);
+    if (threadIdx.x == 0) atomicAdd(acc, s);
+}
+
+// g *= min(max_norm / (sqrt(acc) + 1e-6), 1); the first launch also writes the norm.
+extern "C" __global__ void clip_scale(float* g, i64 n, const double* acc, float max_norm, float* norm_out) {
+    double norm = sqrt(*acc);
+    double coef = (double)max_norm / (norm + 1e-6);
+    float cf = (float)(coef < 1.0 ? coef : 1.0);
+    if (norm_out && blockIdx.x == 0 && threadIdx.x == 0) *norm_out = (float)norm;
+    GRID_LOOP(i, n) g[i] *= cf;
+}
+
+extern "C" __global__ void clip_value(float* g, i64 n, float clip) {
+    GRID_LOOP(i, n) g[i] = g[i] < -clip ? -clip : (g[i] > clip ? clip : g[i]);
+}
+"#,
+};
+
+impl CudaBackend {
+    pub(super) fn optimizer_step(
+        &mut self,
+        rule: OptRule,
+        hyper: BufId,
+        step: CounterId,
+        scalars: BufId,
+        params: &[OptParam],
+    ) -> Result<()> {
+        let step_ptr = self.mem.counter_ptr(step.0)?;
+        let (h, sc) = (self.ptr(hyper), self.ptr(scalars));
+        let md = match rule {
+            OptRule::NAdam { momentum_decay, .. } => momentum_decay,
+            _ => -1.0,
+        };
+        self.launch_blocks("opt_begin", 1, 32, 0, &Args::new().ptr(step_ptr).ptr(sc).ptr(h).f32(md))?;
+        for p in params {
+            let (w, g, n) = (self.ptr(p.value), self.ptr(p.grad), p.len);
+            let st = |k: usize| p.state.get(k).map(|&b| self.ptr(b)).unwrap_or(0);
+            let (name, args) = match rule {
+                OptRule::Sgd { dampening, nesterov, weight_decay } => (
+                    "opt_sgd",
+                    Args::new()
+                        .ptr(w)
+                        .ptr(g)
+                        .ptr(st(0))
+                        .i64(n)
+                        .ptr(h)
+                        .ptr(step_ptr)
+                        .f32(dampening)
+                        .i32(nesterov as i32)
+                        .f32(weight_decay),
+                ),
+                OptRule::Adam { beta2, eps, weight_decay, decoupled, .. } => (
+                    "opt_adam",
+                    Args::new()
+                        .ptr(w)
+                        .ptr(g)
+                        .ptr(st(0))
+                        .ptr(st(1))
+                        .ptr(st(2))
+                        .i64(n)
+                        .ptr(h)
+                        .ptr(step_ptr)
+                        .f32(beta2)
+                        .f32(eps)
+                        .f32(weight_decay)
+                        .i32(decoupled as i32),
+                ),
+                OptRule::RmsProp { alpha, eps, weight_decay, .. } => (
+                    "opt_rmsprop",
+                    Args::new()
+                        .ptr(w)
+                        .ptr(g)
+                        .ptr(st(0))
+                        .ptr(st(1))
+                        .ptr(st(2))
+                        .i64(n)
+                        .ptr(h)
+                        .f32(alpha)
+                        .f32(eps)
+                        .f32(weight_decay),
+                ),
+                OptRule::Adagrad { lr_decay, eps, weight_decay } => (
+                    "opt_adagrad",
+                    Args::new()
+                        .ptr(w)
+                        .ptr(g)
+                        .ptr(st(0))
+                        .i64(n)
+                        .ptr(h)
+                        .ptr(step_ptr)
+                        .f32(lr_decay)
+                        .f32(eps)
+                        .f32(weight_decay),
+                ),
+                OptRule::Adadelta { rho, eps, weight_decay } => (
+                    "opt_adadelta",
+                    Args::new().ptr(w).ptr(g).ptr(st(0)).ptr(st(1)).i64(n).ptr(h).f32(rho).f32(eps).f32(weight_decay),
+                ),
+                OptRule::NAdam { beta2, eps, weight_decay, momentum_decay } => (
+                    "opt_nadam",
+                    Args::new()
+                        .ptr(w)
+                        .ptr(g)
+                        .ptr(st(0))
+                        .ptr(st(1))
+                        .i64(n)
+                        .ptr(h)
+                        .ptr(step_ptr)
+                        .ptr(sc)
+                        .f32(beta2)
+                        .f32(eps)
+                        .f32(weight_decay)
+                        .f32(momentum_decay),
+                ),
+            };
+            self.launch_elems(name, n, &args)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn clip_grad_norm(&mut self, grads: &[(BufId, usize)], max_norm: f32, norm: BufId) -> Result<()> {
+        let acc = self.f64_scratch()?;
+        self.launch_blocks("zero_f64", 1, 32, 0, &Args::new().ptr(acc))?;
+        for &(g, n) in grads {
+            self.launch_elems("sumsq", n, &Args::new().ptr(self.ptr(g)).i64(n).ptr(acc))?;
+        }
+        for (k, &(g, n)) in grads.iter().enumerate() {
+            let out = if k == 0 { self.ptr(norm) } else { 0 };
+            self.launch_elems("clip_scale", n, &Args::new().ptr(self.ptr(g)).i64(n).ptr(acc).f32(max_norm).ptr(out))?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn clip_grad_value(&mut self, grads: &[(BufId, usize)], clip: f32) -> Result<()> {
+        for &(g, n) in grads {
+            self.launch_elems("clip_value", n, &Args::new().ptr(self.ptr(g)).i64(n).f32(clip))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,241 @@
+//! Training on the GPU against the CPU reference: every loss and optimizer op, gradient
+//! clipping, ten Adam steps of the seed's CIFAR CNN through the trainer, the tutorial's task,
+//! and graph replay against eager execution of whole training steps.
+
+use kiln::backend::cpu::CpuBackend;
+use kiln::backend::ops::{hyper, stats};
+use kiln::backend::{Backend, CudaBackend, CudaOptions, LossFn, Op, OptParam, OptRule, Scoring};
+use kiln::data::synthetic::tutorial_images;
+use kiln::model::Model;
+use kiln::rng::Rng;
+use kiln::tensor::Tensor;
+use kiln::train::{GradClip, Loss, Optimizer, Problem, Schedule, ScheduleUnit, Trainer, TrainerConfig};
+use kiln::zoo;
+
+mod cuda_common;
+use cuda_common::{cuda, rel_err, within};
+
+fn random(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
+    let mut r = Rng::new(seed);
+    (0..n).map(|_| r.uniform_range(lo, hi)).collect()
+}
+
+/// Runs `ops` (built against buffers `bufs` filled with `init`) on a backend and returns the
+/// final contents of every buffer.
+fn run_on(
+    b: &mut dyn Backend,
+    init: &[Vec<f32>],
+    build: &dyn Fn(&[kiln::backend::BufId], kiln::backend::CounterId) -> Vec<Op>,
+    times: usize,
+) -> Vec<Vec<f32>> {
+    let ids: Vec<_> = init
+        .iter()
+        .map(|v| {
+            let id = b.alloc(v.len()).unwrap();
+            b.write(id, v).unwrap();
+            id
+        })
+        .collect();
+    let counter = b.new_counter().unwrap();
+    let ops = build(&ids, counter);
+    for _ in 0..times {
+        b.run(&ops).unwrap();
+    }
+    ids.iter().map(|&i| b.read(i).unwrap()).collect()
+}
+
+#[test]
+fn every_loss_matches_the_cpu() {
+    let Some(mut gpu) = cuda() else { return };
+    let mut cpu = CpuBackend::<f32>::new(Some(2)).unwrap();
+    let (n, c) = (37, 5);
+    let logits = random(n * c, 1, -3.0, 3.0);
+    let probs: Vec<f32> = logits.iter().map(|x| 1.0 / (1.0 + (-x).exp())).collect();
+    let soft: Vec<f32> = {
+        let v = random(n * c, 2, 0.0, 1.0);
+        v.chunks(c)
+            .flat_map(|r| {
+                let s: f32 = r.iter().sum();
+                r.iter().map(move |x| x / s).collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let classes: Vec<f32> = (0..n).map(|i| (i * 7 % c) as f32).collect();
+    let binary: Vec<f32> = (0..n * c).map(|i| (i % 3 == 0) as u8 as f32).collect();
+    let values = random(n * c, 3, -2.0, 2.0);
+    let top = Scoring::ArgMax { top_k: 2 };
+    let cases: Vec<(LossFn, Scoring, &Vec<f32>, &Vec<f32>)> = vec![
+        (LossFn::SoftmaxCrossEntropy { label_smoothing: 0.0, class_targets: true }, top, &logits, &classes),
+        (LossFn::SoftmaxCrossEntropy { label_smoothing: 0.1, class_targets: false }, top, &logits, &soft),
+        (LossFn::BinaryCrossEntropy, Scoring::Binary { logits: false }, &probs, &binary),
+        (LossFn::BinaryCrossEntropyWithLogits, Scoring::Binary { logits: true }, &logits, &binary),
+        (LossFn::CategoricalCrossEntropy { class_targets: true }, top, &probs, &classes),
+        (LossFn::MeanSquaredError, Scoring::None, &logits, &values),
+        (LossFn::MeanAbsoluteError, Scoring::None, &logits, &values),
+        (LossFn::Huber { delta: 0.7 }, Scoring::None, &logits, &values),
+    ];
+    for (f, scoring, pred, target) in cases {
+        let init = vec![pred.clone(), target.clone(), vec![0.0; stats::LEN], vec![0.0; n * c]];
+        let build = |b: &[kiln::backend::BufId], _| {
+            vec![Op::Loss {
+                f,
+                scoring,
+                n,
+                c,
+                pred: b[0],
+                target: b[1],
+                stats: b[2],
+                dpred: Some(b[3]),
+                grad_scale: 0.5,
+            }]
+        };
+        let want = run_on(&mut cpu, &init, &build, 2);
+        let got = run_on(&mut gpu, &init, &build, 2);
+        assert!(within(&want[2], &got[2], 1e-6), "{f:?} stats: cpu {:?} gpu {:?}", want[2], got[2]);
+        assert!(within(&want[3], &got[3], 1e-6), "{f:?} gradient: {}", rel_err(&want[3], &got[3]));
+    }
+}
+
+#[test]
+fn every_optimizer_and_clipping_matches_the_cpu() {
+    let Some(mut gpu) = cuda() else { return };
+    let mut cpu = CpuBackend::<f32>::new(Some(2)).unwrap();
+    let rules = [
+        OptRule::Sgd { dampening: 0.1, nesterov: false, weight_decay: 0.01 },
+        OptRule::Sgd { dampening: 0.0, nesterov: true, weight_decay: 0.0 },
+        OptRule::Adam { beta2: 0.999, eps: 1e-8, weight_decay: 0.01, decoupled: false, amsgrad: true },
+        OptRule::Adam { beta2: 0.99, eps: 1e-8, weight_decay: 0.01, decoupled: true, amsgrad: false },
+        OptRule::RmsProp { alpha: 0.99, eps: 1e-8, weight_decay: 0.01, centered: true },
+        OptRule::Adagrad { lr_decay: 0.01, eps: 1e-10, weight_decay: 0.01 },
+        OptRule::Adadelta { rho: 0.9, eps: 1e-6, weight_decay: 0.01 },
+        OptRule::NAdam { beta2: 0.999, eps: 1e-8, weight_decay: 0.01, momentum_decay: 4e-3 },
+    ];
+    let len = 10_000;
+    for (k, rule) in rules.iter().enumerate() {
+        let mut init = vec![random(len, 10 + k as u64, -1.0, 1.0), random(len, 20 + k as u64, -1.0, 1.0)];
+        init.extend((0..rule.state_tensors()).map(|_| vec![0.0; len]));
+        init.push(vec![0.05, 0.9]); // hyper: lr, momentum/beta1
+        init.push(vec![1.0]); // scalars
+        init.push(vec![0.0]); // clip norm out
+        let s = rule.state_tensors();
+        let build = |b: &[kiln::backend::BufId], step| {
+            let p = OptParam { len, value: b[0], grad: b[1], state: b[2..2 + s].to_vec() };
+            vec![
+                Op::ClipGradNorm { grads: vec![(b[1], len)], max_norm: 20.0, norm: b[4 + s] },
+                Op::ClipGradValue { grads: vec![(b[1], len)], clip: 0.9 },
+                Op::OptimizerStep { rule: *rule, hyper: b[2 + s], step, scalars: b[3 + s], params: vec![p] },
+            ]
+        };
+        assert_eq!(hyper::LEN, 2);
+        let want = run_on(&mut cpu, &init, &build, 3);
+        let got = run_on(&mut gpu, &init, &build, 3);
+        for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+            assert!(within(w, g, 1e-5), "{rule:?} buffer {i}: relative error {}", rel_err(w, g));
+        }
+    }
+}
+
+fn cifar_config(device: kiln::backend::Device) -> TrainerConfig {
+    TrainerConfig { batch_size: 8, device, ..Default::default() }
+}
+
+#[test]
+fn ten_adam_steps_of_the_cifar_cnn_match_the_cpu() {
+    let Some(gpu) = cuda() else { return };
+    let model = zoo::cifar_cnn(8).seed(3).build().unwrap();
+    let (x, y) = tutorial_images(8, 3, 32, 32, 10, &mut Rng::new(5));
+    let mut cpu = Trainer::new(&model, cifar_config(kiln::backend::Device::Cpu)).unwrap();
+    let mut dev = Trainer::with_backend(&model, cifar_config(kiln::backend::Device::Cuda(0)), Box::new(gpu)).unwrap();
+    for step in 0..10 {
+        let (a, b) = (cpu.train_batch(&x, &y).unwrap(), dev.train_batch(&x, &y).unwrap());
+        assert!((a.loss - b.loss).abs() <= 1e-3 * a.loss.abs().max(1.0), "step {step}: loss {} vs {}", a.loss, b.loss);
+    }
+    let (pc, pg) = (cpu.model().unwrap().clone(), dev.model().unwrap().clone());
+    compare_params(&pc, &pg, 1e-3);
+}
+
+fn compare_params(a: &Model, b: &Model, tol: f64) {
+    for (spec, (va, vb)) in a.params().iter().zip(a.param_values().iter().zip(b.param_values())) {
+        assert!(within(va, vb, tol), "{}: relative error {}", spec.name, rel_err(va, vb));
+    }
+}
+
+#[test]
+fn the_tutorial_task_trains_the_same_on_the_gpu() {
+    let Some(gpu) = cuda() else { return };
+    let model = zoo::simple_cnn(8).seed(4).build().unwrap();
+    let (x, y) = tutorial_images(8, 3, 32, 32, 10, &mut Rng::new(4));
+    let cfg = |device| TrainerConfig { batch_size: 8, seed: 4, device, ..Default::default() };
+    let mut cpu = Trainer::new(&model, cfg(kiln::backend::Device::Cpu)).unwrap();
+    let mut dev = Trainer::with_backend(&model, cfg(kiln::backend::Device::Cuda(0)), Box::new(gpu)).unwrap();
+    let mut last = (0.0, 0.0);
+    for _ in 0..17 {
+        last = (cpu.train_batch(&x, &y).unwrap().loss, dev.train_batch(&x, &y).unwrap().loss);
+    }
+    println!("tutorial loss after 17 steps: cpu {} gpu {}", last.0, last.1);
+    assert!(last.1 < 0.1, "the GPU run converges as the CPU one does: {last:?}");
+    assert!((last.0 - last.1).abs() < 1e-3, "{last:?}");
+}
+
+#[test]
+fn graph_replay_and_eager_training_steps_are_identical() {
+    let Some(graph) = cuda() else { return };
+    let eager = CudaBackend::with_options(0, CudaOptions { eager: Some(true), ..Default::default() }).unwrap();
+    // Dropout, batch norm, a schedule and clipping: everything the device must carry between steps.
+    let model = kiln::model::ModelBuilder::new(&[16, 3, 16, 16])
+        .conv2d(8, 3)
+        .batch_norm()
+        .relu()
+        .max_pool2d(2)
+        .dropout(0.2)
+        .dense(10)
+        .seed(2)
+        .build()
+        .unwrap();
+    let cfg = TrainerConfig {
+        batch_size: 16,
+        optimizer: Optimizer::nadam(),
+        schedule: Some(Schedule::one_cycle(0.01, 40)),
+        schedule_unit: ScheduleUnit::Batch,
+        grad_clip: Some(GradClip::Norm(0.5)),
+        ..Default::default()
+    };
+    let mut a = Trainer::with_backend(&model, cfg.clone(), Box::new(graph)).unwrap();
+    let mut b = Trainer::with_backend(&model, cfg, Box::new(eager)).unwrap();
+    let x = Tensor::new(&[16, 3, 16, 16], random(16 * 768, 8, -1.0, 1.0)).unwrap();
+    let y: Vec<u32> = (0..16).map(|i| i % 10).collect();
+    for _ in 0..12 {
+        a.train_step(&x, &y).unwrap();
+        b.train_step(&x, &y).unwrap();
+    }
+    let (ma, mb) = (a.model().unwrap().clone(), b.model().unwrap().clone());
+    for (spec, (va, vb)) in ma.params().iter().zip(ma.param_values().iter().zip(mb.param_values())) {
+        assert!(va.iter().zip(vb).all(|(p, q)| p.to_bits() == q.to_bits()), "{} differs", spec.name);
+    }
+    let (ma, mb) = (a.take_epoch_metrics().unwrap(), b.take_epoch_metrics().unwrap());
+    assert_eq!(ma, mb);
+}
+
+#[test]
+fn regression_and_binary_losses_train_on_the_gpu() {
+    let Some(gpu) = cuda() else { return };
+    let x = Tensor::new(&[64, 2], random(128, 9, -1.0, 1.0)).unwrap();
+    let y: Vec<f32> = x.data().chunks(2).map(|r| 2.0 * r[0] - 3.0 * r[1] + 1.0).collect();
+    let y = Tensor::new(&[64, 1], y).unwrap();
+    let model = kiln::model::ModelBuilder::new(&[64, 2]).dense(16).tanh().dense(1).seed(2).build().unwrap();
+    let cfg = TrainerConfig {
+        batch_size: 64,
+        learning_rate: 0.05,
+        optimizer: Optimizer::sgd(0.9),
+        loss: Loss::MeanSquaredError,
+        problem: Problem::Regression,
+        ..Default::default()
+    };
+    let mut t = Trainer::with_backend(&model, cfg, Box::new(gpu)).unwrap();
+    let first = t.train_batch(&x, &y).unwrap().loss;
+    for _ in 0..400 {
+        t.train_step(&x, &y).unwrap();
+    }
+    let last = t.evaluate_tensors(&x, &y).unwrap().loss;
+    assert!(last < 1e-2 && last < first / 100.0, "{first} -> {last}");
+}
