@@ -1,11 +1,12 @@
 //! Batch normalisation on the GPU: training forward (batch statistics, running-statistic update
 //! as PyTorch does it), inference forward, and backward, as `backend/cpu/batch_norm.rs`.
 //!
-//! Training forward and backward take one block per channel: the block sums its channel's
-//! `n * hw` values in f64 (mean, then the centred squares: two passes, as the CPU does), reduces
-//! in a fixed tree order, then applies the result to the same values. No atomics, no partial
-//! buffers: results are identical run to run, and the statistics carry f64 accuracy, so they
-//! match the CPU's f64 sums to f32 rounding.
+//! Each channel's `n * hw` values are split over several blocks (by samples), so that even a
+//! layer with few channels fills the GPU: a first kernel writes each block's f64 partial sums, a
+//! second reduces them per channel in a fixed order (results identical run to run, no atomics)
+//! and computes the statistics, a third applies them element-wise. Statistics come from f64 sums
+//! of `x` and `x^2` (one pass); in f64 the cancellation in `E[x^2] - mean^2` costs nothing at
+//! f32 precision.
 
 use super::CudaBackend;
 use super::driver::Args;
@@ -13,32 +14,65 @@ use super::nvrtc::ModuleSrc;
 use crate::Result;
 use crate::backend::ops::{BnGeom, BufId, GradOut};
 
-/// Threads per block of the per-channel kernels (a power of two, for the block reduction).
-const BN_THREADS: u32 = 512;
+/// Threads per block of the partial-sum kernels (a power of two, for the block reduction).
+const BN_THREADS: u32 = 256;
+
+/// How the samples of each channel are split: `(segments, samples per segment)`, aiming at
+/// about four blocks per multiprocessor in all.
+fn segments(g: &BnGeom, sms: usize) -> (usize, usize) {
+    let want = (4 * sms).div_ceil(g.c.max(1)).clamp(1, g.n.max(1));
+    let per = g.n.div_ceil(want);
+    (g.n.div_ceil(per), per)
+}
 
 pub(super) const MODULE: ModuleSrc = ModuleSrc {
     name: "batch_norm",
-    kernels: &["bn_train_forward", "bn_infer_forward", "bn_backward"],
+    kernels: &["bn_partial", "bn_finalize", "bn_apply", "bn_infer_forward", "bn_finalize_grad", "bn_apply_grad"],
     source: r#"
-// Index of value t (0 <= t < n*hw) of channel ch in an [n, c, hw] tensor.
-#define BN_AT(t) ((((t) / hw) * c + ch) * hw + (t) % hw)
-
-extern "C" __global__ void bn_train_forward(const float* x, const float* gamma, const float* beta, float* y,
-                                            float* mean, float* invstd, float* rmean, float* rvar,
-                                            i64 n, i64 c, i64 hw, float eps, float momentum) {
-    extern __shared__ double sh[];
-    i64 ch = blockIdx.x;
-    i64 m = n * hw;
-    double s = 0.0;
-    for (i64 t = threadIdx.x; t < m; t += blockDim.x) s += (double)x[BN_AT(t)];
-    double count = (double)m;
-    double mu = block_sum(s, sh) / count;
-    double q = 0.0;
-    for (i64 t = threadIdx.x; t < m; t += blockDim.x) { double d = (double)x[BN_AT(t)] - mu; q += d * d; }
-    double var = block_sum(q, sh) / count;
-    float meanf = (float)mu;
-    float isf = (float)(1.0 / sqrt(var + (double)eps));
+// Block (s, ch) sums f(x) and g(x) over samples [s*per, min(n, (s+1)*per)) of channel ch:
+// mode 0: x and x^2 (forward); mode 1: dy and dy * (x - mean) * invstd (backward).
+extern "C" __global__ void bn_partial(const float* x, const float* dy, const float* mean, const float* invstd,
+                                      double* part, i64 n, i64 c, i64 hw, i64 per, int mode) {
+    __shared__ double sh[256];
+    i64 ch = blockIdx.y, s = blockIdx.x, segs = gridDim.x;
+    i64 n0 = s * per, n1 = n0 + per < n ? n0 + per : n;
+    double mu = mode ? (double)mean[ch] : 0.0, is = mode ? (double)invstd[ch] : 0.0;
+    double a = 0.0, b = 0.0;
+    i64 total = (n1 - n0) * hw;
+    for (i64 u = threadIdx.x; u < total; u += blockDim.x) {
+        i64 i = ((n0 + u / hw) * c + ch) * hw + u % hw;
+        double v = (double)x[i];
+        if (mode == 0) {
+            a += v;
+            b += v * v;
+        } else {
+            double d = (double)dy[i];
+            a += d;
+            b += d * (v - mu) * is;
+        }
+    }
+    a = block_sum(a, sh);
+    b = block_sum(b, sh);
     if (threadIdx.x == 0) {
+        part[(ch * segs + s) * 2] = a;
+        part[(ch * segs + s) * 2 + 1] = b;
+    }
+}
+
+// Per channel: mean, invstd, the running statistics, and the affine coefficients coef[2ch] =
+// gamma * invstd, coef[2ch + 1] = beta - mean * gamma * invstd (f32, as the CPU computes them).
+extern "C" __global__ void bn_finalize(const double* part, int segs, float* mean, float* invstd, float* rmean,
+                                       float* rvar, const float* gamma, const float* beta, float* coef, i64 c,
+                                       i64 m, float eps, float momentum) {
+    GRID_LOOP(ch, c) {
+        double a = 0.0, b = 0.0;
+        for (int s = 0; s < segs; s++) { a += part[(ch * segs + s) * 2]; b += part[(ch * segs + s) * 2 + 1]; }
+        double count = (double)m;
+        double mu = a / count;
+        double var = b / count - mu * mu;
+        if (var < 0.0) var = 0.0;
+        float meanf = (float)mu;
+        float isf = (float)(1.0 / sqrt(var + (double)eps));
         mean[ch] = meanf;
         invstd[ch] = isf;
         if (rmean) {
@@ -47,12 +81,19 @@ extern "C" __global__ void bn_train_forward(const float* x, const float* gamma, 
             rmean[ch] = (float)((1.0 - mo) * (double)rmean[ch] + mo * mu);
             rvar[ch] = (float)((1.0 - mo) * (double)rvar[ch] + mo * var * unbias);
         }
+        float g = gamma ? gamma[ch] : 1.f;
+        float bt = beta ? beta[ch] : 0.f;
+        float sc = g * isf;
+        coef[2 * ch] = sc;
+        coef[2 * ch + 1] = bt - meanf * sc;
     }
-    float g = gamma ? gamma[ch] : 1.f;
-    float b = beta ? beta[ch] : 0.f;
-    float a = g * isf;
-    float shift = b - meanf * a;
-    for (i64 t = threadIdx.x; t < m; t += blockDim.x) { i64 i = BN_AT(t); y[i] = x[i] * a + shift; }
+}
+
+extern "C" __global__ void bn_apply(const float* x, const float* coef, float* y, i64 total, i64 c, i64 hw) {
+    GRID_LOOP(i, total) {
+        i64 ch = (i / hw) % c;
+        y[i] = x[i] * coef[2 * ch] + coef[2 * ch + 1];
+    }
 }
 
 extern "C" __global__ void bn_infer_forward(const float* x, const float* gamma, const float* beta, const float* rmean,
@@ -67,36 +108,29 @@ extern "C" __global__ void bn_infer_forward(const float* x, const float* gamma, 
     }
 }
 
-// dx = gamma * invstd / M * (M * dy - sum(dy) - xhat * sum(dy * xhat)), M = n * hw;
-// dgamma = sum(dy * xhat), dbeta = sum(dy). Null outputs are skipped.
-extern "C" __global__ void bn_backward(const float* x, const float* gamma, const float* mean, const float* invstd,
-                                       const float* dy, float* dx, float* dgamma, float* dbeta,
-                                       i64 n, i64 c, i64 hw, int acc_dx, int acc_dgamma, int acc_dbeta) {
-    extern __shared__ double sh[];
-    i64 ch = blockIdx.x;
-    i64 m = n * hw;
-    double mu = (double)mean[ch], is = (double)invstd[ch];
-    double sdy = 0.0, sdyx = 0.0;
-    for (i64 t = threadIdx.x; t < m; t += blockDim.x) {
-        i64 i = BN_AT(t);
-        double d = (double)dy[i];
-        sdy += d;
-        sdyx += d * ((double)x[i] - mu) * is;
+// Per channel: dbeta = sum(dy), dgamma = sum(dy * xhat); both sums kept for bn_apply_grad.
+extern "C" __global__ void bn_finalize_grad(const double* part, int segs, double* sums, float* dgamma, float* dbeta,
+                                            int acc_dgamma, int acc_dbeta, i64 c) {
+    GRID_LOOP(ch, c) {
+        double a = 0.0, b = 0.0;
+        for (int s = 0; s < segs; s++) { a += part[(ch * segs + s) * 2]; b += part[(ch * segs + s) * 2 + 1]; }
+        sums[2 * ch] = a;
+        sums[2 * ch + 1] = b;
+        if (dbeta) store(&dbeta[ch], (float)a, acc_dbeta);
+        if (dgamma) store(&dgamma[ch], (float)b, acc_dgamma);
     }
-    sdy = block_sum(sdy, sh);
-    sdyx = block_sum(sdyx, sh);
-    if (threadIdx.x == 0) {
-        if (dbeta) store(&dbeta[ch], (float)sdy, acc_dbeta);
-        if (dgamma) store(&dgamma[ch], (float)sdyx, acc_dgamma);
-    }
-    if (dx) {
-        double count = (double)m;
+}
+
+// dx = gamma * invstd / M * (M * dy - sum(dy) - xhat * sum(dy * xhat)), M = n * hw.
+extern "C" __global__ void bn_apply_grad(const float* x, const float* gamma, const float* mean, const float* invstd,
+                                         const float* dy, const double* sums, float* dx, i64 total, i64 c, i64 hw,
+                                         i64 m, int acc) {
+    GRID_LOOP(i, total) {
+        i64 ch = (i / hw) % c;
+        double count = (double)m, is = (double)invstd[ch];
         double k = (gamma ? (double)gamma[ch] : 1.0) * is / count;
-        for (i64 t = threadIdx.x; t < m; t += blockDim.x) {
-            i64 i = BN_AT(t);
-            double xhat = ((double)x[i] - mu) * is;
-            store(&dx[i], (float)(k * (count * (double)dy[i] - sdy - xhat * sdyx)), acc_dx);
-        }
+        double xhat = ((double)x[i] - (double)mean[ch]) * is;
+        store(&dx[i], (float)(k * (count * (double)dy[i] - sums[2 * ch] - xhat * sums[2 * ch + 1])), acc);
     }
 }
 "#,
@@ -115,25 +149,36 @@ impl CudaBackend {
         invstd: BufId,
         running: Option<(BufId, BufId, f32)>,
     ) -> Result<()> {
+        let (segs, per) = segments(g, self.gpu.sm_count as usize);
+        // Scratch: partial sums (2 f64 per channel and segment), then coefficients (2 f32 per channel).
+        let part_bytes = g.c * segs * 16;
+        let scratch = self.op_scratch(part_bytes + g.c * 8)?;
+        let coef = scratch + part_bytes as u64;
         let (rm, rv, momentum) = match running {
             Some((m, v, mo)) => (self.ptr(m), self.ptr(v), mo),
             None => (0, 0, 0.0),
         };
-        let args = Args::new()
-            .ptr(self.ptr(x))
-            .ptr(self.opt_ptr(gamma))
-            .ptr(self.opt_ptr(beta))
-            .ptr(self.ptr(y))
+        let xp = self.ptr(x);
+        let part = Args::new().ptr(xp).ptr(0).ptr(0).ptr(0).ptr(scratch).i64(g.n).i64(g.c).i64(g.hw).i64(per).i32(0);
+        self.launch_grid("bn_partial", (segs as u32, g.c as u32), BN_THREADS, &part)?;
+        let fin = Args::new()
+            .ptr(scratch)
+            .i32(segs as i32)
             .ptr(self.ptr(mean))
             .ptr(self.ptr(invstd))
             .ptr(rm)
             .ptr(rv)
-            .i64(g.n)
+            .ptr(self.opt_ptr(gamma))
+            .ptr(self.opt_ptr(beta))
+            .ptr(coef)
             .i64(g.c)
-            .i64(g.hw)
+            .i64(g.n * g.hw)
             .f32(g.eps)
             .f32(momentum);
-        self.launch_blocks("bn_train_forward", g.c as u32, BN_THREADS, BN_THREADS * 8, &args)
+        self.launch_elems("bn_finalize", g.c, &fin)?;
+        let total = g.n * g.c * g.hw;
+        let apply = Args::new().ptr(xp).ptr(coef).ptr(self.ptr(y)).i64(total).i64(g.c).i64(g.hw);
+        self.launch_elems("bn_apply", total, &apply)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -174,25 +219,36 @@ impl CudaBackend {
         dgamma: Option<GradOut>,
         dbeta: Option<GradOut>,
     ) -> Result<()> {
+        let (segs, per) = segments(g, self.gpu.sm_count as usize);
+        let part_bytes = g.c * segs * 16;
+        let scratch = self.op_scratch(part_bytes + g.c * 16)?;
+        let sums = scratch + part_bytes as u64;
+        let (xp, mp, ip, dyp) = (self.ptr(x), self.ptr(mean), self.ptr(invstd), self.ptr(dy));
+        let part =
+            Args::new().ptr(xp).ptr(dyp).ptr(mp).ptr(ip).ptr(scratch).i64(g.n).i64(g.c).i64(g.hw).i64(per).i32(1);
+        self.launch_grid("bn_partial", (segs as u32, g.c as u32), BN_THREADS, &part)?;
         let grad = |o: Option<GradOut>| o.map(|d| (self.ptr(d.buf), d.accumulate as i32)).unwrap_or((0, 0));
-        let (dxp, dxa) = grad(dx);
         let (dgp, dga) = grad(dgamma);
         let (dbp, dba) = grad(dbeta);
-        let args = Args::new()
-            .ptr(self.ptr(x))
-            .ptr(self.opt_ptr(gamma))
-            .ptr(self.ptr(mean))
-            .ptr(self.ptr(invstd))
-            .ptr(self.ptr(dy))
-            .ptr(dxp)
-            .ptr(dgp)
-            .ptr(dbp)
-            .i64(g.n)
-            .i64(g.c)
-            .i64(g.hw)
-            .i32(dxa)
-            .i32(dga)
-            .i32(dba);
-        self.launch_blocks("bn_backward", g.c as u32, BN_THREADS, BN_THREADS * 8, &args)
+        let fin = Args::new().ptr(scratch).i32(segs as i32).ptr(sums).ptr(dgp).ptr(dbp).i32(dga).i32(dba).i64(g.c);
+        self.launch_elems("bn_finalize_grad", g.c, &fin)?;
+        if let Some(d) = dx {
+            let total = g.n * g.c * g.hw;
+            let args = Args::new()
+                .ptr(xp)
+                .ptr(self.opt_ptr(gamma))
+                .ptr(mp)
+                .ptr(ip)
+                .ptr(dyp)
+                .ptr(sums)
+                .ptr(self.ptr(d.buf))
+                .i64(total)
+                .i64(g.c)
+                .i64(g.hw)
+                .i64(g.n * g.hw)
+                .i32(d.accumulate as i32);
+            self.launch_elems("bn_apply_grad", total, &args)?;
+        }
+        Ok(())
     }
 }

@@ -9,7 +9,7 @@
 //! Ampere and later, about 1e-3 relative error), and an FFT or Winograd algorithm (which
 //! transform the data and lose precision, but are often twice as fast) only after it has been
 //! run beside the fastest direct or GEMM-based one on the same data and agreed with it to 2e-5
-//! of its largest value. Deterministic algorithms are preferred, so a replayed graph computes
+//! of its largest value (6e-5 for filter gradients; see [`transform_tolerance`]). Deterministic algorithms are preferred, so a replayed graph computes
 //! exactly what eager execution does (see [`pick`]). The search happens in the warm-up run; one
 //! workspace serves every convolution (work on the one stream is serialised) and grows, never
 //! shrinks, in the warm-up only.
@@ -277,11 +277,18 @@ enum Dir {
 }
 
 /// How closely a transform (FFT, Winograd) algorithm must match the exact one to be used,
-/// relative to the result's largest value: a fifth of the 1e-4 that a whole model must stay
-/// within. Measured on ResNet-18 (batch 64, H100): Winograd forward and backward-data passes
-/// differ by 1.0e-5 to 1.7e-5 and pass; backward-filter transforms at 2.6e-5 to 4.7e-5 and the
-/// 6e-4 case that prompted the check do not.
-const TRANSFORM_TOLERANCE: f64 = 2e-5;
+/// relative to the result's largest value. Forward and backward-data errors travel on through
+/// the rest of the model, so they get a fifth of the 1e-4 that a whole model must stay within;
+/// a filter gradient goes nowhere but its own parameter, so it may use 60% of that budget.
+/// Measured on ResNet-18 (batch 64, H100): Winograd forward and backward-data passes differ by
+/// 1.0e-5 to 1.7e-5, backward-filter transforms by 2.6e-5 to 4.7e-5 (all kept), and the 6e-4
+/// case that prompted the check is rejected.
+fn transform_tolerance(dir: Dir) -> f64 {
+    match dir {
+        Dir::Forward | Dir::BackwardData => 2e-5,
+        Dir::BackwardFilter => 6e-5,
+    }
+}
 
 impl CudaBackend {
     fn math(&self) -> sys::cudnnMathType_t {
@@ -486,7 +493,7 @@ impl CudaBackend {
                 self.mem.download(&self.gpu, scratch.0, super::f32_bytes_mut(&mut rx))?;
                 self.mem.download(&self.gpu, scratch.1, super::f32_bytes_mut(&mut rf))?;
                 let err = relative_difference(&rx, &rf);
-                if err <= TRANSFORM_TOLERANCE {
+                if err <= transform_tolerance(dir) {
                     (f, format!("transform checked: {err:.1e} from {}", cands[x].text))
                 } else {
                     (x, format!("transform rejected: {err:.1e} from exact ({})", cands[f].text))

@@ -133,14 +133,19 @@ impl Gpu {
 
     /// Launches `f` on the stream with a 1-D grid.
     pub fn launch(&self, f: sys::CUfunction, grid: u32, block: u32, shared: u32, args: &Args) -> Result<()> {
+        self.launch_2d(f, (grid, 1), block, shared, args)
+    }
+
+    /// Launches `f` on the stream with a 2-D grid `(x, y)`.
+    pub fn launch_2d(&self, f: sys::CUfunction, grid: (u32, u32), block: u32, shared: u32, args: &Args) -> Result<()> {
         let mut ptrs = args.pointers();
         // SAFETY: `f` comes from a module loaded in this context; `ptrs` point into `args`,
         // which outlives the call (the driver copies parameter values at launch).
         unsafe {
             drv!(cuLaunchKernel(
                 f,
-                grid.max(1),
-                1,
+                grid.0.max(1),
+                grid.1.max(1),
                 1,
                 block,
                 1,

@@ -12,9 +12,14 @@ use cudarc::driver::sys;
 use super::driver::{Event, Gpu, drv};
 use crate::{Error, Result};
 
-/// Bytes of each of the two pinned staging buffers (4 MiB: large enough that a batch upload is
-/// a few copies, small enough to cost nothing).
+/// Bytes of each pinned staging buffer (4 MiB: large enough that a batch upload is a few
+/// copies, small enough to cost nothing).
 const STAGE_BYTES: usize = 4 << 20;
+
+/// Staging buffers used in turn. A training step writes three (batch, targets, hyper-parameters),
+/// so 16 let the host queue about five steps ahead of the GPU before a write must wait for an
+/// earlier copy to finish; with two, each step's writes waited for the previous step's graph.
+const STAGES: usize = 16;
 
 /// Counters per arena chunk; a chunk never moves once allocated, so graphs may point into it.
 const COUNTERS_PER_CHUNK: usize = 512;
@@ -24,7 +29,7 @@ pub(crate) struct DeviceMemory {
     allocs: Vec<(sys::CUdeviceptr, usize)>,
     current: u64,
     peak: u64,
-    staging: [(*mut u8, Event); 2],
+    staging: Vec<(*mut u8, Event)>,
     next_stage: usize,
     counter_chunks: Vec<sys::CUdeviceptr>,
     counters: usize,
@@ -35,28 +40,35 @@ pub(crate) struct DeviceMemory {
 
 impl DeviceMemory {
     pub fn new() -> Result<DeviceMemory> {
-        let stage = |_: usize| -> Result<(*mut u8, Event)> {
+        let mut staging: Vec<(*mut u8, Event)> = Vec::with_capacity(STAGES);
+        for _ in 0..STAGES {
             let mut p: *mut std::ffi::c_void = std::ptr::null_mut();
             // SAFETY: out-pointer to a local; the context is current.
-            unsafe { drv!(cuMemAllocHost_v2(&mut p, STAGE_BYTES))? };
-            Ok((p as *mut u8, Event::new(false)?))
-        };
-        let a = stage(0)?;
-        let b = match stage(1) {
-            Ok(b) => b,
-            Err(e) => {
-                // SAFETY: `a.0` was allocated just above by cuMemAllocHost.
-                unsafe {
-                    let _ = drv!(cuMemFreeHost(a.0 as *mut std::ffi::c_void));
+            let made = unsafe { drv!(cuMemAllocHost_v2(&mut p, STAGE_BYTES)) }.and_then(|_| Event::new(false));
+            match made {
+                Ok(e) => staging.push((p as *mut u8, e)),
+                Err(e) => {
+                    for (buf, _) in &staging {
+                        // SAFETY: allocated by cuMemAllocHost above; nothing uses it yet.
+                        unsafe {
+                            let _ = drv!(cuMemFreeHost(*buf as *mut std::ffi::c_void));
+                        }
+                    }
+                    if !p.is_null() {
+                        // SAFETY: as above (the event creation failed after the allocation).
+                        unsafe {
+                            let _ = drv!(cuMemFreeHost(p));
+                        }
+                    }
+                    return Err(e);
                 }
-                return Err(e);
             }
-        };
+        }
         Ok(DeviceMemory {
             allocs: Vec::new(),
             current: 0,
             peak: 0,
-            staging: [a, b],
+            staging,
             next_stage: 0,
             counter_chunks: Vec::new(),
             counters: 0,
@@ -135,9 +147,8 @@ impl DeviceMemory {
         Ok(())
     }
 
-    /// Copies host bytes to `dst` asynchronously, through the two pinned staging buffers in
-    /// turn. Before a staging buffer is refilled, the event recorded after its last copy is
-    /// waited for, so a later write never overwrites staging memory that a queued copy still
+    /// Copies host bytes to `dst` asynchronously, through the pinned staging buffers in turn.
+    /// Before a staging buffer is refilled, the event recorded after its last copy is waited for, so a later write never overwrites staging memory that a queued copy still
     /// reads; the caller's slice may be reused as soon as this returns.
     pub fn upload(&mut self, gpu: &Gpu, dst: sys::CUdeviceptr, data: &[u8]) -> Result<()> {
         self.refuse_in_capture("copying from the host")?;
@@ -152,7 +163,7 @@ impl DeviceMemory {
             // the callers against the buffer length); `buf` stays valid until the event fires.
             unsafe { drv!(cuMemcpyHtoDAsync_v2(at, *buf as *const std::ffi::c_void, chunk.len(), gpu.stream))? };
             done.record(gpu.stream)?;
-            self.next_stage ^= 1;
+            self.next_stage = (self.next_stage + 1) % STAGES;
         }
         Ok(())
     }

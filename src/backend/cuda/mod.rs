@@ -89,8 +89,10 @@ pub struct CudaBackend {
     bufs: Vec<(sys::CUdeviceptr, usize)>,
     mem: DeviceMemory,
     compiles: usize,
-    /// An 8-byte device accumulator (clipping's sum of squares), allocated on first use.
-    scratch64: Option<sys::CUdeviceptr>,
+    /// Scratch that one op uses while it runs (batch-norm partial sums, clipping's
+    /// accumulator): grown in eager runs, never during capture; a grown one keeps its
+    /// predecessor alive, as a captured graph may point at it.
+    op_scratch: (sys::CUdeviceptr, usize),
     nvrtc_version: (i32, i32),
     tf32: bool,
     eager: bool,
@@ -146,7 +148,7 @@ impl CudaBackend {
             bufs: Vec::new(),
             mem,
             compiles: compiler.compiles,
-            scratch64: None,
+            op_scratch: (0, 0),
             nvrtc_version: compiler.version,
             tf32: options.tf32,
             eager: options.eager.unwrap_or_else(|| env_flag("KILN_EAGER")),
@@ -182,14 +184,23 @@ impl CudaBackend {
         Ok(times)
     }
 
-    /// The f64 accumulator, allocated the first time (in an eager run, never during capture).
-    fn f64_scratch(&mut self) -> Result<sys::CUdeviceptr> {
-        if let Some(p) = self.scratch64 {
-            return Ok(p);
+    /// At least `bytes` of scratch for the op being queued (ops on the one stream run in order,
+    /// so they can all share it).
+    fn op_scratch(&mut self, bytes: usize) -> Result<sys::CUdeviceptr> {
+        if bytes > self.op_scratch.1 {
+            let size = bytes.next_multiple_of(1 << 16);
+            let p = self.mem.alloc(&self.gpu, size)?;
+            self.op_scratch = (p, size);
         }
-        let p = self.mem.alloc(&self.gpu, 8)?;
-        self.scratch64 = Some(p);
-        Ok(p)
+        Ok(self.op_scratch.0)
+    }
+
+    /// Launches a 2-D grid of `block`-thread blocks.
+    fn launch_grid(&self, name: &str, grid: (u32, u32), block: u32, args: &Args) -> Result<()> {
+        if grid.0 == 0 || grid.1 == 0 {
+            return Ok(());
+        }
+        self.gpu.launch_2d(self.func(name)?, grid, block, 0, args)
     }
 
     fn ptr(&self, b: BufId) -> sys::CUdeviceptr {

@@ -285,7 +285,7 @@ impl CudaBackend {
     }
 
     pub(super) fn clip_grad_norm(&mut self, grads: &[(BufId, usize)], max_norm: f32, norm: BufId) -> Result<()> {
-        let acc = self.f64_scratch()?;
+        let acc = self.op_scratch(8)?;
         self.launch_blocks("zero_f64", 1, 32, 0, &Args::new().ptr(acc))?;
         for &(g, n) in grads {
             self.launch_elems("sumsq", n, &Args::new().ptr(self.ptr(g)).i64(n).ptr(acc))?;
