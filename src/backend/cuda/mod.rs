@@ -72,6 +72,17 @@ pub struct CudaOptions {
     pub debug: Option<bool>,
 }
 
+/// One lock for submitting work from any backend of the process. Several backends on one
+/// context (the tests run many at once) saw cuDNN return INTERNAL_ERROR now and then, even with
+/// every cuDNN call serialised, when another thread was capturing or launching a graph; holding
+/// this across each whole `run`/`run_cached` (which only queue work) costs nothing in a process
+/// with one backend and makes concurrent ones take turns.
+static SUBMIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn submit_lock() -> std::sync::MutexGuard<'static, ()> {
+    SUBMIT.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn env_flag(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| v == "1")
 }
@@ -559,11 +570,13 @@ impl Backend for CudaBackend {
     }
 
     fn run(&mut self, ops: &[Op]) -> Result<()> {
+        let _turn = submit_lock();
         self.gpu.bind()?;
         self.run_ops(ops)
     }
 
     fn run_cached(&mut self, key: u64, ops: &[Op]) -> Result<()> {
+        let _turn = submit_lock();
         self.gpu.bind()?;
         self.run_cached_ops(key, ops)
     }
