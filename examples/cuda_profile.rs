@@ -1,7 +1,7 @@
 //! Times a training step's kernels on the GPU: per-op times of one eager forward+backward, the
 //! whole step eager and as a replayed CUDA graph, and peak device memory.
 //!
-//!     cargo run --release --example cuda_profile -- [resnet18|simple|mnist|cifar] [batch] [steps]
+//!     cargo run --release --example cuda_profile -- [resnet18|simple|multiscale|mnist|cifar] [batch] [steps]
 //!
 //! Numbers are medians over `steps` steps (default 50) after two warm-up steps; each op's time
 //! comes from device events around it, with the op waiting for the one before (so the sum of op
@@ -30,6 +30,7 @@ fn main() -> Result<()> {
         "resnet18" => zoo::resnet18(batch, 10),
         "simple" => zoo::simple_cnn(batch),
         "mnist" => zoo::mnist_cnn(batch),
+        "multiscale" => zoo::multiscale_cnn(batch),
         "cifar" => zoo::cifar_cnn(batch),
         other => bail!("unknown model {other}"),
     };
