@@ -11,6 +11,7 @@ mod lbfgs;
 mod loss;
 mod metrics;
 mod schedule;
+mod state;
 mod trainer;
 
 pub use callbacks::{Callback, Control, EarlyStopping, Logger, Monitor, format_log};
@@ -18,4 +19,5 @@ pub use config::{DeviceChoice, GradClip, Optimizer, Problem, ScheduleUnit, Train
 pub use loss::{Loss, Targets};
 pub use metrics::{EpochLog, History, Metrics, StepResult};
 pub use schedule::{Anneal, PlateauMode, Schedule, Scheduler, Warmup};
+pub use state::{StateTensor, TrainerMeta, TrainerState};
 pub use trainer::Trainer;
