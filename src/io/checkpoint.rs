@@ -40,14 +40,13 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::safetensors::{self as st, Entry, Parsed, Values};
+use super::safetensors::{self as st, Entry, Parsed, VERSION_KEY, Values};
 use crate::model::{Layer, Model, Node, ParamRole, ParamSpec};
 use crate::train::{DeviceChoice, StateTensor, Trainer, TrainerMeta, TrainerState};
 use crate::{Error, Result};
 
 const MODEL_KEY: &str = "kiln.model";
 const TRAINER_KEY: &str = "kiln.trainer";
-const VERSION_KEY: &str = "kiln.format_version";
 const VERSION: &str = "1";
 /// Prefix of the trainer-state tensors in a checkpoint.
 const TRAINER_PREFIX: &str = "trainer/";

@@ -26,11 +26,11 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Files in the directory: `epoch-00003.safetensors` (3 epochs done),
-//! `epoch-00003-batch-0000040.safetensors` (3 epochs and 40 batches done; from
-//! [`CheckpointManager::every_batches`]) and `best.safetensors`. Only files named so are ever
-//! deleted. Each is written atomically, so a crash or kill during a save leaves the earlier files
-//! intact; a kill can leave a temporary `.epoch-….tmp-…` file, which [`CheckpointManager::new`]
+//! Files in the directory: `epoch-00003-step-000000120.safetensors` (3 epochs and 120
+//! optimizer steps done; mid-epoch with [`CheckpointManager::every_batches`], or when
+//! [`CheckpointManager::save`] is called from a loop of one's own) and `best.safetensors`. Only
+//! files named so are ever deleted. Each is written atomically, so a crash or kill during a save leaves the earlier files
+//! intact; a kill can leave a temporary `.epoch-….tmp-…` file, which the manager's first save
 //! removes.
 
 use std::fs;
@@ -52,32 +52,42 @@ pub struct CheckpointManager {
     every_batches: usize,
     keep_last: Option<usize>,
     best: Option<Monitor>,
+    /// Whether the directory has been swept of temporary files yet.
+    swept: bool,
 }
 
-/// `(epochs done, batches done in the open epoch)` of a periodic checkpoint's file name.
+/// The order of a periodic checkpoint's file name `epoch-{e}-step-{s}.safetensors`:
+/// `(optimizer steps, epochs done)`, which only grow as training goes on.
 fn position(name: &str) -> Option<(u64, u64)> {
     let rest = name.strip_prefix("epoch-")?.strip_suffix(SUFFIX)?;
-    let digits = |s: &str| (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse().ok()).flatten();
-    match rest.split_once("-batch-") {
-        None => Some((digits(rest)?, 0)),
-        Some((e, b)) => Some((digits(e)?, digits(b)?)),
-    }
+    let number = |s: &str| (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse().ok()).flatten();
+    let (e, s) = rest.split_once("-step-")?;
+    Some((number(s)?, number(e)?))
 }
 
 impl CheckpointManager {
     /// A manager saving into `dir` (created if missing) after every epoch and keeping the last 3.
-    /// Temporary files left in `dir` by a save that was killed are removed.
+    /// A directory has one writing manager; others may read it ([`CheckpointManager::latest`]).
     pub fn new(dir: impl Into<PathBuf>) -> Result<Self> {
         let dir = dir.into();
         fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        for entry in fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?.flatten() {
+        Ok(CheckpointManager { dir, every_epochs: 1, every_batches: 0, keep_last: Some(3), best: None, swept: false })
+    }
+
+    /// Removes temporary files that saves killed mid-write left behind. Done by the first save,
+    /// not by `new`: a manager made only to find the latest checkpoint must not delete the file
+    /// that the directory's writer is writing.
+    fn sweep(&mut self) {
+        if std::mem::replace(&mut self.swept, true) {
+            return;
+        }
+        for entry in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             let ours = name.starts_with(".epoch-") || name.starts_with(&format!(".{BEST}"));
             if ours && name.contains(&format!("{SUFFIX}.tmp-")) {
                 let _ = fs::remove_file(entry.path());
             }
         }
-        Ok(CheckpointManager { dir, every_epochs: 1, every_batches: 0, keep_last: Some(3), best: None })
     }
 
     /// Save after every `n`-th epoch (0: never).
@@ -142,9 +152,10 @@ impl CheckpointManager {
     /// Saves a periodic checkpoint of `trainer` now, deletes the ones beyond the last K, and
     /// returns its path.
     pub fn save(&mut self, trainer: &mut Trainer) -> Result<PathBuf> {
-        let (e, b) = (trainer.epochs_done(), trainer.batches_done_in_epoch());
-        let name = if b == 0 { format!("epoch-{e:05}{SUFFIX}") } else { format!("epoch-{e:05}-batch-{b:07}{SUFFIX}") };
+        let (e, s) = (trainer.epochs_done(), trainer.steps_taken());
+        let name = format!("epoch-{e:05}-step-{s:09}{SUFFIX}");
         let path = self.dir.join(name);
+        self.sweep();
         write_atomic(&path, &checkpoint_bytes(trainer)?)?;
         self.prune(&path)?;
         Ok(path)
@@ -174,6 +185,7 @@ impl Callback for CheckpointManager {
             let improved =
                 before.iter().filter_map(|l| monitor.read(l)).all(|(b, _)| if larger_better { v > b } else { v < b });
             if improved {
+                self.sweep();
                 write_atomic(&self.best_path(), &checkpoint_bytes(trainer)?)?;
             }
         }
@@ -193,15 +205,17 @@ mod tests {
     use super::position;
 
     #[test]
-    fn file_names_order_by_epoch_then_batch() {
-        assert_eq!(position("epoch-00003.safetensors"), Some((3, 0)));
-        assert_eq!(position("epoch-00003-batch-0000040.safetensors"), Some((3, 40)));
+    fn file_names_order_by_step_then_epoch() {
+        assert_eq!(position("epoch-00003-step-000000040.safetensors"), Some((40, 3)));
+        assert!(
+            position("epoch-00003-step-000000040.safetensors") < position("epoch-00002-step-000000041.safetensors")
+        );
         for other in [
             "best.safetensors",
-            "epoch-.safetensors",
-            "epoch-3-batch-.safetensors",
-            ".epoch-00001.safetensors.tmp-1-0",
-            "epoch-00001.json",
+            "epoch-00003.safetensors",
+            "epoch-3-step-.safetensors",
+            ".epoch-00001-step-000000001.safetensors.tmp-1-0",
+            "epoch-00001-step-000000001.json",
         ] {
             assert_eq!(position(other), None, "{other}");
         }

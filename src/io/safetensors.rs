@@ -10,8 +10,8 @@
 //! real data length first.
 //!
 //! The format has no checksum, so a flipped bit in tensor data would load as a different weight.
-//! Every file kiln writes carries one in `__metadata__["kiln.checksum"]` (see [`Checksum`]);
-//! files without it (PyTorch's) load unverified.
+//! Every file kiln writes carries one in `__metadata__["kiln.checksum"]` (see [`Checksum`]) next
+//! to `kiln.format_version`; files without either (PyTorch's) load unverified.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -25,6 +25,10 @@ use crate::{Error, Result};
 
 /// Metadata key of the checksum of a file written by kiln.
 pub(crate) const CHECKSUM_KEY: &str = "kiln.checksum";
+
+/// Metadata key of kiln's file format version. A file with it must have the checksum too, so a
+/// flipped bit in the checksum's key cannot make a kiln file pass as an unchecked one.
+pub(crate) const VERSION_KEY: &str = "kiln.format_version";
 
 /// Tensor values as they are written.
 #[derive(Clone, Debug, PartialEq)]
@@ -276,6 +280,9 @@ pub(crate) fn parse<'a>(bytes: &'a [u8], path: &Path) -> Result<Parsed<'a>> {
             return Err(fail(format!("tensor '{name}': data_offsets [{s}, {e}] out of bounds")));
         };
         tensors.insert(name, Raw { dtype: info.dtype, shape: info.shape.clone(), bytes });
+    }
+    if metadata.contains_key(VERSION_KEY) && !metadata.contains_key(CHECKSUM_KEY) {
+        return Err(fail(format!("a kiln file without its checksum ('{CHECKSUM_KEY}'): corrupt or altered")));
     }
     if let Some(expected) = metadata.get(CHECKSUM_KEY) {
         let got =
