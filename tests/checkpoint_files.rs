@@ -174,7 +174,7 @@ fn pytorch_weights_load_by_name_with_or_without_the_batch_counter() {
     let half: Vec<_> = small_state(0.0)
         .into_iter()
         .filter(|t| t.0 != "bn.num_batches_tracked")
-        .map(|(n, _, s, b)| (n, Dtype::BF16, s.clone(), vec![0x80, 0x3f].repeat(b.len() / 4)))
+        .map(|(n, _, s, b)| (n, Dtype::BF16, s.clone(), [0x80, 0x3f].repeat(b.len() / 4)))
         .collect();
     write_torch_like(&path, &half);
     model.load_weights(&path).unwrap();
@@ -303,27 +303,37 @@ fn a_layer_named_like_trainer_state_cannot_be_checkpointed() -> Result<()> {
 #[test]
 fn the_manager_keeps_the_last_k_and_the_best_and_cleans_up_after_a_kill() {
     let dir = tmp("manager");
-    std::fs::write(dir.join(".epoch-00009.safetensors.tmp-123-0"), b"half a file").unwrap();
+    std::fs::write(dir.join(".epoch-00009-step-000000036.safetensors.tmp-123-0"), b"half a file").unwrap();
     std::fs::write(dir.join("notes.txt"), b"mine").unwrap();
     std::fs::write(dir.join("epoch-00001.json"), b"mine too").unwrap();
     let mut mgr = CheckpointManager::new(&dir).unwrap().every_epochs(2).keep_last(2).best(Monitor::TrainLoss);
-    assert!(!dir.join(".epoch-00009.safetensors.tmp-123-0").exists(), "stale temporary file removed");
+    assert!(dir.join(".epoch-00009-step-000000036.safetensors.tmp-123-0").exists(), "a reader deletes nothing");
     let mut t = Trainer::new(&small(), trainer_config()).unwrap();
     let loader = tiny_loader(3);
     t.fit_with(&loader, None, 7, &mut [&mut mgr]).unwrap();
+    assert!(
+        !dir.join(".epoch-00009-step-000000036.safetensors.tmp-123-0").exists(),
+        "the writer removed the stale file"
+    );
     let mut names: Vec<String> =
         std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     names.sort();
     assert_eq!(
         names,
-        ["best.safetensors", "epoch-00001.json", "epoch-00004.safetensors", "epoch-00006.safetensors", "notes.txt"]
+        [
+            "best.safetensors",
+            "epoch-00001.json",
+            "epoch-00004-step-000000016.safetensors",
+            "epoch-00006-step-000000024.safetensors",
+            "notes.txt"
+        ]
     );
     // best.safetensors is the checkpoint of the epoch with the lowest training loss.
     let losses: Vec<f32> = t.history().epochs.iter().map(|e| e.train.loss).collect();
     let best_epoch = losses.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 + 1;
     let best = Checkpoint::read(mgr.best_path()).unwrap().trainer.unwrap();
     assert_eq!(best.meta.epochs_done, best_epoch, "losses {losses:?}");
-    assert_eq!(mgr.latest().unwrap().unwrap(), dir.join("epoch-00006.safetensors"));
+    assert_eq!(mgr.latest().unwrap().unwrap(), dir.join("epoch-00006-step-000000024.safetensors"));
     let resumed = Trainer::resume(mgr.latest().unwrap().unwrap()).unwrap();
     assert_eq!(resumed.epochs_done(), 6);
 }

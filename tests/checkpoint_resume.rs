@@ -275,7 +275,8 @@ fn fit_stopped_between_epochs_resumes_exactly() {
 #[test]
 fn the_manager_s_mid_epoch_checkpoint_resumes_exactly() {
     // A crash is simulated by stopping after 10 batches (6 make an epoch); the manager saved
-    // every 4 batches and at every epoch end, so the newest checkpoint is "1 epoch and 4 batches".
+    // every 4 batches and at every epoch end, so the newest checkpoint is "1 epoch and 4 batches"
+    // (10 steps).
     let (train, val) = loaders();
     let model = cnn(12);
     let mut straight = Trainer::new(&model, fit_config()).unwrap();
@@ -287,9 +288,13 @@ fn the_manager_s_mid_epoch_checkpoint_resumes_exactly() {
     let mut stop = StopAfter { batches: 10, seen: 0 };
     t.fit_with(&train, Some(&val), 2, &mut [&mut mgr, &mut stop]).unwrap();
     let latest = mgr.latest().unwrap().unwrap();
-    assert!(latest.ends_with("epoch-00001-batch-0000004.safetensors"), "{latest:?}");
+    assert!(latest.ends_with("epoch-00001-step-000000010.safetensors"), "{latest:?}");
     let kept: Vec<_> = mgr.checkpoints().unwrap().iter().map(|p| p.file_name().unwrap().to_owned()).collect();
-    assert_eq!(kept, ["epoch-00001.safetensors", "epoch-00001-batch-0000004.safetensors"], "keep_last(2)");
+    assert_eq!(
+        kept,
+        ["epoch-00001-step-000000006.safetensors", "epoch-00001-step-000000010.safetensors"],
+        "keep_last(2)"
+    );
     drop(t);
     let mut resumed = Trainer::resume(&latest).unwrap();
     assert_eq!((resumed.epochs_done(), resumed.batches_done_in_epoch()), (1, 4));
