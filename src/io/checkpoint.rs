@@ -40,7 +40,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::safetensors::{self as st, Entry, Parsed, VERSION_KEY, Values};
+use super::safetensors::{self as st, Entry, Parsed, VERSION_KEY};
 use crate::model::{Layer, Model, Node, ParamRole, ParamSpec};
 use crate::train::{DeviceChoice, StateTensor, Trainer, TrainerMeta, TrainerState};
 use crate::{Error, Result};
@@ -148,11 +148,11 @@ fn encode(model: &Model, trainer: Option<&TrainerState>) -> Result<Vec<u8>> {
     }
     let mut tensors = BTreeMap::new();
     for (p, v) in model.params().iter().zip(model.param_values()) {
-        tensors.insert(p.name.clone(), Entry { shape: p.shape.clone(), values: Values::F32(v.clone()) });
+        tensors.insert(p.name.clone(), Entry::f32(p.shape.clone(), v));
     }
     let tracked = trainer.map(|t| t.batches_trained()).unwrap_or(0).min(i64::MAX as u64) as i64;
     for name in batches_tracked_names(model.nodes()) {
-        tensors.insert(name, Entry { shape: vec![], values: Values::I64(vec![tracked]) });
+        tensors.insert(name, Entry::i64(vec![], &[tracked]));
     }
     let saved = SavedModel { input_shape: model.input_shape(), seed: model.seed(), nodes: model.nodes().to_vec() };
     let mut metadata = BTreeMap::from([
@@ -170,11 +170,11 @@ fn encode(model: &Model, trainer: Option<&TrainerState>) -> Result<Vec<u8>> {
         }
         metadata.insert(TRAINER_KEY.to_string(), json(&state.meta)?);
         for (name, t) in &state.tensors {
-            let values = match t {
-                StateTensor::F32(v) => Values::F32(v.clone()),
-                StateTensor::F64(v) => Values::F64(v.clone()),
+            let entry = match t {
+                StateTensor::F32(v) => Entry::f32(vec![v.len()], v),
+                StateTensor::F64(v) => Entry::f64(vec![v.len()], v),
             };
-            tensors.insert(format!("{TRAINER_PREFIX}{name}"), Entry { shape: vec![t.len()], values });
+            tensors.insert(format!("{TRAINER_PREFIX}{name}"), entry);
         }
     }
     st::encode(&tensors, metadata)

@@ -6,7 +6,7 @@
 //! dtype, shape, byte offsets into the data; plus a `__metadata__` string map), and the data.
 //! The `safetensors` crate lays files out and checks offsets against shapes, but its reader adds
 //! header length and offsets unchecked (a crafted header can overflow that sum: a panic in debug
-//! builds, see `tests/checkpoint_corruption.rs`), so [`parse`] checks every offset against the
+//! builds, see `tests/checkpoint/corruption.rs`), so [`parse`] checks every offset against the
 //! real data length first.
 //!
 //! The format has no checksum, so a flipped bit in tensor data would load as a different weight.
@@ -30,36 +30,40 @@ pub(crate) const CHECKSUM_KEY: &str = "kiln.checksum";
 /// flipped bit in the checksum's key cannot make a kiln file pass as an unchecked one.
 pub(crate) const VERSION_KEY: &str = "kiln.format_version";
 
-/// Tensor values as they are written.
-#[derive(Clone, Debug, PartialEq)]
-pub(crate) enum Values {
-    F32(Vec<f32>),
-    F64(Vec<f64>),
-    I64(Vec<i64>),
-}
-
-/// A tensor to write.
+/// A tensor to write: dtype, shape and little-endian bytes.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Entry {
-    pub shape: Vec<usize>,
-    pub values: Values,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
 }
 
 impl Entry {
-    fn dtype(&self) -> Dtype {
-        match self.values {
-            Values::F32(_) => Dtype::F32,
-            Values::F64(_) => Dtype::F64,
-            Values::I64(_) => Dtype::I64,
-        }
+    pub fn f32(shape: Vec<usize>, v: &[f32]) -> Entry {
+        Entry { dtype: Dtype::F32, shape, bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect() }
     }
 
-    fn bytes(&self) -> Vec<u8> {
-        match &self.values {
-            Values::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            Values::F64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            Values::I64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        }
+    pub fn f64(shape: Vec<usize>, v: &[f64]) -> Entry {
+        Entry { dtype: Dtype::F64, shape, bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect() }
+    }
+
+    pub fn i64(shape: Vec<usize>, v: &[i64]) -> Entry {
+        Entry { dtype: Dtype::I64, shape, bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect() }
+    }
+}
+
+impl View for &Entry {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
     }
 }
 
@@ -201,32 +205,11 @@ impl Checksum {
 
 /// Serialises tensors and metadata, adding the checksum.
 pub(crate) fn encode(tensors: &BTreeMap<String, Entry>, mut metadata: BTreeMap<String, String>) -> Result<Vec<u8>> {
-    struct V<'e> {
-        dtype: Dtype,
-        shape: &'e [usize],
-        bytes: Vec<u8>,
-    }
-    impl View for &V<'_> {
-        fn dtype(&self) -> Dtype {
-            self.dtype
-        }
-        fn shape(&self) -> &[usize] {
-            self.shape
-        }
-        fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-            std::borrow::Cow::Borrowed(&self.bytes)
-        }
-        fn data_len(&self) -> usize {
-            self.bytes.len()
-        }
-    }
-    let views: Vec<(&str, V)> =
-        tensors.iter().map(|(n, e)| (n.as_str(), V { dtype: e.dtype(), shape: &e.shape, bytes: e.bytes() })).collect();
     metadata.remove(CHECKSUM_KEY);
-    let sum = Checksum::of(&metadata, views.iter().map(|(n, v)| (*n, v.dtype, v.shape, v.bytes.as_slice())));
+    let sum = Checksum::of(&metadata, tensors.iter().map(|(n, e)| (n.as_str(), e.dtype, &e.shape[..], &e.bytes[..])));
     metadata.insert(CHECKSUM_KEY.into(), sum);
     let metadata = metadata.into_iter().collect();
-    ::safetensors::serialize(views.iter().map(|(n, v)| (*n, v)), Some(metadata))
+    ::safetensors::serialize(tensors.iter().map(|(n, e)| (n.as_str(), e)), Some(metadata))
         .map_err(|e| Error::State(format!("could not serialise tensors: {e}")))
 }
 
