@@ -16,7 +16,7 @@ use kiln::tensor::Tensor;
 use kiln::train::{DeviceChoice, Trainer, TrainerConfig};
 
 const CHILD_DIR: &str = "KILN_KILL_TEST_DIR";
-const TEST: &str = "killing_a_process_during_saves_always_leaves_a_loadable_checkpoint";
+const TEST: &str = "kill::killing_a_process_during_saves_always_leaves_a_loadable_checkpoint";
 
 /// The child: train and save forever (until killed, or 60 s as a safety net).
 fn child(dir: &Path) -> ! {
