@@ -145,10 +145,12 @@ impl TrainerState {
             }
             want.insert("optimizer.scalars".into(), Kind::F32(1));
         } else {
+            // Before its first iteration L-BFGS has no direction and no previous gradient; after
+            // it, both (its step reads the previous gradient unconditionally).
             let n: usize = trainable.iter().map(|p| p.len()).sum();
-            let d = self.tensors.get("lbfgs.d").map(|t| t.len()).unwrap_or(0);
-            want.insert("lbfgs.d".into(), Kind::F32(if d == 0 { 0 } else { n }));
-            if self.tensors.contains_key("lbfgs.prev_flat_grad") {
+            let started = m.lbfgs_iterations > 0;
+            want.insert("lbfgs.d".into(), Kind::F32(if started { n } else { 0 }));
+            if started {
                 want.insert("lbfgs.prev_flat_grad".into(), Kind::F32(n));
             }
             let h = self.tensors.get("lbfgs.ro").map(|t| t.len()).unwrap_or(0);

@@ -235,6 +235,43 @@ fn a_hostile_trainer_state_is_an_error() {
     }
 }
 
+#[test]
+fn an_lbfgs_state_that_its_step_could_not_use_is_an_error() {
+    // L-BFGS's step reads the previous gradient once it has iterated: a state claiming iterations
+    // without one would panic there, so it must not load.
+    let model = ModelBuilder::new(&[4, 3]).dense(2).name("fc").build().unwrap();
+    let config = TrainerConfig {
+        batch_size: 4,
+        optimizer: Optimizer::lbfgs(),
+        device: DeviceChoice::Cpu { threads: Some(1) },
+        ..Default::default()
+    };
+    let mut t = Trainer::new(&model, config).unwrap();
+    let x = Tensor::new(&[4, 3], (0..12).map(|i| i as f32 / 12.0).collect()).unwrap();
+    let fresh = t.state().unwrap();
+    t.train_step(&x, &[0u32, 1, 1, 0]).unwrap();
+    let stepped = t.state().unwrap();
+    assert!(stepped.meta.lbfgs_iterations > 0 && stepped.tensors.contains_key("lbfgs.prev_flat_grad"));
+    let m = t.model().unwrap().clone();
+    assert!(fresh.check(&m).is_ok() && stepped.check(&m).is_ok());
+    let mut no_grad = stepped.clone();
+    no_grad.tensors.remove("lbfgs.prev_flat_grad");
+    let mut not_started = fresh.clone();
+    not_started.meta.lbfgs_iterations = 3;
+    let mut short_history = stepped.clone();
+    short_history.meta.config.optimizer =
+        Optimizer::Lbfgs { max_iter: 20, history_size: 1, tolerance_grad: 1e-7, tolerance_change: 1e-9 };
+    let mut inconsistent = stepped;
+    inconsistent.tensors.remove("lbfgs.old_dirs.0");
+    for (what, state) in
+        [("no gradient", no_grad), ("no direction", not_started), ("history", short_history), ("pairs", inconsistent)]
+    {
+        let e = state.check(&m).expect_err(what).to_string();
+        assert!(e.contains("lbfgs") || e.contains("L-BFGS"), "{what}: {e}");
+        assert!(Trainer::from_state(&m, state).is_err(), "{what}");
+    }
+}
+
 /// A raw file from a header string and data bytes.
 fn raw(header: &str, data: &[u8]) -> Vec<u8> {
     let mut b = (header.len() as u64).to_le_bytes().to_vec();
