@@ -8,12 +8,15 @@
 //! | [`backend`] | the backend seam (buffers, op kernels on plain descriptors) and the CPU backend |
 //! | [`exec`] | compiling a model into a plan of kernels over buffers allocated once, running it |
 //! | [`data`] | datasets, transforms and the prefetching loader (host batches only) |
+//! | [`train`] | the trainer, losses, optimizers, schedules, metrics, `fit` and its callbacks |
+//! | [`io`] | models and checkpoints in safetensors (PyTorch-compatible), the checkpoint manager |
 //! | [`zoo`] | the seed tutorial's architectures, ResNet-18 and an Inception block |
 
 pub mod backend;
 pub mod data;
 pub mod error;
 pub mod exec;
+pub mod io;
 pub mod model;
 pub mod rng;
 pub mod tensor;

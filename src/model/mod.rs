@@ -5,6 +5,7 @@
 mod builder;
 mod layers;
 mod params;
+mod restore;
 pub mod shape;
 mod summary;
 

@@ -1,7 +1,9 @@
-//! Callbacks run by [`super::Trainer::fit_with`] after every epoch: early stopping and per-epoch
-//! logging, and the trait for your own.
+//! Callbacks run by [`super::Trainer::fit_with`] after every epoch (and batch): early stopping
+//! and per-epoch logging, and the trait for your own.
 
 use super::metrics::EpochLog;
+use super::trainer::Trainer;
+use crate::Result;
 
 /// Whether `fit` goes on after an epoch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -10,9 +12,26 @@ pub enum Control {
     Stop,
 }
 
-/// Something to run after every epoch.
+/// Something to run after every epoch (every method has a default that does nothing).
 pub trait Callback {
-    fn on_epoch_end(&mut self, log: &EpochLog) -> Control;
+    fn on_epoch_end(&mut self, log: &EpochLog) -> Control {
+        let _ = log;
+        Control::Continue
+    }
+
+    /// Called after [`Callback::on_epoch_end`] with the trainer, for callbacks that need more
+    /// than the log (saving checkpoints). An error stops `fit`, which returns it.
+    fn on_epoch_end_with_trainer(&mut self, trainer: &mut Trainer, log: &EpochLog) -> Result<Control> {
+        let _ = (trainer, log);
+        Ok(Control::Continue)
+    }
+
+    /// Called after every training batch of `fit` (mid-epoch checkpoints). Stopping here leaves
+    /// the epoch open; an error stops `fit`, which returns it.
+    fn on_batch_end(&mut self, trainer: &mut Trainer) -> Result<Control> {
+        let _ = trainer;
+        Ok(Control::Continue)
+    }
 }
 
 /// Which figure a callback watches.
@@ -26,7 +45,7 @@ pub enum Monitor {
 
 impl Monitor {
     /// The figure from a log, and whether larger is better.
-    fn read(&self, log: &EpochLog) -> Option<(f64, bool)> {
+    pub(crate) fn read(&self, log: &EpochLog) -> Option<(f64, bool)> {
         match self {
             Monitor::ValLoss => log.val.map(|m| (m.loss as f64, false)),
             Monitor::ValAccuracy => log.val.and_then(|m| m.accuracy).map(|a| (a as f64, true)),

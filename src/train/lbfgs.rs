@@ -10,17 +10,18 @@ use crate::Result;
 
 /// L-BFGS state carried between `step` calls, as PyTorch keeps it in `optimizer.state`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+// Fields are `pub(super)` for `state.rs`, which saves and restores them (checkpoints).
 pub struct LbfgsState {
-    d: Vec<f32>,
-    t: f64,
-    old_dirs: VecDeque<Vec<f32>>,
-    old_stps: VecDeque<Vec<f32>>,
-    ro: VecDeque<f64>,
-    h_diag: f64,
-    prev_flat_grad: Option<Vec<f32>>,
-    prev_loss: f64,
-    n_iter: usize,
-    func_evals: usize,
+    pub(super) d: Vec<f32>,
+    pub(super) t: f64,
+    pub(super) old_dirs: VecDeque<Vec<f32>>,
+    pub(super) old_stps: VecDeque<Vec<f32>>,
+    pub(super) ro: VecDeque<f64>,
+    pub(super) h_diag: f64,
+    pub(super) prev_flat_grad: Option<Vec<f32>>,
+    pub(super) prev_loss: f64,
+    pub(super) n_iter: usize,
+    pub(super) func_evals: usize,
 }
 
 /// Hyper-parameters (PyTorch's names and defaults; `max_eval` is `max_iter * 5 / 4`).

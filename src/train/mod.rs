@@ -11,6 +11,7 @@ mod lbfgs;
 mod loss;
 mod metrics;
 mod schedule;
+mod state;
 mod trainer;
 
 pub use crate::backend::Device;
@@ -19,4 +20,5 @@ pub use config::{GradClip, Optimizer, Problem, ScheduleUnit, TrainerConfig};
 pub use loss::{Loss, Targets};
 pub use metrics::{EpochLog, History, Metrics, StepResult};
 pub use schedule::{Anneal, PlateauMode, Schedule, Scheduler, Warmup};
+pub use state::{StateTensor, TrainerMeta, TrainerState};
 pub use trainer::Trainer;

@@ -180,16 +180,17 @@ impl Warmup {
 
 /// The schedule's running state: step count and, for plateau detection, the best metric.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+// Fields are `pub(super)` for `state.rs`, which checks a scheduler read from a checkpoint.
 pub struct Scheduler {
-    base_lr: f64,
-    schedule: Option<Schedule>,
-    warmup: Option<Warmup>,
+    pub(super) base_lr: f64,
+    pub(super) schedule: Option<Schedule>,
+    pub(super) warmup: Option<Warmup>,
     /// Steps taken so far.
-    count: usize,
-    plateau_lr: f64,
-    best: Option<f64>,
-    bad_steps: usize,
-    cooldown_left: usize,
+    pub(super) count: usize,
+    pub(super) plateau_lr: f64,
+    pub(super) best: Option<f64>,
+    pub(super) bad_steps: usize,
+    pub(super) cooldown_left: usize,
 }
 
 impl Scheduler {

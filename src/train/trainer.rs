@@ -57,34 +57,38 @@ struct Step {
 }
 
 /// The optimizer's device state.
-struct OptState {
-    rule: OptRule,
-    step: CounterId,
-    scalars: BufId,
-    params: Vec<OptParam>,
+pub(super) struct OptState {
+    pub(super) rule: OptRule,
+    pub(super) step: CounterId,
+    pub(super) scalars: BufId,
+    /// One per trainable parameter, in the order of `model.params()`.
+    pub(super) params: Vec<OptParam>,
 }
 
 /// Trains one model; see the module documentation.
+// Fields read and restored by `state.rs` (checkpoints) are `pub(super)`.
 pub struct Trainer {
-    exec: Executor<Box<dyn Backend>>,
-    config: TrainerConfig,
+    pub(super) exec: Executor<Box<dyn Backend>>,
+    pub(super) config: TrainerConfig,
     out_shape: Vec<usize>,
-    opt: Option<OptState>,
-    lbfgs: LbfgsState,
+    pub(super) opt: Option<OptState>,
+    pub(super) lbfgs: LbfgsState,
     hyper: BufId,
-    train_stats: BufId,
+    pub(super) train_stats: BufId,
     eval_stats: BufId,
     clip_norm: BufId,
     steps: Vec<Step>,
-    scheduler: Scheduler,
+    pub(super) scheduler: Scheduler,
     /// Micro-batches since the last optimizer step (gradient accumulation).
-    micro: usize,
+    pub(super) micro: usize,
     /// Optimizer steps taken.
-    opt_steps: u64,
+    pub(super) opt_steps: u64,
     /// Epochs completed.
-    epoch: usize,
-    history: History,
-    last_lr: f64,
+    pub(super) epoch: usize,
+    /// Batches of the current epoch that `fit` has trained on (a resumed `fit` continues after them).
+    pub(super) batch_in_epoch: usize,
+    pub(super) history: History,
+    pub(super) last_lr: f64,
     /// The first evaluation of the last L-BFGS step.
     lbfgs_first: Option<StepResult>,
 }
@@ -107,7 +111,7 @@ fn open_device(config: &TrainerConfig) -> Result<Box<dyn Backend>> {
     })
 }
 
-fn opt_rule(o: &Optimizer) -> Option<OptRule> {
+pub(super) fn opt_rule(o: &Optimizer) -> Option<OptRule> {
     Some(match *o {
         Optimizer::Sgd { dampening, nesterov, weight_decay, .. } => OptRule::Sgd { dampening, nesterov, weight_decay },
         Optimizer::Adam { beta2, eps, weight_decay, amsgrad, .. } => {
@@ -191,6 +195,7 @@ impl Trainer {
             micro: 0,
             opt_steps: 0,
             epoch: 0,
+            batch_in_epoch: 0,
             history: History::default(),
             last_lr: 0.0,
             lbfgs_first: None,
@@ -495,6 +500,7 @@ impl Trainer {
             self.scheduler.step(metric)?;
         }
         self.epoch += 1;
+        self.batch_in_epoch = 0;
         Ok(())
     }
 
@@ -613,7 +619,9 @@ impl Trainer {
         self.fit_with(train, val, epochs, &mut [])
     }
 
-    /// As [`Trainer::fit`], calling `callbacks` after every epoch; any of them can stop training.
+    /// As [`Trainer::fit`], calling `callbacks` after every batch and every epoch; any of them can
+    /// stop training. Stopped after a batch, the epoch stays open: a later `fit` (or one on a
+    /// trainer resumed from a checkpoint taken then) continues it from the next batch.
     pub fn fit_with(
         &mut self,
         train: &DataLoader,
@@ -622,13 +630,27 @@ impl Trainer {
         callbacks: &mut [&mut dyn Callback],
     ) -> Result<History> {
         let first = self.history.epochs.len();
-        self.take_epoch_metrics()?;
+        if self.batch_in_epoch == 0 {
+            // Mid-epoch (resumed), the sums of the batches already done belong to this epoch.
+            self.take_epoch_metrics()?;
+        }
         while self.epoch < epochs {
             let t0 = Instant::now();
-            for batch in train.epoch(self.epoch as u64) {
+            let mut stop = false;
+            for batch in train.epoch_from(self.epoch as u64, self.batch_in_epoch) {
                 let batch = batch?;
                 self.train_step(&batch.inputs, &batch.labels)?;
                 train.recycle(batch);
+                self.batch_in_epoch += 1;
+                for cb in callbacks.iter_mut() {
+                    stop |= cb.on_batch_end(self)? == Control::Stop;
+                }
+                if stop {
+                    break;
+                }
+            }
+            if stop {
+                break;
             }
             let train_m = self.take_epoch_metrics()?;
             let val_m = match val {
@@ -641,9 +663,9 @@ impl Trainer {
             let log =
                 EpochLog { epoch: self.epoch, train: train_m, val: val_m, lr, seconds: t0.elapsed().as_secs_f64() };
             self.history.epochs.push(log.clone());
-            let mut stop = false;
             for cb in callbacks.iter_mut() {
                 stop |= cb.on_epoch_end(&log) == Control::Stop;
+                stop |= cb.on_epoch_end_with_trainer(self, &log)? == Control::Stop;
             }
             if stop {
                 break;

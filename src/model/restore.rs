@@ -1,0 +1,135 @@
+//! Rebuilding a model from a graph read back from a file (`crate::io`): the graph is checked as
+//! the builder checks a new one (shapes re-inferred layer by layer), and sizes are bounded
+//! before any arithmetic on them, because the file may be corrupt or hostile. Parameter values
+//! are not drawn here: they come from the file.
+
+use std::collections::HashSet;
+
+use super::layers::{Layer, Padding, Pool2d};
+use super::params::{self, ParamSpec};
+use super::{Model, Node};
+use crate::{Error, Result};
+
+/// Largest value a size option (channels, kernel, stride, padding, ...) or the batch size may
+/// have in a file: far beyond real models, small enough that shape arithmetic cannot overflow.
+const MAX_OPTION: usize = 1 << 24;
+
+/// Largest number of values per sample a layer's output may have in a file.
+const MAX_VALUES_PER_SAMPLE: usize = 1 << 32;
+
+fn too_large(name: &str, what: &str, v: usize) -> Error {
+    Error::layer(name, format!("{what} = {v} is larger than {MAX_OPTION}"))
+}
+
+fn check_options(node: &Node) -> Result<()> {
+    let name = node.name.as_str();
+    let bounded = |what: &str, vs: &[usize]| -> Result<()> {
+        match vs.iter().find(|&&v| v > MAX_OPTION) {
+            Some(&v) => Err(too_large(name, what, v)),
+            None => Ok(()),
+        }
+    };
+    let pool = |p: &Pool2d| {
+        bounded("pool kernel", &[p.kernel.0, p.kernel.1])?;
+        bounded("pool stride", &[p.stride.0, p.stride.1])?;
+        bounded("pool padding", &[p.padding.0, p.padding.1])
+    };
+    match &node.layer {
+        Layer::Conv2d(c) => {
+            bounded("out_channels", &[c.out_channels])?;
+            bounded("kernel", &[c.kernel.0, c.kernel.1])?;
+            bounded("stride", &[c.stride.0, c.stride.1])?;
+            bounded("dilation", &[c.dilation.0, c.dilation.1])?;
+            bounded("groups", &[c.groups])?;
+            if let Padding::Explicit(h, w) = c.padding {
+                bounded("padding", &[h, w])?;
+            }
+            Ok(())
+        }
+        Layer::Linear(l) => bounded("out_features", &[l.out_features]),
+        Layer::Reshape(dims) => {
+            bounded("reshape dimension", dims)?;
+            values_per_sample(name, dims).map(|_| ())
+        }
+        Layer::MaxPool2d(p) | Layer::AvgPool2d(p) => pool(p),
+        _ => Ok(()),
+    }
+}
+
+/// The product of `dims`, or an error if it exceeds [`MAX_VALUES_PER_SAMPLE`].
+fn values_per_sample(name: &str, dims: &[usize]) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d).filter(|&p| p <= MAX_VALUES_PER_SAMPLE))
+        .ok_or_else(|| Error::layer(name, format!("shape {dims:?} has more than {MAX_VALUES_PER_SAMPLE} values")))
+}
+
+impl Model {
+    /// Checks a saved graph (`nodes`, for input `[batch, ...]`) as the builder would check it and
+    /// returns its parameter specifications: node 0 is the input, every other node reads only
+    /// earlier nodes, names are unique and non-empty, every option is in range, and each node's
+    /// stored shape is the one inferred from its inputs.
+    pub(crate) fn check_saved_graph(nodes: &[Node], input_shape: &[usize]) -> Result<Vec<ParamSpec>> {
+        let bad = |reason: String| Err(Error::Model(reason));
+        if !(input_shape.len() == 2 || input_shape.len() == 4) || input_shape.contains(&0) {
+            return bad(format!("saved input shape {input_shape:?} is not [batch, C, H, W] or [batch, features]"));
+        }
+        if input_shape.iter().any(|&d| d > MAX_OPTION) {
+            return bad(format!("saved input shape {input_shape:?} has a dimension larger than {MAX_OPTION}"));
+        }
+        values_per_sample("input", &input_shape[1..])?;
+        if nodes.len() < 2 {
+            return bad("the saved model has no layers".into());
+        }
+        let first = &nodes[0];
+        if first.layer != Layer::Input || !first.inputs.is_empty() || first.shape != input_shape[1..] {
+            return bad(format!(
+                "saved node 0 must be the input layer, with no inputs and shape {:?}",
+                &input_shape[1..]
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut specs = Vec::new();
+        for (i, node) in nodes.iter().enumerate() {
+            if node.name.is_empty() {
+                return bad(format!("saved node {i} has an empty name"));
+            }
+            if !names.insert(node.name.as_str()) {
+                return Err(Error::layer(&node.name, "duplicate layer name in the saved model"));
+            }
+            if i == 0 {
+                continue;
+            }
+            if node.inputs.is_empty() || node.inputs.iter().any(|&j| j >= i) {
+                return Err(Error::layer(
+                    &node.name,
+                    format!("saved inputs {:?} must be non-empty and all before node {i}", node.inputs),
+                ));
+            }
+            check_options(node)?;
+            let ins: Vec<&[usize]> = node.inputs.iter().map(|&j| nodes[j].shape.as_slice()).collect();
+            let shape = super::shape::infer(&node.name, &node.layer, &ins)?;
+            if shape != node.shape {
+                return Err(Error::layer(
+                    &node.name,
+                    format!("saved output shape {:?} differs from the inferred {shape:?}", node.shape),
+                ));
+            }
+            values_per_sample(&node.name, &shape)?;
+            specs.extend(params::param_specs(i, &node.name, &node.layer, &nodes[node.inputs[0]].shape));
+        }
+        Ok(specs)
+    }
+
+    /// A model from a graph that [`Model::check_saved_graph`] accepted, its specifications, and
+    /// one value vector per specification (lengths checked by the caller).
+    pub(crate) fn from_saved(
+        nodes: Vec<Node>,
+        params: Vec<ParamSpec>,
+        values: Vec<Vec<f32>>,
+        batch: usize,
+        seed: u64,
+    ) -> Model {
+        debug_assert!(params.iter().zip(&values).all(|(p, v)| p.len() == v.len()));
+        Model { nodes, params, values, batch, seed }
+    }
+}
