@@ -4,7 +4,11 @@
 //! memory, forward, loss, backward, Adam update; one CUDA graph), images per second and peak
 //! device memory. f32, TF32 off (as the baseline's `eager` and `graph` modes).
 //!
-//!     cargo run --release --example bench -- [--models simple,resnet18] [--batches 8,64] [--eager] [--device cpu]
+//!     cargo run --release --example bench -- [--models simple,resnet18] [--batches 8,64] [--eager]
+//!         [--nondeterministic] [--device cpu]
+//!
+//! `--nondeterministic` lets cuDNN use its atomic-accumulating algorithms when faster, as
+//! PyTorch's `cudnn.benchmark` (the baseline's setting) does; kiln's default is deterministic.
 //!
 //! Timing: 10 warm-up steps (the first runs eagerly, the second is captured), then 5 groups of
 //! 20 steps with no synchronisation inside a group; each group's mean per step, median of the
@@ -40,7 +44,13 @@ fn main() -> anyhow::Result<()> {
         // SAFETY: set before any thread of this program reads the environment.
         unsafe { std::env::set_var("KILN_EAGER", "1") };
     }
-    let mode = if eager { "kiln_eager" } else { "kiln_graph" };
+    let nondet = std::env::args().any(|a| a == "--nondeterministic");
+    let mode = match (eager, nondet) {
+        (true, false) => "kiln_eager",
+        (true, true) => "kiln_eager_nondet",
+        (false, false) => "kiln_graph",
+        (false, true) => "kiln_graph_nondet",
+    };
     println!("model,batch,mode,ms_per_step,images_per_s,peak_mib");
     for name in &models {
         for &batch in &batches {
@@ -53,7 +63,7 @@ fn main() -> anyhow::Result<()> {
                 other => anyhow::bail!("unknown model {other}"),
             };
             let model = builder.seed(0).build()?;
-            let config = TrainerConfig { batch_size: batch, device, ..Default::default() };
+            let config = TrainerConfig { batch_size: batch, device, deterministic: !nondet, ..Default::default() };
             let mut t = match Trainer::new(&model, config) {
                 Ok(t) => t,
                 Err(e) => {

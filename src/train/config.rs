@@ -151,7 +151,11 @@ pub enum ScheduleUnit {
 
 /// Everything the trainer needs to know. `TrainerConfig::default()` works: Adam at 1e-3, sparse
 /// cross-entropy, classification, batch 32, on the GPU when there is a usable one, else the CPU.
+///
+/// In a checkpoint, a field missing from the saved config (a file from an earlier kiln) takes
+/// its default.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct TrainerConfig {
     /// Largest batch `train_batch` accepts; plans are made for it and for any smaller last batch.
     pub batch_size: usize,
@@ -178,6 +182,10 @@ pub struct TrainerConfig {
     /// Let the GPU use TF32 tensor cores for convolutions and dense layers (faster, about 1e-3
     /// relative error); off by default, so results match the f32 CPU reference.
     pub tf32: bool,
+    /// Use only cuDNN algorithms that give the same bits every run (the default), so a run is
+    /// reproducible and a replayed CUDA graph equals an eager run. `false` also allows faster
+    /// algorithms that accumulate with atomics, as PyTorch's `cudnn.benchmark` does.
+    pub deterministic: bool,
     /// Seed for dropout and data order (weights come from the model's own seed).
     pub seed: u64,
 }
@@ -199,6 +207,7 @@ impl Default for TrainerConfig {
             device: Device::Auto,
             threads: None,
             tf32: false,
+            deterministic: true,
             seed: 0,
         }
     }

@@ -241,9 +241,14 @@ impl Scheduler {
             }
             Some(Schedule::CosineWarmRestarts { t_0, t_mult, eta_min }) => {
                 let (mut t_cur, mut t_i) = (k, *t_0);
-                while t_cur >= t_i {
-                    t_cur -= t_i;
-                    t_i *= t_mult;
+                if *t_mult == 1 {
+                    t_cur %= t_i;
+                } else {
+                    // Periods grow geometrically: a few dozen iterations at most.
+                    while t_cur >= t_i {
+                        t_cur -= t_i;
+                        t_i = t_i.saturating_mul(*t_mult);
+                    }
                 }
                 let e = *eta_min;
                 e + (base - e) * (1.0 + (PI * t_cur as f64 / t_i as f64).cos()) / 2.0

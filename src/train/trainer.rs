@@ -96,7 +96,8 @@ pub struct Trainer {
 /// The backend for a config: the CPU with its thread count, the GPU with its TF32 setting, or,
 /// for `Auto`, the GPU when one is usable and otherwise the CPU (saying why once per process).
 fn open_device(config: &TrainerConfig) -> Result<Box<dyn Backend>> {
-    let cuda = |i| CudaBackend::with_options(i, CudaOptions { tf32: config.tf32, ..Default::default() });
+    let options = CudaOptions { tf32: config.tf32, nondeterministic: !config.deterministic, ..Default::default() };
+    let cuda = |i| CudaBackend::with_options(i, options.clone());
     Ok(match config.device {
         Device::Cpu => Box::new(CpuBackend::<f32>::new(config.threads)?),
         Device::Cuda(i) => Box::new(cuda(i)?),

@@ -105,11 +105,13 @@ pub(crate) struct Cudnn {
     /// The shared workspace: device pointer and size in bytes.
     workspace: (CUdeviceptr, usize),
     tf32: bool,
+    /// Prefer deterministic algorithms (see [`pick`]).
+    deterministic: bool,
     pub version: usize,
 }
 
 impl Cudnn {
-    pub fn new(stream: cudarc::driver::sys::CUstream, tf32: bool) -> Result<Cudnn> {
+    pub fn new(stream: cudarc::driver::sys::CUstream, tf32: bool, deterministic: bool) -> Result<Cudnn> {
         let mut handle = std::ptr::null_mut();
         let _lock = cudnn_lock();
         // SAFETY: out-pointer to a local; the stream is live for the backend's life.
@@ -122,7 +124,7 @@ impl Cudnn {
         }
         // SAFETY: a plain query.
         let version = unsafe { sys::cudnnGetVersion() };
-        Ok(Cudnn { handle, convs: HashMap::new(), workspace: (0, 0), tf32, version })
+        Ok(Cudnn { handle, convs: HashMap::new(), workspace: (0, 0), tf32, deterministic, version })
     }
 }
 
@@ -230,7 +232,10 @@ struct Candidate {
 /// those a deterministic one if there is any (so graph replays equal eager runs bit for bit),
 /// else the fastest non-deterministic one (some shapes have none that is deterministic; their
 /// results vary in the last bits from run to run, as PyTorch's do by default).
-fn pick(cands: &[Candidate], tf32: bool, exact: bool, workspace: usize) -> Option<usize> {
+///
+/// With `deterministic` false (the backend's `nondeterministic` option), simply the fastest
+/// usable one, deterministic or not, as PyTorch's `cudnn.benchmark` chooses.
+fn pick(cands: &[Candidate], tf32: bool, exact: bool, workspace: usize, deterministic: bool) -> Option<usize> {
     let usable: Vec<&Candidate> = cands
         .iter()
         .filter(|c| {
@@ -239,7 +244,23 @@ fn pick(cands: &[Candidate], tf32: bool, exact: bool, workspace: usize) -> Optio
                 && (c.exact || !exact)
         })
         .collect();
-    usable.iter().find(|c| c.deterministic).or(usable.first()).map(|c| c.index)
+    let preferred = if deterministic { usable.iter().find(|c| c.deterministic) } else { None };
+    preferred.or(usable.first()).map(|c| c.index)
+}
+
+/// Choices already made in this process, by geometry, direction, TF32 and determinism: a second
+/// backend (another trainer, a test beside another) reuses them, so it computes exactly what
+/// the first does and skips the search. cuDNN's timing-based choice could otherwise differ
+/// between two searches of the same shape.
+type PickKey = ([usize; 16], u8, bool, bool);
+static PICKS: std::sync::Mutex<Option<HashMap<PickKey, Chosen>>> = std::sync::Mutex::new(None);
+
+fn remembered(k: PickKey) -> Option<Chosen> {
+    PICKS.lock().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(|m| m.get(&k).copied())
+}
+
+fn remember(k: PickKey, c: Chosen) {
+    PICKS.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(HashMap::new).insert(k, c);
 }
 
 macro_rules! candidates {
@@ -356,6 +377,11 @@ impl CudaBackend {
         if let Some(c) = self.conv_entry(g)?.chosen[dir as usize] {
             return Ok(c);
         }
+        let pick_key = (key(g), dir as u8, self.dnn.tf32, self.dnn.deterministic);
+        if let Some(c) = remembered(pick_key) {
+            self.conv_entry(g)?.chosen[dir as usize] = Some(c);
+            return Ok(c);
+        }
         if self.mem.capturing {
             return Err(Error::State(format!(
                 "cuDNN algorithm search ({dir:?}) during CUDA graph capture: the warm-up run did not cover this convolution"
@@ -380,6 +406,7 @@ impl CudaBackend {
         }
         let c = r?;
         self.conv_entry(g)?.chosen[dir as usize] = Some(c);
+        remember(pick_key, c);
         Ok(c)
     }
 
@@ -463,8 +490,9 @@ impl CudaBackend {
             }
         };
         let chosen = |i: usize| Chosen { algo: cands[i].algo, memory: cands[i].memory, math: cands[i].math };
-        let exact = pick(&cands, tf32, !tf32, ws.1);
-        let fastest = pick(&cands, tf32, false, ws.1);
+        let det = self.dnn.deterministic;
+        let exact = pick(&cands, tf32, !tf32, ws.1, det);
+        let fastest = pick(&cands, tf32, false, ws.1, det);
         let (choice, note) = match (exact, fastest) {
             (_, None) => {
                 return Err(Error::DeviceCall {
@@ -583,16 +611,18 @@ mod tests {
             cand(3, true, true, FMA, 1000),  // too much workspace below
             cand(4, true, true, FMA, 10),
         ];
-        assert_eq!(pick(&cands, false, true, 100), Some(4));
-        assert_eq!(pick(&cands, false, true, 1000), Some(3));
+        assert_eq!(pick(&cands, false, true, 100, true), Some(4));
+        assert_eq!(pick(&cands, false, true, 1000, true), Some(3));
         // Without a deterministic exact candidate: the fastest exact one.
-        assert_eq!(pick(&cands[..3], false, true, 100), Some(1));
+        assert_eq!(pick(&cands[..3], false, true, 100, true), Some(1));
         // Transforms allowed (to be checked against the exact choice): the FFT one.
-        assert_eq!(pick(&cands, false, false, 100), Some(0));
+        assert_eq!(pick(&cands, false, false, 100, true), Some(0));
         // TF32 allowed: every math type too, deterministic first.
-        assert_eq!(pick(&cands[1..], true, false, 100), Some(2));
+        assert_eq!(pick(&cands[1..], true, false, 100, true), Some(2));
+        // Not preferring determinism: the fastest exact one, deterministic or not.
+        assert_eq!(pick(&cands, false, true, 100, false), Some(1));
         let failed = Candidate { ok: false, ..cand(0, true, true, FMA, 0) };
-        assert_eq!(pick(&[failed], false, true, 100), None);
+        assert_eq!(pick(&[failed], false, true, 100, true), None);
     }
 
     #[test]

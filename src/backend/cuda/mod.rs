@@ -70,6 +70,10 @@ pub struct CudaOptions {
     pub eager: Option<bool>,
     /// Log every launch; `None`: `KILN_DEBUG=1`.
     pub debug: Option<bool>,
+    /// Let cuDNN use algorithms whose results vary in the last bits from run to run (atomic
+    /// accumulation) when they are faster, as PyTorch's `cudnn.benchmark` does. Off by default:
+    /// then a replayed graph computes bit for bit what an eager run does.
+    pub nondeterministic: bool,
 }
 
 /// One lock for submitting work from any backend of the process. Several backends on one
@@ -147,7 +151,8 @@ impl CudaBackend {
             );
         }
         let funcs = modules.iter().flat_map(|m| m.functions.iter().copied()).collect();
-        let dnn = conv2d::Cudnn::new(gpu.stream, options.tf32).map_err(|e| unusable("cuDNN", e))?;
+        let dnn = conv2d::Cudnn::new(gpu.stream, options.tf32, !options.nondeterministic)
+            .map_err(|e| unusable("cuDNN", e))?;
         let ws = mem.alloc(&gpu, linear::LT_WORKSPACE)?;
         let lt = linear::Lt::new(ws, options.tf32).map_err(|e| unusable("cuBLASLt", e))?;
         Ok(CudaBackend {

@@ -4,8 +4,10 @@
 //! CUDA graph uses whatever the trainer wrote before the launch: schedules reach the GPU.
 //!
 //! One small kernel advances the step counter (and NAdam's momentum product), then one launch
-//! per parameter tensor updates it. Clipping by norm sums squares into an f64 accumulator with
-//! one atomic add per block, then scales every gradient by PyTorch's coefficient.
+//! per parameter tensor updates it. Clipping by norm sums squares in f64: a fixed number of
+//! blocks per tensor writes partial sums to fixed slots, one block adds the slots in order (no
+//! atomics, so the result is the same every run), then every gradient is scaled by PyTorch's
+//! coefficient.
 
 use super::CudaBackend;
 use super::driver::Args;
@@ -23,10 +25,10 @@ pub(super) const MODULE: ModuleSrc = ModuleSrc {
         "opt_adagrad",
         "opt_adadelta",
         "opt_nadam",
-        "sumsq",
+        "sumsq_partial",
+        "sum_slots",
         "clip_scale",
         "clip_value",
-        "zero_f64",
     ],
     source: r#"
 __device__ __forceinline__ float lerpf_(float a, float b, float w) {
@@ -156,15 +158,22 @@ extern "C" __global__ void opt_nadam(float* w, const float* g, float* m, float* 
     }
 }
 
-extern "C" __global__ void zero_f64(double* p) { if (threadIdx.x == 0 && blockIdx.x == 0) *p = 0.0; }
-
-// acc += sum of squares of g (one atomic add per block).
-extern "C" __global__ void sumsq(const float* g, i64 n, double* acc) {
+// slots[blockIdx.x] = this block's share of the sum of squares of g.
+extern "C" __global__ void sumsq_partial(const float* g, i64 n, double* slots) {
     __shared__ double sh[256];
     double s = 0.0;
     GRID_LOOP(i, n) s += (double)g[i] * (double)g[i];
     s = block_sum(s, sh);
-    if (threadIdx.x == 0) atomicAdd(acc, s);
+    if (threadIdx.x == 0) slots[blockIdx.x] = s;
+}
+
+// *acc = sum of count slots, in a fixed order (one block).
+extern "C" __global__ void sum_slots(const double* slots, i64 count, double* acc) {
+    __shared__ double sh[256];
+    double s = 0.0;
+    for (i64 i = threadIdx.x; i < count; i += blockDim.x) s += slots[i];
+    s = block_sum(s, sh);
+    if (threadIdx.x == 0) *acc = s;
 }
 
 // g *= min(max_norm / (sqrt(acc) + 1e-6), 1); the first launch also writes the norm.
@@ -285,11 +294,16 @@ impl CudaBackend {
     }
 
     pub(super) fn clip_grad_norm(&mut self, grads: &[(BufId, usize)], max_norm: f32, norm: BufId) -> Result<()> {
-        let acc = self.op_scratch(8)?;
-        self.launch_blocks("zero_f64", 1, 32, 0, &Args::new().ptr(acc))?;
-        for &(g, n) in grads {
-            self.launch_elems("sumsq", n, &Args::new().ptr(self.ptr(g)).i64(n).ptr(acc))?;
+        // Scratch: the total, then SLOTS partial sums per tensor.
+        const SLOTS: usize = 256;
+        let acc = self.op_scratch(8 * (1 + SLOTS * grads.len()))?;
+        let slots = acc + 8;
+        for (k, &(g, n)) in grads.iter().enumerate() {
+            let args = Args::new().ptr(self.ptr(g)).i64(n).ptr(slots + (8 * SLOTS * k) as u64);
+            self.launch_blocks("sumsq_partial", SLOTS as u32, 256, 0, &args)?;
         }
+        let count = SLOTS * grads.len();
+        self.launch_blocks("sum_slots", 1, 256, 0, &Args::new().ptr(slots).i64(count).ptr(acc))?;
         for (k, &(g, n)) in grads.iter().enumerate() {
             let out = if k == 0 { self.ptr(norm) } else { 0 };
             self.launch_elems("clip_scale", n, &Args::new().ptr(self.ptr(g)).i64(n).ptr(acc).f32(max_norm).ptr(out))?;
