@@ -4,7 +4,7 @@
 
 use kiln::backend::cpu::CpuBackend;
 use kiln::backend::ops::{hyper, stats};
-use kiln::backend::{Backend, CudaBackend, CudaOptions, LossFn, Op, OptParam, OptRule, Scoring};
+use kiln::backend::{Backend, CudaOptions, LossFn, Op, OptParam, OptRule, Scoring};
 use kiln::data::synthetic::tutorial_images;
 use kiln::model::Model;
 use kiln::rng::Rng;
@@ -13,7 +13,7 @@ use kiln::train::{GradClip, Loss, Optimizer, Problem, Schedule, ScheduleUnit, Tr
 use kiln::zoo;
 
 mod cuda_common;
-use cuda_common::{cuda, rel_err, within};
+use cuda_common::{cuda, cuda_with, rel_err, within};
 
 fn random(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
     let mut r = Rng::new(seed);
@@ -139,9 +139,14 @@ fn cifar_config(device: kiln::backend::Device) -> TrainerConfig {
     TrainerConfig { batch_size: 8, device, ..Default::default() }
 }
 
+/// With `exact` convolutions (no FFT or Winograd algorithms). The default, which allows
+/// transforms checked to 2e-5 (6e-5 for filter gradients) of an exact result, drifts further over
+/// ten Adam steps: device run 13 (2026-11-24) measured conv1_1 3e-4, conv3_2 1.1e-2 and dense1
+/// 4.1e-2 there, the per-step differences amplified by Adam's sign-like updates (per layer, each
+/// pass stays within the 1e-4 of the parity tests).
 #[test]
 fn ten_adam_steps_of_the_cifar_cnn_match_the_cpu() {
-    let Some(gpu) = cuda() else { return };
+    let Some(gpu) = cuda_with(CudaOptions { exact: true, ..Default::default() }) else { return };
     let model = zoo::cifar_cnn(8).seed(3).build().unwrap();
     let (x, y) = tutorial_images(8, 3, 32, 32, 10, &mut Rng::new(5));
     let mut cpu = Trainer::new(&model, cifar_config(kiln::backend::Device::Cpu)).unwrap();
@@ -200,7 +205,7 @@ fn the_tutorial_task_trains_the_same_on_the_gpu() {
 #[test]
 fn graph_replay_and_eager_training_steps_are_identical() {
     let Some(graph) = cuda() else { return };
-    let eager = CudaBackend::with_options(0, CudaOptions { eager: Some(true), ..Default::default() }).unwrap();
+    let eager = cuda_with(CudaOptions { eager: Some(true), ..Default::default() }).unwrap();
     // Dropout, batch norm, a schedule and clipping: everything the device must carry between steps.
     let model = kiln::model::ModelBuilder::new(&[16, 3, 16, 16])
         .conv2d(8, 3)

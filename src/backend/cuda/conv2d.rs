@@ -107,11 +107,18 @@ pub(crate) struct Cudnn {
     tf32: bool,
     /// Prefer deterministic algorithms (see [`pick`]).
     deterministic: bool,
+    /// Never use transform (FFT, Winograd) algorithms.
+    exact_only: bool,
     pub version: usize,
 }
 
 impl Cudnn {
-    pub fn new(stream: cudarc::driver::sys::CUstream, tf32: bool, deterministic: bool) -> Result<Cudnn> {
+    pub fn new(
+        stream: cudarc::driver::sys::CUstream,
+        tf32: bool,
+        deterministic: bool,
+        exact_only: bool,
+    ) -> Result<Cudnn> {
         let mut handle = std::ptr::null_mut();
         let _lock = cudnn_lock();
         // SAFETY: out-pointer to a local; the stream is live for the backend's life.
@@ -124,7 +131,7 @@ impl Cudnn {
         }
         // SAFETY: a plain query.
         let version = unsafe { sys::cudnnGetVersion() };
-        Ok(Cudnn { handle, convs: HashMap::new(), workspace: (0, 0), tf32, deterministic, version })
+        Ok(Cudnn { handle, convs: HashMap::new(), workspace: (0, 0), tf32, deterministic, exact_only, version })
     }
 }
 
@@ -252,7 +259,7 @@ fn pick(cands: &[Candidate], tf32: bool, exact: bool, workspace: usize, determin
 /// backend (another trainer, a test beside another) reuses them, so it computes exactly what
 /// the first does and skips the search. cuDNN's timing-based choice could otherwise differ
 /// between two searches of the same shape.
-type PickKey = ([usize; 16], u8, bool, bool);
+type PickKey = ([usize; 16], u8, bool, bool, bool);
 static PICKS: std::sync::Mutex<Option<HashMap<PickKey, Chosen>>> = std::sync::Mutex::new(None);
 
 fn remembered(k: PickKey) -> Option<Chosen> {
@@ -377,7 +384,7 @@ impl CudaBackend {
         if let Some(c) = self.conv_entry(g)?.chosen[dir as usize] {
             return Ok(c);
         }
-        let pick_key = (key(g), dir as u8, self.dnn.tf32, self.dnn.deterministic);
+        let pick_key = (key(g), dir as u8, self.dnn.tf32, self.dnn.deterministic, self.dnn.exact_only);
         if let Some(c) = remembered(pick_key) {
             self.conv_entry(g)?.chosen[dir as usize] = Some(c);
             return Ok(c);
@@ -507,6 +514,7 @@ impl CudaBackend {
             }
             // TF32, or nothing exact to check against: the fastest.
             (None, Some(f)) => (f, "no exact algorithm".to_string()),
+            (Some(x), Some(_)) if self.dnn.exact_only => (x, "exact only".to_string()),
             (Some(x), Some(f)) if x == f || cands[f].time >= 0.9 * cands[x].time => (x, String::new()),
             // A transform algorithm at least 10% faster: use it if it agrees with the exact one.
             (Some(x), Some(f)) => {
