@@ -136,17 +136,18 @@ fn every_optimizer_and_clipping_matches_the_cpu() {
 }
 
 fn cifar_config(device: kiln::backend::Device) -> TrainerConfig {
-    TrainerConfig { batch_size: 8, device, ..Default::default() }
+    TrainerConfig { batch_size: 8, device, learning_rate: 1e-4, ..Default::default() }
 }
 
-/// With `exact` convolutions (no FFT or Winograd algorithms). The default, which allows
-/// transforms checked to 2e-5 (6e-5 for filter gradients) of an exact result, drifts further over
-/// ten Adam steps: device run 13 (2026-11-24) measured conv1_1 3e-4, conv3_2 1.1e-2 and dense1
-/// 4.1e-2 there, the per-step differences amplified by Adam's sign-like updates (per layer, each
-/// pass stays within the 1e-4 of the parity tests).
+/// Adam at 1e-4. At PyTorch's default 1e-3 this network's ten-step trajectory is chaotic: Adam's
+/// update is about `lr * sign(g)` for any gradient above its eps, so elements whose gradient is
+/// rounding noise step in a direction the noise picks, and the difference grows step by step
+/// (device run 15, `examples/cuda_diag.rs`: with SGD the GPU stays within 2e-9 of the CPU for ten
+/// steps, dropout included; with Adam at 1e-3 dense1 drifts to 3e-2 by step ten, exact
+/// convolutions or not, while each single pass agrees to 1e-6).
 #[test]
 fn ten_adam_steps_of_the_cifar_cnn_match_the_cpu() {
-    let Some(gpu) = cuda_with(CudaOptions { exact: true, ..Default::default() }) else { return };
+    let Some(gpu) = cuda() else { return };
     let model = zoo::cifar_cnn(8).seed(3).build().unwrap();
     let (x, y) = tutorial_images(8, 3, 32, 32, 10, &mut Rng::new(5));
     let mut cpu = Trainer::new(&model, cifar_config(kiln::backend::Device::Cpu)).unwrap();
