@@ -8,10 +8,12 @@
 //! | [`backend`] | the backend seam (buffers, op kernels on plain descriptors) and the CPU backend |
 //! | [`exec`] | compiling a model into a plan of kernels over buffers allocated once, running it |
 //! | [`data`] | datasets, transforms and the prefetching loader (host batches only) |
+//! | [`dist`] | data-parallel training: communicators, rendezvous, gradient buckets, the launcher |
 //! | [`zoo`] | the seed tutorial's architectures, ResNet-18 and an Inception block |
 
 pub mod backend;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod exec;
 pub mod model;
