@@ -7,6 +7,7 @@
 //! | [`Communicator`] | the collectives a group needs: all-reduce (sum, mean) of f32/f64 buffers, broadcast, barrier | here |
 //! | [`TcpCommunicator`] | the communicator over plain TCP: rendezvous at `MASTER_ADDR:MASTER_PORT`, ring all-reduce, timeouts | `tcp.rs` |
 //! | [`DistEnv`] | rank, world size, local rank and rendezvous address, read from the environment as `torchrun` sets it | here |
+//! | [`bucket`] | gradient buckets (~25 MiB, reverse parameter order) and where their all-reduces go in a step | `bucket.rs` |
 //! | [`Launch`] | starting the workers of one machine (`kiln launch --nproc N -- program`) | `launch.rs` |
 //!
 //! The NCCL communicator that the CUDA backend uses for its all-reduces
@@ -28,6 +29,7 @@
 //! worker that crashes takes down nothing but itself (the others see its sockets close and stop
 //! with an error naming it; the launcher then ends any that remain).
 
+pub mod bucket;
 mod launch;
 mod tcp;
 

@@ -282,13 +282,13 @@ impl CudaBackend {
                 self.dropout_forward(*rate, *len, *seed, *counter, *x, *y, *mask)
             }
             Op::DropoutBackward { len, mask, dy, dx } => self.dropout_backward(*len, *mask, *dy, *dx),
-            Op::BatchNormTrain { g, x, gamma, beta, y, mean, invstd, running } => {
+            Op::BatchNormTrain { g, x, gamma, beta, y, mean, invstd, running, sync: _ } => {
                 self.bn_train_forward(g, *x, *gamma, *beta, *y, *mean, *invstd, *running)
             }
             Op::BatchNormInfer { g, x, gamma, beta, running_mean, running_var, y } => {
                 self.bn_infer_forward(g, *x, *gamma, *beta, *running_mean, *running_var, *y)
             }
-            Op::BatchNormBackward { g, x, gamma, mean, invstd, dy, dx, dgamma, dbeta } => {
+            Op::BatchNormBackward { g, x, gamma, mean, invstd, dy, dx, dgamma, dbeta, sync: _ } => {
                 self.bn_backward(g, *x, *gamma, *mean, *invstd, *dy, *dx, *dgamma, *dbeta)
             }
             Op::MaxPool { g, x, y, argmax } => self.max_pool_forward(g, *x, *y, *argmax),
@@ -310,6 +310,7 @@ impl CudaBackend {
             Op::OptimizerStep { rule, hyper, step, scalars, params } => {
                 self.optimizer_step(*rule, *hyper, *step, *scalars, params)
             }
+            Op::AllReduce { .. } => Err(Error::State("all_reduce: the CUDA backend has no collectives yet".into())),
         }
     }
 
@@ -380,7 +381,7 @@ fn extents(op: &Op) -> Vec<(BufId, usize)> {
         }
         Op::Dropout { len, x, y, mask, .. } => v.extend([(*x, *len), (*y, *len), (*mask, *len)]),
         Op::DropoutBackward { len, mask, dy, dx } => v.extend([(*mask, *len), (*dy, *len), (dx.buf, *len)]),
-        Op::BatchNormTrain { g, x, gamma, beta, y, mean, invstd, running } => {
+        Op::BatchNormTrain { g, x, gamma, beta, y, mean, invstd, running, .. } => {
             let n = g.n * g.c * g.hw;
             v.extend([(*x, n), (*y, n), (*mean, g.c), (*invstd, g.c)]);
             opt(*gamma, g.c, &mut v);
@@ -394,7 +395,7 @@ fn extents(op: &Op) -> Vec<(BufId, usize)> {
             opt(*gamma, g.c, &mut v);
             opt(*beta, g.c, &mut v);
         }
-        Op::BatchNormBackward { g, x, gamma, mean, invstd, dy, dx, dgamma, dbeta } => {
+        Op::BatchNormBackward { g, x, gamma, mean, invstd, dy, dx, dgamma, dbeta, .. } => {
             let n = g.n * g.c * g.hw;
             v.extend([(*x, n), (*dy, n), (*mean, g.c), (*invstd, g.c)]);
             opt(*gamma, g.c, &mut v);
@@ -437,7 +438,7 @@ fn extents(op: &Op) -> Vec<(BufId, usize)> {
             v.extend(grads.iter().copied());
             v.push((*norm, 1));
         }
-        Op::ClipGradValue { grads, .. } => v.extend(grads.iter().copied()),
+        Op::ClipGradValue { grads, .. } | Op::AllReduce { bufs: grads, .. } => v.extend(grads.iter().copied()),
         Op::OptimizerStep { rule, hyper: h, scalars, params, .. } => {
             v.extend([(*h, hyper::LEN), (*scalars, 1)]);
             for p in params {
@@ -486,6 +487,12 @@ fn shapes(op: &Op) -> String {
         Op::Loss { f, n, c, .. } => format!("{f:?} {n}x{c}"),
         Op::ClipGradNorm { grads, max_norm, .. } => format!("{} tensors, max norm {max_norm}", grads.len()),
         Op::ClipGradValue { grads, clip } => format!("{} tensors, clip {clip}", grads.len()),
+        Op::AllReduce { bufs, mean } => format!(
+            "{} tensors ({} values), {}",
+            bufs.len(),
+            bufs.iter().map(|b| b.1).sum::<usize>(),
+            if *mean { "mean" } else { "sum" }
+        ),
         Op::OptimizerStep { rule, params, .. } => {
             format!("{rule:?} on {} tensors ({} values)", params.len(), params.iter().map(|p| p.len).sum::<usize>())
         }
