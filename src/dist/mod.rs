@@ -10,8 +10,8 @@
 //! | [`bucket`] | gradient buckets (~25 MiB, reverse parameter order) and where their all-reduces go in a step | `bucket.rs` |
 //! | [`Launch`] | starting the workers of one machine (`kiln launch --nproc N -- program`) | `launch.rs` |
 //!
-//! The NCCL communicator that the CUDA backend uses for its all-reduces
-//! (`backend::cuda::NcclCommunicator`) implements the same trait.
+//! The NCCL communicator that the CUDA backend uses for its all-reduces,
+//! [`crate::backend::cuda::NcclCommunicator`], implements the same trait.
 //!
 //! # How a data-parallel step runs
 //!

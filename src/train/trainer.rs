@@ -205,16 +205,16 @@ impl Trainer {
 
     /// Sets every parameter (running statistics included) to rank 0's, as DDP does at start.
     fn broadcast_parameters(&mut self) -> Result<()> {
-        let names: Vec<String> = self.exec.model().params().iter().map(|p| p.name.clone()).collect();
+        let specs: Vec<(String, usize)> =
+            self.exec.model().params().iter().map(|p| (p.name.clone(), p.len())).collect();
         let mut flat = Vec::new();
-        for n in &names {
-            flat.extend(self.exec.read_param(n)?);
+        for (name, _) in &specs {
+            flat.extend(self.exec.read_param(name)?);
         }
         self.comm()?.broadcast(&mut flat, 0)?;
         let mut off = 0;
-        for n in &names {
-            let len = self.exec.model().params().iter().find(|p| &p.name == n).map_or(0, |p| p.len());
-            self.exec.write_param(n, &flat[off..off + len])?;
+        for (name, len) in &specs {
+            self.exec.write_param(name, &flat[off..off + len])?;
             off += len;
         }
         Ok(())
