@@ -64,6 +64,12 @@ pub enum Error {
     )]
     OutOfMemory { model: String, batch: usize, needed: u64, free: u64 },
 
+    /// Data-parallel training: a group that could not form (rendezvous), a collective that failed
+    /// (a peer exited, timed out or ran a different collective), or a worker that a launcher saw
+    /// fail. `context` names the rank and the operation.
+    #[error("data-parallel {context}: {reason}")]
+    Dist { context: String, reason: String },
+
     /// A request that kiln cannot honour in its current state (for example asking for gradients
     /// before a backward pass).
     #[error("{0}")]
@@ -97,6 +103,10 @@ impl Error {
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }
+    }
+
+    pub(crate) fn dist(context: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Dist { context: context.into(), reason: reason.into() }
     }
 
     pub(crate) fn format(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {

@@ -10,10 +10,12 @@
 //! | [`data`] | datasets, transforms and the prefetching loader (host batches only) |
 //! | [`train`] | the trainer, losses, optimizers, schedules, metrics, `fit` and its callbacks |
 //! | [`io`] | models and checkpoints in safetensors (PyTorch-compatible), the checkpoint manager |
+//! | [`dist`] | data-parallel training: communicators, rendezvous, gradient buckets, the launcher |
 //! | [`zoo`] | the seed tutorial's architectures, ResNet-18 and an Inception block |
 
 pub mod backend;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod exec;
 pub mod io;

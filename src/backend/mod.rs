@@ -18,6 +18,7 @@ pub use device::Device;
 pub use ops::{ActFn, BnGeom, BufId, ConvGeom, CounterId, GradOut, LossFn, Op, OptParam, OptRule, PoolGeom, Scoring};
 
 use crate::Result;
+use crate::dist::Communicator;
 
 /// What an engine needs from a device.
 ///
@@ -87,6 +88,20 @@ pub trait Backend: Send {
     fn peak_memory(&self) -> Option<u64> {
         None
     }
+
+    /// Makes this backend one rank of a data-parallel group: [`Op::AllReduce`] and
+    /// synchronised batch norm then reduce over `comm`'s group (the CPU backend through `comm`
+    /// itself; the CUDA backend through NCCL, which it sets up using `comm` to agree on an id).
+    /// Every rank must call this. Backends without collectives refuse.
+    fn set_communicator(&mut self, comm: Box<dyn Communicator>) -> Result<()> {
+        Err(crate::Error::State(format!("{} cannot join a data-parallel group ({})", self.describe(), comm.describe())))
+    }
+
+    /// The group's communicator given to [`Backend::set_communicator`], for collectives on host
+    /// values (parameters at the start, metrics).
+    fn communicator(&mut self) -> Option<&mut dyn Communicator> {
+        None
+    }
 }
 
 /// A boxed backend is a backend, so `Executor<Box<dyn Backend>>` works for a device chosen at
@@ -137,5 +152,11 @@ impl Backend for Box<dyn Backend> {
     }
     fn peak_memory(&self) -> Option<u64> {
         (**self).peak_memory()
+    }
+    fn set_communicator(&mut self, comm: Box<dyn Communicator>) -> Result<()> {
+        (**self).set_communicator(comm)
+    }
+    fn communicator(&mut self) -> Option<&mut dyn Communicator> {
+        (**self).communicator()
     }
 }

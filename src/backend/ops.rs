@@ -340,7 +340,8 @@ pub enum Op {
     /// Batch norm with the batch's statistics (training, or evaluation without running
     /// statistics): saves `mean` and `invstd` for backward and, when `running` is given as
     /// `(mean, var, momentum)`, updates the running statistics as PyTorch does (unbiased
-    /// variance).
+    /// variance). With `sync`, the statistics are those of the samples of every rank of the
+    /// backend's data-parallel group (PyTorch's `SyncBatchNorm`).
     BatchNormTrain {
         g: BnGeom,
         x: BufId,
@@ -350,6 +351,7 @@ pub enum Op {
         mean: BufId,
         invstd: BufId,
         running: Option<(BufId, BufId, f32)>,
+        sync: bool,
     },
     /// Batch norm with running statistics (evaluation).
     BatchNormInfer {
@@ -361,6 +363,9 @@ pub enum Op {
         running_var: BufId,
         y: BufId,
     },
+    /// The gradients of [`Op::BatchNormTrain`]. With `sync`, `dx` uses the sums of `dy` and
+    /// `dy * xhat` over every rank (as the forward's statistics did), while `dgamma` and `dbeta`
+    /// stay this rank's own, as the gradient all-reduce then averages them.
     BatchNormBackward {
         g: BnGeom,
         x: BufId,
@@ -371,6 +376,7 @@ pub enum Op {
         dx: Option<GradOut>,
         dgamma: Option<GradOut>,
         dbeta: Option<GradOut>,
+        sync: bool,
     },
     /// Max pooling; `argmax` receives, per output, the index of the chosen input within its
     /// `h * w` plane (as a float, exact below 2^24).
@@ -457,6 +463,14 @@ pub enum Op {
     ClipGradValue {
         grads: Vec<(BufId, usize)>,
         clip: f32,
+    },
+    /// Replaces each of `bufs` (buffer, values) by its sum over the ranks of the backend's
+    /// data-parallel group, or by the mean with `mean` (the gradient all-reduce of one bucket).
+    /// The CUDA backend runs it on a second stream, so it overlaps with the ops after it until
+    /// one of them touches these buffers.
+    AllReduce {
+        bufs: Vec<(BufId, usize)>,
+        mean: bool,
     },
     /// One optimizer step over all `params`. `step` counts steps (it is incremented first, so
     /// the first step is number 1); `scalars` holds per-optimizer scalar state (NAdam's
@@ -587,7 +601,9 @@ impl Op {
                 grads.iter_mut().for_each(|(b, _)| f(b));
                 f(norm);
             }
-            Op::ClipGradValue { grads, .. } => grads.iter_mut().for_each(|(b, _)| f(b)),
+            Op::ClipGradValue { grads, .. } | Op::AllReduce { bufs: grads, .. } => {
+                grads.iter_mut().for_each(|(b, _)| f(b))
+            }
             Op::OptimizerStep { hyper, scalars, params, .. } => {
                 f(hyper);
                 f(scalars);
@@ -628,6 +644,7 @@ impl Op {
             Op::Loss { .. } => "loss",
             Op::ClipGradNorm { .. } => "clip_grad_norm",
             Op::ClipGradValue { .. } => "clip_grad_value",
+            Op::AllReduce { .. } => "all_reduce",
             Op::OptimizerStep { .. } => "optimizer_step",
         }
     }

@@ -309,6 +309,11 @@ impl DataLoader {
         self.inner.batch_size
     }
 
+    /// The shard this loader loads, `(rank, world)` ([`DataLoaderBuilder::shard`]; `(0, 1)`: all).
+    pub fn shard(&self) -> (usize, usize) {
+        (self.inner.rank, self.inner.world)
+    }
+
     pub fn dataset(&self) -> &dyn Dataset {
         &*self.inner.dataset
     }

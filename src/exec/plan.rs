@@ -359,7 +359,17 @@ fn compile_into<B: Backend>(
                             (Mode::Train, Some(rm), Some(rv)) => Some((rm, rv, bn.momentum)),
                             _ => None,
                         };
-                        forward.push(Op::BatchNormTrain { g, x: x.unwrap(), gamma, beta, y, mean, invstd, running });
+                        forward.push(Op::BatchNormTrain {
+                            g,
+                            x: x.unwrap(),
+                            gamma,
+                            beta,
+                            y,
+                            mean,
+                            invstd,
+                            running,
+                            sync: false,
+                        });
                         saved[i] = vec![mean, invstd];
                     }
                 }
@@ -547,6 +557,7 @@ fn plan_backward<B: Backend>(
                         dx,
                         dgamma,
                         dbeta,
+                        sync: false,
                     });
                 }
             }

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::loss::Loss;
 use super::schedule::{Schedule, Warmup};
 use crate::backend::Device;
+use crate::dist::DataParallel;
 use crate::{Error, Result};
 
 /// What the model predicts.
@@ -188,6 +189,12 @@ pub struct TrainerConfig {
     pub deterministic: bool,
     /// Seed for dropout and data order (weights come from the model's own seed).
     pub seed: u64,
+    /// Train data-parallel, one process per device, as one rank of the group that the
+    /// environment describes (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`,
+    /// as `kiln launch` and `torchrun` set them; without them, a group of one). `batch_size` is
+    /// then the batch of each process. See [`crate::dist`].
+    #[serde(default)]
+    pub data_parallel: Option<DataParallel>,
 }
 
 impl Default for TrainerConfig {
@@ -209,6 +216,7 @@ impl Default for TrainerConfig {
             tf32: false,
             deterministic: true,
             seed: 0,
+            data_parallel: None,
         }
     }
 }
@@ -321,6 +329,15 @@ impl TrainerConfig {
         }
         if self.threads == Some(0) {
             return Err(Error::config("threads", "must be at least 1"));
+        }
+        if let Some(dp) = &self.data_parallel {
+            dp.validate()?;
+            if matches!(self.optimizer, Optimizer::Lbfgs { .. }) {
+                return Err(Error::config(
+                    "data_parallel",
+                    "L-BFGS evaluates full batches in one process; not supported",
+                ));
+            }
         }
         self.loss.validate()?;
         match (self.problem, self.loss.is_regression()) {

@@ -16,6 +16,12 @@
 //! Nothing is read back from the device unless asked: [`Trainer::train_step`] queues a step and
 //! returns; [`Trainer::train_batch`] also reads the step's loss and accuracy. Every step adds its
 //! figures to device-side sums, which [`Trainer::take_epoch_metrics`] reads once per epoch.
+//!
+//! Data-parallel training ([`TrainerConfig::data_parallel`], [`Trainer::with_communicator`]):
+//! each process is one rank of a group and trains on its shard of every batch; the parameters
+//! start as rank 0's, each update step all-reduces (averages) the gradients bucket by bucket
+//! during backward (see [`crate::dist`]), and the epoch metrics are summed over the ranks. The
+//! loss that [`Trainer::train_batch`] returns is this rank's own.
 
 use std::time::Instant;
 
@@ -30,6 +36,7 @@ use crate::backend::ops::{hyper, stats};
 use crate::backend::{Backend, BufId, CounterId, LossFn, Op, OptParam, OptRule, Scoring};
 use crate::backend::{CudaBackend, CudaOptions, Device};
 use crate::data::DataLoader;
+use crate::dist::{Communicator, DataParallel, DistEnv, TcpCommunicator, bucket};
 use crate::exec::{Executor, Mode, PlanId, PlanOptions};
 use crate::model::Model;
 use crate::tensor::Tensor;
@@ -65,6 +72,13 @@ pub(super) struct OptState {
     pub(super) params: Vec<OptParam>,
 }
 
+/// This trainer's place in a data-parallel group.
+struct DistState {
+    rank: usize,
+    world: usize,
+    options: DataParallel,
+}
+
 /// Trains one model; see the module documentation.
 // Fields read and restored by `state.rs` (checkpoints) are `pub(super)`.
 pub struct Trainer {
@@ -91,17 +105,24 @@ pub struct Trainer {
     pub(super) last_lr: f64,
     /// The first evaluation of the last L-BFGS step.
     lbfgs_first: Option<StepResult>,
+    /// Set when training data-parallel.
+    dist: Option<DistState>,
 }
 
 /// The backend for a config: the CPU with its thread count, the GPU with its TF32 setting, or,
 /// for `Auto`, the GPU when one is usable and otherwise the CPU (saying why once per process).
-fn open_device(config: &TrainerConfig) -> Result<Box<dyn Backend>> {
+/// In data-parallel training the GPU is the local rank's (`local_rank`), whatever `Cuda(i)` says.
+fn open_device(config: &TrainerConfig, local_rank: Option<usize>) -> Result<Box<dyn Backend>> {
     let options = CudaOptions { tf32: config.tf32, nondeterministic: !config.deterministic, ..Default::default() };
     let cuda = |i| CudaBackend::with_options(i, options.clone());
+    let gpu = |i: usize| match (local_rank, &config.data_parallel) {
+        (Some(l), Some(dp)) => dp.device_for(l),
+        _ => Ok(i),
+    };
     Ok(match config.device {
         Device::Cpu => Box::new(CpuBackend::<f32>::new(config.threads)?),
-        Device::Cuda(i) => Box::new(cuda(i)?),
-        Device::Auto => match cuda(0) {
+        Device::Cuda(i) => Box::new(cuda(gpu(i)?)?),
+        Device::Auto => match cuda(gpu(0)?) {
             Ok(b) => Box::new(b),
             Err(e) => {
                 static NOTICE: std::sync::Once = std::sync::Once::new();
@@ -137,8 +158,71 @@ impl Trainer {
     /// Validates the config against the model and places both on the configured device.
     pub fn new(model: &Model, config: TrainerConfig) -> Result<Trainer> {
         config.validate()?;
-        let backend = open_device(&config)?;
+        if let Some(dp) = &config.data_parallel {
+            // The group first: a rank whose device fails to open must not leave the others
+            // waiting at the rendezvous for the full timeout (its exit closes its sockets).
+            let env = DistEnv::from_env()?;
+            let comm = TcpCommunicator::connect(&env, dp.timeout())?;
+            let backend = open_device(&config, Some(env.local_rank))?;
+            return Self::with_communicator(model, config, backend, Box::new(comm));
+        }
+        let backend = open_device(&config, None)?;
         Self::with_backend(model, config, backend)
+    }
+
+    /// A data-parallel trainer on `backend` as one rank of `comm`'s group (with
+    /// `config.data_parallel`'s options, or the defaults): the backend joins the group
+    /// ([`Backend::set_communicator`]) and the parameters are set to rank 0's. Every rank of the
+    /// group must make its trainer from the same model and config. [`Trainer::new`] does this
+    /// with the group of the environment; this is for groups made otherwise (threads, tests).
+    pub fn with_communicator(
+        model: &Model,
+        mut config: TrainerConfig,
+        mut backend: Box<dyn Backend>,
+        comm: Box<dyn Communicator>,
+    ) -> Result<Trainer> {
+        let options = config.data_parallel.get_or_insert_with(DataParallel::default).clone();
+        config.validate()?;
+        let (rank, world) = (comm.rank(), comm.world());
+        backend.set_communicator(comm)?;
+        let mut t = Self::with_backend(model, config, backend)?;
+        t.dist = Some(DistState { rank, world, options });
+        t.broadcast_parameters()?;
+        Ok(t)
+    }
+
+    /// This process's rank in its data-parallel group (0 when training alone).
+    pub fn rank(&self) -> usize {
+        self.dist.as_ref().map_or(0, |d| d.rank)
+    }
+
+    /// The number of processes training together (1 when training alone).
+    pub fn world_size(&self) -> usize {
+        self.dist.as_ref().map_or(1, |d| d.world)
+    }
+
+    fn comm(&mut self) -> Result<&mut dyn Communicator> {
+        self.exec
+            .backend_mut()
+            .communicator()
+            .ok_or_else(|| Error::State("the backend lost its data-parallel group".into()))
+    }
+
+    /// Sets every parameter (running statistics included) to rank 0's, as DDP does at start.
+    fn broadcast_parameters(&mut self) -> Result<()> {
+        let specs: Vec<(String, usize)> =
+            self.exec.model().params().iter().map(|p| (p.name.clone(), p.len())).collect();
+        let mut flat = Vec::new();
+        for (name, _) in &specs {
+            flat.extend(self.exec.read_param(name)?);
+        }
+        self.comm()?.broadcast(&mut flat, 0)?;
+        let mut off = 0;
+        for (name, len) in &specs {
+            self.exec.write_param(name, &flat[off..off + len])?;
+            off += len;
+        }
+        Ok(())
     }
 
     /// As [`Trainer::new`], on a backend the caller made (ignoring `config.device`, `threads`
@@ -200,6 +284,7 @@ impl Trainer {
             history: History::default(),
             last_lr: 0.0,
             lbfgs_first: None,
+            dist: None,
         })
     }
 
@@ -293,7 +378,30 @@ impl Trainer {
             grad_scale: 1.0 / k as f32,
         });
         if kind != StepKind::Eval {
-            ops.extend(info.backward.iter().cloned());
+            match (&self.dist, &self.opt) {
+                // Data-parallel update: each gradient bucket is averaged over the group as soon
+                // as backward has finished it (accumulating steps reduce nothing, as DDP's
+                // no_sync: the update step reduces the accumulated sum).
+                (Some(d), Some(opt)) if kind == StepKind::Update => {
+                    let grads: Vec<(BufId, usize)> = opt.params.iter().map(|p| (p.grad, p.len)).collect();
+                    let buckets = bucket::assign(&grads, d.options.first_bucket_bytes, d.options.bucket_bytes);
+                    ops.extend(bucket::insert_all_reduces(&info.backward, &buckets, true));
+                }
+                _ => ops.extend(info.backward.iter().cloned()),
+            }
+            if let Some(d) = &self.dist {
+                let rank = d.rank as u64;
+                for op in &mut ops {
+                    match op {
+                        Op::BatchNormTrain { sync, .. } | Op::BatchNormBackward { sync, .. } => {
+                            *sync = d.options.sync_batch_norm
+                        }
+                        // Each rank draws its own dropout masks (rank 0 those of a lone run).
+                        Op::Dropout { seed, .. } if rank > 0 => *seed = crate::rng::mix_seed(*seed, rank),
+                        _ => {}
+                    }
+                }
+            }
         }
         if kind == StepKind::Update
             && let Some(opt) = &self.opt
@@ -379,14 +487,23 @@ impl Trainer {
             self.micro = 0;
             self.opt_steps += 1;
             if self.config.schedule_unit == ScheduleUnit::Batch {
-                let metric =
-                    if self.scheduler.needs_metric() { Some(self.last_step_result(n)?.loss as f64) } else { None };
+                let metric = if self.scheduler.needs_metric() { Some(self.step_metric(n)?) } else { None };
                 self.scheduler.step(metric)?;
             }
         } else {
             self.micro += 1;
         }
         Ok(())
+    }
+
+    /// The last step's loss for a plateau schedule: averaged over a data-parallel group, so
+    /// every rank's schedule takes the same decision.
+    fn step_metric(&mut self, n: usize) -> Result<f64> {
+        let mut loss = [self.last_step_result(n)?.loss];
+        if self.dist.is_some() {
+            self.comm()?.all_reduce_mean(&mut loss)?;
+        }
+        Ok(loss[0] as f64)
     }
 
     /// One training step, returning the batch's loss and accuracy (this waits for the step).
@@ -467,15 +584,20 @@ impl Trainer {
         Ok(())
     }
 
-    /// Reads and clears the training figures summed since the last call (one device read).
+    /// Reads and clears the training figures summed since the last call (one device read). In
+    /// data-parallel training they are summed over the group, so every rank must call this.
     pub fn take_epoch_metrics(&mut self) -> Result<Metrics> {
-        let m = self.read_metrics(self.train_stats)?;
+        let m = self.read_metrics(self.train_stats, self.dist.is_some())?;
         self.exec.backend_mut().write(self.train_stats, &[0.0; stats::LEN])?;
         Ok(m)
     }
 
-    fn read_metrics(&mut self, buf: BufId) -> Result<Metrics> {
-        let s = self.exec.backend_mut().read(buf)?;
+    /// The metrics summed in `buf`; with `combine`, summed over the data-parallel group.
+    fn read_metrics(&mut self, buf: BufId, combine: bool) -> Result<Metrics> {
+        let mut s = self.exec.backend_mut().read(buf)?;
+        if combine {
+            self.comm()?.all_reduce_sum(&mut s[stats::SUM_LOSS..])?;
+        }
         let samples = s[stats::SUM_SAMPLES];
         let scored = s[stats::SUM_SCORED];
         let classification = self.config.problem == Problem::Classification;
@@ -579,7 +701,7 @@ impl Trainer {
                 }
             }
         }
-        self.read_metrics(self.eval_stats)
+        self.read_metrics(self.eval_stats, false)
     }
 
     fn batch_shape(&self, inputs: &Tensor, b: usize) -> Vec<usize> {
@@ -603,7 +725,10 @@ impl Trainer {
         self.run_step(i)
     }
 
-    /// Loss and accuracy over one pass of a loader, in evaluation mode.
+    /// Loss and accuracy over one pass of a loader, in evaluation mode. In data-parallel
+    /// training, a loader sharded over the group (`.shard(rank, world)`) gives the metrics of
+    /// the whole dataset, summed over the ranks (every rank must then call this); any other
+    /// loader gives this rank's own.
     pub fn evaluate(&mut self, data: &DataLoader) -> Result<Metrics> {
         self.exec.backend_mut().write(self.eval_stats, &[0.0; stats::LEN])?;
         for batch in data.epoch(0) {
@@ -611,7 +736,44 @@ impl Trainer {
             self.eval_batch(&batch.inputs, Targets::Classes(&batch.labels))?;
             data.recycle(batch);
         }
-        self.read_metrics(self.eval_stats)
+        let combine = self.dist.as_ref().is_some_and(|d| d.world > 1 && data.shard() == (d.rank, d.world));
+        self.read_metrics(self.eval_stats, combine)
+    }
+
+    /// Data-parallel `fit`: the loader must be this rank's shard, and every rank must have the
+    /// same number of batches per epoch (else one would wait for the others at an all-reduce
+    /// that never comes).
+    fn check_shards(&mut self, train: &DataLoader) -> Result<()> {
+        let Some(d) = &self.dist else { return Ok(()) };
+        let (rank, world) = (d.rank, d.world);
+        if world > 1 && train.shard() != (rank, world) {
+            let (r, w) = train.shard();
+            return Err(Error::config(
+                "train loader",
+                format!(
+                    "rank {rank} of {world} trains on shard {r} of {w}: build the loader with \
+                     .shard(trainer.rank(), trainer.world_size()) so each sample is seen once per epoch"
+                ),
+            ));
+        }
+        if world == 1 {
+            return Ok(());
+        }
+        let len = train.len() as f64;
+        let mut v = [len, len * len];
+        self.comm()?.all_reduce_sum_f64(&mut v)?;
+        // Equal counts on every rank exactly when world * sum(len^2) == sum(len)^2.
+        if world as f64 * v[1] != v[0] * v[0] {
+            return Err(Error::config(
+                "train loader",
+                format!(
+                    "the ranks have different numbers of batches per epoch (this rank {len}, {} on average): \
+                     build the loader with drop_last(true)",
+                    v[0] / world as f64
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Trains for `epochs` epochs in total (continuing from the epochs already done), evaluating
@@ -631,6 +793,7 @@ impl Trainer {
         callbacks: &mut [&mut dyn Callback],
     ) -> Result<History> {
         let first = self.history.epochs.len();
+        self.check_shards(train)?;
         if self.batch_in_epoch == 0 {
             // Mid-epoch (resumed), the sums of the batches already done belong to this epoch.
             self.take_epoch_metrics()?;

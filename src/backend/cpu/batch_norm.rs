@@ -3,12 +3,19 @@
 //!
 //! Layout `[n, c, hw]`. Per-channel sums are taken in f64 whatever the element type, then the
 //! normalisation is applied image by image in parallel.
+//!
+//! Synchronised batch norm (a data-parallel group's communicator given) all-reduces those f64
+//! sums, with the sample count, over the group: the mean, then the squared deviations from it,
+//! in the forward pass (the same two-pass formula, so a group of one computes exactly what
+//! plain batch norm does); the sums of `dy` and `dy * xhat` in the backward pass.
 
 use rayon::prelude::*;
 
 use super::float::Float;
 use super::store;
+use crate::Result;
 use crate::backend::ops::BnGeom;
+use crate::dist::Communicator;
 
 /// Per channel: f64 sums of `f(x)` over the batch and spatial positions.
 fn channel_sums<T: Float>(g: &BnGeom, x: &[T], f: impl Fn(usize, T) -> f64 + Sync) -> Vec<f64> {
@@ -45,7 +52,8 @@ fn gamma_beta<T: Float>(c: usize, gamma: Option<&[T]>, beta: Option<&[T]>) -> (V
     )
 }
 
-/// Training forward. `running` is `(running_mean, running_var, momentum)`.
+/// Training forward. `running` is `(running_mean, running_var, momentum)`; `sync` the group
+/// whose statistics to use (synchronised batch norm).
 #[allow(clippy::too_many_arguments)]
 pub fn forward_train<T: Float>(
     g: &BnGeom,
@@ -56,14 +64,23 @@ pub fn forward_train<T: Float>(
     mean: &mut [T],
     invstd: &mut [T],
     running: Option<(&mut [T], &mut [T], f32)>,
-) {
-    let count = (g.n * g.hw) as f64;
-    let sums = channel_sums(g, x, |_, v| v.to_f64());
+    mut sync: Option<&mut dyn Communicator>,
+) -> Result<()> {
+    let mut count = (g.n * g.hw) as f64;
+    let mut sums = channel_sums(g, x, |_, v| v.to_f64());
+    if let Some(comm) = sync.as_deref_mut() {
+        sums.push(count);
+        comm.all_reduce_sum_f64(&mut sums)?;
+        count = sums.pop().expect("count pushed above");
+    }
     let mu: Vec<f64> = sums.iter().map(|s| s / count).collect();
-    let sq = channel_sums(g, x, |c, v| {
+    let mut sq = channel_sums(g, x, |c, v| {
         let d = v.to_f64() - mu[c];
         d * d
     });
+    if let Some(comm) = sync {
+        comm.all_reduce_sum_f64(&mut sq)?;
+    }
     let var: Vec<f64> = sq.iter().map(|s| s / count).collect();
     for c in 0..g.c {
         mean[c] = T::from_f64(mu[c]);
@@ -81,6 +98,7 @@ pub fn forward_train<T: Float>(
     let scale: Vec<T> = (0..g.c).map(|c| gm[c] * invstd[c]).collect();
     let shift: Vec<T> = (0..g.c).map(|c| bt[c] - mean[c] * scale[c]).collect();
     affine(g, x, &scale, &shift, y);
+    Ok(())
 }
 
 /// Evaluation forward with running statistics.
@@ -102,7 +120,9 @@ pub fn forward_infer<T: Float>(
 
 /// Backward of the training forward:
 /// `dx = gamma * invstd / M * (M * dy - sum(dy) - xhat * sum(dy * xhat))`,
-/// `dgamma = sum(dy * xhat)`, `dbeta = sum(dy)`, with `M = n * hw`.
+/// `dgamma = sum(dy * xhat)`, `dbeta = sum(dy)`, with `M = n * hw`. With `sync`, `dx` takes
+/// the sums and `M` over the group; `dgamma` and `dbeta` stay local (the gradient all-reduce
+/// averages them).
 #[allow(clippy::too_many_arguments)]
 pub fn backward<T: Float>(
     g: &BnGeom,
@@ -114,8 +134,9 @@ pub fn backward<T: Float>(
     dx: Option<(&mut [T], bool)>,
     dgamma: Option<(&mut [T], bool)>,
     dbeta: Option<(&mut [T], bool)>,
-) {
-    let sums: Vec<(f64, f64)> = (0..g.c)
+    sync: Option<&mut dyn Communicator>,
+) -> Result<()> {
+    let mut sums: Vec<(f64, f64)> = (0..g.c)
         .into_par_iter()
         .map(|c| {
             let (m, is) = (mean[c].to_f64(), invstd[c].to_f64());
@@ -142,7 +163,14 @@ pub fn backward<T: Float>(
         }
     }
     if let Some((dx, acc)) = dx {
-        let count = (g.n * g.hw) as f64;
+        let mut count = (g.n * g.hw) as f64;
+        if let Some(comm) = sync {
+            let mut flat: Vec<f64> = sums.iter().flat_map(|&(a, b)| [a, b]).collect();
+            flat.push(count);
+            comm.all_reduce_sum_f64(&mut flat)?;
+            count = flat[2 * g.c];
+            sums = flat[..2 * g.c].chunks_exact(2).map(|p| (p[0], p[1])).collect();
+        }
         let gm: Vec<f64> = (0..g.c).map(|c| gamma.map(|g| g[c].to_f64()).unwrap_or(1.0)).collect();
         dx.par_chunks_mut(g.c * g.hw).enumerate().for_each(|(n, dxn)| {
             for c in 0..g.c {
@@ -158,4 +186,5 @@ pub fn backward<T: Float>(
             }
         });
     }
+    Ok(())
 }

@@ -10,6 +10,7 @@
 
 mod activation;
 mod batch_norm;
+mod collective;
 mod conv2d;
 mod dot;
 mod dropout;
@@ -29,6 +30,7 @@ use std::time::Instant;
 
 use super::Backend;
 use super::ops::{self, BufId, CounterId, GradOut, Op, OptRule};
+use crate::dist::Communicator;
 use crate::{Error, Result};
 
 /// Element-wise kernels work on chunks of this many values (a multiple of 4, for dropout).
@@ -52,6 +54,19 @@ pub struct CpuBackend<T: Float = f32> {
     pool: Arc<rayon::ThreadPool>,
     threads: usize,
     debug: bool,
+    /// The data-parallel group, once joined ([`Backend::set_communicator`]).
+    comm: Option<Box<dyn Communicator>>,
+}
+
+/// The group's communicator for a collective op, or the error of a backend that joined none.
+fn group<'a>(comm: &'a mut Option<Box<dyn Communicator>>, op: &Op) -> Result<&'a mut dyn Communicator> {
+    match comm {
+        Some(c) => Ok(&mut **c),
+        None => Err(Error::State(format!(
+            "{} needs a data-parallel group: call Backend::set_communicator first",
+            op.name()
+        ))),
+    }
 }
 
 /// The thread count used when none is given: `KILN_NUM_THREADS`, else all cores.
@@ -82,6 +97,7 @@ impl<T: Float> CpuBackend<T> {
             pool: Arc::new(pool),
             threads,
             debug: std::env::var("KILN_DEBUG").is_ok_and(|v| v == "1"),
+            comm: None,
         })
     }
 
@@ -224,13 +240,18 @@ impl<T: Float> CpuBackend<T> {
                 dropout::backward(&self.bufs[mask.0][..*len], &self.bufs[dy.0][..*len], (&mut dxv[..*len], acc));
                 self.put(dx.buf, dxv);
             }
-            Op::BatchNormTrain { g, x, gamma, beta, y, mean, invstd, running } => {
-                let mut yv = self.take(*y);
-                let mut mv = self.take(*mean);
-                let mut iv = self.take(*invstd);
-                let mut rv = running.map(|(m, v, mom)| (self.take(m), self.take(v), mom));
+            Op::BatchNormTrain { g, x, gamma, beta, y, mean, invstd, running, sync } => {
+                let comm = match sync {
+                    true => Some(group(&mut self.comm, op)?),
+                    false => None,
+                };
+                let mut yv = std::mem::take(&mut self.bufs[y.0]);
+                let mut mv = std::mem::take(&mut self.bufs[mean.0]);
+                let mut iv = std::mem::take(&mut self.bufs[invstd.0]);
+                let mut rv = running
+                    .map(|(m, v, mom)| (std::mem::take(&mut self.bufs[m.0]), std::mem::take(&mut self.bufs[v.0]), mom));
                 let b = &self.bufs;
-                batch_norm::forward_train(
+                let r = batch_norm::forward_train(
                     g,
                     &b[x.0],
                     gamma.map(|i| b[i.0].as_slice()),
@@ -239,6 +260,7 @@ impl<T: Float> CpuBackend<T> {
                     &mut mv,
                     &mut iv,
                     rv.as_mut().map(|(m, v, mom)| (m.as_mut_slice(), v.as_mut_slice(), *mom)),
+                    comm,
                 );
                 self.put(*y, yv);
                 self.put(*mean, mv);
@@ -247,6 +269,7 @@ impl<T: Float> CpuBackend<T> {
                     self.put(*mi, m);
                     self.put(*vi, v);
                 }
+                r?;
             }
             Op::BatchNormInfer { g, x, gamma, beta, running_mean, running_var, y } => {
                 let mut yv = self.take(*y);
@@ -262,12 +285,17 @@ impl<T: Float> CpuBackend<T> {
                 );
                 self.put(*y, yv);
             }
-            Op::BatchNormBackward { g, x, gamma, mean, invstd, dy, dx, dgamma, dbeta } => {
-                let mut dxv = dx.map(|d| self.take_grad(d));
-                let mut dgv = dgamma.map(|d| self.take_grad(d));
-                let mut dbv = dbeta.map(|d| self.take_grad(d));
+            Op::BatchNormBackward { g, x, gamma, mean, invstd, dy, dx, dgamma, dbeta, sync } => {
+                let comm = match sync {
+                    true => Some(group(&mut self.comm, op)?),
+                    false => None,
+                };
+                let mut take = |d: &GradOut| (std::mem::take(&mut self.bufs[d.buf.0]), d.accumulate);
+                let mut dxv = dx.as_ref().map(&mut take);
+                let mut dgv = dgamma.as_ref().map(&mut take);
+                let mut dbv = dbeta.as_ref().map(&mut take);
                 let b = &self.bufs;
-                batch_norm::backward(
+                let r = batch_norm::backward(
                     g,
                     &b[x.0],
                     gamma.map(|i| b[i.0].as_slice()),
@@ -277,12 +305,14 @@ impl<T: Float> CpuBackend<T> {
                     dxv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
                     dgv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
                     dbv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
+                    comm,
                 );
                 for (d, v) in [(dx, dxv), (dgamma, dgv), (dbeta, dbv)] {
                     if let (Some(d), Some((v, _))) = (d, v) {
                         self.put(d.buf, v);
                     }
                 }
+                r?;
             }
             Op::MaxPool { g, x, y, argmax } => {
                 let mut yv = self.take(*y);
@@ -368,6 +398,9 @@ impl<T: Float> CpuBackend<T> {
                         }
                     }
                 }
+            }
+            Op::AllReduce { bufs, mean } => {
+                collective::all_reduce(group(&mut self.comm, op)?, &mut self.bufs, bufs, *mean)?;
             }
             Op::OptimizerStep { rule, hyper, step, scalars, params } => {
                 let t = self.counters[step.0] + 1;
@@ -475,6 +508,15 @@ impl<T: Float> Backend for CpuBackend<T> {
     fn set_counter(&mut self, id: CounterId, value: u64) -> Result<()> {
         self.counters[id.0] = value;
         Ok(())
+    }
+
+    fn set_communicator(&mut self, comm: Box<dyn Communicator>) -> Result<()> {
+        self.comm = Some(comm);
+        Ok(())
+    }
+
+    fn communicator(&mut self) -> Option<&mut dyn Communicator> {
+        self.comm.as_deref_mut().map(|c| c as &mut dyn Communicator)
     }
 
     fn run(&mut self, ops: &[Op]) -> Result<()> {

@@ -15,11 +15,11 @@ use crate::Result;
 use crate::backend::ops::{BnGeom, BufId, GradOut};
 
 /// Threads per block of the partial-sum kernels (a power of two, for the block reduction).
-const BN_THREADS: u32 = 256;
+pub(super) const BN_THREADS: u32 = 256;
 
 /// How the samples of each channel are split: `(segments, samples per segment)`, aiming at
 /// about four blocks per multiprocessor in all.
-fn segments(g: &BnGeom, sms: usize) -> (usize, usize) {
+pub(super) fn segments(g: &BnGeom, sms: usize) -> (usize, usize) {
     let want = (4 * sms).div_ceil(g.c.max(1)).clamp(1, g.n.max(1));
     let per = g.n.div_ceil(want);
     (g.n.div_ceil(per), per)

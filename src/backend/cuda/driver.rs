@@ -204,6 +204,11 @@ impl Args {
         self.slots.push(v.to_bits() as u64);
         self
     }
+    /// A `double`.
+    pub fn f64(mut self, v: f64) -> Self {
+        self.slots.push(v.to_bits());
+        self
+    }
     /// An `unsigned long long`.
     pub fn u64(mut self, v: u64) -> Self {
         self.slots.push(v);
@@ -234,6 +239,21 @@ impl Event {
     pub fn wait(&self) -> Result<()> {
         // SAFETY: the event is live.
         unsafe { drv!(cuEventSynchronize(self.0)) }
+    }
+    /// Makes `stream` wait (on the device) for the work recorded before this event; during a
+    /// capture this is how a second stream forks from and joins the captured one.
+    pub fn wait_on(&self, stream: sys::CUstream) -> Result<()> {
+        // SAFETY: both handles are live.
+        unsafe { drv!(cuStreamWaitEvent(stream, self.0, 0)) }
+    }
+    /// Whether the work recorded before this event has finished (true if never recorded).
+    pub fn done(&self) -> Result<bool> {
+        // SAFETY: the event is live.
+        match unsafe { sys::cuEventQuery(self.0) } {
+            sys::CUresult::CUDA_SUCCESS => Ok(true),
+            sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+            r => check_cu("cuEventQuery", r).map(|_| false),
+        }
     }
     /// Milliseconds between `start` and this event (both recorded and complete).
     pub fn since(&self, start: &Event) -> Result<f64> {

@@ -88,6 +88,9 @@ impl CudaBackend {
         }
         self.mem.capturing = true;
         let recorded = ops.iter().try_for_each(|op| self.exec(op));
+        // NCCL's stream, forked from the captured one by the all-reduces, joins it back (also
+        // after a failed op: the capture must end with every forked stream joined).
+        let recorded = recorded.and(self.join_collectives());
         self.mem.capturing = false;
         let mut graph = std::ptr::null_mut();
         // SAFETY: ends the capture begun above; `graph` receives the result (null if invalid).

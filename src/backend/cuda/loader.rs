@@ -43,6 +43,7 @@ const DRIVER_SYMBOLS: &[&str] = &[
     "cuEventCreate",
     "cuEventDestroy_v2",
     "cuEventElapsedTime_v2",
+    "cuEventQuery",
     "cuEventRecord",
     "cuEventSynchronize",
     "cuGetErrorName",
@@ -68,6 +69,7 @@ const DRIVER_SYMBOLS: &[&str] = &[
     "cuStreamDestroy_v2",
     "cuStreamEndCapture",
     "cuStreamSynchronize",
+    "cuStreamWaitEvent",
 ];
 
 const NVRTC_SYMBOLS: &[&str] = &[
@@ -266,7 +268,7 @@ fn preload_companions(stem: &str, dir: &Path) {
 }
 
 /// Folders to search when a library is not on the loader's path.
-fn search_dirs() -> Vec<PathBuf> {
+pub(super) fn search_dirs() -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = Vec::new();
     if let Some(p) = std::env::var_os("KILN_CUDA_LIBRARY_PATH") {
         dirs.extend(std::env::split_paths(&p));

@@ -12,6 +12,10 @@
 //! The CUDA libraries are loaded at run time and checked first (`loader.rs`), so creating a
 //! backend on a machine without them is an [`Error::Device`], not a panic.
 //!
+//! Data-parallel training: [`Backend::set_communicator`] sets up NCCL (`nccl.rs`) for the
+//! group; [`Op::AllReduce`] then runs on NCCL's own stream, overlapping the ops after it, and
+//! synchronised batch norm reduces its statistics there too (`sync_batch_norm.rs`).
+//!
 //! Environment: `KILN_EAGER=1` runs `run_cached` lists eagerly (same kernels, no graphs);
 //! `KILN_DEBUG=1` logs every launch with its shapes and time (and algorithm choices, captures
 //! and replays); `KILN_CACHE_DIR` sets the kernel cache folder; `KILN_CUDA_LIBRARY_PATH` adds
@@ -28,10 +32,12 @@ mod linear;
 mod loader;
 mod loss;
 mod memory;
+mod nccl;
 mod nvrtc;
 mod optimizer;
 mod pool2d;
 mod softmax;
+mod sync_batch_norm;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -40,10 +46,12 @@ use cudarc::driver::sys;
 
 use super::Backend;
 use super::ops::{BufId, CounterId, LossFn, Op, hyper, stats};
+use crate::dist::Communicator;
 use crate::{Error, Result};
 use driver::{Args, Event, Gpu};
 use memory::DeviceMemory;
 
+pub use nccl::{NcclCommunicator, nccl_version};
 pub use nvrtc::default_cache_dir;
 
 /// Every NVRTC-compiled kernel module.
@@ -56,6 +64,7 @@ const MODULES: &[&nvrtc::ModuleSrc] = &[
     &optimizer::MODULE,
     &pool2d::MODULE,
     &softmax::MODULE,
+    &sync_batch_norm::MODULE,
 ];
 
 /// Options of a [`CudaBackend`].
@@ -101,6 +110,8 @@ pub struct CudaBackend {
     // Fields drop in order: graphs before the memory they point into, every library handle
     // before the context, the context (`gpu`) last.
     graphs: HashMap<u64, graph::Cached>,
+    /// The data-parallel group (NCCL), once joined; graphs above may point at it.
+    coll: Option<nccl::Collectives>,
     dnn: conv2d::Cudnn,
     lt: linear::Lt,
     funcs: HashMap<&'static str, sys::CUfunction>,
@@ -162,6 +173,7 @@ impl CudaBackend {
         let lt = linear::Lt::new(ws, options.tf32).map_err(|e| unusable("cuBLASLt", e))?;
         Ok(CudaBackend {
             graphs: HashMap::new(),
+            coll: None,
             dnn,
             lt,
             funcs,
@@ -275,6 +287,9 @@ impl CudaBackend {
     /// Queues one op.
     fn exec(&mut self, op: &Op) -> Result<()> {
         self.validate(op)?;
+        if self.coll.is_some() {
+            self.join_for(op)?;
+        }
         match op {
             Op::Conv2d { g, x, w, b, y } => self.conv_forward(g, *x, *w, *b, *y),
             Op::Conv2dBackward { g, x, w, dy, dx, dw, db } => self.conv_backward(g, *x, *w, *dy, *dx, *dw, *db),
@@ -292,14 +307,20 @@ impl CudaBackend {
                 self.dropout_forward(*rate, *len, *seed, *counter, *x, *y, *mask)
             }
             Op::DropoutBackward { len, mask, dy, dx } => self.dropout_backward(*len, *mask, *dy, *dx),
-            Op::BatchNormTrain { g, x, gamma, beta, y, mean, invstd, running } => {
+            Op::BatchNormTrain { g, x, gamma, beta, y, mean, invstd, running, sync: false } => {
                 self.bn_train_forward(g, *x, *gamma, *beta, *y, *mean, *invstd, *running)
+            }
+            Op::BatchNormTrain { g, x, gamma, beta, y, mean, invstd, running, sync: true } => {
+                self.sync_bn_train_forward(g, *x, *gamma, *beta, *y, *mean, *invstd, *running)
             }
             Op::BatchNormInfer { g, x, gamma, beta, running_mean, running_var, y } => {
                 self.bn_infer_forward(g, *x, *gamma, *beta, *running_mean, *running_var, *y)
             }
-            Op::BatchNormBackward { g, x, gamma, mean, invstd, dy, dx, dgamma, dbeta } => {
+            Op::BatchNormBackward { g, x, gamma, mean, invstd, dy, dx, dgamma, dbeta, sync: false } => {
                 self.bn_backward(g, *x, *gamma, *mean, *invstd, *dy, *dx, *dgamma, *dbeta)
+            }
+            Op::BatchNormBackward { g, x, gamma, mean, invstd, dy, dx, dgamma, dbeta, sync: true } => {
+                self.sync_bn_backward(g, *x, *gamma, *mean, *invstd, *dy, *dx, *dgamma, *dbeta)
             }
             Op::MaxPool { g, x, y, argmax } => self.max_pool_forward(g, *x, *y, *argmax),
             Op::MaxPoolBackward { g, argmax, dy, dx } => self.max_pool_backward(g, *argmax, *dy, *dx),
@@ -320,18 +341,36 @@ impl CudaBackend {
             Op::OptimizerStep { rule, hyper, step, scalars, params } => {
                 self.optimizer_step(*rule, *hyper, *step, *scalars, params)
             }
+            Op::AllReduce { bufs, mean } => self.all_reduce_op(bufs, *mean),
         }
     }
 
-    /// Runs ops eagerly; under `KILN_DEBUG=1` each is timed and logged.
+    /// Runs ops eagerly; under `KILN_DEBUG=1` each is timed and logged. Reductions still
+    /// running on NCCL's stream are joined at the end.
     fn run_ops(&mut self, ops: &[Op]) -> Result<()> {
         if !self.debug {
-            return ops.iter().try_for_each(|op| self.exec(op));
+            let ran = ops.iter().try_for_each(|op| self.exec(op));
+            return ran.and(self.join_collectives());
         }
-        for (op, ms) in ops.iter().zip(self.profile(ops)?) {
+        let times = self.profile(ops);
+        let joined = self.join_collectives();
+        for (op, ms) in ops.iter().zip(times?) {
             eprintln!("[kiln cuda] {:<20} {:<48} {ms:>9.3} ms", op.name(), shapes(op));
         }
-        Ok(())
+        joined
+    }
+
+    /// Around every op list of a backend in a group: refuse to queue work after the watchdog
+    /// aborted NCCL, and let it time the list's collectives.
+    fn run_watched(&mut self, run: impl FnOnce(&mut Self) -> Result<()>) -> Result<()> {
+        if let Some(c) = &self.coll {
+            c.nccl.check_alive()?;
+        }
+        run(self)?;
+        match &self.coll {
+            Some(c) => c.nccl.watch_after(self.gpu.stream),
+            None => Ok(()),
+        }
     }
 
     /// The bytes of a host f32 slice (the device is little-endian, as every host kiln runs on).
@@ -390,7 +429,7 @@ fn extents(op: &Op) -> Vec<(BufId, usize)> {
         }
         Op::Dropout { len, x, y, mask, .. } => v.extend([(*x, *len), (*y, *len), (*mask, *len)]),
         Op::DropoutBackward { len, mask, dy, dx } => v.extend([(*mask, *len), (*dy, *len), (dx.buf, *len)]),
-        Op::BatchNormTrain { g, x, gamma, beta, y, mean, invstd, running } => {
+        Op::BatchNormTrain { g, x, gamma, beta, y, mean, invstd, running, .. } => {
             let n = g.n * g.c * g.hw;
             v.extend([(*x, n), (*y, n), (*mean, g.c), (*invstd, g.c)]);
             opt(*gamma, g.c, &mut v);
@@ -404,7 +443,7 @@ fn extents(op: &Op) -> Vec<(BufId, usize)> {
             opt(*gamma, g.c, &mut v);
             opt(*beta, g.c, &mut v);
         }
-        Op::BatchNormBackward { g, x, gamma, mean, invstd, dy, dx, dgamma, dbeta } => {
+        Op::BatchNormBackward { g, x, gamma, mean, invstd, dy, dx, dgamma, dbeta, .. } => {
             let n = g.n * g.c * g.hw;
             v.extend([(*x, n), (*dy, n), (*mean, g.c), (*invstd, g.c)]);
             opt(*gamma, g.c, &mut v);
@@ -447,7 +486,7 @@ fn extents(op: &Op) -> Vec<(BufId, usize)> {
             v.extend(grads.iter().copied());
             v.push((*norm, 1));
         }
-        Op::ClipGradValue { grads, .. } => v.extend(grads.iter().copied()),
+        Op::ClipGradValue { grads, .. } | Op::AllReduce { bufs: grads, .. } => v.extend(grads.iter().copied()),
         Op::OptimizerStep { rule, hyper: h, scalars, params, .. } => {
             v.extend([(*h, hyper::LEN), (*scalars, 1)]);
             for p in params {
@@ -496,6 +535,12 @@ fn shapes(op: &Op) -> String {
         Op::Loss { f, n, c, .. } => format!("{f:?} {n}x{c}"),
         Op::ClipGradNorm { grads, max_norm, .. } => format!("{} tensors, max norm {max_norm}", grads.len()),
         Op::ClipGradValue { grads, clip } => format!("{} tensors, clip {clip}", grads.len()),
+        Op::AllReduce { bufs, mean } => format!(
+            "{} tensors ({} values), {}",
+            bufs.len(),
+            bufs.iter().map(|b| b.1).sum::<usize>(),
+            if *mean { "mean" } else { "sum" }
+        ),
         Op::OptimizerStep { rule, params, .. } => {
             format!("{rule:?} on {} tensors ({} values)", params.len(), params.iter().map(|p| p.len).sum::<usize>())
         }
@@ -518,7 +563,7 @@ impl Backend for CudaBackend {
             self.nvrtc_version.1,
             if self.tf32 { "on" } else { "off" },
             if self.eager { ", eager" } else { "" },
-        )
+        ) + &self.coll.as_ref().map(|c| format!("; {}", c.nccl.describe())).unwrap_or_default()
     }
 
     fn alloc(&mut self, len: usize) -> Result<BufId> {
@@ -582,13 +627,26 @@ impl Backend for CudaBackend {
     fn run(&mut self, ops: &[Op]) -> Result<()> {
         let _turn = submit_lock();
         self.gpu.bind()?;
-        self.run_ops(ops)
+        self.run_watched(|b| b.run_ops(ops))
     }
 
     fn run_cached(&mut self, key: u64, ops: &[Op]) -> Result<()> {
         let _turn = submit_lock();
         self.gpu.bind()?;
-        self.run_cached_ops(key, ops)
+        self.run_watched(|b| b.run_cached_ops(key, ops))
+    }
+
+    fn set_communicator(&mut self, comm: Box<dyn Communicator>) -> Result<()> {
+        if self.coll.is_some() {
+            return Err(Error::State("this backend already belongs to a data-parallel group".into()));
+        }
+        self.gpu.bind()?;
+        self.coll = Some(nccl::Collectives::new(self.gpu.ordinal, comm)?);
+        self.gpu.bind()
+    }
+
+    fn communicator(&mut self) -> Option<&mut dyn Communicator> {
+        self.coll.as_mut().map(|c| &mut *c.host as &mut dyn Communicator)
     }
 
     fn synchronize(&mut self) -> Result<()> {

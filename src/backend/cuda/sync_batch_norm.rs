@@ -1,0 +1,178 @@
+//! Synchronised batch norm on the GPU (the `sync` ops of a data-parallel group), as
+//! `backend/cpu/batch_norm.rs` defines it: the forward pass all-reduces each channel's f64 sums
+//! of `x` and `x^2` with the sample count, the backward pass the sums of `dy` and `dy * xhat`
+//! (for `dx`; `dgamma` and `dbeta` stay local, as the gradient all-reduce averages them).
+//!
+//! The per-segment partial sums come from `batch_norm.rs`'s `bn_partial`; here they are summed
+//! per channel in f64 (fixed order), reduced over the group by NCCL (f64, on NCCL's stream, the
+//! compute stream waiting for it), and the statistics are finished from the group's totals and
+//! count. A group of one computes what plain batch norm computes, up to the order of the f64
+//! additions.
+
+use super::CudaBackend;
+use super::batch_norm::{BN_THREADS, segments};
+use super::driver::Args;
+use super::nvrtc::ModuleSrc;
+use crate::Result;
+use crate::backend::ops::{BnGeom, BufId, GradOut};
+
+pub(super) const MODULE: ModuleSrc = ModuleSrc {
+    name: "sync_batch_norm",
+    kernels: &["bn_sync_totals", "bn_sync_finalize", "bn_sync_put", "bn_sync_apply_grad"],
+    source: r#"
+// totals[2ch], totals[2ch + 1]: the sums over segments of the partial sums of channel ch;
+// totals[2c]: this rank's count.
+extern "C" __global__ void bn_sync_totals(const double* part, int segs, double* totals, i64 c, double count) {
+    GRID_LOOP(ch, c) {
+        double a = 0.0, b = 0.0;
+        for (int s = 0; s < segs; s++) { a += part[(ch * segs + s) * 2]; b += part[(ch * segs + s) * 2 + 1]; }
+        totals[2 * ch] = a;
+        totals[2 * ch + 1] = b;
+    }
+    if (blockIdx.x == 0 && threadIdx.x == 0) totals[2 * c] = count;
+}
+
+// bn_finalize of batch_norm.rs on the group's totals (sum x, sum x^2, count).
+extern "C" __global__ void bn_sync_finalize(const double* totals, float* mean, float* invstd, float* rmean,
+                                            float* rvar, const float* gamma, const float* beta, float* coef, i64 c,
+                                            float eps, float momentum) {
+    GRID_LOOP(ch, c) {
+        double count = totals[2 * c];
+        double mu = totals[2 * ch] / count;
+        double var = totals[2 * ch + 1] / count - mu * mu;
+        if (var < 0.0) var = 0.0;
+        float meanf = (float)mu;
+        float isf = (float)(1.0 / sqrt(var + (double)eps));
+        mean[ch] = meanf;
+        invstd[ch] = isf;
+        if (rmean) {
+            double mo = (double)momentum;
+            double unbias = count > 1.0 ? count / (count - 1.0) : 1.0;
+            rmean[ch] = (float)((1.0 - mo) * (double)rmean[ch] + mo * mu);
+            rvar[ch] = (float)((1.0 - mo) * (double)rvar[ch] + mo * var * unbias);
+        }
+        float g = gamma ? gamma[ch] : 1.f;
+        float bt = beta ? beta[ch] : 0.f;
+        float sc = g * isf;
+        coef[2 * ch] = sc;
+        coef[2 * ch + 1] = bt - meanf * sc;
+    }
+}
+
+extern "C" __global__ void bn_sync_put(double* p, double v) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) *p = v;
+}
+
+// bn_apply_grad of batch_norm.rs with the group's sums and count (sums[2c]).
+extern "C" __global__ void bn_sync_apply_grad(const float* x, const float* gamma, const float* mean,
+                                              const float* invstd, const float* dy, const double* sums, float* dx,
+                                              i64 total, i64 c, i64 hw, int acc) {
+    double count = sums[2 * c];
+    GRID_LOOP(i, total) {
+        i64 ch = (i / hw) % c;
+        double is = (double)invstd[ch];
+        double k = (gamma ? (double)gamma[ch] : 1.0) * is / count;
+        double xhat = ((double)x[i] - (double)mean[ch]) * is;
+        store(&dx[i], (float)(k * (count * (double)dy[i] - sums[2 * ch] - xhat * sums[2 * ch + 1])), acc);
+    }
+}
+"#,
+};
+
+impl CudaBackend {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn sync_bn_train_forward(
+        &mut self,
+        g: &BnGeom,
+        x: BufId,
+        gamma: Option<BufId>,
+        beta: Option<BufId>,
+        y: BufId,
+        mean: BufId,
+        invstd: BufId,
+        running: Option<(BufId, BufId, f32)>,
+    ) -> Result<()> {
+        let (segs, per) = segments(g, self.gpu.sm_count as usize);
+        // Scratch: partial sums (2 f64 per channel and segment), totals (2 f64 per channel and
+        // the count), coefficients (2 f32 per channel).
+        let part_bytes = g.c * segs * 16;
+        let totals_bytes = (2 * g.c + 1) * 8;
+        let scratch = self.op_scratch(part_bytes + totals_bytes + g.c * 8)?;
+        let totals = scratch + part_bytes as u64;
+        let coef = totals + totals_bytes as u64;
+        let xp = self.ptr(x);
+        let part = Args::new().ptr(xp).ptr(0).ptr(0).ptr(0).ptr(scratch).i64(g.n).i64(g.c).i64(g.hw).i64(per).i32(0);
+        self.launch_grid("bn_partial", (segs as u32, g.c as u32), BN_THREADS, &part)?;
+        let count = (g.n * g.hw) as f64;
+        let tot = Args::new().ptr(scratch).i32(segs as i32).ptr(totals).i64(g.c).f64(count);
+        self.launch_elems("bn_sync_totals", g.c.max(1), &tot)?;
+        self.sum_f64_now(totals, 2 * g.c + 1)?;
+        let (rm, rv, momentum) = match running {
+            Some((m, v, mo)) => (self.ptr(m), self.ptr(v), mo),
+            None => (0, 0, 0.0),
+        };
+        let fin = Args::new()
+            .ptr(totals)
+            .ptr(self.ptr(mean))
+            .ptr(self.ptr(invstd))
+            .ptr(rm)
+            .ptr(rv)
+            .ptr(self.opt_ptr(gamma))
+            .ptr(self.opt_ptr(beta))
+            .ptr(coef)
+            .i64(g.c)
+            .f32(g.eps)
+            .f32(momentum);
+        self.launch_elems("bn_sync_finalize", g.c, &fin)?;
+        let total = g.n * g.c * g.hw;
+        let apply = Args::new().ptr(xp).ptr(coef).ptr(self.ptr(y)).i64(total).i64(g.c).i64(g.hw);
+        self.launch_elems("bn_apply", total, &apply)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn sync_bn_backward(
+        &mut self,
+        g: &BnGeom,
+        x: BufId,
+        gamma: Option<BufId>,
+        mean: BufId,
+        invstd: BufId,
+        dy: BufId,
+        dx: Option<GradOut>,
+        dgamma: Option<GradOut>,
+        dbeta: Option<GradOut>,
+    ) -> Result<()> {
+        let (segs, per) = segments(g, self.gpu.sm_count as usize);
+        let part_bytes = g.c * segs * 16;
+        let scratch = self.op_scratch(part_bytes + (2 * g.c + 1) * 8)?;
+        let sums = scratch + part_bytes as u64;
+        let (xp, mp, ip, dyp) = (self.ptr(x), self.ptr(mean), self.ptr(invstd), self.ptr(dy));
+        let part =
+            Args::new().ptr(xp).ptr(dyp).ptr(mp).ptr(ip).ptr(scratch).i64(g.n).i64(g.c).i64(g.hw).i64(per).i32(1);
+        self.launch_grid("bn_partial", (segs as u32, g.c as u32), BN_THREADS, &part)?;
+        // This rank's sums, and from them its own dgamma and dbeta.
+        let grad = |o: Option<GradOut>| o.map(|d| (self.ptr(d.buf), d.accumulate as i32)).unwrap_or((0, 0));
+        let (dgp, dga) = grad(dgamma);
+        let (dbp, dba) = grad(dbeta);
+        let fin = Args::new().ptr(scratch).i32(segs as i32).ptr(sums).ptr(dgp).ptr(dbp).i32(dga).i32(dba).i64(g.c);
+        self.launch_elems("bn_finalize_grad", g.c, &fin)?;
+        let Some(d) = dx else { return Ok(()) };
+        let count_at = sums + (2 * g.c * 8) as u64;
+        self.launch_elems("bn_sync_put", 1, &Args::new().ptr(count_at).f64((g.n * g.hw) as f64))?;
+        self.sum_f64_now(sums, 2 * g.c + 1)?;
+        let total = g.n * g.c * g.hw;
+        let args = Args::new()
+            .ptr(xp)
+            .ptr(self.opt_ptr(gamma))
+            .ptr(mp)
+            .ptr(ip)
+            .ptr(dyp)
+            .ptr(sums)
+            .ptr(self.ptr(d.buf))
+            .i64(total)
+            .i64(g.c)
+            .i64(g.hw)
+            .i32(d.accumulate as i32);
+        self.launch_elems("bn_sync_apply_grad", total, &args)
+    }
+}
