@@ -89,6 +89,13 @@ pub trait Backend: Send {
         None
     }
 
+    /// Bytes that can still be allocated, where the backend can tell. Plans larger than this
+    /// are refused before any allocation: on a host that overcommits memory, an allocation
+    /// larger than RAM "succeeds" and the process is killed when it is touched.
+    fn available_memory(&self) -> Option<u64> {
+        None
+    }
+
     /// Makes this backend one rank of a data-parallel group: [`Op::AllReduce`] and
     /// synchronised batch norm then reduce over `comm`'s group (the CPU backend through `comm`
     /// itself; the CUDA backend through NCCL, which it sets up using `comm` to agree on an id).
@@ -152,6 +159,9 @@ impl Backend for Box<dyn Backend> {
     }
     fn peak_memory(&self) -> Option<u64> {
         (**self).peak_memory()
+    }
+    fn available_memory(&self) -> Option<u64> {
+        (**self).available_memory()
     }
     fn set_communicator(&mut self, comm: Box<dyn Communicator>) -> Result<()> {
         (**self).set_communicator(comm)

@@ -63,26 +63,29 @@ impl<B: Backend> Executor<B> {
         if let Some(i) = self.plans.iter().position(|p| p.batch == batch && p.mode == mode && p.options == options) {
             return Ok(PlanId(i));
         }
+        let oom = |needed: u64, free: u64| Error::OutOfMemory {
+            model: format!(
+                "the {}-layer model ({} parameters)",
+                self.model.nodes().len() - 1,
+                self.model.param_count()
+            ),
+            batch,
+            needed,
+            free,
+        };
+        // Measure the plan first by planning it without memory, and refuse one larger than what
+        // the device has free before allocating anything.
+        let mut dry = plan::SizeOnly::default();
+        let needed = plan::compile(&self.model, &self.params, &self.counters, &mut dry, batch, mode, options)?.bytes();
+        if let Some(free) = self.backend.available_memory()
+            && needed as u64 > free
+        {
+            return Err(oom(needed as u64, free));
+        }
         let p = match plan::compile(&self.model, &self.params, &self.counters, &mut self.backend, batch, mode, options)
         {
             Ok(p) => p,
-            Err(Error::OutOfMemory { free, .. }) => {
-                // Report what the whole plan needs, measured by planning it without memory.
-                let mut dry = plan::SizeOnly::default();
-                let needed = plan::compile(&self.model, &self.params, &self.counters, &mut dry, batch, mode, options)
-                    .map(|p| p.bytes() as u64)
-                    .unwrap_or(0);
-                return Err(Error::OutOfMemory {
-                    model: format!(
-                        "the {}-layer model ({} parameters)",
-                        self.model.nodes().len() - 1,
-                        self.model.param_count()
-                    ),
-                    batch,
-                    needed,
-                    free,
-                });
-            }
+            Err(Error::OutOfMemory { free, .. }) => return Err(oom(needed as u64, free)),
             Err(e) => return Err(e),
         };
         self.plans.push(p);

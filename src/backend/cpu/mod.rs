@@ -69,6 +69,16 @@ fn group<'a>(comm: &'a mut Option<Box<dyn Communicator>>, op: &Op) -> Result<&'a
     }
 }
 
+/// `MemAvailable` plus free swap from `/proc/meminfo` (Linux), in bytes.
+fn host_available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = info.lines().find(|l| l.starts_with(name))?;
+        line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+    };
+    Some(field("MemAvailable:")? + field("SwapFree:").unwrap_or(0))
+}
+
 /// The thread count used when none is given: `KILN_NUM_THREADS`, else all cores.
 pub fn default_threads() -> usize {
     std::env::var("KILN_NUM_THREADS")
@@ -481,6 +491,10 @@ impl<T: Float> Backend for CpuBackend<T> {
 
     fn read(&mut self, buf: BufId) -> Result<Vec<f32>> {
         Ok(self.bufs[buf.0].iter().map(|v| v.to_f32()).collect())
+    }
+
+    fn available_memory(&self) -> Option<u64> {
+        host_available_memory()
     }
 
     fn write_f64(&mut self, buf: BufId, data: &[f64]) -> Result<()> {

@@ -657,6 +657,11 @@ impl Backend for CudaBackend {
     fn peak_memory(&self) -> Option<u64> {
         Some(self.mem.peak())
     }
+
+    fn available_memory(&self) -> Option<u64> {
+        self.gpu.bind().ok()?;
+        self.gpu.mem_info().ok().map(|(free, _)| free)
+    }
 }
 
 impl Drop for CudaBackend {
