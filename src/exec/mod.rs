@@ -14,11 +14,14 @@
 //! assert_eq!(y.shape(), &[2, 2]);
 //! ```
 
+mod compile;
+pub mod lower;
 pub mod plan;
 
-pub use plan::{BufRole, Mode, ParamBuffers, Plan, PlanOptions, PlannedBuffer};
+pub use compile::Lowering;
+pub use plan::{BufRole, MemoryReport, Mode, ParamBuffers, Plan, PlanOptions, PlannedBuffer};
 
-use crate::backend::{Backend, CounterId};
+use crate::backend::{Backend, BufId, CounterId};
 use crate::model::{Layer, Model};
 use crate::tensor::Tensor;
 use crate::{Error, Result};
@@ -34,7 +37,17 @@ pub struct Executor<B: Backend> {
     model: Model,
     params: Vec<ParamBuffers>,
     counters: Vec<Option<CounterId>>,
+    /// The seed of dropout masks (the model's own unless set).
+    dropout_seed: u64,
+    /// What each plan was compiled for (the plan cache's keys).
+    keys: Vec<Lowering>,
     plans: Vec<Plan>,
+}
+
+/// `KILN_DEBUG=1`: print each plan's memory when it is compiled.
+fn debug() -> bool {
+    static DEBUG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *DEBUG.get_or_init(|| std::env::var("KILN_DEBUG").is_ok_and(|v| v == "1"))
 }
 
 impl<B: Backend> Executor<B> {
@@ -54,42 +67,83 @@ impl<B: Backend> Executor<B> {
                 _ => None,
             });
         }
-        Ok(Executor { backend, model: model.clone(), params, counters, plans: Vec::new() })
+        Ok(Executor {
+            backend,
+            model: model.clone(),
+            params,
+            counters,
+            dropout_seed: model.seed(),
+            keys: Vec::new(),
+            plans: Vec::new(),
+        })
     }
 
     /// The plan for `batch` samples in `mode`, compiled and allocated on first request.
     pub fn plan(&mut self, batch: usize, mode: Mode, options: PlanOptions) -> Result<PlanId> {
         let options = if mode == Mode::Eval { PlanOptions::default() } else { options };
-        if let Some(i) = self.plans.iter().position(|p| p.batch == batch && p.mode == mode && p.options == options) {
+        let low = Lowering { batch, mode, options, dropout_seed: self.dropout_seed, rank: 0, sync_batch_norm: false };
+        self.compile(low)
+    }
+
+    /// The plan for `low`, compiled and allocated on first request: planned over virtual
+    /// buffers, its memory checked against what the device has free, then allocated once.
+    fn compile(&mut self, low: Lowering) -> Result<PlanId> {
+        if let Some(i) = self.keys.iter().position(|k| *k == low) {
             return Ok(PlanId(i));
         }
-        let oom = |needed: u64, free: u64| Error::OutOfMemory {
+        let mut table = compile::Table::default();
+        let mut p = compile::network(&self.model, &self.params, &self.counters, &low, &mut table)?;
+        let needed: u64 = table.buffers.iter().map(|b| b.len as u64 * 4).sum();
+        let oom = |free: u64| Error::OutOfMemory {
             model: format!(
                 "the {}-layer model ({} parameters)",
                 self.model.nodes().len() - 1,
                 self.model.param_count()
             ),
-            batch,
+            batch: low.batch,
             needed,
             free,
         };
-        // Measure the plan first by planning it without memory, and refuse one larger than what
-        // the device has free before allocating anything.
-        let mut dry = plan::SizeOnly::default();
-        let needed = plan::compile(&self.model, &self.params, &self.counters, &mut dry, batch, mode, options)?.bytes();
+        // Refuse a plan larger than what the device has free before allocating anything.
         if let Some(free) = self.backend.available_memory()
-            && needed as u64 > free
+            && needed > free
         {
-            return Err(oom(needed as u64, free));
+            return Err(oom(free));
         }
-        let p = match plan::compile(&self.model, &self.params, &self.counters, &mut self.backend, batch, mode, options)
-        {
-            Ok(p) => p,
-            Err(Error::OutOfMemory { free, .. }) => return Err(oom(needed as u64, free)),
+        let mut ids: Vec<&mut BufId> = vec![&mut p.input, &mut p.output];
+        ids.extend(p.output_grad.as_mut());
+        ids.extend(p.input_grad.as_mut());
+        ids.extend(p.node_outputs.iter_mut());
+        match compile::allocate(&mut self.backend, &mut table, &mut [&mut p.forward, &mut p.backward], &mut ids) {
+            Ok(()) => {}
+            Err(Error::OutOfMemory { free, .. }) => return Err(oom(free)),
             Err(e) => return Err(e),
-        };
+        }
+        p.buffers = table.buffers;
         self.plans.push(p);
-        Ok(PlanId(self.plans.len() - 1))
+        self.keys.push(low);
+        let id = PlanId(self.plans.len() - 1);
+        if debug() {
+            eprintln!("[kiln] {}", self.memory(id));
+        }
+        Ok(id)
+    }
+
+    /// The device memory a plan uses, by role: the executor's parameters and gradients (shared
+    /// by all its plans) and the plan's own buffers. `KILN_DEBUG=1` prints it when a plan is
+    /// compiled, before its first step.
+    pub fn memory(&self, id: PlanId) -> MemoryReport {
+        let p = &self.plans[id.0];
+        let mode = match p.mode {
+            Mode::Train => "training",
+            Mode::Eval => "evaluation",
+        };
+        let shared = self.model.params().iter().flat_map(|s| {
+            let grad = s.trainable.then_some((BufRole::Gradient, s.len()));
+            std::iter::once((BufRole::Parameter, s.len())).chain(grad)
+        });
+        let own = p.buffers.iter().map(|b| (b.role, b.len));
+        MemoryReport::new(format!("plan {}: {mode}, batch {}", id.0, p.batch), shared.chain(own))
     }
 
     /// The compiled plan behind a handle.

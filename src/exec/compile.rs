@@ -1,0 +1,297 @@
+//! Compiling: a model and a step description become a [`Plan`] over virtual buffers, then the
+//! plan's buffers are allocated once.
+//!
+//! Planning never touches the device. Every buffer the plan owns is first a virtual id (an
+//! index into the plan's buffer table, far above any real id); the op lists are written against
+//! those; only when the whole plan is known is its memory added up, checked against what the
+//! device has free, allocated in one pass and the ops rewritten to the real ids.
+//!
+//! Activations get a buffer each (views such as flatten share their input's); in training, every
+//! tensor whose gradient is needed gets a gradient buffer, and what backward needs from forward
+//! gets a named buffer ([`super::lower::Forward::save`]). Gradient buffers are reused by
+//! lifetime: each is live from the op that first writes it to the op that last reads it, and a
+//! buffer of the same length free over that span is taken instead of a new one. Gradients flowing
+//! into one tensor from several consumers (a residual fork) are summed by letting the first
+//! writer overwrite and the others accumulate, in the order backward runs.
+
+use std::collections::HashSet;
+
+use super::lower::{self, Backward, Buffers, Forward};
+use super::plan::{BufRole, Mode, ParamBuffers, Plan, PlanOptions, PlannedBuffer};
+use crate::backend::{Backend, BufId, CounterId, Op};
+use crate::model::{Layer, Model};
+use crate::rng::mix_seed;
+use crate::{Error, Result};
+
+/// Virtual ids of the plan's buffer table start here, far above any real id.
+const PLANNED: usize = usize::MAX / 2;
+/// Virtual ids of gradients before they are given a (reused) table entry.
+const GRADIENT: usize = PLANNED + usize::MAX / 4;
+
+/// Everything the network part of a plan depends on besides the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Lowering {
+    /// Samples per batch.
+    pub batch: usize,
+    /// Training or evaluation.
+    pub mode: Mode,
+    /// Gradient options (training).
+    pub options: PlanOptions,
+    /// The seed of the dropout masks (each dropout node draws from its own stream of it).
+    pub dropout_seed: u64,
+    /// This process's rank in a data-parallel group (0 alone): ranks above 0 draw their own
+    /// dropout masks, rank 0 those of a lone run.
+    pub rank: usize,
+    /// Batch norm in training reduces its statistics over the data-parallel group.
+    pub sync_batch_norm: bool,
+}
+
+impl Lowering {
+    /// The seed of dropout node `node`'s masks.
+    pub fn dropout_seed_of(&self, node: usize) -> u64 {
+        let seed = mix_seed(self.dropout_seed ^ 0xD80F_0A7E, node as u64);
+        if self.rank > 0 { mix_seed(seed, self.rank as u64) } else { seed }
+    }
+}
+
+/// The plan's buffer table while compiling.
+#[derive(Default)]
+pub(super) struct Table {
+    pub(super) buffers: Vec<PlannedBuffer>,
+}
+
+impl Buffers for Table {
+    fn new_buffer(&mut self, len: usize, role: BufRole, label: String) -> BufId {
+        let id = BufId(PLANNED + self.buffers.len());
+        self.buffers.push(PlannedBuffer { id, len, role, label });
+        id
+    }
+}
+
+/// The buffers of parameter `role` of node `i`.
+fn node_params(model: &Model, params: &[ParamBuffers], i: usize) -> Vec<(crate::model::ParamRole, ParamBuffers)> {
+    model.params().iter().zip(params).filter(|(s, _)| s.node == i).map(|(s, p)| (s.role, *p)).collect()
+}
+
+/// Plans the network's forward (and, in training, backward) ops over virtual buffers.
+pub(super) fn network(
+    model: &Model,
+    params: &[ParamBuffers],
+    counters: &[Option<CounterId>],
+    low: &Lowering,
+    table: &mut Table,
+) -> Result<Plan> {
+    let batch = low.batch;
+    if batch == 0 {
+        return Err(Error::config("batch size", "must be at least 1"));
+    }
+    let largest = model.nodes().iter().map(|n| n.shape.iter().product::<usize>()).max().unwrap_or(1);
+    if largest.checked_mul(batch).is_none_or(|n| n > 1 << 40) {
+        return Err(Error::config("batch size", format!("{batch} makes tensors of more than 2^40 values")));
+    }
+    let nodes = model.nodes();
+    let mut out: Vec<BufId> = Vec::with_capacity(nodes.len());
+    let mut forward = Vec::new();
+    // What backward needs from forward, per node.
+    let mut saved: Vec<Vec<BufId>> = vec![Vec::new(); nodes.len()];
+    for (i, node) in nodes.iter().enumerate() {
+        if let Layer::Input = node.layer {
+            let len = batch * node.shape.iter().product::<usize>();
+            out.push(table.new_buffer(len, BufRole::Input, "input".into()));
+            continue;
+        }
+        let mut cx = Forward {
+            node,
+            in_shapes: node.inputs.iter().map(|&j| nodes[j].shape.as_slice()).collect(),
+            batch,
+            mode: low.mode,
+            sync_batch_norm: low.sync_batch_norm,
+            dropout: counters[i].map(|c| (low.dropout_seed_of(i), c)),
+            inputs: node.inputs.iter().map(|&j| out[j]).collect(),
+            params: node_params(model, params, i).into_iter().map(|(r, p)| (r, p.value)).collect(),
+            bufs: table,
+            ops: &mut forward,
+            output: None,
+            saved: Vec::new(),
+        };
+        lower::forward(&mut cx)?;
+        let y = cx.output.expect("a layer's lowering sets its output");
+        saved[i] = cx.saved;
+        out.push(y);
+    }
+    let mut plan = Plan {
+        batch,
+        mode: low.mode,
+        options: low.options,
+        forward,
+        backward: Vec::new(),
+        input: out[0],
+        output: *out.last().expect("a model has nodes"),
+        output_grad: None,
+        input_grad: None,
+        node_outputs: out,
+        buffers: Vec::new(),
+    };
+    if low.mode == Mode::Train {
+        backward(model, params, low, table, &mut plan, &saved)?;
+    }
+    Ok(plan)
+}
+
+fn backward(
+    model: &Model,
+    params: &[ParamBuffers],
+    low: &Lowering,
+    table: &mut Table,
+    plan: &mut Plan,
+    saved: &[Vec<BufId>],
+) -> Result<()> {
+    let nodes = model.nodes();
+    let batch = plan.batch;
+    let numel = |i: usize| batch * nodes[i].shape.iter().product::<usize>();
+    let out = &plan.node_outputs;
+
+    // A node needs the gradient of its output if it has trainable parameters or one of its
+    // inputs needs a gradient.
+    let mut needs = vec![false; nodes.len()];
+    needs[0] = low.options.input_grad;
+    for i in 1..nodes.len() {
+        let has_params = model.params().iter().any(|p| p.node == i && p.trainable);
+        needs[i] = has_params || nodes[i].inputs.iter().any(|&j| needs[j]);
+    }
+    // The ops are written against gradient ids first; each is given a table entry once the
+    // lifetimes are known.
+    let mut grad: Vec<Option<BufId>> = vec![None; nodes.len()];
+    let mut virtual_len: Vec<(usize, String)> = Vec::new();
+    for i in 0..nodes.len() {
+        if !needs[i] {
+            continue;
+        }
+        grad[i] = Some(if lower::is_view(&nodes[i].layer) {
+            grad[nodes[i].inputs[0]].expect("view input needs grad")
+        } else {
+            virtual_len.push((numel(i), format!("{}.grad", nodes[i].name)));
+            BufId(GRADIENT + virtual_len.len() - 1)
+        });
+    }
+    let last = nodes.len() - 1;
+    let Some(dout) = grad[last] else {
+        // Nothing to differentiate (no parameters, no input gradient).
+        return Ok(());
+    };
+    plan.output_grad = Some(dout);
+    plan.input_grad = grad[0];
+
+    let mut written: HashSet<BufId> = HashSet::from([dout]);
+    let mut ops = Vec::new();
+    for i in (1..nodes.len()).rev() {
+        let Some(dy) = grad[i] else { continue };
+        let node = &nodes[i];
+        let mut cx = Backward {
+            node,
+            in_shapes: node.inputs.iter().map(|&j| nodes[j].shape.as_slice()).collect(),
+            batch,
+            sync_batch_norm: low.sync_batch_norm,
+            inputs: node.inputs.iter().map(|&j| out[j]).collect(),
+            output: out[i],
+            dy,
+            saved: &saved[i],
+            input_grads: node.inputs.iter().map(|&j| grad[j]).collect(),
+            written: &mut written,
+            params: node_params(model, params, i).into_iter().map(|(r, p)| (r, p.value, p.grad)).collect(),
+            accumulate_param_grads: low.options.accumulate_param_grads,
+            ops: &mut ops,
+        };
+        lower::backward(&mut cx)?;
+    }
+    // Lifetimes of the gradient buffers over `ops`: the output gradient is written before
+    // backward starts (by the loss) and the input gradient is read after it ends.
+    let n_virtual = virtual_len.len();
+    let mut first = vec![usize::MAX; n_virtual];
+    let mut last = vec![0usize; n_virtual];
+    for (k, op) in ops.iter_mut().enumerate() {
+        op.visit_bufs(&mut |b: &mut BufId| {
+            if b.0 >= GRADIENT {
+                let v = b.0 - GRADIENT;
+                first[v] = first[v].min(k + 1);
+                last[v] = last[v].max(k + 1);
+            }
+        });
+    }
+    first[dout.0 - GRADIENT] = 0;
+    if let Some(ig) = plan.input_grad {
+        last[ig.0 - GRADIENT] = ops.len() + 1;
+    }
+    let mut order: Vec<usize> = (0..n_virtual).collect();
+    order.sort_by_key(|&v| first[v]);
+    let mut physical = vec![BufId(0); n_virtual];
+    // (buffer, length, free after op index)
+    let mut pool: Vec<(BufId, usize, usize)> = Vec::new();
+    for v in order {
+        let (len, label) = &virtual_len[v];
+        let reuse = pool.iter().position(|&(_, l, free_after)| l == *len && free_after < first[v]);
+        physical[v] = match reuse {
+            Some(p) => {
+                pool[p].2 = last[v];
+                pool[p].0
+            }
+            None => {
+                let id = table.new_buffer(*len, BufRole::Gradient, label.clone());
+                pool.push((id, *len, last[v]));
+                id
+            }
+        };
+    }
+    let mut map = |b: &mut BufId| {
+        if b.0 >= GRADIENT {
+            *b = physical[b.0 - GRADIENT];
+        }
+    };
+    for op in &mut ops {
+        op.visit_bufs(&mut map);
+    }
+    plan.output_grad.iter_mut().for_each(&mut map);
+    plan.input_grad.iter_mut().for_each(&mut map);
+    plan.backward = ops;
+    Ok(())
+}
+
+/// Allocates every buffer of `table` on `backend` and rewrites `ops` (and `ids`) from virtual
+/// to real ids; the table's entries get their real ids. On failure, what was allocated is freed,
+/// so the backend is as it was (a smaller batch can be tried).
+pub(super) fn allocate<B: Backend>(
+    backend: &mut B,
+    table: &mut Table,
+    ops: &mut [&mut Vec<Op>],
+    ids: &mut [&mut BufId],
+) -> Result<()> {
+    let mut real = Vec::with_capacity(table.buffers.len());
+    for b in &table.buffers {
+        match backend.alloc(b.len) {
+            Ok(id) => real.push(id),
+            Err(e) => {
+                for id in real {
+                    backend.free(id)?;
+                }
+                return Err(e);
+            }
+        }
+    }
+    let mut map = |b: &mut BufId| {
+        if b.0 >= PLANNED {
+            *b = real[b.0 - PLANNED];
+        }
+    };
+    for list in ops {
+        for op in list.iter_mut() {
+            op.visit_bufs(&mut map);
+        }
+    }
+    for id in ids {
+        map(id);
+    }
+    for (b, id) in table.buffers.iter_mut().zip(real) {
+        b.id = id;
+    }
+    Ok(())
+}

@@ -1,0 +1,420 @@
+//! Lowering one layer to ops: the narrow boundary between the compiler and the layers.
+//!
+//! The compiler ([`super::compile`]) walks the model's graph, owns every buffer and decides
+//! lifetimes; a layer only says which ops compute it. It sees a [`Forward`] context (its input
+//! buffers, its parameters, `output()` to get its activation buffer, `save()` for what backward
+//! needs, `push()` for an op) and, in training, a [`Backward`] context (the same buffers plus
+//! `dy()`, `saved(k)`, `dx(k)` and `param_grad(role)`). Nothing here allocates device memory:
+//! buffers are virtual until the whole plan is known (see [`super::compile`]).
+//!
+//! [`forward`] and [`backward`] dispatch on the layer kind; each arm is one layer's whole
+//! lowering. The contexts use nothing of the compiler but [`Mode`], so the arms can move next to
+//! their layers' definitions without pulling the compiler along.
+
+use std::collections::HashSet;
+
+use crate::backend::{ActFn, BnGeom, BufId, ConvGeom, CounterId, GradOut, Op, PoolGeom};
+use crate::model::{Activation, Layer, Node, ParamRole, shape};
+use crate::{Error, Result};
+
+use super::plan::{BufRole, Mode};
+
+/// Where the compiler keeps the plan's virtual buffers; a context asks it for new ones.
+pub(super) trait Buffers {
+    /// A new virtual buffer of `len` elements.
+    fn new_buffer(&mut self, len: usize, role: BufRole, label: String) -> BufId;
+}
+
+/// What a layer's forward lowering sees.
+pub struct Forward<'a> {
+    /// The layer's node (name, kind, per-sample output shape).
+    pub node: &'a Node,
+    /// Per-sample shapes of the inputs, in the node's input order.
+    pub in_shapes: Vec<&'a [usize]>,
+    /// Samples in the batch.
+    pub batch: usize,
+    /// Training or evaluation.
+    pub mode: Mode,
+    /// Whether batch norm reduces its statistics over the data-parallel group.
+    pub sync_batch_norm: bool,
+    /// Seed and counter of this node's dropout mask stream (dropout layers only).
+    pub dropout: Option<(u64, CounterId)>,
+    pub(super) inputs: Vec<BufId>,
+    pub(super) params: Vec<(ParamRole, BufId)>,
+    pub(super) bufs: &'a mut dyn Buffers,
+    pub(super) ops: &'a mut Vec<Op>,
+    pub(super) output: Option<BufId>,
+    pub(super) saved: Vec<BufId>,
+}
+
+impl Forward<'_> {
+    /// The buffer of input `k`.
+    pub fn input(&self, k: usize) -> BufId {
+        self.inputs[k]
+    }
+    /// The buffers of all inputs.
+    pub fn inputs(&self) -> &[BufId] {
+        &self.inputs
+    }
+    /// Elements of the layer's output over the whole batch.
+    pub fn numel(&self) -> usize {
+        self.batch * self.node.shape.iter().product::<usize>()
+    }
+    /// The layer's output buffer (an activation), made on first use.
+    pub fn output(&mut self) -> BufId {
+        if let Some(y) = self.output {
+            return y;
+        }
+        let y = self.bufs.new_buffer(self.numel(), BufRole::Activation, self.node.name.clone());
+        self.output = Some(y);
+        y
+    }
+    /// The output is input 0's buffer (a view, or dropout in evaluation).
+    pub fn alias_input(&mut self) {
+        self.output = Some(self.inputs[0]);
+    }
+    /// A buffer that forward fills and backward reads ([`Backward::saved`], in this order).
+    pub fn save(&mut self, len: usize, what: &str) -> BufId {
+        let b = self.bufs.new_buffer(len, BufRole::Saved, format!("{}.{what}", self.node.name));
+        self.saved.push(b);
+        b
+    }
+    /// The value buffer of the layer's parameter of `role`, if it has one.
+    pub fn param(&self, role: ParamRole) -> Option<BufId> {
+        self.params.iter().find(|p| p.0 == role).map(|p| p.1)
+    }
+    /// Appends an op to the plan.
+    pub fn push(&mut self, op: Op) {
+        self.ops.push(op);
+    }
+}
+
+/// What a layer's backward lowering sees.
+pub struct Backward<'a> {
+    /// The layer's node.
+    pub node: &'a Node,
+    /// Per-sample shapes of the inputs.
+    pub in_shapes: Vec<&'a [usize]>,
+    /// Samples in the batch.
+    pub batch: usize,
+    /// Whether batch norm reduces its statistics over the data-parallel group.
+    pub sync_batch_norm: bool,
+    pub(super) inputs: Vec<BufId>,
+    pub(super) output: BufId,
+    pub(super) dy: BufId,
+    pub(super) saved: &'a [BufId],
+    pub(super) input_grads: Vec<Option<BufId>>,
+    pub(super) written: &'a mut HashSet<BufId>,
+    pub(super) params: Vec<(ParamRole, BufId, Option<BufId>)>,
+    pub(super) accumulate_param_grads: bool,
+    pub(super) ops: &'a mut Vec<Op>,
+}
+
+impl Backward<'_> {
+    /// The buffer of input `k` (its forward value).
+    pub fn input(&self, k: usize) -> BufId {
+        self.inputs[k]
+    }
+    /// The layer's forward output.
+    pub fn output(&self) -> BufId {
+        self.output
+    }
+    /// The gradient of the layer's output.
+    pub fn dy(&self) -> BufId {
+        self.dy
+    }
+    /// Elements of the layer's output over the whole batch.
+    pub fn numel(&self) -> usize {
+        self.batch * self.node.shape.iter().product::<usize>()
+    }
+    /// The `k`-th buffer forward saved.
+    pub fn saved(&self, k: usize) -> BufId {
+        self.saved[k]
+    }
+    /// Where to put the gradient of input `k` (`None` when nothing needs it). Call it once per
+    /// op that writes it: the first writer of a tensor's gradient overwrites, later writers (the
+    /// other consumers of a fork) accumulate.
+    pub fn dx(&mut self, k: usize) -> Option<GradOut> {
+        let g = self.input_grads[k]?;
+        let accumulate = !self.written.insert(g);
+        Some(GradOut { buf: g, accumulate })
+    }
+    /// The value buffer of the layer's parameter of `role`.
+    pub fn param(&self, role: ParamRole) -> Option<BufId> {
+        self.params.iter().find(|p| p.0 == role).map(|p| p.1)
+    }
+    /// Where to put the gradient of the parameter of `role` (trainable parameters only).
+    pub fn param_grad(&self, role: ParamRole) -> Option<GradOut> {
+        let g = self.params.iter().find(|p| p.0 == role).and_then(|p| p.2)?;
+        Some(GradOut { buf: g, accumulate: self.accumulate_param_grads })
+    }
+    /// Appends an op to the plan.
+    pub fn push(&mut self, op: Op) {
+        self.ops.push(op);
+    }
+}
+
+/// Whether a layer's output is its input's buffer seen with another shape (and so is its
+/// gradient).
+pub fn is_view(layer: &Layer) -> bool {
+    matches!(layer, Layer::Flatten | Layer::Reshape(_))
+}
+
+/// Lowers one layer's forward pass.
+pub fn forward(cx: &mut Forward) -> Result<()> {
+    let node = cx.node;
+    let batch = cx.batch;
+    let ins = cx.in_shapes.first().copied().unwrap_or(&[]);
+    match &node.layer {
+        Layer::Input => unreachable!("the compiler places the input"),
+        Layer::Flatten | Layer::Reshape(_) => cx.alias_input(),
+        Layer::Dropout { .. } if cx.mode == Mode::Eval => cx.alias_input(),
+        Layer::Conv2d(c) => {
+            let g = conv_geom(node, ins, batch)?;
+            let (x, y) = (cx.input(0), cx.output());
+            let w = cx.param(ParamRole::Weight).expect("conv weight");
+            let b = if c.bias { cx.param(ParamRole::Bias) } else { None };
+            cx.push(Op::Conv2d { g, x, w, b, y });
+        }
+        Layer::Linear(l) => {
+            let (x, y) = (cx.input(0), cx.output());
+            let w = cx.param(ParamRole::Weight).expect("linear weight");
+            let b = if l.bias { cx.param(ParamRole::Bias) } else { None };
+            cx.push(Op::Linear { m: batch, k: ins.iter().product(), n: l.out_features, x, w, b, y });
+        }
+        Layer::Activation(a) => {
+            let (x, y) = (cx.input(0), cx.output());
+            cx.push(Op::Act { f: act_fn(a), len: cx.numel(), x, y });
+        }
+        Layer::Softmax { axis } => {
+            let (x, y) = (cx.input(0), cx.output());
+            let (outer, dim, inner) = softmax_dims(batch, ins, *axis);
+            cx.push(Op::Softmax { outer, dim, inner, x, y });
+        }
+        Layer::Dropout { rate } => {
+            let (x, y) = (cx.input(0), cx.output());
+            let len = cx.numel();
+            let mask = cx.save(len, "mask");
+            let (seed, counter) = cx.dropout.expect("dropout counter");
+            cx.push(Op::Dropout { rate: *rate, len, seed, counter, x, y, mask });
+        }
+        Layer::BatchNorm(bn) => {
+            let g = bn_geom(ins, batch, bn.eps);
+            if cx.mode == Mode::Train && g.n * g.hw < 2 {
+                return Err(Error::layer(
+                    &node.name,
+                    format!(
+                        "batch norm in training needs more than one value per channel; \
+                         batch {batch} of shape {ins:?} gives {}",
+                        g.n * g.hw
+                    ),
+                ));
+            }
+            let (x, y) = (cx.input(0), cx.output());
+            let gamma = cx.param(ParamRole::Weight);
+            let beta = cx.param(ParamRole::Bias);
+            let rm = cx.param(ParamRole::RunningMean);
+            let rv = cx.param(ParamRole::RunningVar);
+            match (cx.mode, rm, rv) {
+                (Mode::Eval, Some(running_mean), Some(running_var)) => {
+                    cx.push(Op::BatchNormInfer { g, x, gamma, beta, running_mean, running_var, y })
+                }
+                _ => {
+                    let mean = cx.save(g.c, "mean");
+                    let invstd = cx.save(g.c, "invstd");
+                    let running = match (cx.mode, rm, rv) {
+                        (Mode::Train, Some(rm), Some(rv)) => Some((rm, rv, bn.momentum)),
+                        _ => None,
+                    };
+                    let sync = cx.sync_batch_norm && cx.mode == Mode::Train;
+                    cx.push(Op::BatchNormTrain { g, x, gamma, beta, y, mean, invstd, running, sync });
+                }
+            }
+        }
+        Layer::MaxPool2d(p) => {
+            let (x, y) = (cx.input(0), cx.output());
+            let argmax = cx.save(cx.numel(), "argmax");
+            let g = pool_geom(ins, &node.shape, batch, p.kernel, p.stride, p.padding);
+            cx.push(Op::MaxPool { g, x, y, argmax });
+        }
+        Layer::AvgPool2d(p) => {
+            let (x, y) = (cx.input(0), cx.output());
+            let g = pool_geom(ins, &node.shape, batch, p.kernel, p.stride, p.padding);
+            cx.push(Op::AvgPool { g, count_include_pad: p.count_include_pad, x, y });
+        }
+        Layer::GlobalAvgPool => {
+            let (x, y) = (cx.input(0), cx.output());
+            let g = pool_geom(ins, &[], batch, (ins[1], ins[2]), (1, 1), (0, 0));
+            cx.push(Op::AvgPool { g, count_include_pad: true, x, y });
+        }
+        Layer::Add => {
+            let y = cx.output();
+            cx.push(Op::Add { len: cx.numel(), inputs: cx.inputs().to_vec(), y });
+        }
+        Layer::Concat => {
+            let y = cx.output();
+            let inner = node.shape[1..].iter().product();
+            let parts = cx.inputs.iter().zip(&cx.in_shapes).map(|(&b, s)| (b, s[0])).collect();
+            cx.push(Op::Concat { n: batch, inner, parts, y });
+        }
+    }
+    Ok(())
+}
+
+/// Lowers one layer's backward pass (called in reverse order, only for layers whose output
+/// gradient is needed).
+pub fn backward(cx: &mut Backward) -> Result<()> {
+    let node = cx.node;
+    let batch = cx.batch;
+    let ins = cx.in_shapes.first().copied().unwrap_or(&[]);
+    let (x, y, dy) = (cx.inputs.first().copied().unwrap_or(cx.output), cx.output, cx.dy);
+    match &node.layer {
+        Layer::Input | Layer::Flatten | Layer::Reshape(_) => {}
+        Layer::Conv2d(_) => {
+            let g = conv_geom(node, ins, batch)?;
+            let w = cx.param(ParamRole::Weight).expect("conv weight");
+            let dx = cx.dx(0);
+            let dw = cx.param_grad(ParamRole::Weight).expect("conv weight gradient");
+            let db = cx.param_grad(ParamRole::Bias);
+            cx.push(Op::Conv2dBackward { g, x, w, dy, dx, dw, db });
+        }
+        Layer::Linear(l) => {
+            let w = cx.param(ParamRole::Weight).expect("linear weight");
+            let dx = cx.dx(0);
+            let dw = cx.param_grad(ParamRole::Weight).expect("linear weight gradient");
+            let db = cx.param_grad(ParamRole::Bias);
+            cx.push(Op::LinearBackward { m: batch, k: ins.iter().product(), n: l.out_features, x, w, dy, dx, dw, db });
+        }
+        Layer::Activation(a) => {
+            if let Some(dx) = cx.dx(0) {
+                cx.push(Op::ActBackward { f: act_fn(a), len: cx.numel(), x, y, dy, dx });
+            }
+        }
+        Layer::Softmax { axis } => {
+            if let Some(dx) = cx.dx(0) {
+                let (outer, dim, inner) = softmax_dims(batch, ins, *axis);
+                cx.push(Op::SoftmaxBackward { outer, dim, inner, y, dy, dx });
+            }
+        }
+        Layer::Dropout { .. } => {
+            if let Some(dx) = cx.dx(0) {
+                cx.push(Op::DropoutBackward { len: cx.numel(), mask: cx.saved(0), dy, dx });
+            }
+        }
+        Layer::BatchNorm(bn) => {
+            let g = bn_geom(ins, batch, bn.eps);
+            let dx = cx.dx(0);
+            let (dgamma, dbeta) = (cx.param_grad(ParamRole::Weight), cx.param_grad(ParamRole::Bias));
+            if dx.is_some() || dgamma.is_some() {
+                let gamma = cx.param(ParamRole::Weight);
+                let (mean, invstd) = (cx.saved(0), cx.saved(1));
+                let sync = cx.sync_batch_norm;
+                cx.push(Op::BatchNormBackward { g, x, gamma, mean, invstd, dy, dx, dgamma, dbeta, sync });
+            }
+        }
+        Layer::MaxPool2d(p) => {
+            if let Some(dx) = cx.dx(0) {
+                let g = pool_geom(ins, &node.shape, batch, p.kernel, p.stride, p.padding);
+                cx.push(Op::MaxPoolBackward { g, argmax: cx.saved(0), dy, dx });
+            }
+        }
+        Layer::AvgPool2d(p) => {
+            if let Some(dx) = cx.dx(0) {
+                let g = pool_geom(ins, &node.shape, batch, p.kernel, p.stride, p.padding);
+                cx.push(Op::AvgPoolBackward { g, count_include_pad: p.count_include_pad, dy, dx });
+            }
+        }
+        Layer::GlobalAvgPool => {
+            if let Some(dx) = cx.dx(0) {
+                let g = pool_geom(ins, &[], batch, (ins[1], ins[2]), (1, 1), (0, 0));
+                cx.push(Op::AvgPoolBackward { g, count_include_pad: true, dy, dx });
+            }
+        }
+        Layer::Add => {
+            for k in 0..cx.inputs.len() {
+                if let Some(dst) = cx.dx(k) {
+                    cx.push(Op::GradInto { len: cx.numel(), src: dy, dst });
+                }
+            }
+        }
+        Layer::Concat => {
+            let parts: Vec<(Option<GradOut>, usize)> =
+                (0..cx.inputs.len()).map(|k| (cx.dx(k), cx.in_shapes[k][0])).collect();
+            if parts.iter().any(|p| p.0.is_some()) {
+                cx.push(Op::ConcatBackward { n: batch, inner: node.shape[1..].iter().product(), parts, dy });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn act_fn(a: &Activation) -> ActFn {
+    match *a {
+        Activation::Relu => ActFn::Relu,
+        Activation::LeakyRelu { slope } => ActFn::LeakyRelu(slope),
+        Activation::Elu { alpha } => ActFn::Elu(alpha),
+        Activation::Sigmoid => ActFn::Sigmoid,
+        Activation::Tanh => ActFn::Tanh,
+        Activation::Silu => ActFn::Silu,
+        Activation::Gelu => ActFn::Gelu,
+    }
+}
+
+fn conv_geom(node: &Node, ins: &[usize], batch: usize) -> Result<ConvGeom> {
+    let Layer::Conv2d(c) = &node.layer else { unreachable!("conv_geom on a non-conv node") };
+    let r = shape::resolve_conv(&node.name, c, ins)?;
+    Ok(ConvGeom {
+        n: batch,
+        c: ins[0],
+        h: ins[1],
+        w: ins[2],
+        k: c.out_channels,
+        kh: c.kernel.0,
+        kw: c.kernel.1,
+        sh: c.stride.0,
+        sw: c.stride.1,
+        ph: r.pad.0,
+        pw: r.pad.1,
+        dh: c.dilation.0,
+        dw: c.dilation.1,
+        groups: c.groups,
+        oh: r.out_hw.0,
+        ow: r.out_hw.1,
+    })
+}
+
+fn pool_geom(
+    ins: &[usize],
+    out: &[usize],
+    batch: usize,
+    k: (usize, usize),
+    s: (usize, usize),
+    p: (usize, usize),
+) -> PoolGeom {
+    PoolGeom {
+        n: batch,
+        c: ins[0],
+        h: ins[1],
+        w: ins[2],
+        kh: k.0,
+        kw: k.1,
+        sh: s.0,
+        sw: s.1,
+        ph: p.0,
+        pw: p.1,
+        oh: out.get(1).copied().unwrap_or(1),
+        ow: out.get(2).copied().unwrap_or(1),
+    }
+}
+
+/// `(outer, dim, inner)` of a softmax along `axis` of `[batch, ins...]`.
+fn softmax_dims(batch: usize, ins: &[usize], axis: isize) -> (usize, usize, usize) {
+    let mut full = vec![batch];
+    full.extend_from_slice(ins);
+    let ax = if axis < 0 { (axis + full.len() as isize) as usize } else { axis as usize };
+    (full[..ax].iter().product(), full[ax], full[ax + 1..].iter().product())
+}
+
+fn bn_geom(ins: &[usize], batch: usize, eps: f32) -> BnGeom {
+    BnGeom { n: batch, c: ins[0], hw: ins[1..].iter().product(), eps }
+}
