@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use kiln::backend::{Backend, BufId, CudaBackend, GradOut, Op};
+use kiln::backend::{Backend, BufId, CudaBackend, GradOut, Op, ops};
 use kiln::data::synthetic::tutorial_images;
 use kiln::data::{DataLoader, TensorDataset};
 use kiln::dist::{Communicator, DataParallel, DistEnv, Launch, TcpCommunicator};
@@ -77,11 +77,11 @@ fn all_reduce_runs_inside_a_captured_graph() {
     // Fill a, reduce it (a group of one: unchanged), then read it into b: the read must wait
     // for the reduction on NCCL's stream. c is reduced last and only joined at the list's end.
     let ops = vec![
-        Op::Fill { len: n, buf: a, value: 2.0 },
-        Op::AllReduce { bufs: vec![(a, n)], mean: true },
-        Op::Fill { len: 7, buf: c, value: 3.0 },
-        Op::GradInto { len: n, src: a, dst: GradOut { buf: b, accumulate: true } },
-        Op::AllReduce { bufs: vec![(c, 7)], mean: false },
+        Op::Fill(ops::Fill { len: n, buf: a, value: 2.0 }),
+        Op::AllReduce(ops::AllReduce { bufs: vec![(a, n)], mean: true }),
+        Op::Fill(ops::Fill { len: 7, buf: c, value: 3.0 }),
+        Op::GradInto(ops::GradInto { len: n, src: a, dst: GradOut { buf: b, accumulate: true } }),
+        Op::AllReduce(ops::AllReduce { bufs: vec![(c, 7)], mean: false }),
     ];
     // Warm-up (eager), capture, then replays.
     for step in 1..=4 {
@@ -94,7 +94,7 @@ fn all_reduce_runs_inside_a_captured_graph() {
     assert!(gpu.set_communicator(single()).is_err());
     let Some(mut other) = cuda() else { return };
     let x = other.alloc(4).unwrap();
-    assert!(other.run(&[Op::AllReduce { bufs: vec![(x, 4)], mean: true }]).is_err());
+    assert!(other.run(&[Op::AllReduce(ops::AllReduce { bufs: vec![(x, 4)], mean: true })]).is_err());
 }
 
 fn model() -> Model {
@@ -224,7 +224,7 @@ fn two_gpus_train_as_one() {
 #[test]
 fn op_lists_name_their_buffers() {
     // The all-reduce op reports its buffers (the planner and the CUDA backend's joins rely on it).
-    let mut op = Op::AllReduce { bufs: vec![(BufId(3), 10), (BufId(5), 2)], mean: true };
+    let mut op = Op::AllReduce(ops::AllReduce { bufs: vec![(BufId(3), 10), (BufId(5), 2)], mean: true });
     let mut seen = Vec::new();
     op.visit_bufs(&mut |b| seen.push(b.0));
     assert_eq!(seen, [3, 5]);

@@ -4,7 +4,7 @@
 //! device's Philox is the Rust one.
 
 use kiln::backend::cpu::CpuBackend;
-use kiln::backend::{Backend, BufId, CudaBackend, Op};
+use kiln::backend::{Backend, BufId, CudaBackend, Op, ops};
 use kiln::exec::{BufRole, Executor, Mode, PlanId, PlanOptions};
 use kiln::model::{Conv2d, Model, ModelBuilder, ParamRole};
 use kiln::rng::{Rng, philox4x32};
@@ -168,7 +168,7 @@ fn device_philox_is_the_rust_philox() {
 fn a_changed_op_list_under_one_key_starts_over() {
     let Some(mut gpu) = cuda() else { return };
     let a = gpu.alloc(1000).unwrap();
-    let fill = |v: f32| vec![Op::Fill { len: 1000, buf: a, value: v }];
+    let fill = |v: f32| vec![Op::Fill(ops::Fill { len: 1000, buf: a, value: v })];
     for _ in 0..3 {
         gpu.run_cached(9, &fill(1.5)).unwrap();
     }

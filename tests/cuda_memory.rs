@@ -102,7 +102,7 @@ fn second_backend_compiles_nothing() {
     let cached = std::fs::read_dir(&dir).unwrap().count();
     // The second backend's kernels work.
     let b = second.alloc(10).unwrap();
-    second.run(&[kiln::backend::Op::Fill { len: 10, buf: b, value: 2.5 }]).unwrap();
+    second.run(&[kiln::backend::Op::Fill(kiln::backend::ops::Fill { len: 10, buf: b, value: 2.5 })]).unwrap();
     assert_eq!(second.read(b).unwrap(), vec![2.5; 10]);
     let _ = std::fs::remove_dir_all(&dir);
     assert!(compiled > 0, "a fresh cache folder means compiling");

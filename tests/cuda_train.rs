@@ -3,7 +3,7 @@
 //! and graph replay against eager execution of whole training steps.
 
 use kiln::backend::cpu::CpuBackend;
-use kiln::backend::ops::{hyper, stats};
+use kiln::backend::ops::{self, hyper, stats};
 use kiln::backend::{Backend, CudaOptions, LossFn, Op, OptParam, OptRule, Scoring};
 use kiln::data::synthetic::tutorial_images;
 use kiln::model::Model;
@@ -77,7 +77,7 @@ fn every_loss_matches_the_cpu() {
     for (f, scoring, pred, target) in cases {
         let init = vec![pred.clone(), target.clone(), vec![0.0; stats::LEN], vec![0.0; n * c]];
         let build = |b: &[kiln::backend::BufId], _| {
-            vec![Op::Loss {
+            vec![Op::Loss(ops::Loss {
                 f,
                 scoring,
                 n,
@@ -87,7 +87,7 @@ fn every_loss_matches_the_cpu() {
                 stats: b[2],
                 dpred: Some(b[3]),
                 grad_scale: 0.5,
-            }]
+            })]
         };
         let want = run_on(&mut cpu, &init, &build, 2);
         let got = run_on(&mut gpu, &init, &build, 2);
@@ -121,9 +121,15 @@ fn every_optimizer_and_clipping_matches_the_cpu() {
         let build = |b: &[kiln::backend::BufId], step| {
             let p = OptParam { len, value: b[0], grad: b[1], state: b[2..2 + s].to_vec() };
             vec![
-                Op::ClipGradNorm { grads: vec![(b[1], len)], max_norm: 20.0, norm: b[4 + s] },
-                Op::ClipGradValue { grads: vec![(b[1], len)], clip: 0.9 },
-                Op::OptimizerStep { rule: *rule, hyper: b[2 + s], step, scalars: b[3 + s], params: vec![p] },
+                Op::ClipGradNorm(ops::ClipGradNorm { grads: vec![(b[1], len)], max_norm: 20.0, norm: b[4 + s] }),
+                Op::ClipGradValue(ops::ClipGradValue { grads: vec![(b[1], len)], clip: 0.9 }),
+                Op::OptimizerStep(ops::OptimizerStep {
+                    rule: *rule,
+                    hyper: b[2 + s],
+                    step,
+                    scalars: b[3 + s],
+                    params: vec![p],
+                }),
             ]
         };
         assert_eq!(hyper::LEN, 2);

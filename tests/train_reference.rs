@@ -11,7 +11,7 @@
 mod reference;
 
 use kiln::backend::cpu::CpuBackend;
-use kiln::backend::ops::{hyper, stats};
+use kiln::backend::ops::{self, hyper, stats};
 use kiln::backend::{Backend, LossFn, Op, OptParam, OptRule, Scoring};
 use kiln::model::ModelBuilder;
 use kiln::tensor::Tensor;
@@ -38,7 +38,13 @@ fn run_optimizer(rule: OptRule, lr: f32, mom: f32, initial_state: f32) -> Vec<f3
     let scalars = b.alloc(1).unwrap();
     b.write(scalars, &[1.0]).unwrap();
     let step = b.new_counter().unwrap();
-    let op = Op::OptimizerStep { rule, hyper: h, step, scalars, params: vec![OptParam { len: 6, value, grad, state }] };
+    let op = Op::OptimizerStep(ops::OptimizerStep {
+        rule,
+        hyper: h,
+        step,
+        scalars,
+        params: vec![OptParam { len: 6, value, grad, state }],
+    });
     for t in 1..=3 {
         let g: Vec<f32> = (0..6).map(|i| ((0.9 * i as f64 + t as f64).sin() + 0.1 * t as f64) as f32).collect();
         b.write(grad, &g).unwrap();
@@ -129,8 +135,17 @@ fn run_loss(f: LossFn, pred: &[f64], target: &[f64]) -> Vec<f64> {
     b.write_f64(t, target).unwrap();
     let st = b.alloc(stats::LEN).unwrap();
     let d = b.alloc(n * c).unwrap();
-    let op =
-        Op::Loss { f, scoring: Scoring::None, n, c, pred: p, target: t, stats: st, dpred: Some(d), grad_scale: 1.0 };
+    let op = Op::Loss(ops::Loss {
+        f,
+        scoring: Scoring::None,
+        n,
+        c,
+        pred: p,
+        target: t,
+        stats: st,
+        dpred: Some(d),
+        grad_scale: 1.0,
+    });
     b.run(&[op]).unwrap();
     let mut out = vec![b.read_f64(st).unwrap()[stats::LOSS]];
     out.extend(b.read_f64(d).unwrap());

@@ -8,6 +8,10 @@
 
 use serde::{Deserialize, Serialize};
 
+mod buffers;
+
+pub use buffers::{Access, BufUse};
+
 /// A buffer of `f32` (or, on the CPU reference path, `f64`) values owned by a backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct BufId(pub usize);
@@ -246,406 +250,529 @@ pub struct OptParam {
     pub state: Vec<BufId>,
 }
 
-/// One kernel launch of a plan.
+/// `y = conv(x, w) + b`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Conv2d {
+    /// Geometry.
+    pub g: ConvGeom,
+    /// Input.
+    pub x: BufId,
+    /// Weight.
+    pub w: BufId,
+    /// Bias, if any.
+    pub b: Option<BufId>,
+    /// Output.
+    pub y: BufId,
+}
+
+/// Gradients of a convolution: input (`dx`), filter (`dw`) and bias (`db`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Conv2dBackward {
+    /// Geometry.
+    pub g: ConvGeom,
+    /// Input.
+    pub x: BufId,
+    /// Weight.
+    pub w: BufId,
+    /// Gradient of the output.
+    pub dy: BufId,
+    /// Gradient of the input, where wanted.
+    pub dx: Option<GradOut>,
+    /// Gradient of the weight.
+    pub dw: GradOut,
+    /// Gradient of the bias, where wanted.
+    pub db: Option<GradOut>,
+}
+
+/// `y[m, n] = x[m, k] * w[n, k]^T + b[n]`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Linear {
+    /// Rows (samples).
+    pub m: usize,
+    /// Input features.
+    pub k: usize,
+    /// Output features.
+    pub n: usize,
+    /// Input.
+    pub x: BufId,
+    /// Weight.
+    pub w: BufId,
+    /// Bias, if any.
+    pub b: Option<BufId>,
+    /// Output.
+    pub y: BufId,
+}
+
+/// The op `LinearBackward`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LinearBackward {
+    /// Rows (samples).
+    pub m: usize,
+    /// Input features.
+    pub k: usize,
+    /// Output features.
+    pub n: usize,
+    /// Input.
+    pub x: BufId,
+    /// Weight.
+    pub w: BufId,
+    /// Gradient of the output.
+    pub dy: BufId,
+    /// Gradient of the input, where wanted.
+    pub dx: Option<GradOut>,
+    /// Gradient of the weight.
+    pub dw: GradOut,
+    /// Gradient of the bias, where wanted.
+    pub db: Option<GradOut>,
+}
+
+/// `y = f(x)` over `len` values.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Act {
+    /// The function.
+    pub f: ActFn,
+    /// Number of values.
+    pub len: usize,
+    /// Input.
+    pub x: BufId,
+    /// Output.
+    pub y: BufId,
+}
+
+/// `dx = f'(x) * dy`, given the forward input `x` and output `y`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ActBackward {
+    /// The function.
+    pub f: ActFn,
+    /// Number of values.
+    pub len: usize,
+    /// Input.
+    pub x: BufId,
+    /// Output.
+    pub y: BufId,
+    /// Gradient of the output.
+    pub dy: BufId,
+    /// Gradient of the input, where wanted.
+    pub dx: GradOut,
+}
+
+/// Softmax over the middle axis of an `[outer, dim, inner]` view.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Softmax {
+    /// Size of the outer axis.
+    pub outer: usize,
+    /// Size of the axis normalised over.
+    pub dim: usize,
+    /// Size of the inner axis.
+    pub inner: usize,
+    /// Input.
+    pub x: BufId,
+    /// Output.
+    pub y: BufId,
+}
+
+/// The op `SoftmaxBackward`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SoftmaxBackward {
+    /// Size of the outer axis.
+    pub outer: usize,
+    /// Size of the axis normalised over.
+    pub dim: usize,
+    /// Size of the inner axis.
+    pub inner: usize,
+    /// Output.
+    pub y: BufId,
+    /// Gradient of the output.
+    pub dy: BufId,
+    /// Gradient of the input, where wanted.
+    pub dx: GradOut,
+}
+
+/// `mask = (u >= rate) / (1 - rate)`, `y = x * mask`, where `u` is the Philox uniform for
+/// (`seed`, the counter's value, element index); the counter then advances by one.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Dropout {
+    /// Probability of dropping a value.
+    pub rate: f32,
+    /// Number of values.
+    pub len: usize,
+    /// Seed of the Philox stream.
+    pub seed: u64,
+    /// Counter giving the step (advanced by the op).
+    pub counter: CounterId,
+    /// Input.
+    pub x: BufId,
+    /// Output.
+    pub y: BufId,
+    /// The saved mask (`0` or `1 / (1 - rate)`).
+    pub mask: BufId,
+}
+
+/// The op `DropoutBackward`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DropoutBackward {
+    /// Number of values.
+    pub len: usize,
+    /// The saved mask (`0` or `1 / (1 - rate)`).
+    pub mask: BufId,
+    /// Gradient of the output.
+    pub dy: BufId,
+    /// Gradient of the input, where wanted.
+    pub dx: GradOut,
+}
+
+/// Batch norm with the batch's statistics (training, or evaluation without running
+/// statistics): saves `mean` and `invstd` for backward and, when `running` is given as
+/// `(mean, var, momentum)`, updates the running statistics as PyTorch does (unbiased
+/// variance). With `sync`, the statistics are those of the samples of every rank of the
+/// backend's data-parallel group (PyTorch's `SyncBatchNorm`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BatchNormTrain {
+    /// Geometry.
+    pub g: BnGeom,
+    /// Input.
+    pub x: BufId,
+    /// Scale, if affine.
+    pub gamma: Option<BufId>,
+    /// Shift, if affine.
+    pub beta: Option<BufId>,
+    /// Output.
+    pub y: BufId,
+    /// Saved batch mean per channel.
+    pub mean: BufId,
+    /// Saved inverse standard deviation per channel.
+    pub invstd: BufId,
+    /// Running mean, running variance and momentum, when tracked.
+    pub running: Option<(BufId, BufId, f32)>,
+    /// Statistics over the whole data-parallel group.
+    pub sync: bool,
+}
+
+/// Batch norm with running statistics (evaluation).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BatchNormInfer {
+    /// Geometry.
+    pub g: BnGeom,
+    /// Input.
+    pub x: BufId,
+    /// Scale, if affine.
+    pub gamma: Option<BufId>,
+    /// Shift, if affine.
+    pub beta: Option<BufId>,
+    /// Running mean per channel.
+    pub running_mean: BufId,
+    /// Running variance per channel.
+    pub running_var: BufId,
+    /// Output.
+    pub y: BufId,
+}
+
+/// The gradients of [`Op::BatchNormTrain`]. With `sync`, `dx` uses the sums of `dy` and
+/// `dy * xhat` over every rank (as the forward's statistics did), while `dgamma` and `dbeta`
+/// stay this rank's own, as the gradient all-reduce then averages them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BatchNormBackward {
+    /// Geometry.
+    pub g: BnGeom,
+    /// Input.
+    pub x: BufId,
+    /// Scale, if affine.
+    pub gamma: Option<BufId>,
+    /// Saved batch mean per channel.
+    pub mean: BufId,
+    /// Saved inverse standard deviation per channel.
+    pub invstd: BufId,
+    /// Gradient of the output.
+    pub dy: BufId,
+    /// Gradient of the input, where wanted.
+    pub dx: Option<GradOut>,
+    /// Gradient of the scale, where wanted.
+    pub dgamma: Option<GradOut>,
+    /// Gradient of the shift, where wanted.
+    pub dbeta: Option<GradOut>,
+    /// Statistics over the whole data-parallel group.
+    pub sync: bool,
+}
+
+/// Max pooling; `argmax` receives, per output, the index of the chosen input within its
+/// `h * w` plane (as a float, exact below 2^24).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MaxPool {
+    /// Geometry.
+    pub g: PoolGeom,
+    /// Input.
+    pub x: BufId,
+    /// Output.
+    pub y: BufId,
+    /// Saved index of each maximum within its plane.
+    pub argmax: BufId,
+}
+
+/// The op `MaxPoolBackward`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MaxPoolBackward {
+    /// Geometry.
+    pub g: PoolGeom,
+    /// Saved index of each maximum within its plane.
+    pub argmax: BufId,
+    /// Gradient of the output.
+    pub dy: BufId,
+    /// Gradient of the input, where wanted.
+    pub dx: GradOut,
+}
+
+/// The op `AvgPool`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AvgPool {
+    /// Geometry.
+    pub g: PoolGeom,
+    /// Count padding in the divisor (PyTorch's option).
+    pub count_include_pad: bool,
+    /// Input.
+    pub x: BufId,
+    /// Output.
+    pub y: BufId,
+}
+
+/// The op `AvgPoolBackward`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AvgPoolBackward {
+    /// Geometry.
+    pub g: PoolGeom,
+    /// Count padding in the divisor (PyTorch's option).
+    pub count_include_pad: bool,
+    /// Gradient of the output.
+    pub dy: BufId,
+    /// Gradient of the input, where wanted.
+    pub dx: GradOut,
+}
+
+/// `y = sum(inputs)` over `len` values.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Add {
+    /// Number of values.
+    pub len: usize,
+    /// The summands.
+    pub inputs: Vec<BufId>,
+    /// Output.
+    pub y: BufId,
+}
+
+/// Concatenation of `n` samples along channels: part `i` contributes `parts[i].1` channels
+/// of `inner` values each.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Concat {
+    /// Output features.
+    pub n: usize,
+    /// Size of the inner axis.
+    pub inner: usize,
+    /// The parts: buffer and channels.
+    pub parts: Vec<(BufId, usize)>,
+    /// Output.
+    pub y: BufId,
+}
+
+/// The gradient of a concatenation, split back to the parts that need one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConcatBackward {
+    /// Output features.
+    pub n: usize,
+    /// Size of the inner axis.
+    pub inner: usize,
+    /// The parts: buffer and channels.
+    pub parts: Vec<(Option<GradOut>, usize)>,
+    /// Gradient of the output.
+    pub dy: BufId,
+}
+
+/// `dst = src` or `dst += src` over `len` values (the gradient of an addition).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GradInto {
+    /// Number of values.
+    pub len: usize,
+    /// Source.
+    pub src: BufId,
+    /// Destination.
+    pub dst: GradOut,
+}
+
+/// Sets `len` values of `buf` to `value`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Fill {
+    /// Number of values.
+    pub len: usize,
+    /// The buffer.
+    pub buf: BufId,
+    /// The value.
+    pub value: f32,
+}
+
+/// Loss and accuracy of `pred` against `target`: writes the batch's figures into `stats` (see
+/// [`stats`]) and adds them to its sums, and, when `dpred` is given, the gradient of the mean
+/// loss times `grad_scale` (1/k under gradient accumulation).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Loss {
+    /// The function.
+    pub f: LossFn,
+    /// How predictions are scored.
+    pub scoring: Scoring,
+    /// Output features.
+    pub n: usize,
+    /// Values per sample.
+    pub c: usize,
+    /// Predictions.
+    pub pred: BufId,
+    /// Targets (class indices or values).
+    pub target: BufId,
+    /// Statistics (layout: [`stats`]).
+    pub stats: BufId,
+    /// Gradient of the predictions, where wanted.
+    pub dpred: Option<BufId>,
+    /// Factor on the gradient.
+    pub grad_scale: f32,
+}
+
+/// Scales gradients so their global L2 norm is at most `max_norm`, as PyTorch's
+/// `clip_grad_norm_` (coefficient `max_norm / (norm + 1e-6)` when below one); the norm before
+/// clipping is written to `norm[0]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClipGradNorm {
+    /// Gradients: buffer and values.
+    pub grads: Vec<(BufId, usize)>,
+    /// Largest global norm kept.
+    pub max_norm: f32,
+    /// Receives the norm before clipping.
+    pub norm: BufId,
+}
+
+/// Clamps every gradient value to `[-clip, clip]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClipGradValue {
+    /// Gradients: buffer and values.
+    pub grads: Vec<(BufId, usize)>,
+    /// Bound on each value.
+    pub clip: f32,
+}
+
+/// Replaces each of `bufs` (buffer, values) by its sum over the ranks of the backend's
+/// data-parallel group, or by the mean with `mean` (the gradient all-reduce of one bucket).
+/// The CUDA backend runs it on a second stream, so it overlaps with the ops after it until
+/// one of them touches these buffers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AllReduce {
+    /// Buffers reduced: buffer and values.
+    pub bufs: Vec<(BufId, usize)>,
+    /// Average rather than sum.
+    pub mean: bool,
+}
+
+/// One optimizer step over all `params`. `step` counts steps (it is incremented first, so
+/// the first step is number 1); `scalars` holds per-optimizer scalar state (NAdam's
+/// momentum product, starting at 1).
+#[derive(Clone, Debug, PartialEq)]
+pub struct OptimizerStep {
+    /// Update rule.
+    pub rule: OptRule,
+    /// Learning rate and momentum (layout: [`hyper`]).
+    pub hyper: BufId,
+    /// Step counter (incremented first).
+    pub step: CounterId,
+    /// Per-optimizer scalar state.
+    pub scalars: BufId,
+    /// The parameters updated.
+    pub params: Vec<OptParam>,
+}
+
+/// One kernel launch of a plan: each variant holds its op's descriptor.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
-    /// `y = conv(x, w) + b`.
-    Conv2d {
-        g: ConvGeom,
-        x: BufId,
-        w: BufId,
-        b: Option<BufId>,
-        y: BufId,
-    },
-    /// Gradients of a convolution: input (`dx`), filter (`dw`) and bias (`db`).
-    Conv2dBackward {
-        g: ConvGeom,
-        x: BufId,
-        w: BufId,
-        dy: BufId,
-        dx: Option<GradOut>,
-        dw: GradOut,
-        db: Option<GradOut>,
-    },
-    /// `y[m, n] = x[m, k] * w[n, k]^T + b[n]`.
-    Linear {
-        m: usize,
-        k: usize,
-        n: usize,
-        x: BufId,
-        w: BufId,
-        b: Option<BufId>,
-        y: BufId,
-    },
-    LinearBackward {
-        m: usize,
-        k: usize,
-        n: usize,
-        x: BufId,
-        w: BufId,
-        dy: BufId,
-        dx: Option<GradOut>,
-        dw: GradOut,
-        db: Option<GradOut>,
-    },
-    /// `y = f(x)` over `len` values.
-    Act {
-        f: ActFn,
-        len: usize,
-        x: BufId,
-        y: BufId,
-    },
-    /// `dx = f'(x) * dy`, given the forward input `x` and output `y`.
-    ActBackward {
-        f: ActFn,
-        len: usize,
-        x: BufId,
-        y: BufId,
-        dy: BufId,
-        dx: GradOut,
-    },
-    /// Softmax over the middle axis of an `[outer, dim, inner]` view.
-    Softmax {
-        outer: usize,
-        dim: usize,
-        inner: usize,
-        x: BufId,
-        y: BufId,
-    },
-    SoftmaxBackward {
-        outer: usize,
-        dim: usize,
-        inner: usize,
-        y: BufId,
-        dy: BufId,
-        dx: GradOut,
-    },
-    /// `mask = (u >= rate) / (1 - rate)`, `y = x * mask`, where `u` is the Philox uniform for
-    /// (`seed`, the counter's value, element index); the counter then advances by one.
-    Dropout {
-        rate: f32,
-        len: usize,
-        seed: u64,
-        counter: CounterId,
-        x: BufId,
-        y: BufId,
-        mask: BufId,
-    },
-    DropoutBackward {
-        len: usize,
-        mask: BufId,
-        dy: BufId,
-        dx: GradOut,
-    },
-    /// Batch norm with the batch's statistics (training, or evaluation without running
-    /// statistics): saves `mean` and `invstd` for backward and, when `running` is given as
-    /// `(mean, var, momentum)`, updates the running statistics as PyTorch does (unbiased
-    /// variance). With `sync`, the statistics are those of the samples of every rank of the
-    /// backend's data-parallel group (PyTorch's `SyncBatchNorm`).
-    BatchNormTrain {
-        g: BnGeom,
-        x: BufId,
-        gamma: Option<BufId>,
-        beta: Option<BufId>,
-        y: BufId,
-        mean: BufId,
-        invstd: BufId,
-        running: Option<(BufId, BufId, f32)>,
-        sync: bool,
-    },
-    /// Batch norm with running statistics (evaluation).
-    BatchNormInfer {
-        g: BnGeom,
-        x: BufId,
-        gamma: Option<BufId>,
-        beta: Option<BufId>,
-        running_mean: BufId,
-        running_var: BufId,
-        y: BufId,
-    },
-    /// The gradients of [`Op::BatchNormTrain`]. With `sync`, `dx` uses the sums of `dy` and
-    /// `dy * xhat` over every rank (as the forward's statistics did), while `dgamma` and `dbeta`
-    /// stay this rank's own, as the gradient all-reduce then averages them.
-    BatchNormBackward {
-        g: BnGeom,
-        x: BufId,
-        gamma: Option<BufId>,
-        mean: BufId,
-        invstd: BufId,
-        dy: BufId,
-        dx: Option<GradOut>,
-        dgamma: Option<GradOut>,
-        dbeta: Option<GradOut>,
-        sync: bool,
-    },
-    /// Max pooling; `argmax` receives, per output, the index of the chosen input within its
-    /// `h * w` plane (as a float, exact below 2^24).
-    MaxPool {
-        g: PoolGeom,
-        x: BufId,
-        y: BufId,
-        argmax: BufId,
-    },
-    MaxPoolBackward {
-        g: PoolGeom,
-        argmax: BufId,
-        dy: BufId,
-        dx: GradOut,
-    },
-    AvgPool {
-        g: PoolGeom,
-        count_include_pad: bool,
-        x: BufId,
-        y: BufId,
-    },
-    AvgPoolBackward {
-        g: PoolGeom,
-        count_include_pad: bool,
-        dy: BufId,
-        dx: GradOut,
-    },
-    /// `y = sum(inputs)` over `len` values.
-    Add {
-        len: usize,
-        inputs: Vec<BufId>,
-        y: BufId,
-    },
-    /// Concatenation of `n` samples along channels: part `i` contributes `parts[i].1` channels
-    /// of `inner` values each.
-    Concat {
-        n: usize,
-        inner: usize,
-        parts: Vec<(BufId, usize)>,
-        y: BufId,
-    },
-    /// The gradient of a concatenation, split back to the parts that need one.
-    ConcatBackward {
-        n: usize,
-        inner: usize,
-        parts: Vec<(Option<GradOut>, usize)>,
-        dy: BufId,
-    },
-    /// `dst = src` or `dst += src` over `len` values (the gradient of an addition).
-    GradInto {
-        len: usize,
-        src: BufId,
-        dst: GradOut,
-    },
-    /// Sets `len` values of `buf` to `value`.
-    Fill {
-        len: usize,
-        buf: BufId,
-        value: f32,
-    },
-    /// Loss and accuracy of `pred` against `target`: writes the batch's figures into `stats` (see
-    /// [`stats`]) and adds them to its sums, and, when `dpred` is given, the gradient of the mean
-    /// loss times `grad_scale` (1/k under gradient accumulation).
-    Loss {
-        f: LossFn,
-        scoring: Scoring,
-        n: usize,
-        c: usize,
-        pred: BufId,
-        target: BufId,
-        stats: BufId,
-        dpred: Option<BufId>,
-        grad_scale: f32,
-    },
-    /// Scales gradients so their global L2 norm is at most `max_norm`, as PyTorch's
-    /// `clip_grad_norm_` (coefficient `max_norm / (norm + 1e-6)` when below one); the norm before
-    /// clipping is written to `norm[0]`.
-    ClipGradNorm {
-        grads: Vec<(BufId, usize)>,
-        max_norm: f32,
-        norm: BufId,
-    },
-    /// Clamps every gradient value to `[-clip, clip]`.
-    ClipGradValue {
-        grads: Vec<(BufId, usize)>,
-        clip: f32,
-    },
-    /// Replaces each of `bufs` (buffer, values) by its sum over the ranks of the backend's
-    /// data-parallel group, or by the mean with `mean` (the gradient all-reduce of one bucket).
-    /// The CUDA backend runs it on a second stream, so it overlaps with the ops after it until
-    /// one of them touches these buffers.
-    AllReduce {
-        bufs: Vec<(BufId, usize)>,
-        mean: bool,
-    },
-    /// One optimizer step over all `params`. `step` counts steps (it is incremented first, so
-    /// the first step is number 1); `scalars` holds per-optimizer scalar state (NAdam's
-    /// momentum product, starting at 1).
-    OptimizerStep {
-        rule: OptRule,
-        hyper: BufId,
-        step: CounterId,
-        scalars: BufId,
-        params: Vec<OptParam>,
-    },
+    /// See [`Conv2d`].
+    Conv2d(Conv2d),
+    /// See [`Conv2dBackward`].
+    Conv2dBackward(Conv2dBackward),
+    /// See [`Linear`].
+    Linear(Linear),
+    /// See [`LinearBackward`].
+    LinearBackward(LinearBackward),
+    /// See [`Act`].
+    Act(Act),
+    /// See [`ActBackward`].
+    ActBackward(ActBackward),
+    /// See [`Softmax`].
+    Softmax(Softmax),
+    /// See [`SoftmaxBackward`].
+    SoftmaxBackward(SoftmaxBackward),
+    /// See [`Dropout`].
+    Dropout(Dropout),
+    /// See [`DropoutBackward`].
+    DropoutBackward(DropoutBackward),
+    /// See [`BatchNormTrain`].
+    BatchNormTrain(BatchNormTrain),
+    /// See [`BatchNormInfer`].
+    BatchNormInfer(BatchNormInfer),
+    /// See [`BatchNormBackward`].
+    BatchNormBackward(BatchNormBackward),
+    /// See [`MaxPool`].
+    MaxPool(MaxPool),
+    /// See [`MaxPoolBackward`].
+    MaxPoolBackward(MaxPoolBackward),
+    /// See [`AvgPool`].
+    AvgPool(AvgPool),
+    /// See [`AvgPoolBackward`].
+    AvgPoolBackward(AvgPoolBackward),
+    /// See [`Add`].
+    Add(Add),
+    /// See [`Concat`].
+    Concat(Concat),
+    /// See [`ConcatBackward`].
+    ConcatBackward(ConcatBackward),
+    /// See [`GradInto`].
+    GradInto(GradInto),
+    /// See [`Fill`].
+    Fill(Fill),
+    /// See [`Loss`].
+    Loss(Loss),
+    /// See [`ClipGradNorm`].
+    ClipGradNorm(ClipGradNorm),
+    /// See [`ClipGradValue`].
+    ClipGradValue(ClipGradValue),
+    /// See [`AllReduce`].
+    AllReduce(AllReduce),
+    /// See [`OptimizerStep`].
+    OptimizerStep(OptimizerStep),
 }
 
 impl Op {
-    /// Calls `f` on every buffer id the op names (inputs, outputs, saved tensors, gradients).
-    pub fn visit_bufs(&mut self, f: &mut impl FnMut(&mut BufId)) {
-        fn g(d: &mut GradOut, f: &mut impl FnMut(&mut BufId)) {
-            f(&mut d.buf)
-        }
-        match self {
-            Op::Conv2d { x, w, b, y, .. } | Op::Linear { x, w, b, y, .. } => {
-                f(x);
-                f(w);
-                b.iter_mut().for_each(&mut *f);
-                f(y);
-            }
-            Op::Conv2dBackward { x, w, dy, dx, dw, db, .. } | Op::LinearBackward { x, w, dy, dx, dw, db, .. } => {
-                f(x);
-                f(w);
-                f(dy);
-                dx.iter_mut().for_each(|d| g(d, f));
-                g(dw, f);
-                db.iter_mut().for_each(|d| g(d, f));
-            }
-            Op::Act { x, y, .. } | Op::Softmax { x, y, .. } | Op::AvgPool { x, y, .. } => {
-                f(x);
-                f(y);
-            }
-            Op::ActBackward { x, y, dy, dx, .. } => {
-                f(x);
-                f(y);
-                f(dy);
-                g(dx, f);
-            }
-            Op::SoftmaxBackward { y, dy, dx, .. } => {
-                f(y);
-                f(dy);
-                g(dx, f);
-            }
-            Op::Dropout { x, y, mask, .. } => {
-                f(x);
-                f(y);
-                f(mask);
-            }
-            Op::DropoutBackward { mask, dy, dx, .. } => {
-                f(mask);
-                f(dy);
-                g(dx, f);
-            }
-            Op::BatchNormTrain { x, gamma, beta, y, mean, invstd, running, .. } => {
-                f(x);
-                gamma.iter_mut().for_each(&mut *f);
-                beta.iter_mut().for_each(&mut *f);
-                f(y);
-                f(mean);
-                f(invstd);
-                if let Some((m, v, _)) = running {
-                    f(m);
-                    f(v);
-                }
-            }
-            Op::BatchNormInfer { x, gamma, beta, running_mean, running_var, y, .. } => {
-                f(x);
-                gamma.iter_mut().for_each(&mut *f);
-                beta.iter_mut().for_each(&mut *f);
-                f(running_mean);
-                f(running_var);
-                f(y);
-            }
-            Op::BatchNormBackward { x, gamma, mean, invstd, dy, dx, dgamma, dbeta, .. } => {
-                f(x);
-                gamma.iter_mut().for_each(&mut *f);
-                f(mean);
-                f(invstd);
-                f(dy);
-                for d in [dx, dgamma, dbeta] {
-                    d.iter_mut().for_each(|d| g(d, f));
-                }
-            }
-            Op::MaxPool { x, y, argmax, .. } => {
-                f(x);
-                f(y);
-                f(argmax);
-            }
-            Op::MaxPoolBackward { argmax, dy, dx, .. } => {
-                f(argmax);
-                f(dy);
-                g(dx, f);
-            }
-            Op::AvgPoolBackward { dy, dx, .. } => {
-                f(dy);
-                g(dx, f);
-            }
-            Op::Add { inputs, y, .. } => {
-                inputs.iter_mut().for_each(&mut *f);
-                f(y);
-            }
-            Op::Concat { parts, y, .. } => {
-                parts.iter_mut().for_each(|(b, _)| f(b));
-                f(y);
-            }
-            Op::ConcatBackward { parts, dy, .. } => {
-                parts.iter_mut().for_each(|(d, _)| d.iter_mut().for_each(|d| g(d, f)));
-                f(dy);
-            }
-            Op::GradInto { src, dst, .. } => {
-                f(src);
-                g(dst, f);
-            }
-            Op::Fill { buf, .. } => f(buf),
-            Op::Loss { pred, target, stats, dpred, .. } => {
-                f(pred);
-                f(target);
-                f(stats);
-                dpred.iter_mut().for_each(&mut *f);
-            }
-            Op::ClipGradNorm { grads, norm, .. } => {
-                grads.iter_mut().for_each(|(b, _)| f(b));
-                f(norm);
-            }
-            Op::ClipGradValue { grads, .. } | Op::AllReduce { bufs: grads, .. } => {
-                grads.iter_mut().for_each(|(b, _)| f(b))
-            }
-            Op::OptimizerStep { hyper, scalars, params, .. } => {
-                f(hyper);
-                f(scalars);
-                for p in params {
-                    f(&mut p.value);
-                    f(&mut p.grad);
-                    p.state.iter_mut().for_each(&mut *f);
-                }
-            }
-        }
-    }
-
     /// A short name for logs and profiles.
     pub fn name(&self) -> &'static str {
         match self {
-            Op::Conv2d { .. } => "conv2d",
-            Op::Conv2dBackward { .. } => "conv2d_backward",
-            Op::Linear { .. } => "linear",
-            Op::LinearBackward { .. } => "linear_backward",
-            Op::Act { .. } => "activation",
-            Op::ActBackward { .. } => "activation_backward",
-            Op::Softmax { .. } => "softmax",
-            Op::SoftmaxBackward { .. } => "softmax_backward",
-            Op::Dropout { .. } => "dropout",
-            Op::DropoutBackward { .. } => "dropout_backward",
-            Op::BatchNormTrain { .. } => "batch_norm_train",
-            Op::BatchNormInfer { .. } => "batch_norm_infer",
-            Op::BatchNormBackward { .. } => "batch_norm_backward",
-            Op::MaxPool { .. } => "max_pool",
-            Op::MaxPoolBackward { .. } => "max_pool_backward",
-            Op::AvgPool { .. } => "avg_pool",
-            Op::AvgPoolBackward { .. } => "avg_pool_backward",
-            Op::Add { .. } => "add",
-            Op::Concat { .. } => "concat",
-            Op::ConcatBackward { .. } => "concat_backward",
-            Op::GradInto { .. } => "grad_into",
-            Op::Fill { .. } => "fill",
-            Op::Loss { .. } => "loss",
-            Op::ClipGradNorm { .. } => "clip_grad_norm",
-            Op::ClipGradValue { .. } => "clip_grad_value",
-            Op::AllReduce { .. } => "all_reduce",
-            Op::OptimizerStep { .. } => "optimizer_step",
+            Op::Conv2d(_) => "conv2d",
+            Op::Conv2dBackward(_) => "conv2d_backward",
+            Op::Linear(_) => "linear",
+            Op::LinearBackward(_) => "linear_backward",
+            Op::Act(_) => "activation",
+            Op::ActBackward(_) => "activation_backward",
+            Op::Softmax(_) => "softmax",
+            Op::SoftmaxBackward(_) => "softmax_backward",
+            Op::Dropout(_) => "dropout",
+            Op::DropoutBackward(_) => "dropout_backward",
+            Op::BatchNormTrain(_) => "batch_norm_train",
+            Op::BatchNormInfer(_) => "batch_norm_infer",
+            Op::BatchNormBackward(_) => "batch_norm_backward",
+            Op::MaxPool(_) => "max_pool",
+            Op::MaxPoolBackward(_) => "max_pool_backward",
+            Op::AvgPool(_) => "avg_pool",
+            Op::AvgPoolBackward(_) => "avg_pool_backward",
+            Op::Add(_) => "add",
+            Op::Concat(_) => "concat",
+            Op::ConcatBackward(_) => "concat_backward",
+            Op::GradInto(_) => "grad_into",
+            Op::Fill(_) => "fill",
+            Op::Loss(_) => "loss",
+            Op::ClipGradNorm(_) => "clip_grad_norm",
+            Op::ClipGradValue(_) => "clip_grad_value",
+            Op::AllReduce(_) => "all_reduce",
+            Op::OptimizerStep(_) => "optimizer_step",
         }
     }
 }

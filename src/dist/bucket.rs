@@ -20,7 +20,7 @@
 //! assert_eq!(buckets, vec![vec![(BufId(2), 200_000)], vec![(BufId(1), 10), (BufId(0), 1000)]]);
 //! ```
 
-use crate::backend::{BufId, Op};
+use crate::backend::{BufId, Op, ops};
 
 /// Splits `grads` (buffer, values; in parameter order) into buckets, in reverse order: the first
 /// closes at `first_bytes`, the others at `bytes` (f32 values).
@@ -68,7 +68,7 @@ pub fn insert_all_reduces(backward: &[Op], buckets: &[Vec<(BufId, usize)>], mean
     let mut out = Vec::with_capacity(backward.len() + buckets.len());
     for i in 0..=backward.len() {
         for (b, _) in ready.iter().enumerate().filter(|&(_, &r)| r == i) {
-            out.push(Op::AllReduce { bufs: buckets[b].clone(), mean });
+            out.push(Op::AllReduce(ops::AllReduce { bufs: buckets[b].clone(), mean }));
         }
         if let Some(op) = backward.get(i) {
             out.push(op.clone());
@@ -119,7 +119,7 @@ mod tests {
     }
 
     fn writes(buf: usize) -> Op {
-        Op::GradInto { len: 1, src: BufId(100), dst: GradOut { buf: BufId(buf), accumulate: false } }
+        Op::GradInto(ops::GradInto { len: 1, src: BufId(100), dst: GradOut { buf: BufId(buf), accumulate: false } })
     }
 
     #[test]
@@ -131,8 +131,8 @@ mod tests {
         let names: Vec<String> = ops
             .iter()
             .map(|op| match op {
-                Op::GradInto { dst, .. } => format!("w{}", dst.buf.0),
-                Op::AllReduce { bufs, mean: true } => format!("r{}", bufs[0].0.0),
+                Op::GradInto(ops::GradInto { dst, .. }) => format!("w{}", dst.buf.0),
+                Op::AllReduce(ops::AllReduce { bufs, mean: true }) => format!("r{}", bufs[0].0.0),
                 other => panic!("{other:?}"),
             })
             .collect();
@@ -148,8 +148,8 @@ mod tests {
         let buckets = vec![vec![(BufId(2), 1), (BufId(0), 1)], vec![(BufId(1), 1)]];
         let ops = insert_all_reduces(&backward, &buckets, false);
         let pos = |pred: &dyn Fn(&Op) -> bool| ops.iter().position(pred).unwrap();
-        let r0 = pos(&|o| matches!(o, Op::AllReduce { bufs, .. } if bufs[0].0 == BufId(2)));
-        let r1 = pos(&|o| matches!(o, Op::AllReduce { bufs, .. } if bufs[0].0 == BufId(1)));
+        let r0 = pos(&|o| matches!(o, Op::AllReduce(ops::AllReduce { bufs, .. }) if bufs[0].0 == BufId(2)));
+        let r1 = pos(&|o| matches!(o, Op::AllReduce(ops::AllReduce { bufs, .. }) if bufs[0].0 == BufId(1)));
         assert_eq!((r0, r1), (4, 2));
         assert_eq!(ops.len(), 5);
     }

@@ -13,7 +13,7 @@
 
 use std::collections::HashSet;
 
-use crate::backend::{ActFn, BnGeom, BufId, ConvGeom, CounterId, GradOut, Op, PoolGeom};
+use crate::backend::{ActFn, BnGeom, BufId, ConvGeom, CounterId, GradOut, Op, PoolGeom, ops};
 use crate::model::{Activation, Layer, Node, ParamRole, shape};
 use crate::{Error, Result};
 
@@ -174,29 +174,29 @@ pub fn forward(cx: &mut Forward) -> Result<()> {
             let (x, y) = (cx.input(0), cx.output());
             let w = cx.param(ParamRole::Weight).expect("conv weight");
             let b = if c.bias { cx.param(ParamRole::Bias) } else { None };
-            cx.push(Op::Conv2d { g, x, w, b, y });
+            cx.push(Op::Conv2d(ops::Conv2d { g, x, w, b, y }));
         }
         Layer::Linear(l) => {
             let (x, y) = (cx.input(0), cx.output());
             let w = cx.param(ParamRole::Weight).expect("linear weight");
             let b = if l.bias { cx.param(ParamRole::Bias) } else { None };
-            cx.push(Op::Linear { m: batch, k: ins.iter().product(), n: l.out_features, x, w, b, y });
+            cx.push(Op::Linear(ops::Linear { m: batch, k: ins.iter().product(), n: l.out_features, x, w, b, y }));
         }
         Layer::Activation(a) => {
             let (x, y) = (cx.input(0), cx.output());
-            cx.push(Op::Act { f: act_fn(a), len: cx.numel(), x, y });
+            cx.push(Op::Act(ops::Act { f: act_fn(a), len: cx.numel(), x, y }));
         }
         Layer::Softmax { axis } => {
             let (x, y) = (cx.input(0), cx.output());
             let (outer, dim, inner) = softmax_dims(batch, ins, *axis);
-            cx.push(Op::Softmax { outer, dim, inner, x, y });
+            cx.push(Op::Softmax(ops::Softmax { outer, dim, inner, x, y }));
         }
         Layer::Dropout { rate } => {
             let (x, y) = (cx.input(0), cx.output());
             let len = cx.numel();
             let mask = cx.save(len, "mask");
             let (seed, counter) = cx.dropout.expect("dropout counter");
-            cx.push(Op::Dropout { rate: *rate, len, seed, counter, x, y, mask });
+            cx.push(Op::Dropout(ops::Dropout { rate: *rate, len, seed, counter, x, y, mask }));
         }
         Layer::BatchNorm(bn) => {
             let g = bn_geom(ins, batch, bn.eps);
@@ -217,7 +217,7 @@ pub fn forward(cx: &mut Forward) -> Result<()> {
             let rv = cx.param(ParamRole::RunningVar);
             match (cx.mode, rm, rv) {
                 (Mode::Eval, Some(running_mean), Some(running_var)) => {
-                    cx.push(Op::BatchNormInfer { g, x, gamma, beta, running_mean, running_var, y })
+                    cx.push(Op::BatchNormInfer(ops::BatchNormInfer { g, x, gamma, beta, running_mean, running_var, y }))
                 }
                 _ => {
                     let mean = cx.save(g.c, "mean");
@@ -227,7 +227,17 @@ pub fn forward(cx: &mut Forward) -> Result<()> {
                         _ => None,
                     };
                     let sync = cx.sync_batch_norm && cx.mode == Mode::Train;
-                    cx.push(Op::BatchNormTrain { g, x, gamma, beta, y, mean, invstd, running, sync });
+                    cx.push(Op::BatchNormTrain(ops::BatchNormTrain {
+                        g,
+                        x,
+                        gamma,
+                        beta,
+                        y,
+                        mean,
+                        invstd,
+                        running,
+                        sync,
+                    }));
                 }
             }
         }
@@ -235,27 +245,27 @@ pub fn forward(cx: &mut Forward) -> Result<()> {
             let (x, y) = (cx.input(0), cx.output());
             let argmax = cx.save(cx.numel(), "argmax");
             let g = pool_geom(ins, &node.shape, batch, p.kernel, p.stride, p.padding);
-            cx.push(Op::MaxPool { g, x, y, argmax });
+            cx.push(Op::MaxPool(ops::MaxPool { g, x, y, argmax }));
         }
         Layer::AvgPool2d(p) => {
             let (x, y) = (cx.input(0), cx.output());
             let g = pool_geom(ins, &node.shape, batch, p.kernel, p.stride, p.padding);
-            cx.push(Op::AvgPool { g, count_include_pad: p.count_include_pad, x, y });
+            cx.push(Op::AvgPool(ops::AvgPool { g, count_include_pad: p.count_include_pad, x, y }));
         }
         Layer::GlobalAvgPool => {
             let (x, y) = (cx.input(0), cx.output());
             let g = pool_geom(ins, &[], batch, (ins[1], ins[2]), (1, 1), (0, 0));
-            cx.push(Op::AvgPool { g, count_include_pad: true, x, y });
+            cx.push(Op::AvgPool(ops::AvgPool { g, count_include_pad: true, x, y }));
         }
         Layer::Add => {
             let y = cx.output();
-            cx.push(Op::Add { len: cx.numel(), inputs: cx.inputs().to_vec(), y });
+            cx.push(Op::Add(ops::Add { len: cx.numel(), inputs: cx.inputs().to_vec(), y }));
         }
         Layer::Concat => {
             let y = cx.output();
             let inner = node.shape[1..].iter().product();
             let parts = cx.inputs.iter().zip(&cx.in_shapes).map(|(&b, s)| (b, s[0])).collect();
-            cx.push(Op::Concat { n: batch, inner, parts, y });
+            cx.push(Op::Concat(ops::Concat { n: batch, inner, parts, y }));
         }
     }
     Ok(())
@@ -276,29 +286,39 @@ pub fn backward(cx: &mut Backward) -> Result<()> {
             let dx = cx.dx(0);
             let dw = cx.param_grad(ParamRole::Weight).expect("conv weight gradient");
             let db = cx.param_grad(ParamRole::Bias);
-            cx.push(Op::Conv2dBackward { g, x, w, dy, dx, dw, db });
+            cx.push(Op::Conv2dBackward(ops::Conv2dBackward { g, x, w, dy, dx, dw, db }));
         }
         Layer::Linear(l) => {
             let w = cx.param(ParamRole::Weight).expect("linear weight");
             let dx = cx.dx(0);
             let dw = cx.param_grad(ParamRole::Weight).expect("linear weight gradient");
             let db = cx.param_grad(ParamRole::Bias);
-            cx.push(Op::LinearBackward { m: batch, k: ins.iter().product(), n: l.out_features, x, w, dy, dx, dw, db });
+            cx.push(Op::LinearBackward(ops::LinearBackward {
+                m: batch,
+                k: ins.iter().product(),
+                n: l.out_features,
+                x,
+                w,
+                dy,
+                dx,
+                dw,
+                db,
+            }));
         }
         Layer::Activation(a) => {
             if let Some(dx) = cx.dx(0) {
-                cx.push(Op::ActBackward { f: act_fn(a), len: cx.numel(), x, y, dy, dx });
+                cx.push(Op::ActBackward(ops::ActBackward { f: act_fn(a), len: cx.numel(), x, y, dy, dx }));
             }
         }
         Layer::Softmax { axis } => {
             if let Some(dx) = cx.dx(0) {
                 let (outer, dim, inner) = softmax_dims(batch, ins, *axis);
-                cx.push(Op::SoftmaxBackward { outer, dim, inner, y, dy, dx });
+                cx.push(Op::SoftmaxBackward(ops::SoftmaxBackward { outer, dim, inner, y, dy, dx }));
             }
         }
         Layer::Dropout { .. } => {
             if let Some(dx) = cx.dx(0) {
-                cx.push(Op::DropoutBackward { len: cx.numel(), mask: cx.saved(0), dy, dx });
+                cx.push(Op::DropoutBackward(ops::DropoutBackward { len: cx.numel(), mask: cx.saved(0), dy, dx }));
             }
         }
         Layer::BatchNorm(bn) => {
@@ -309,31 +329,47 @@ pub fn backward(cx: &mut Backward) -> Result<()> {
                 let gamma = cx.param(ParamRole::Weight);
                 let (mean, invstd) = (cx.saved(0), cx.saved(1));
                 let sync = cx.sync_batch_norm;
-                cx.push(Op::BatchNormBackward { g, x, gamma, mean, invstd, dy, dx, dgamma, dbeta, sync });
+                cx.push(Op::BatchNormBackward(ops::BatchNormBackward {
+                    g,
+                    x,
+                    gamma,
+                    mean,
+                    invstd,
+                    dy,
+                    dx,
+                    dgamma,
+                    dbeta,
+                    sync,
+                }));
             }
         }
         Layer::MaxPool2d(p) => {
             if let Some(dx) = cx.dx(0) {
                 let g = pool_geom(ins, &node.shape, batch, p.kernel, p.stride, p.padding);
-                cx.push(Op::MaxPoolBackward { g, argmax: cx.saved(0), dy, dx });
+                cx.push(Op::MaxPoolBackward(ops::MaxPoolBackward { g, argmax: cx.saved(0), dy, dx }));
             }
         }
         Layer::AvgPool2d(p) => {
             if let Some(dx) = cx.dx(0) {
                 let g = pool_geom(ins, &node.shape, batch, p.kernel, p.stride, p.padding);
-                cx.push(Op::AvgPoolBackward { g, count_include_pad: p.count_include_pad, dy, dx });
+                cx.push(Op::AvgPoolBackward(ops::AvgPoolBackward {
+                    g,
+                    count_include_pad: p.count_include_pad,
+                    dy,
+                    dx,
+                }));
             }
         }
         Layer::GlobalAvgPool => {
             if let Some(dx) = cx.dx(0) {
                 let g = pool_geom(ins, &[], batch, (ins[1], ins[2]), (1, 1), (0, 0));
-                cx.push(Op::AvgPoolBackward { g, count_include_pad: true, dy, dx });
+                cx.push(Op::AvgPoolBackward(ops::AvgPoolBackward { g, count_include_pad: true, dy, dx }));
             }
         }
         Layer::Add => {
             for k in 0..cx.inputs.len() {
                 if let Some(dst) = cx.dx(k) {
-                    cx.push(Op::GradInto { len: cx.numel(), src: dy, dst });
+                    cx.push(Op::GradInto(ops::GradInto { len: cx.numel(), src: dy, dst }));
                 }
             }
         }
@@ -341,7 +377,12 @@ pub fn backward(cx: &mut Backward) -> Result<()> {
             let parts: Vec<(Option<GradOut>, usize)> =
                 (0..cx.inputs.len()).map(|k| (cx.dx(k), cx.in_shapes[k][0])).collect();
             if parts.iter().any(|p| p.0.is_some()) {
-                cx.push(Op::ConcatBackward { n: batch, inner: node.shape[1..].iter().product(), parts, dy });
+                cx.push(Op::ConcatBackward(ops::ConcatBackward {
+                    n: batch,
+                    inner: node.shape[1..].iter().product(),
+                    parts,
+                    dy,
+                }));
             }
         }
     }

@@ -32,7 +32,7 @@ use super::loss::Targets;
 use super::metrics::{EpochLog, History, Metrics, StepResult};
 use super::schedule::Scheduler;
 use crate::backend::cpu::CpuBackend;
-use crate::backend::ops::{hyper, stats};
+use crate::backend::ops::{self, hyper, stats};
 use crate::backend::{Backend, BufId, CounterId, LossFn, Op, OptParam, OptRule, Scoring};
 use crate::backend::{CudaBackend, CudaOptions, Device};
 use crate::data::DataLoader;
@@ -366,7 +366,7 @@ impl Trainer {
             StepKind::Eval => (self.eval_stats, None),
             _ => (self.train_stats, info.output_grad),
         };
-        ops.push(Op::Loss {
+        ops.push(Op::Loss(ops::Loss {
             f,
             scoring,
             n: batch,
@@ -376,7 +376,7 @@ impl Trainer {
             stats: stats_buf,
             dpred,
             grad_scale: 1.0 / k as f32,
-        });
+        }));
         if kind != StepKind::Eval {
             match (&self.dist, &self.opt) {
                 // Data-parallel update: each gradient bucket is averaged over the group as soon
@@ -393,11 +393,12 @@ impl Trainer {
                 let rank = d.rank as u64;
                 for op in &mut ops {
                     match op {
-                        Op::BatchNormTrain { sync, .. } | Op::BatchNormBackward { sync, .. } => {
+                        Op::BatchNormTrain(ops::BatchNormTrain { sync, .. })
+                        | Op::BatchNormBackward(ops::BatchNormBackward { sync, .. }) => {
                             *sync = d.options.sync_batch_norm
                         }
                         // Each rank draws its own dropout masks (rank 0 those of a lone run).
-                        Op::Dropout { seed, .. } if rank > 0 => *seed = crate::rng::mix_seed(*seed, rank),
+                        Op::Dropout(ops::Dropout { seed, .. }) if rank > 0 => *seed = crate::rng::mix_seed(*seed, rank),
                         _ => {}
                     }
                 }
@@ -408,21 +409,25 @@ impl Trainer {
         {
             let grads: Vec<(BufId, usize)> = opt.params.iter().map(|p| (p.grad, p.len)).collect();
             match self.config.grad_clip {
-                Some(GradClip::Norm(max_norm)) => {
-                    ops.push(Op::ClipGradNorm { grads: grads.clone(), max_norm, norm: self.clip_norm })
+                Some(GradClip::Norm(max_norm)) => ops.push(Op::ClipGradNorm(ops::ClipGradNorm {
+                    grads: grads.clone(),
+                    max_norm,
+                    norm: self.clip_norm,
+                })),
+                Some(GradClip::Value(clip)) => {
+                    ops.push(Op::ClipGradValue(ops::ClipGradValue { grads: grads.clone(), clip }))
                 }
-                Some(GradClip::Value(clip)) => ops.push(Op::ClipGradValue { grads: grads.clone(), clip }),
                 None => {}
             }
-            ops.push(Op::OptimizerStep {
+            ops.push(Op::OptimizerStep(ops::OptimizerStep {
                 rule: opt.rule,
                 hyper: self.hyper,
                 step: opt.step,
                 scalars: opt.scalars,
                 params: opt.params.clone(),
-            });
+            }));
             if k > 1 {
-                ops.extend(grads.iter().map(|&(buf, len)| Op::Fill { len, buf, value: 0.0 }));
+                ops.extend(grads.iter().map(|&(buf, len)| Op::Fill(ops::Fill { len, buf, value: 0.0 })));
             }
         }
         self.steps.push(Step { batch, kind, f, scoring, plan, target, ops });

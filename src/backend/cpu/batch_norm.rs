@@ -12,7 +12,7 @@
 use rayon::prelude::*;
 
 use super::float::Float;
-use super::store;
+use super::{Grad, store};
 use crate::Result;
 use crate::backend::ops::BnGeom;
 use crate::dist::Communicator;
@@ -54,15 +54,12 @@ fn gamma_beta<T: Float>(c: usize, gamma: Option<&[T]>, beta: Option<&[T]>) -> (V
 
 /// Training forward. `running` is `(running_mean, running_var, momentum)`; `sync` the group
 /// whose statistics to use (synchronised batch norm).
-#[allow(clippy::too_many_arguments)]
 pub fn forward_train<T: Float>(
     g: &BnGeom,
     x: &[T],
-    gamma: Option<&[T]>,
-    beta: Option<&[T]>,
+    (gamma, beta): (Option<&[T]>, Option<&[T]>),
     y: &mut [T],
-    mean: &mut [T],
-    invstd: &mut [T],
+    (mean, invstd): (&mut [T], &mut [T]),
     running: Option<(&mut [T], &mut [T], f32)>,
     mut sync: Option<&mut dyn Communicator>,
 ) -> Result<()> {
@@ -123,17 +120,13 @@ pub fn forward_infer<T: Float>(
 /// `dgamma = sum(dy * xhat)`, `dbeta = sum(dy)`, with `M = n * hw`. With `sync`, `dx` takes
 /// the sums and `M` over the group; `dgamma` and `dbeta` stay local (the gradient all-reduce
 /// averages them).
-#[allow(clippy::too_many_arguments)]
 pub fn backward<T: Float>(
     g: &BnGeom,
     x: &[T],
     gamma: Option<&[T]>,
-    mean: &[T],
-    invstd: &[T],
+    (mean, invstd): (&[T], &[T]),
     dy: &[T],
-    dx: Option<(&mut [T], bool)>,
-    dgamma: Option<(&mut [T], bool)>,
-    dbeta: Option<(&mut [T], bool)>,
+    [dx, dgamma, dbeta]: [Option<Grad<'_, T>>; 3],
     sync: Option<&mut dyn Communicator>,
 ) -> Result<()> {
     let mut sums: Vec<(f64, f64)> = (0..g.c)

@@ -19,6 +19,7 @@
 
 use rayon::prelude::*;
 
+use super::WeightGrads;
 use super::float::Float;
 use super::matmul::{Mat, matmul};
 use crate::backend::ops::ConvGeom;
@@ -294,15 +295,12 @@ pub fn forward<T: Float>(
 }
 
 /// Gradients of a convolution. `dx`, `dw` and `db` are `(buffer, accumulate)`.
-#[allow(clippy::too_many_arguments)]
 pub fn backward<T: Float>(
     g: &ConvGeom,
     x: &[T],
     w: &[T],
     dy: &[T],
-    dx: Option<(&mut [T], bool)>,
-    dw: (&mut [T], bool),
-    db: Option<(&mut [T], bool)>,
+    (dx, dw, db): WeightGrads<'_, T>,
     scratch: &mut [Scratch<T>],
     threads: usize,
 ) {

@@ -66,18 +66,14 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// # Safety
 /// `out` must be valid for those writes, and no other thread may touch those elements.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 unsafe fn block<const L: usize, const FMA: bool>(
-    m: usize,
-    k: usize,
-    a: &[f32],
-    lda: usize,
-    b: &[f32],
-    ldb: usize,
+    (m, k): (usize, usize),
+    a: Rows<'_>,
+    b: Rows<'_>,
     nb: usize,
-    out: *mut f32,
-    ldc: usize,
+    out: Out,
 ) {
+    let (Rows { v: a, ld: lda }, Rows { v: b, ld: ldb }, Out { ptr: out, ld: ldc }) = (a, b, out);
     // SAFETY (all writes below): (i, j) with i < m, j < nb, as the caller guarantees.
     let add = |i: usize, j: usize, v: f32| unsafe { *out.add(i * ldc + j) += v };
     for k0 in (0..k).step_by(KC) {
@@ -113,67 +109,50 @@ unsafe fn block<const L: usize, const FMA: bool>(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn block_avx512(
-    m: usize,
-    k: usize,
-    a: &[f32],
-    lda: usize,
-    b: &[f32],
-    ldb: usize,
-    nb: usize,
-    out: *mut f32,
-    ldc: usize,
-) {
+unsafe fn block_avx512((m, k): (usize, usize), a: Rows<'_>, b: Rows<'_>, nb: usize, out: Out) {
     // SAFETY: forwarded from the caller.
-    unsafe { block::<16, true>(m, k, a, lda, b, ldb, nb, out, ldc) }
+    unsafe { block::<16, true>((m, k), a, b, nb, out) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn block_avx2(
-    m: usize,
-    k: usize,
-    a: &[f32],
-    lda: usize,
-    b: &[f32],
-    ldb: usize,
-    nb: usize,
-    out: *mut f32,
-    ldc: usize,
-) {
+unsafe fn block_avx2((m, k): (usize, usize), a: Rows<'_>, b: Rows<'_>, nb: usize, out: Out) {
     // SAFETY: forwarded from the caller.
-    unsafe { block::<8, true>(m, k, a, lda, b, ldb, nb, out, ldc) }
+    unsafe { block::<8, true>((m, k), a, b, nb, out) }
 }
 
 /// # Safety
 /// As [`block`].
-#[allow(clippy::too_many_arguments)]
-unsafe fn block_dispatch(
-    m: usize,
-    k: usize,
-    a: &[f32],
-    lda: usize,
-    b: &[f32],
-    ldb: usize,
-    nb: usize,
-    out: *mut f32,
-    ldc: usize,
-) {
+unsafe fn block_dispatch((m, k): (usize, usize), a: Rows<'_>, b: Rows<'_>, nb: usize, out: Out) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma") {
             // SAFETY: the features were detected on this CPU; the rest is the caller's promise.
-            return unsafe { block_avx512(m, k, a, lda, b, ldb, nb, out, ldc) };
+            return unsafe { block_avx512((m, k), a, b, nb, out) };
         }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
             // SAFETY: as above.
-            return unsafe { block_avx2(m, k, a, lda, b, ldb, nb, out, ldc) };
+            return unsafe { block_avx2((m, k), a, b, nb, out) };
         }
     }
     // SAFETY: the caller's promise.
-    unsafe { block::<8, false>(m, k, a, lda, b, ldb, nb, out, ldc) }
+    unsafe { block::<8, false>((m, k), a, b, nb, out) }
+}
+
+/// Rows of a row-major matrix: row `i` starts at `v[i * ld]`.
+#[derive(Clone, Copy)]
+pub struct Rows<'a> {
+    /// The values.
+    pub v: &'a [f32],
+    /// The row stride.
+    pub ld: usize,
+}
+
+/// Where a block writes: element (i, j) at `ptr.add(i * ld + j)`.
+#[derive(Clone, Copy)]
+struct Out {
+    ptr: *mut f32,
+    ld: usize,
 }
 
 /// A raw pointer that may cross threads: each task writes its own columns only.
@@ -183,26 +162,21 @@ unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
 /// `c[m, n] = a[m, k] * b[n, k]^T` (or `+=` when `accumulate`); `a`, `b`, `c` row-major with row
-/// strides `lda`, `ldb`, `ldc`. Blocks of columns of `c` are split over the current rayon pool;
+/// strides `a.ld`, `b.ld`, `ldc`. Blocks of columns of `c` are split over the current rayon pool;
 /// each output is summed in the same order whatever the thread count.
-#[allow(clippy::too_many_arguments)]
 pub fn gemm_nt(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    lda: usize,
-    b: &[f32],
-    ldb: usize,
-    c: &mut [f32],
-    ldc: usize,
+    (m, n, k): (usize, usize, usize),
+    a: Rows<'_>,
+    b: Rows<'_>,
+    (c, ldc): (&mut [f32], usize),
     accumulate: bool,
     threads: usize,
 ) {
+    let (lda, ldb) = (a.ld, b.ld);
     if m == 0 || n == 0 {
         return;
     }
-    assert!(a.len() >= (m - 1) * lda + k && b.len() >= (n - 1) * ldb + k && c.len() >= (m - 1) * ldc + n);
+    assert!(a.v.len() >= (m - 1) * lda + k && b.v.len() >= (n - 1) * ldb + k && c.len() >= (m - 1) * ldc + n);
     assert!(ldc >= n);
     if !accumulate {
         for i in 0..m {
@@ -217,7 +191,9 @@ pub fn gemm_nt(
         let o = out;
         // SAFETY: the asserts above keep (i, j0 + j) inside `c` for i < m, j < nb, and column
         // blocks are disjoint, so no two tasks write the same element.
-        unsafe { block_dispatch(m, k, a, lda, &b[j0 * ldb..], ldb, nb, o.0.add(j0), ldc) };
+        unsafe {
+            block_dispatch((m, k), a, Rows { v: &b.v[j0 * ldb..], ld: ldb }, nb, Out { ptr: o.0.add(j0), ld: ldc })
+        };
     });
 }
 
@@ -231,7 +207,7 @@ mod tests {
             let a: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 11) as f32 - 5.0).collect();
             let b: Vec<f32> = (0..n * k).map(|i| ((i * 5) % 13) as f32 - 6.0).collect();
             let mut c = vec![1.0f32; m * n];
-            gemm_nt(m, n, k, &a, k, &b, k, &mut c, n, true, 2);
+            gemm_nt((m, n, k), Rows { v: &a, ld: k }, Rows { v: &b, ld: k }, (&mut c, n), true, 2);
             for i in 0..m {
                 for j in 0..n {
                     let want: f32 = 1.0 + (0..k).map(|p| a[i * k + p] * b[j * k + p]).sum::<f32>();

@@ -2,11 +2,19 @@
 //!
 //! `y[m, n] = x[m, k] * w[n, k]^T + b`; backward `dx = dy * w`, `dw = dy^T * x`, `db = sum_m dy`.
 
+use super::WeightGrads;
 use super::float::Float;
 use super::matmul::{Mat, matmul};
 
-#[allow(clippy::too_many_arguments)]
-pub fn forward<T: Float>(m: usize, k: usize, n: usize, x: &[T], w: &[T], b: Option<&[T]>, y: &mut [T], threads: usize) {
+/// `(m, k, n)`: rows, input features, output features.
+pub fn forward<T: Float>(
+    (m, k, n): (usize, usize, usize),
+    x: &[T],
+    w: &[T],
+    b: Option<&[T]>,
+    y: &mut [T],
+    threads: usize,
+) {
     matmul(y, n, false, Mat::rm(x, m, k), Mat::rm(w, n, k).t(), threads);
     if let Some(b) = b {
         for row in y.chunks_mut(n) {
@@ -15,17 +23,13 @@ pub fn forward<T: Float>(m: usize, k: usize, n: usize, x: &[T], w: &[T], b: Opti
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// `(m, k, n)`: rows, input features, output features.
 pub fn backward<T: Float>(
-    m: usize,
-    k: usize,
-    n: usize,
+    (m, k, n): (usize, usize, usize),
     x: &[T],
     w: &[T],
     dy: &[T],
-    dx: Option<(&mut [T], bool)>,
-    dw: (&mut [T], bool),
-    db: Option<(&mut [T], bool)>,
+    (dx, dw, db): WeightGrads<'_, T>,
     threads: usize,
 ) {
     if let Some((dx, acc)) = dx {

@@ -2,22 +2,12 @@
 //! computed in f64 whatever the element type.
 
 use super::float::Float;
-use crate::backend::ops::{LossFn, Scoring, stats};
+use crate::backend::ops::{self, LossFn, Scoring, stats};
 
 /// Writes the batch's loss and scores into `st` and adds them to its sums; writes the gradient
 /// of the mean loss (times `scale`) into `dpred` when given.
-#[allow(clippy::too_many_arguments)]
-pub fn loss<T: Float>(
-    f: LossFn,
-    scoring: Scoring,
-    n: usize,
-    c: usize,
-    pred: &[T],
-    target: &[T],
-    st: &mut [T],
-    mut dpred: Option<&mut [T]>,
-    scale: f32,
-) {
+pub fn loss<T: Float>(o: &ops::Loss, pred: &[T], target: &[T], st: &mut [T], mut dpred: Option<&mut [T]>) {
+    let ops::Loss { f, scoring, n, c, grad_scale: scale, .. } = *o;
     let scale = scale as f64;
     let mut total = 0.0f64;
     let nf = n as f64;

@@ -54,7 +54,15 @@ pub fn matmul<T: Float>(c: &mut [T], ldc: usize, accumulate: bool, a: Mat<T>, b:
         };
         // SAFETY: as above, for the mutable destination.
         let c32 = unsafe { std::slice::from_raw_parts_mut(c.as_mut_ptr() as *mut f32, c.len()) };
-        super::dot::gemm_nt(m, n, k, cast(a.data), a.rs, cast(b.data), b.cs, c32, ldc, accumulate, threads);
+        use super::dot::{Rows, gemm_nt};
+        gemm_nt(
+            (m, n, k),
+            Rows { v: cast(a.data), ld: a.rs },
+            Rows { v: cast(b.data), ld: b.cs },
+            (c32, ldc),
+            accumulate,
+            threads,
+        );
         return;
     }
     let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };

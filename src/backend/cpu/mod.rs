@@ -25,6 +25,7 @@ mod softmax;
 
 pub use float::Float;
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -35,6 +36,13 @@ use crate::{Error, Result};
 
 /// Element-wise kernels work on chunks of this many values (a multiple of 4, for dropout).
 pub(crate) const CHUNK: usize = 1 << 14;
+
+/// A gradient output as a kernel sees it: the values, and whether to add to them.
+pub(crate) type Grad<'a, T> = (&'a mut [T], bool);
+
+/// The gradients a weighted op's backward writes: input (where wanted), weight, bias (where
+/// the op has one).
+pub(crate) type WeightGrads<'a, T> = (Option<Grad<'a, T>>, Grad<'a, T>, Option<Grad<'a, T>>);
 
 /// Writes `v` into `d`, or adds it when `acc`.
 #[inline]
@@ -56,6 +64,8 @@ pub struct CpuBackend<T: Float = f32> {
     debug: bool,
     /// The data-parallel group, once joined ([`Backend::set_communicator`]).
     comm: Option<Box<dyn Communicator>>,
+    /// Keys of `run_cached` op lists validated since the last `free`.
+    validated: HashSet<u64>,
 }
 
 /// The group's communicator for a collective op, or the error of a backend that joined none.
@@ -108,6 +118,7 @@ impl<T: Float> CpuBackend<T> {
             threads,
             debug: std::env::var("KILN_DEBUG").is_ok_and(|v| v == "1"),
             comm: None,
+            validated: HashSet::new(),
         })
     }
 
@@ -146,7 +157,7 @@ impl<T: Float> CpuBackend<T> {
     fn exec(&mut self, op: &Op) -> Result<()> {
         let threads = self.threads;
         match op {
-            Op::Conv2d { g, x, w, b, y } => {
+            Op::Conv2d(ops::Conv2d { g, x, w, b, y }) => {
                 let mut yv = self.take(*y);
                 let bufs = &self.bufs;
                 conv2d::forward(
@@ -160,7 +171,7 @@ impl<T: Float> CpuBackend<T> {
                 );
                 self.put(*y, yv);
             }
-            Op::Conv2dBackward { g, x, w, dy, dx, dw, db } => {
+            Op::Conv2dBackward(ops::Conv2dBackward { g, x, w, dy, dx, dw, db }) => {
                 let mut dxv = dx.map(|d| self.take_grad(d));
                 let mut dwv = self.take_grad(*dw);
                 let mut dbv = db.map(|d| self.take_grad(d));
@@ -170,9 +181,11 @@ impl<T: Float> CpuBackend<T> {
                     &bufs[x.0],
                     &bufs[w.0],
                     &bufs[dy.0],
-                    dxv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
-                    (&mut dwv.0, dwv.1),
-                    dbv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
+                    (
+                        dxv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
+                        (&mut dwv.0, dwv.1),
+                        dbv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
+                    ),
                     &mut self.scratch,
                     threads,
                 );
@@ -184,27 +197,34 @@ impl<T: Float> CpuBackend<T> {
                     self.put(d.buf, v);
                 }
             }
-            Op::Linear { m, k, n, x, w, b, y } => {
+            Op::Linear(ops::Linear { m, k, n, x, w, b, y }) => {
                 let mut yv = self.take(*y);
                 let bufs = &self.bufs;
-                linear::forward(*m, *k, *n, &bufs[x.0], &bufs[w.0], b.map(|b| bufs[b.0].as_slice()), &mut yv, threads);
+                linear::forward(
+                    (*m, *k, *n),
+                    &bufs[x.0],
+                    &bufs[w.0],
+                    b.map(|b| bufs[b.0].as_slice()),
+                    &mut yv,
+                    threads,
+                );
                 self.put(*y, yv);
             }
-            Op::LinearBackward { m, k, n, x, w, dy, dx, dw, db } => {
+            Op::LinearBackward(ops::LinearBackward { m, k, n, x, w, dy, dx, dw, db }) => {
                 let mut dxv = dx.map(|d| self.take_grad(d));
                 let mut dwv = self.take_grad(*dw);
                 let mut dbv = db.map(|d| self.take_grad(d));
                 let bufs = &self.bufs;
                 linear::backward(
-                    *m,
-                    *k,
-                    *n,
+                    (*m, *k, *n),
                     &bufs[x.0],
                     &bufs[w.0],
                     &bufs[dy.0],
-                    dxv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
-                    (&mut dwv.0, dwv.1),
-                    dbv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
+                    (
+                        dxv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
+                        (&mut dwv.0, dwv.1),
+                        dbv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
+                    ),
                     threads,
                 );
                 if let (Some(d), Some((v, _))) = (dx, dxv) {
@@ -215,28 +235,28 @@ impl<T: Float> CpuBackend<T> {
                     self.put(d.buf, v);
                 }
             }
-            Op::Act { f, len, x, y } => {
+            Op::Act(ops::Act { f, len, x, y }) => {
                 let mut yv = self.take(*y);
                 activation::forward(*f, &self.bufs[x.0][..*len], &mut yv[..*len]);
                 self.put(*y, yv);
             }
-            Op::ActBackward { f, len, x, y, dy, dx } => {
+            Op::ActBackward(ops::ActBackward { f, len, x, y, dy, dx }) => {
                 let (mut dxv, acc) = self.take_grad(*dx);
                 let b = &self.bufs;
                 activation::backward(*f, &b[x.0][..*len], &b[y.0][..*len], &b[dy.0][..*len], (&mut dxv[..*len], acc));
                 self.put(dx.buf, dxv);
             }
-            Op::Softmax { dim, inner, x, y, .. } => {
+            Op::Softmax(ops::Softmax { dim, inner, x, y, .. }) => {
                 let mut yv = self.take(*y);
                 softmax::forward(*dim, *inner, &self.bufs[x.0], &mut yv);
                 self.put(*y, yv);
             }
-            Op::SoftmaxBackward { dim, inner, y, dy, dx, .. } => {
+            Op::SoftmaxBackward(ops::SoftmaxBackward { dim, inner, y, dy, dx, .. }) => {
                 let (mut dxv, acc) = self.take_grad(*dx);
                 softmax::backward(*dim, *inner, &self.bufs[y.0], &self.bufs[dy.0], (&mut dxv, acc));
                 self.put(dx.buf, dxv);
             }
-            Op::Dropout { rate, len, seed, counter, x, y, mask } => {
+            Op::Dropout(ops::Dropout { rate, len, seed, counter, x, y, mask }) => {
                 let step = self.counters[counter.0];
                 self.counters[counter.0] += 1;
                 let mut yv = self.take(*y);
@@ -245,12 +265,12 @@ impl<T: Float> CpuBackend<T> {
                 self.put(*y, yv);
                 self.put(*mask, mv);
             }
-            Op::DropoutBackward { len, mask, dy, dx } => {
+            Op::DropoutBackward(ops::DropoutBackward { len, mask, dy, dx }) => {
                 let (mut dxv, acc) = self.take_grad(*dx);
                 dropout::backward(&self.bufs[mask.0][..*len], &self.bufs[dy.0][..*len], (&mut dxv[..*len], acc));
                 self.put(dx.buf, dxv);
             }
-            Op::BatchNormTrain { g, x, gamma, beta, y, mean, invstd, running, sync } => {
+            Op::BatchNormTrain(ops::BatchNormTrain { g, x, gamma, beta, y, mean, invstd, running, sync }) => {
                 let comm = match sync {
                     true => Some(group(&mut self.comm, op)?),
                     false => None,
@@ -264,11 +284,9 @@ impl<T: Float> CpuBackend<T> {
                 let r = batch_norm::forward_train(
                     g,
                     &b[x.0],
-                    gamma.map(|i| b[i.0].as_slice()),
-                    beta.map(|i| b[i.0].as_slice()),
+                    (gamma.map(|i| b[i.0].as_slice()), beta.map(|i| b[i.0].as_slice())),
                     &mut yv,
-                    &mut mv,
-                    &mut iv,
+                    (&mut mv, &mut iv),
                     rv.as_mut().map(|(m, v, mom)| (m.as_mut_slice(), v.as_mut_slice(), *mom)),
                     comm,
                 );
@@ -281,7 +299,7 @@ impl<T: Float> CpuBackend<T> {
                 }
                 r?;
             }
-            Op::BatchNormInfer { g, x, gamma, beta, running_mean, running_var, y } => {
+            Op::BatchNormInfer(ops::BatchNormInfer { g, x, gamma, beta, running_mean, running_var, y }) => {
                 let mut yv = self.take(*y);
                 let b = &self.bufs;
                 batch_norm::forward_infer(
@@ -295,7 +313,18 @@ impl<T: Float> CpuBackend<T> {
                 );
                 self.put(*y, yv);
             }
-            Op::BatchNormBackward { g, x, gamma, mean, invstd, dy, dx, dgamma, dbeta, sync } => {
+            Op::BatchNormBackward(ops::BatchNormBackward {
+                g,
+                x,
+                gamma,
+                mean,
+                invstd,
+                dy,
+                dx,
+                dgamma,
+                dbeta,
+                sync,
+            }) => {
                 let comm = match sync {
                     true => Some(group(&mut self.comm, op)?),
                     false => None,
@@ -309,12 +338,13 @@ impl<T: Float> CpuBackend<T> {
                     g,
                     &b[x.0],
                     gamma.map(|i| b[i.0].as_slice()),
-                    &b[mean.0],
-                    &b[invstd.0],
+                    (&b[mean.0], &b[invstd.0]),
                     &b[dy.0],
-                    dxv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
-                    dgv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
-                    dbv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
+                    [
+                        dxv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
+                        dgv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
+                        dbv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
+                    ],
                     comm,
                 );
                 for (d, v) in [(dx, dxv), (dgamma, dgv), (dbeta, dbv)] {
@@ -324,41 +354,41 @@ impl<T: Float> CpuBackend<T> {
                 }
                 r?;
             }
-            Op::MaxPool { g, x, y, argmax } => {
+            Op::MaxPool(ops::MaxPool { g, x, y, argmax }) => {
                 let mut yv = self.take(*y);
                 let mut av = self.take(*argmax);
                 pool2d::max_forward(g, &self.bufs[x.0], &mut yv, &mut av);
                 self.put(*y, yv);
                 self.put(*argmax, av);
             }
-            Op::MaxPoolBackward { g, argmax, dy, dx } => {
+            Op::MaxPoolBackward(ops::MaxPoolBackward { g, argmax, dy, dx }) => {
                 let (mut dxv, acc) = self.take_grad(*dx);
                 pool2d::max_backward(g, &self.bufs[argmax.0], &self.bufs[dy.0], (&mut dxv, acc));
                 self.put(dx.buf, dxv);
             }
-            Op::AvgPool { g, count_include_pad, x, y } => {
+            Op::AvgPool(ops::AvgPool { g, count_include_pad, x, y }) => {
                 let mut yv = self.take(*y);
                 pool2d::avg_forward(g, *count_include_pad, &self.bufs[x.0], &mut yv);
                 self.put(*y, yv);
             }
-            Op::AvgPoolBackward { g, count_include_pad, dy, dx } => {
+            Op::AvgPoolBackward(ops::AvgPoolBackward { g, count_include_pad, dy, dx }) => {
                 let (mut dxv, acc) = self.take_grad(*dx);
                 pool2d::avg_backward(g, *count_include_pad, &self.bufs[dy.0], (&mut dxv, acc));
                 self.put(dx.buf, dxv);
             }
-            Op::Add { len, inputs, y } => {
+            Op::Add(ops::Add { len, inputs, y }) => {
                 let mut yv = self.take(*y);
                 let ins: Vec<&[T]> = inputs.iter().map(|i| &self.bufs[i.0][..*len]).collect();
                 join::add(&ins, &mut yv[..*len]);
                 self.put(*y, yv);
             }
-            Op::Concat { n, inner, parts, y } => {
+            Op::Concat(ops::Concat { n, inner, parts, y }) => {
                 let mut yv = self.take(*y);
                 let ps: Vec<(&[T], usize)> = parts.iter().map(|(b, c)| (self.bufs[b.0].as_slice(), *c)).collect();
                 join::concat(*n, *inner, &ps, &mut yv);
                 self.put(*y, yv);
             }
-            Op::ConcatBackward { n, inner, parts, dy } => {
+            Op::ConcatBackward(ops::ConcatBackward { n, inner, parts, dy }) => {
                 let total: usize = parts.iter().map(|p| p.1).sum();
                 let mut offset = 0;
                 for (g, ch) in parts {
@@ -370,25 +400,25 @@ impl<T: Float> CpuBackend<T> {
                     offset += ch;
                 }
             }
-            Op::GradInto { len, src, dst } => {
+            Op::GradInto(ops::GradInto { len, src, dst }) => {
                 let (mut dv, acc) = self.take_grad(*dst);
                 join::grad_into(&self.bufs[src.0][..*len], (&mut dv[..*len], acc));
                 self.put(dst.buf, dv);
             }
-            Op::Fill { len, buf, value } => {
+            Op::Fill(ops::Fill { len, buf, value }) => {
                 self.bufs[buf.0][..*len].fill(T::from_f32(*value));
             }
-            Op::Loss { f, scoring, n, c, pred, target, stats, dpred, grad_scale } => {
+            Op::Loss(o @ ops::Loss { pred, target, stats, dpred, .. }) => {
                 let mut sv = self.take(*stats);
                 let mut dv = dpred.map(|d| self.take(d));
                 let b = &self.bufs;
-                loss::loss(*f, *scoring, *n, *c, &b[pred.0], &b[target.0], &mut sv, dv.as_deref_mut(), *grad_scale);
+                loss::loss(o, &b[pred.0], &b[target.0], &mut sv, dv.as_deref_mut());
                 self.put(*stats, sv);
                 if let (Some(d), Some(v)) = (dpred, dv) {
                     self.put(*d, v);
                 }
             }
-            Op::ClipGradNorm { grads, max_norm, norm } => {
+            Op::ClipGradNorm(ops::ClipGradNorm { grads, max_norm, norm }) => {
                 let views: Vec<&[T]> = grads.iter().map(|(g, len)| &self.bufs[g.0][..*len]).collect();
                 let total = optimizer::global_norm(&views);
                 let coef = T::from_f64(optimizer::clip_coef(total, *max_norm));
@@ -397,7 +427,7 @@ impl<T: Float> CpuBackend<T> {
                     self.bufs[g.0][..*len].iter_mut().for_each(|v| *v *= coef);
                 }
             }
-            Op::ClipGradValue { grads, clip } => {
+            Op::ClipGradValue(ops::ClipGradValue { grads, clip }) => {
                 let (lo, hi) = (T::from_f32(-clip), T::from_f32(*clip));
                 for (g, len) in grads {
                     for v in &mut self.bufs[g.0][..*len] {
@@ -409,10 +439,10 @@ impl<T: Float> CpuBackend<T> {
                     }
                 }
             }
-            Op::AllReduce { bufs, mean } => {
+            Op::AllReduce(ops::AllReduce { bufs, mean }) => {
                 collective::all_reduce(group(&mut self.comm, op)?, &mut self.bufs, bufs, *mean)?;
             }
-            Op::OptimizerStep { rule, hyper, step, scalars, params } => {
+            Op::OptimizerStep(ops::OptimizerStep { rule, hyper, step, scalars, params }) => {
                 let t = self.counters[step.0] + 1;
                 self.counters[step.0] = t;
                 let h = &self.bufs[hyper.0];
@@ -432,9 +462,7 @@ impl<T: Float> CpuBackend<T> {
                     optimizer::update(
                         *rule,
                         t,
-                        lr,
-                        mom,
-                        mu_product,
+                        (lr, mom, mu_product),
                         &mut w[..p.len],
                         &self.bufs[p.grad.0][..p.len],
                         &mut st,
@@ -477,6 +505,7 @@ impl<T: Float> Backend for CpuBackend<T> {
 
     fn free(&mut self, buf: BufId) -> Result<()> {
         self.bufs[buf.0] = Vec::new();
+        self.validated.clear();
         Ok(())
     }
 
@@ -534,13 +563,39 @@ impl<T: Float> Backend for CpuBackend<T> {
     }
 
     fn run(&mut self, ops: &[Op]) -> Result<()> {
+        self.run_ops(ops, true)
+    }
+
+    fn run_cached(&mut self, key: u64, ops: &[Op]) -> Result<()> {
+        // The key promises the same op list, so it is validated on its first run only (and
+        // again after a buffer is freed).
+        let check = self.validated.insert(key);
+        let ran = self.run_ops(ops, check);
+        if ran.is_err() {
+            self.validated.remove(&key);
+        }
+        ran
+    }
+}
+
+impl<T: Float> CpuBackend<T> {
+    /// Executes `ops` in order on the pool, each checked first ([`Op::validate`]) when `check`.
+    fn run_ops(&mut self, ops: &[Op], check: bool) -> Result<()> {
         let pool = self.pool.clone();
         pool.install(|| {
             for op in ops {
+                if check {
+                    op.validate(|b| self.bufs.get(b.0).map(Vec::len))?;
+                }
                 if self.debug {
                     let t = Instant::now();
                     self.exec(op)?;
-                    eprintln!("[kiln cpu] {:<22} {:>9.3} ms", op.name(), t.elapsed().as_secs_f64() * 1e3);
+                    eprintln!(
+                        "[kiln cpu] {:<22} {:<48} {:>9.3} ms",
+                        op.name(),
+                        op.shapes(),
+                        t.elapsed().as_secs_f64() * 1e3
+                    );
                 } else {
                     self.exec(op)?;
                 }

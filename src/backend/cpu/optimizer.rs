@@ -18,13 +18,10 @@ fn lerp<T: Float>(a: T, b: T, w: T) -> T {
 /// One step for one parameter tensor. `t` is the step number (1 for the first step), `lr` and
 /// `mom` the learning rate and momentum/beta1, `mu_product` NAdam's running product (already
 /// including this step's `mu`).
-#[allow(clippy::too_many_arguments)]
 pub fn update<T: Float>(
     rule: OptRule,
     t: u64,
-    lr: f64,
-    mom: f64,
-    mu_product: f64,
+    (lr, mom, mu_product): (f64, f64, f64),
     w: &mut [T],
     g: &[T],
     state: &mut [Vec<T>],

@@ -7,7 +7,8 @@ use super::CudaBackend;
 use super::driver::Args;
 use super::nvrtc::ModuleSrc;
 use crate::Result;
-use crate::backend::ops::{ActFn, BufId, GradOut};
+use crate::backend::ops;
+use crate::backend::ops::ActFn;
 
 pub(super) const MODULE: ModuleSrc = ModuleSrc {
     name: "activation",
@@ -74,21 +75,15 @@ fn code(f: ActFn) -> (i32, f32) {
 }
 
 impl CudaBackend {
-    pub(super) fn act_forward(&mut self, f: ActFn, len: usize, x: BufId, y: BufId) -> Result<()> {
+    pub(super) fn act_forward(&mut self, o: &ops::Act) -> Result<()> {
+        let ops::Act { f, len, x, y, .. } = *o;
         let (c, p) = code(f);
         let args = Args::new().i32(c).f32(p).ptr(self.ptr(x)).ptr(self.ptr(y)).i64(len);
         self.launch_elems("act_forward", len, &args)
     }
 
-    pub(super) fn act_backward(
-        &mut self,
-        f: ActFn,
-        len: usize,
-        x: BufId,
-        y: BufId,
-        dy: BufId,
-        dx: GradOut,
-    ) -> Result<()> {
+    pub(super) fn act_backward(&mut self, o: &ops::ActBackward) -> Result<()> {
+        let ops::ActBackward { f, len, x, y, dy, dx, .. } = *o;
         let (c, p) = code(f);
         let args = Args::new()
             .i32(c)

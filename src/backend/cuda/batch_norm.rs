@@ -12,7 +12,8 @@ use super::CudaBackend;
 use super::driver::Args;
 use super::nvrtc::ModuleSrc;
 use crate::Result;
-use crate::backend::ops::{BnGeom, BufId, GradOut};
+use crate::backend::ops;
+use crate::backend::ops::{BnGeom, GradOut};
 
 /// Threads per block of the partial-sum kernels (a power of two, for the block reduction).
 pub(super) const BN_THREADS: u32 = 256;
@@ -137,18 +138,9 @@ extern "C" __global__ void bn_apply_grad(const float* x, const float* gamma, con
 };
 
 impl CudaBackend {
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn bn_train_forward(
-        &mut self,
-        g: &BnGeom,
-        x: BufId,
-        gamma: Option<BufId>,
-        beta: Option<BufId>,
-        y: BufId,
-        mean: BufId,
-        invstd: BufId,
-        running: Option<(BufId, BufId, f32)>,
-    ) -> Result<()> {
+    pub(super) fn bn_train_forward(&mut self, o: &ops::BatchNormTrain) -> Result<()> {
+        let ops::BatchNormTrain { x, gamma, beta, y, mean, invstd, running, .. } = *o;
+        let g = &o.g;
         let (segs, per) = segments(g, self.gpu.sm_count as usize);
         // Scratch: partial sums (2 f64 per channel and segment), then coefficients (2 f32 per channel).
         let part_bytes = g.c * segs * 16;
@@ -181,17 +173,9 @@ impl CudaBackend {
         self.launch_elems("bn_apply", total, &apply)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn bn_infer_forward(
-        &mut self,
-        g: &BnGeom,
-        x: BufId,
-        gamma: Option<BufId>,
-        beta: Option<BufId>,
-        running_mean: BufId,
-        running_var: BufId,
-        y: BufId,
-    ) -> Result<()> {
+    pub(super) fn bn_infer_forward(&mut self, o: &ops::BatchNormInfer) -> Result<()> {
+        let ops::BatchNormInfer { x, gamma, beta, running_mean, running_var, y, .. } = *o;
+        let g = &o.g;
         let args = Args::new()
             .ptr(self.ptr(x))
             .ptr(self.opt_ptr(gamma))
@@ -206,19 +190,9 @@ impl CudaBackend {
         self.launch_elems("bn_infer_forward", g.n * g.c * g.hw, &args)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn bn_backward(
-        &mut self,
-        g: &BnGeom,
-        x: BufId,
-        gamma: Option<BufId>,
-        mean: BufId,
-        invstd: BufId,
-        dy: BufId,
-        dx: Option<GradOut>,
-        dgamma: Option<GradOut>,
-        dbeta: Option<GradOut>,
-    ) -> Result<()> {
+    pub(super) fn bn_backward(&mut self, o: &ops::BatchNormBackward) -> Result<()> {
+        let ops::BatchNormBackward { x, gamma, mean, invstd, dy, dx, dgamma, dbeta, .. } = *o;
+        let g = &o.g;
         let (segs, per) = segments(g, self.gpu.sm_count as usize);
         let part_bytes = g.c * segs * 16;
         let scratch = self.op_scratch(part_bytes + g.c * 16)?;

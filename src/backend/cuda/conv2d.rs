@@ -21,7 +21,8 @@ use cudarc::cudnn::sys;
 use cudarc::driver::sys::CUdeviceptr;
 
 use super::CudaBackend;
-use crate::backend::ops::{BufId, ConvGeom, GradOut};
+use crate::backend::ops;
+use crate::backend::ops::ConvGeom;
 use crate::{Error, Result};
 
 macro_rules! dnn {
@@ -344,15 +345,12 @@ impl CudaBackend {
     /// Queues one convolution pass: `out = op(a, b)` (+ `beta * out`) with the direction's
     /// operands: forward `(x, w) -> y`, backward data `(w, dy) -> dx`, backward filter
     /// `(x, dy) -> dw`.
-    #[allow(clippy::too_many_arguments)]
     fn conv_run(
         &self,
         g: &ConvGeom,
         c: Chosen,
-        a: CUdeviceptr,
-        b: CUdeviceptr,
-        out: CUdeviceptr,
-        beta: f32,
+        (a, b): (CUdeviceptr, CUdeviceptr),
+        (out, beta): (CUdeviceptr, f32),
         ws: (CUdeviceptr, usize),
     ) -> Result<()> {
         let e = self.dnn.convs.get(&key(g)).ok_or_else(|| Error::State("convolution not described".into()))?;
@@ -518,8 +516,8 @@ impl CudaBackend {
             (Some(x), Some(f)) if x == f || cands[f].time >= 0.9 * cands[x].time => (x, String::new()),
             // A transform algorithm at least 10% faster: use it if it agrees with the exact one.
             (Some(x), Some(f)) => {
-                self.conv_run(g, chosen(x), a, b, scratch.0, 0.0, ws)?;
-                self.conv_run(g, chosen(f), a, b, scratch.1, 0.0, ws)?;
+                self.conv_run(g, chosen(x), (a, b), (scratch.0, 0.0), ws)?;
+                self.conv_run(g, chosen(f), (a, b), (scratch.1, 0.0), ws)?;
                 let len = match dir {
                     Dir::Forward => g.output_len(),
                     Dir::BackwardData => g.input_len(),
@@ -545,40 +543,34 @@ impl CudaBackend {
         Ok(chosen(choice))
     }
 
-    pub(super) fn conv_forward(&mut self, g: &ConvGeom, x: BufId, w: BufId, b: Option<BufId>, y: BufId) -> Result<()> {
+    pub(super) fn conv_forward(&mut self, o: &ops::Conv2d) -> Result<()> {
+        let ops::Conv2d { x, w, b, y, .. } = *o;
+        let g = &o.g;
         let _lock = cudnn_lock();
         let (xp, wp, yp) = (self.ptr(x), self.ptr(w), self.ptr(y));
         let c = self.conv_algo(g, Dir::Forward, xp, wp)?;
         let ws = self.conv_workspace(c.memory)?;
-        self.conv_run(g, c, xp, wp, yp, 0.0, ws)?;
+        self.conv_run(g, c, (xp, wp), (yp, 0.0), ws)?;
         if let Some(b) = b {
             self.bias_add(y, b, g.n, g.k, g.oh * g.ow)?;
         }
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn conv_backward(
-        &mut self,
-        g: &ConvGeom,
-        x: BufId,
-        w: BufId,
-        dy: BufId,
-        dx: Option<GradOut>,
-        dw: GradOut,
-        db: Option<GradOut>,
-    ) -> Result<()> {
+    pub(super) fn conv_backward(&mut self, o: &ops::Conv2dBackward) -> Result<()> {
+        let ops::Conv2dBackward { x, w, dy, dx, dw, db, .. } = *o;
+        let g = &o.g;
         let _lock = cudnn_lock();
         let (xp, wp, dyp) = (self.ptr(x), self.ptr(w), self.ptr(dy));
         let beta = |acc: bool| if acc { 1.0f32 } else { 0.0f32 };
         if let Some(dx) = dx {
             let c = self.conv_algo(g, Dir::BackwardData, wp, dyp)?;
             let ws = self.conv_workspace(c.memory)?;
-            self.conv_run(g, c, wp, dyp, self.ptr(dx.buf), beta(dx.accumulate), ws)?;
+            self.conv_run(g, c, (wp, dyp), (self.ptr(dx.buf), beta(dx.accumulate)), ws)?;
         }
         let c = self.conv_algo(g, Dir::BackwardFilter, xp, dyp)?;
         let ws = self.conv_workspace(c.memory)?;
-        self.conv_run(g, c, xp, dyp, self.ptr(dw.buf), beta(dw.accumulate), ws)?;
+        self.conv_run(g, c, (xp, dyp), (self.ptr(dw.buf), beta(dw.accumulate)), ws)?;
         if let Some(db) = db {
             self.channel_sum(dy, db, g.n, g.k, g.oh * g.ow)?;
         }

@@ -11,7 +11,7 @@
 use super::CudaBackend;
 use super::driver::Args;
 use super::nvrtc::ModuleSrc;
-use crate::backend::ops::{BufId, CounterId, GradOut};
+use crate::backend::ops;
 use crate::{Error, Result};
 
 pub(super) const MODULE: ModuleSrc = ModuleSrc {
@@ -70,17 +70,8 @@ extern "C" __global__ void philox_test(const unsigned* in, unsigned* out, i64 n,
 };
 
 impl CudaBackend {
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn dropout_forward(
-        &mut self,
-        rate: f32,
-        len: usize,
-        seed: u64,
-        counter: CounterId,
-        x: BufId,
-        y: BufId,
-        mask: BufId,
-    ) -> Result<()> {
+    pub(super) fn dropout_forward(&mut self, o: &ops::Dropout) -> Result<()> {
+        let ops::Dropout { rate, len, seed, counter, x, y, mask, .. } = *o;
         // The scale exactly as the CPU computes it (in f32).
         let scale = 1.0f32 / (1.0 - rate);
         let ctr = self.mem.counter_ptr(counter.0)?;
@@ -97,7 +88,8 @@ impl CudaBackend {
         self.launch_blocks("counter_increment", 1, 1, 0, &Args::new().ptr(ctr))
     }
 
-    pub(super) fn dropout_backward(&mut self, len: usize, mask: BufId, dy: BufId, dx: GradOut) -> Result<()> {
+    pub(super) fn dropout_backward(&mut self, o: &ops::DropoutBackward) -> Result<()> {
+        let ops::DropoutBackward { len, mask, dy, dx, .. } = *o;
         let args =
             Args::new().ptr(self.ptr(mask)).ptr(self.ptr(dy)).ptr(self.ptr(dx.buf)).i64(len).i32(dx.accumulate as i32);
         self.launch_elems("dropout_backward", len, &args)

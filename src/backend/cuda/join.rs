@@ -7,6 +7,7 @@ use super::CudaBackend;
 use super::driver::Args;
 use super::nvrtc::ModuleSrc;
 use crate::Result;
+use crate::backend::ops;
 use crate::backend::ops::{BufId, GradOut};
 
 /// Inputs one `add` launch takes; longer sums chain launches that accumulate.
@@ -75,7 +76,9 @@ extern "C" __global__ void column_sum(const float* dy, float* db, i64 m, i64 n, 
 };
 
 impl CudaBackend {
-    pub(super) fn add(&mut self, len: usize, inputs: &[BufId], y: BufId) -> Result<()> {
+    pub(super) fn add(&mut self, o: &ops::Add) -> Result<()> {
+        let ops::Add { len, y, .. } = *o;
+        let inputs = &o.inputs;
         for (i, chunk) in inputs.chunks(ADD_FAN_IN).enumerate() {
             let mut args = Args::new().ptr(self.ptr(y)).i64(len).i32(chunk.len() as i32).i32((i > 0) as i32);
             for k in 0..ADD_FAN_IN {
@@ -86,18 +89,14 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Copies `rows` rows of `len` values between row-strided layouts (concat and its gradient).
-    #[allow(clippy::too_many_arguments)]
+    /// Copies `rows` rows of `len` values between row-strided layouts (concat and its gradient);
+    /// `src` and `dst` are (buffer, row stride, offset).
     pub(super) fn strided_copy(
         &mut self,
-        src: BufId,
-        dst: GradOut,
+        (src, src_stride, src_off): (BufId, usize, usize),
+        (dst, dst_stride, dst_off): (GradOut, usize, usize),
         rows: usize,
         len: usize,
-        src_stride: usize,
-        src_off: usize,
-        dst_stride: usize,
-        dst_off: usize,
     ) -> Result<()> {
         let args = Args::new()
             .ptr(self.ptr(src))
@@ -112,42 +111,45 @@ impl CudaBackend {
         self.launch_elems("strided_copy", rows * len, &args)
     }
 
-    pub(super) fn concat(&mut self, n: usize, inner: usize, parts: &[(BufId, usize)], y: BufId) -> Result<()> {
+    pub(super) fn concat(&mut self, o: &ops::Concat) -> Result<()> {
+        let ops::Concat { n, inner, ref parts, y } = *o;
         let total: usize = parts.iter().map(|p| p.1).sum();
         let mut off = 0;
         for &(b, ch) in parts {
             let len = ch * inner;
-            self.strided_copy(b, GradOut { buf: y, accumulate: false }, n, len, len, 0, total * inner, off * inner)?;
+            self.strided_copy(
+                (b, len, 0),
+                (GradOut { buf: y, accumulate: false }, total * inner, off * inner),
+                n,
+                len,
+            )?;
             off += ch;
         }
         Ok(())
     }
 
-    pub(super) fn concat_backward(
-        &mut self,
-        n: usize,
-        inner: usize,
-        parts: &[(Option<GradOut>, usize)],
-        dy: BufId,
-    ) -> Result<()> {
+    pub(super) fn concat_backward(&mut self, o: &ops::ConcatBackward) -> Result<()> {
+        let ops::ConcatBackward { n, inner, ref parts, dy } = *o;
         let total: usize = parts.iter().map(|p| p.1).sum();
         let mut off = 0;
         for &(g, ch) in parts {
             let len = ch * inner;
             if let Some(g) = g {
-                self.strided_copy(dy, g, n, len, total * inner, off * inner, len, 0)?;
+                self.strided_copy((dy, total * inner, off * inner), (g, len, 0), n, len)?;
             }
             off += ch;
         }
         Ok(())
     }
 
-    pub(super) fn grad_into(&mut self, len: usize, src: BufId, dst: GradOut) -> Result<()> {
+    pub(super) fn grad_into(&mut self, o: &ops::GradInto) -> Result<()> {
+        let ops::GradInto { len, src, dst, .. } = *o;
         let args = Args::new().ptr(self.ptr(src)).ptr(self.ptr(dst.buf)).i64(len).i32(dst.accumulate as i32);
         self.launch_elems("copy_or_add", len, &args)
     }
 
-    pub(super) fn fill(&mut self, len: usize, buf: BufId, value: f32) -> Result<()> {
+    pub(super) fn fill(&mut self, o: &ops::Fill) -> Result<()> {
+        let ops::Fill { len, buf, value, .. } = *o;
         let args = Args::new().ptr(self.ptr(buf)).i64(len).f32(value);
         self.launch_elems("fill", len, &args)
     }

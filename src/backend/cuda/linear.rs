@@ -26,7 +26,7 @@ use cudarc::cublaslt::sys;
 use cudarc::driver::sys::CUdeviceptr;
 
 use super::CudaBackend;
-use crate::backend::ops::{BufId, GradOut};
+use crate::backend::ops;
 use crate::{Error, Result};
 
 macro_rules! blaslt {
@@ -248,17 +248,8 @@ impl CudaBackend {
         Ok((found > 0 && result[0].state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS).then_some(result[0].algo))
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn linear_forward(
-        &mut self,
-        m: usize,
-        k: usize,
-        n: usize,
-        x: BufId,
-        w: BufId,
-        b: Option<BufId>,
-        y: BufId,
-    ) -> Result<()> {
+    pub(super) fn linear_forward(&mut self, o: &ops::Linear) -> Result<()> {
+        let ops::Linear { m, k, n, x, w, b, y, .. } = *o;
         let gm = Gemm {
             trans_a: true,
             trans_b: false,
@@ -286,19 +277,8 @@ impl CudaBackend {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn linear_backward(
-        &mut self,
-        m: usize,
-        k: usize,
-        n: usize,
-        x: BufId,
-        w: BufId,
-        dy: BufId,
-        dx: Option<GradOut>,
-        dw: GradOut,
-        db: Option<GradOut>,
-    ) -> Result<()> {
+    pub(super) fn linear_backward(&mut self, o: &ops::LinearBackward) -> Result<()> {
+        let ops::LinearBackward { m, k, n, x, w, dy, dx, dw, db, .. } = *o;
         let (xp, wp, dyp) = (self.ptr(x), self.ptr(w), self.ptr(dy));
         if let Some(dx) = dx {
             let gm = Gemm {

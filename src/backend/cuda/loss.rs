@@ -6,7 +6,8 @@ use super::CudaBackend;
 use super::driver::Args;
 use super::nvrtc::ModuleSrc;
 use crate::Result;
-use crate::backend::ops::{BufId, LossFn, Scoring};
+use crate::backend::ops;
+use crate::backend::ops::{LossFn, Scoring};
 
 /// Threads of the single loss block.
 const THREADS: u32 = 256;
@@ -112,19 +113,8 @@ extern "C" __global__ void loss_forward_backward(int f, float p, int class_targe
 };
 
 impl CudaBackend {
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn loss(
-        &mut self,
-        f: LossFn,
-        scoring: Scoring,
-        n: usize,
-        c: usize,
-        pred: BufId,
-        target: BufId,
-        stats: BufId,
-        dpred: Option<BufId>,
-        grad_scale: f32,
-    ) -> Result<()> {
+    pub(super) fn loss(&mut self, o: &ops::Loss) -> Result<()> {
+        let ops::Loss { f, scoring, n, c, pred, target, stats, dpred, grad_scale, .. } = *o;
         let (code, p, class_targets) = match f {
             LossFn::SoftmaxCrossEntropy { label_smoothing, class_targets } => (0, label_smoothing, class_targets),
             LossFn::BinaryCrossEntropy => (1, 0.0, false),

@@ -45,7 +45,7 @@ use std::path::PathBuf;
 use cudarc::driver::sys;
 
 use super::Backend;
-use super::ops::{BufId, CounterId, LossFn, Op, hyper, stats};
+use super::ops::{BufId, CounterId, Op};
 use crate::dist::Communicator;
 use crate::{Error, Result};
 use driver::{Args, Event, Gpu};
@@ -265,83 +265,42 @@ impl CudaBackend {
         self.gpu.launch(self.func(name)?, grid, block, shared, args)
     }
 
-    /// Checks that every buffer an op touches exists and is long enough: a wrong op list must
-    /// be an error, not a write past a device allocation.
-    fn validate(&self, op: &Op) -> Result<()> {
-        for (b, need) in extents(op) {
-            let have = self.bufs.get(b.0).map(|x| x.1);
-            match have {
-                Some(have) if have >= need => {}
-                _ => {
-                    return Err(Error::shape(
-                        format!("buffer {} of op {}", b.0, op.name()),
-                        format!("at least {need} values"),
-                        have.map_or("no such buffer".to_string(), |h| format!("{h} values")),
-                    ));
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// Queues one op.
     fn exec(&mut self, op: &Op) -> Result<()> {
-        self.validate(op)?;
+        op.validate(|b| self.bufs.get(b.0).map(|x| x.1))?;
         if self.coll.is_some() {
             self.join_for(op)?;
         }
         match op {
-            Op::Conv2d { g, x, w, b, y } => self.conv_forward(g, *x, *w, *b, *y),
-            Op::Conv2dBackward { g, x, w, dy, dx, dw, db } => self.conv_backward(g, *x, *w, *dy, *dx, *dw, *db),
-            Op::Linear { m, k, n, x, w, b, y } => self.linear_forward(*m, *k, *n, *x, *w, *b, *y),
-            Op::LinearBackward { m, k, n, x, w, dy, dx, dw, db } => {
-                self.linear_backward(*m, *k, *n, *x, *w, *dy, *dx, *dw, *db)
-            }
-            Op::Act { f, len, x, y } => self.act_forward(*f, *len, *x, *y),
-            Op::ActBackward { f, len, x, y, dy, dx } => self.act_backward(*f, *len, *x, *y, *dy, *dx),
-            Op::Softmax { outer, dim, inner, x, y } => self.softmax_forward(*outer, *dim, *inner, *x, *y),
-            Op::SoftmaxBackward { outer, dim, inner, y, dy, dx } => {
-                self.softmax_backward(*outer, *dim, *inner, *y, *dy, *dx)
-            }
-            Op::Dropout { rate, len, seed, counter, x, y, mask } => {
-                self.dropout_forward(*rate, *len, *seed, *counter, *x, *y, *mask)
-            }
-            Op::DropoutBackward { len, mask, dy, dx } => self.dropout_backward(*len, *mask, *dy, *dx),
-            Op::BatchNormTrain { g, x, gamma, beta, y, mean, invstd, running, sync: false } => {
-                self.bn_train_forward(g, *x, *gamma, *beta, *y, *mean, *invstd, *running)
-            }
-            Op::BatchNormTrain { g, x, gamma, beta, y, mean, invstd, running, sync: true } => {
-                self.sync_bn_train_forward(g, *x, *gamma, *beta, *y, *mean, *invstd, *running)
-            }
-            Op::BatchNormInfer { g, x, gamma, beta, running_mean, running_var, y } => {
-                self.bn_infer_forward(g, *x, *gamma, *beta, *running_mean, *running_var, *y)
-            }
-            Op::BatchNormBackward { g, x, gamma, mean, invstd, dy, dx, dgamma, dbeta, sync: false } => {
-                self.bn_backward(g, *x, *gamma, *mean, *invstd, *dy, *dx, *dgamma, *dbeta)
-            }
-            Op::BatchNormBackward { g, x, gamma, mean, invstd, dy, dx, dgamma, dbeta, sync: true } => {
-                self.sync_bn_backward(g, *x, *gamma, *mean, *invstd, *dy, *dx, *dgamma, *dbeta)
-            }
-            Op::MaxPool { g, x, y, argmax } => self.max_pool_forward(g, *x, *y, *argmax),
-            Op::MaxPoolBackward { g, argmax, dy, dx } => self.max_pool_backward(g, *argmax, *dy, *dx),
-            Op::AvgPool { g, count_include_pad, x, y } => self.avg_pool_forward(g, *count_include_pad, *x, *y),
-            Op::AvgPoolBackward { g, count_include_pad, dy, dx } => {
-                self.avg_pool_backward(g, *count_include_pad, *dy, *dx)
-            }
-            Op::Add { len, inputs, y } => self.add(*len, inputs, *y),
-            Op::Concat { n, inner, parts, y } => self.concat(*n, *inner, parts, *y),
-            Op::ConcatBackward { n, inner, parts, dy } => self.concat_backward(*n, *inner, parts, *dy),
-            Op::GradInto { len, src, dst } => self.grad_into(*len, *src, *dst),
-            Op::Fill { len, buf, value } => self.fill(*len, *buf, *value),
-            Op::Loss { f, scoring, n, c, pred, target, stats, dpred, grad_scale } => {
-                self.loss(*f, *scoring, *n, *c, *pred, *target, *stats, *dpred, *grad_scale)
-            }
-            Op::ClipGradNorm { grads, max_norm, norm } => self.clip_grad_norm(grads, *max_norm, *norm),
-            Op::ClipGradValue { grads, clip } => self.clip_grad_value(grads, *clip),
-            Op::OptimizerStep { rule, hyper, step, scalars, params } => {
-                self.optimizer_step(*rule, *hyper, *step, *scalars, params)
-            }
-            Op::AllReduce { bufs, mean } => self.all_reduce_op(bufs, *mean),
+            Op::Conv2d(o) => self.conv_forward(o),
+            Op::Conv2dBackward(o) => self.conv_backward(o),
+            Op::Linear(o) => self.linear_forward(o),
+            Op::LinearBackward(o) => self.linear_backward(o),
+            Op::Act(o) => self.act_forward(o),
+            Op::ActBackward(o) => self.act_backward(o),
+            Op::Softmax(o) => self.softmax_forward(o),
+            Op::SoftmaxBackward(o) => self.softmax_backward(o),
+            Op::Dropout(o) => self.dropout_forward(o),
+            Op::DropoutBackward(o) => self.dropout_backward(o),
+            Op::BatchNormTrain(o) if o.sync => self.sync_bn_train_forward(o),
+            Op::BatchNormTrain(o) => self.bn_train_forward(o),
+            Op::BatchNormInfer(o) => self.bn_infer_forward(o),
+            Op::BatchNormBackward(o) if o.sync => self.sync_bn_backward(o),
+            Op::BatchNormBackward(o) => self.bn_backward(o),
+            Op::MaxPool(o) => self.max_pool_forward(o),
+            Op::MaxPoolBackward(o) => self.max_pool_backward(o),
+            Op::AvgPool(o) => self.avg_pool_forward(o),
+            Op::AvgPoolBackward(o) => self.avg_pool_backward(o),
+            Op::Add(o) => self.add(o),
+            Op::Concat(o) => self.concat(o),
+            Op::ConcatBackward(o) => self.concat_backward(o),
+            Op::GradInto(o) => self.grad_into(o),
+            Op::Fill(o) => self.fill(o),
+            Op::Loss(o) => self.loss(o),
+            Op::ClipGradNorm(o) => self.clip_grad_norm(o),
+            Op::ClipGradValue(o) => self.clip_grad_value(o),
+            Op::OptimizerStep(o) => self.optimizer_step(o),
+            Op::AllReduce(o) => self.all_reduce_op(o),
         }
     }
 
@@ -355,7 +314,7 @@ impl CudaBackend {
         let times = self.profile(ops);
         let joined = self.join_collectives();
         for (op, ms) in ops.iter().zip(times?) {
-            eprintln!("[kiln cuda] {:<20} {:<48} {ms:>9.3} ms", op.name(), shapes(op));
+            eprintln!("[kiln cuda] {:<20} {:<48} {ms:>9.3} ms", op.name(), op.shapes());
         }
         joined
     }
@@ -391,160 +350,6 @@ fn f32_bytes(v: &[f32]) -> &[u8] {
 fn f32_bytes_mut(v: &mut [f32]) -> &mut [u8] {
     // SAFETY: any 4 bytes are a valid f32; the lengths match.
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, std::mem::size_of_val(v)) }
-}
-
-/// Every buffer an op reads or writes, with the number of values it needs.
-fn extents(op: &Op) -> Vec<(BufId, usize)> {
-    let mut v = Vec::new();
-    let opt = |b: Option<BufId>, n: usize, v: &mut Vec<(BufId, usize)>| {
-        if let Some(b) = b {
-            v.push((b, n));
-        }
-    };
-    match op {
-        Op::Conv2d { g, x, w, b, y } => {
-            v.extend([(*x, g.input_len()), (*w, g.weight_len()), (*y, g.output_len())]);
-            opt(*b, g.k, &mut v);
-        }
-        Op::Conv2dBackward { g, x, w, dy, dx, dw, db } => {
-            v.extend([(*x, g.input_len()), (*w, g.weight_len()), (*dy, g.output_len()), (dw.buf, g.weight_len())]);
-            opt(dx.map(|d| d.buf), g.input_len(), &mut v);
-            opt(db.map(|d| d.buf), g.k, &mut v);
-        }
-        Op::Linear { m, k, n, x, w, b, y } => {
-            v.extend([(*x, m * k), (*w, n * k), (*y, m * n)]);
-            opt(*b, *n, &mut v);
-        }
-        Op::LinearBackward { m, k, n, x, w, dy, dx, dw, db } => {
-            v.extend([(*x, m * k), (*w, n * k), (*dy, m * n), (dw.buf, n * k)]);
-            opt(dx.map(|d| d.buf), m * k, &mut v);
-            opt(db.map(|d| d.buf), *n, &mut v);
-        }
-        Op::Act { len, x, y, .. } => v.extend([(*x, *len), (*y, *len)]),
-        Op::ActBackward { len, x, y, dy, dx, .. } => v.extend([(*x, *len), (*y, *len), (*dy, *len), (dx.buf, *len)]),
-        Op::Softmax { outer, dim, inner, x, y } => v.extend([(*x, outer * dim * inner), (*y, outer * dim * inner)]),
-        Op::SoftmaxBackward { outer, dim, inner, y, dy, dx } => {
-            let n = outer * dim * inner;
-            v.extend([(*y, n), (*dy, n), (dx.buf, n)]);
-        }
-        Op::Dropout { len, x, y, mask, .. } => v.extend([(*x, *len), (*y, *len), (*mask, *len)]),
-        Op::DropoutBackward { len, mask, dy, dx } => v.extend([(*mask, *len), (*dy, *len), (dx.buf, *len)]),
-        Op::BatchNormTrain { g, x, gamma, beta, y, mean, invstd, running, .. } => {
-            let n = g.n * g.c * g.hw;
-            v.extend([(*x, n), (*y, n), (*mean, g.c), (*invstd, g.c)]);
-            opt(*gamma, g.c, &mut v);
-            opt(*beta, g.c, &mut v);
-            opt(running.map(|r| r.0), g.c, &mut v);
-            opt(running.map(|r| r.1), g.c, &mut v);
-        }
-        Op::BatchNormInfer { g, x, gamma, beta, running_mean, running_var, y } => {
-            let n = g.n * g.c * g.hw;
-            v.extend([(*x, n), (*y, n), (*running_mean, g.c), (*running_var, g.c)]);
-            opt(*gamma, g.c, &mut v);
-            opt(*beta, g.c, &mut v);
-        }
-        Op::BatchNormBackward { g, x, gamma, mean, invstd, dy, dx, dgamma, dbeta, .. } => {
-            let n = g.n * g.c * g.hw;
-            v.extend([(*x, n), (*dy, n), (*mean, g.c), (*invstd, g.c)]);
-            opt(*gamma, g.c, &mut v);
-            opt(dx.map(|d| d.buf), n, &mut v);
-            opt(dgamma.map(|d| d.buf), g.c, &mut v);
-            opt(dbeta.map(|d| d.buf), g.c, &mut v);
-        }
-        Op::MaxPool { g, x, y, argmax } => {
-            v.extend([(*x, g.input_len()), (*y, g.output_len()), (*argmax, g.output_len())])
-        }
-        Op::MaxPoolBackward { g, argmax, dy, dx } => {
-            v.extend([(*argmax, g.output_len()), (*dy, g.output_len()), (dx.buf, g.input_len())])
-        }
-        Op::AvgPool { g, x, y, .. } => v.extend([(*x, g.input_len()), (*y, g.output_len())]),
-        Op::AvgPoolBackward { g, dy, dx, .. } => v.extend([(*dy, g.output_len()), (dx.buf, g.input_len())]),
-        Op::Add { len, inputs, y } => {
-            v.extend(inputs.iter().map(|b| (*b, *len)));
-            v.push((*y, *len));
-        }
-        Op::Concat { n, inner, parts, y } => {
-            v.extend(parts.iter().map(|(b, c)| (*b, n * c * inner)));
-            v.push((*y, n * inner * parts.iter().map(|p| p.1).sum::<usize>()));
-        }
-        Op::ConcatBackward { n, inner, parts, dy } => {
-            v.extend(parts.iter().filter_map(|(g, c)| g.map(|g| (g.buf, n * c * inner))));
-            v.push((*dy, n * inner * parts.iter().map(|p| p.1).sum::<usize>()));
-        }
-        Op::GradInto { len, src, dst } => v.extend([(*src, *len), (dst.buf, *len)]),
-        Op::Fill { len, buf, .. } => v.push((*buf, *len)),
-        Op::Loss { f, n, c, pred, target, stats, dpred, .. } => {
-            let class_targets = matches!(
-                f,
-                LossFn::SoftmaxCrossEntropy { class_targets: true, .. }
-                    | LossFn::CategoricalCrossEntropy { class_targets: true }
-            );
-            v.extend([(*pred, n * c), (*target, if class_targets { *n } else { n * c }), (*stats, stats::LEN)]);
-            opt(*dpred, n * c, &mut v);
-        }
-        Op::ClipGradNorm { grads, norm, .. } => {
-            v.extend(grads.iter().copied());
-            v.push((*norm, 1));
-        }
-        Op::ClipGradValue { grads, .. } | Op::AllReduce { bufs: grads, .. } => v.extend(grads.iter().copied()),
-        Op::OptimizerStep { rule, hyper: h, scalars, params, .. } => {
-            v.extend([(*h, hyper::LEN), (*scalars, 1)]);
-            for p in params {
-                v.extend([(p.value, p.len), (p.grad, p.len)]);
-                if p.state.len() != rule.state_tensors() {
-                    // Caught by the length check: an impossible extent names the problem.
-                    v.push((p.value, usize::MAX));
-                }
-                v.extend(p.state.iter().map(|s| (*s, p.len)));
-            }
-        }
-    }
-    v
-}
-
-/// A short description of an op's shapes for the debug log.
-fn shapes(op: &Op) -> String {
-    match op {
-        Op::Conv2d { g, .. } | Op::Conv2dBackward { g, .. } => format!(
-            "{}x{}x{}x{} -> {}x{}x{} k{}x{} s{}x{} p{}x{} d{}x{} g{}",
-            g.n, g.c, g.h, g.w, g.k, g.oh, g.ow, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.groups
-        ),
-        Op::Linear { m, k, n, .. } | Op::LinearBackward { m, k, n, .. } => format!("{m}x{k} -> {m}x{n}"),
-        Op::Act { f, len, .. } | Op::ActBackward { f, len, .. } => format!("{f:?} {len}"),
-        Op::Softmax { outer, dim, inner, .. } | Op::SoftmaxBackward { outer, dim, inner, .. } => {
-            format!("{outer}x[{dim}]x{inner}")
-        }
-        Op::Dropout { rate, len, .. } => format!("p={rate} {len}"),
-        Op::DropoutBackward { len, .. } | Op::GradInto { len, .. } | Op::Fill { len, .. } => format!("{len}"),
-        Op::BatchNormTrain { g, .. } | Op::BatchNormInfer { g, .. } | Op::BatchNormBackward { g, .. } => {
-            format!("{}x{}x{}", g.n, g.c, g.hw)
-        }
-        Op::MaxPool { g, .. }
-        | Op::MaxPoolBackward { g, .. }
-        | Op::AvgPool { g, .. }
-        | Op::AvgPoolBackward { g, .. } => {
-            format!("{}x{}x{}x{} -> {}x{} k{}x{} s{}x{}", g.n, g.c, g.h, g.w, g.oh, g.ow, g.kh, g.kw, g.sh, g.sw)
-        }
-        Op::Add { len, inputs, .. } => format!("{} x {len}", inputs.len()),
-        Op::Concat { n, inner, parts, .. } => {
-            format!("{n} x {:?} x {inner}", parts.iter().map(|p| p.1).collect::<Vec<_>>())
-        }
-        Op::ConcatBackward { n, inner, parts, .. } => {
-            format!("{n} x {:?} x {inner}", parts.iter().map(|p| p.1).collect::<Vec<_>>())
-        }
-        Op::Loss { f, n, c, .. } => format!("{f:?} {n}x{c}"),
-        Op::ClipGradNorm { grads, max_norm, .. } => format!("{} tensors, max norm {max_norm}", grads.len()),
-        Op::ClipGradValue { grads, clip } => format!("{} tensors, clip {clip}", grads.len()),
-        Op::AllReduce { bufs, mean } => format!(
-            "{} tensors ({} values), {}",
-            bufs.len(),
-            bufs.iter().map(|b| b.1).sum::<usize>(),
-            if *mean { "mean" } else { "sum" }
-        ),
-        Op::OptimizerStep { rule, params, .. } => {
-            format!("{rule:?} on {} tensors ({} values)", params.len(), params.iter().map(|p| p.len).sum::<usize>())
-        }
-    }
 }
 
 impl Backend for CudaBackend {

@@ -37,7 +37,7 @@ use cudarc::nccl::sys::{ncclComm_t, ncclDataType_t, ncclRedOp_t, ncclUniqueId};
 use libloading::Library;
 
 use super::driver::{Event, Gpu, drv};
-use crate::backend::ops::BufId;
+use crate::backend::ops::{self, BufId, Op};
 use crate::dist::Communicator;
 use crate::{Error, Result};
 
@@ -694,9 +694,13 @@ impl Collectives {
         Ok(())
     }
 
-    /// Whether an op touching `bufs` must first wait for NCCL's stream.
-    pub fn must_join(&self, bufs: &[(BufId, usize)]) -> bool {
-        self.unjoined && bufs.iter().any(|(b, _)| self.pending.contains(b))
+    /// Whether `op` touches a buffer still being reduced on NCCL's stream.
+    pub fn must_join(&self, op: &Op) -> bool {
+        let mut touches = false;
+        if self.unjoined {
+            op.each_buffer(&mut |u| touches |= self.pending.contains(&u.buf));
+        }
+        touches
     }
 
     /// Makes `compute` wait for everything queued on NCCL's stream.
@@ -718,7 +722,8 @@ impl super::CudaBackend {
     }
 
     /// [`crate::backend::Op::AllReduce`]: queued on NCCL's stream, joined later.
-    pub(super) fn all_reduce_op(&mut self, bufs: &[(BufId, usize)], mean: bool) -> Result<()> {
+    pub(super) fn all_reduce_op(&mut self, o: &ops::AllReduce) -> Result<()> {
+        let (bufs, mean) = (&o.bufs, o.mean);
         let ptrs: Vec<(sys::CUdeviceptr, usize)> = bufs.iter().map(|&(b, n)| (self.ptr(b), n)).collect();
         let stream = self.gpu.stream;
         let op = if mean { ncclRedOp_t::ncclAvg } else { ncclRedOp_t::ncclSum };
@@ -735,11 +740,11 @@ impl super::CudaBackend {
     }
 
     /// Before `op`: waits for the reductions of the buffers it touches.
-    pub(super) fn join_for(&mut self, op: &crate::backend::ops::Op) -> Result<()> {
+    pub(super) fn join_for(&mut self, op: &Op) -> Result<()> {
         let stream = self.gpu.stream;
         if let Some(g) = self.coll.as_mut()
-            && !matches!(op, crate::backend::ops::Op::AllReduce { .. })
-            && g.must_join(&super::extents(op))
+            && !matches!(op, Op::AllReduce(_))
+            && g.must_join(op)
         {
             g.join_into(stream)?;
         }

@@ -13,7 +13,8 @@ use super::CudaBackend;
 use super::driver::Args;
 use super::nvrtc::ModuleSrc;
 use crate::Result;
-use crate::backend::ops::{BufId, CounterId, OptParam, OptRule};
+use crate::backend::ops;
+use crate::backend::ops::OptRule;
 
 pub(super) const MODULE: ModuleSrc = ModuleSrc {
     name: "optimizer",
@@ -192,14 +193,9 @@ extern "C" __global__ void clip_value(float* g, i64 n, float clip) {
 };
 
 impl CudaBackend {
-    pub(super) fn optimizer_step(
-        &mut self,
-        rule: OptRule,
-        hyper: BufId,
-        step: CounterId,
-        scalars: BufId,
-        params: &[OptParam],
-    ) -> Result<()> {
+    pub(super) fn optimizer_step(&mut self, o: &ops::OptimizerStep) -> Result<()> {
+        let ops::OptimizerStep { rule, hyper, step, scalars, .. } = *o;
+        let params = &o.params;
         let step_ptr = self.mem.counter_ptr(step.0)?;
         let (h, sc) = (self.ptr(hyper), self.ptr(scalars));
         let md = match rule {
@@ -293,7 +289,8 @@ impl CudaBackend {
         Ok(())
     }
 
-    pub(super) fn clip_grad_norm(&mut self, grads: &[(BufId, usize)], max_norm: f32, norm: BufId) -> Result<()> {
+    pub(super) fn clip_grad_norm(&mut self, o: &ops::ClipGradNorm) -> Result<()> {
+        let ops::ClipGradNorm { ref grads, max_norm, norm } = *o;
         // Scratch: the total, then SLOTS partial sums per tensor.
         const SLOTS: usize = 256;
         let acc = self.op_scratch(8 * (1 + SLOTS * grads.len()))?;
@@ -311,7 +308,8 @@ impl CudaBackend {
         Ok(())
     }
 
-    pub(super) fn clip_grad_value(&mut self, grads: &[(BufId, usize)], clip: f32) -> Result<()> {
+    pub(super) fn clip_grad_value(&mut self, o: &ops::ClipGradValue) -> Result<()> {
+        let ops::ClipGradValue { ref grads, clip } = *o;
         for &(g, n) in grads {
             self.launch_elems("clip_value", n, &Args::new().ptr(self.ptr(g)).i64(n).f32(clip))?;
         }

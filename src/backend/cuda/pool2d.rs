@@ -11,7 +11,8 @@ use super::CudaBackend;
 use super::driver::Args;
 use super::nvrtc::ModuleSrc;
 use crate::Result;
-use crate::backend::ops::{BufId, GradOut, PoolGeom};
+use crate::backend::ops;
+use crate::backend::ops::PoolGeom;
 
 pub(super) const MODULE: ModuleSrc = ModuleSrc {
     name: "pool2d",
@@ -127,29 +128,31 @@ fn geom(args: Args, g: &PoolGeom) -> Args {
 }
 
 impl CudaBackend {
-    pub(super) fn max_pool_forward(&mut self, g: &PoolGeom, x: BufId, y: BufId, argmax: BufId) -> Result<()> {
+    pub(super) fn max_pool_forward(&mut self, o: &ops::MaxPool) -> Result<()> {
+        let ops::MaxPool { x, y, argmax, .. } = *o;
+        let g = &o.g;
         let args = geom(Args::new().ptr(self.ptr(x)).ptr(self.ptr(y)).ptr(self.ptr(argmax)), g);
         self.launch_elems("max_pool_forward", g.output_len(), &args)
     }
 
-    pub(super) fn max_pool_backward(&mut self, g: &PoolGeom, argmax: BufId, dy: BufId, dx: GradOut) -> Result<()> {
+    pub(super) fn max_pool_backward(&mut self, o: &ops::MaxPoolBackward) -> Result<()> {
+        let ops::MaxPoolBackward { argmax, dy, dx, .. } = *o;
+        let g = &o.g;
         let args = geom(Args::new().ptr(self.ptr(argmax)).ptr(self.ptr(dy)).ptr(self.ptr(dx.buf)), g)
             .i32(dx.accumulate as i32);
         self.launch_elems("max_pool_backward", g.input_len(), &args)
     }
 
-    pub(super) fn avg_pool_forward(&mut self, g: &PoolGeom, count_include_pad: bool, x: BufId, y: BufId) -> Result<()> {
+    pub(super) fn avg_pool_forward(&mut self, o: &ops::AvgPool) -> Result<()> {
+        let ops::AvgPool { count_include_pad, x, y, .. } = *o;
+        let g = &o.g;
         let args = geom(Args::new().ptr(self.ptr(x)).ptr(self.ptr(y)), g).i32(count_include_pad as i32);
         self.launch_elems("avg_pool_forward", g.output_len(), &args)
     }
 
-    pub(super) fn avg_pool_backward(
-        &mut self,
-        g: &PoolGeom,
-        count_include_pad: bool,
-        dy: BufId,
-        dx: GradOut,
-    ) -> Result<()> {
+    pub(super) fn avg_pool_backward(&mut self, o: &ops::AvgPoolBackward) -> Result<()> {
+        let ops::AvgPoolBackward { count_include_pad, dy, dx, .. } = *o;
+        let g = &o.g;
         let args = geom(Args::new().ptr(self.ptr(dy)).ptr(self.ptr(dx.buf)), g)
             .i32(count_include_pad as i32)
             .i32(dx.accumulate as i32);

@@ -11,7 +11,7 @@ use super::CudaBackend;
 use super::driver::Args;
 use super::nvrtc::ModuleSrc;
 use crate::Result;
-use crate::backend::ops::{BufId, GradOut};
+use crate::backend::ops;
 
 pub(super) const MODULE: ModuleSrc = ModuleSrc {
     name: "softmax",
@@ -89,7 +89,8 @@ extern "C" __global__ void softmax_backward_rows(const float* y, const float* dy
 };
 
 impl CudaBackend {
-    pub(super) fn softmax_forward(&mut self, outer: usize, dim: usize, inner: usize, x: BufId, y: BufId) -> Result<()> {
+    pub(super) fn softmax_forward(&mut self, o: &ops::Softmax) -> Result<()> {
+        let ops::Softmax { outer, dim, inner, x, y, .. } = *o;
         if inner == 1 {
             let args = Args::new().ptr(self.ptr(x)).ptr(self.ptr(y)).i64(outer).i64(dim);
             self.launch_elems("softmax_rows", outer * 32, &args)
@@ -99,16 +100,8 @@ impl CudaBackend {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn softmax_backward(
-        &mut self,
-        outer: usize,
-        dim: usize,
-        inner: usize,
-        y: BufId,
-        dy: BufId,
-        dx: GradOut,
-    ) -> Result<()> {
+    pub(super) fn softmax_backward(&mut self, o: &ops::SoftmaxBackward) -> Result<()> {
+        let ops::SoftmaxBackward { outer, dim, inner, y, dy, dx, .. } = *o;
         let acc = dx.accumulate as i32;
         let args = Args::new().ptr(self.ptr(y)).ptr(self.ptr(dy)).ptr(self.ptr(dx.buf)).i64(outer).i64(dim);
         if inner == 1 {

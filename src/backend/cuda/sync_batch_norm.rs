@@ -14,7 +14,8 @@ use super::batch_norm::{BN_THREADS, segments};
 use super::driver::Args;
 use super::nvrtc::ModuleSrc;
 use crate::Result;
-use crate::backend::ops::{BnGeom, BufId, GradOut};
+use crate::backend::ops;
+use crate::backend::ops::GradOut;
 
 pub(super) const MODULE: ModuleSrc = ModuleSrc {
     name: "sync_batch_norm",
@@ -80,18 +81,9 @@ extern "C" __global__ void bn_sync_apply_grad(const float* x, const float* gamma
 };
 
 impl CudaBackend {
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn sync_bn_train_forward(
-        &mut self,
-        g: &BnGeom,
-        x: BufId,
-        gamma: Option<BufId>,
-        beta: Option<BufId>,
-        y: BufId,
-        mean: BufId,
-        invstd: BufId,
-        running: Option<(BufId, BufId, f32)>,
-    ) -> Result<()> {
+    pub(super) fn sync_bn_train_forward(&mut self, o: &ops::BatchNormTrain) -> Result<()> {
+        let ops::BatchNormTrain { x, gamma, beta, y, mean, invstd, running, .. } = *o;
+        let g = &o.g;
         let (segs, per) = segments(g, self.gpu.sm_count as usize);
         // Scratch: partial sums (2 f64 per channel and segment), totals (2 f64 per channel and
         // the count), coefficients (2 f32 per channel).
@@ -129,19 +121,9 @@ impl CudaBackend {
         self.launch_elems("bn_apply", total, &apply)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn sync_bn_backward(
-        &mut self,
-        g: &BnGeom,
-        x: BufId,
-        gamma: Option<BufId>,
-        mean: BufId,
-        invstd: BufId,
-        dy: BufId,
-        dx: Option<GradOut>,
-        dgamma: Option<GradOut>,
-        dbeta: Option<GradOut>,
-    ) -> Result<()> {
+    pub(super) fn sync_bn_backward(&mut self, o: &ops::BatchNormBackward) -> Result<()> {
+        let ops::BatchNormBackward { x, gamma, mean, invstd, dy, dx, dgamma, dbeta, .. } = *o;
+        let g = &o.g;
         let (segs, per) = segments(g, self.gpu.sm_count as usize);
         let part_bytes = g.c * segs * 16;
         let scratch = self.op_scratch(part_bytes + (2 * g.c + 1) * 8)?;
