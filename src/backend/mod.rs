@@ -8,17 +8,18 @@
 //!   loaded at run time, so a machine without them gets an error at creation, never a panic.
 //! - [`Device`]: which of the two to create (`Device::Auto` takes the GPU when one is usable).
 
+mod collective;
 pub mod cpu;
 pub mod cuda;
 mod device;
 pub mod ops;
 
+pub use collective::Communicator;
 pub use cuda::{CudaBackend, CudaOptions};
 pub use device::Device;
 pub use ops::{ActFn, BnGeom, BufId, ConvGeom, CounterId, GradOut, LossFn, Op, OptParam, OptRule, PoolGeom, Scoring};
 
 use crate::Result;
-use crate::dist::Communicator;
 
 /// What an engine needs from a device.
 ///

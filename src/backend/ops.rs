@@ -155,25 +155,54 @@ pub enum Scoring {
     Binary { logits: bool },
 }
 
-/// Layout of the loss op's statistics buffer: the batch's mean loss and correct counts, and sums
-/// over every batch since the buffer was last cleared (so an epoch's metrics need one read).
-pub mod stats {
-    /// Mean loss of the last batch.
-    pub const LOSS: usize = 0;
-    /// Correct predictions in the last batch (top-1, or elements for binary scoring).
-    pub const CORRECT: usize = 1;
-    /// Targets among the top k outputs in the last batch.
-    pub const CORRECT_K: usize = 2;
-    /// Sum over batches of mean loss times samples.
-    pub const SUM_LOSS: usize = 3;
-    pub const SUM_CORRECT: usize = 4;
-    pub const SUM_CORRECT_K: usize = 5;
-    /// Samples seen.
-    pub const SUM_SAMPLES: usize = 6;
-    /// Predictions scored (samples, or elements under binary scoring).
-    pub const SUM_SCORED: usize = 7;
-    /// Number of values in the buffer.
-    pub const LEN: usize = 8;
+/// Defines a buffer layout once: a module of `usize` constants for Rust, and the same values as
+/// C `#define`s (`PREFIX_NAME`) that [`cuda_layouts`] hands the CUDA kernels, so no offset is
+/// written twice.
+macro_rules! layout {
+    ($(#[$doc:meta])* $m:ident, $prefix:literal { $($(#[$d:meta])* $name:ident = $val:expr;)* }) => {
+        $(#[$doc])*
+        pub mod $m {
+            $($(#[$d])* pub const $name: usize = $val;)*
+
+            /// The layout as C `#define`s, for kernel sources.
+            pub(crate) fn c_defines() -> String {
+                let mut s = String::new();
+                $(s += &format!("#define {}_{} {}\n", $prefix, stringify!($name), $name);)*
+                s
+            }
+        }
+    };
+}
+
+layout! {
+    /// Layout of the loss op's statistics buffer: the batch's mean loss and correct counts, and
+    /// sums over every batch since the buffer was last cleared (so an epoch's metrics need one
+    /// read).
+    stats, "STATS" {
+        /// Mean loss of the last batch.
+        LOSS = 0;
+        /// Correct predictions in the last batch (top-1, or elements for binary scoring).
+        CORRECT = 1;
+        /// Targets among the top k outputs in the last batch.
+        CORRECT_K = 2;
+        /// Sum over batches of mean loss times samples.
+        SUM_LOSS = 3;
+        /// Sum over batches of [`CORRECT`].
+        SUM_CORRECT = 4;
+        /// Sum over batches of [`CORRECT_K`].
+        SUM_CORRECT_K = 5;
+        /// Samples seen.
+        SUM_SAMPLES = 6;
+        /// Predictions scored (samples, or elements under binary scoring).
+        SUM_SCORED = 7;
+        /// Number of values in the buffer.
+        LEN = 8;
+    }
+}
+
+/// Every buffer layout shared with the CUDA kernels, as C `#define`s ([`stats`], [`hyper`]).
+pub(crate) fn cuda_layouts() -> String {
+    stats::c_defines() + &hyper::c_defines()
 }
 
 /// An optimizer's update rule and its fixed hyper-parameters, with PyTorch's semantics.
@@ -232,12 +261,16 @@ impl OptRule {
     }
 }
 
-/// Indices into an optimizer's `hyper` buffer.
-pub mod hyper {
-    pub const LR: usize = 0;
-    /// SGD/RMSprop momentum, or Adam/NAdam beta1.
-    pub const MOMENTUM: usize = 1;
-    pub const LEN: usize = 2;
+layout! {
+    /// Indices into an optimizer's `hyper` buffer.
+    hyper, "HYPER" {
+        /// The learning rate.
+        LR = 0;
+        /// SGD/RMSprop momentum, or Adam/NAdam beta1.
+        MOMENTUM = 1;
+        /// Number of values in the buffer.
+        LEN = 2;
+    }
 }
 
 /// One parameter tensor handled by an optimizer step.

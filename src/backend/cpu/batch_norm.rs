@@ -14,8 +14,8 @@ use rayon::prelude::*;
 use super::float::Float;
 use super::{Grad, store};
 use crate::Result;
+use crate::backend::Communicator;
 use crate::backend::ops::BnGeom;
-use crate::dist::Communicator;
 
 /// Per channel: f64 sums of `f(x)` over the batch and spatial positions.
 fn channel_sums<T: Float>(g: &BnGeom, x: &[T], f: impl Fn(usize, T) -> f64 + Sync) -> Vec<f64> {

@@ -4,8 +4,8 @@
 
 use super::float::Float;
 use crate::Result;
+use crate::backend::Communicator;
 use crate::backend::ops::BufId;
-use crate::dist::Communicator;
 
 /// Sums (or, with `mean`, averages) `list`'s buffers over the group.
 pub fn all_reduce<T: Float>(

@@ -31,7 +31,7 @@ use std::time::Instant;
 
 use super::Backend;
 use super::ops::{self, BufId, CounterId, GradOut, Op, OptRule};
-use crate::dist::Communicator;
+use crate::backend::Communicator;
 use crate::{Error, Result};
 
 /// Element-wise kernels work on chunks of this many values (a multiple of 4, for dropout).

@@ -99,14 +99,14 @@ extern "C" __global__ void loss_forward_backward(int f, float p, int class_targe
     if (threadIdx.x == 0) {
         double mean = (f == 0 || f == 3) ? total / nf : total / all;
         double scored = scoring == 0 ? 0.0 : (scoring == 1 ? nf : all);
-        stats[0] = (float)mean;
-        stats[1] = (float)correct;
-        stats[2] = (float)correct_k;
-        stats[3] += (float)(mean * nf);
-        stats[4] += (float)correct;
-        stats[5] += (float)correct_k;
-        stats[6] += (float)nf;
-        stats[7] += (float)scored;
+        stats[STATS_LOSS] = (float)mean;
+        stats[STATS_CORRECT] = (float)correct;
+        stats[STATS_CORRECT_K] = (float)correct_k;
+        stats[STATS_SUM_LOSS] += (float)(mean * nf);
+        stats[STATS_SUM_CORRECT] += (float)correct;
+        stats[STATS_SUM_CORRECT_K] += (float)correct_k;
+        stats[STATS_SUM_SAMPLES] += (float)nf;
+        stats[STATS_SUM_SCORED] += (float)scored;
     }
 }
 "#,

@@ -46,7 +46,7 @@ use cudarc::driver::sys;
 
 use super::Backend;
 use super::ops::{BufId, CounterId, Op};
-use crate::dist::Communicator;
+use crate::backend::Communicator;
 use crate::{Error, Result};
 use driver::{Args, Event, Gpu};
 use memory::DeviceMemory;

@@ -37,8 +37,8 @@ use cudarc::nccl::sys::{ncclComm_t, ncclDataType_t, ncclRedOp_t, ncclUniqueId};
 use libloading::Library;
 
 use super::driver::{Event, Gpu, drv};
+use crate::backend::Communicator;
 use crate::backend::ops::{self, BufId, Op};
-use crate::dist::Communicator;
 use crate::{Error, Result};
 
 /// An NCCL status (`ncclResult_t`), kept as the integer it is.

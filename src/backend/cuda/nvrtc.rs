@@ -60,8 +60,15 @@ impl Drop for Module {
     }
 }
 
+/// Definitions shared by every module: [`PRELUDE_BASE`] and the buffer layouts of
+/// [`crate::backend::ops`] ([`crate::backend::ops::cuda_layouts`]).
+pub(crate) fn prelude() -> &'static str {
+    static P: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    P.get_or_init(|| format!("{}\n{PRELUDE_BASE}", crate::backend::ops::cuda_layouts()))
+}
+
 /// Definitions shared by every module (no headers: NVRTC has no standard library here).
-pub(crate) const PRELUDE: &str = r#"
+const PRELUDE_BASE: &str = r#"
 typedef long long i64;
 typedef unsigned long long u64;
 #define INFINITY __int_as_float(0x7f800000)
@@ -130,7 +137,7 @@ impl Compiler {
         let opts = self.options().join(" ");
         let version = format!("{}.{}", self.version.0, self.version.1);
         let h = fnv1a(&[
-            PRELUDE.as_bytes(),
+            prelude().as_bytes(),
             m.source.as_bytes(),
             self.arch.as_bytes(),
             version.as_bytes(),
@@ -207,7 +214,7 @@ impl Compiler {
 
 /// Compiles one module to a cubin; a compile error carries NVRTC's log.
 fn compile(m: &ModuleSrc, opts: &[String]) -> Result<Vec<u8>> {
-    let src = CString::new(format!("{PRELUDE}\n{}", m.source))
+    let src = CString::new(format!("{}\n{}", prelude(), m.source))
         .map_err(|_| Error::State(format!("kernel source {} holds a NUL byte", m.name)))?;
     let name = CString::new(format!("{}.cu", m.name)).expect("module names have no NUL");
     let copts: Vec<CString> = opts.iter().map(|o| CString::new(o.as_str()).expect("options have no NUL")).collect();

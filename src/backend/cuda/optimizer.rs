@@ -42,14 +42,14 @@ extern "C" __global__ void opt_begin(u64* step, float* scalars, const float* hyp
     u64 t = *step + 1;
     *step = t;
     if (md >= 0.f) {
-        double mu = (double)hyper[1] * (1.0 - 0.5 * pow(0.96, (double)t * (double)md));
+        double mu = (double)hyper[HYPER_MOMENTUM] * (1.0 - 0.5 * pow(0.96, (double)t * (double)md));
         scalars[0] = (float)((double)scalars[0] * mu);
     }
 }
 
 extern "C" __global__ void opt_sgd(float* w, const float* g, float* buf, i64 n, const float* hyper,
                                    const u64* step, float damp, int nesterov, float wd) {
-    float lr = hyper[0], mu = hyper[1];
+    float lr = hyper[HYPER_LR], mu = hyper[HYPER_MOMENTUM];
     int first = *step == 1;
     GRID_LOOP(i, n) {
         float d = g[i];
@@ -65,7 +65,7 @@ extern "C" __global__ void opt_sgd(float* w, const float* g, float* buf, i64 n, 
 extern "C" __global__ void opt_adam(float* w, const float* g, float* m, float* v, float* vmax, i64 n,
                                     const float* hyper, const u64* step, float beta2, float eps, float wd,
                                     int decoupled) {
-    double t = (double)*step, lr = (double)hyper[0], b1 = (double)hyper[1];
+    double t = (double)*step, lr = (double)hyper[HYPER_LR], b1 = (double)hyper[HYPER_MOMENTUM];
     float step_size = (float)(lr / (1.0 - pow(b1, t)));
     float bc2_sqrt = (float)sqrt(1.0 - pow((double)beta2, t));
     float one_m_b1 = (float)(1.0 - b1), one_m_b2 = 1.f - beta2;
@@ -90,7 +90,7 @@ extern "C" __global__ void opt_adam(float* w, const float* g, float* m, float* v
 
 extern "C" __global__ void opt_rmsprop(float* w, const float* g, float* sq, float* buf, float* ga, i64 n,
                                        const float* hyper, float alpha, float eps, float wd) {
-    float lr = hyper[0], mu = hyper[1], one_m_a = 1.f - alpha;
+    float lr = hyper[HYPER_LR], mu = hyper[HYPER_MOMENTUM], one_m_a = 1.f - alpha;
     GRID_LOOP(i, n) {
         float gi = g[i];
         if (wd != 0.f) gi = gi + wd * w[i];
@@ -113,7 +113,7 @@ extern "C" __global__ void opt_rmsprop(float* w, const float* g, float* sq, floa
 
 extern "C" __global__ void opt_adagrad(float* w, const float* g, float* sum, i64 n, const float* hyper,
                                        const u64* step, float lr_decay, float eps, float wd) {
-    float clr = (float)((double)hyper[0] / (1.0 + ((double)*step - 1.0) * (double)lr_decay));
+    float clr = (float)((double)hyper[HYPER_LR] / (1.0 + ((double)*step - 1.0) * (double)lr_decay));
     GRID_LOOP(i, n) {
         float gi = g[i];
         if (wd != 0.f) gi = gi + wd * w[i];
@@ -125,7 +125,7 @@ extern "C" __global__ void opt_adagrad(float* w, const float* g, float* sum, i64
 
 extern "C" __global__ void opt_adadelta(float* w, const float* g, float* sq, float* acc, i64 n,
                                         const float* hyper, float rho, float eps, float wd) {
-    float lr = hyper[0], one_m_r = 1.f - rho;
+    float lr = hyper[HYPER_LR], one_m_r = 1.f - rho;
     GRID_LOOP(i, n) {
         float gi = g[i];
         if (wd != 0.f) gi = gi + wd * w[i];
@@ -140,7 +140,7 @@ extern "C" __global__ void opt_adadelta(float* w, const float* g, float* sq, flo
 extern "C" __global__ void opt_nadam(float* w, const float* g, float* m, float* v, i64 n, const float* hyper,
                                      const u64* step, const float* scalars, float beta2, float eps, float wd,
                                      float md) {
-    double t = (double)*step, lr = (double)hyper[0], b1 = (double)hyper[1];
+    double t = (double)*step, lr = (double)hyper[HYPER_LR], b1 = (double)hyper[HYPER_MOMENTUM];
     double mu = b1 * (1.0 - 0.5 * pow(0.96, t * (double)md));
     double mu_next = b1 * (1.0 - 0.5 * pow(0.96, (t + 1.0) * (double)md));
     double mu_product = (double)scalars[0];
