@@ -179,3 +179,50 @@ fn a_changed_op_list_under_one_key_starts_over() {
     gpu.run_cached(9, &fill(3.0)).unwrap();
     assert!(gpu.read(a).unwrap().iter().all(|&v| v == 3.0));
 }
+
+/// Predictions and evaluation steps replay CUDA graphs keyed by their plans, and a replay gives
+/// the warm-up's numbers bit for bit.
+#[test]
+fn predictions_and_evaluation_replay_graphs() {
+    use kiln::exec::{LossFn, Precision, Scoring, StepDesc, Sums};
+    use kiln::tensor::Tensor;
+    let Some(gpu) = cuda() else { return };
+    let model = zoo::simple_cnn(4).seed(3).build().unwrap();
+    let mut e = Executor::new(&model, gpu).unwrap();
+    let x = Tensor::new(&[4, 3, 32, 32], random(4 * 3 * 32 * 32, 2)).unwrap();
+    let graphs = e.backend().graph_count();
+    let first = e.predict(&x, Mode::Eval).unwrap(); // warm-up, eager
+    assert_eq!(e.backend().graph_count(), graphs);
+    let second = e.predict(&x, Mode::Eval).unwrap(); // captured and launched
+    let third = e.predict(&x, Mode::Eval).unwrap(); // replayed
+    assert_eq!(e.backend().graph_count(), graphs + 1, "the prediction plan runs as a graph");
+    let bits = |t: &Tensor| t.data().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&first), bits(&second));
+    assert_eq!(bits(&first), bits(&third));
+
+    e.init_training(None, 0.0).unwrap();
+    let desc = StepDesc {
+        batch: 4,
+        mode: Mode::Eval,
+        loss: LossFn::SoftmaxCrossEntropy { label_smoothing: 0.0, class_targets: true },
+        scoring: Scoring::ArgMax { top_k: 1 },
+        sums: Sums::Eval,
+        update: false,
+        zero_grads_first: false,
+        accumulation: 1,
+        clip: None,
+        parallel: None,
+        precision: Precision::F32,
+    };
+    let id = e.step_plan(&desc).unwrap();
+    e.set_input(id, x.data()).unwrap();
+    e.set_target(id, &[0.0, 1.0, 2.0, 3.0]).unwrap();
+    e.set_sums(Sums::Eval, None).unwrap();
+    for _ in 0..3 {
+        e.run(id).unwrap();
+    }
+    assert_eq!(e.backend().graph_count(), graphs + 2, "the evaluation step runs as a graph");
+    let f = e.figures(Sums::Eval, false).unwrap();
+    assert_eq!(f.samples, 12.0);
+    assert!((f.sum_loss - 12.0 * f.loss).abs() <= 1e-5 * f.sum_loss.abs(), "three identical batches: {f:?}");
+}

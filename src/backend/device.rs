@@ -52,14 +52,40 @@ impl Device {
     /// Creates the backend and returns, instead of printing it, the notice saying why `Auto`
     /// fell back to the CPU (`None` when it did not).
     pub fn open_noting(self, options: &CudaOptions) -> Result<(Box<dyn Backend>, Option<String>)> {
+        self.open_on(None, None, options)
+    }
+
+    /// Opens the device as a trainer configures it: the CPU with `threads` workers (`None`: all
+    /// cores or `KILN_NUM_THREADS`), CUDA with TF32 and determinism as given, and, where `gpu`
+    /// is set (the local rank's GPU in data-parallel training), that GPU in place of the
+    /// ordinal `Cuda(i)` or `Auto` would take. Returns the `Auto` notice as
+    /// [`Device::open_noting`] does.
+    pub fn open_for_training(
+        self,
+        threads: Option<usize>,
+        tf32: bool,
+        deterministic: bool,
+        gpu: Option<usize>,
+    ) -> Result<(Box<dyn Backend>, Option<String>)> {
+        let options = CudaOptions { tf32, nondeterministic: !deterministic, ..Default::default() };
+        self.open_on(gpu, threads, &options)
+    }
+
+    fn open_on(
+        self,
+        gpu: Option<usize>,
+        threads: Option<usize>,
+        options: &CudaOptions,
+    ) -> Result<(Box<dyn Backend>, Option<String>)> {
+        let cpu = || -> Result<Box<dyn Backend>> { Ok(Box::new(CpuBackend::<f32>::new(threads)?)) };
         match self {
-            Device::Cpu => Ok((Box::new(CpuBackend::<f32>::new(None)?), None)),
-            Device::Cuda(i) => Ok((Box::new(CudaBackend::with_options(i, options.clone())?), None)),
-            Device::Auto => match CudaBackend::with_options(0, options.clone()) {
+            Device::Cpu => Ok((cpu()?, None)),
+            Device::Cuda(i) => Ok((Box::new(CudaBackend::with_options(gpu.unwrap_or(i), options.clone())?), None)),
+            Device::Auto => match CudaBackend::with_options(gpu.unwrap_or(0), options.clone()) {
                 Ok(b) => Ok((Box::new(b), None)),
                 Err(e) => {
                     let notice = format!("kiln: no usable GPU ({e}); running on the CPU");
-                    Ok((Box::new(CpuBackend::<f32>::new(None)?), Some(notice)))
+                    Ok((cpu()?, Some(notice)))
                 }
             },
         }

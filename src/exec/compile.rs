@@ -44,6 +44,9 @@ pub struct Lowering {
     pub rank: usize,
     /// Batch norm in training reduces its statistics over the data-parallel group.
     pub sync_batch_norm: bool,
+    /// Batch norm in training updates its running statistics (off for a forward pass that
+    /// must change nothing).
+    pub update_running_stats: bool,
 }
 
 impl Lowering {
@@ -106,6 +109,7 @@ pub(super) fn network(
             batch,
             mode: low.mode,
             sync_batch_norm: low.sync_batch_norm,
+            update_running_stats: low.update_running_stats,
             dropout: counters[i].map(|c| (low.dropout_seed_of(i), c)),
             inputs: node.inputs.iter().map(|&j| out[j]).collect(),
             params: node_params(model, params, i).into_iter().map(|(r, p)| (r, p.value)).collect(),
@@ -130,6 +134,8 @@ pub(super) fn network(
         output_grad: None,
         input_grad: None,
         node_outputs: out,
+        step: Vec::new(),
+        target: None,
         buffers: Vec::new(),
     };
     if low.mode == Mode::Train {

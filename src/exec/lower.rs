@@ -37,6 +37,8 @@ pub struct Forward<'a> {
     pub mode: Mode,
     /// Whether batch norm reduces its statistics over the data-parallel group.
     pub sync_batch_norm: bool,
+    /// Whether batch norm in training updates its running statistics.
+    pub update_running_stats: bool,
     /// Seed and counter of this node's dropout mask stream (dropout layers only).
     pub dropout: Option<(u64, CounterId)>,
     pub(super) inputs: Vec<BufId>,
@@ -223,7 +225,7 @@ pub fn forward(cx: &mut Forward) -> Result<()> {
                     let mean = cx.save(g.c, "mean");
                     let invstd = cx.save(g.c, "invstd");
                     let running = match (cx.mode, rm, rv) {
-                        (Mode::Train, Some(rm), Some(rv)) => Some((rm, rv, bn.momentum)),
+                        (Mode::Train, Some(rm), Some(rv)) if cx.update_running_stats => Some((rm, rv, bn.momentum)),
                         _ => None,
                     };
                     let sync = cx.sync_batch_norm && cx.mode == Mode::Train;

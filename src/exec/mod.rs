@@ -17,9 +17,19 @@
 mod compile;
 pub mod lower;
 pub mod plan;
+mod step;
 
+/// The vocabulary of a step description: loss functions, scoring and update rules are the
+/// backend's op descriptors, named here so that the training API needs nothing of the backend.
+pub use crate::backend::{LossFn, OptRule, Scoring};
 pub use compile::Lowering;
 pub use plan::{BufRole, MemoryReport, Mode, ParamBuffers, Plan, PlanOptions, PlannedBuffer};
+pub use step::{
+    Clip, Figures, OptimizerSnapshot, OptimizerState, Parallel, Precision, SUMS_LEN, StepDesc, Sums, Training,
+};
+
+/// A backend chosen at run time ([`crate::backend::Device::open`]).
+pub type AnyBackend = Box<dyn Backend>;
 
 use crate::backend::{Backend, BufId, CounterId};
 use crate::model::{Layer, Model};
@@ -39,9 +49,20 @@ pub struct Executor<B: Backend> {
     counters: Vec<Option<CounterId>>,
     /// The seed of dropout masks (the model's own unless set).
     dropout_seed: u64,
-    /// What each plan was compiled for (the plan cache's keys).
-    keys: Vec<Lowering>,
+    /// What each plan was compiled for (the plan cache's keys, and so the CUDA graph cache's).
+    keys: Vec<Key>,
     plans: Vec<Plan>,
+    /// What training steps share (optimizer state, metric sums), once set up.
+    training: Option<Training>,
+}
+
+/// What a plan was compiled from.
+#[derive(Clone, Debug, PartialEq)]
+enum Key {
+    /// The network alone (forward, and backward in training).
+    Network(Lowering),
+    /// A whole step.
+    Step(StepDesc),
 }
 
 /// `KILN_DEBUG=1`: print each plan's memory when it is compiled.
@@ -75,20 +96,48 @@ impl<B: Backend> Executor<B> {
             dropout_seed: model.seed(),
             keys: Vec::new(),
             plans: Vec::new(),
+            training: None,
         })
+    }
+
+    /// As [`Executor::new`], with dropout masks drawn from `seed` instead of the model's seed.
+    pub fn with_seed(model: &Model, backend: B, seed: u64) -> Result<Self> {
+        let mut e = Self::new(model, backend)?;
+        e.dropout_seed = seed;
+        Ok(e)
     }
 
     /// The plan for `batch` samples in `mode`, compiled and allocated on first request.
     pub fn plan(&mut self, batch: usize, mode: Mode, options: PlanOptions) -> Result<PlanId> {
         let options = if mode == Mode::Eval { PlanOptions::default() } else { options };
-        let low = Lowering { batch, mode, options, dropout_seed: self.dropout_seed, rank: 0, sync_batch_norm: false };
+        self.compile(Lowering { options, ..self.lowering(batch, mode) })
+    }
+
+    /// What [`Executor::plan`] compiles for `batch` and `mode` by default: this executor's
+    /// dropout seed, rank 0, local batch norm updating its running statistics.
+    pub fn lowering(&self, batch: usize, mode: Mode) -> Lowering {
+        Lowering {
+            batch,
+            mode,
+            options: PlanOptions::default(),
+            dropout_seed: self.dropout_seed,
+            rank: 0,
+            sync_batch_norm: false,
+            update_running_stats: true,
+        }
+    }
+
+    /// The plan of the network alone for `low` (see [`Lowering`]), compiled and allocated on
+    /// first request.
+    pub fn plan_for(&mut self, low: Lowering) -> Result<PlanId> {
+        let low = if low.mode == Mode::Eval { Lowering { options: PlanOptions::default(), ..low } } else { low };
         self.compile(low)
     }
 
     /// The plan for `low`, compiled and allocated on first request: planned over virtual
     /// buffers, its memory checked against what the device has free, then allocated once.
     fn compile(&mut self, low: Lowering) -> Result<PlanId> {
-        if let Some(i) = self.keys.iter().position(|k| *k == low) {
+        if let Some(i) = self.keys.iter().position(|k| *k == Key::Network(low)) {
             return Ok(PlanId(i));
         }
         let mut table = compile::Table::default();
@@ -120,13 +169,17 @@ impl<B: Backend> Executor<B> {
             Err(e) => return Err(e),
         }
         p.buffers = table.buffers;
-        self.plans.push(p);
-        self.keys.push(low);
+        Ok(self.add_plan(Key::Network(low), p))
+    }
+
+    fn add_plan(&mut self, key: Key, plan: Plan) -> PlanId {
+        self.plans.push(plan);
+        self.keys.push(key);
         let id = PlanId(self.plans.len() - 1);
         if debug() {
             eprintln!("[kiln] {}", self.memory(id));
         }
-        Ok(id)
+        id
     }
 
     /// The device memory a plan uses, by role: the executor's parameters and gradients (shared
@@ -143,7 +196,15 @@ impl<B: Backend> Executor<B> {
             std::iter::once((BufRole::Parameter, s.len())).chain(grad)
         });
         let own = p.buffers.iter().map(|b| (b.role, b.len));
-        MemoryReport::new(format!("plan {}: {mode}, batch {}", id.0, p.batch), shared.chain(own))
+        let training = match (&self.keys[id.0], &self.training) {
+            (Key::Step(_), Some(t)) => t.buffers(),
+            _ => Vec::new(),
+        };
+        let what = if p.step.is_empty() { "network" } else { "step" };
+        MemoryReport::new(
+            format!("plan {} ({what}): {mode}, batch {}", id.0, p.batch),
+            shared.chain(training).chain(own),
+        )
     }
 
     /// The compiled plan behind a handle.
@@ -169,6 +230,15 @@ impl<B: Backend> Executor<B> {
     pub fn forward(&mut self, id: PlanId) -> Result<()> {
         let ops = std::mem::take(&mut self.plans[id.0].forward);
         let r = self.backend.run(&ops);
+        self.plans[id.0].forward = ops;
+        r
+    }
+
+    /// Runs the forward kernels as one unit the backend may replay (a CUDA graph keyed by the
+    /// plan): what predictions do.
+    pub fn run_forward(&mut self, id: PlanId) -> Result<()> {
+        let ops = std::mem::take(&mut self.plans[id.0].forward);
+        let r = self.backend.run_cached(id.0 as u64, &ops);
         self.plans[id.0].forward = ops;
         r
     }
@@ -238,6 +308,22 @@ impl<B: Backend> Executor<B> {
         self.backend.read(g)
     }
 
+    /// Overwrites the gradient of a trainable parameter (restoring accumulated gradients).
+    pub fn write_param_grad(&mut self, name: &str, value: &[f32]) -> Result<()> {
+        let i = self.param_index(name)?;
+        let g = self.params[i].grad.ok_or_else(|| Error::Param {
+            name: name.into(),
+            reason: "is not trainable, so it has no gradient".into(),
+        })?;
+        if value.len() != self.model.params()[i].len() {
+            return Err(Error::Param {
+                name: name.into(),
+                reason: format!("expected {} gradient values, got {}", self.model.params()[i].len(), value.len()),
+            });
+        }
+        self.backend.write(g, value)
+    }
+
     /// Overwrites a parameter's value.
     pub fn write_param(&mut self, name: &str, value: &[f32]) -> Result<()> {
         let i = self.param_index(name)?;
@@ -271,10 +357,37 @@ impl<B: Backend> Executor<B> {
         self.counters.get(node).copied().flatten()
     }
 
+    /// Each dropout layer's name and how many masks it has drawn (checkpoints).
+    pub fn dropout_steps(&mut self) -> Result<Vec<(String, u64)>> {
+        let mut v = Vec::new();
+        for (i, c) in self.counters.iter().enumerate() {
+            if let Some(c) = *c {
+                v.push((self.model.nodes()[i].name.clone(), self.backend.counter(c)?));
+            }
+        }
+        Ok(v)
+    }
+
+    /// Restores [`Executor::dropout_steps`], in the same order.
+    pub fn set_dropout_steps(&mut self, steps: &[(String, u64)]) -> Result<()> {
+        let counters: Vec<CounterId> = self.counters.iter().flatten().copied().collect();
+        for (c, (_, value)) in counters.into_iter().zip(steps) {
+            self.backend.set_counter(c, *value)?;
+        }
+        Ok(())
+    }
+
+    /// The backend in words (device, threads).
+    pub fn describe(&self) -> String {
+        self.backend.describe()
+    }
+
+    /// The backend.
     pub fn backend(&self) -> &B {
         &self.backend
     }
 
+    /// The backend, mutably.
     pub fn backend_mut(&mut self) -> &mut B {
         &mut self.backend
     }
@@ -293,7 +406,7 @@ impl<B: Backend> Executor<B> {
         let batch = input.shape()[0];
         let id = self.plan(batch, mode, PlanOptions::default())?;
         self.set_input(id, input.data())?;
-        self.forward(id)?;
+        self.run_forward(id)?;
         let mut shape = vec![batch];
         shape.extend_from_slice(&self.model.nodes().last().unwrap().shape);
         Tensor::new(&shape, self.read_output(id)?)

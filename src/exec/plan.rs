@@ -121,6 +121,11 @@ pub struct Plan {
     pub input_grad: Option<BufId>,
     /// Output buffer of each node.
     pub node_outputs: Vec<BufId>,
+    /// A step plan's whole op list (forward, loss, backward, all-reduces, clipping, update);
+    /// empty for a plan of the network alone.
+    pub step: Vec<Op>,
+    /// A step plan's target buffer.
+    pub target: Option<BufId>,
     /// The buffers this plan owns (parameters, their gradients and optimizer state belong to
     /// the executor and are shared by its plans).
     pub buffers: Vec<PlannedBuffer>,

@@ -6,7 +6,12 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
+use super::config::ScheduleUnit;
+use super::metrics::StepResult;
+use super::trainer::{StepKind, Trainer};
 use crate::Result;
+use crate::exec::{LossFn, Scoring};
+use crate::tensor::Tensor;
 
 /// L-BFGS state carried between `step` calls, as PyTorch keeps it in `optimizer.state`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -139,4 +144,60 @@ pub fn step(
         }
     }
     Ok(orig_loss)
+}
+
+impl Trainer {
+    /// One L-BFGS step on a batch: each evaluation runs the step plan's forward, loss and
+    /// backward, and reads the loss and gradients back.
+    pub(super) fn lbfgs_step(
+        &mut self,
+        cfg: LbfgsConfig,
+        inputs: &Tensor,
+        f: LossFn,
+        scoring: Scoring,
+        tv: &[f32],
+    ) -> Result<()> {
+        let n = inputs.shape()[0];
+        let plan = self.step_plan(n, StepKind::Accumulate, f, scoring)?;
+        self.feed(plan, inputs, tv)?;
+        let specs: Vec<(String, usize)> =
+            self.exec.model().params().iter().filter(|p| p.trainable).map(|p| (p.name.clone(), p.len())).collect();
+        let mut flat = Vec::new();
+        for (name, _) in &specs {
+            flat.extend(self.exec.read_param(name)?);
+        }
+        let mut state = std::mem::take(&mut self.lbfgs);
+        let mut first: Option<StepResult> = None;
+        let result = step(cfg, &mut state, &mut flat, |p| {
+            let mut off = 0;
+            for (name, len) in &specs {
+                self.exec.write_param(name, &p[off..off + len])?;
+                off += len;
+            }
+            self.exec.run(plan)?;
+            let r = self.last_step_result(n)?;
+            first.get_or_insert(r);
+            let loss = r.loss as f64;
+            let mut g = Vec::with_capacity(p.len());
+            for (name, _) in &specs {
+                g.extend(self.exec.read_param_grad(name)?);
+            }
+            Ok((loss, g))
+        });
+        self.lbfgs = state;
+        result?;
+        self.lbfgs_first = first;
+        let mut off = 0;
+        for (name, len) in &specs {
+            self.exec.write_param(name, &flat[off..off + len])?;
+            off += len;
+        }
+        self.last_lr = cfg.lr;
+        self.opt_steps += 1;
+        if self.config.schedule_unit == ScheduleUnit::Batch {
+            let metric = if self.scheduler.needs_metric() { Some(self.last_step_result(n)?.loss as f64) } else { None };
+            self.scheduler.step(metric)?;
+        }
+        Ok(())
+    }
 }

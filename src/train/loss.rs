@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{LossFn, Scoring};
+use crate::exec::{LossFn, Scoring};
 use crate::tensor::Tensor;
 use crate::{Error, Result};
 

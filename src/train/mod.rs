@@ -1,12 +1,14 @@
 //! Training: the trainer, losses, optimizers, learning-rate schedules, metrics, the `fit` loop
 //! and its callbacks.
 //!
-//! Optimizers, losses and schedules follow PyTorch's formulas and defaults; the whole training
-//! step (forward, loss, backward, clipping, update) is one list of backend ops, so on a GPU it
-//! runs without host round trips.
+//! Optimizers, losses and schedules follow PyTorch's formulas and defaults. The trainer is the
+//! loop; [`crate::exec`] compiles each whole training step (forward, loss, backward, clipping,
+//! update) into one plan, so on a GPU it runs without host round trips.
 
 mod callbacks;
 mod config;
+mod evaluate;
+mod fit;
 mod lbfgs;
 mod loss;
 mod metrics;
@@ -15,6 +17,8 @@ mod state;
 mod trainer;
 
 pub use crate::backend::Device;
+/// The mode [`Trainer::predict_with`] takes.
+pub use crate::exec::Mode;
 pub use callbacks::{Callback, Control, EarlyStopping, Logger, Monitor, format_log};
 pub use config::{GradClip, Optimizer, Problem, ScheduleUnit, TrainerConfig};
 pub use loss::{Loss, Targets};

@@ -29,8 +29,7 @@ use super::lbfgs::LbfgsState;
 use super::metrics::History;
 use super::schedule::Scheduler;
 use super::trainer::{Trainer, opt_rule};
-use crate::backend::Backend;
-use crate::backend::ops::stats;
+use crate::exec::{OptimizerSnapshot, SUMS_LEN, Sums};
 use crate::model::{Layer, Model};
 use crate::{Error, Result};
 
@@ -136,7 +135,7 @@ impl TrainerState {
         let m = &self.meta;
         let mut want = BTreeMap::new();
         let trainable: Vec<_> = model.params().iter().filter(|p| p.trainable).collect();
-        want.insert("train_sums".to_string(), Kind::F32(stats::LEN));
+        want.insert("train_sums".to_string(), Kind::F32(SUMS_LEN));
         if let Some(rule) = opt_rule(&m.config.optimizer) {
             for p in &trainable {
                 for k in 0..rule.state_tensors() {
@@ -276,31 +275,27 @@ impl Trainer {
     /// Takes the trainer's state (waiting for queued work). With the model's weights
     /// ([`Trainer::model`]) it is everything [`Trainer::from_state`] needs.
     pub fn state(&mut self) -> Result<TrainerState> {
+        let lbfgs = opt_rule(&self.config.optimizer).is_none();
         let specs = self.exec.model().params().to_vec();
-        let nodes = self.exec.model().nodes().to_vec();
-        let grads: Vec<_> = self.exec.param_buffers().iter().map(|p| p.grad).collect();
-        let backend = self.exec.backend_mut();
         let mut tensors = BTreeMap::new();
         let mut optimizer_step = 0;
-        if let Some(opt) = &self.opt {
+        if let Some(snap) = self.exec.optimizer_state()? {
             let trainable = specs.iter().filter(|p| p.trainable);
-            for (spec, p) in trainable.zip(&opt.params) {
-                for (k, &buf) in p.state.iter().enumerate() {
-                    tensors.insert(format!("optimizer.{k}.{}", spec.name), StateTensor::F32(backend.read(buf)?));
+            for (spec, state) in trainable.zip(snap.tensors) {
+                for (k, v) in state.into_iter().enumerate() {
+                    tensors.insert(format!("optimizer.{k}.{}", spec.name), StateTensor::F32(v));
                 }
             }
-            tensors.insert("optimizer.scalars".into(), StateTensor::F32(backend.read(opt.scalars)?));
-            optimizer_step = backend.counter(opt.step)?;
+            tensors.insert("optimizer.scalars".into(), StateTensor::F32(snap.scalars));
+            optimizer_step = snap.step;
         }
         if self.micro > 0 {
-            for (spec, grad) in specs.iter().zip(&grads) {
-                if let Some(g) = grad {
-                    tensors.insert(format!("grad.{}", spec.name), StateTensor::F32(backend.read(*g)?));
-                }
+            for spec in specs.iter().filter(|p| p.trainable) {
+                tensors.insert(format!("grad.{}", spec.name), StateTensor::F32(self.exec.read_param_grad(&spec.name)?));
             }
         }
-        tensors.insert("train_sums".into(), StateTensor::F32(backend.read(self.train_stats)?));
-        if self.opt.is_none() {
+        tensors.insert("train_sums".into(), StateTensor::F32(self.exec.sums(Sums::Train)?));
+        if lbfgs {
             let l = &self.lbfgs;
             tensors.insert("lbfgs.d".into(), StateTensor::F32(l.d.clone()));
             if let Some(g) = &l.prev_flat_grad {
@@ -313,12 +308,7 @@ impl Trainer {
             tensors.insert("lbfgs.ro".into(), StateTensor::F64(l.ro.iter().copied().collect()));
             tensors.insert("lbfgs.scalars".into(), StateTensor::F64(vec![l.t, l.h_diag, l.prev_loss]));
         }
-        let mut dropout_steps = Vec::new();
-        for (i, node) in nodes.iter().enumerate() {
-            if let Some(c) = self.exec.dropout_counter(i) {
-                dropout_steps.push((node.name.clone(), self.exec.backend_mut().counter(c)?));
-            }
-        }
+        let dropout_steps = self.exec.dropout_steps()?;
         let meta = TrainerMeta {
             config: self.config.clone(),
             scheduler: self.scheduler.clone(),
@@ -347,29 +337,25 @@ impl Trainer {
             _ => Err(bad(format!("{name} is missing or not F32"))),
         };
         let specs: Vec<_> = model.params().to_vec();
-        let grads: Vec<_> = t.exec.param_buffers().iter().map(|p| p.grad).collect();
-        if let Some(opt) = &t.opt {
-            let backend = t.exec.backend_mut();
-            let trainable = specs.iter().filter(|p| p.trainable);
-            for (spec, p) in trainable.zip(&opt.params) {
-                for (k, &buf) in p.state.iter().enumerate() {
-                    backend.write(buf, &f32s(&format!("optimizer.{k}.{}", spec.name))?)?;
-                }
+        if let Some(rule) = opt_rule(&t.config.optimizer) {
+            let mut snap = OptimizerSnapshot { tensors: Vec::new(), scalars: Vec::new(), step: meta.optimizer_step };
+            let k = rule.state_tensors();
+            for spec in specs.iter().filter(|p| p.trainable) {
+                snap.tensors
+                    .push((0..k).map(|k| f32s(&format!("optimizer.{k}.{}", spec.name))).collect::<Result<_>>()?);
             }
-            backend.write(opt.scalars, &f32s("optimizer.scalars")?)?;
-            backend.set_counter(opt.step, meta.optimizer_step)?;
+            snap.scalars = f32s("optimizer.scalars")?;
+            t.exec.set_optimizer_state(&snap)?;
         }
         if meta.micro_batches > 0 {
-            for (spec, grad) in specs.iter().zip(&grads) {
-                if let Some(g) = grad {
-                    let v = f32s(&format!("grad.{}", spec.name))?;
-                    t.exec.backend_mut().write(*g, &v)?;
-                }
+            for spec in specs.iter().filter(|p| p.trainable) {
+                let v = f32s(&format!("grad.{}", spec.name))?;
+                t.exec.write_param_grad(&spec.name, &v)?;
             }
         }
         let sums = f32s("train_sums")?;
-        t.exec.backend_mut().write(t.train_stats, &sums)?;
-        if t.opt.is_none() {
+        t.exec.set_sums(Sums::Train, Some(&sums))?;
+        if opt_rule(&t.config.optimizer).is_none() {
             let d = f32s("lbfgs.d")?;
             let prev_flat_grad = match tensors.remove("lbfgs.prev_flat_grad") {
                 Some(StateTensor::F32(v)) => Some(v),
@@ -400,10 +386,7 @@ impl Trainer {
             l.ro = ro.into();
             t.lbfgs = l;
         }
-        let counters: Vec<_> = (0..model.nodes().len()).filter_map(|i| t.exec.dropout_counter(i)).collect();
-        for (c, (_, value)) in counters.into_iter().zip(&meta.dropout_steps) {
-            t.exec.backend_mut().set_counter(c, *value)?;
-        }
+        t.exec.set_dropout_steps(&meta.dropout_steps)?;
         t.scheduler = meta.scheduler;
         t.epoch = meta.epochs_done;
         t.batch_in_epoch = meta.batches_in_epoch;

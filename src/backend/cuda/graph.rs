@@ -39,6 +39,12 @@ impl Drop for Cached {
 }
 
 impl CudaBackend {
+    /// How many op lists are held as captured CUDA graphs (each replayed on later calls with
+    /// its key): shows which plans run as graphs.
+    pub fn graph_count(&self) -> usize {
+        self.graphs.values().filter(|c| c.graph.is_some()).count()
+    }
+
     pub(super) fn run_cached_ops(&mut self, key: u64, ops: &[Op]) -> Result<()> {
         // Nothing to capture in an empty list (CUDA would instantiate an empty graph).
         if self.eager || ops.is_empty() {

@@ -1,0 +1,440 @@
+//! The whole training step as one plan: the network's forward, the loss, backward (with each
+//! gradient bucket's all-reduce in data-parallel training), gradient clipping and the optimizer
+//! update, compiled from a [`StepDesc`] into one op list that a backend replays as a unit (one
+//! CUDA graph).
+//!
+//! What all step plans of an executor share lives in [`Training`]: the optimizer's state, its
+//! step counter and hyperparameter buffer, the metric sums the loss op adds to and the clipping
+//! norm. The learning rate and momentum are read from the hyperparameter buffer by the update,
+//! so a schedule changes them without re-planning.
+
+use super::compile::Lowering;
+use super::plan::{BufRole, Mode, Plan, PlanOptions, PlannedBuffer};
+use super::{Executor, Key, PlanId};
+use crate::backend::ops::{self, hyper, stats};
+use crate::backend::{Backend, BufId, CounterId, LossFn, Op, OptParam, OptRule, Scoring};
+use crate::dist::{Communicator, bucket};
+use crate::model::Model;
+use crate::{Error, Result};
+
+/// Gradient clipping before the update, as PyTorch's `clip_grad_norm_` / `clip_grad_value_`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Clip {
+    /// Scale all gradients so their global L2 norm is at most this.
+    Norm(f32),
+    /// Clamp every gradient value to `[-v, v]`.
+    Value(f32),
+}
+
+/// This process's part in data-parallel training, as far as the plan is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Parallel {
+    /// This process's rank (its dropout masks are drawn from its own stream).
+    pub rank: usize,
+    /// Processes in the group.
+    pub world: usize,
+    /// Batch norm reduces its statistics over the group.
+    pub sync_batch_norm: bool,
+    /// Size of the first gradient bucket (bytes).
+    pub first_bucket_bytes: usize,
+    /// Size of the other gradient buckets (bytes).
+    pub bucket_bytes: usize,
+}
+
+/// Number format of a plan's buffers and arithmetic. f32 is the only one today; the field is
+/// where mixed precision will be asked for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Precision {
+    /// Everything in f32.
+    #[default]
+    F32,
+}
+
+/// Values in a metric sums buffer ([`Executor::sums`]).
+pub const SUMS_LEN: usize = stats::LEN;
+
+/// Which metric sums a step's loss adds to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Sums {
+    /// Training figures (read once per epoch).
+    Train,
+    /// Evaluation figures.
+    Eval,
+}
+
+/// What a step plan does, besides the model: the input of compilation, and the key of the plan
+/// cache (and so of the CUDA graph cache).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepDesc {
+    /// Samples per batch.
+    pub batch: usize,
+    /// Training (forward, loss, backward) or evaluation (forward and loss).
+    pub mode: Mode,
+    /// The loss function.
+    pub loss: LossFn,
+    /// How predictions are scored for accuracy.
+    pub scoring: Scoring,
+    /// Where the loss's figures are summed.
+    pub sums: Sums,
+    /// Clip and update after backward (training); without it, gradients only accumulate.
+    pub update: bool,
+    /// Zero the parameter gradients first (the first batch of an accumulation). They are not
+    /// zeroed after an update, so the gradients an update used stay readable until then.
+    pub zero_grads_first: bool,
+    /// Gradient accumulation over this many batches: the loss gradient is scaled by `1/k` and
+    /// parameter gradients add up (k > 1).
+    pub accumulation: usize,
+    /// Gradient clipping before the update.
+    pub clip: Option<Clip>,
+    /// Data-parallel training.
+    pub parallel: Option<Parallel>,
+    /// Number format.
+    pub precision: Precision,
+}
+
+/// The buffers every step plan of an executor shares.
+pub struct Training {
+    /// The update rule and its device state (`None` for optimizers that run on the host, such
+    /// as L-BFGS).
+    pub optimizer: Option<OptimizerState>,
+    /// Learning rate and momentum (see [`hyper`]).
+    pub hyper: BufId,
+    /// Training figures (see [`stats`]).
+    pub train_stats: BufId,
+    /// Evaluation figures.
+    pub eval_stats: BufId,
+    /// The gradient norm before clipping.
+    pub clip_norm: BufId,
+}
+
+/// The optimizer's device state.
+pub struct OptimizerState {
+    /// The update rule.
+    pub rule: OptRule,
+    /// Steps taken (bias corrections use it).
+    pub step: CounterId,
+    /// Per-optimizer scalar state (NAdam's momentum product).
+    pub scalars: BufId,
+    /// One per trainable parameter, in the order of `model.params()`.
+    pub params: Vec<OptParam>,
+}
+
+impl Training {
+    /// Allocates the shared buffers; the optimizer's state starts at `initial` (Adagrad's
+    /// initial accumulator value; zero for the others).
+    pub(super) fn new<B: Backend>(
+        backend: &mut B,
+        model: &Model,
+        params: &[super::ParamBuffers],
+        rule: Option<OptRule>,
+        initial: f32,
+    ) -> Result<Training> {
+        let hyper = backend.alloc(hyper::LEN)?;
+        let train_stats = backend.alloc(stats::LEN)?;
+        let eval_stats = backend.alloc(stats::LEN)?;
+        let clip_norm = backend.alloc(1)?;
+        let optimizer = match rule {
+            None => None,
+            Some(rule) => {
+                let step = backend.new_counter()?;
+                let scalars = backend.alloc(1)?;
+                backend.write(scalars, &[1.0])?;
+                let mut ps = Vec::new();
+                for (spec, pb) in model.params().iter().zip(params) {
+                    let Some(grad) = pb.grad else { continue };
+                    let mut state = Vec::new();
+                    for _ in 0..rule.state_tensors() {
+                        let s = backend.alloc(spec.len())?;
+                        if initial != 0.0 {
+                            backend.write(s, &vec![initial; spec.len()])?;
+                        }
+                        state.push(s);
+                    }
+                    ps.push(OptParam { len: spec.len(), value: pb.value, grad, state });
+                }
+                Some(OptimizerState { rule, step, scalars, params: ps })
+            }
+        };
+        Ok(Training { optimizer, hyper, train_stats, eval_stats, clip_norm })
+    }
+
+    /// The buffers of this state by role, for memory reports.
+    pub(super) fn buffers(&self) -> Vec<(BufRole, usize)> {
+        let mut v = vec![(BufRole::Scalar, hyper::LEN), (BufRole::Scalar, 2 * stats::LEN), (BufRole::Workspace, 1)];
+        if let Some(o) = &self.optimizer {
+            v.push((BufRole::Scalar, 1));
+            v.extend(o.params.iter().flat_map(|p| p.state.iter().map(|_| (BufRole::OptimizerState, p.len))));
+        }
+        v
+    }
+
+    /// The sums buffer of `sums`.
+    pub fn sums(&self, sums: Sums) -> BufId {
+        match sums {
+            Sums::Train => self.train_stats,
+            Sums::Eval => self.eval_stats,
+        }
+    }
+}
+
+/// The whole step's op list: under accumulation, zeroing the gradients `grads` first; the
+/// network's forward, the loss, its backward (with all-reduces), clipping and the update.
+/// `target` is the plan's target buffer.
+pub(super) fn assemble(
+    desc: &StepDesc,
+    training: &Training,
+    net: &Plan,
+    grads: &[(BufId, usize)],
+    out_len: usize,
+    target: BufId,
+) -> Vec<Op> {
+    let (forward, backward, pred, dpred) = (&net.forward, &net.backward, net.output, net.output_grad);
+    let k = desc.accumulation.max(1);
+    let mut ops = Vec::new();
+    if desc.zero_grads_first && desc.mode == Mode::Train {
+        ops.extend(grads.iter().map(|&(buf, len)| Op::Fill(ops::Fill { len, buf, value: 0.0 })));
+    }
+    ops.extend(forward.iter().cloned());
+    ops.push(Op::Loss(ops::Loss {
+        f: desc.loss,
+        scoring: desc.scoring,
+        n: desc.batch,
+        c: out_len,
+        pred,
+        target,
+        stats: training.sums(desc.sums),
+        dpred: if desc.mode == Mode::Train { dpred } else { None },
+        grad_scale: 1.0 / k as f32,
+    }));
+    if desc.mode == Mode::Eval {
+        return ops;
+    }
+    match (&desc.parallel, &training.optimizer) {
+        // Data-parallel update: each gradient bucket is averaged over the group as soon as
+        // backward has finished it (accumulating steps reduce nothing, as DDP's no_sync: the
+        // update step reduces the accumulated sum).
+        (Some(p), Some(opt)) if desc.update => {
+            let grads: Vec<(BufId, usize)> = opt.params.iter().map(|p| (p.grad, p.len)).collect();
+            let buckets = bucket::assign(&grads, p.first_bucket_bytes, p.bucket_bytes);
+            ops.extend(bucket::insert_all_reduces(backward, &buckets, true));
+        }
+        _ => ops.extend(backward.iter().cloned()),
+    }
+    if desc.update
+        && let Some(opt) = &training.optimizer
+    {
+        match desc.clip {
+            Some(Clip::Norm(max_norm)) => ops.push(Op::ClipGradNorm(ops::ClipGradNorm {
+                grads: grads.to_vec(),
+                max_norm,
+                norm: training.clip_norm,
+            })),
+            Some(Clip::Value(clip)) => ops.push(Op::ClipGradValue(ops::ClipGradValue { grads: grads.to_vec(), clip })),
+            None => {}
+        }
+        ops.push(Op::OptimizerStep(ops::OptimizerStep {
+            rule: opt.rule,
+            hyper: training.hyper,
+            step: opt.step,
+            scalars: opt.scalars,
+            params: opt.params.clone(),
+        }));
+    }
+    ops
+}
+
+/// The loss op's figures, read from a sums buffer (see [`Executor::figures`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Figures {
+    /// Mean loss of the last batch.
+    pub loss: f32,
+    /// Correct predictions in the last batch.
+    pub correct: f32,
+    /// Sum over batches of mean loss times samples.
+    pub sum_loss: f32,
+    /// Correct predictions summed over batches.
+    pub sum_correct: f32,
+    /// Targets among the top k outputs, summed over batches.
+    pub sum_correct_k: f32,
+    /// Samples seen.
+    pub samples: f32,
+    /// Predictions scored (samples, or elements under binary scoring).
+    pub scored: f32,
+}
+
+/// The device state of the optimizer, copied to the host (checkpoints).
+#[derive(Clone, Debug, PartialEq)]
+pub struct OptimizerSnapshot {
+    /// Per trainable parameter (in model order), its state tensors.
+    pub tensors: Vec<Vec<Vec<f32>>>,
+    /// Per-optimizer scalar state.
+    pub scalars: Vec<f32>,
+    /// Steps taken.
+    pub step: u64,
+}
+
+impl<B: Backend> Executor<B> {
+    /// Prepares the buffers that training steps share: the optimizer's state for `rule` (every
+    /// state tensor starting at `initial`), its hyperparameters, the metric sums. `None` for an
+    /// optimizer that runs on the host. Called once, before the first [`Executor::step_plan`].
+    pub fn init_training(&mut self, rule: Option<OptRule>, initial: f32) -> Result<()> {
+        if self.training.is_some() {
+            return Err(Error::State("the executor's training state is already set up".into()));
+        }
+        self.training = Some(Training::new(&mut self.backend, &self.model, &self.params, rule, initial)?);
+        Ok(())
+    }
+
+    fn training(&self) -> Result<&Training> {
+        self.training.as_ref().ok_or_else(|| Error::State("call Executor::init_training before a step plan".into()))
+    }
+
+    /// The plan of a whole step (see [`StepDesc`]), compiled and allocated on first request:
+    /// the network's plan (shared with predictions of the same batch, mode and lowering) plus
+    /// a target buffer and the step's op list.
+    pub fn step_plan(&mut self, desc: &StepDesc) -> Result<PlanId> {
+        let key = Key::Step(desc.clone());
+        if let Some(i) = self.keys.iter().position(|k| *k == key) {
+            return Ok(PlanId(i));
+        }
+        self.training()?;
+        let train = desc.mode == Mode::Train;
+        let parallel = desc.parallel.filter(|_| train);
+        let low = Lowering {
+            batch: desc.batch,
+            mode: desc.mode,
+            options: PlanOptions { input_grad: false, accumulate_param_grads: train && desc.accumulation > 1 },
+            dropout_seed: self.dropout_seed,
+            rank: parallel.map_or(0, |p| p.rank),
+            sync_batch_norm: parallel.is_some_and(|p| p.sync_batch_norm),
+            update_running_stats: true,
+        };
+        let net = self.compile(low)?;
+        let out_len: usize = self.model.nodes().last().expect("a model has nodes").shape.iter().product();
+        let target = self.backend.alloc(desc.batch * out_len)?;
+        let mut plan = self.plans[net.0].clone();
+        plan.buffers.push(PlannedBuffer {
+            id: target,
+            len: desc.batch * out_len,
+            role: BufRole::Input,
+            label: "target".into(),
+        });
+        plan.target = Some(target);
+        let grads: Vec<(BufId, usize)> =
+            self.model.params().iter().zip(&self.params).filter_map(|(s, p)| Some((p.grad?, s.len()))).collect();
+        plan.step = assemble(desc, self.training()?, &plan, &grads, out_len, target);
+        Ok(self.add_plan(key, plan))
+    }
+
+    /// Writes a step plan's targets: class indices (as `f32`, the first `batch` values) or
+    /// values (the whole buffer).
+    pub fn set_target(&mut self, id: PlanId, targets: &[f32]) -> Result<()> {
+        let t = self.plans[id.0].target.ok_or_else(|| Error::State("this plan has no loss".into()))?;
+        let full = self.backend.len(t);
+        if targets.len() == full {
+            return self.backend.write(t, targets);
+        }
+        if targets.len() > full {
+            return Err(Error::shape("targets", format!("at most {full} values"), targets.len()));
+        }
+        let mut padded = targets.to_vec();
+        padded.resize(full, 0.0);
+        self.backend.write(t, &padded)
+    }
+
+    /// Runs a step plan's whole op list, as one unit the backend may replay (a CUDA graph).
+    pub fn run(&mut self, id: PlanId) -> Result<()> {
+        let ops = std::mem::take(&mut self.plans[id.0].step);
+        let r = self.backend.run_cached(id.0 as u64, &ops);
+        self.plans[id.0].step = ops;
+        r
+    }
+
+    /// Sets the learning rate and momentum (beta1) the next update reads.
+    pub fn set_hyper(&mut self, lr: f64, momentum: f64) -> Result<()> {
+        let h = self.training()?.hyper;
+        let mut v = [0.0f32; hyper::LEN];
+        v[hyper::LR] = lr as f32;
+        v[hyper::MOMENTUM] = momentum as f32;
+        self.backend.write(h, &v)
+    }
+
+    /// The figures of a sums buffer; with `combine`, the sums are added up over the
+    /// data-parallel group (every rank must then call this).
+    pub fn figures(&mut self, sums: Sums, combine: bool) -> Result<Figures> {
+        let mut s = self.sums(sums)?;
+        if combine {
+            self.communicator()?.all_reduce_sum(&mut s[stats::SUM_LOSS..])?;
+        }
+        Ok(Figures {
+            loss: s[stats::LOSS],
+            correct: s[stats::CORRECT],
+            sum_loss: s[stats::SUM_LOSS],
+            sum_correct: s[stats::SUM_CORRECT],
+            sum_correct_k: s[stats::SUM_CORRECT_K],
+            samples: s[stats::SUM_SAMPLES],
+            scored: s[stats::SUM_SCORED],
+        })
+    }
+
+    /// The raw values of a sums buffer (checkpoints).
+    pub fn sums(&mut self, sums: Sums) -> Result<Vec<f32>> {
+        let b = self.training()?.sums(sums);
+        self.backend.read(b)
+    }
+
+    /// Overwrites a sums buffer (`None`: clears it).
+    pub fn set_sums(&mut self, sums: Sums, values: Option<&[f32]>) -> Result<()> {
+        let b = self.training()?.sums(sums);
+        match values {
+            Some(v) if v.len() != stats::LEN => Err(Error::shape("metric sums", stats::LEN, v.len())),
+            Some(v) => self.backend.write(b, v),
+            None => self.backend.write(b, &[0.0; stats::LEN]),
+        }
+    }
+
+    /// The optimizer's state (`None` without a device optimizer).
+    pub fn optimizer_state(&mut self) -> Result<Option<OptimizerSnapshot>> {
+        let Some(opt) = &self.training()?.optimizer else { return Ok(None) };
+        let (params, scalars, step) = (opt.params.clone(), opt.scalars, opt.step);
+        let mut tensors = Vec::with_capacity(params.len());
+        for p in &params {
+            tensors.push(p.state.iter().map(|&b| self.backend.read(b)).collect::<Result<Vec<_>>>()?);
+        }
+        Ok(Some(OptimizerSnapshot { tensors, scalars: self.backend.read(scalars)?, step: self.backend.counter(step)? }))
+    }
+
+    /// Restores the optimizer's state from [`Executor::optimizer_state`]'s snapshot.
+    pub fn set_optimizer_state(&mut self, snap: &OptimizerSnapshot) -> Result<()> {
+        let Some(opt) = &self.training()?.optimizer else {
+            return Err(Error::State("this executor has no device optimizer".into()));
+        };
+        let (params, scalars, step) = (opt.params.clone(), opt.scalars, opt.step);
+        if snap.tensors.len() != params.len() {
+            return Err(Error::shape("optimizer state", params.len(), snap.tensors.len()));
+        }
+        for (p, t) in params.iter().zip(&snap.tensors) {
+            if t.len() != p.state.len() {
+                return Err(Error::shape("optimizer state tensors", p.state.len(), t.len()));
+            }
+            for (&b, v) in p.state.iter().zip(t) {
+                self.backend.write(b, v)?;
+            }
+        }
+        self.backend.write(scalars, &snap.scalars)?;
+        self.backend.set_counter(step, snap.step)
+    }
+
+    /// Makes the backend one rank of `comm`'s data-parallel group
+    /// ([`Backend::set_communicator`]); step plans with [`Parallel`] then reduce over it.
+    pub fn join_group(&mut self, comm: Box<dyn Communicator>) -> Result<()> {
+        self.backend.set_communicator(comm)
+    }
+
+    /// The data-parallel group's communicator (an error when the backend has none).
+    pub fn communicator(&mut self) -> Result<&mut dyn Communicator> {
+        self.backend
+            .communicator()
+            .ok_or_else(|| Error::State("the backend is not part of a data-parallel group".into()))
+    }
+}

@@ -1,0 +1,79 @@
+//! The whole step as one plan: a step description compiles into one op list (forward, loss,
+//! backward, update) over buffers whose roles and sizes are known before the first step.
+
+use kiln::backend::cpu::CpuBackend;
+use kiln::exec::{BufRole, Clip, Executor, LossFn, Mode, OptRule, PlanOptions, Precision, Scoring, StepDesc, Sums};
+use kiln::model::ModelBuilder;
+use kiln::zoo;
+
+fn step(batch: usize, mode: Mode, update: bool, clip: Option<Clip>) -> StepDesc {
+    StepDesc {
+        batch,
+        mode,
+        loss: LossFn::SoftmaxCrossEntropy { label_smoothing: 0.0, class_targets: true },
+        scoring: Scoring::ArgMax { top_k: 1 },
+        sums: if mode == Mode::Train { Sums::Train } else { Sums::Eval },
+        update,
+        zero_grads_first: false,
+        accumulation: 1,
+        clip,
+        parallel: None,
+        precision: Precision::F32,
+    }
+}
+
+#[test]
+fn a_step_plan_holds_the_whole_step_and_its_memory_by_role() {
+    let m = zoo::simple_cnn(4).build().unwrap();
+    let mut e = Executor::new(&m, CpuBackend::<f32>::new(Some(1)).unwrap()).unwrap();
+    assert!(e.step_plan(&step(4, Mode::Train, true, None)).is_err(), "training state first");
+    let sgd = OptRule::Sgd { dampening: 0.0, nesterov: false, weight_decay: 0.0 };
+    e.init_training(Some(sgd), 0.0).unwrap();
+    let id = e.step_plan(&step(4, Mode::Train, true, Some(Clip::Norm(1.0)))).unwrap();
+    assert_eq!(e.step_plan(&step(4, Mode::Train, true, Some(Clip::Norm(1.0)))).unwrap(), id, "cached");
+    let p = e.plan_info(id).clone();
+    // forward, the loss, backward, clipping, the update: nothing else runs in a step.
+    assert_eq!(p.step.len(), p.forward.len() + 1 + p.backward.len() + 2);
+    assert_eq!(p.step[..p.forward.len()], p.forward[..]);
+    assert_eq!(p.step[p.forward.len() + 1..p.forward.len() + 1 + p.backward.len()], p.backward[..]);
+    assert!(p.target.is_some());
+    // Evaluation shares the network plan of predictions and adds only the loss.
+    let ev = e.step_plan(&step(4, Mode::Eval, false, None)).unwrap();
+    let pe = e.plan(4, Mode::Eval, PlanOptions::default()).unwrap();
+    assert_eq!(e.plan_info(ev).step.len(), e.plan_info(pe).forward.len() + 1);
+    assert_eq!(e.plan_info(ev).output, e.plan_info(pe).output);
+
+    let r = e.memory(id);
+    let params: usize = m.params().iter().map(|s| s.len()).sum();
+    let trainable: usize = m.params().iter().filter(|s| s.trainable).map(|s| s.len()).sum();
+    assert_eq!(r.of(BufRole::Parameter), params * 4);
+    assert_eq!(r.of(BufRole::OptimizerState), trainable * 4, "SGD keeps one momentum buffer");
+    assert_eq!(r.of(BufRole::Gradient), trainable * 4 + p.bytes_of(BufRole::Gradient));
+    assert_eq!(r.of(BufRole::Activation), p.bytes_of(BufRole::Activation));
+    assert_eq!(r.of(BufRole::Input), (4 * 3 * 32 * 32 + 4 * 10) * 4, "input and targets");
+    assert_eq!(r.of(BufRole::Saved), 0, "no layer of this model saves anything for backward");
+    assert!(r.of(BufRole::Scalar) > 0 && r.of(BufRole::Workspace) > 0);
+    let text = r.to_string();
+    println!("{text}");
+    for role in BufRole::ALL {
+        assert!(text.contains(role.name()), "{text}");
+    }
+    assert_eq!(text.lines().count(), BufRole::ALL.len() + 2);
+    assert!(text.lines().last().unwrap().contains("total") && text.contains("MiB"));
+}
+
+#[test]
+fn a_plan_is_allocated_once_after_planning() {
+    // What the backend holds after planning is what the report says the plan needs: nothing
+    // was allocated for a measuring pass, nothing more is allocated by running.
+    let m = ModelBuilder::new(&[6, 3, 8, 8]).conv2d(4, 3).batch_norm().relu().flatten().dense(5).build().unwrap();
+    let mut e = Executor::new(&m, CpuBackend::<f32>::new(Some(1)).unwrap()).unwrap();
+    let before = e.backend().bytes();
+    let id = e.plan(6, Mode::Train, PlanOptions::default()).unwrap();
+    assert_eq!(e.backend().bytes() - before, e.plan_info(id).bytes());
+    e.set_input(id, &vec![0.5; 6 * 3 * 8 * 8]).unwrap();
+    e.forward(id).unwrap();
+    e.set_output_grad(id, &[0.1; 30]).unwrap();
+    e.backward(id).unwrap();
+    assert_eq!(e.backend().bytes() - before, e.plan_info(id).bytes());
+}
