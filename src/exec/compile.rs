@@ -8,7 +8,7 @@
 //!
 //! Activations get a buffer each (views such as flatten share their input's); in training, every
 //! tensor whose gradient is needed gets a gradient buffer, and what backward needs from forward
-//! gets a named buffer ([`super::lower::Forward::save`]). Gradient buffers are reused by
+//! gets a named buffer ([`crate::model::lower::Forward::save`]). Gradient buffers are reused by
 //! lifetime: each is live from the op that first writes it to the op that last reads it, and a
 //! buffer of the same length free over that span is taken instead of a new one. Gradients flowing
 //! into one tensor from several consumers (a residual fork) are summed by letting the first
@@ -16,9 +16,9 @@
 
 use std::collections::HashSet;
 
-use super::lower::{self, Backward, Buffers, Forward};
 use super::plan::{BufRole, Mode, ParamBuffers, Plan, PlanOptions, PlannedBuffer};
 use crate::backend::{Backend, BufId, CounterId, Op};
+use crate::model::lower::{self, Backward, Buffers, Forward};
 use crate::model::{Layer, Model};
 use crate::rng::mix_seed;
 use crate::{Error, Result};
@@ -63,11 +63,20 @@ pub(super) struct Table {
     pub(super) buffers: Vec<PlannedBuffer>,
 }
 
-impl Buffers for Table {
+impl Table {
     fn new_buffer(&mut self, len: usize, role: BufRole, label: String) -> BufId {
         let id = BufId(PLANNED + self.buffers.len());
         self.buffers.push(PlannedBuffer { id, len, role, label });
         id
+    }
+}
+
+impl Buffers for Table {
+    fn activation(&mut self, len: usize, label: String) -> BufId {
+        self.new_buffer(len, BufRole::Activation, label)
+    }
+    fn saved(&mut self, len: usize, label: String) -> BufId {
+        self.new_buffer(len, BufRole::Saved, label)
     }
 }
 

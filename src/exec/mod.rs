@@ -1,5 +1,7 @@
-//! Execution: a model's parameters placed on a backend once, plans compiled per batch size and
-//! mode (see [`plan`]), and the calls that run them.
+//! Execution: a model's parameters placed on a backend once, plans compiled from a model and a
+//! step description (see [`plan`]; the network alone with [`Executor::plan`], the whole training
+//! step with [`Executor::step_plan`]), allocated once, and the calls that run them. The engine as
+//! a whole (rooms, plan, compiling, memory) is described in `src/exec/README.md`.
 //!
 //! ```
 //! use kiln::backend::cpu::CpuBackend;
@@ -15,7 +17,6 @@
 //! ```
 
 mod compile;
-pub mod lower;
 pub mod plan;
 mod step;
 

@@ -6,14 +6,8 @@ use std::fmt;
 
 use crate::backend::{BufId, Op};
 
-/// Training (batch statistics, dropout on, backward planned) or evaluation (forward only).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Mode {
-    /// Batch statistics in batch norm (running statistics updated), dropout on.
-    Train,
-    /// Running statistics in batch norm, dropout off, no backward.
-    Eval,
-}
+/// Training or evaluation (defined with the layers' lowering, [`crate::model::lower`]).
+pub use crate::model::Mode;
 
 /// Options of a training plan.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

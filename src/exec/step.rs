@@ -293,8 +293,8 @@ impl<B: Backend> Executor<B> {
     /// the network's plan (shared with predictions of the same batch, mode and lowering) plus
     /// a target buffer and the step's op list.
     pub fn step_plan(&mut self, desc: &StepDesc) -> Result<PlanId> {
-        let key = Key::Step(desc.clone());
-        if let Some(i) = self.keys.iter().position(|k| *k == key) {
+        // Looked up on every step: compared in place, nothing allocated.
+        if let Some(i) = self.keys.iter().position(|k| matches!(k, Key::Step(d) if d == desc)) {
             return Ok(PlanId(i));
         }
         self.training()?;
@@ -323,7 +323,7 @@ impl<B: Backend> Executor<B> {
         let grads: Vec<(BufId, usize)> =
             self.model.params().iter().zip(&self.params).filter_map(|(s, p)| Some((p.grad?, s.len()))).collect();
         plan.step = assemble(desc, self.training()?, &plan, &grads, out_len, target);
-        Ok(self.add_plan(key, plan))
+        Ok(self.add_plan(Key::Step(desc.clone()), plan))
     }
 
     /// Writes a step plan's targets: class indices (as `f32`, the first `batch` values) or

@@ -4,6 +4,7 @@
 
 mod builder;
 mod layers;
+pub mod lower;
 mod params;
 mod restore;
 pub mod shape;
@@ -11,6 +12,7 @@ mod summary;
 
 pub use builder::{Branch, ModelBuilder, branch};
 pub use layers::{Activation, BatchNorm, Conv2d, Layer, Linear, Padding, Pool2d};
+pub use lower::Mode;
 pub use params::{ParamRole, ParamSpec};
 
 use crate::{Error, Result};

@@ -1,28 +1,37 @@
 //! Lowering one layer to ops: the narrow boundary between the compiler and the layers.
 //!
-//! The compiler ([`super::compile`]) walks the model's graph, owns every buffer and decides
+//! The compiler (`crate::exec`) walks the model's graph, owns every buffer and decides
 //! lifetimes; a layer only says which ops compute it. It sees a [`Forward`] context (its input
 //! buffers, its parameters, `output()` to get its activation buffer, `save()` for what backward
 //! needs, `push()` for an op) and, in training, a [`Backward`] context (the same buffers plus
 //! `dy()`, `saved(k)`, `dx(k)` and `param_grad(role)`). Nothing here allocates device memory:
-//! buffers are virtual until the whole plan is known (see [`super::compile`]).
+//! buffers are virtual until the whole plan is known (the compiler allocates them once).
 //!
 //! [`forward`] and [`backward`] dispatch on the layer kind; each arm is one layer's whole
-//! lowering. The contexts use nothing of the compiler but [`Mode`], so the arms can move next to
-//! their layers' definitions without pulling the compiler along.
+//! lowering. This file uses only the op descriptors of [`crate::backend::ops`], so `model` does
+//! not depend on the compiler (which depends on `model`).
 
 use std::collections::HashSet;
 
+use super::{Activation, Layer, Node, ParamRole, shape};
 use crate::backend::{ActFn, BnGeom, BufId, ConvGeom, CounterId, GradOut, Op, PoolGeom, ops};
-use crate::model::{Activation, Layer, Node, ParamRole, shape};
 use crate::{Error, Result};
 
-use super::plan::{BufRole, Mode};
+/// Training (batch statistics, dropout on, backward planned) or evaluation (forward only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Batch statistics in batch norm (running statistics updated), dropout on.
+    Train,
+    /// Running statistics in batch norm, dropout off, no backward.
+    Eval,
+}
 
 /// Where the compiler keeps the plan's virtual buffers; a context asks it for new ones.
-pub(super) trait Buffers {
-    /// A new virtual buffer of `len` elements.
-    fn new_buffer(&mut self, len: usize, role: BufRole, label: String) -> BufId;
+pub trait Buffers {
+    /// A new virtual buffer of `len` elements for a layer's output.
+    fn activation(&mut self, len: usize, label: String) -> BufId;
+    /// A new virtual buffer of `len` elements that forward fills for backward.
+    fn saved(&mut self, len: usize, label: String) -> BufId;
 }
 
 /// What a layer's forward lowering sees.
@@ -41,12 +50,12 @@ pub struct Forward<'a> {
     pub update_running_stats: bool,
     /// Seed and counter of this node's dropout mask stream (dropout layers only).
     pub dropout: Option<(u64, CounterId)>,
-    pub(super) inputs: Vec<BufId>,
-    pub(super) params: Vec<(ParamRole, BufId)>,
-    pub(super) bufs: &'a mut dyn Buffers,
-    pub(super) ops: &'a mut Vec<Op>,
-    pub(super) output: Option<BufId>,
-    pub(super) saved: Vec<BufId>,
+    pub(crate) inputs: Vec<BufId>,
+    pub(crate) params: Vec<(ParamRole, BufId)>,
+    pub(crate) bufs: &'a mut dyn Buffers,
+    pub(crate) ops: &'a mut Vec<Op>,
+    pub(crate) output: Option<BufId>,
+    pub(crate) saved: Vec<BufId>,
 }
 
 impl Forward<'_> {
@@ -67,7 +76,7 @@ impl Forward<'_> {
         if let Some(y) = self.output {
             return y;
         }
-        let y = self.bufs.new_buffer(self.numel(), BufRole::Activation, self.node.name.clone());
+        let y = self.bufs.activation(self.numel(), self.node.name.clone());
         self.output = Some(y);
         y
     }
@@ -77,7 +86,7 @@ impl Forward<'_> {
     }
     /// A buffer that forward fills and backward reads ([`Backward::saved`], in this order).
     pub fn save(&mut self, len: usize, what: &str) -> BufId {
-        let b = self.bufs.new_buffer(len, BufRole::Saved, format!("{}.{what}", self.node.name));
+        let b = self.bufs.saved(len, format!("{}.{what}", self.node.name));
         self.saved.push(b);
         b
     }
@@ -101,15 +110,15 @@ pub struct Backward<'a> {
     pub batch: usize,
     /// Whether batch norm reduces its statistics over the data-parallel group.
     pub sync_batch_norm: bool,
-    pub(super) inputs: Vec<BufId>,
-    pub(super) output: BufId,
-    pub(super) dy: BufId,
-    pub(super) saved: &'a [BufId],
-    pub(super) input_grads: Vec<Option<BufId>>,
-    pub(super) written: &'a mut HashSet<BufId>,
-    pub(super) params: Vec<(ParamRole, BufId, Option<BufId>)>,
-    pub(super) accumulate_param_grads: bool,
-    pub(super) ops: &'a mut Vec<Op>,
+    pub(crate) inputs: Vec<BufId>,
+    pub(crate) output: BufId,
+    pub(crate) dy: BufId,
+    pub(crate) saved: &'a [BufId],
+    pub(crate) input_grads: Vec<Option<BufId>>,
+    pub(crate) written: &'a mut HashSet<BufId>,
+    pub(crate) params: Vec<(ParamRole, BufId, Option<BufId>)>,
+    pub(crate) accumulate_param_grads: bool,
+    pub(crate) ops: &'a mut Vec<Op>,
 }
 
 impl Backward<'_> {
