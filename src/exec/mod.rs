@@ -25,9 +25,7 @@ mod step;
 pub use crate::backend::{LossFn, OptRule, Scoring};
 pub use compile::Lowering;
 pub use plan::{BufRole, MemoryReport, Mode, ParamBuffers, Plan, PlanOptions, PlannedBuffer};
-pub use step::{
-    Clip, Figures, OptimizerSnapshot, OptimizerState, Parallel, Precision, SUMS_LEN, StepDesc, Sums, Training,
-};
+pub use step::{Clip, Figures, OptimizerSnapshot, Parallel, Precision, SUMS_LEN, StepDesc, Sums};
 
 /// A backend chosen at run time ([`crate::backend::Device::open`]).
 pub type AnyBackend = Box<dyn Backend>;
@@ -36,6 +34,7 @@ use crate::backend::{Backend, BufId, CounterId};
 use crate::model::{Layer, Model};
 use crate::tensor::Tensor;
 use crate::{Error, Result};
+use step::Training;
 
 /// Handle to a compiled plan of an [`Executor`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

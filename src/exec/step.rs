@@ -337,7 +337,8 @@ impl<B: Backend> Executor<B> {
         if targets.len() > full {
             return Err(Error::shape("targets", format!("at most {full} values"), targets.len()));
         }
-        let mut padded = targets.to_vec();
+        let mut padded = Vec::with_capacity(full);
+        padded.extend_from_slice(targets);
         padded.resize(full, 0.0);
         self.backend.write(t, &padded)
     }
