@@ -113,6 +113,28 @@ fn names_must_be_unique() {
     assert_eq!(names, ["input", "conv2d_2", "conv2d_1"]);
 }
 
+/// `.name()` first inside a branch closure has no layer of its branch to name: an error, as before
+/// the model's first layer (it used to rename the previous branch's last layer silently).
+#[test]
+fn name_at_the_start_of_a_branch_is_an_error() {
+    let branch_start = ["name(\"x\")", "start of a branch", "before any layer was added"];
+    fails(img().conv2d(4, 1).residual_with(|m| m.conv2d(4, 1), |s| s.name("x").conv2d(4, 1)), &branch_start);
+    fails(img().conv2d(4, 1).residual(|m| m.name("x").conv2d(4, 1)), &branch_start);
+    fails(img().conv2d(4, 1).concat([branch(|b| b.conv2d(2, 1)), branch(|b| b.name("x").conv2d(2, 1))]), &branch_start);
+    fails(img().residual(|m| m.name("x").conv2d(3, 1)), &["name(\"x\")", "before any layer was added"]);
+    // Names given after a layer inside a branch, and after the join, name those layers.
+    let m = img()
+        .conv2d(4, 1)
+        .name("stem")
+        .residual_with(|m| m.conv2d(4, 1).name("main"), |s| s.conv2d(4, 1).name("proj"))
+        .name("join")
+        .concat([branch(|b| b.conv2d(2, 1).name("left")), branch(|b| b.conv2d(2, 1).name("right"))])
+        .build()
+        .unwrap();
+    let names: Vec<&str> = m.nodes().iter().map(|n| n.name.as_str()).collect();
+    assert_eq!(names, ["input", "stem", "main", "proj", "join", "left", "right", "concat_1"]);
+}
+
 #[test]
 fn automatic_names_count_per_type() {
     let m = img().conv2d(4, 3).relu().conv2d(4, 3).relu().flatten().dense(2).build().unwrap();

@@ -90,9 +90,18 @@ impl ModelBuilder {
     }
 
     /// Names the most recently added layer (otherwise it gets `conv2d_1`, `relu_2`, ...).
+    ///
+    /// Inside a branch closure of [`ModelBuilder::residual`] or [`ModelBuilder::concat`], `name`
+    /// before the branch's first layer is an error, as before the model's first layer: there is no
+    /// layer of this branch to name yet.
     pub fn name(mut self, name: &str) -> Self {
         match self.last_added {
             Some(i) => self.nodes[i].name = Some(name.to_string()),
+            None if self.cursor != 0 => {
+                self.error.get_or_insert(Error::Model(format!(
+                    "name(\"{name}\") called at the start of a branch, before any layer was added to it"
+                )));
+            }
             None => {
                 self.error.get_or_insert(Error::Model(format!("name(\"{name}\") called before any layer was added")));
             }
@@ -185,8 +194,11 @@ impl ModelBuilder {
     }
 
     /// Runs `f` on a builder positioned at `fork` and returns it with the branch's last node.
+    /// Inside the branch nothing has been added yet, so `name` has nothing to name (it must not
+    /// rename the previous branch's last layer).
     fn run_branch(mut self, fork: usize, f: impl FnOnce(ModelBuilder) -> ModelBuilder) -> (Self, usize) {
         self.cursor = fork;
+        self.last_added = None;
         let b = f(self);
         let end = b.cursor;
         (b, end)
