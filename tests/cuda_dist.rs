@@ -1,5 +1,6 @@
-//! Data parallelism on the GPU through NCCL. Without a GPU every test prints `skipped:`; with
-//! `KILN_REQUIRE_GPU=1` a missing GPU or NCCL fails instead.
+//! Data parallelism on the GPU through NCCL. Without a GPU or NCCL the GPU tests report
+//! themselves ignored, with the reason; with `KILN_REQUIRE_GPU=1` a missing GPU or NCCL fails
+//! them instead.
 //!
 //! On one GPU: the NCCL communicator of a group of one (host collectives), all-reduces inside a
 //! captured CUDA graph (NCCL's stream forked from and joined to the captured one), and a
@@ -25,29 +26,33 @@ fn require() -> bool {
     std::env::var("KILN_REQUIRE_GPU").is_ok_and(|v| v == "1")
 }
 
-/// A GPU and NCCL, or `None` after saying why.
-fn gpu_and_nccl() -> Option<CudaBackend> {
-    let gpu = cuda()?;
-    match kiln::backend::cuda::nccl_version() {
-        Ok((path, v)) => {
-            println!("NCCL {v:?} at {path}");
-            Some(gpu)
-        }
-        Err(e) if require() => panic!("KILN_REQUIRE_GPU=1 but NCCL is unusable: {e}"),
-        Err(e) => {
-            println!("skipped: {e}");
-            None
-        }
+/// Why NCCL cannot be used here (`None` when it can, or when `KILN_REQUIRE_GPU=1` asks for it).
+fn nccl_missing() -> Option<String> {
+    if let Some(why) = cuda_common::gpu_missing() {
+        return Some(format!("no usable GPU: {why}"));
     }
+    match kiln::backend::cuda::nccl_version() {
+        Err(e) if !require() => Some(format!("NCCL unusable: {e}")),
+        _ => None,
+    }
+}
+
+/// GPU 0, after checking that NCCL loads (a missing NCCL fails the test).
+fn gpu_and_nccl() -> CudaBackend {
+    let gpu = cuda();
+    match kiln::backend::cuda::nccl_version() {
+        Ok((path, v)) => println!("NCCL {v:?} at {path}"),
+        Err(e) => panic!("NCCL is unusable: {e}"),
+    }
+    gpu
 }
 
 fn single() -> Box<TcpCommunicator> {
     Box::new(TcpCommunicator::connect(&DistEnv::single(), Duration::from_secs(60)).unwrap())
 }
 
-#[test]
 fn nccl_communicator_of_one_rank() {
-    let Some(gpu) = gpu_and_nccl() else { return };
+    let gpu = gpu_and_nccl();
     drop(gpu);
     let mut c = kiln::backend::cuda::NcclCommunicator::new(0, &mut *single()).unwrap();
     assert_eq!((c.rank(), c.world()), (0, 1));
@@ -67,9 +72,8 @@ fn nccl_communicator_of_one_rank() {
     c.barrier().unwrap();
 }
 
-#[test]
 fn all_reduce_runs_inside_a_captured_graph() {
-    let Some(mut gpu) = gpu_and_nccl() else { return };
+    let mut gpu = gpu_and_nccl();
     gpu.set_communicator(single()).unwrap();
     assert!(gpu.describe().contains("nccl"), "{}", gpu.describe());
     let n = 1 << 20;
@@ -92,7 +96,7 @@ fn all_reduce_runs_inside_a_captured_graph() {
     }
     // A second group is refused; a backend with no group refuses collectives.
     assert!(gpu.set_communicator(single()).is_err());
-    let Some(mut other) = cuda() else { return };
+    let mut other = cuda();
     let x = other.alloc(4).unwrap();
     assert!(other.run(&[Op::AllReduce(ops::AllReduce { bufs: vec![(x, 4)], mean: true })]).is_err());
 }
@@ -161,20 +165,19 @@ fn max_rel_diff(a: &Params, b: &Params) -> f64 {
 }
 
 /// One GPU, batch 16, 20 steps (CUDA graphs): the reference for the data-parallel runs.
-fn alone() -> Option<Params> {
-    let gpu = cuda()?;
+fn alone() -> Params {
+    let gpu = cuda();
     let mut t = Trainer::with_backend(&model(), config(16, false), Box::new(gpu)).unwrap();
     t.fit(&loader(16, 0, 1), None, 1).unwrap();
-    Some(params(&mut t))
+    params(&mut t)
 }
 
-#[test]
 fn a_data_parallel_trainer_of_one_rank_trains_as_a_plain_one() {
-    let Some(gpu) = gpu_and_nccl() else { return };
+    let gpu = gpu_and_nccl();
     let mut t = Trainer::with_communicator(&model(), config(16, true), Box::new(gpu), single()).unwrap();
     t.fit(&loader(16, 0, 1), None, 1).unwrap();
     let dp = params(&mut t);
-    let reference = alone().unwrap();
+    let reference = alone();
     let d = max_rel_diff(&reference, &dp);
     println!("GPU, group of one (NCCL, sync batch norm, small buckets) vs plain: max relative difference {d:.2e}");
     // The f32 GPU tolerance of DESIGN.md (the two backends may time different cuDNN algorithms).
@@ -184,8 +187,7 @@ fn a_data_parallel_trainer_of_one_rank_trains_as_a_plain_one() {
 const ROLE: &str = "KILN_TEST_CUDA_DP_OUT";
 
 /// Two processes, one per GPU, batch 8 each, against one GPU on batch 16. Needs 2 GPUs
-/// (nvidia-h200-x2); skipped with fewer.
-#[test]
+/// (nvidia-h200-x2); ignored with fewer.
 fn two_gpus_train_as_one() {
     if let Ok(out) = std::env::var(ROLE) {
         // A worker: its GPU is LOCAL_RANK's.
@@ -195,12 +197,7 @@ fn two_gpus_train_as_one() {
         std::fs::write(Path::new(&out).join(format!("rank{}.json", t.rank())), json).unwrap();
         std::process::exit(0);
     }
-    let Some(gpu) = gpu_and_nccl() else { return };
-    drop(gpu);
-    if CudaBackend::new(1).is_err() {
-        println!("skipped: fewer than 2 GPUs");
-        return;
-    }
+    drop(gpu_and_nccl());
     let dir = std::env::temp_dir().join(format!("kiln-cuda-dp-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let report = Launch::new(2, std::env::current_exe().unwrap())
@@ -215,13 +212,12 @@ fn two_gpus_train_as_one() {
     let (r0, r1) = (read(0), read(1));
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(r0, r1, "both GPUs hold the same weights");
-    let reference = alone().unwrap();
+    let reference = alone();
     let d = max_rel_diff(&reference, &r0);
     println!("2 GPUs x batch 8 (NCCL, sync batch norm) vs 1 GPU x batch 16, 20 steps: max relative difference {d:.2e}");
     assert!(d < 1e-4, "{d}");
 }
 
-#[test]
 fn op_lists_name_their_buffers() {
     // The all-reduce op reports its buffers (the planner and the CUDA backend's joins rely on it).
     let mut op = Op::AllReduce(ops::AllReduce { bufs: vec![(BufId(3), 10), (BufId(5), 2)], mean: true });
@@ -229,4 +225,33 @@ fn op_lists_name_their_buffers() {
     op.visit_bufs(&mut |b| seen.push(b.0));
     assert_eq!(seen, [3, 5]);
     assert_eq!(op.name(), "all_reduce");
+}
+
+/// Why `two_gpus_train_as_one` cannot run here: no NCCL or fewer than 2 GPUs (a worker process it
+/// started always runs).
+fn two_gpus_missing() -> Option<String> {
+    if std::env::var(ROLE).is_ok() {
+        return None;
+    }
+    nccl_missing().or_else(|| CudaBackend::new(1).err().map(|e| format!("fewer than 2 GPUs: {e}")))
+}
+
+fn main() {
+    use cuda_common::{gpu_trial_when, plain_trial};
+    let trials = vec![
+        gpu_trial_when("nccl_communicator_of_one_rank", nccl_missing, nccl_communicator_of_one_rank),
+        gpu_trial_when(
+            "all_reduce_runs_inside_a_captured_graph",
+            nccl_missing,
+            all_reduce_runs_inside_a_captured_graph,
+        ),
+        gpu_trial_when(
+            "a_data_parallel_trainer_of_one_rank_trains_as_a_plain_one",
+            nccl_missing,
+            a_data_parallel_trainer_of_one_rank_trains_as_a_plain_one,
+        ),
+        gpu_trial_when("two_gpus_train_as_one", two_gpus_missing, two_gpus_train_as_one),
+        plain_trial("op_lists_name_their_buffers", op_lists_name_their_buffers),
+    ];
+    cuda_common::run_trials(trials)
 }

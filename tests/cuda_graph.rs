@@ -51,7 +51,7 @@ fn snapshot(e: &mut Executor<CudaBackend>, p: PlanId) -> Vec<(String, Vec<u32>)>
 }
 
 fn graph_equals_eager(name: &str, model: Model) {
-    let Some(gpu) = cuda() else { return };
+    let gpu = cuda();
     let batch = model.batch_size();
     let mut e = Executor::new(&model, gpu).unwrap();
     let p = e.plan(batch, Mode::Train, PlanOptions { input_grad: true, accumulate_param_grads: false }).unwrap();
@@ -75,7 +75,6 @@ fn graph_equals_eager(name: &str, model: Model) {
     println!("graph {name}: {} ops, {} buffers bit-identical to eager over 4 rounds", ops.len(), eager.len());
 }
 
-#[test]
 fn graph_replay_is_bit_identical_to_eager() {
     let mixed = ModelBuilder::new(&[8, 3, 16, 16])
         .conv2d_with(Conv2d::new(8, 3).padding(1))
@@ -95,9 +94,8 @@ fn graph_replay_is_bit_identical_to_eager() {
     graph_equals_eager("inception", zoo::inception_block(2, 10).seed(5).build().unwrap());
 }
 
-#[test]
 fn dropout_masks_match_the_cpu_and_counters_advance_under_replay() {
-    let Some(gpu) = cuda() else { return };
+    let gpu = cuda();
     let model = ModelBuilder::new(&[64, 1001]).dropout(0.3).seed(17).build().unwrap();
     let mut g = Executor::new(&model, gpu).unwrap();
     let mut c = Executor::new(&model, CpuBackend::<f32>::new(None).unwrap()).unwrap();
@@ -140,9 +138,8 @@ fn dropout_masks_match_the_cpu_and_counters_advance_under_replay() {
     );
 }
 
-#[test]
 fn device_philox_is_the_rust_philox() {
-    let Some(mut gpu) = cuda() else { return };
+    let mut gpu = cuda();
     // The Random123 known-answer vectors, then random counters under random keys.
     let kat = [
         ([0u32; 4], [0u32; 2]),
@@ -164,9 +161,8 @@ fn device_philox_is_the_rust_philox() {
     }
 }
 
-#[test]
 fn a_changed_op_list_under_one_key_starts_over() {
-    let Some(mut gpu) = cuda() else { return };
+    let mut gpu = cuda();
     let a = gpu.alloc(1000).unwrap();
     let fill = |v: f32| vec![Op::Fill(ops::Fill { len: 1000, buf: a, value: v })];
     for _ in 0..3 {
@@ -182,11 +178,10 @@ fn a_changed_op_list_under_one_key_starts_over() {
 
 /// Predictions and evaluation steps replay CUDA graphs keyed by their plans, and a replay gives
 /// the warm-up's numbers bit for bit.
-#[test]
 fn predictions_and_evaluation_replay_graphs() {
     use kiln::exec::{LossFn, Precision, Scoring, StepDesc, Sums};
     use kiln::tensor::Tensor;
-    let Some(gpu) = cuda() else { return };
+    let gpu = cuda();
     let model = zoo::simple_cnn(4).seed(3).build().unwrap();
     let mut e = Executor::new(&model, gpu).unwrap();
     let x = Tensor::new(&[4, 3, 32, 32], random(4 * 3 * 32 * 32, 2)).unwrap();
@@ -225,4 +220,14 @@ fn predictions_and_evaluation_replay_graphs() {
     let f = e.figures(Sums::Eval, false).unwrap();
     assert_eq!(f.samples, 12.0);
     assert!((f.sum_loss - 12.0 * f.loss).abs() <= 1e-5 * f.sum_loss.abs(), "three identical batches: {f:?}");
+}
+
+tests! {
+    gpu: [
+        graph_replay_is_bit_identical_to_eager,
+        dropout_masks_match_the_cpu_and_counters_advance_under_replay,
+        device_philox_is_the_rust_philox,
+        a_changed_op_list_under_one_key_starts_over,
+        predictions_and_evaluation_replay_graphs,
+    ],
 }

@@ -19,9 +19,8 @@ fn random(n: usize, seed: u64) -> Vec<f32> {
     (0..n).map(|_| r.uniform_range(-1.0, 1.0)).collect()
 }
 
-#[test]
 fn out_of_memory_is_an_error_and_the_backend_stays_usable() {
-    let Some(mut gpu) = cuda() else { return };
+    let mut gpu = cuda();
     // 4 TiB: far more than any card has.
     let huge = 1usize << 40;
     match gpu.alloc(huge) {
@@ -51,9 +50,8 @@ fn out_of_memory_is_an_error_and_the_backend_stays_usable() {
     assert!(err < 1e-4, "after OOM the backend still computes correctly: {err:e}");
 }
 
-#[test]
 fn staged_writes_arrive_intact() {
-    let Some(mut gpu) = cuda() else { return };
+    let mut gpu = cuda();
     // 40 MB buffers span ten 4 MiB staging chunks; writes follow one another with no read in
     // between, so a staging buffer reused too early would corrupt the earlier copy.
     let n = 10_000_003;
@@ -74,9 +72,8 @@ fn staged_writes_arrive_intact() {
     assert!(peak >= 2 * 4 * n as u64, "peak {peak}");
 }
 
-#[test]
 fn counters_round_trip() {
-    let Some(mut gpu) = cuda() else { return };
+    let mut gpu = cuda();
     let ids: Vec<_> = (0..600).map(|_| gpu.new_counter().unwrap()).collect();
     for (i, &c) in ids.iter().enumerate() {
         assert_eq!(gpu.counter(c).unwrap(), 0);
@@ -87,11 +84,7 @@ fn counters_round_trip() {
     }
 }
 
-#[test]
 fn second_backend_compiles_nothing() {
-    if cuda().is_none() {
-        return;
-    }
     let dir = std::env::temp_dir().join(format!("kiln-nvrtc-cache-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let opts = CudaOptions { cache_dir: Some(dir.clone()), ..Default::default() };
@@ -109,4 +102,13 @@ fn second_backend_compiles_nothing() {
     assert_eq!(cached, compiled, "one cache file per compiled module");
     assert_eq!(second.nvrtc_compiles(), 0, "the second backend loaded every module from the cache");
     println!("nvrtc: first backend compiled {compiled} modules, second compiled 0");
+}
+
+tests! {
+    gpu: [
+        out_of_memory_is_an_error_and_the_backend_stays_usable,
+        staged_writes_arrive_intact,
+        counters_round_trip,
+        second_backend_compiles_nothing,
+    ],
 }

@@ -44,9 +44,8 @@ fn run_on(
     ids.iter().map(|&i| b.read(i).unwrap()).collect()
 }
 
-#[test]
 fn every_loss_matches_the_cpu() {
-    let Some(mut gpu) = cuda() else { return };
+    let mut gpu = cuda();
     let mut cpu = CpuBackend::<f32>::new(Some(2)).unwrap();
     let (n, c) = (37, 5);
     let logits = random(n * c, 1, -3.0, 3.0);
@@ -96,9 +95,8 @@ fn every_loss_matches_the_cpu() {
     }
 }
 
-#[test]
 fn every_optimizer_and_clipping_matches_the_cpu() {
-    let Some(mut gpu) = cuda() else { return };
+    let mut gpu = cuda();
     let mut cpu = CpuBackend::<f32>::new(Some(2)).unwrap();
     let rules = [
         OptRule::Sgd { dampening: 0.1, nesterov: false, weight_decay: 0.01 },
@@ -151,9 +149,8 @@ fn cifar_config(device: kiln::backend::Device) -> TrainerConfig {
 /// (device run 15, `examples/cuda_diag.rs`: with SGD the GPU stays within 2e-9 of the CPU for ten
 /// steps, dropout included; with Adam at 1e-3 dense1 drifts to 3e-2 by step ten, exact
 /// convolutions or not, while each single pass agrees to 1e-6).
-#[test]
 fn ten_adam_steps_of_the_cifar_cnn_match_the_cpu() {
-    let Some(gpu) = cuda() else { return };
+    let gpu = cuda();
     let model = zoo::cifar_cnn(8).seed(3).build().unwrap();
     let (x, y) = tutorial_images(8, 3, 32, 32, 10, &mut Rng::new(5));
     let mut cpu = Trainer::new(&model, cifar_config(kiln::backend::Device::Cpu)).unwrap();
@@ -192,9 +189,8 @@ fn compare_params(a: &Model, b: &Model, tol: f64) {
     assert!(rel <= tol, "parameters: relative error {rel}");
 }
 
-#[test]
 fn the_tutorial_task_trains_the_same_on_the_gpu() {
-    let Some(gpu) = cuda() else { return };
+    let gpu = cuda();
     let model = zoo::simple_cnn(8).seed(4).build().unwrap();
     let (x, y) = tutorial_images(8, 3, 32, 32, 10, &mut Rng::new(4));
     let cfg = |device| TrainerConfig { batch_size: 8, seed: 4, device, ..Default::default() };
@@ -209,10 +205,9 @@ fn the_tutorial_task_trains_the_same_on_the_gpu() {
     assert!((last.0 - last.1).abs() < 1e-3, "{last:?}");
 }
 
-#[test]
 fn graph_replay_and_eager_training_steps_are_identical() {
-    let Some(graph) = cuda() else { return };
-    let eager = cuda_with(CudaOptions { eager: Some(true), ..Default::default() }).unwrap();
+    let graph = cuda();
+    let eager = cuda_with(CudaOptions { eager: Some(true), ..Default::default() });
     // Dropout, batch norm, a schedule and clipping: everything the device must carry between steps.
     let model = kiln::model::ModelBuilder::new(&[16, 3, 16, 16])
         .conv2d(8, 3)
@@ -248,9 +243,8 @@ fn graph_replay_and_eager_training_steps_are_identical() {
     assert_eq!(ma, mb);
 }
 
-#[test]
 fn regression_and_binary_losses_train_on_the_gpu() {
-    let Some(gpu) = cuda() else { return };
+    let gpu = cuda();
     let x = Tensor::new(&[64, 2], random(128, 9, -1.0, 1.0)).unwrap();
     let y: Vec<f32> = x.data().chunks(2).map(|r| 2.0 * r[0] - 3.0 * r[1] + 1.0).collect();
     let y = Tensor::new(&[64, 1], y).unwrap();
@@ -270,4 +264,15 @@ fn regression_and_binary_losses_train_on_the_gpu() {
     }
     let last = t.evaluate_tensors(&x, &y).unwrap().loss;
     assert!(last < 1e-2 && last < first / 100.0, "{first} -> {last}");
+}
+
+tests! {
+    gpu: [
+        every_loss_matches_the_cpu,
+        every_optimizer_and_clipping_matches_the_cpu,
+        ten_adam_steps_of_the_cifar_cnn_match_the_cpu,
+        the_tutorial_task_trains_the_same_on_the_gpu,
+        graph_replay_and_eager_training_steps_are_identical,
+        regression_and_binary_losses_train_on_the_gpu,
+    ],
 }

@@ -1,4 +1,5 @@
-//! Gradient checks for every layer and option on the CPU backend.
+//! Gradient checks for every layer and option of the shared corpus (tests/corpus) on the CPU
+//! backend, one test per case (`cargo test --test gradcheck batch_norm`).
 //!
 //! For each small model: the loss `L = sum(r * y)` with fixed random `r`; the analytic gradients
 //! (backward in f64) of every parameter and of the input are compared with central finite
@@ -8,8 +9,11 @@
 use kiln::backend::Backend;
 use kiln::backend::cpu::CpuBackend;
 use kiln::exec::{Executor, Mode, PlanId, PlanOptions};
-use kiln::model::{BatchNorm, Conv2d, Linear, Model, ModelBuilder, Pool2d, branch};
+use kiln::model::{Model, ModelBuilder};
 use kiln::rng::Rng;
+use libtest_mimic::{Arguments, Trial};
+
+mod corpus;
 
 const EPS: f64 = 1e-6;
 
@@ -55,11 +59,7 @@ fn close(analytic: f64, numeric: f64, tol: f64) -> bool {
     (analytic - numeric).abs() <= tol * (1.0 + analytic.abs().max(numeric.abs()))
 }
 
-/// Finite differences in f64 against backward in f64, then f32 against f64.
-fn check(builder: ModelBuilder) {
-    check_with(builder, 1e-5)
-}
-
+/// Finite differences in f64 against backward in f64 (within `tol`), then f32 against f64.
 fn check_with(builder: ModelBuilder, tol: f64) {
     let model = builder.seed(3).build().expect("model builds");
     let batch = model.batch_size();
@@ -150,130 +150,16 @@ fn check_with(builder: ModelBuilder, tol: f64) {
     }
 }
 
-fn img(b: usize, c: usize, h: usize, w: usize) -> ModelBuilder {
-    ModelBuilder::new(&[b, c, h, w])
-}
-
-#[test]
-fn conv2d_basic() {
-    check(img(2, 3, 6, 6).conv2d(4, 3));
-}
-
-#[test]
-fn conv2d_stride_padding() {
-    check(img(2, 3, 7, 7).conv2d_with(Conv2d::new(4, 3).stride(2).padding(1)));
-}
-
-#[test]
-fn conv2d_same_and_dilation() {
-    check(img(2, 2, 7, 7).conv2d_with(Conv2d::new(3, 3).padding("same").dilation(2)));
-}
-
-#[test]
-fn conv2d_groups_and_depthwise() {
-    check(img(2, 4, 5, 5).conv2d_with(Conv2d::new(6, 3).groups(2).padding(1)));
-    check(img(2, 3, 5, 5).conv2d_with(Conv2d::new(3, 3).groups(3)));
-}
-
-#[test]
-fn conv2d_non_square_no_bias() {
-    check(img(2, 2, 6, 7).conv2d_with(Conv2d::new(3, 2).kernel_hw(2, 3).stride_hw(2, 1).padding((1, 0)).bias(false)));
-}
-
-#[test]
-fn conv2d_pointwise() {
-    check(img(3, 4, 4, 4).conv2d(5, 1));
-    check(img(2, 4, 4, 4).conv2d_with(Conv2d::new(4, 1).groups(2).bias(false)));
-    check(img(2, 3, 5, 5).conv2d_with(Conv2d::new(4, 1).stride(2)));
-}
-
-#[test]
-fn dense_and_views() {
-    check(ModelBuilder::new(&[3, 5]).dense(4).dense_with(Linear::new(2).bias(false)));
-    check(img(2, 2, 3, 3).dense(4));
-    check(img(2, 2, 3, 3).flatten().dense(3));
-    check(img(2, 2, 3, 4).reshape(&[4, 6]).softmax(-1));
-}
-
-#[test]
-fn activations() {
-    let acts: Vec<fn(ModelBuilder) -> ModelBuilder> =
-        vec![|b| b.relu(), |b| b.leaky_relu(0.1), |b| b.elu(0.7), |b| b.sigmoid(), |b| b.tanh(), |b| b.silu(), |b| {
-            b.gelu()
-        }];
-    for act in acts {
-        check(act(img(2, 2, 3, 3).conv2d(3, 2)));
-    }
-}
-
-#[test]
-fn softmax_axes() {
-    check(ModelBuilder::new(&[3, 6]).dense(5).softmax(1));
-    check(img(2, 3, 3, 3).conv2d(4, 1).softmax(1));
-    check(img(2, 3, 3, 3).conv2d(4, 1).softmax(-1));
-}
-
-#[test]
-fn dropout_in_training() {
-    check(ModelBuilder::new(&[4, 10]).dense(12).dropout(0.4).dense(3));
-}
-
-#[test]
-fn batch_norm_training() {
-    check_with(img(3, 2, 4, 4).conv2d(3, 3).batch_norm(), 5e-5);
-    check_with(ModelBuilder::new(&[5, 4]).dense(6).batch_norm().relu().dense(2), 5e-5);
-    check_with(img(3, 2, 4, 4).conv2d(3, 3).batch_norm_with(BatchNorm::new().affine(false).momentum(0.3)), 5e-5);
-    check_with(img(3, 2, 4, 4).conv2d(3, 3).batch_norm_with(BatchNorm::new().track_running_stats(false)), 5e-5);
-}
-
-#[test]
-fn pooling() {
-    check(img(2, 2, 6, 6).conv2d(3, 1).max_pool2d(2));
-    check(img(2, 2, 5, 5).conv2d(3, 1).max_pool2d_with(Pool2d::new(3).stride(1).padding(1)));
-    check(img(2, 2, 6, 5).conv2d(3, 1).avg_pool2d_with(Pool2d::new(3).stride(2).padding(1)));
-    check(img(2, 2, 6, 5).conv2d(3, 1).avg_pool2d_with(Pool2d::new(3).stride(2).padding(1).count_include_pad(false)));
-    check(img(2, 2, 4, 5).conv2d(3, 1).global_avg_pool().dense(2));
-}
-
-#[test]
-fn residual_joins() {
-    check(
-        img(2, 3, 5, 5)
-            .conv2d_with(Conv2d::new(4, 3).padding(1))
-            .residual(|m| m.conv2d_with(Conv2d::new(4, 3).padding(1)).tanh().conv2d_with(Conv2d::new(4, 3).padding(1))),
-    );
-    check_with(
-        img(3, 3, 6, 6).conv2d(4, 1).residual_with(
-            |m| m.conv2d_with(Conv2d::new(6, 3).stride(2).padding(1)).batch_norm().relu(),
-            |s| s.conv2d_with(Conv2d::new(6, 1).stride(2).bias(false)).batch_norm(),
-        ),
-        5e-5,
-    );
-}
-
-#[test]
-fn concat_joins() {
-    check(img(2, 3, 5, 5).conv2d(4, 1).concat([
-        branch(|b| b.conv2d(2, 1)),
-        branch(|b| b.conv2d_with(Conv2d::new(3, 3).padding(1)).sigmoid()),
-        branch(|b| b.max_pool2d_with(Pool2d::new(3).stride(1).padding(1))),
-        branch(|b| b),
-    ]));
-}
-
-#[test]
-fn mixed_model_end_to_end() {
-    check_with(
-        img(2, 3, 8, 8)
-            .conv2d_with(Conv2d::new(4, 3).padding(1))
-            .batch_norm()
-            .relu()
-            .max_pool2d(2)
-            .residual(|m| m.conv2d_with(Conv2d::new(4, 3).padding(1)).gelu())
-            .dropout(0.2)
-            .global_avg_pool()
-            .dense(3)
-            .softmax(1),
-        5e-5,
-    );
+fn main() {
+    let trials = corpus::cases()
+        .into_iter()
+        .filter_map(|case| {
+            let tol = case.gradcheck?;
+            Some(Trial::test(case.name, move || {
+                check_with((case.build)(), tol);
+                Ok(())
+            }))
+        })
+        .collect();
+    libtest_mimic::run(&Arguments::from_args(), trials).exit()
 }

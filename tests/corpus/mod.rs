@@ -1,0 +1,196 @@
+//! The test corpus every backend runs, written once: the layers, options and models that
+//! tests/gradcheck.rs checks against finite differences on the CPU, and that tests/parity.rs runs
+//! on every backend of [`backends`] against the CPU reference (the candle `test_device!` habit).
+//!
+//! A new layer adds its cases here; a new backend adds itself to [`backends`] and runs them all.
+#![allow(dead_code)] // each test file uses a different part
+
+use kiln::backend::Backend;
+use kiln::model::{BatchNorm, Conv2d, Linear, ModelBuilder, Pool2d, branch};
+use kiln::zoo;
+
+/// One model of the corpus.
+pub struct Case {
+    /// Test name (`cargo test NAME` selects it).
+    pub name: &'static str,
+    /// The model, unseeded (each suite seeds it).
+    pub build: fn() -> ModelBuilder,
+    /// Finite-difference tolerance for tests/gradcheck.rs; `None` for models too large to check
+    /// that way in CI time (they run in the parity suite only).
+    pub gradcheck: Option<f64>,
+    /// Run by the backend parity suite. Off only for cases whose gradients include a bias that
+    /// is analytically zero (a biased convolution or dense layer feeding batch norm): comparing
+    /// two f32 roundings of zero measures nothing, and each such case has a bias-free twin here.
+    pub parity: bool,
+}
+
+/// Default finite-difference tolerance; batch norm's normalisation needs 5e-5.
+const FD: Option<f64> = Some(1e-5);
+const FD_BN: Option<f64> = Some(5e-5);
+
+fn case(name: &'static str, build: fn() -> ModelBuilder) -> Case {
+    Case { name, build, gradcheck: FD, parity: true }
+}
+fn bn_case(name: &'static str, build: fn() -> ModelBuilder) -> Case {
+    Case { name, build, gradcheck: FD_BN, parity: true }
+}
+/// Finite differences only (see [`Case::parity`]).
+fn gradcheck_only(name: &'static str, tol: f64, build: fn() -> ModelBuilder) -> Case {
+    Case { name, build, gradcheck: Some(tol), parity: false }
+}
+/// Backend parity only (too large for finite differences).
+fn parity_only(name: &'static str, build: fn() -> ModelBuilder) -> Case {
+    Case { name, build, gradcheck: None, parity: true }
+}
+
+pub fn img(b: usize, c: usize, h: usize, w: usize) -> ModelBuilder {
+    ModelBuilder::new(&[b, c, h, w])
+}
+
+/// A convolution without bias, for those feeding batch norm (see [`Case::parity`]).
+pub fn no_bias(k: usize, kernel: usize) -> Conv2d {
+    Conv2d::new(k, kernel).bias(false)
+}
+
+/// Every case, in a fixed order.
+pub fn cases() -> Vec<Case> {
+    vec![
+        // Convolutions.
+        case("conv2d_basic", || img(2, 3, 6, 6).conv2d(4, 3)),
+        case("conv2d_stride_padding", || img(2, 3, 7, 7).conv2d_with(Conv2d::new(4, 3).stride(2).padding(1))),
+        case("conv2d_same_dilation", || img(2, 2, 7, 7).conv2d_with(Conv2d::new(3, 3).padding("same").dilation(2))),
+        case("conv2d_groups", || img(2, 4, 5, 5).conv2d_with(Conv2d::new(6, 3).groups(2).padding(1))),
+        case("conv2d_depthwise", || img(2, 3, 5, 5).conv2d_with(Conv2d::new(3, 3).groups(3))),
+        case("conv2d_non_square_no_bias", || {
+            img(2, 2, 6, 7).conv2d_with(Conv2d::new(3, 2).kernel_hw(2, 3).stride_hw(2, 1).padding((1, 0)).bias(false))
+        }),
+        case("conv2d_pointwise", || img(3, 4, 4, 4).conv2d(5, 1)),
+        case("conv2d_pointwise_groups", || img(2, 4, 4, 4).conv2d_with(Conv2d::new(4, 1).groups(2).bias(false))),
+        case("conv2d_pointwise_stride", || img(2, 3, 5, 5).conv2d_with(Conv2d::new(4, 1).stride(2))),
+        parity_only("conv2d_larger", || img(8, 16, 20, 20).conv2d_with(Conv2d::new(32, 3).padding(1))),
+        // Dense layers and views.
+        case("dense", || ModelBuilder::new(&[3, 5]).dense(4).dense_with(Linear::new(2).bias(false))),
+        case("dense_on_images", || img(2, 2, 3, 3).dense(4)),
+        case("flatten_dense", || img(2, 2, 3, 3).flatten().dense(3)),
+        case("reshape_softmax", || img(2, 2, 3, 4).reshape(&[4, 6]).softmax(-1)),
+        parity_only("dense_larger", || ModelBuilder::new(&[64, 300]).dense(200).relu().dense(10)),
+        // Activations.
+        case("act_relu", || img(2, 2, 3, 3).conv2d(3, 2).relu()),
+        case("act_leaky_relu", || img(2, 2, 3, 3).conv2d(3, 2).leaky_relu(0.1)),
+        case("act_elu", || img(2, 2, 3, 3).conv2d(3, 2).elu(0.7)),
+        case("act_sigmoid", || img(2, 2, 3, 3).conv2d(3, 2).sigmoid()),
+        case("act_tanh", || img(2, 2, 3, 3).conv2d(3, 2).tanh()),
+        case("act_silu", || img(2, 2, 3, 3).conv2d(3, 2).silu()),
+        case("act_gelu", || img(2, 2, 3, 3).conv2d(3, 2).gelu()),
+        // Softmax.
+        case("softmax_rows", || ModelBuilder::new(&[3, 6]).dense(5).softmax(1)),
+        case("softmax_channels", || img(2, 3, 3, 3).conv2d(4, 1).softmax(1)),
+        gradcheck_only("softmax_last_axis_biased", 1e-5, || img(2, 3, 3, 3).conv2d(4, 1).softmax(-1)),
+        case("softmax_last_axis", || img(2, 3, 3, 3).conv2d_with(Conv2d::new(4, 1).bias(false)).softmax(-1)),
+        parity_only("softmax_wide_rows", || ModelBuilder::new(&[4, 50]).dense(1000).softmax(1)),
+        // Dropout.
+        case("dropout", || ModelBuilder::new(&[4, 10]).dense(12).dropout(0.4).dense(3)),
+        parity_only("dropout_odd_length", || ModelBuilder::new(&[3, 7]).dense(13).dropout(0.5).dense(2)),
+        // Batch norm (bias-free layers in front for parity, see `Case::parity`).
+        gradcheck_only("batch_norm_4d_biased", 5e-5, || img(3, 2, 4, 4).conv2d(3, 3).batch_norm()),
+        bn_case("batch_norm_4d", || img(3, 2, 4, 4).conv2d_with(no_bias(3, 3)).batch_norm()),
+        gradcheck_only("batch_norm_2d_biased", 5e-5, || {
+            ModelBuilder::new(&[5, 4]).dense(6).batch_norm().relu().dense(2)
+        }),
+        bn_case("batch_norm_2d", || {
+            ModelBuilder::new(&[5, 4]).dense_with(Linear::new(6).bias(false)).batch_norm().relu().dense(2)
+        }),
+        gradcheck_only("batch_norm_affine_off_biased", 5e-5, || {
+            img(3, 2, 4, 4).conv2d(3, 3).batch_norm_with(BatchNorm::new().affine(false).momentum(0.3))
+        }),
+        bn_case("batch_norm_affine_off", || {
+            img(3, 2, 4, 4).conv2d_with(no_bias(3, 3)).batch_norm_with(BatchNorm::new().affine(false).momentum(0.3))
+        }),
+        gradcheck_only("batch_norm_no_running_stats_biased", 5e-5, || {
+            img(3, 2, 4, 4).conv2d(3, 3).batch_norm_with(BatchNorm::new().track_running_stats(false))
+        }),
+        bn_case("batch_norm_no_running_stats", || {
+            img(3, 2, 4, 4).conv2d_with(no_bias(3, 3)).batch_norm_with(BatchNorm::new().track_running_stats(false))
+        }),
+        parity_only("batch_norm_large", || img(16, 8, 16, 16).conv2d_with(no_bias(16, 3)).batch_norm()),
+        // Pooling.
+        case("max_pool", || img(2, 2, 6, 6).conv2d(3, 1).max_pool2d(2)),
+        case("max_pool_overlapping", || {
+            img(2, 2, 5, 5).conv2d(3, 1).max_pool2d_with(Pool2d::new(3).stride(1).padding(1))
+        }),
+        case("avg_pool_padded", || img(2, 2, 6, 5).conv2d(3, 1).avg_pool2d_with(Pool2d::new(3).stride(2).padding(1))),
+        case("avg_pool_no_pad_count", || {
+            img(2, 2, 6, 5).conv2d(3, 1).avg_pool2d_with(Pool2d::new(3).stride(2).padding(1).count_include_pad(false))
+        }),
+        case("global_avg_pool", || img(2, 2, 4, 5).conv2d(3, 1).global_avg_pool().dense(2)),
+        // Joins.
+        case("residual", || {
+            img(2, 3, 5, 5).conv2d_with(Conv2d::new(4, 3).padding(1)).residual(|m| {
+                m.conv2d_with(Conv2d::new(4, 3).padding(1)).tanh().conv2d_with(Conv2d::new(4, 3).padding(1))
+            })
+        }),
+        gradcheck_only("residual_projection_biased", 5e-5, || {
+            img(3, 3, 6, 6).conv2d(4, 1).residual_with(
+                |m| m.conv2d_with(Conv2d::new(6, 3).stride(2).padding(1)).batch_norm().relu(),
+                |s| s.conv2d_with(Conv2d::new(6, 1).stride(2).bias(false)).batch_norm(),
+            )
+        }),
+        bn_case("residual_projection", || {
+            img(3, 3, 6, 6).conv2d(4, 1).residual_with(
+                |m| m.conv2d_with(no_bias(6, 3).stride(2).padding(1)).batch_norm().relu(),
+                |s| s.conv2d_with(Conv2d::new(6, 1).stride(2).bias(false)).batch_norm(),
+            )
+        }),
+        case("concat", || {
+            img(2, 3, 5, 5).conv2d(4, 1).concat([
+                branch(|b| b.conv2d(2, 1)),
+                branch(|b| b.conv2d_with(Conv2d::new(3, 3).padding(1)).sigmoid()),
+                branch(|b| b.max_pool2d_with(Pool2d::new(3).stride(1).padding(1))),
+                branch(|b| b),
+            ])
+        }),
+        // Whole models.
+        gradcheck_only("mixed_model_biased", 5e-5, || mixed(Conv2d::new(4, 3).padding(1))),
+        bn_case("mixed_model", || mixed(no_bias(4, 3).padding(1))),
+        parity_only("resnet18", || zoo::resnet18(4, 10)),
+        parity_only("simple_cnn", || zoo::simple_cnn(4)),
+        parity_only("advanced_cnn", || zoo::advanced_cnn(4)),
+        parity_only("multiscale_cnn", || zoo::multiscale_cnn(4)),
+        parity_only("mnist_cnn", || zoo::mnist_cnn(4)),
+        parity_only("cifar_cnn", || zoo::cifar_cnn(4)),
+        parity_only("inception_block", || zoo::inception_block(2, 10)),
+    ]
+}
+
+fn mixed(first: Conv2d) -> ModelBuilder {
+    img(2, 3, 8, 8)
+        .conv2d_with(first)
+        .batch_norm()
+        .relu()
+        .max_pool2d(2)
+        .residual(|m| m.conv2d_with(Conv2d::new(4, 3).padding(1)).gelu())
+        .dropout(0.2)
+        .global_avg_pool()
+        .dense(3)
+        .softmax(1)
+}
+
+/// A backend under test: the parity suite runs every parity case of [`cases`] on it against the
+/// CPU reference (f32).
+pub struct BackendUnderTest {
+    /// Prefix of its tests' names (`cuda::conv2d_basic`).
+    pub name: &'static str,
+    /// Opens it; an error means it is not usable here.
+    pub open: fn() -> kiln::Result<Box<dyn Backend>>,
+    /// Largest difference allowed, relative to the reference tensor's largest magnitude.
+    pub tol: f64,
+}
+
+/// Every backend the corpus runs on. A new backend adds one line here.
+pub fn backends() -> Vec<BackendUnderTest> {
+    vec![BackendUnderTest {
+        name: "cuda",
+        open: || Ok(Box::new(kiln::backend::CudaBackend::new(0)?) as Box<dyn Backend>),
+        tol: 1e-4,
+    }]
+}
