@@ -158,3 +158,43 @@ fn initialisation_follows_pytorch_defaults() {
         }
     }
 }
+
+/// GroupNorm: shape kept, PyTorch's parameter names and initial values, FLOPs, summary, and a
+/// save/load round trip that computes the same.
+#[test]
+fn group_norm_layer() {
+    use kiln::backend::cpu::CpuBackend;
+    use kiln::exec::{Executor, Mode};
+    use kiln::model::{GroupNorm, ModelBuilder};
+    use kiln::tensor::Tensor;
+    let m = ModelBuilder::new(&[2, 4, 5, 5])
+        .conv2d(8, 3)
+        .group_norm(4)
+        .name("gn")
+        .group_norm_with(GroupNorm::new(2).eps(1e-3).affine(false))
+        .seed(7)
+        .build()
+        .unwrap();
+    assert_eq!(shape_of(&m, "gn"), [2, 8, 3, 3]);
+    let names: Vec<&str> = m.params().iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["conv2d_1.weight", "conv2d_1.bias", "gn.weight", "gn.bias"]);
+    assert_eq!(m.param("gn.weight").unwrap(), [1.0; 8]);
+    assert_eq!(m.param("gn.bias").unwrap(), [0.0; 8]);
+    assert_eq!(m.flops(2), 5 * 8 * 9);
+    assert!(m.summary().contains("GroupNorm(4)"), "{}", m.summary());
+
+    let mut m = m;
+    m.set_param("gn.weight", &[0.5, 1.5, 2.0, 1.0, -1.0, 0.25, 3.0, 1.0]).unwrap();
+    let path = std::env::temp_dir().join(format!("kiln-gn-{}.safetensors", std::process::id()));
+    m.save(&path).unwrap();
+    let back = Model::load(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(back.nodes(), m.nodes());
+    assert_eq!(back.param_values(), m.param_values());
+    let x = Tensor::new(&[2, 4, 5, 5], (0..200).map(|i| (i as f32 * 0.37).sin()).collect()).unwrap();
+    let predict = |model: &Model| {
+        let mut e = Executor::new(model, CpuBackend::<f32>::new(Some(1)).unwrap()).unwrap();
+        e.predict(&x, Mode::Eval).unwrap().data().to_vec()
+    };
+    assert_eq!(predict(&m), predict(&back));
+}

@@ -103,6 +103,18 @@ fn joins_must_match() {
 }
 
 #[test]
+fn group_norm_options() {
+    use kiln::model::GroupNorm;
+    fails(img().conv2d(6, 1).group_norm(4).name("gn"), &["'gn'", "groups (4)", "divide the 6 channels"]);
+    fails(img().group_norm(0).name("gn"), &["'gn'", "at least 1"]);
+    fails(img().group_norm_with(GroupNorm::new(3).eps(0.0)).name("gn"), &["'gn'", "eps must be positive"]);
+    fails(
+        img().reshape(&[3, 8, 8]).flatten().reshape(&[2, 3, 4, 8]).group_norm(1).name("gn"),
+        &["'gn'", "group_norm needs"],
+    );
+}
+
+#[test]
 fn names_must_be_unique() {
     fails(img().conv2d(4, 3).name("a").relu().name("a"), &["'a'", "duplicate layer name"]);
     fails(img().relu().name(""), &["must not be empty"]);

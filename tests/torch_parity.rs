@@ -8,7 +8,7 @@
 use kiln::backend::Backend;
 use kiln::backend::cpu::CpuBackend;
 use kiln::exec::{Executor, Mode, PlanOptions};
-use kiln::model::{BatchNorm, Conv2d, ModelBuilder, Pool2d};
+use kiln::model::{BatchNorm, Conv2d, GroupNorm, ModelBuilder, Pool2d};
 use serde_json::Value;
 
 fn builder(name: &str) -> ModelBuilder {
@@ -33,6 +33,10 @@ fn builder(name: &str) -> ModelBuilder {
         "softmax_channels" => img([2, 3, 2, 2]).softmax(1),
         "batch_norm2d" => img([3, 2, 3, 3]).batch_norm(),
         "batch_norm1d" => ModelBuilder::new(&[5, 4]).batch_norm_with(BatchNorm::new().momentum(0.3)),
+        "group_norm" => img([2, 6, 3, 3]).group_norm(3),
+        "group_norm_no_affine" => img([3, 4, 2, 3]).group_norm_with(GroupNorm::new(2).eps(1e-3).affine(false)),
+        "group_norm_features" => ModelBuilder::new(&[3, 8]).group_norm(4),
+        "group_norm_instance" => img([2, 3, 4, 4]).group_norm(3),
         "max_pool" => img([2, 2, 7, 7]).max_pool2d_with(Pool2d::new(3).stride(2).padding(1)),
         "avg_pool_pad" => img([2, 2, 7, 6]).avg_pool2d_with(Pool2d::new(3).stride(2).padding(1)),
         "avg_pool_nopad_count" => {
@@ -96,6 +100,12 @@ fn every_layer_matches_pytorch_in_f64() {
         let bufs = e.param_buffers().to_vec();
         let trainable: Vec<_> = model.params().iter().zip(&bufs).filter(|(s, _)| s.trainable).collect();
         assert_eq!(trainable.len(), want_grads.len(), "{name}: parameter count");
+        // PyTorch's state_dict names: kiln's `layer.weight` ends as PyTorch's `weight` (or `1.weight`).
+        let want_names = case["param_names"].as_array().unwrap();
+        for ((spec, _), want) in trainable.iter().zip(want_names) {
+            let want = want.as_str().unwrap().rsplit('.').next().unwrap();
+            assert_eq!(spec.name.rsplit('.').next().unwrap(), want, "{name}: parameter name of {}", spec.name);
+        }
         for ((spec, b), want) in trainable.iter().zip(want_grads) {
             let g = e.backend_mut().read_f64(b.grad.unwrap()).unwrap();
             assert_close(&format!("{name} {} grad", spec.name), &g, &floats(want));

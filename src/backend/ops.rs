@@ -115,6 +115,22 @@ pub struct BnGeom {
     pub eps: f32,
 }
 
+/// Group-norm shape: `n` samples, `c` channels in `groups` groups of `c / groups` consecutive
+/// channels, `hw` values per channel per sample.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GnGeom {
+    /// Samples.
+    pub n: usize,
+    /// Channels (a multiple of `groups`).
+    pub c: usize,
+    /// Values per channel per sample.
+    pub hw: usize,
+    /// Groups.
+    pub groups: usize,
+    /// Added to the variance.
+    pub eps: f32,
+}
+
 /// A loss function on the model output `pred` (`n` samples of `c` values) and the targets.
 ///
 /// Targets are class indices (`n` values) for [`LossFn::SoftmaxCrossEntropy`] with
@@ -527,6 +543,49 @@ pub struct BatchNormBackward {
     pub sync: bool,
 }
 
+/// Group norm (PyTorch's `nn.GroupNorm`, the same in training and evaluation): saves the
+/// mean and inverse standard deviation of each sample's group (`[n, groups]`) for backward.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GroupNorm {
+    /// Geometry.
+    pub g: GnGeom,
+    /// Input.
+    pub x: BufId,
+    /// Scale per channel, if affine.
+    pub gamma: Option<BufId>,
+    /// Shift per channel, if affine.
+    pub beta: Option<BufId>,
+    /// Output.
+    pub y: BufId,
+    /// Saved mean per sample and group.
+    pub mean: BufId,
+    /// Saved inverse standard deviation per sample and group.
+    pub invstd: BufId,
+}
+
+/// The gradients of [`Op::GroupNorm`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GroupNormBackward {
+    /// Geometry.
+    pub g: GnGeom,
+    /// Input.
+    pub x: BufId,
+    /// Scale per channel, if affine.
+    pub gamma: Option<BufId>,
+    /// Saved mean per sample and group.
+    pub mean: BufId,
+    /// Saved inverse standard deviation per sample and group.
+    pub invstd: BufId,
+    /// Gradient of the output.
+    pub dy: BufId,
+    /// Gradient of the input, where wanted.
+    pub dx: Option<GradOut>,
+    /// Gradient of the scale, where wanted.
+    pub dgamma: Option<GradOut>,
+    /// Gradient of the shift, where wanted.
+    pub dbeta: Option<GradOut>,
+}
+
 /// Max pooling; `argmax` receives, per output, the index of the chosen input within its
 /// `h * w` plane (as a float, exact below 2^24).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -745,6 +804,10 @@ pub enum Op {
     BatchNormInfer(BatchNormInfer),
     /// See [`BatchNormBackward`].
     BatchNormBackward(BatchNormBackward),
+    /// See [`GroupNorm`].
+    GroupNorm(GroupNorm),
+    /// See [`GroupNormBackward`].
+    GroupNormBackward(GroupNormBackward),
     /// See [`MaxPool`].
     MaxPool(MaxPool),
     /// See [`MaxPoolBackward`].
@@ -792,6 +855,8 @@ impl Op {
             Op::BatchNormTrain(_) => "batch_norm_train",
             Op::BatchNormInfer(_) => "batch_norm_infer",
             Op::BatchNormBackward(_) => "batch_norm_backward",
+            Op::GroupNorm(_) => "group_norm",
+            Op::GroupNormBackward(_) => "group_norm_backward",
             Op::MaxPool(_) => "max_pool",
             Op::MaxPoolBackward(_) => "max_pool_backward",
             Op::AvgPool(_) => "avg_pool",

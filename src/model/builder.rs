@@ -26,7 +26,7 @@
 
 use std::collections::HashSet;
 
-use super::layers::{Activation, BatchNorm, Conv2d, Layer, Linear, Pool2d};
+use super::layers::{Activation, BatchNorm, Conv2d, GroupNorm, Layer, Linear, Pool2d};
 use super::{Model, Node};
 use crate::{Error, Result};
 
@@ -173,6 +173,14 @@ impl ModelBuilder {
     }
     pub fn batch_norm_with(self, bn: BatchNorm) -> Self {
         self.layer(Layer::BatchNorm(bn))
+    }
+    /// Group normalisation with `groups` groups and PyTorch's defaults (eps 1e-5, affine).
+    pub fn group_norm(self, groups: usize) -> Self {
+        self.layer(Layer::GroupNorm(GroupNorm::new(groups)))
+    }
+    /// Group normalisation with options: `group_norm_with(GroupNorm::new(8).eps(1e-6))`.
+    pub fn group_norm_with(self, gn: GroupNorm) -> Self {
+        self.layer(Layer::GroupNorm(gn))
     }
     /// Max pooling with a `kernel x kernel` window and stride equal to the kernel.
     pub fn max_pool2d(self, kernel: usize) -> Self {

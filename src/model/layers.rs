@@ -6,6 +6,9 @@
 
 use serde::{Deserialize, Serialize};
 
+pub(crate) mod group_norm;
+pub use group_norm::GroupNorm;
+
 /// How a convolution or pooling window is padded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Padding {
@@ -263,6 +266,8 @@ pub enum Layer {
         rate: f32,
     },
     BatchNorm(BatchNorm),
+    /// Group normalisation (`nn.GroupNorm`); see [`GroupNorm`].
+    GroupNorm(GroupNorm),
     MaxPool2d(Pool2d),
     AvgPool2d(Pool2d),
     /// Mean over height and width: `[batch, C, H, W] -> [batch, C]`.
@@ -286,6 +291,7 @@ impl Layer {
             Layer::Softmax { .. } => "softmax",
             Layer::Dropout { .. } => "dropout",
             Layer::BatchNorm(_) => "batch_norm",
+            Layer::GroupNorm(_) => "group_norm",
             Layer::MaxPool2d(_) => "max_pool2d",
             Layer::AvgPool2d(_) => "avg_pool2d",
             Layer::GlobalAvgPool => "global_avg_pool",
@@ -314,6 +320,7 @@ impl Layer {
             Layer::Softmax { axis } => format!("Softmax({axis})"),
             Layer::Dropout { rate } => format!("Dropout({rate})"),
             Layer::BatchNorm(_) => "BatchNorm".into(),
+            Layer::GroupNorm(g) => format!("GroupNorm({})", g.groups),
             Layer::MaxPool2d(_) => "MaxPool2d".into(),
             Layer::AvgPool2d(_) => "AvgPool2d".into(),
             Layer::GlobalAvgPool => "GlobalAvgPool".into(),

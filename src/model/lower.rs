@@ -209,6 +209,7 @@ pub fn forward(cx: &mut Forward) -> Result<()> {
             let (seed, counter) = cx.dropout.expect("dropout counter");
             cx.push(Op::Dropout(ops::Dropout { rate: *rate, len, seed, counter, x, y, mask }));
         }
+        Layer::GroupNorm(gn) => super::layers::group_norm::forward(gn, cx)?,
         Layer::BatchNorm(bn) => {
             let g = bn_geom(ins, batch, bn.eps);
             if cx.mode == Mode::Train && g.n * g.hw < 2 {
@@ -332,6 +333,7 @@ pub fn backward(cx: &mut Backward) -> Result<()> {
                 cx.push(Op::DropoutBackward(ops::DropoutBackward { len: cx.numel(), mask: cx.saved(0), dy, dx }));
             }
         }
+        Layer::GroupNorm(gn) => super::layers::group_norm::backward(gn, cx)?,
         Layer::BatchNorm(bn) => {
             let g = bn_geom(ins, batch, bn.eps);
             let dx = cx.dx(0);

@@ -11,7 +11,7 @@ pub mod shape;
 mod summary;
 
 pub use builder::{Branch, ModelBuilder, branch};
-pub use layers::{Activation, BatchNorm, Conv2d, Layer, Linear, Padding, Pool2d};
+pub use layers::{Activation, BatchNorm, Conv2d, GroupNorm, Layer, Linear, Padding, Pool2d};
 pub use lower::Mode;
 pub use params::{ParamRole, ParamSpec};
 

@@ -87,6 +87,10 @@ pub(crate) fn param_specs(node: usize, name: &str, layer: &Layer, input: &[usize
             }
             v
         }
+        Layer::GroupNorm(gn) => super::layers::group_norm::params(gn, input)
+            .into_iter()
+            .map(|(suffix, role, shape)| spec(suffix, role, shape, true, 1))
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -102,6 +106,7 @@ pub(crate) fn init_param(spec: &ParamSpec, layer: &Layer, seed: u64, index: usiz
     match (layer, spec.role) {
         (Layer::BatchNorm(_), ParamRole::Weight) | (_, ParamRole::RunningVar) => vec![1.0; n],
         (Layer::BatchNorm(_), ParamRole::Bias) | (_, ParamRole::RunningMean) => vec![0.0; n],
+        (Layer::GroupNorm(_), role) => super::layers::group_norm::init(role, n),
         _ => {
             let bound = if spec.fan_in > 0 { 1.0 / (spec.fan_in as f32).sqrt() } else { 0.0 };
             let mut rng = Rng::new(mix_seed(seed, index as u64));

@@ -200,6 +200,7 @@ pub fn infer(name: &str, layer: &Layer, inputs: &[&[usize]]) -> Result<Vec<usize
             }
             Ok(one()?.to_vec())
         }
+        Layer::GroupNorm(gn) => super::layers::group_norm::infer(name, gn, one()?),
         Layer::BatchNorm(bn) => {
             let x = one()?;
             check_batch_norm(name, bn, x)?;

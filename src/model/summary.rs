@@ -25,6 +25,7 @@ pub(super) fn node_flops(m: &Model, i: usize) -> u64 {
         Layer::Activation(_) | Layer::Dropout { .. } => out,
         Layer::Softmax { .. } => 3 * out,
         Layer::BatchNorm(_) => 2 * out,
+        Layer::GroupNorm(_) => super::layers::group_norm::flops(out),
         Layer::MaxPool2d(p) | Layer::AvgPool2d(p) => out * (p.kernel.0 * p.kernel.1) as u64,
         Layer::GlobalAvgPool => numel(input),
         Layer::Add => out * (node.inputs.len() as u64 - 1),

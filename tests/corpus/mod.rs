@@ -6,7 +6,7 @@
 #![allow(dead_code)] // each test file uses a different part
 
 use kiln::backend::Backend;
-use kiln::model::{BatchNorm, Conv2d, Linear, ModelBuilder, Pool2d, branch};
+use kiln::model::{BatchNorm, Conv2d, GroupNorm, Linear, ModelBuilder, Pool2d, branch};
 use kiln::zoo;
 
 /// One model of the corpus.
@@ -113,6 +113,16 @@ pub fn cases() -> Vec<Case> {
             img(3, 2, 4, 4).conv2d_with(no_bias(3, 3)).batch_norm_with(BatchNorm::new().track_running_stats(false))
         }),
         parity_only("batch_norm_large", || img(16, 8, 16, 16).conv2d_with(no_bias(16, 3)).batch_norm()),
+        // Group norm.
+        bn_case("group_norm", || img(2, 4, 3, 3).conv2d(6, 1).group_norm(3)),
+        bn_case("group_norm_no_affine_eps", || {
+            img(2, 4, 3, 3).conv2d(4, 1).group_norm_with(GroupNorm::new(2).eps(1e-3).affine(false))
+        }),
+        bn_case("group_norm_features", || ModelBuilder::new(&[3, 5]).dense(8).group_norm(4).relu().dense(2)),
+        bn_case("group_norm_instance_and_layer", || {
+            img(2, 3, 4, 4).conv2d(3, 1).group_norm(3).conv2d(4, 1).group_norm(1)
+        }),
+        parity_only("group_norm_large", || img(8, 32, 16, 16).conv2d_with(no_bias(32, 3)).group_norm(8)),
         // Pooling.
         case("max_pool", || img(2, 2, 6, 6).conv2d(3, 1).max_pool2d(2)),
         case("max_pool_overlapping", || {

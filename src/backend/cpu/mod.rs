@@ -15,6 +15,7 @@ mod conv2d;
 mod dot;
 mod dropout;
 mod float;
+mod group_norm;
 mod join;
 mod linear;
 mod loss;
@@ -353,6 +354,39 @@ impl<T: Float> CpuBackend<T> {
                     }
                 }
                 r?;
+            }
+            Op::GroupNorm(ops::GroupNorm { g, x, gamma, beta, y, mean, invstd }) => {
+                let (mut yv, mut mv, mut iv) = (self.take(*y), self.take(*mean), self.take(*invstd));
+                let b = &self.bufs;
+                let affine = (gamma.map(|i| b[i.0].as_slice()), beta.map(|i| b[i.0].as_slice()));
+                group_norm::forward(g, &b[x.0], affine, &mut yv, (&mut mv, &mut iv));
+                self.put(*y, yv);
+                self.put(*mean, mv);
+                self.put(*invstd, iv);
+            }
+            Op::GroupNormBackward(ops::GroupNormBackward { g, x, gamma, mean, invstd, dy, dx, dgamma, dbeta }) => {
+                let mut take = |d: &GradOut| (std::mem::take(&mut self.bufs[d.buf.0]), d.accumulate);
+                let mut dxv = dx.as_ref().map(&mut take);
+                let mut dgv = dgamma.as_ref().map(&mut take);
+                let mut dbv = dbeta.as_ref().map(&mut take);
+                let b = &self.bufs;
+                group_norm::backward(
+                    g,
+                    &b[x.0],
+                    gamma.map(|i| b[i.0].as_slice()),
+                    (&b[mean.0], &b[invstd.0]),
+                    &b[dy.0],
+                    [
+                        dxv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
+                        dgv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
+                        dbv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
+                    ],
+                );
+                for (d, v) in [(dx, dxv), (dgamma, dgv), (dbeta, dbv)] {
+                    if let (Some(d), Some((v, _))) = (d, v) {
+                        self.put(d.buf, v);
+                    }
+                }
             }
             Op::MaxPool(ops::MaxPool { g, x, y, argmax }) => {
                 let mut yv = self.take(*y);

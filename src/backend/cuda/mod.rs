@@ -27,6 +27,7 @@ mod conv2d;
 mod driver;
 mod dropout;
 mod graph;
+mod group_norm;
 mod join;
 mod linear;
 mod loader;
@@ -59,6 +60,7 @@ const MODULES: &[&nvrtc::ModuleSrc] = &[
     &activation::MODULE,
     &batch_norm::MODULE,
     &dropout::MODULE,
+    &group_norm::MODULE,
     &join::MODULE,
     &loss::MODULE,
     &optimizer::MODULE,
@@ -287,6 +289,8 @@ impl CudaBackend {
             Op::BatchNormInfer(o) => self.bn_infer_forward(o),
             Op::BatchNormBackward(o) if o.sync => self.sync_bn_backward(o),
             Op::BatchNormBackward(o) => self.bn_backward(o),
+            Op::GroupNorm(o) => self.gn_forward(o),
+            Op::GroupNormBackward(o) => self.gn_backward(o),
             Op::MaxPool(o) => self.max_pool_forward(o),
             Op::MaxPoolBackward(o) => self.max_pool_backward(o),
             Op::AvgPool(o) => self.avg_pool_forward(o),

@@ -154,6 +154,38 @@ macro_rules! each_buffer {
                 $f(&$($m)? o.running_var, c, R);
                 $f(&$($m)? o.y, n, W);
             }
+            Op::GroupNorm(o) => {
+                let (n, c, s) = (o.g.n * o.g.c * o.g.hw, o.g.c, o.g.n * o.g.groups);
+                $f(&$($m)? o.x, n, R);
+                if let Some(b) = &$($m)? o.gamma {
+                    $f(b, c, R);
+                }
+                if let Some(b) = &$($m)? o.beta {
+                    $f(b, c, R);
+                }
+                $f(&$($m)? o.y, n, W);
+                $f(&$($m)? o.mean, s, W);
+                $f(&$($m)? o.invstd, s, W);
+            }
+            Op::GroupNormBackward(o) => {
+                let (n, c, s) = (o.g.n * o.g.c * o.g.hw, o.g.c, o.g.n * o.g.groups);
+                $f(&$($m)? o.x, n, R);
+                if let Some(b) = &$($m)? o.gamma {
+                    $f(b, c, R);
+                }
+                $f(&$($m)? o.mean, s, R);
+                $f(&$($m)? o.invstd, s, R);
+                $f(&$($m)? o.dy, n, R);
+                if let Some(d) = &$($m)? o.dx {
+                    $f(&$($m)? d.buf, n, grad_access(d.accumulate));
+                }
+                if let Some(d) = &$($m)? o.dgamma {
+                    $f(&$($m)? d.buf, c, grad_access(d.accumulate));
+                }
+                if let Some(d) = &$($m)? o.dbeta {
+                    $f(&$($m)? d.buf, c, grad_access(d.accumulate));
+                }
+            }
             Op::BatchNormBackward(o) => {
                 let (n, c) = (o.g.n * o.g.c * o.g.hw, o.g.c);
                 $f(&$($m)? o.x, n, R);
@@ -334,6 +366,9 @@ impl Op {
             Op::BatchNormTrain(BatchNormTrain { g, .. })
             | Op::BatchNormInfer(BatchNormInfer { g, .. })
             | Op::BatchNormBackward(BatchNormBackward { g, .. }) => format!("{}x{}x{}", g.n, g.c, g.hw),
+            Op::GroupNorm(GroupNorm { g, .. }) | Op::GroupNormBackward(GroupNormBackward { g, .. }) => {
+                format!("{}x{}x{}/{}", g.n, g.c, g.hw, g.groups)
+            }
             Op::MaxPool(MaxPool { g, .. })
             | Op::MaxPoolBackward(MaxPoolBackward { g, .. })
             | Op::AvgPool(AvgPool { g, .. })

@@ -1,0 +1,126 @@
+//! GroupNorm, whole: options, shape rule, parameters (PyTorch's `nn.GroupNorm` names and
+//! initial values), FLOPs and lowering to ops. Its kernels are `backend/cpu/group_norm.rs` and
+//! `backend/cuda/group_norm.rs`; its tests are the `group_norm*` cases of tests/corpus.
+//!
+//! ```
+//! use kiln::model::{GroupNorm, ModelBuilder};
+//! let model = ModelBuilder::new(&[2, 8, 4, 4])
+//!     .conv2d(16, 3)
+//!     .group_norm(4) // 4 groups of 4 channels
+//!     .group_norm_with(GroupNorm::new(2).eps(1e-6).affine(false))
+//!     .build()
+//!     .unwrap();
+//! assert_eq!(model.param("group_norm_1.weight").unwrap().len(), 16);
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::Op;
+use crate::backend::ops::{self, GnGeom};
+use crate::model::ParamRole;
+use crate::model::lower::{Backward, Forward};
+use crate::{Error, Result};
+
+/// Group normalisation (PyTorch's `nn.GroupNorm`): the channels of each sample are split into
+/// `groups` groups of consecutive channels, each normalised by its own mean and (biased)
+/// variance; then a per-channel scale and shift when `affine`. Batch-size independent, and the
+/// same in training and evaluation (no running statistics).
+///
+/// Parameters `weight` (ones) and `bias` (zeros) of `[C]` when affine.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GroupNorm {
+    /// Number of groups; must divide the channel count.
+    pub groups: usize,
+    /// Added to the variance (PyTorch's default 1e-5).
+    pub eps: f32,
+    /// Learnable per-channel scale and shift (`weight`, `bias`).
+    pub affine: bool,
+}
+
+impl GroupNorm {
+    /// `groups` groups, eps 1e-5, affine (PyTorch's defaults).
+    pub fn new(groups: usize) -> Self {
+        GroupNorm { groups, eps: 1e-5, affine: true }
+    }
+    /// Added to the variance.
+    pub fn eps(mut self, eps: f32) -> Self {
+        self.eps = eps;
+        self
+    }
+    /// Learnable scale and shift (default true).
+    pub fn affine(mut self, a: bool) -> Self {
+        self.affine = a;
+        self
+    }
+}
+
+/// Shape rule: `[C, ...]` (4-D input, or 2-D `[batch, C]`) with `groups` dividing `C`; the
+/// output has the input's shape.
+pub(crate) fn infer(name: &str, gn: &GroupNorm, input: &[usize]) -> Result<Vec<usize>> {
+    if input.len() != 1 && input.len() != 3 {
+        return Err(Error::layer(
+            name,
+            format!("group_norm needs a [batch, C] or [batch, C, H, W] input, got per-sample shape {input:?}"),
+        ));
+    }
+    if gn.groups == 0 || !input[0].is_multiple_of(gn.groups) {
+        return Err(Error::layer(
+            name,
+            format!("group_norm groups ({}) must be at least 1 and divide the {} channels", gn.groups, input[0]),
+        ));
+    }
+    if !(gn.eps > 0.0 && gn.eps.is_finite()) {
+        return Err(Error::layer(name, format!("eps must be positive and finite, got {}", gn.eps)));
+    }
+    Ok(input.to_vec())
+}
+
+/// `(suffix, role, shape)` of each parameter, in PyTorch's `state_dict` order.
+pub(crate) fn params(gn: &GroupNorm, input: &[usize]) -> Vec<(&'static str, ParamRole, Vec<usize>)> {
+    match gn.affine {
+        true => vec![("weight", ParamRole::Weight, vec![input[0]]), ("bias", ParamRole::Bias, vec![input[0]])],
+        false => vec![],
+    }
+}
+
+/// PyTorch's initial value: weight 1, bias 0.
+pub(crate) fn init(role: ParamRole, n: usize) -> Vec<f32> {
+    vec![if matches!(role, ParamRole::Weight) { 1.0 } else { 0.0 }; n]
+}
+
+/// Forward FLOPs per sample: statistics (about 3 per value: sum, squared deviation) and the
+/// scale and shift (2 per value).
+pub(crate) fn flops(out: u64) -> u64 {
+    5 * out
+}
+
+fn geom(gn: &GroupNorm, ins: &[usize], batch: usize) -> GnGeom {
+    GnGeom { n: batch, c: ins[0], hw: ins[1..].iter().product(), groups: gn.groups, eps: gn.eps }
+}
+
+/// Lowering of the forward pass: one [`Op::GroupNorm`], saving mean and invstd per sample and
+/// group.
+pub(crate) fn forward(gn: &GroupNorm, cx: &mut Forward<'_>) -> Result<()> {
+    let g = geom(gn, cx.in_shapes[0], cx.batch);
+    let (x, y) = (cx.input(0), cx.output());
+    let (gamma, beta) = (cx.param(ParamRole::Weight), cx.param(ParamRole::Bias));
+    let mean = cx.save(g.n * g.groups, "mean");
+    let invstd = cx.save(g.n * g.groups, "invstd");
+    cx.push(Op::GroupNorm(ops::GroupNorm { g, x, gamma, beta, y, mean, invstd }));
+    Ok(())
+}
+
+/// Lowering of the backward pass: one [`Op::GroupNormBackward`] for whichever gradients are
+/// wanted.
+pub(crate) fn backward(gn: &GroupNorm, cx: &mut Backward<'_>) -> Result<()> {
+    let g = geom(gn, cx.in_shapes[0], cx.batch);
+    let (x, dy) = (cx.input(0), cx.dy());
+    let dx = cx.dx(0);
+    let (dgamma, dbeta) = (cx.param_grad(ParamRole::Weight), cx.param_grad(ParamRole::Bias));
+    if dx.is_some() || dgamma.is_some() || dbeta.is_some() {
+        let gamma = cx.param(ParamRole::Weight);
+        let (mean, invstd) = (cx.saved(0), cx.saved(1));
+        cx.push(Op::GroupNormBackward(ops::GroupNormBackward { g, x, gamma, mean, invstd, dy, dx, dgamma, dbeta }));
+    }
+    Ok(())
+}
