@@ -10,7 +10,11 @@ use std::path::PathBuf;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong in kiln.
-#[derive(Debug, thiserror::Error)]
+///
+/// `Debug` prints the same readable message as `Display` (as `anyhow::Error` does), so
+/// `fn main() -> kiln::Result<()>` reports `Error: layer 'conv2d_2': ...`, not the variant's
+/// fields; match on the variant to take the fields apart.
+#[derive(thiserror::Error)]
 pub enum Error {
     /// A layer's specification is invalid (bad option, or it does not fit its input shape).
     #[error("layer '{layer}': {reason}")]
@@ -74,6 +78,12 @@ pub enum Error {
     /// before a backward pass).
     #[error("{0}")]
     State(String),
+}
+
+impl std::fmt::Debug for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 fn free_note(free: u64) -> String {

@@ -42,6 +42,9 @@ impl Cifar10 {
 
     /// From the given batch files, concatenated in that order.
     pub fn from_files<P: AsRef<Path>>(files: &[P]) -> Result<Self> {
+        if files.is_empty() {
+            return Err(Error::config("Cifar10::from_files", "no batch files given (expected data_batch_N.bin files)"));
+        }
         let mut images = Vec::new();
         let mut labels = Vec::new();
         for path in files {

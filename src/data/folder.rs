@@ -138,6 +138,18 @@ impl ImageFolderBuilder {
                 }),
             }
         }
+        if kept.is_empty() {
+            let first = &skipped[0];
+            return Err(Error::format(
+                &root,
+                format!(
+                    "every one of its {} image files is unreadable and was skipped (first: {}: {})",
+                    skipped.len(),
+                    first.path.display(),
+                    first.reason
+                ),
+            ));
+        }
         if !skipped.is_empty() {
             warn_skipped(&root, &skipped);
         }

@@ -29,30 +29,75 @@ const MAX_DIMS: usize = 4;
 /// Reads an IDX file of unsigned bytes, gzip-compressed or not (told by its first bytes, not its
 /// name). A bad magic number, an unsupported type, or data shorter or longer than the dimensions
 /// say is an [`Error::Format`] naming the path.
+///
+/// A compressed file is decompressed only as far as its header declares (plus one byte, to tell
+/// "too long"): a small file that would expand to gigabytes (a gzip bomb) is refused after reading
+/// what its header promises, not after filling memory.
 pub fn read_idx(path: impl AsRef<Path>) -> Result<IdxArray> {
     let path = path.as_ref();
-    let raw = fs::read(path).map_err(|e| Error::io(path, e))?;
-    let mut bytes = if raw.starts_with(&GZIP_MAGIC) {
-        let mut out = Vec::with_capacity(raw.len() * 4);
-        flate2::read::MultiGzDecoder::new(&raw[..])
-            .read_to_end(&mut out)
-            .map_err(|e| Error::format(path, format!("gzip data is corrupt or truncated: {e}")))?;
-        out
+    let file = fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut file = std::io::BufReader::new(file);
+    let mut magic = [0u8; 2];
+    let n = read_up_to(&mut file, &mut magic).map_err(|e| Error::io(path, e))?;
+    let prefix = std::io::Cursor::new(magic[..n].to_vec());
+    if magic[..n] == GZIP_MAGIC {
+        let gz = flate2::read::MultiGzDecoder::new(prefix.chain(file));
+        read_body(path, gz, true)
     } else {
-        raw
+        read_body(path, prefix.chain(file), false)
+    }
+}
+
+/// Fills `buf` as far as the reader goes; the number of bytes read.
+fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// The header and then at most the declared data (plus one byte) from `r`.
+fn read_body(path: &Path, mut r: impl Read, gzip: bool) -> Result<IdxArray> {
+    let read_err = |e: std::io::Error| {
+        if gzip { Error::format(path, format!("gzip data is corrupt or truncated: {e}")) } else { Error::io(path, e) }
     };
-    let header = parse_header(&bytes).map_err(|reason| Error::format(path, reason))?;
-    let (dims, header_len, expected) = header;
-    let got = bytes.len() - header_len;
+    let mut head = vec![0u8; 4];
+    let n = read_up_to(&mut r, &mut head).map_err(read_err)?;
+    head.truncate(n);
+    if n == 4 && head[0] == 0 && head[1] == 0 && head[2] == IDX_UBYTE {
+        let ndim = (head[3] as usize).min(MAX_DIMS);
+        let mut dims = vec![0u8; 4 * ndim];
+        let k = read_up_to(&mut r, &mut dims).map_err(read_err)?;
+        head.extend_from_slice(&dims[..k]);
+    }
+    let (dims, _, expected) = parse_header(&head).map_err(|reason| Error::format(path, reason))?;
+    let mut data = Vec::new();
+    // Reserve what the header declares when that is possible; a header declaring more memory
+    // than there is is refused here rather than aborting the process.
+    if data.try_reserve_exact(expected).is_err() {
+        return Err(Error::format(
+            path,
+            format!("dimensions {dims:?} declare {expected} bytes, more than can be allocated"),
+        ));
+    }
+    let limit = u64::try_from(expected).unwrap_or(u64::MAX).saturating_add(1);
+    r.take(limit).read_to_end(&mut data).map_err(read_err)?;
+    let got = data.len();
     if got != expected {
         let what = if got < expected { "truncated" } else { "too long" };
+        let got = if got > expected { format!("more than {expected}") } else { got.to_string() };
         return Err(Error::format(
             path,
             format!("{what}: dimensions {dims:?} need {expected} data bytes, the file has {got}"),
         ));
     }
-    bytes.drain(..header_len);
-    Ok(IdxArray { dims, data: bytes })
+    Ok(IdxArray { dims, data })
 }
 
 /// `(dims, header length, data length)`, or why the header is invalid.
@@ -136,6 +181,12 @@ impl Mnist {
                 format!("an images file has 3 dimensions [n, height, width], this one {:?}", images.dims),
             ));
         };
+        if n == 0 || height == 0 || width == 0 {
+            return Err(Error::format(
+                images_path,
+                format!("holds no images (dimensions [n, height, width] = {:?})", images.dims),
+            ));
+        }
         if labels.dims.len() != 1 {
             return Err(Error::format(
                 labels_path,
@@ -223,6 +274,14 @@ mod tests {
             b.extend_from_slice(&d.to_be_bytes());
         }
         b
+    }
+
+    #[test]
+    fn an_endless_stream_is_read_only_as_far_as_the_header_declares() {
+        // A header declaring 6 bytes, then zeros without end: reading stops after 7.
+        let endless = std::io::Cursor::new(header(&[2, 3])).chain(std::io::repeat(0));
+        let err = read_body(Path::new("endless"), endless, true).unwrap_err().to_string();
+        assert!(err.contains("too long") && err.contains("more than 6"), "{err}");
     }
 
     #[test]

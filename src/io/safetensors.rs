@@ -287,7 +287,9 @@ pub(crate) fn read(path: &Path) -> Result<Vec<u8>> {
 /// Replaces `path` with `bytes` atomically: a temporary file in the same directory is written,
 /// flushed to disk, renamed over `path`, and the directory is flushed, so a crash or kill at any
 /// moment leaves either the old file or the new one, never a mix. A temporary file left by a
-/// killed process is named `.{file name}.tmp-{pid}-{k}`.
+/// killed process is named `.{file name}.tmp-{pid}-{k}`; each write removes those of `path` whose
+/// writer is no longer running (as [`crate::io::CheckpointManager`] does for its directory), so
+/// saving to one path again and again after kills does not pile them up.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let io = |e| Error::io(path, e);
@@ -298,6 +300,7 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
+    sweep_dead_writers(dir, &name.to_string_lossy());
     let k = COUNTER.fetch_add(1, Ordering::Relaxed);
     let tmp = dir.join(format!(".{}.tmp-{}-{k}", name.to_string_lossy(), std::process::id()));
     let written = (|| {
@@ -312,6 +315,44 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         return Err(io(e));
     }
     sync_dir(dir).map_err(io)
+}
+
+/// Removes `dir/.{name}.tmp-{pid}-{k}` files whose process `pid` has exited. A file of this
+/// process or of a live one (another writer of the same path, mid-write) is left alone; where
+/// liveness cannot be told (not unix), nothing is removed. Failures are ignored: sweeping is
+/// housekeeping, the write itself does not depend on it.
+fn sweep_dead_writers(dir: &Path, name: &str) {
+    let prefix = format!(".{name}.tmp-");
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(rest) = file.to_str().and_then(|f| f.strip_prefix(&prefix)) else { continue };
+        let Some(pid) = rest.split_once('-').and_then(|(pid, k)| {
+            (k.bytes().all(|b| b.is_ascii_digit()) && !k.is_empty()).then(|| pid.parse::<u32>().ok()).flatten()
+        }) else {
+            continue;
+        };
+        if pid != std::process::id() && process_is_gone(pid) {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Whether no process `pid` exists (signal 0 checks without sending anything).
+#[cfg(unix)]
+fn process_is_gone(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: kill with signal 0 only checks that the process exists; it takes no pointers.
+    let r = unsafe { libc::kill(pid, 0) };
+    r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+}
+
+#[cfg(not(unix))]
+fn process_is_gone(_pid: u32) -> bool {
+    false
 }
 
 /// Flushes a directory's entries (the rename) to disk.

@@ -178,7 +178,7 @@ pub struct TrainerConfig {
     /// Where to train: [`Device::Auto`] (the default) takes the GPU when a usable one and the
     /// CUDA libraries are present, else the CPU with a one-line notice.
     pub device: Device,
-    /// CPU threads (`None`: all cores, or `KILN_NUM_THREADS`).
+    /// CPU threads (`None`: all cores, or `KILN_NUM_THREADS`); at most 1024.
     pub threads: Option<usize>,
     /// Let the GPU use TF32 tensor cores for convolutions and dense layers (faster, about 1e-3
     /// relative error); off by default, so results match the f32 CPU reference.
@@ -221,6 +221,10 @@ impl Default for TrainerConfig {
     }
 }
 
+/// The most CPU threads a config may ask for: far above any machine's core count, far below the
+/// tens of thousands that would take the system minutes to start (and then fail).
+pub(crate) const MAX_THREADS: usize = 1024;
+
 fn positive(field: &str, v: f32) -> Result<()> {
     if v > 0.0 && v.is_finite() { Ok(()) } else { Err(Error::config(field, format!("must be positive, got {v}"))) }
 }
@@ -241,15 +245,65 @@ fn closed_unit(field: &str, v: f32) -> Result<()> {
     if (0.0..=1.0).contains(&v) { Ok(()) } else { Err(Error::config(field, format!("must be in [0, 1], got {v}"))) }
 }
 
+/// Rates and factors are given in f64 but the update kernels compute in f32: a value that is
+/// finite and positive in f64 can be infinite (1e39) or zero (1e-50) in f32 and would turn every
+/// weight into NaN or freeze it. Checked in the precision used.
+fn positive_f32(field: &str, v: f64) -> Result<()> {
+    let f = v as f32;
+    if v > 0.0 && f > 0.0 && f.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::config(
+            field,
+            format!("must be positive and finite in f32 (the precision of the update), got {v:e}"),
+        ))
+    }
+}
+
+/// As [`positive_f32`], for values that may be zero.
+fn non_negative_f32(field: &str, v: f64) -> Result<()> {
+    if v >= 0.0 && (v as f32).is_finite() {
+        Ok(())
+    } else {
+        Err(Error::config(field, format!("must be >= 0 and finite in f32 (the precision of the update), got {v:e}")))
+    }
+}
+
+/// The schedule's rates and factors in f32 (its own `validate` checks their ranges in f64).
+fn schedule_fits_f32(s: &Schedule) -> Result<()> {
+    match s {
+        Schedule::Step { gamma, .. } | Schedule::MultiStep { gamma, .. } | Schedule::Exponential { gamma } => {
+            positive_f32("schedule.gamma", *gamma)
+        }
+        Schedule::Cosine { eta_min, .. } | Schedule::CosineWarmRestarts { eta_min, .. } => {
+            non_negative_f32("schedule.eta_min", *eta_min)
+        }
+        Schedule::OneCycle { max_lr, div_factor, final_div_factor, base_momentum, max_momentum, .. } => {
+            positive_f32("schedule.max_lr", *max_lr)?;
+            positive_f32("schedule.div_factor", *div_factor)?;
+            positive_f32("schedule.final_div_factor", *final_div_factor)?;
+            // The smallest rate the cycle reaches must still be a positive f32.
+            positive_f32("schedule.final_div_factor", max_lr / div_factor / final_div_factor)?;
+            non_negative_f32("schedule.base_momentum", *base_momentum)?;
+            non_negative_f32("schedule.max_momentum", *max_momentum)
+        }
+        Schedule::ReduceOnPlateau { factor, threshold, min_lr, .. } => {
+            positive_f32("schedule.factor", *factor)?;
+            if !threshold.is_finite() {
+                return Err(Error::config("schedule.threshold", format!("must be finite, got {threshold}")));
+            }
+            non_negative_f32("schedule.min_lr", *min_lr)
+        }
+    }
+}
+
 impl TrainerConfig {
     /// Checks every field; the error names the field and says why.
     pub fn validate(&self) -> Result<()> {
         if self.batch_size == 0 {
             return Err(Error::config("batch_size", "must be at least 1"));
         }
-        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
-            return Err(Error::config("learning_rate", format!("must be positive, got {}", self.learning_rate)));
-        }
+        positive_f32("learning_rate", self.learning_rate)?;
         if self.grad_accumulation == 0 {
             return Err(Error::config("grad_accumulation", "must be at least 1"));
         }
@@ -323,12 +377,22 @@ impl TrainerConfig {
         }
         if let Some(s) = &self.schedule {
             s.validate()?;
+            schedule_fits_f32(s)?;
         }
         if let Some(w) = &self.warmup {
             w.validate()?;
+            positive_f32("warmup.start_factor", w.start_factor * self.learning_rate)?;
         }
-        if self.threads == Some(0) {
-            return Err(Error::config("threads", "must be at least 1"));
+        match self.threads {
+            Some(0) => return Err(Error::config("threads", "must be at least 1")),
+            Some(n) if n > MAX_THREADS => {
+                let cores = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
+                return Err(Error::config(
+                    "threads",
+                    format!("{n} is more than kiln's limit of {MAX_THREADS} (this machine has {cores} cores)"),
+                ));
+            }
+            _ => {}
         }
         if let Some(dp) = &self.data_parallel {
             dp.validate()?;

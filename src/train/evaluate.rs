@@ -109,6 +109,7 @@ impl Trainer {
     /// the whole dataset, summed over the ranks (every rank must then call this); any other
     /// loader gives this rank's own.
     pub fn evaluate(&mut self, data: &DataLoader) -> Result<Metrics> {
+        super::fit::no_batches("evaluate: the loader", data)?;
         self.exec.set_sums(Sums::Eval, None)?;
         for batch in data.epoch(0) {
             let batch = batch?;

@@ -113,6 +113,10 @@ impl Trainer {
         callbacks: &mut [&mut dyn Callback],
     ) -> Result<History> {
         let first = self.history.epochs.len();
+        no_batches("fit: the training loader", train)?;
+        if let Some(v) = val {
+            no_batches("fit: the validation loader", v)?;
+        }
         self.check_shards(train)?;
         if self.batch_in_epoch == 0 {
             // Mid-epoch (resumed), the sums of the batches already done belong to this epoch.
@@ -157,4 +161,18 @@ impl Trainer {
         }
         Ok(History { epochs: self.history.epochs[first..].to_vec() })
     }
+}
+
+/// An epoch of no batches would train nothing and report a loss of 0: an error naming the loader.
+pub(super) fn no_batches(what: &str, loader: &DataLoader) -> Result<()> {
+    if !loader.is_empty() {
+        return Ok(());
+    }
+    let (rank, world) = loader.shard();
+    let shard = if world > 1 { format!(", shard {rank} of {world}") } else { String::new() };
+    Err(Error::State(format!(
+        "{what} has no batches ({} samples{shard}, batch size {}); nothing to train or evaluate on",
+        loader.num_samples(),
+        loader.batch_size()
+    )))
 }

@@ -1,0 +1,202 @@
+//! What careless and hostile users hit (issue 14): each test is one reproduction from the issue,
+//! which returned a wrong result, aborted or panicked before the fix, and now gives an error that
+//! names what is wrong.
+
+mod common;
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use common::TempDir;
+use kiln::data::{Cifar10, DataLoader, ImageFolder, Mnist, OnError, TensorDataset};
+use kiln::model::ModelBuilder;
+use kiln::tensor::Tensor;
+use kiln::train::{Device, Schedule, Trainer, TrainerConfig};
+use kiln::{Error, Result};
+
+fn cpu_config() -> TrainerConfig {
+    TrainerConfig { batch_size: 4, device: Device::Cpu, threads: Some(1), ..Default::default() }
+}
+
+fn config_err(config: TrainerConfig) -> (String, String) {
+    let model = ModelBuilder::new(&[2, 3]).dense(4).build().unwrap();
+    match Trainer::new(&model, config) {
+        Err(Error::Config { field, reason }) => (field, reason),
+        Err(e) => panic!("expected a config error, got {e}"),
+        Ok(_) => panic!("expected a config error, got a trainer"),
+    }
+}
+
+// Item 3: values finite in f64 but infinite (or zero) in f32, the precision of the update.
+#[test]
+fn rates_are_validated_in_the_precision_of_the_update() {
+    let d = cpu_config;
+    let (field, reason) = config_err(TrainerConfig { learning_rate: 1e39, ..d() });
+    assert_eq!(field, "learning_rate");
+    assert!(reason.contains("f32") && reason.contains("1e39"), "{reason}");
+    assert_eq!(config_err(TrainerConfig { learning_rate: 1e-50, ..d() }).0, "learning_rate");
+    let exp = Schedule::Exponential { gamma: f64::INFINITY };
+    assert_eq!(config_err(TrainerConfig { schedule: Some(exp), ..d() }).0, "schedule.gamma");
+    let exp = Schedule::Exponential { gamma: 1e40 };
+    assert_eq!(config_err(TrainerConfig { schedule: Some(exp), ..d() }).0, "schedule.gamma");
+    let cos = Schedule::Cosine { t_max: 10, eta_min: f64::INFINITY };
+    assert_eq!(config_err(TrainerConfig { schedule: Some(cos), ..d() }).0, "schedule.eta_min");
+    let cos = Schedule::CosineWarmRestarts { t_0: 10, t_mult: 1, eta_min: 1e300 };
+    assert_eq!(config_err(TrainerConfig { schedule: Some(cos), ..d() }).0, "schedule.eta_min");
+    let step = Schedule::Step { step_size: 1, gamma: f64::INFINITY };
+    assert_eq!(config_err(TrainerConfig { schedule: Some(step), ..d() }).0, "schedule.gamma");
+    let cycle = Schedule::one_cycle(1e39, 100);
+    assert_eq!(config_err(TrainerConfig { schedule: Some(cycle), ..d() }).0, "schedule.max_lr");
+    // A sound config still builds.
+    let model = ModelBuilder::new(&[2, 3]).dense(4).build().unwrap();
+    let cos = Schedule::Cosine { t_max: 10, eta_min: 1e-6 };
+    Trainer::new(&model, TrainerConfig { schedule: Some(cos), ..d() }).unwrap();
+}
+
+// Item 9: a thread count that would take the system minutes to start is refused at once.
+#[test]
+fn absurd_thread_counts_are_refused() {
+    let t = std::time::Instant::now();
+    let (field, reason) = config_err(TrainerConfig { threads: Some(100_000), ..cpu_config() });
+    assert_eq!(field, "threads");
+    assert!(reason.contains("1024"), "{reason}");
+    assert!(t.elapsed().as_secs() < 5, "refused only after {:?}", t.elapsed());
+}
+
+// Item 4: nothing to train on is an error naming the source, not Ok with loss 0.
+#[test]
+fn fit_on_an_empty_loader_is_an_error() {
+    let model = ModelBuilder::new(&[4, 3]).dense(2).build().unwrap();
+    let mut t = Trainer::new(&model, cpu_config()).unwrap();
+    let empty = TensorDataset::new(Tensor::zeros(&[0, 3]), vec![]).unwrap();
+    let loader = DataLoader::builder(empty).batch_size(4).build().unwrap();
+    let err = t.fit(&loader, None, 1).unwrap_err().to_string();
+    assert!(err.contains("training loader has no batches"), "{err}");
+    // Three samples with drop_last at batch 4: no batch either.
+    let three = TensorDataset::new(Tensor::zeros(&[3, 3]), vec![0, 1, 0]).unwrap();
+    let loader = DataLoader::builder(three).batch_size(4).drop_last(true).build().unwrap();
+    let err = t.fit(&loader, None, 1).unwrap_err().to_string();
+    assert!(err.contains("no batches") && err.contains("3 samples"), "{err}");
+    let err = t.evaluate(&loader).unwrap_err().to_string();
+    assert!(err.contains("evaluate") && err.contains("no batches"), "{err}");
+}
+
+fn idx_bytes(dims: &[u32], data: &[u8]) -> Vec<u8> {
+    let mut b = vec![0, 0, 8, dims.len() as u8];
+    for d in dims {
+        b.extend_from_slice(&d.to_be_bytes());
+    }
+    b.extend_from_slice(data);
+    b
+}
+
+#[test]
+fn an_idx_file_of_no_images_is_an_error_naming_it() {
+    let dir = TempDir::new("harden-idx0");
+    let images = dir.path().join("images-idx3-ubyte");
+    let labels = dir.path().join("labels-idx1-ubyte");
+    std::fs::write(&images, idx_bytes(&[0, 28, 28], &[])).unwrap();
+    std::fs::write(&labels, idx_bytes(&[0], &[])).unwrap();
+    match Mnist::from_files(&images, &labels) {
+        Err(Error::Format { path, reason }) => {
+            assert_eq!(path, images);
+            assert!(reason.contains("no images"), "{reason}");
+        }
+        other => panic!("expected a format error, got {:?}", other.map(|m| kiln::data::Dataset::len(&m))),
+    }
+}
+
+#[test]
+fn cifar_from_no_files_is_an_error() {
+    let err = Cifar10::from_files::<PathBuf>(&[]).unwrap_err().to_string();
+    assert!(err.contains("Cifar10::from_files") && err.contains("no batch files"), "{err}");
+}
+
+#[test]
+fn an_image_folder_whose_every_file_is_skipped_is_an_error_naming_it() {
+    let dir = TempDir::new("harden-folder");
+    for (class, file) in [("cat", "a.png"), ("dog", "b.jpg")] {
+        std::fs::create_dir_all(dir.path().join(class)).unwrap();
+        std::fs::write(dir.path().join(class).join(file), b"not an image").unwrap();
+    }
+    match ImageFolder::builder(dir.path()).on_error(OnError::Skip).build() {
+        Err(Error::Format { path, reason }) => {
+            assert_eq!(path, dir.path());
+            assert!(reason.contains("every one of its 2 image files"), "{reason}");
+        }
+        Err(e) => panic!("expected a format error naming the folder, got {e}"),
+        Ok(f) => panic!("expected an error, got a folder of {} files", f.files().len()),
+    }
+}
+
+// Item 9: a gzip bomb (a few MB expanding to GiBs) is read only as far as the header declares.
+#[test]
+fn a_gzip_bomb_is_cut_off_at_the_declared_size() {
+    let dir = TempDir::new("harden-bomb");
+    let path = dir.path().join("bomb-idx3-ubyte.gz");
+    // One gzip member of 1 MiB of zeros compresses to about 1 KiB; the file repeats it 1,024
+    // times after a first member holding a header that declares 10 images (7,840 bytes): 1 GiB
+    // of decompressed data in about 1 MiB of file.
+    let member = |bytes: &[u8]| {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(bytes).unwrap();
+        gz.finish().unwrap()
+    };
+    let mut file = member(&idx_bytes(&[10, 28, 28], &[]));
+    let zeros = member(&vec![0u8; 1 << 20]);
+    for _ in 0..1024 {
+        file.extend_from_slice(&zeros);
+    }
+    std::fs::write(&path, &file).unwrap();
+    let t = std::time::Instant::now();
+    match kiln::data::read_idx(&path) {
+        Err(Error::Format { path: p, reason }) => {
+            assert_eq!(p, path);
+            assert!(reason.contains("too long") && reason.contains("more than 7840"), "{reason}");
+        }
+        other => panic!("expected a format error, got {:?}", other.map(|a| a.dims)),
+    }
+    // Reading 7,841 bytes takes microseconds; the whole bomb took 10 s before.
+    assert!(t.elapsed().as_secs() < 3, "took {:?}", t.elapsed());
+    // A sound gzip file still reads.
+    std::fs::write(&path, member(&idx_bytes(&[2, 2], &[1, 2, 3, 4]))).unwrap();
+    assert_eq!(kiln::data::read_idx(&path).unwrap().data, [1, 2, 3, 4]);
+}
+
+// Item 8: temporaries of killed writers of one path do not pile up.
+#[test]
+fn save_checkpoint_sweeps_temporaries_of_dead_writers() {
+    let dir = TempDir::new("harden-tmp");
+    let path = dir.path().join("run.safetensors");
+    // A process that has exited (and been waited for): its pid names no process now.
+    let dead = std::process::Command::new("true").spawn().unwrap();
+    let dead_pid = dead.id();
+    let mut dead = dead;
+    dead.wait().unwrap();
+    let stale = dir.path().join(format!(".run.safetensors.tmp-{dead_pid}-0"));
+    let stale2 = dir.path().join(format!(".run.safetensors.tmp-{dead_pid}-7"));
+    // One of this (live) process: another thread's write in progress; and one of another file.
+    let live = dir.path().join(format!(".run.safetensors.tmp-{}-99", std::process::id()));
+    let other = dir.path().join(format!(".other.safetensors.tmp-{dead_pid}-0"));
+    for p in [&stale, &stale2, &live, &other] {
+        std::fs::write(p, b"partial").unwrap();
+    }
+    let model = ModelBuilder::new(&[4, 3]).dense(2).build().unwrap();
+    let mut t = Trainer::new(&model, cpu_config()).unwrap();
+    t.save_checkpoint(&path).unwrap();
+    assert!(!stale.exists() && !stale2.exists(), "stale temporaries of a dead writer were left");
+    assert!(live.exists(), "a live writer's temporary was removed");
+    assert!(other.exists(), "another file's temporary was removed");
+    assert!(Trainer::resume(&path).is_ok());
+}
+
+// Item 11: `fn main() -> kiln::Result<()>` prints `Error: {err:?}`: the readable message.
+#[test]
+fn errors_debug_print_as_their_message() {
+    let err = ModelBuilder::new(&[1, 3, 8, 8]).conv2d(4, 9).build().unwrap_err();
+    let shown = format!("{err:?}");
+    assert_eq!(shown, err.to_string());
+    assert!(shown.starts_with("layer 'conv2d"), "{shown}");
+    let r: Result<()> = Err(err);
+    assert!(!format!("{r:?}").contains("reason:"), "{r:?}");
+}
