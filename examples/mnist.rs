@@ -3,8 +3,8 @@
 //!
 //!     cargo run --release --example mnist -- [DIR] [--epochs N] [--seed-model] [--batch N] [--device cpu|cuda|auto]
 //!
-//! DIR holds the four IDX files, raw or gzipped (default `../shared/data/mnist`;
-//! `scripts/fetch-mnist.sh DIR` downloads them). The default model is a small CNN with batch norm
+//! DIR holds the four IDX files, raw or gzipped (default `data/mnist`;
+//! `scripts/fetch-mnist.sh data/mnist` downloads them there). The default model is a small CNN with batch norm
 //! and max pooling (two 3x3 convolutions, 8.5 MFLOPs per image), which reaches 99% in a few
 //! epochs on two CPU cores; `--seed-model` trains the go-metal tutorial's MNIST CNN instead
 //! (four 3x3 convolutions without pooling, 65 MFLOPs per image).
@@ -22,7 +22,13 @@ fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let dir = args.first().filter(|a| !a.starts_with("--")).cloned().unwrap_or_else(|| "../shared/data/mnist".into());
+    let dir = args.first().filter(|a| !a.starts_with("--")).cloned().unwrap_or_else(|| "data/mnist".into());
+    if !std::path::Path::new(&dir).is_dir() {
+        anyhow::bail!(
+            "no MNIST folder at {dir}: download the four IDX files with `scripts/fetch-mnist.sh {dir}` \
+             (or from any MNIST mirror), or pass the folder that holds them"
+        );
+    }
     let epochs: usize = arg(&args, "--epochs", 3);
     let batch: usize = arg(&args, "--batch", 64);
     let seed_model = args.iter().any(|a| a == "--seed-model");

@@ -26,3 +26,8 @@ pub mod train;
 pub mod zoo;
 
 pub use error::{Error, Result};
+
+/// The README's code blocks, compiled and run by `cargo test --doc` so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

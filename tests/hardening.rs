@@ -53,13 +53,13 @@ fn rates_are_validated_in_the_precision_of_the_update() {
     Trainer::new(&model, TrainerConfig { schedule: Some(cos), ..d() }).unwrap();
 }
 
-// Item 9: a thread count that would take the system minutes to start is refused at once.
+// Item 9: a thread count that would take the system minutes to start (100,000) is refused at once.
 #[test]
 fn absurd_thread_counts_are_refused() {
     let t = std::time::Instant::now();
     let (field, reason) = config_err(TrainerConfig { threads: Some(100_000), ..cpu_config() });
     assert_eq!(field, "threads");
-    assert!(reason.contains("1024"), "{reason}");
+    assert!(reason.contains("4096"), "{reason}");
     assert!(t.elapsed().as_secs() < 5, "refused only after {:?}", t.elapsed());
 }
 
@@ -199,4 +199,29 @@ fn errors_debug_print_as_their_message() {
     assert!(shown.starts_with("layer 'conv2d"), "{shown}");
     let r: Result<()> = Err(err);
     assert!(!format!("{r:?}").contains("reason:"), "{r:?}");
+}
+
+// Item 1 (propagation): a NaN pixel reaches the output through ReLU, as in PyTorch, instead of
+// becoming 0 there while NaN gradients reach the weights.
+#[test]
+fn a_nan_pixel_reaches_the_output_through_every_activation() {
+    type Act = fn(ModelBuilder) -> ModelBuilder;
+    let acts: [(&str, Act); 7] = [
+        ("relu", |b| b.relu()),
+        ("leaky_relu", |b| b.leaky_relu(0.01)),
+        ("elu", |b| b.elu(1.0)),
+        ("sigmoid", |b| b.sigmoid()),
+        ("tanh", |b| b.tanh()),
+        ("silu", |b| b.silu()),
+        ("gelu", |b| b.gelu()),
+    ];
+    for (name, act) in acts {
+        let model = act(ModelBuilder::new(&[2, 1, 5, 5]).conv2d(4, 3)).flatten().dense(3).seed(1).build().unwrap();
+        let mut t = Trainer::new(&model, TrainerConfig { batch_size: 2, ..cpu_config() }).unwrap();
+        let mut x = vec![0.25f32; 50];
+        x[12] = f32::NAN; // the centre pixel of sample 0
+        let y = t.predict(&Tensor::new(&[2, 1, 5, 5], x).unwrap()).unwrap();
+        assert!(y.data()[..3].iter().all(|v| v.is_nan()), "{name}: sample 0 gave {:?}", &y.data()[..3]);
+        assert!(y.data()[3..].iter().all(|v| v.is_finite()), "{name}: sample 1 gave {:?}", &y.data()[3..]);
+    }
 }

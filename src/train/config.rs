@@ -178,7 +178,7 @@ pub struct TrainerConfig {
     /// Where to train: [`Device::Auto`] (the default) takes the GPU when a usable one and the
     /// CUDA libraries are present, else the CPU with a one-line notice.
     pub device: Device,
-    /// CPU threads (`None`: all cores, or `KILN_NUM_THREADS`); at most 1024.
+    /// CPU threads (`None`: all cores, or `KILN_NUM_THREADS`); at most 4096.
     pub threads: Option<usize>,
     /// Let the GPU use TF32 tensor cores for convolutions and dense layers (faster, about 1e-3
     /// relative error); off by default, so results match the f32 CPU reference.
@@ -223,7 +223,7 @@ impl Default for TrainerConfig {
 
 /// The most CPU threads a config may ask for: far above any machine's core count, far below the
 /// tens of thousands that would take the system minutes to start (and then fail).
-pub(crate) const MAX_THREADS: usize = 1024;
+pub(crate) const MAX_THREADS: usize = 4096;
 
 fn positive(field: &str, v: f32) -> Result<()> {
     if v > 0.0 && v.is_finite() { Ok(()) } else { Err(Error::config(field, format!("must be positive, got {v}"))) }
@@ -389,7 +389,9 @@ impl TrainerConfig {
                 let cores = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
                 return Err(Error::config(
                     "threads",
-                    format!("{n} is more than kiln's limit of {MAX_THREADS} (this machine has {cores} cores)"),
+                    format!(
+                        "{n} CPU threads is more than kiln's limit of {MAX_THREADS} (this machine has {cores} cores)"
+                    ),
                 ));
             }
             _ => {}

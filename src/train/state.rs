@@ -24,6 +24,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::config::MAX_THREADS;
 use super::config::{Optimizer, TrainerConfig};
 use super::lbfgs::LbfgsState;
 use super::metrics::History;
@@ -36,9 +37,6 @@ use crate::{Error, Result};
 /// Largest step or epoch count a state may hold: far beyond any real run, small enough that no
 /// schedule arithmetic on it can overflow.
 const MAX_COUNT: u64 = 1 << 48;
-
-/// Largest CPU thread count a state may ask for (a corrupt value must not spawn a million threads).
-const MAX_THREADS: usize = 4096;
 
 /// The scalar part of a trainer's state.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

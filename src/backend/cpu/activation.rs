@@ -1,4 +1,8 @@
 //! Element-wise activations on the CPU, forward and backward, with PyTorch's definitions.
+//!
+//! NaN goes through as in PyTorch: every forward maps NaN to NaN (ReLU too: a NaN input must
+//! not become a harmless 0), and the piecewise backwards (ReLU, leaky ReLU, ELU) take the branch
+//! PyTorch's comparison takes for NaN (`tests/hardening.rs` has PyTorch's numbers).
 
 use rayon::prelude::*;
 
@@ -23,11 +27,12 @@ const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
 #[inline]
 fn apply<T: Float>(f: ActFn, x: T) -> T {
     match f {
+        // `x <= 0`, not `!(x > 0)`: NaN stays NaN (PyTorch's `clamp_min`).
         ActFn::Relu => {
-            if x > T::ZERO {
-                x
-            } else {
+            if x <= T::ZERO {
                 T::ZERO
+            } else {
+                x
             }
         }
         ActFn::LeakyRelu(s) => {
@@ -55,11 +60,12 @@ fn apply<T: Float>(f: ActFn, x: T) -> T {
 #[inline]
 fn derivative<T: Float>(f: ActFn, x: T, y: T) -> T {
     match f {
+        // PyTorch's `threshold_backward`: `x <= 0 ? 0 : grad`, so NaN passes the gradient.
         ActFn::Relu => {
-            if x > T::ZERO {
-                T::ONE
-            } else {
+            if x <= T::ZERO {
                 T::ZERO
+            } else {
+                T::ONE
             }
         }
         ActFn::LeakyRelu(s) => {
@@ -69,11 +75,12 @@ fn derivative<T: Float>(f: ActFn, x: T, y: T) -> T {
                 T::from_f32(s)
             }
         }
+        // PyTorch's `elu_backward`: `x <= 0 ? ... : grad`, so NaN passes the gradient.
         ActFn::Elu(a) => {
-            if x > T::ZERO {
-                T::ONE
-            } else {
+            if x <= T::ZERO {
                 y + T::from_f32(a)
+            } else {
+                T::ONE
             }
         }
         ActFn::Sigmoid => y * (T::ONE - y),
@@ -104,4 +111,44 @@ pub fn backward<T: Float>(f: ActFn, x: &[T], y: &[T], dy: &[T], dx: (&mut [T], b
             store(d, derivative(f, x[o + i], y[o + i]) * dy[o + i], acc);
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// NaN through each activation, forward and backward (upstream gradient 0.5), from PyTorch
+    /// 2.15 on the CPU in float64:
+    ///
+    /// ```text
+    /// x = torch.tensor([nan], dtype=torch.float64, requires_grad=True); y = f(x); y.backward(0.5 * ones)
+    /// ```
+    ///
+    /// (`F.relu`, `F.leaky_relu(x, 0.01)`, `F.elu(x, 1.0)`, `torch.sigmoid`, `torch.tanh`, `F.silu`,
+    /// `F.gelu`): every output is NaN; the gradients are 0.5, 0.005, 0.5 for the piecewise three
+    /// (their comparison sends NaN down the gradient-passing branch) and NaN for the rest.
+    #[test]
+    fn nan_goes_through_as_in_pytorch() {
+        let cases: [(ActFn, Option<f64>); 7] = [
+            (ActFn::Relu, Some(0.5)),
+            (ActFn::LeakyRelu(0.01), Some(0.005)),
+            (ActFn::Elu(1.0), Some(0.5)),
+            (ActFn::Sigmoid, None),
+            (ActFn::Tanh, None),
+            (ActFn::Silu, None),
+            (ActFn::Gelu, None),
+        ];
+        for (f, want_grad) in cases {
+            for nan in [f64::NAN, -f64::NAN] {
+                let y = apply(f, nan);
+                assert!(y.is_nan(), "{f:?} forward of NaN gave {y}");
+                let g = derivative(f, nan, y) * 0.5;
+                match want_grad {
+                    Some(w) => assert!((g - w).abs() < 1e-9, "{f:?} backward of NaN: {g}, PyTorch {w}"),
+                    None => assert!(g.is_nan(), "{f:?} backward of NaN: {g}, PyTorch NaN"),
+                }
+                assert!(apply(f, nan as f32).is_nan(), "{f:?} forward of NaN in f32");
+            }
+        }
+    }
 }

@@ -21,9 +21,11 @@ __device__ __forceinline__ float sigmoid_(float x) {
 }
 
 // f: 0 relu, 1 leaky relu (p = slope), 2 elu (p = alpha), 3 sigmoid, 4 tanh, 5 silu, 6 gelu (erf).
+// NaN stays NaN (relu tests x <= 0, not x > 0), and the piecewise backwards take PyTorch's branch
+// for NaN, as the CPU backend does.
 __device__ __forceinline__ float act_(int f, float p, float x) {
     switch (f) {
-    case 0: return x > 0.f ? x : 0.f;
+    case 0: return x <= 0.f ? 0.f : x;
     case 1: return x > 0.f ? x : x * p;
     case 2: return x > 0.f ? x : p * (expf(x) - 1.f);
     case 3: return sigmoid_(x);
@@ -36,9 +38,9 @@ __device__ __forceinline__ float act_(int f, float p, float x) {
 // f'(x), given the forward input x and output y.
 __device__ __forceinline__ float dact_(int f, float p, float x, float y) {
     switch (f) {
-    case 0: return x > 0.f ? 1.f : 0.f;
+    case 0: return x <= 0.f ? 0.f : 1.f;
     case 1: return x > 0.f ? 1.f : p;
-    case 2: return x > 0.f ? 1.f : y + p;
+    case 2: return x <= 0.f ? y + p : 1.f;
     case 3: return y * (1.f - y);
     case 4: return 1.f - y * y;
     case 5: { float s = sigmoid_(x); return s * (1.f + x * (1.f - s)); }
