@@ -225,3 +225,17 @@ fn a_nan_pixel_reaches_the_output_through_every_activation() {
         assert!(y.data()[3..].iter().all(|v| v.is_finite()), "{name}: sample 1 gave {:?}", &y.data()[3..]);
     }
 }
+
+// Item 5: top-5 accuracy of a 3-class model is 100% by definition: not reported.
+#[test]
+fn top_k_of_at_least_the_class_count_is_not_reported() {
+    let model = ModelBuilder::new(&[4, 3]).relu().build().unwrap();
+    let x = Tensor::new(&[4, 3], vec![0.9, 0.5, 0.1, 0.1, 0.2, 0.9, 0.3, 0.8, 0.2, 0.1, 0.2, 0.3]).unwrap();
+    let labels = [1u32, 0, 0, 0];
+    for (k, want) in [(5, None), (3, None), (2, Some(0.25)), (1, Some(0.0))] {
+        let mut t = Trainer::new(&model, TrainerConfig { top_k: k, ..cpu_config() }).unwrap();
+        let m = t.evaluate_tensors(&x, &labels).unwrap();
+        assert_eq!(m.top_k_accuracy, want, "top_k {k}");
+        assert_eq!(m.accuracy, Some(0.0));
+    }
+}

@@ -173,7 +173,8 @@ pub struct TrainerConfig {
     pub grad_clip: Option<GradClip>,
     /// Accumulate gradients over this many batches before each optimizer step.
     pub grad_accumulation: usize,
-    /// Top-k accuracy reported by `evaluate` (classification).
+    /// Top-k accuracy reported by `evaluate` (classification); not reported (`None`) for a model
+    /// with `top_k` or fewer classes, where it would be 100% whatever the model does.
     pub top_k: usize,
     /// Where to train: [`Device::Auto`] (the default) takes the GPU when a usable one and the
     /// CUDA libraries are present, else the CPU with a one-line notice.

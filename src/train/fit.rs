@@ -34,6 +34,7 @@ impl Trainer {
     pub(super) fn read_metrics(&mut self, sums: Sums, combine: bool) -> Result<Metrics> {
         let f = self.exec.figures(sums, combine)?;
         let classification = self.config.problem == Problem::Classification;
+        let classes: usize = self.out_shape.iter().product();
         let argmax = matches!(
             self.config.loss,
             Loss::SparseCrossEntropy | Loss::CrossEntropy { .. } | Loss::CategoricalCrossEntropy
@@ -41,7 +42,9 @@ impl Trainer {
         Ok(Metrics {
             loss: if f.samples > 0.0 { f.sum_loss / f.samples } else { 0.0 },
             accuracy: (classification && f.scored > 0.0).then(|| f.sum_correct / f.scored),
-            top_k_accuracy: (classification && argmax && f.scored > 0.0).then(|| f.sum_correct_k / f.scored),
+            // With k at least the class count every target is in the top k: not reported.
+            top_k_accuracy: (classification && argmax && f.scored > 0.0 && self.config.top_k < classes)
+                .then(|| f.sum_correct_k / f.scored),
             top_k: self.config.top_k,
             samples: f.samples as usize,
         })

@@ -20,7 +20,9 @@ pub struct Metrics {
     /// element-wise predictions.
     pub accuracy: Option<f32>,
     /// Accuracy counting a prediction correct when the target is among the `top_k` largest
-    /// outputs (arg-max classification only).
+    /// outputs (arg-max classification only). `None` when `top_k` is at least the number of
+    /// classes: every target is then among the top k, and PyTorch's `topk` would refuse a k
+    /// larger than the class count rather than report 100%.
     pub top_k_accuracy: Option<f32>,
     pub top_k: usize,
     /// Samples seen.
