@@ -232,10 +232,62 @@ fn top_k_of_at_least_the_class_count_is_not_reported() {
     let model = ModelBuilder::new(&[4, 3]).relu().build().unwrap();
     let x = Tensor::new(&[4, 3], vec![0.9, 0.5, 0.1, 0.1, 0.2, 0.9, 0.3, 0.8, 0.2, 0.1, 0.2, 0.3]).unwrap();
     let labels = [1u32, 0, 0, 0];
-    for (k, want) in [(5, None), (3, None), (2, Some(0.25)), (1, Some(0.0))] {
+    for (k, want) in [(5, None), (3, None), (2, Some(0.5)), (1, Some(0.0))] {
         let mut t = Trainer::new(&model, TrainerConfig { top_k: k, ..cpu_config() }).unwrap();
         let m = t.evaluate_tensors(&x, &labels).unwrap();
         assert_eq!(m.top_k_accuracy, want, "top_k {k}");
         assert_eq!(m.accuracy, Some(0.0));
     }
+}
+
+// Item 6: a model too large for the machine is an error naming the layer and the bytes; a
+// parameter count that overflows is an error, not a weight of 0 stored values.
+#[test]
+fn a_model_too_large_to_allocate_is_an_error_not_an_abort() {
+    use kiln::model::Conv2d;
+    // The dense weight: 1000 x (64 * 1022 * 1022) f32 values = 267,387,904,000 bytes.
+    let err = ModelBuilder::new(&[1, 3, 1024, 1024]).conv2d(64, 3).flatten().dense(1000).build().unwrap_err();
+    match &err {
+        Error::Layer { layer, reason } => {
+            assert_eq!(layer, "dense_1");
+            assert!(reason.contains("267387904000 bytes"), "{reason}");
+        }
+        other => panic!("expected an error naming the layer, got {other}"),
+    }
+    // 2^31 x 2^33 overflows a 64-bit count (it wrapped to 0 values before).
+    let err = ModelBuilder::new(&[1, 1 << 20, 1 << 11]).dense(1 << 23).build();
+    assert!(err.is_err(), "a dense weight of 2^54 values built");
+    let err = ModelBuilder::new(&[1, 1 << 24, 1 << 7]).conv2d_with(Conv2d::new(1 << 24, 1)).build();
+    assert!(err.is_err(), "a conv weight of 2^48 values built");
+}
+
+// Item 7: one bound on size options, shared by the builder and the loader.
+#[test]
+fn the_builder_refuses_the_options_the_loader_refuses() {
+    use kiln::model::{Conv2d, Pool2d};
+    let conv = |c: Conv2d| ModelBuilder::new(&[1, 1, 8, 8]).conv2d_with(c).build();
+    let huge = 1usize << 40;
+    for (what, r) in [
+        ("stride", conv(Conv2d::new(1, 3).stride(huge))),
+        ("dilation", conv(Conv2d::new(1, 3).dilation(huge))),
+        ("padding", conv(Conv2d::new(1, 3).padding(1usize << 62))),
+        ("stride", conv(Conv2d::new(1, 3).stride_hw(1, usize::MAX))),
+    ] {
+        match r {
+            Err(Error::Layer { reason, .. }) => {
+                assert!(reason.contains(what) && reason.contains("16777216"), "{what}: {reason}")
+            }
+            other => panic!("{what}: expected a layer error, got {:?}", other.map(|m| m.output_shape())),
+        }
+    }
+    let pool = ModelBuilder::new(&[1, 1, 8, 8]).avg_pool2d_with(Pool2d::new(1 << 32)).build();
+    assert!(matches!(pool, Err(Error::Layer { ref reason, .. }) if reason.contains("pool kernel")), "{pool:?}");
+}
+
+// Item 9: a reshape target whose count overflows says so, not "(0 values)".
+#[test]
+fn a_reshape_whose_count_overflows_says_so() {
+    let d = 1usize << 22;
+    let err = ModelBuilder::new(&[1, 3, 4, 4]).reshape(&[d, d, d, d]).build().unwrap_err().to_string();
+    assert!(err.contains("more than") && !err.contains("(0 values)"), "{err}");
 }

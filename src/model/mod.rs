@@ -50,8 +50,40 @@ impl Model {
                 params.extend(params::param_specs(i, &node.name, &node.layer, &nodes[src].shape));
             }
         }
-        let values =
-            params.iter().enumerate().map(|(k, p)| params::init_param(p, &nodes[p.node].layer, seed, k)).collect();
+        // Parameter counts in checked arithmetic (a [2^31, 2^33] weight must not wrap to 0
+        // values), and the values' memory reserved fallibly: a model too large for this machine
+        // is an error naming the layer and the bytes, not an aborted process.
+        let mut total = 0usize;
+        for p in &params {
+            let layer = &nodes[p.node].name;
+            let n =
+                p.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).filter(|&n| n <= params::MAX_PARAM_VALUES);
+            let Some(n) = n else {
+                return Err(Error::layer(
+                    layer,
+                    format!(
+                        "parameter {} of shape {:?} has more than {} values",
+                        p.name,
+                        p.shape,
+                        params::MAX_PARAM_VALUES
+                    ),
+                ));
+            };
+            total = total.checked_add(n).filter(|&t| t <= params::MAX_PARAM_VALUES).ok_or_else(|| {
+                Error::Model(format!(
+                    "the parameters up to {} number more than {} values",
+                    p.name,
+                    params::MAX_PARAM_VALUES
+                ))
+            })?;
+        }
+        let values = params
+            .iter()
+            .enumerate()
+            .map(|(k, p)| {
+                params::init_param(p, &nodes[p.node].layer, seed, k).map_err(|e| Error::layer(&nodes[p.node].name, e))
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Model { nodes, params, values, batch, seed })
     }
 

@@ -101,16 +101,32 @@ pub(crate) fn param_specs(node: usize, name: &str, layer: &Layer, input: &[usize
 /// `nn.Conv2d` and `nn.Linear` use `kaiming_uniform_(a=sqrt(5))` for weights, which is
 /// `U(-1/sqrt(fan_in), 1/sqrt(fan_in))`, and the same bound for biases. Batch norm starts at
 /// weight 1, bias 0, running mean 0, running variance 1.
-pub(crate) fn init_param(spec: &ParamSpec, layer: &Layer, seed: u64, index: usize) -> Vec<f32> {
+///
+/// The memory is reserved fallibly: a parameter too large for the machine is an error (saying
+/// how many bytes it needs), never an aborted process.
+pub(crate) fn init_param(spec: &ParamSpec, layer: &Layer, seed: u64, index: usize) -> Result<Vec<f32>, String> {
     let n = spec.len();
+    let mut v: Vec<f32> = Vec::new();
+    if v.try_reserve_exact(n).is_err() {
+        let bytes = n as u128 * std::mem::size_of::<f32>() as u128;
+        return Err(format!(
+            "parameter {} of shape {:?} needs {bytes} bytes, which cannot be allocated",
+            spec.name, spec.shape
+        ));
+    }
     match (layer, spec.role) {
-        (Layer::BatchNorm(_), ParamRole::Weight) | (_, ParamRole::RunningVar) => vec![1.0; n],
-        (Layer::BatchNorm(_), ParamRole::Bias) | (_, ParamRole::RunningMean) => vec![0.0; n],
-        (Layer::GroupNorm(_), role) => super::layers::group_norm::init(role, n),
+        (Layer::BatchNorm(_), ParamRole::Weight) | (_, ParamRole::RunningVar) => v.resize(n, 1.0),
+        (Layer::BatchNorm(_), ParamRole::Bias) | (_, ParamRole::RunningMean) => v.resize(n, 0.0),
+        (Layer::GroupNorm(_), role) => v.extend(super::layers::group_norm::init(role, n)),
         _ => {
             let bound = if spec.fan_in > 0 { 1.0 / (spec.fan_in as f32).sqrt() } else { 0.0 };
             let mut rng = Rng::new(mix_seed(seed, index as u64));
-            (0..n).map(|_| rng.uniform_range(-bound, bound)).collect()
+            v.extend((0..n).map(|_| rng.uniform_range(-bound, bound)));
         }
     }
+    Ok(v)
 }
+
+/// The most values a model's parameters may have, one tensor or all together (2^40: 4 TiB of
+/// f32, beyond any machine; the limit keeps the counts far from overflowing).
+pub(crate) const MAX_PARAM_VALUES: usize = 1 << 40;

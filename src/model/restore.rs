@@ -5,56 +5,14 @@
 
 use std::collections::HashSet;
 
-use super::layers::{Layer, Padding, Pool2d};
+use super::layers::Layer;
 use super::params::{self, ParamSpec};
+use super::shape::{MAX_OPTION, check_options};
 use super::{Model, Node};
 use crate::{Error, Result};
 
-/// Largest value a size option (channels, kernel, stride, padding, ...) or the batch size may
-/// have in a file: far beyond real models, small enough that shape arithmetic cannot overflow.
-const MAX_OPTION: usize = 1 << 24;
-
 /// Largest number of values per sample a layer's output may have in a file.
 const MAX_VALUES_PER_SAMPLE: usize = 1 << 32;
-
-fn too_large(name: &str, what: &str, v: usize) -> Error {
-    Error::layer(name, format!("{what} = {v} is larger than {MAX_OPTION}"))
-}
-
-fn check_options(node: &Node) -> Result<()> {
-    let name = node.name.as_str();
-    let bounded = |what: &str, vs: &[usize]| -> Result<()> {
-        match vs.iter().find(|&&v| v > MAX_OPTION) {
-            Some(&v) => Err(too_large(name, what, v)),
-            None => Ok(()),
-        }
-    };
-    let pool = |p: &Pool2d| {
-        bounded("pool kernel", &[p.kernel.0, p.kernel.1])?;
-        bounded("pool stride", &[p.stride.0, p.stride.1])?;
-        bounded("pool padding", &[p.padding.0, p.padding.1])
-    };
-    match &node.layer {
-        Layer::Conv2d(c) => {
-            bounded("out_channels", &[c.out_channels])?;
-            bounded("kernel", &[c.kernel.0, c.kernel.1])?;
-            bounded("stride", &[c.stride.0, c.stride.1])?;
-            bounded("dilation", &[c.dilation.0, c.dilation.1])?;
-            bounded("groups", &[c.groups])?;
-            if let Padding::Explicit(h, w) = c.padding {
-                bounded("padding", &[h, w])?;
-            }
-            Ok(())
-        }
-        Layer::Linear(l) => bounded("out_features", &[l.out_features]),
-        Layer::Reshape(dims) => {
-            bounded("reshape dimension", dims)?;
-            values_per_sample(name, dims).map(|_| ())
-        }
-        Layer::MaxPool2d(p) | Layer::AvgPool2d(p) => pool(p),
-        _ => Ok(()),
-    }
-}
 
 /// The product of `dims`, or an error if it exceeds [`MAX_VALUES_PER_SAMPLE`].
 fn values_per_sample(name: &str, dims: &[usize]) -> Result<usize> {
@@ -105,7 +63,10 @@ impl Model {
                     format!("saved inputs {:?} must be non-empty and all before node {i}", node.inputs),
                 ));
             }
-            check_options(node)?;
+            check_options(&node.name, &node.layer)?;
+            if let Layer::Reshape(dims) = &node.layer {
+                values_per_sample(&node.name, dims)?;
+            }
             let ins: Vec<&[usize]> = node.inputs.iter().map(|&j| nodes[j].shape.as_slice()).collect();
             let shape = super::shape::infer(&node.name, &node.layer, &ins)?;
             if shape != node.shape {

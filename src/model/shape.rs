@@ -43,6 +43,44 @@ fn window_out(name: &str, axis: &str, len: usize, pad: usize, eff: usize, stride
     Ok((padded - eff) / stride + 1)
 }
 
+/// Largest value a size option (channels, kernel, stride, padding, dilation, ...) may have, in
+/// the builder and in a model file alike: far beyond real models, small enough that no shape
+/// arithmetic on it can overflow or make a kernel index out of range.
+pub(crate) const MAX_OPTION: usize = 1 << 24;
+
+/// Checks a layer's size options against [`MAX_OPTION`]: the one check the builder
+/// ([`infer`]) and the loader (`restore.rs`) share.
+pub(crate) fn check_options(name: &str, layer: &Layer) -> Result<()> {
+    let bounded = |what: &str, vs: &[usize]| -> Result<()> {
+        match vs.iter().find(|&&v| v > MAX_OPTION) {
+            Some(&v) => Err(Error::layer(name, format!("{what} = {v} is larger than {MAX_OPTION}"))),
+            None => Ok(()),
+        }
+    };
+    let pool = |p: &Pool2d| {
+        bounded("pool kernel", &[p.kernel.0, p.kernel.1])?;
+        bounded("pool stride", &[p.stride.0, p.stride.1])?;
+        bounded("pool padding", &[p.padding.0, p.padding.1])
+    };
+    match layer {
+        Layer::Conv2d(c) => {
+            bounded("out_channels", &[c.out_channels])?;
+            bounded("kernel", &[c.kernel.0, c.kernel.1])?;
+            bounded("stride", &[c.stride.0, c.stride.1])?;
+            bounded("dilation", &[c.dilation.0, c.dilation.1])?;
+            bounded("groups", &[c.groups])?;
+            if let Padding::Explicit(h, w) = c.padding {
+                bounded("padding", &[h, w])?;
+            }
+            Ok(())
+        }
+        Layer::Linear(l) => bounded("out_features", &[l.out_features]),
+        Layer::Reshape(dims) => bounded("reshape dimension", dims),
+        Layer::MaxPool2d(p) | Layer::AvgPool2d(p) => pool(p),
+        _ => Ok(()),
+    }
+}
+
 /// Resolves a convolution's padding and output size for a `[C, H, W]` input.
 pub fn resolve_conv(name: &str, conv: &Conv2d, input: &[usize]) -> Result<ConvResolved> {
     let (c, h, w) = need_4d(name, "conv2d", input)?;
@@ -147,6 +185,7 @@ fn check_batch_norm(name: &str, bn: &BatchNorm, input: &[usize]) -> Result<()> {
 /// The per-sample output shape of `layer` (named `name`) for the given per-sample input shapes,
 /// or the reason the layer cannot take them.
 pub fn infer(name: &str, layer: &Layer, inputs: &[&[usize]]) -> Result<Vec<usize>> {
+    check_options(name, layer)?;
     let one = || -> Result<&[usize]> {
         match inputs {
             [x] => Ok(x),
@@ -170,7 +209,18 @@ pub fn infer(name: &str, layer: &Layer, inputs: &[&[usize]]) -> Result<Vec<usize
             if target.is_empty() || target.contains(&0) {
                 return Err(Error::layer(name, format!("reshape target {target:?} must have non-zero dimensions")));
             }
-            let (a, b): (usize, usize) = (x.iter().product(), target.iter().product());
+            let a: usize = x.iter().product();
+            // Checked: a target whose count overflows must not wrap to a small number.
+            let Some(b) = target.iter().try_fold(1usize, |p, &d| p.checked_mul(d)) else {
+                return Err(Error::layer(
+                    name,
+                    format!(
+                        "cannot reshape {} ({a} values per sample) into {target:?} (more than {} values)",
+                        dims_str(x),
+                        usize::MAX
+                    ),
+                ));
+            };
             if a != b {
                 return Err(Error::layer(
                     name,

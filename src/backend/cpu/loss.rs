@@ -49,6 +49,13 @@ pub fn loss<T: Float>(o: &ops::Loss, pred: &[T], target: &[T], st: &mut [T], mut
             LossFn::BinaryCrossEntropy => {
                 for j in 0..c {
                     let (p, t) = (z[j], target[i * c + j].to_f64());
+                    if !(0.0..=1.0).contains(&p) {
+                        // Not a probability (PyTorch raises; `ln` of it clamped at -100 would
+                        // give a finite, wrong loss): NaN, which the step reports as non-finite.
+                        total = f64::NAN;
+                        grad[j] = f64::NAN;
+                        continue;
+                    }
                     total -= t * p.ln().max(-100.0) + (1.0 - t) * (1.0 - p).ln().max(-100.0);
                     grad[j] = (p - t) / (p * (1.0 - p)).max(1e-12) / all;
                 }

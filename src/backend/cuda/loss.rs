@@ -54,7 +54,12 @@ extern "C" __global__ void loss_forward_backward(int f, float p, int class_targe
         } else {
             for (i64 j = 0; j < c; j++) {
                 double x = (double)z[j], tv = (double)t[j], g;
-                if (f == 1) {
+                if (f == 1 && !(x >= 0.0 && x <= 1.0)) {
+                    // Not a probability (PyTorch raises): the loss is NaN, which the step's
+                    // non-finite check reports, naming the sample (as the CPU backend).
+                    total = NAN;
+                    g = NAN;
+                } else if (f == 1) {
                     total -= tv * fmax(log(x), -100.0) + (1.0 - tv) * fmax(log(1.0 - x), -100.0);
                     g = (x - tv) / fmax(x * (1.0 - x), 1e-12) / all;
                 } else if (f == 2) {
