@@ -291,3 +291,31 @@ fn a_reshape_whose_count_overflows_says_so() {
     let err = ModelBuilder::new(&[1, 3, 4, 4]).reshape(&[d, d, d, d]).build().unwrap_err().to_string();
     assert!(err.contains("more than") && !err.contains("(0 values)"), "{err}");
 }
+
+// Item 9: `Device::Auto` without a GPU says so once per process, in one wording.
+#[test]
+fn the_cpu_fallback_notice_is_printed_once_per_process() {
+    const CHILD: &str = "KILN_HARDEN_NOTICE_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        for _ in 0..2 {
+            Device::Auto.open().unwrap();
+        }
+        let model = ModelBuilder::new(&[2, 3]).dense(2).build().unwrap();
+        for _ in 0..2 {
+            Trainer::new(&model, TrainerConfig { device: Device::Auto, ..Default::default() }).unwrap();
+        }
+        return;
+    }
+    let me = std::env::current_exe().unwrap();
+    let out = std::process::Command::new(me)
+        .args(["--exact", "the_cpu_fallback_notice_is_printed_once_per_process", "--nocapture"])
+        .env(CHILD, "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let notices = stderr.lines().filter(|l| l.contains("no usable GPU")).count();
+    let gpu = Device::Cuda(0).open().is_ok();
+    assert_eq!(notices, if gpu { 0 } else { 1 }, "{stderr}");
+    assert!(!stderr.contains("training on the CPU"), "a second wording: {stderr}");
+}

@@ -35,7 +35,8 @@ pub enum Device {
 
 impl Device {
     /// Creates the backend with default options, printing the fallback notice of `Auto` (if
-    /// any) on stderr. The backend's [`Backend::describe`] says what was chosen.
+    /// any) on stderr, once per process. The backend's [`Backend::describe`] says what was
+    /// chosen.
     pub fn open(self) -> Result<Box<dyn Backend>> {
         self.open_with(&CudaOptions::default())
     }
@@ -44,7 +45,7 @@ impl Device {
     pub fn open_with(self, options: &CudaOptions) -> Result<Box<dyn Backend>> {
         let (backend, notice) = self.open_noting(options)?;
         if let Some(n) = notice {
-            eprintln!("{n}");
+            print_notice_once(&n);
         }
         Ok(backend)
     }
@@ -83,13 +84,22 @@ impl Device {
             Device::Cuda(i) => Ok((Box::new(CudaBackend::with_options(gpu.unwrap_or(i), options.clone())?), None)),
             Device::Auto => match CudaBackend::with_options(gpu.unwrap_or(0), options.clone()) {
                 Ok(b) => Ok((Box::new(b), None)),
-                Err(e) => {
-                    let notice = format!("kiln: no usable GPU ({e}); running on the CPU");
-                    Ok((cpu()?, Some(notice)))
-                }
+                Err(e) => Ok((cpu()?, Some(cpu_fallback_notice(&e)))),
             },
         }
     }
+}
+
+/// The one wording of the notice that `Auto` fell back to the CPU, and why.
+pub(crate) fn cpu_fallback_notice(why: &Error) -> String {
+    format!("kiln: no usable GPU ({why}); running on the CPU")
+}
+
+/// Prints the CPU-fallback notice on stderr the first time only: a program that opens many
+/// backends (a trainer, an evaluator, a predictor) learns it once.
+pub(crate) fn print_notice_once(notice: &str) {
+    static NOTICE: std::sync::Once = std::sync::Once::new();
+    NOTICE.call_once(|| eprintln!("{notice}"));
 }
 
 impl fmt::Display for Device {

@@ -69,7 +69,11 @@ pub(crate) fn check_options(name: &str, layer: &Layer) -> Result<()> {
             bounded("stride", &[c.stride.0, c.stride.1])?;
             bounded("dilation", &[c.dilation.0, c.dilation.1])?;
             bounded("groups", &[c.groups])?;
-            if let Padding::Explicit(h, w) = c.padding {
+            // usize::MAX marks a padding string that was not understood (resolve_conv says so).
+            if let Padding::Explicit(h, w) = c.padding
+                && h != usize::MAX
+                && w != usize::MAX
+            {
                 bounded("padding", &[h, w])?;
             }
             Ok(())

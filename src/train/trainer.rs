@@ -118,8 +118,8 @@ fn open_device(config: &TrainerConfig, local_rank: Option<usize>) -> Result<AnyB
     };
     let (backend, notice) = config.device.open_for_training(config.threads, config.tf32, config.deterministic, gpu)?;
     if let Some(n) = notice {
-        static NOTICE: std::sync::Once = std::sync::Once::new();
-        NOTICE.call_once(|| eprintln!("{n}"));
+        // One Once for the whole process, shared with `Device::open`.
+        crate::backend::print_notice_once(&n);
     }
     Ok(backend)
 }

@@ -182,7 +182,12 @@ fn load_all() -> Result<Loaded, String> {
 
 /// Opens one library and checks its symbols; returns it and where it was found.
 fn load_one(need: &Needed, dirs: &[PathBuf]) -> Result<(Library, String), String> {
-    let (lib, found) = open(need.stem, dirs).ok_or_else(|| format!("{} was not found: {}", need.what, need.hint))?;
+    let (lib, found) = open(need.stem, dirs).map_err(|problems| match problems.first() {
+        // A file that is there but cannot be loaded (unreadable, not a library, wrong
+        // architecture) is not "not found": say what the loader said about it.
+        Some(why) => format!("{} was found but cannot be loaded: {why}", need.what),
+        None => format!("{} was not found: {}", need.what, need.hint),
+    })?;
     let missing: Vec<&str> =
         // SAFETY: looking a symbol up runs no code; the pointer is not used.
         need.symbols.iter().copied().filter(|s| unsafe { lib.get::<*const ()>(s.as_bytes()) }.is_err()).collect();
@@ -203,18 +208,44 @@ pub(crate) fn ensure_one(stem: &str) -> Result<String, String> {
     Ok(found)
 }
 
-/// Opens the library as cudarc will: the first of cudarc's candidate names that loads.
-fn open_by_name(stem: &str) -> Option<(Library, String)> {
+/// Opens the library as cudarc will: the first of cudarc's candidate names that loads. Why a
+/// candidate that exists failed to load is added to `problems`.
+fn open_by_name(stem: &str, problems: &mut Vec<String>) -> Option<(Library, String)> {
     cudarc::get_lib_name_candidates(stem).into_iter().find_map(|name| {
         // SAFETY: loading a CUDA library runs its initialisers, which is what using it means.
-        unsafe { Library::new(&name) }.ok().map(|l| (l, name))
+        match unsafe { Library::new(&name) } {
+            Ok(l) => Some((l, name)),
+            Err(e) => {
+                let why = dl_error(&e);
+                if !why.contains("No such file") {
+                    problems.push(why);
+                }
+                None
+            }
+        }
     })
 }
 
-fn open(stem: &str, dirs: &[PathBuf]) -> Option<(Library, String)> {
-    if let Some(found) = open_by_name(stem) {
-        return Some(found);
+/// The system loader's message (`dlerror`), which libloading keeps as the error's source.
+fn dl_error(e: &libloading::Error) -> String {
+    match std::error::Error::source(e) {
+        Some(source) => source.to_string(),
+        None => e.to_string(),
     }
+}
+
+/// The library, or why not: the loader's messages for files that exist but did not load
+/// (empty when none was there).
+fn open(stem: &str, dirs: &[PathBuf]) -> Result<(Library, String), Vec<String>> {
+    let mut problems = Vec::new();
+    if let Some(found) = open_by_name(stem, &mut problems) {
+        return Ok(found);
+    }
+    open_in_dirs(stem, dirs, &mut problems).ok_or(problems)
+}
+
+/// The library from one of `dirs`.
+fn open_in_dirs(stem: &str, dirs: &[PathBuf], problems: &mut Vec<String>) -> Option<(Library, String)> {
     let names = cudarc::get_lib_name_candidates(stem);
     for dir in dirs {
         for name in &names {
@@ -223,10 +254,16 @@ fn open(stem: &str, dirs: &[PathBuf]) -> Option<(Library, String)> {
                 continue;
             }
             // SAFETY: as above. The handle is kept (in `Loaded`) so the library stays loaded.
-            let Ok(pre) = (unsafe { Library::new(&path) }) else { continue };
+            let pre = match unsafe { Library::new(&path) } {
+                Ok(pre) => pre,
+                Err(e) => {
+                    problems.push(format!("{}: {}", path.display(), dl_error(&e)));
+                    continue;
+                }
+            };
             preload_companions(stem, dir);
             // The preloaded library now answers to its soname; open it exactly as cudarc will.
-            if let Some((lib, _)) = open_by_name(stem) {
+            if let Some((lib, _)) = open_by_name(stem, &mut Vec::new()) {
                 drop(pre);
                 return Some((lib, path.display().to_string()));
             }
@@ -331,6 +368,28 @@ fn name_starts(p: &Path, prefix: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `libcuda.so.1` that is there but cannot be loaded is reported as such, with the
+    /// loader's reason, not as "not found".
+    #[test]
+    fn a_library_that_cannot_be_loaded_is_not_reported_missing() {
+        let dir = std::env::temp_dir().join(format!("kiln-loader-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for name in cudarc::get_lib_name_candidates("cuda") {
+            if !name.contains('/') {
+                std::fs::write(dir.join(&name), b"not a shared library").unwrap();
+            }
+        }
+        let mut problems = Vec::new();
+        assert!(open_in_dirs("cuda", std::slice::from_ref(&dir), &mut problems).is_none());
+        assert!(problems.iter().any(|p| p.contains(&dir.display().to_string())), "{problems:?}");
+        // Where no driver is installed, the whole lookup says what it found.
+        if open_by_name("cuda", &mut Vec::new()).is_none() {
+            let err = load_one(&NEEDED[0], std::slice::from_ref(&dir)).err().unwrap();
+            assert!(err.contains("was found but cannot be loaded") && err.contains("libcuda"), "{err}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     /// Every call through the `drv`, `rtc`, `blaslt` and `dnn` macros in this folder's sources
     /// names a symbol on its library's checked list.
