@@ -18,7 +18,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     /// A layer's specification is invalid (bad option, or it does not fit its input shape).
     #[error("layer '{layer}': {reason}")]
-    Layer { layer: String, reason: String },
+    Layer {
+        /// The layer's name (`conv2d_1`, or the name given with `.name(..)`).
+        layer: String,
+        /// What is wrong and what was expected.
+        reason: String,
+    },
 
     /// The model as a whole is invalid (empty, bad input shape, duplicate names, ...).
     #[error("model: {0}")]
@@ -26,53 +31,114 @@ pub enum Error {
 
     /// Data handed to kiln does not have the shape or length that was expected.
     #[error("shape mismatch in {what}: expected {expected}, got {got}")]
-    Shape { what: String, expected: String, got: String },
+    Shape {
+        /// What had the wrong shape (`inputs`, `targets`, a tensor's name).
+        what: String,
+        /// The shape or length expected.
+        expected: String,
+        /// The shape or length given.
+        got: String,
+    },
 
     /// A configuration field is invalid.
     #[error("config field '{field}': {reason}")]
-    Config { field: String, reason: String },
+    Config {
+        /// The field's path (`learning_rate`, `optimizer.beta1`, `schedule.gamma`).
+        field: String,
+        /// What is wrong and what is accepted.
+        reason: String,
+    },
 
     /// A label (target) is invalid for the loss in use.
     #[error("label of sample {sample}: {reason}")]
-    Label { sample: usize, reason: String },
+    Label {
+        /// The sample's index in the batch.
+        sample: usize,
+        /// What is wrong with its label.
+        reason: String,
+    },
 
     /// One sample of a dataset could not be produced: an index out of range, a transform that does
     /// not fit the image, an image whose shape differs from the rest of its batch.
     #[error("sample {index}: {reason}")]
-    Sample { index: usize, reason: String },
+    Sample {
+        /// The sample's index in its dataset.
+        index: usize,
+        /// What went wrong.
+        reason: String,
+    },
 
     /// A parameter name that the model does not have, or data of the wrong size for it.
     #[error("parameter '{name}': {reason}")]
-    Param { name: String, reason: String },
+    Param {
+        /// The parameter's PyTorch name (`conv1.weight`).
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
 
     /// A file or directory could not be read or written.
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
 
     /// A file was read but its content is not valid.
     #[error("{path}: {reason}")]
-    Format { path: PathBuf, reason: String },
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What is invalid in it.
+        reason: String,
+    },
 
     /// The requested device cannot be used (no GPU, no driver, a missing library, ...).
     #[error("device {device}: {reason}")]
-    Device { device: String, reason: String },
+    Device {
+        /// The device asked for (`cuda:0`).
+        device: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
 
     /// A call into a device library failed.
     #[error("{call} failed: {status}")]
-    DeviceCall { call: String, status: String },
+    DeviceCall {
+        /// The library function (`cuLaunchKernel`, `cudnnConvolutionForward`).
+        call: String,
+        /// The status it returned, by name where known.
+        status: String,
+    },
 
     /// The device ran out of memory.
     #[error(
         "out of memory: {model} at batch size {batch} needs {needed} bytes{}; try a smaller batch",
         free_note(*free)
     )]
-    OutOfMemory { model: String, batch: usize, needed: u64, free: u64 },
+    OutOfMemory {
+        /// The model (its summary line).
+        model: String,
+        /// The batch size the plan was made for.
+        batch: usize,
+        /// Bytes the plan needs.
+        needed: u64,
+        /// Bytes free on the device when it was refused (0: unknown).
+        free: u64,
+    },
 
     /// Data-parallel training: a group that could not form (rendezvous), a collective that failed
     /// (a peer exited, timed out or ran a different collective), or a worker that a launcher saw
     /// fail. `context` names the rank and the operation.
     #[error("data-parallel {context}: {reason}")]
-    Dist { context: String, reason: String },
+    Dist {
+        /// The rank and the operation.
+        context: String,
+        /// What went wrong.
+        reason: String,
+    },
 
     /// A request that kiln cannot honour in its current state (for example asking for gradients
     /// before a backward pass).

@@ -75,7 +75,9 @@ pub struct Rng {
 /// What a generator's state is saved as: its seed and how many words it has handed out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RngState {
+    /// The seed the generator started from.
     pub seed: u64,
+    /// How many 64-bit words it has produced since.
     pub words: u64,
 }
 

@@ -25,26 +25,32 @@ impl Tensor {
         Tensor { shape: shape.to_vec(), data: vec![0.0; shape.iter().product()] }
     }
 
+    /// The dimensions, outermost first.
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }
 
+    /// The values in row-major order.
     pub fn data(&self) -> &[f32] {
         &self.data
     }
 
+    /// The values in row-major order, mutable.
     pub fn data_mut(&mut self) -> &mut [f32] {
         &mut self.data
     }
 
+    /// The values, taken out.
     pub fn into_data(self) -> Vec<f32> {
         self.data
     }
 
+    /// Number of values.
     pub fn len(&self) -> usize {
         self.data.len()
     }
 
+    /// Whether the tensor holds no values.
     pub fn is_empty(&self) -> bool {
         self.data.is_empty()
     }

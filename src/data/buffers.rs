@@ -41,6 +41,7 @@ pub struct BufferPool {
 }
 
 impl BufferPool {
+    /// A pool keeping at most `max_kept` returned buffers for reuse.
     pub fn new(max_kept: usize) -> Self {
         BufferPool { free: Mutex::new(Vec::new()), max_kept }
     }

@@ -36,7 +36,9 @@ pub enum Check {
 /// A file left out under [`OnError::Skip`], and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Skipped {
+    /// The file left out.
     pub path: PathBuf,
+    /// Why it could not be read or decoded.
     pub reason: String,
 }
 
@@ -173,6 +175,7 @@ impl ImageFolder {
         }
     }
 
+    /// The folder the classes were listed from.
     pub fn root(&self) -> &Path {
         &self.root
     }

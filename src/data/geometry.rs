@@ -47,6 +47,7 @@ pub struct CenterCrop {
 }
 
 impl CenterCrop {
+    /// A crop of `h` x `w` pixels from the centre.
     pub fn new(h: usize, w: usize) -> Self {
         CenterCrop { h, w }
     }
@@ -78,6 +79,7 @@ pub struct RandomCrop {
 }
 
 impl RandomCrop {
+    /// A crop of `h` x `w` pixels at a random position, without padding (see [`RandomCrop::padding`]).
     pub fn new(h: usize, w: usize) -> Self {
         RandomCrop { h, w, padding: 0, fill: 0.0 }
     }
@@ -141,6 +143,7 @@ impl Resize {
         Resize { h, w, mode: ResizeMode::Stretch }
     }
 
+    /// How the aspect ratio is treated (default [`ResizeMode::Stretch`]).
     pub fn mode(mut self, mode: ResizeMode) -> Self {
         self.mode = mode;
         self

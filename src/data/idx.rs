@@ -131,7 +131,9 @@ fn parse_header(bytes: &[u8]) -> std::result::Result<(Vec<usize>, usize, usize),
 /// Which part of a dataset: the training set or the test set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Split {
+    /// The training set (`train-*` files, `data_batch_*.bin`).
     Train,
+    /// The test set (`t10k-*` files, `test_batch.bin`).
     Test,
 }
 

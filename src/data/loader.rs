@@ -20,8 +20,11 @@ use crate::{Error, Result};
 /// the `n` samples. Hand it back with [`DataLoader::recycle`] to reuse its memory.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Batch {
+    /// The images, `[n, C, H, W]`.
     pub inputs: Tensor,
+    /// The class labels, one per image.
     pub labels: Vec<u32>,
+    /// Each sample's index in the dataset.
     pub indices: Vec<usize>,
 }
 
@@ -31,6 +34,7 @@ impl Batch {
         self.labels.len()
     }
 
+    /// Whether the batch holds no samples.
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty()
     }
@@ -305,6 +309,7 @@ impl DataLoader {
         }
     }
 
+    /// Samples per batch (the last may be shorter unless `drop_last`).
     pub fn batch_size(&self) -> usize {
         self.inner.batch_size
     }
@@ -314,6 +319,7 @@ impl DataLoader {
         (self.inner.rank, self.inner.world)
     }
 
+    /// The dataset the batches come from.
     pub fn dataset(&self) -> &dyn Dataset {
         &*self.inner.dataset
     }

@@ -70,14 +70,17 @@ impl Image {
             .expect("an Image's length is C*H*W by construction")
     }
 
+    /// Channels (1 grey, 3 RGB).
     pub fn channels(&self) -> usize {
         self.channels
     }
 
+    /// Height in pixels.
     pub fn height(&self) -> usize {
         self.height
     }
 
+    /// Width in pixels.
     pub fn width(&self) -> usize {
         self.width
     }
@@ -99,14 +102,17 @@ impl Image {
         &self.data[c * n..(c + 1) * n]
     }
 
+    /// The values, channel by channel (CHW).
     pub fn data(&self) -> &[f32] {
         &self.data
     }
 
+    /// The values, mutable (CHW).
     pub fn data_mut(&mut self) -> &mut [f32] {
         &mut self.data
     }
 
+    /// The values, taken out (CHW).
     pub fn into_data(self) -> Vec<f32> {
         self.data
     }
@@ -120,7 +126,9 @@ impl Image {
 /// One item of a dataset: an image and its class label.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sample {
+    /// The image.
     pub image: Image,
+    /// Its class label.
     pub label: u32,
 }
 

@@ -72,10 +72,12 @@ impl Compose {
         self
     }
 
+    /// Number of transforms in the chain.
     pub fn len(&self) -> usize {
         self.steps.len()
     }
 
+    /// Whether the chain is empty (it then passes images through).
     pub fn is_empty(&self) -> bool {
         self.steps.is_empty()
     }
@@ -226,6 +228,7 @@ pub struct RandomHorizontalFlip {
 }
 
 impl RandomHorizontalFlip {
+    /// Flips left-right with probability `p`.
     pub fn new(p: f32) -> Self {
         RandomHorizontalFlip { p }
     }

@@ -64,7 +64,9 @@ struct SavedModel {
 /// The content of a kiln file: a model and, for a training checkpoint, the trainer's state.
 #[derive(Clone, Debug)]
 pub struct Checkpoint {
+    /// The model: architecture and weights.
     pub model: Model,
+    /// The trainer's state, for a training checkpoint (`None` for a model file).
     pub trainer: Option<TrainerState>,
 }
 

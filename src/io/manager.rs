@@ -122,6 +122,7 @@ impl CheckpointManager {
         self
     }
 
+    /// The directory the checkpoints go to.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
