@@ -17,7 +17,7 @@ pub mod ops;
 pub use collective::Communicator;
 pub use cuda::{CudaBackend, CudaOptions};
 pub use device::Device;
-pub(crate) use device::{cpu_fallback_notice, print_notice_once};
+pub(crate) use device::print_notice_once;
 pub use ops::{ActFn, BnGeom, BufId, ConvGeom, CounterId, GradOut, LossFn, Op, OptParam, OptRule, PoolGeom, Scoring};
 
 use crate::Result;
