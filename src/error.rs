@@ -140,6 +140,17 @@ pub enum Error {
         reason: String,
     },
 
+    /// A training step's loss or gradient norm was not finite (NaN or infinite): the step's
+    /// update was not applied, so the weights and optimizer state are those from before it
+    /// ([`crate::train::NonFinite`] chooses this error, skipping, or no check).
+    #[error("training step {step}: non-finite {what}; its update was not applied")]
+    NonFinite {
+        /// The optimizer step (1 for the first) whose loss or gradient norm was not finite.
+        step: u64,
+        /// What was not finite, with its value, and a hint where one is known.
+        what: String,
+    },
+
     /// A request that kiln cannot honour in its current state (for example asking for gradients
     /// before a backward pass).
     #[error("{0}")]

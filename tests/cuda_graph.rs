@@ -208,6 +208,7 @@ fn predictions_and_evaluation_replay_graphs() {
         clip: None,
         parallel: None,
         precision: Precision::F32,
+        check_finite: None,
     };
     let id = e.step_plan(&desc).unwrap();
     e.set_input(id, x.data()).unwrap();

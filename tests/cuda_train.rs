@@ -127,6 +127,7 @@ fn every_optimizer_and_clipping_matches_the_cpu() {
                     step,
                     scalars: b[3 + s],
                     params: vec![p],
+                    guard: None,
                 }),
             ]
         };

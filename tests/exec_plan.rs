@@ -19,6 +19,7 @@ fn step(batch: usize, mode: Mode, update: bool, clip: Option<Clip>) -> StepDesc 
         clip,
         parallel: None,
         precision: Precision::F32,
+        check_finite: None,
     }
 }
 

@@ -11,7 +11,7 @@ use common::TempDir;
 use kiln::data::{Cifar10, DataLoader, ImageFolder, Mnist, OnError, TensorDataset};
 use kiln::model::ModelBuilder;
 use kiln::tensor::Tensor;
-use kiln::train::{Device, Schedule, Trainer, TrainerConfig};
+use kiln::train::{Device, Loss, NonFinite, Optimizer, Schedule, Trainer, TrainerConfig};
 use kiln::{Error, Result};
 
 fn cpu_config() -> TrainerConfig {
@@ -318,4 +318,147 @@ fn the_cpu_fallback_notice_is_printed_once_per_process() {
     let gpu = Device::Cuda(0).open().is_ok();
     assert_eq!(notices, if gpu { 0 } else { 1 }, "{stderr}");
     assert!(!stderr.contains("training on the CPU"), "a second wording: {stderr}");
+}
+
+// Item 1 (detection): the step checks its loss and gradient norm before the update.
+
+fn nan_batch() -> (Tensor, Vec<u32>) {
+    let mut x = vec![0.25f32; 50];
+    x[12] = f32::NAN; // the centre pixel of sample 0
+    (Tensor::new(&[2, 1, 5, 5], x).unwrap(), vec![0, 2])
+}
+
+fn good_batch(k: usize) -> (Tensor, Vec<u32>) {
+    let x = (0..50).map(|i| ((i * 7 + k * 3) % 11) as f32 / 11.0).collect();
+    (Tensor::new(&[2, 1, 5, 5], x).unwrap(), vec![(k % 3) as u32, ((k + 1) % 3) as u32])
+}
+
+fn issue_model() -> kiln::model::Model {
+    ModelBuilder::new(&[2, 1, 5, 5]).conv2d(4, 3).relu().flatten().dense(3).seed(3).build().unwrap()
+}
+
+fn weights(t: &mut Trainer) -> Vec<Vec<f32>> {
+    t.model().unwrap().param_values().to_vec()
+}
+
+fn trainer_with(non_finite: NonFinite) -> Trainer {
+    let config = TrainerConfig { batch_size: 2, non_finite, ..cpu_config() };
+    Trainer::new(&issue_model(), config).unwrap()
+}
+
+#[test]
+fn a_nan_pixel_is_an_error_naming_the_step_and_changes_no_weight_or_state() {
+    // The reference trains on the good batches only.
+    let mut reference = trainer_with(NonFinite::Error);
+    let mut t = trainer_with(NonFinite::Error);
+    for k in 0..2 {
+        let (x, y) = good_batch(k);
+        reference.train_batch(&x, &y).unwrap();
+        t.train_batch(&x, &y).unwrap();
+    }
+    let before = weights(&mut t);
+    let (x, y) = nan_batch();
+    match t.train_batch(&x, &y) {
+        Err(Error::NonFinite { step, what }) => {
+            assert_eq!(step, 3);
+            assert!(what.contains("loss (NaN)"), "{what}");
+        }
+        other => panic!("expected Error::NonFinite, got {other:?}"),
+    }
+    assert_eq!(weights(&mut t), before, "the bad step changed the weights");
+    // Optimizer state (Adam's moments and step count) untouched too: the next good step gives
+    // the reference's weights bit for bit.
+    let (x, y) = good_batch(2);
+    reference.train_batch(&x, &y).unwrap();
+    t.train_batch(&x, &y).unwrap();
+    assert_eq!(weights(&mut t), weights(&mut reference));
+}
+
+#[test]
+fn skip_mode_counts_the_step_and_goes_on() {
+    let mut reference = trainer_with(NonFinite::Skip);
+    let mut t = trainer_with(NonFinite::Skip);
+    let (gx, gy) = good_batch(0);
+    reference.train_batch(&gx, &gy).unwrap();
+    t.train_batch(&gx, &gy).unwrap();
+    let (x, y) = nan_batch();
+    assert!(t.train_batch(&x, &y).unwrap().loss.is_nan());
+    assert_eq!(t.skipped_steps().unwrap(), 1);
+    let (gx, gy) = good_batch(1);
+    reference.train_batch(&gx, &gy).unwrap();
+    t.train_batch(&gx, &gy).unwrap();
+    assert_eq!(weights(&mut t), weights(&mut reference));
+    assert_eq!(reference.skipped_steps().unwrap(), 0);
+}
+
+#[test]
+fn ignore_mode_does_what_kiln_did_before() {
+    let mut t = trainer_with(NonFinite::Ignore);
+    let (x, y) = nan_batch();
+    assert!(t.train_batch(&x, &y).unwrap().loss.is_nan());
+    assert!(weights(&mut t).iter().flatten().any(|w| w.is_nan()));
+}
+
+#[test]
+fn a_diverging_sgd_is_an_error_not_ok_nan() {
+    // The tutorial's simple CNN at learning rate 1e30: the second step's activations overflow.
+    let model = kiln::zoo::simple_cnn(8).seed(4).build().unwrap();
+    let (x, y) = kiln::data::synthetic::tutorial_images(8, 3, 32, 32, 10, &mut kiln::rng::Rng::new(4));
+    let config = TrainerConfig { batch_size: 8, learning_rate: 1e30, optimizer: Optimizer::sgd(0.0), ..cpu_config() };
+    let mut t = Trainer::new(&model, config).unwrap();
+    let mut outcome = None;
+    for k in 0..4 {
+        match t.train_batch(&x, &y[..]) {
+            Ok(r) => assert!(r.loss.is_finite(), "step {} returned Ok({})", k + 1, r.loss),
+            Err(e) => {
+                outcome = Some(e);
+                break;
+            }
+        }
+    }
+    match outcome {
+        Some(Error::NonFinite { what, .. }) => assert!(what.contains("loss") || what.contains("gradient norm")),
+        other => panic!("expected Error::NonFinite, got {other:?}"),
+    }
+    assert!(weights(&mut t).iter().flatten().all(|w| w.is_finite()), "a non-finite weight was kept");
+}
+
+#[test]
+fn fit_reports_a_non_finite_step_at_the_end_of_its_epoch() {
+    let mut data = Vec::new();
+    for k in 0..4 {
+        data.extend_from_slice(good_batch(k).0.data());
+    }
+    data[50 + 12] = f32::NAN; // sample 2: in the second batch
+    let ds = TensorDataset::new(Tensor::new(&[8, 1, 5, 5], data).unwrap(), vec![0, 1, 2, 0, 1, 2, 0, 1]).unwrap();
+    let loader = DataLoader::builder(ds).batch_size(2).build().unwrap();
+    let mut t = trainer_with(NonFinite::Error);
+    match t.fit(&loader, None, 2) {
+        Err(Error::NonFinite { step, .. }) => assert_eq!(step, 2),
+        other => panic!("expected Error::NonFinite, got {:?}", other.map(|h| h.epochs.len())),
+    }
+    assert!(weights(&mut t).iter().flatten().all(|w| w.is_finite()));
+}
+
+// Item 2: binary cross-entropy on values outside [0, 1] names the sample and suggests the
+// with-logits loss (PyTorch raises; kiln clamped the log and returned a finite loss).
+#[test]
+fn bce_on_values_outside_zero_one_names_the_sample() {
+    let mut model = ModelBuilder::new(&[3, 2]).dense(1).build().unwrap();
+    model.set_param("dense_1.weight", &[1.0, 0.0]).unwrap();
+    model.set_param("dense_1.bias", &[0.5]).unwrap();
+    let config =
+        TrainerConfig { batch_size: 3, loss: Loss::BinaryCrossEntropy, optimizer: Optimizer::sgd(0.0), ..cpu_config() };
+    let mut t = Trainer::new(&model, config).unwrap();
+    // The dense layer's outputs 0.5, 3.5 and 0.3: sample 1's is not a probability.
+    let x = Tensor::new(&[3, 2], vec![0.0, 0.0, 3.0, 0.0, -0.2, 0.0]).unwrap();
+    let y = [0u32, 1, 0];
+    let before = weights(&mut t);
+    match t.train_batch(&x, &y[..]) {
+        Err(Error::NonFinite { what, .. }) => {
+            assert!(what.contains("sample 1") && what.contains("BinaryCrossEntropyWithLogits"), "{what}")
+        }
+        other => panic!("expected an error naming sample 1, got {other:?}"),
+    }
+    assert_eq!(weights(&mut t), before);
 }

@@ -44,6 +44,7 @@ fn run_optimizer(rule: OptRule, lr: f32, mom: f32, initial_state: f32) -> Vec<f3
         step,
         scalars,
         params: vec![OptParam { len: 6, value, grad, state }],
+        guard: None,
     });
     for t in 1..=3 {
         let g: Vec<f32> = (0..6).map(|i| ((0.9 * i as f64 + t as f64).sin() + 0.1 * t as f64) as f32).collect();

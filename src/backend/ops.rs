@@ -216,9 +216,33 @@ layout! {
     }
 }
 
-/// Every buffer layout shared with the CUDA kernels, as C `#define`s ([`stats`], [`hyper`]).
+layout! {
+    /// Layout of the guard buffer of [`CheckFinite`]: whether this step's update is skipped,
+    /// and what the checks found so far (counts are exact up to 2^24 steps).
+    guard, "GUARD" {
+        /// 1 when the current step's update is to be skipped (the optimizer kernels read it).
+        SKIP = 0;
+        /// Steps found non-finite (and not applied) since the buffer was cleared.
+        BAD_STEPS = 1;
+        /// 1 + the number of steps checked before the first bad one (0: none bad yet).
+        FIRST_BAD = 2;
+        /// What the first bad step had: 1 a non-finite loss, 2 a non-finite gradient norm, 3 both.
+        WHAT = 3;
+        /// The first bad step's loss.
+        LOSS = 4;
+        /// The first bad step's gradient norm.
+        NORM = 5;
+        /// Steps checked since the buffer was cleared.
+        CHECKED = 6;
+        /// Number of values in the buffer.
+        LEN = 7;
+    }
+}
+
+/// Every buffer layout shared with the CUDA kernels, as C `#define`s ([`stats`], [`hyper`],
+/// [`guard`]).
 pub(crate) fn cuda_layouts() -> String {
-    stats::c_defines() + &hyper::c_defines()
+    stats::c_defines() + &hyper::c_defines() + &guard::c_defines()
 }
 
 /// An optimizer's update rule and its fixed hyper-parameters, with PyTorch's semantics.
@@ -746,6 +770,26 @@ pub struct ClipGradValue {
     pub clip: f32,
 }
 
+/// Checks a training step before its update: the batch's loss (`stats[LOSS]`) and the global L2
+/// norm of `grads` must be finite. A bad step sets `guard[SKIP]`, which [`OptimizerStep`] reads
+/// on the device, so weights and optimizer state stay as they were, with no synchronisation
+/// with the host; the first bad step's figures are kept for the trainer to report (layout:
+/// [`guard`]). With `sticky`, once a step was bad every later update is skipped too, until the
+/// host clears the guard (the trainer's error mode: nothing moves between the bad step and the
+/// error). The norm is summed in f64, so only a gradient whose norm exceeds f32's range or holds
+/// NaN or infinity counts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CheckFinite {
+    /// The loss op's statistics (layout: [`stats`]).
+    pub stats: BufId,
+    /// Gradients: buffer and values.
+    pub grads: Vec<(BufId, usize)>,
+    /// The guard (layout: [`guard`]).
+    pub guard: BufId,
+    /// Keep skipping after a bad step.
+    pub sticky: bool,
+}
+
 /// Replaces each of `bufs` (buffer, values) by its sum over the ranks of the backend's
 /// data-parallel group, or by the mean with `mean` (the gradient all-reduce of one bucket).
 /// The CUDA backend runs it on a second stream, so it overlaps with the ops after it until
@@ -773,6 +817,9 @@ pub struct OptimizerStep {
     pub scalars: BufId,
     /// The parameters updated.
     pub params: Vec<OptParam>,
+    /// A [`CheckFinite`] guard: when its `SKIP` is set the step changes nothing (not even the
+    /// step counter).
+    pub guard: Option<BufId>,
 }
 
 /// One kernel launch of a plan: each variant holds its op's descriptor.
@@ -834,6 +881,8 @@ pub enum Op {
     ClipGradValue(ClipGradValue),
     /// See [`AllReduce`].
     AllReduce(AllReduce),
+    /// See [`CheckFinite`].
+    CheckFinite(CheckFinite),
     /// See [`OptimizerStep`].
     OptimizerStep(OptimizerStep),
 }
@@ -870,6 +919,7 @@ impl Op {
             Op::ClipGradNorm(_) => "clip_grad_norm",
             Op::ClipGradValue(_) => "clip_grad_value",
             Op::AllReduce(_) => "all_reduce",
+            Op::CheckFinite(_) => "check_finite",
             Op::OptimizerStep(_) => "optimizer_step",
         }
     }

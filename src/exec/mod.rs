@@ -25,7 +25,7 @@ mod step;
 pub use crate::backend::{LossFn, OptRule, Scoring};
 pub use compile::Lowering;
 pub use plan::{BufRole, MemoryReport, Mode, ParamBuffers, Plan, PlanOptions, PlannedBuffer};
-pub use step::{Clip, Figures, OptimizerSnapshot, Parallel, Precision, SUMS_LEN, StepDesc, Sums};
+pub use step::{Clip, Figures, GuardState, OptimizerSnapshot, Parallel, Precision, SUMS_LEN, StepDesc, Sums};
 
 /// A backend chosen at run time ([`crate::backend::Device::open`]).
 pub type AnyBackend = Box<dyn Backend>;

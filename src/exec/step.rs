@@ -11,7 +11,7 @@
 use super::compile::Lowering;
 use super::plan::{BufRole, Mode, Plan, PlanOptions, PlannedBuffer};
 use super::{Executor, Key, PlanId};
-use crate::backend::ops::{self, hyper, stats};
+use crate::backend::ops::{self, guard, hyper, stats};
 use crate::backend::{Backend, BufId, CounterId, LossFn, Op, OptParam, OptRule, Scoring};
 use crate::dist::{Communicator, bucket};
 use crate::model::Model;
@@ -90,6 +90,10 @@ pub struct StepDesc {
     pub parallel: Option<Parallel>,
     /// Number format.
     pub precision: Precision,
+    /// Check the loss and gradient norm before the update ([`ops::CheckFinite`]): `None` for no
+    /// check, `Some(sticky)` to skip a non-finite step's update (and, with `sticky`, every
+    /// later one until [`Executor::clear_guard`]).
+    pub check_finite: Option<bool>,
 }
 
 /// The buffers every step plan of an executor shares.
@@ -105,6 +109,8 @@ pub struct Training {
     pub eval_stats: BufId,
     /// The gradient norm before clipping.
     pub clip_norm: BufId,
+    /// What the non-finite checks found (see [`guard`]).
+    pub guard: BufId,
 }
 
 /// The optimizer's device state.
@@ -133,6 +139,7 @@ impl Training {
         let train_stats = backend.alloc(stats::LEN)?;
         let eval_stats = backend.alloc(stats::LEN)?;
         let clip_norm = backend.alloc(1)?;
+        let guard = backend.alloc(guard::LEN)?;
         let optimizer = match rule {
             None => None,
             Some(rule) => {
@@ -155,12 +162,17 @@ impl Training {
                 Some(OptimizerState { rule, step, scalars, params: ps })
             }
         };
-        Ok(Training { optimizer, hyper, train_stats, eval_stats, clip_norm })
+        Ok(Training { optimizer, hyper, train_stats, eval_stats, clip_norm, guard })
     }
 
     /// The buffers of this state by role, for memory reports.
     pub(super) fn buffers(&self) -> Vec<(BufRole, usize)> {
-        let mut v = vec![(BufRole::Scalar, hyper::LEN), (BufRole::Scalar, 2 * stats::LEN), (BufRole::Workspace, 1)];
+        let mut v = vec![
+            (BufRole::Scalar, hyper::LEN),
+            (BufRole::Scalar, 2 * stats::LEN),
+            (BufRole::Workspace, 1),
+            (BufRole::Scalar, guard::LEN),
+        ];
         if let Some(o) = &self.optimizer {
             v.push((BufRole::Scalar, 1));
             v.extend(o.params.iter().flat_map(|p| p.state.iter().map(|_| (BufRole::OptimizerState, p.len))));
@@ -223,6 +235,16 @@ pub(super) fn assemble(
     if desc.update
         && let Some(opt) = &training.optimizer
     {
+        // Before clipping, as PyTorch's GradScaler unscales and checks before clip_grad_*_:
+        // clipping by value would turn an infinite gradient finite.
+        if let Some(sticky) = desc.check_finite {
+            ops.push(Op::CheckFinite(ops::CheckFinite {
+                stats: training.sums(desc.sums),
+                grads: grads.to_vec(),
+                guard: training.guard,
+                sticky,
+            }));
+        }
         match desc.clip {
             Some(Clip::Norm(max_norm)) => ops.push(Op::ClipGradNorm(ops::ClipGradNorm {
                 grads: grads.to_vec(),
@@ -238,6 +260,7 @@ pub(super) fn assemble(
             step: opt.step,
             scalars: opt.scalars,
             params: opt.params.clone(),
+            guard: desc.check_finite.map(|_| training.guard),
         }));
     }
     ops
@@ -260,6 +283,25 @@ pub struct Figures {
     pub samples: f32,
     /// Predictions scored (samples, or elements under binary scoring).
     pub scored: f32,
+}
+
+/// What the non-finite checks ([`StepDesc::check_finite`]) found since the guard was cleared.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct GuardState {
+    /// Steps found non-finite (their updates were not applied).
+    pub bad_steps: u64,
+    /// The first bad step, counted among the checked steps from 1 (`None`: none).
+    pub first_bad: Option<u64>,
+    /// The first bad step's loss was not finite.
+    pub bad_loss: bool,
+    /// The first bad step's gradient norm was not finite.
+    pub bad_norm: bool,
+    /// The first bad step's loss.
+    pub loss: f32,
+    /// The first bad step's gradient norm.
+    pub norm: f32,
+    /// Steps checked.
+    pub checked: u64,
 }
 
 /// The device state of the optimizer, copied to the host (checkpoints).
@@ -376,6 +418,26 @@ impl<B: Backend> Executor<B> {
             samples: s[stats::SUM_SAMPLES],
             scored: s[stats::SUM_SCORED],
         })
+    }
+
+    /// What the non-finite checks found since the guard was last cleared.
+    pub fn guard(&mut self) -> Result<GuardState> {
+        let g = self.backend.read(self.training()?.guard)?;
+        Ok(GuardState {
+            bad_steps: g[guard::BAD_STEPS] as u64,
+            first_bad: (g[guard::FIRST_BAD] != 0.0).then(|| g[guard::FIRST_BAD] as u64),
+            bad_loss: g[guard::WHAT] as u32 & 1 != 0,
+            bad_norm: g[guard::WHAT] as u32 & 2 != 0,
+            loss: g[guard::LOSS],
+            norm: g[guard::NORM],
+            checked: g[guard::CHECKED] as u64,
+        })
+    }
+
+    /// Clears the guard: the next update applies again (after a sticky check stopped them).
+    pub fn clear_guard(&mut self) -> Result<()> {
+        let g = self.training()?.guard;
+        self.backend.write(g, &[0.0; guard::LEN])
     }
 
     /// The raw values of a sums buffer (checkpoints).

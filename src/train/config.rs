@@ -140,6 +140,25 @@ pub enum GradClip {
     Value(f32),
 }
 
+/// What a training step does when its loss or gradient norm is not finite (NaN or infinite),
+/// checked inside the step before the update (on the GPU, on the device: no synchronisation).
+/// In every mode but [`NonFinite::Ignore`] such a step's update is not applied: the weights and
+/// the optimizer state (its step count included) stay as they were.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NonFinite {
+    /// Training stops with [`Error::NonFinite`] naming the step and what was not finite. The
+    /// error comes at the next read-back (`train_batch`, or the end of a `fit` epoch through
+    /// [`crate::train::Trainer::take_epoch_metrics`]); updates queued after the bad step are not
+    /// applied either.
+    #[default]
+    Error,
+    /// The step is skipped and counted ([`crate::train::Trainer::skipped_steps`]), as PyTorch's
+    /// `GradScaler` skips a step whose gradients hold inf or NaN.
+    Skip,
+    /// No check: the update applies whatever was computed (kiln before this option).
+    Ignore,
+}
+
 /// When the learning-rate schedule advances.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ScheduleUnit {
@@ -188,6 +207,9 @@ pub struct TrainerConfig {
     /// reproducible and a replayed CUDA graph equals an eager run. `false` also allows faster
     /// algorithms that accumulate with atomics, as PyTorch's `cudnn.benchmark` does.
     pub deterministic: bool,
+    /// What a step with a non-finite loss or gradient norm does (default: stop with an error;
+    /// see [`NonFinite`]).
+    pub non_finite: NonFinite,
     /// Seed for dropout and data order (weights come from the model's own seed).
     pub seed: u64,
     /// Train data-parallel, one process per device, as one rank of the group that the
@@ -216,6 +238,7 @@ impl Default for TrainerConfig {
             threads: None,
             tf32: false,
             deterministic: true,
+            non_finite: NonFinite::Error,
             seed: 0,
             data_parallel: None,
         }

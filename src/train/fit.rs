@@ -25,6 +25,7 @@ impl Trainer {
     /// Reads and clears the training figures summed since the last call (one device read). In
     /// data-parallel training they are summed over the group, so every rank must call this.
     pub fn take_epoch_metrics(&mut self) -> Result<Metrics> {
+        self.report_non_finite()?;
         let m = self.read_metrics(Sums::Train, self.dist.is_some())?;
         self.exec.set_sums(Sums::Train, None)?;
         Ok(m)

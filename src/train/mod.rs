@@ -20,7 +20,7 @@ pub use crate::backend::Device;
 /// The mode [`Trainer::predict_with`] takes.
 pub use crate::exec::Mode;
 pub use callbacks::{Callback, Control, EarlyStopping, Logger, Monitor, format_log};
-pub use config::{GradClip, Optimizer, Problem, ScheduleUnit, TrainerConfig};
+pub use config::{GradClip, NonFinite, Optimizer, Problem, ScheduleUnit, TrainerConfig};
 pub use loss::{Loss, Targets};
 pub use metrics::{EpochLog, History, Metrics, StepResult};
 pub use schedule::{Anneal, PlateauMode, Schedule, Scheduler, Warmup};

@@ -28,7 +28,7 @@
 //! during backward (see [`crate::dist`]), and the epoch metrics are summed over the ranks. The
 //! loss that [`Trainer::train_batch`] returns is this rank's own.
 
-use super::config::{GradClip, Optimizer, Problem, ScheduleUnit, TrainerConfig};
+use super::config::{GradClip, NonFinite, Optimizer, Problem, ScheduleUnit, TrainerConfig};
 use super::lbfgs::{LbfgsConfig, LbfgsState};
 use super::loss::{Loss, Targets};
 use super::metrics::{History, StepResult};
@@ -85,6 +85,8 @@ pub struct Trainer {
     pub(super) lbfgs_first: Option<StepResult>,
     /// Set when training data-parallel.
     pub(super) dist: Option<DistState>,
+    /// The plan of the last training step (its output is read to explain a non-finite loss).
+    pub(super) last_plan: Option<PlanId>,
 }
 
 /// The device update rule of an optimizer (`None` for L-BFGS, which runs on the host).
@@ -216,6 +218,7 @@ impl Trainer {
             last_lr: 0.0,
             lbfgs_first: None,
             dist: None,
+            last_plan: None,
         })
     }
 
@@ -296,6 +299,11 @@ impl Trainer {
             }),
             parallel,
             precision: Precision::F32,
+            check_finite: match self.config.non_finite {
+                NonFinite::Error => Some(true),
+                NonFinite::Skip => Some(false),
+                NonFinite::Ignore => None,
+            },
         };
         self.exec.step_plan(&desc)
     }
@@ -335,6 +343,7 @@ impl Trainer {
             (false, _) => StepKind::Accumulate,
         };
         let plan = self.step_plan(n, kind, f, scoring)?;
+        self.last_plan = Some(plan);
         self.feed(plan, inputs, &tv)?;
         if stepping {
             let lr = self.scheduler.lr();
@@ -373,7 +382,10 @@ impl Trainer {
         self.train_step(inputs, targets)?;
         match self.lbfgs_first.take() {
             Some(r) => Ok(r),
-            None => self.last_step_result(inputs.shape()[0]),
+            None => {
+                self.report_non_finite()?;
+                self.last_step_result(inputs.shape()[0])
+            }
         }
     }
 
@@ -432,5 +444,62 @@ impl Trainer {
         let names: Vec<String> =
             self.exec.model().params().iter().filter(|p| p.trainable).map(|p| p.name.clone()).collect();
         names.into_iter().map(|n| self.exec.read_param_grad(&n).map(|g| (n, g))).collect()
+    }
+}
+
+impl Trainer {
+    /// Steps whose update was skipped because their loss or gradient norm was not finite
+    /// ([`NonFinite::Skip`]; under [`NonFinite::Error`], those not yet reported). One device read.
+    pub fn skipped_steps(&mut self) -> Result<u64> {
+        if opt_rule(&self.config.optimizer).is_none() {
+            return Ok(0);
+        }
+        Ok(self.exec.guard()?.bad_steps)
+    }
+
+    /// Under [`NonFinite::Error`], the first step found non-finite since the last report, as
+    /// [`Error::NonFinite`]; the guard is then cleared, so training can go on (from the weights
+    /// before that step). One device read.
+    pub(super) fn report_non_finite(&mut self) -> Result<()> {
+        if self.config.non_finite != NonFinite::Error || opt_rule(&self.config.optimizer).is_none() {
+            return Ok(());
+        }
+        let g = self.exec.guard()?;
+        let Some(first) = g.first_bad else { return Ok(()) };
+        self.exec.clear_guard()?;
+        // The checked steps since the guard was cleared end with the latest one, number
+        // `opt_steps`; the bad one was the `first`-th of them.
+        let step = (self.opt_steps + first).saturating_sub(g.checked);
+        let (loss, norm) = (g.loss, g.norm);
+        let mut what = match (g.bad_loss, g.bad_norm) {
+            (true, false) => format!("loss ({loss})"),
+            (false, _) => format!("gradient norm ({norm})"),
+            (true, true) => format!("loss ({loss}) and gradient norm ({norm})"),
+        };
+        if !loss.is_finite()
+            && let Some(hint) = self.probability_hint()?
+        {
+            what += &hint;
+        }
+        Err(Error::NonFinite { step, what })
+    }
+
+    /// For a loss on probabilities, the first model output outside [0, 1] of the last step
+    /// (its loss is NaN, as PyTorch raises), named by sample, with what to do instead.
+    fn probability_hint(&mut self) -> Result<Option<String>> {
+        let (Loss::BinaryCrossEntropy, Some(plan)) = (&self.config.loss, self.last_plan) else {
+            return Ok(None);
+        };
+        let out = self.exec.read_output(plan)?;
+        let c: usize = self.out_shape.iter().product();
+        Ok(out.iter().position(|p| !(0.0..=1.0).contains(p)).map(|i| {
+            format!(
+                ": BinaryCrossEntropy takes probabilities in [0, 1], but output {} of sample {} is {}; \
+                 end the model with .sigmoid() or use BinaryCrossEntropyWithLogits on its logits",
+                i % c,
+                i / c,
+                out[i]
+            )
+        }))
     }
 }

@@ -97,6 +97,28 @@ fn host_available_memory() -> Option<u64> {
     Some(field("MemAvailable:")? + field("SwapFree:").unwrap_or(0))
 }
 
+/// The guard update of [`ops::CheckFinite`] for a step with this loss and gradient norm (the
+/// CUDA kernel `check_finite` does the same).
+fn check_finite<T: Float>(g: &mut [T], loss: f64, norm: f64, sticky: bool) {
+    use ops::guard::*;
+    let bad_loss = !loss.is_finite();
+    // The norm as the f32 it is reported in: beyond f32's range counts as infinite.
+    let bad_norm = !(norm as f32).is_finite();
+    let bad = bad_loss || bad_norm;
+    let stuck = sticky && g[FIRST_BAD] != T::ZERO;
+    if bad && g[FIRST_BAD] == T::ZERO {
+        g[FIRST_BAD] = g[CHECKED] + T::ONE;
+        g[WHAT] = T::from_usize(bad_loss as usize + 2 * bad_norm as usize);
+        g[LOSS] = T::from_f64(loss);
+        g[NORM] = T::from_f64(norm);
+    }
+    if bad {
+        g[BAD_STEPS] += T::ONE;
+    }
+    g[CHECKED] += T::ONE;
+    g[SKIP] = if bad || stuck { T::ONE } else { T::ZERO };
+}
+
 /// Sets flush-to-zero and denormals-are-zero for the calling thread's floating-point unit (on
 /// x86-64 the MXCSR bits FTZ and DAZ; on AArch64 FPCR.FZ); elsewhere it does nothing.
 fn flush_denormals() {
@@ -511,7 +533,15 @@ impl<T: Float> CpuBackend<T> {
             Op::AllReduce(ops::AllReduce { bufs, mean }) => {
                 collective::all_reduce(group(&mut self.comm, op)?, &mut self.bufs, bufs, *mean)?;
             }
-            Op::OptimizerStep(ops::OptimizerStep { rule, hyper, step, scalars, params }) => {
+            Op::CheckFinite(ops::CheckFinite { stats, grads, guard, sticky }) => {
+                let views: Vec<&[T]> = grads.iter().map(|(g, len)| &self.bufs[g.0][..*len]).collect();
+                let norm = optimizer::global_norm(&views);
+                let loss = self.bufs[stats.0][ops::stats::LOSS].to_f64();
+                check_finite(&mut self.bufs[guard.0], loss, norm, *sticky);
+            }
+            Op::OptimizerStep(ops::OptimizerStep { guard: Some(g), .. })
+                if self.bufs[g.0][ops::guard::SKIP] != T::ZERO => {}
+            Op::OptimizerStep(ops::OptimizerStep { rule, hyper, step, scalars, params, .. }) => {
                 let t = self.counters[step.0] + 1;
                 self.counters[step.0] = t;
                 let h = &self.bufs[hyper.0];

@@ -303,6 +303,7 @@ impl CudaBackend {
             Op::Loss(o) => self.loss(o),
             Op::ClipGradNorm(o) => self.clip_grad_norm(o),
             Op::ClipGradValue(o) => self.clip_grad_value(o),
+            Op::CheckFinite(o) => self.check_finite(o),
             Op::OptimizerStep(o) => self.optimizer_step(o),
             Op::AllReduce(o) => self.all_reduce_op(o),
         }

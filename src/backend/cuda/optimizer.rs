@@ -30,14 +30,19 @@ pub(super) const MODULE: ModuleSrc = ModuleSrc {
         "sum_slots",
         "clip_scale",
         "clip_value",
+        "check_finite",
     ],
     source: r#"
+// Whether a CheckFinite guard says this step's update is skipped (no guard: never).
+#define SKIPPED(guard) ((guard) != 0 && (guard)[GUARD_SKIP] != 0.f)
+
 __device__ __forceinline__ float lerpf_(float a, float b, float w) {
     return w < 0.5f ? a + w * (b - a) : b - (b - a) * (1.f - w);
 }
 
 // t = ++step; for NAdam (md >= 0) scalars[0] = (float)(scalars[0] * mu_t).
-extern "C" __global__ void opt_begin(u64* step, float* scalars, const float* hyper, float md) {
+extern "C" __global__ void opt_begin(u64* step, float* scalars, const float* hyper, float md, const float* guard) {
+    if (SKIPPED(guard)) return;
     if (threadIdx.x != 0 || blockIdx.x != 0) return;
     u64 t = *step + 1;
     *step = t;
@@ -48,7 +53,8 @@ extern "C" __global__ void opt_begin(u64* step, float* scalars, const float* hyp
 }
 
 extern "C" __global__ void opt_sgd(float* w, const float* g, float* buf, i64 n, const float* hyper,
-                                   const u64* step, float damp, int nesterov, float wd) {
+                                   const u64* step, float damp, int nesterov, float wd, const float* guard) {
+    if (SKIPPED(guard)) return;
     float lr = hyper[HYPER_LR], mu = hyper[HYPER_MOMENTUM];
     int first = *step == 1;
     GRID_LOOP(i, n) {
@@ -64,7 +70,8 @@ extern "C" __global__ void opt_sgd(float* w, const float* g, float* buf, i64 n, 
 
 extern "C" __global__ void opt_adam(float* w, const float* g, float* m, float* v, float* vmax, i64 n,
                                     const float* hyper, const u64* step, float beta2, float eps, float wd,
-                                    int decoupled) {
+                                    int decoupled, const float* guard) {
+    if (SKIPPED(guard)) return;
     double t = (double)*step, lr = (double)hyper[HYPER_LR], b1 = (double)hyper[HYPER_MOMENTUM];
     float step_size = (float)(lr / (1.0 - pow(b1, t)));
     float bc2_sqrt = (float)sqrt(1.0 - pow((double)beta2, t));
@@ -89,7 +96,8 @@ extern "C" __global__ void opt_adam(float* w, const float* g, float* m, float* v
 }
 
 extern "C" __global__ void opt_rmsprop(float* w, const float* g, float* sq, float* buf, float* ga, i64 n,
-                                       const float* hyper, float alpha, float eps, float wd) {
+                                       const float* hyper, float alpha, float eps, float wd, const float* guard) {
+    if (SKIPPED(guard)) return;
     float lr = hyper[HYPER_LR], mu = hyper[HYPER_MOMENTUM], one_m_a = 1.f - alpha;
     GRID_LOOP(i, n) {
         float gi = g[i];
@@ -112,7 +120,8 @@ extern "C" __global__ void opt_rmsprop(float* w, const float* g, float* sq, floa
 }
 
 extern "C" __global__ void opt_adagrad(float* w, const float* g, float* sum, i64 n, const float* hyper,
-                                       const u64* step, float lr_decay, float eps, float wd) {
+                                       const u64* step, float lr_decay, float eps, float wd, const float* guard) {
+    if (SKIPPED(guard)) return;
     float clr = (float)((double)hyper[HYPER_LR] / (1.0 + ((double)*step - 1.0) * (double)lr_decay));
     GRID_LOOP(i, n) {
         float gi = g[i];
@@ -124,7 +133,8 @@ extern "C" __global__ void opt_adagrad(float* w, const float* g, float* sum, i64
 }
 
 extern "C" __global__ void opt_adadelta(float* w, const float* g, float* sq, float* acc, i64 n,
-                                        const float* hyper, float rho, float eps, float wd) {
+                                        const float* hyper, float rho, float eps, float wd, const float* guard) {
+    if (SKIPPED(guard)) return;
     float lr = hyper[HYPER_LR], one_m_r = 1.f - rho;
     GRID_LOOP(i, n) {
         float gi = g[i];
@@ -139,7 +149,8 @@ extern "C" __global__ void opt_adadelta(float* w, const float* g, float* sq, flo
 
 extern "C" __global__ void opt_nadam(float* w, const float* g, float* m, float* v, i64 n, const float* hyper,
                                      const u64* step, const float* scalars, float beta2, float eps, float wd,
-                                     float md) {
+                                     float md, const float* guard) {
+    if (SKIPPED(guard)) return;
     double t = (double)*step, lr = (double)hyper[HYPER_LR], b1 = (double)hyper[HYPER_MOMENTUM];
     double mu = b1 * (1.0 - 0.5 * pow(0.96, t * (double)md));
     double mu_next = b1 * (1.0 - 0.5 * pow(0.96, (t + 1.0) * (double)md));
@@ -186,6 +197,26 @@ extern "C" __global__ void clip_scale(float* g, i64 n, const double* acc, float 
     GRID_LOOP(i, n) g[i] *= cf;
 }
 
+// The guard update of CheckFinite (one thread), as the CPU backend's check_finite.
+extern "C" __global__ void check_finite(const float* stats, const double* acc, float* g, int sticky) {
+    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    float loss = stats[STATS_LOSS];
+    double norm = sqrt(*acc);
+    int bad_loss = !isfinite(loss);
+    int bad_norm = !isfinite((float)norm);
+    int bad = bad_loss || bad_norm;
+    int stuck = sticky && g[GUARD_FIRST_BAD] != 0.f;
+    if (bad && g[GUARD_FIRST_BAD] == 0.f) {
+        g[GUARD_FIRST_BAD] = g[GUARD_CHECKED] + 1.f;
+        g[GUARD_WHAT] = (float)(bad_loss + 2 * bad_norm);
+        g[GUARD_LOSS] = loss;
+        g[GUARD_NORM] = (float)norm;
+    }
+    if (bad) g[GUARD_BAD_STEPS] += 1.f;
+    g[GUARD_CHECKED] += 1.f;
+    g[GUARD_SKIP] = (bad || stuck) ? 1.f : 0.f;
+}
+
 extern "C" __global__ void clip_value(float* g, i64 n, float clip) {
     GRID_LOOP(i, n) g[i] = g[i] < -clip ? -clip : (g[i] > clip ? clip : g[i]);
 }
@@ -198,11 +229,12 @@ impl CudaBackend {
         let params = &o.params;
         let step_ptr = self.mem.counter_ptr(step.0)?;
         let (h, sc) = (self.ptr(hyper), self.ptr(scalars));
+        let guard = o.guard.map(|g| self.ptr(g)).unwrap_or(0);
         let md = match rule {
             OptRule::NAdam { momentum_decay, .. } => momentum_decay,
             _ => -1.0,
         };
-        self.launch_blocks("opt_begin", 1, 32, 0, &Args::new().ptr(step_ptr).ptr(sc).ptr(h).f32(md))?;
+        self.launch_blocks("opt_begin", 1, 32, 0, &Args::new().ptr(step_ptr).ptr(sc).ptr(h).f32(md).ptr(guard))?;
         for p in params {
             let (w, g, n) = (self.ptr(p.value), self.ptr(p.grad), p.len);
             let st = |k: usize| p.state.get(k).map(|&b| self.ptr(b)).unwrap_or(0);
@@ -284,9 +316,26 @@ impl CudaBackend {
                         .f32(momentum_decay),
                 ),
             };
-            self.launch_elems(name, n, &args)?;
+            self.launch_elems(name, n, &args.ptr(guard))?;
         }
         Ok(())
+    }
+
+    /// [`ops::CheckFinite`]: the global norm as for clipping (fixed-order f64 sums), then one
+    /// thread updates the guard; nothing is read back.
+    pub(super) fn check_finite(&mut self, o: &ops::CheckFinite) -> Result<()> {
+        let ops::CheckFinite { ref grads, stats, guard, sticky } = *o;
+        const SLOTS: usize = 256;
+        let acc = self.op_scratch(8 * (1 + SLOTS * grads.len().max(1)))?;
+        let slots = acc + 8;
+        for (k, &(g, n)) in grads.iter().enumerate() {
+            let args = Args::new().ptr(self.ptr(g)).i64(n).ptr(slots + (8 * SLOTS * k) as u64);
+            self.launch_blocks("sumsq_partial", SLOTS as u32, 256, 0, &args)?;
+        }
+        let count = SLOTS * grads.len();
+        self.launch_blocks("sum_slots", 1, 256, 0, &Args::new().ptr(slots).i64(count).ptr(acc))?;
+        let args = Args::new().ptr(self.ptr(stats)).ptr(acc).ptr(self.ptr(guard)).i32(sticky as i32);
+        self.launch_blocks("check_finite", 1, 32, 0, &args)
     }
 
     pub(super) fn clip_grad_norm(&mut self, o: &ops::ClipGradNorm) -> Result<()> {

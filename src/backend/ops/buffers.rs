@@ -275,7 +275,17 @@ macro_rules! each_buffer {
                     $f(b, *n, RW);
                 }
             }
+            Op::CheckFinite(o) => {
+                $f(&$($m)? o.stats, stats::LEN, R);
+                for (b, n) in &$($m)? o.grads {
+                    $f(b, *n, R);
+                }
+                $f(&$($m)? o.guard, guard::LEN, RW);
+            }
             Op::OptimizerStep(o) => {
+                if let Some(g) = &$($m)? o.guard {
+                    $f(g, guard::LEN, R);
+                }
                 $f(&$($m)? o.hyper, hyper::LEN, R);
                 $f(&$($m)? o.scalars, 1, RW);
                 for p in &$($m)? o.params {
@@ -386,6 +396,12 @@ impl Op {
                 o.bufs.len(),
                 o.bufs.iter().map(|b| b.1).sum::<usize>(),
                 if o.mean { "mean" } else { "sum" }
+            ),
+            Op::CheckFinite(o) => format!(
+                "{} tensors ({} values){}",
+                o.grads.len(),
+                o.grads.iter().map(|b| b.1).sum::<usize>(),
+                if o.sticky { ", sticky" } else { "" }
             ),
             Op::OptimizerStep(o) => format!(
                 "{:?} on {} tensors ({} values)",
