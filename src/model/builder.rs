@@ -1,28 +1,4 @@
-//! The fluent model builder.
-//!
-//! ```
-//! use kiln::model::{ModelBuilder, Conv2d};
-//! let model = ModelBuilder::new(&[8, 3, 32, 32])
-//!     .conv2d(16, 3).name("conv1")          // go-metal: AddConv2D(16, 3, "conv1")
-//!     .relu()
-//!     .conv2d_with(Conv2d::new(32, 3).stride(2).padding(1))
-//!     .batch_norm()
-//!     .relu()
-//!     // a residual block: main path plus identity shortcut, joined by addition
-//!     .residual(|main| main.conv2d_with(Conv2d::new(32, 3).padding("same")).relu())
-//!     .global_avg_pool()
-//!     .dense(10)
-//!     .build()
-//!     .unwrap();
-//! assert_eq!(model.output_shape(), &[8, 10]);
-//! ```
-//!
-//! Every method appends one layer after the current one. Branching blocks take closures that
-//! build each branch from the same starting point: [`ModelBuilder::residual`] (identity
-//! shortcut), [`ModelBuilder::residual_with`] (projection shortcut) and [`ModelBuilder::concat`]
-//! (parallel branches joined along channels, as in Inception). Errors (bad options, shapes that do
-//! not fit, duplicate names) are collected and returned by [`ModelBuilder::build`], naming the
-//! layer.
+//! The fluent model builder: [`ModelBuilder`] (its documentation has the example).
 
 use std::collections::HashSet;
 
@@ -50,7 +26,31 @@ struct Pending {
     inputs: Vec<usize>,
 }
 
-/// Builds a [`Model`] layer by layer; see the module documentation.
+/// Builds a [`Model`] layer by layer, as a fluent chain of named layers.
+///
+/// ```
+/// use kiln::model::{ModelBuilder, Conv2d};
+/// let model = ModelBuilder::new(&[8, 3, 32, 32])
+///     .conv2d(16, 3).name("conv1")          // go-metal: AddConv2D(16, 3, "conv1")
+///     .relu()
+///     .conv2d_with(Conv2d::new(32, 3).stride(2).padding(1))
+///     .batch_norm()
+///     .relu()
+///     // a residual block: main path plus identity shortcut, joined by addition
+///     .residual(|main| main.conv2d_with(Conv2d::new(32, 3).padding("same")).relu())
+///     .global_avg_pool()
+///     .dense(10)
+///     .build()
+///     .unwrap();
+/// assert_eq!(model.output_shape(), &[8, 10]);
+/// ```
+///
+/// Every method appends one layer after the current one. Branching blocks take closures that
+/// build each branch from the same starting point: [`ModelBuilder::residual`] (identity
+/// shortcut), [`ModelBuilder::residual_with`] (projection shortcut) and [`ModelBuilder::concat`]
+/// (parallel branches joined along channels, as in Inception). Errors (bad options, shapes that do
+/// not fit, duplicate names) are collected and returned by [`ModelBuilder::build`], naming the
+/// layer.
 #[derive(Debug)]
 pub struct ModelBuilder {
     input_shape: Vec<usize>,

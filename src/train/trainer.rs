@@ -1,32 +1,4 @@
-//! The trainer: the training loop around plans that [`crate::exec`] compiles. It turns the
-//! user's configuration into step descriptions ([`StepDesc`]), feeds batches, advances the
-//! learning-rate schedule and keeps the counts; the executor compiles each step (forward, loss,
-//! backward, clipping, update) into one op list and runs it.
-//!
-//! ```
-//! use kiln::model::ModelBuilder;
-//! use kiln::tensor::Tensor;
-//! use kiln::train::{Trainer, TrainerConfig};
-//!
-//! let model = ModelBuilder::new(&[4, 3]).dense(8).relu().dense(2).build().unwrap();
-//! let mut trainer = Trainer::new(&model, TrainerConfig { batch_size: 4, ..Default::default() }).unwrap();
-//! let x = Tensor::new(&[4, 3], vec![0.1; 12]).unwrap();
-//! let r = trainer.train_batch(&x, &[0u32, 1, 0, 1]).unwrap();
-//! assert!(r.loss > 0.0 && r.accuracy.is_some());
-//! ```
-//!
-//! Nothing is read back from the device unless asked: [`Trainer::train_step`] queues a step and
-//! returns; [`Trainer::train_batch`] also reads the step's loss and accuracy. Every step adds its
-//! figures to device-side sums, which [`Trainer::take_epoch_metrics`] reads once per epoch.
-//!
-//! [`TrainerConfig::seed`] seeds the dropout masks and the order (and augmentation) in which
-//! `fit` walks its loader; the weights come from the model's own seed.
-//!
-//! Data-parallel training ([`TrainerConfig::data_parallel`], [`Trainer::with_communicator`]):
-//! each process is one rank of a group and trains on its shard of every batch; the parameters
-//! start as rank 0's, each update step all-reduces (averages) the gradients bucket by bucket
-//! during backward (see [`crate::dist`]), and the epoch metrics are summed over the ranks. The
-//! loss that [`Trainer::train_batch`] returns is this rank's own.
+//! The trainer: the training loop around plans that [`crate::exec`] compiles ([`Trainer`]).
 
 use super::config::{GradClip, NonFinite, Optimizer, Problem, ScheduleUnit, TrainerConfig};
 use super::lbfgs::{LbfgsConfig, LbfgsState};
@@ -62,7 +34,35 @@ pub(super) struct DistState {
     options: DataParallel,
 }
 
-/// Trains one model; see the module documentation.
+/// The trainer: the training loop around plans that [`crate::exec`] compiles. It turns the
+/// user's configuration into step descriptions ([`StepDesc`]), feeds batches, advances the
+/// learning-rate schedule and keeps the counts; the executor compiles each step (forward, loss,
+/// backward, clipping, update) into one op list and runs it.
+///
+/// ```
+/// use kiln::model::ModelBuilder;
+/// use kiln::tensor::Tensor;
+/// use kiln::train::{Trainer, TrainerConfig};
+///
+/// let model = ModelBuilder::new(&[4, 3]).dense(8).relu().dense(2).build().unwrap();
+/// let mut trainer = Trainer::new(&model, TrainerConfig { batch_size: 4, ..Default::default() }).unwrap();
+/// let x = Tensor::new(&[4, 3], vec![0.1; 12]).unwrap();
+/// let r = trainer.train_batch(&x, &[0u32, 1, 0, 1]).unwrap();
+/// assert!(r.loss > 0.0 && r.accuracy.is_some());
+/// ```
+///
+/// Nothing is read back from the device unless asked: [`Trainer::train_step`] queues a step and
+/// returns; [`Trainer::train_batch`] also reads the step's loss and accuracy. Every step adds its
+/// figures to device-side sums, which [`Trainer::take_epoch_metrics`] reads once per epoch.
+///
+/// [`TrainerConfig::seed`] seeds the dropout masks and the order (and augmentation) in which
+/// `fit` walks its loader; the weights come from the model's own seed.
+///
+/// Data-parallel training ([`TrainerConfig::data_parallel`], [`Trainer::with_communicator`]):
+/// each process is one rank of a group and trains on its shard of every batch; the parameters
+/// start as rank 0's, each update step all-reduces (averages) the gradients bucket by bucket
+/// during backward (see [`crate::dist`]), and the epoch metrics are summed over the ranks. The
+/// loss that [`Trainer::train_batch`] returns is this rank's own.
 // Fields read and restored by `state.rs` (checkpoints) and used by the loop's other files are
 // `pub(super)`.
 pub struct Trainer {

@@ -12,8 +12,8 @@
 //! denormals-are-zero, PyTorch's `torch.set_flush_denormal(True)`): values below 1.2e-38 become
 //! 0. Without it, an optimizer state that decays into the subnormal range (Adam's second moment
 //! of a rarely-used weight) makes every step up to 1.8 times slower, as each subnormal operation
-//! takes a slow path in the FPU (BENCHMARKS.md). The f64 reference backend keeps IEEE
-//! subnormals.
+//! takes a slow path in the FPU (`examples/step_time.rs` shows it). The f64 reference backend
+//! keeps IEEE subnormals, and `KILN_DENORMALS=keep` keeps them in f32 too.
 
 mod activation;
 mod batch_norm;
@@ -157,7 +157,7 @@ impl<T: Float> CpuBackend<T> {
         if threads == 0 {
             return Err(Error::config("threads", "must be at least 1"));
         }
-        let flush = std::mem::size_of::<T>() == 4;
+        let flush = std::mem::size_of::<T>() == 4 && !std::env::var("KILN_DENORMALS").is_ok_and(|v| v == "keep");
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .start_handler(move |_| {
