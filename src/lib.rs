@@ -10,6 +10,7 @@
 //! | [`data`] | datasets, transforms and the prefetching loader (host batches only) |
 //! | [`train`] | the trainer, losses, optimizers, schedules, metrics, `fit` and its callbacks |
 //! | [`io`] | models and checkpoints in safetensors (PyTorch-compatible), the checkpoint manager |
+//! | [`metrics`] | confusion matrix, per-class precision/recall/F1, ROC and PR curves, AUC, AP |
 //! | [`dist`] | data-parallel training: communicators, rendezvous, gradient buckets, the launcher |
 //! | [`zoo`] | the seed tutorial's architectures, ResNet-18 and an Inception block |
 //!
@@ -54,6 +55,7 @@ pub mod dist;
 pub mod error;
 pub mod exec;
 pub mod io;
+pub mod metrics;
 pub mod model;
 pub mod rng;
 pub mod tensor;

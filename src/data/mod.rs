@@ -55,6 +55,7 @@
 mod buffers;
 mod cifar;
 mod dataset;
+mod digits;
 mod folder;
 mod geometry;
 mod idx;
@@ -66,6 +67,7 @@ mod transforms;
 pub use buffers::{BufferPool, BufferSource};
 pub use cifar::Cifar10;
 pub use dataset::{Dataset, Subset, TensorDataset, split};
+pub use digits::{DIGITS_LEN, digits};
 pub use folder::{Check, ImageFolder, ImageFolderBuilder, OnError, Skipped};
 pub use geometry::{CenterCrop, RandomCrop, RandomRotation, Resize, ResizeMode, rotate};
 pub use idx::{IdxArray, Mnist, Split, read_idx};

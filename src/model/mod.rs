@@ -8,12 +8,14 @@ pub mod lower;
 mod params;
 mod restore;
 pub mod shape;
+pub mod spec;
 mod summary;
 
 pub use builder::{Branch, ModelBuilder, branch};
 pub use layers::{Activation, BatchNorm, Conv2d, GroupNorm, Layer, Linear, Padding, Pool2d};
 pub use lower::Mode;
 pub use params::{ParamRole, ParamSpec};
+pub use spec::{ModelSpec, SpecItem};
 
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
