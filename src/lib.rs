@@ -11,6 +11,7 @@
 //! | [`train`] | the trainer, losses, optimizers, schedules, metrics, `fit` and its callbacks |
 //! | [`io`] | models and checkpoints in safetensors (PyTorch-compatible), the checkpoint manager |
 //! | [`metrics`] | confusion matrix, per-class precision/recall/F1, ROC and PR curves, AUC, AP |
+//! | [`report`] | the self-contained HTML training report with its PNG plots |
 //! | [`dist`] | data-parallel training: communicators, rendezvous, gradient buckets, the launcher |
 //! | [`zoo`] | the seed tutorial's architectures, ResNet-18 and an Inception block |
 //!
@@ -56,6 +57,7 @@ pub mod error;
 pub mod exec;
 pub mod io;
 pub mod metrics;
+pub mod report;
 pub mod model;
 pub mod rng;
 pub mod tensor;

@@ -12,6 +12,7 @@ mod fit;
 mod lbfgs;
 mod loss;
 mod metrics;
+mod progress;
 mod schedule;
 mod state;
 mod trainer;
@@ -23,6 +24,7 @@ pub use callbacks::{Callback, Control, EarlyStopping, Logger, Monitor, format_lo
 pub use config::{GradClip, NonFinite, Optimizer, Problem, ScheduleUnit, TrainerConfig};
 pub use loss::{Loss, Targets};
 pub use metrics::{EpochLog, History, Metrics, StepResult};
+pub use progress::{Progress, ProgressStyle};
 pub use schedule::{Anneal, PlateauMode, Schedule, Scheduler, Warmup};
 pub use state::{StateTensor, TrainerMeta, TrainerState};
 pub use trainer::Trainer;
