@@ -1,5 +1,5 @@
-//! The `kiln` command. `kiln launch` starts the workers of a data-parallel job (see
-//! `kiln::dist::Launch`); it uses the library's public API only.
+//! `kiln launch`: starts the workers of a data-parallel job (see `kiln::dist::Launch`). Its
+//! arguments are parsed here rather than by clap: everything after the program belongs to it.
 //!
 //! ```text
 //! kiln launch --nproc 2 -- target/release/examples/my_training --epochs 3
@@ -69,20 +69,8 @@ fn parse(args: Vec<OsString>) -> Result<Launch, String> {
     Ok(launch)
 }
 
-fn main() -> ExitCode {
-    let mut args = std::env::args_os().skip(1);
-    match args.next().as_ref().and_then(|a| a.to_str()) {
-        Some("launch") => {}
-        Some("-h" | "--help" | "help") => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        other => {
-            eprintln!("kiln: {}\n\n{USAGE}", other.map_or("no command".into(), |c| format!("unknown command '{c}'")));
-            return ExitCode::from(2);
-        }
-    }
-    let rest: Vec<OsString> = args.collect();
+/// Runs `kiln launch` with the arguments after `launch`.
+pub fn main(rest: Vec<OsString>) -> ExitCode {
     if rest.iter().any(|a| a == "-h" || a == "--help") && !rest.iter().any(|a| a == "--") {
         println!("{USAGE}");
         return ExitCode::SUCCESS;
