@@ -14,9 +14,9 @@ pub use plots::Series;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use crate::Result;
 use crate::metrics::Evaluation;
 use crate::train::EpochLog;
-use crate::Result;
 
 /// What a report shows; see the module documentation.
 #[derive(Clone, Debug, Default)]
@@ -102,17 +102,16 @@ pub fn plot_series(r: &Report) -> BTreeMap<String, Vec<Series>> {
             })
             .collect();
         out.insert("roc".into(), roc);
-        let pr = e
-            .pr
-            .iter()
-            .enumerate()
-            .filter_map(|(c, curve)| {
-                curve.as_ref().map(|k| Series {
-                    label: format!("{} (AP {:.3})", name(c), e.average_precision[c].unwrap_or(f64::NAN)),
-                    points: k.recall.iter().copied().zip(k.precision.iter().copied()).collect(),
+        let pr =
+            e.pr.iter()
+                .enumerate()
+                .filter_map(|(c, curve)| {
+                    curve.as_ref().map(|k| Series {
+                        label: format!("{} (AP {:.3})", name(c), e.average_precision[c].unwrap_or(f64::NAN)),
+                        points: k.recall.iter().copied().zip(k.precision.iter().copied()).collect(),
+                    })
                 })
-            })
-            .collect();
+                .collect();
         out.insert("pr".into(), pr);
     }
     out
@@ -127,7 +126,10 @@ impl Report<'_> {
             images.push(("Loss per epoch".into(), plots::line_chart("loss", "epoch", "loss", s, None, false)?));
         }
         if let Some(s) = series.get("accuracy") {
-            images.push(("Accuracy per epoch".into(), plots::line_chart("accuracy", "epoch", "accuracy", s, None, false)?));
+            images.push((
+                "Accuracy per epoch".into(),
+                plots::line_chart("accuracy", "epoch", "accuracy", s, None, false)?,
+            ));
         }
         if let Some(s) = series.get("learning_rate") {
             images.push((
@@ -136,9 +138,9 @@ impl Report<'_> {
             ));
         }
         let names: Vec<String> = match &self.evaluation {
-            Some((e, _)) => {
-                (0..e.confusion.classes).map(|c| self.class_names.get(c).cloned().unwrap_or_else(|| c.to_string())).collect()
-            }
+            Some((e, _)) => (0..e.confusion.classes)
+                .map(|c| self.class_names.get(c).cloned().unwrap_or_else(|| c.to_string()))
+                .collect(),
             None => vec![],
         };
         if let Some((e, _)) = &self.evaluation {
@@ -231,7 +233,9 @@ mod tests {
 
     #[test]
     fn base64_matches_rfc4648_vectors() {
-        for (i, o) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("fooba", "Zm9vYmE=")] {
+        for (i, o) in
+            [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("fooba", "Zm9vYmE=")]
+        {
             assert_eq!(base64(i.as_bytes()), o);
         }
     }
@@ -243,7 +247,8 @@ mod tests {
         let img = image::load_from_memory(&png).unwrap().to_rgb8();
         assert_eq!(img.dimensions(), (640, 400));
         // The caption's glyphs are dark pixels in the top band (the font is drawn).
-        let dark = (0..640).flat_map(|x| (0..30).map(move |y| (x, y))).filter(|&(x, y)| img.get_pixel(x, y)[0] < 100).count();
+        let dark =
+            (0..640).flat_map(|x| (0..30).map(move |y| (x, y))).filter(|&(x, y)| img.get_pixel(x, y)[0] < 100).count();
         assert!(dark > 20, "no text drawn in the caption band ({dark} dark pixels)");
         let names: Vec<String> = (0..3).map(|c| c.to_string()).collect();
         let cm = plots::confusion(&[5, 1, 0, 0, 7, 2, 1, 0, 9], &names).unwrap();

@@ -26,7 +26,12 @@ fn fail(what: &str, e: impl std::fmt::Display) -> Error {
 }
 
 /// Draws with `f` on a `w x h` white canvas and returns the PNG bytes.
-fn png(what: &str, w: u32, h: u32, f: impl FnOnce(DrawingArea<BitMapBackend, plotters::coord::Shift>) -> Result<()>) -> Result<Vec<u8>> {
+fn png(
+    what: &str,
+    w: u32,
+    h: u32,
+    f: impl FnOnce(DrawingArea<BitMapBackend, plotters::coord::Shift>) -> Result<()>,
+) -> Result<Vec<u8>> {
     fonts();
     let mut rgb = vec![255u8; (w * h * 3) as usize];
     {
@@ -62,7 +67,9 @@ fn bounds(series: &[Series]) -> ((f64, f64), (f64, f64)) {
     if !x0.is_finite() {
         return ((0.0, 1.0), (0.0, 1.0));
     }
-    let pad = |a: f64, b: f64| if b - a < 1e-12 { (a - 0.5_f64.max(a.abs() * 0.1), b + 0.5_f64.max(b.abs() * 0.1)) } else { (a, b) };
+    let pad = |a: f64, b: f64| {
+        if b - a < 1e-12 { (a - 0.5_f64.max(a.abs() * 0.1), b + 0.5_f64.max(b.abs() * 0.1)) } else { (a, b) }
+    };
     let (x0, x1) = pad(x0, x1);
     let (y0, y1) = pad(y0, y1);
     let m = (y1 - y0) * 0.05;
@@ -107,7 +114,12 @@ pub fn line_chart(
                     .label(s.label.clone())
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style(i)));
             }
-            chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|e| fail(title, e))?;
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(|e| fail(title, e))?;
         } else {
             let mut chart = b.build_cartesian_2d(x0..x1, y0..y1).map_err(|e| fail(title, e))?;
             chart.configure_mesh().x_desc(x_label).y_desc(y_label).draw().map_err(|e| fail(title, e))?;
@@ -123,7 +135,12 @@ pub fn line_chart(
                         .map_err(|e| fail(title, e))?;
                 }
             }
-            chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|e| fail(title, e))?;
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(|e| fail(title, e))?;
         }
         Ok(())
     })
@@ -140,16 +157,24 @@ pub fn confusion(counts: &[u64], names: &[String]) -> Result<Vec<u8>> {
             .margin(12)
             .x_label_area_size(36)
             .y_label_area_size(48)
-            .build_cartesian_2d(0..k, 0..k)
+            .build_cartesian_2d((0..k).into_segmented(), (0..k).into_segmented())
             .map_err(|e| fail("confusion", e))?;
-        let label = |v: &usize| names.get(*v).cloned().unwrap_or_default();
+        // Segmented axes put each label at its cell's centre; row 0 (the first class) at the top.
+        let x_name = |v: &SegmentValue<usize>| match v {
+            SegmentValue::CenterOf(i) if *i < k => names[*i].clone(),
+            _ => String::new(),
+        };
+        let y_name = |v: &SegmentValue<usize>| match v {
+            SegmentValue::CenterOf(i) if *i < k => names[k - 1 - *i].clone(),
+            _ => String::new(),
+        };
         chart
             .configure_mesh()
             .disable_mesh()
-            .x_labels(k)
-            .y_labels(k)
-            .x_label_formatter(&label)
-            .y_label_formatter(&|v: &usize| names.get(k.saturating_sub(1).saturating_sub(*v)).cloned().unwrap_or_default())
+            .x_labels(k + 1)
+            .y_labels(k + 1)
+            .x_label_formatter(&x_name)
+            .y_label_formatter(&y_name)
             .x_desc("predicted")
             .y_desc("true")
             .draw()
@@ -160,8 +185,12 @@ pub fn confusion(counts: &[u64], names: &[String]) -> Result<Vec<u8>> {
                 let a = v as f64 / max;
                 let colour = RGBColor((255.0 - 225.0 * a) as u8, (255.0 - 160.0 * a) as u8, (255.0 - 60.0 * a) as u8);
                 let row = k - 1 - t;
+                let cell = [
+                    (SegmentValue::Exact(p), SegmentValue::Exact(row)),
+                    (SegmentValue::Exact(p + 1), SegmentValue::Exact(row + 1)),
+                ];
                 chart
-                    .draw_series(std::iter::once(Rectangle::new([(p, row), (p + 1, row + 1)], colour.filled())))
+                    .draw_series(std::iter::once(Rectangle::new(cell, colour.filled())))
                     .map_err(|e| fail("confusion", e))?;
             }
         }
@@ -174,13 +203,16 @@ pub fn confusion(counts: &[u64], names: &[String]) -> Result<Vec<u8>> {
             for p in 0..k {
                 let v = counts[t * k + p];
                 let colour = if (v as f64 / max) > 0.55 { &WHITE } else { &BLACK };
-                let style = ("sans-serif", font_px).into_font().color(colour).pos(plotters::style::text_anchor::Pos::new(
-                    plotters::style::text_anchor::HPos::Center,
-                    plotters::style::text_anchor::VPos::Center,
-                ));
+                let style =
+                    ("sans-serif", font_px).into_font().color(colour).pos(plotters::style::text_anchor::Pos::new(
+                        plotters::style::text_anchor::HPos::Center,
+                        plotters::style::text_anchor::VPos::Center,
+                    ));
                 let at = ((p as f64 + 0.5) * cw) as i32;
                 let y = ((t as f64 + 0.5) * ch) as i32;
-                area.strip_coord_spec().draw(&Text::new(v.to_string(), (at, y), style)).map_err(|e| fail("confusion", e))?;
+                area.strip_coord_spec()
+                    .draw(&Text::new(v.to_string(), (at, y), style))
+                    .map_err(|e| fail("confusion", e))?;
             }
         }
         Ok(())

@@ -29,8 +29,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle as BarStyle};
 use super::callbacks::{Callback, Control, format_log};
 use super::metrics::{EpochLog, Metrics};
 use super::trainer::Trainer;
-use crate::backend::ops::stats;
 use crate::Result;
+use crate::backend::ops::stats;
 
 /// How [`Progress`] reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,7 +119,8 @@ impl Progress {
         self.samples = 0;
         if self.style == ProgressStyle::Bar {
             let bar = ProgressBar::with_draw_target(Some(self.batches as u64), ProgressDrawTarget::stderr_with_hz(8));
-            let template = "epoch {prefix} [{bar:30.cyan/blue}] {pos}/{len} | {elapsed_precise} < {eta_precise} | {msg}";
+            let template =
+                "epoch {prefix} [{bar:30.cyan/blue}] {pos}/{len} | {elapsed_precise} < {eta_precise} | {msg}";
             if let Ok(s) = BarStyle::with_template(template) {
                 bar.set_style(s.progress_chars("=> "));
             }

@@ -162,7 +162,11 @@ fn arc(d: impl Dataset + 'static) -> Arc<dyn Dataset> {
     Arc::new(d)
 }
 
-fn split_off(d: Arc<dyn Dataset>, frac: f64, seed: u64) -> Result<(Arc<dyn Dataset>, Option<Arc<dyn Dataset>>), String> {
+fn split_off(
+    d: Arc<dyn Dataset>,
+    frac: f64,
+    seed: u64,
+) -> Result<(Arc<dyn Dataset>, Option<Arc<dyn Dataset>>), String> {
     if frac <= 0.0 {
         return Ok((d, None));
     }
@@ -191,10 +195,21 @@ pub fn load(src: &DataSource, val_split: f64, seed: u64, image_size: usize) -> R
                 let classes = if src.kind == "mnist" {
                     names(10)
                 } else {
-                    ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-                        .iter()
-                        .map(|s| s.to_string())
-                        .collect()
+                    [
+                        "T-shirt/top",
+                        "Trouser",
+                        "Pullover",
+                        "Dress",
+                        "Coat",
+                        "Sandal",
+                        "Shirt",
+                        "Sneaker",
+                        "Bag",
+                        "Ankle boot",
+                    ]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect()
                 };
                 let pre = Preprocess { input: vec![1, 28, 28], resize: false, mean: vec![mean], std: vec![std] };
                 (arc(tr), Some(arc(te)), classes, pre)

@@ -99,9 +99,7 @@ pub fn resolve(
     } else if Path::new(spec).exists() {
         load_model(Path::new(spec))?.0
     } else {
-        return Err(format!(
-            "--model {spec}: not a zoo name ({ZOO}), a spec file (.toml) or an existing model file"
-        ));
+        return Err(format!("--model {spec}: not a zoo name ({ZOO}), a spec file (.toml) or an existing model file"));
     };
     let got = &model.input_shape()[1..];
     if got != input {

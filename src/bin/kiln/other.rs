@@ -97,7 +97,7 @@ pub fn eval(a: EvalArgs) -> CmdResult {
         println!("{v}");
         return Ok(());
     }
-    println!("{} on {} ({what}, {} images)", path.display(), src.describe(), m.samples);
+    println!("{} on {}: {what}", path.display(), src.describe());
     println!(
         "loss {:.4}  accuracy {:.2}%  top-{} {:.2}%\n",
         m.loss,
@@ -114,7 +114,9 @@ pub fn eval(a: EvalArgs) -> CmdResult {
 }
 
 fn is_image(p: &Path) -> bool {
-    p.extension().and_then(|e| e.to_str()).is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
+    p.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
 }
 
 /// Decodes an image file to CHW 0..=255 values with `channels` channels (grey: torchvision's
@@ -249,9 +251,15 @@ pub fn bench(a: BenchArgs) -> CmdResult {
     println!("model,batch,device,ms_per_step,images_per_s,peak_mib");
     for name in &a.models {
         for &batch in &a.batches {
-            let model = models::zoo(name, batch, 10).map(|b| b.seed(0).build()).transpose().map_err(|e| e.to_string())?;
+            let model =
+                models::zoo(name, batch, 10).map(|b| b.seed(0).build()).transpose().map_err(|e| e.to_string())?;
             let Some(model) = model else { continue };
-            let config = TrainerConfig { batch_size: batch, device: dev, deterministic: !a.nondeterministic, ..Default::default() };
+            let config = TrainerConfig {
+                batch_size: batch,
+                device: dev,
+                deterministic: !a.nondeterministic,
+                ..Default::default()
+            };
             let mut t = match Trainer::new(&model, config) {
                 Ok(t) => t,
                 Err(e) => {
@@ -261,7 +269,8 @@ pub fn bench(a: BenchArgs) -> CmdResult {
             };
             let shape = model.input_shape();
             let mut r = Rng::new(1);
-            let x = Tensor::new(&shape, (0..shape.iter().product()).map(|_| r.normal()).collect()).map_err(|e| e.to_string())?;
+            let x = Tensor::new(&shape, (0..shape.iter().product()).map(|_| r.normal()).collect())
+                .map_err(|e| e.to_string())?;
             let classes: usize = model.output_shape()[1..].iter().product();
             let y: Vec<u32> = (0..batch).map(|_| r.below(classes as u64) as u32).collect();
             let step = |t: &mut Trainer| t.train_step(&x, &y).map_err(|e| e.to_string());

@@ -109,8 +109,9 @@ fn resolve(a: &TrainArgs) -> Result<RunConfig, String> {
     if a.resume {
         let name = a.name.clone().unwrap_or_default();
         let path = a.runs.join(&name).join("config.toml");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| format!("--resume: {}: {e} (no run named '{name}' in {})", path.display(), a.runs.display()))?;
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            format!("--resume: {}: {e} (no run named '{name}' in {})", path.display(), a.runs.display())
+        })?;
         let mut c: RunConfig = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         if let Some(e) = a.epochs {
             c.epochs = e;
@@ -126,10 +127,18 @@ fn resolve(a: &TrainArgs) -> Result<RunConfig, String> {
         Some(n) if n.is_empty() || n.contains(['/', '\\']) || n == "." || n == ".." => {
             return Err(format!("--name '{n}': a run name is a plain folder name"));
         }
+        Some(n) if a.runs.join(n).join("config.toml").exists() => {
+            return Err(format!(
+                "--name {n}: {} already holds a run (add --resume to continue it, or choose another name)",
+                a.runs.join(n).display()
+            ));
+        }
         Some(n) => n.clone(),
         None => new_name(&a.runs, &src.kind),
     };
-    let pos = |flag: &str, v: f64| if v > 0.0 && v.is_finite() { Ok(v) } else { Err(format!("{flag} {v}: must be positive")) };
+    let pos = |flag: &str, v: f64| {
+        if v > 0.0 && v.is_finite() { Ok(v) } else { Err(format!("{flag} {v}: must be positive")) }
+    };
     Ok(RunConfig {
         name,
         data: a.data.clone(),
@@ -182,8 +191,13 @@ pub fn train(a: TrainArgs) -> CmdResult {
     let recipe = data::recipe(&src.kind);
     let loaded = data::load(&src, cfg.val_split, cfg.seed, cfg.image_size)?;
     let classes = loaded.classes.len();
-    let train_loader =
-        data::loader(loaded.train.clone(), cfg.batch, true, cfg.seed, data::train_transform(&loaded.pre, &cfg.augment)?)?;
+    let train_loader = data::loader(
+        loaded.train.clone(),
+        cfg.batch,
+        true,
+        cfg.seed,
+        data::train_transform(&loaded.pre, &cfg.augment)?,
+    )?;
     let val_loader = match &loaded.val {
         Some(v) => Some(data::loader(v.clone(), cfg.batch.max(256), false, cfg.seed, loaded.pre.transform()?)?),
         None => None,
