@@ -158,15 +158,14 @@ pub struct Loaded {
     pub pre: Preprocess,
 }
 
-fn arc(d: impl Dataset + 'static) -> Arc<dyn Dataset> {
+/// A shared dataset.
+type Set = Arc<dyn Dataset>;
+
+fn arc(d: impl Dataset + 'static) -> Set {
     Arc::new(d)
 }
 
-fn split_off(
-    d: Arc<dyn Dataset>,
-    frac: f64,
-    seed: u64,
-) -> Result<(Arc<dyn Dataset>, Option<Arc<dyn Dataset>>), String> {
+fn split_off(d: Set, frac: f64, seed: u64) -> Result<(Set, Option<Set>), String> {
     if frac <= 0.0 {
         return Ok((d, None));
     }
@@ -181,63 +180,62 @@ pub fn load(src: &DataSource, val_split: f64, seed: u64, image_size: usize) -> R
     let ctx = |e: kiln::Error| format!("--data {}: {e}", src.describe());
     let dir = src.dir.clone().unwrap_or_default();
     let names = |n: usize| (0..n).map(|c| c.to_string()).collect::<Vec<_>>();
-    let (train, test, classes, pre): (Arc<dyn Dataset>, Option<Arc<dyn Dataset>>, Vec<String>, Preprocess) =
-        match src.kind.as_str() {
-            "digits" => {
-                let d = digits().map_err(ctx)?;
-                let pre = Preprocess { input: vec![1, 8, 8], resize: false, mean: vec![0.305], std: vec![0.376] };
-                (arc(d), None, names(10), pre)
-            }
-            "mnist" | "fashion" => {
-                let open = |s| if src.kind == "mnist" { Mnist::new(&dir, s) } else { Mnist::fashion(&dir, s) };
-                let (tr, te) = (open(Split::Train).map_err(ctx)?, open(Split::Test).map_err(ctx)?);
-                let (mean, std) = if src.kind == "mnist" { (0.1307, 0.3081) } else { (0.2860, 0.3530) };
-                let classes = if src.kind == "mnist" {
-                    names(10)
-                } else {
-                    [
-                        "T-shirt/top",
-                        "Trouser",
-                        "Pullover",
-                        "Dress",
-                        "Coat",
-                        "Sandal",
-                        "Shirt",
-                        "Sneaker",
-                        "Bag",
-                        "Ankle boot",
-                    ]
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect()
-                };
-                let pre = Preprocess { input: vec![1, 28, 28], resize: false, mean: vec![mean], std: vec![std] };
-                (arc(tr), Some(arc(te)), classes, pre)
-            }
-            "cifar10" => {
-                let tr = kiln::data::Cifar10::new(&dir, Split::Train).map_err(ctx)?;
-                let te = kiln::data::Cifar10::new(&dir, Split::Test).map_err(ctx)?;
-                let classes = tr.classes().map(<[String]>::to_vec).unwrap_or_else(|| names(10));
-                let pre = Preprocess {
-                    input: vec![3, 32, 32],
-                    resize: false,
-                    mean: vec![0.4914, 0.4822, 0.4465],
-                    std: vec![0.2470, 0.2435, 0.2616],
-                };
-                (arc(tr), Some(arc(te)), classes, pre)
-            }
-            _ => {
-                let f = ImageFolder::builder(&dir).channels(3).build().map_err(ctx)?;
-                let classes = f.classes().map(<[String]>::to_vec).unwrap_or_default();
-                let pre = Preprocess {
-                    input: vec![3, image_size, image_size],
-                    resize: true,
-                    mean: vec![0.5; 3],
-                    std: vec![0.5; 3],
-                };
-                (arc(f), None, classes, pre)
-            }
-        };
+    let (train, test, classes, pre): (Set, Option<Set>, Vec<String>, Preprocess) = match src.kind.as_str() {
+        "digits" => {
+            let d = digits().map_err(ctx)?;
+            let pre = Preprocess { input: vec![1, 8, 8], resize: false, mean: vec![0.305], std: vec![0.376] };
+            (arc(d), None, names(10), pre)
+        }
+        "mnist" | "fashion" => {
+            let open = |s| if src.kind == "mnist" { Mnist::new(&dir, s) } else { Mnist::fashion(&dir, s) };
+            let (tr, te) = (open(Split::Train).map_err(ctx)?, open(Split::Test).map_err(ctx)?);
+            let (mean, std) = if src.kind == "mnist" { (0.1307, 0.3081) } else { (0.2860, 0.3530) };
+            let classes = if src.kind == "mnist" {
+                names(10)
+            } else {
+                [
+                    "T-shirt/top",
+                    "Trouser",
+                    "Pullover",
+                    "Dress",
+                    "Coat",
+                    "Sandal",
+                    "Shirt",
+                    "Sneaker",
+                    "Bag",
+                    "Ankle boot",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+            };
+            let pre = Preprocess { input: vec![1, 28, 28], resize: false, mean: vec![mean], std: vec![std] };
+            (arc(tr), Some(arc(te)), classes, pre)
+        }
+        "cifar10" => {
+            let tr = kiln::data::Cifar10::new(&dir, Split::Train).map_err(ctx)?;
+            let te = kiln::data::Cifar10::new(&dir, Split::Test).map_err(ctx)?;
+            let classes = tr.classes().map(<[String]>::to_vec).unwrap_or_else(|| names(10));
+            let pre = Preprocess {
+                input: vec![3, 32, 32],
+                resize: false,
+                mean: vec![0.4914, 0.4822, 0.4465],
+                std: vec![0.2470, 0.2435, 0.2616],
+            };
+            (arc(tr), Some(arc(te)), classes, pre)
+        }
+        _ => {
+            let f = ImageFolder::builder(&dir).channels(3).build().map_err(ctx)?;
+            let classes = f.classes().map(<[String]>::to_vec).unwrap_or_default();
+            let pre = Preprocess {
+                input: vec![3, image_size, image_size],
+                resize: true,
+                mean: vec![0.5; 3],
+                std: vec![0.5; 3],
+            };
+            (arc(f), None, classes, pre)
+        }
+    };
     if !(0.0..1.0).contains(&val_split) {
         return Err(format!("--val-split {val_split}: expected a fraction in [0, 1)"));
     }
