@@ -30,7 +30,6 @@ use super::callbacks::{Callback, Control, format_log};
 use super::metrics::{EpochLog, Metrics};
 use super::trainer::Trainer;
 use crate::Result;
-use crate::backend::ops::stats;
 
 /// How [`Progress`] reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -202,15 +201,6 @@ impl Trainer {
     /// Loss and accuracy of the training batches of the open epoch so far (one device read; the
     /// sums are not cleared). In data-parallel training, this rank's own.
     pub fn running_metrics(&mut self) -> Result<Metrics> {
-        let s = self.exec.backend_mut().read(self.train_stats)?;
-        let (samples, scored) = (s[stats::SUM_SAMPLES], s[stats::SUM_SCORED]);
-        let classification = self.config.problem == super::config::Problem::Classification;
-        Ok(Metrics {
-            loss: if samples > 0.0 { s[stats::SUM_LOSS] / samples } else { 0.0 },
-            accuracy: (classification && scored > 0.0).then(|| s[stats::SUM_CORRECT] / scored),
-            top_k_accuracy: None,
-            top_k: self.config.top_k,
-            samples: samples as usize,
-        })
+        self.read_metrics(crate::exec::Sums::Train, false)
     }
 }
