@@ -44,6 +44,7 @@
 //! (`out_features`, `bias`), `flatten`, `reshape` (`shape`), `relu`, `leaky_relu` (`slope` 0.01),
 //! `elu` (`alpha` 1), `sigmoid`, `tanh`, `silu`/`swish`, `gelu`, `softmax` (`axis` -1),
 //! `dropout` (`rate`), `batch_norm` (`eps`, `momentum`, `affine`, `track_running_stats`),
+//! `group_norm` (`groups`, `eps` 1e-5, `affine` true),
 //! `max_pool2d`/`avg_pool2d` (`kernel`, `stride` = kernel, `padding` 0, `count_include_pad`),
 //! `global_avg_pool`, `residual` (`main`, `shortcut`), `concat` (`branches`).
 
@@ -55,7 +56,7 @@ use toml::de::{DeTable, DeValue};
 
 use super::Model;
 use super::builder::ModelBuilder;
-use super::layers::{Activation, BatchNorm, Conv2d, Layer, Linear, Padding, Pool2d};
+use super::layers::{Activation, BatchNorm, Conv2d, GroupNorm, Layer, Linear, Padding, Pool2d};
 use crate::{Error, Result};
 
 /// Largest value a size option may have in a spec (as in model files).
@@ -246,7 +247,7 @@ impl<'a, 'i> Fields<'a, 'i> {
 }
 
 const LAYER_TYPES: &str = "conv2d, dense, linear, flatten, reshape, relu, leaky_relu, elu, sigmoid, tanh, silu, \
-                           swish, gelu, softmax, dropout, batch_norm, max_pool2d, avg_pool2d, global_avg_pool, \
+                           swish, gelu, softmax, dropout, batch_norm, group_norm, max_pool2d, avg_pool2d, global_avg_pool, \
                            residual, concat";
 
 /// The fields of each layer type (besides `type` and `name`); `None` for an unknown type.
@@ -261,6 +262,7 @@ fn fields_of(ty: &str) -> Option<&'static [&'static str]> {
         "softmax" => &["axis"],
         "dropout" => &["rate"],
         "batch_norm" => &["eps", "momentum", "affine", "track_running_stats"],
+        "group_norm" => &["groups", "eps", "affine"],
         "max_pool2d" => &["kernel", "stride", "padding"],
         "avg_pool2d" => &["kernel", "stride", "padding", "count_include_pad"],
         "residual" => &["main", "shortcut"],
@@ -361,6 +363,14 @@ fn parse_item(ctx: &Ctx, v: &Value, where_: &str) -> Result<SpecItem> {
                 track_running_stats: f.bool_or("track_running_stats", d.track_running_stats)?,
             };
             (Layer::BatchNorm(bn), vec!["eps", "momentum", "affine", "track_running_stats"])
+        }
+        "group_norm" => {
+            let gn = GroupNorm {
+                groups: f.size("groups", 1)?,
+                eps: f.float_or("eps", 1e-5)?,
+                affine: f.bool_or("affine", true)?,
+            };
+            (Layer::GroupNorm(gn), vec!["groups", "eps", "affine"])
         }
         "max_pool2d" | "avg_pool2d" => {
             let kernel = f.pair("kernel", 1)?;
@@ -615,6 +625,11 @@ fn layer_table(name: &str, layer: &Layer) -> Result<toml::Table> {
             put("affine", toml::Value::Boolean(bn.affine));
             put("track_running_stats", toml::Value::Boolean(bn.track_running_stats));
         }
+        Layer::GroupNorm(g) => {
+            put("groups", int(g.groups));
+            put("eps", float(g.eps));
+            put("affine", toml::Value::Boolean(g.affine));
+        }
         Layer::MaxPool2d(p) | Layer::AvgPool2d(p) => {
             put("kernel", pair(p.kernel));
             put("stride", pair(p.stride));
@@ -753,6 +768,12 @@ mod tests {
         roundtrip(&zoo::inception_block(2, 10).build().unwrap());
         roundtrip(&zoo::mnist_cnn(4).build().unwrap());
         roundtrip(&zoo::advanced_cnn(4).build().unwrap());
+        let gn = crate::model::ModelBuilder::new(&[2, 4, 8, 8])
+            .layer(Layer::GroupNorm(GroupNorm { groups: 2, eps: 1e-3, affine: false }))
+            .dense(3)
+            .build()
+            .unwrap();
+        roundtrip(&gn);
     }
 
     #[test]
