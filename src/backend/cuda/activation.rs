@@ -4,15 +4,20 @@
 //! two agree to a few ulps.
 
 use super::CudaBackend;
-use super::driver::Args;
 use super::nvrtc::ModuleSrc;
 use crate::Result;
 use crate::backend::ops;
 use crate::backend::ops::ActFn;
 
+kernels! {
+    act_forward(f: int, p: float, x: (const float*), y: (float*), n: i64);
+    act_backward(f: int, p: float, x: (const float*), y: (const float*), dy: (const float*), dx: (float*), n: i64, acc: int);
+}
+
 pub(super) const MODULE: ModuleSrc = ModuleSrc {
     name: "activation",
-    kernels: &["act_forward", "act_backward"],
+    kernels: KERNELS,
+    prototypes,
     source: r#"
 __device__ __forceinline__ float sigmoid_(float x) {
     if (x >= 0.f) return 1.f / (1.f + expf(-x));
@@ -80,22 +85,23 @@ impl CudaBackend {
     pub(super) fn act_forward(&mut self, o: &ops::Act) -> Result<()> {
         let ops::Act { f, len, x, y, .. } = *o;
         let (c, p) = code(f);
-        let args = Args::new().i32(c).f32(p).ptr(self.ptr(x)).ptr(self.ptr(y)).i64(len);
-        self.launch_elems("act_forward", len, &args)
+        let args = act_forward { f: c, p, x: self.ptr(x), y: self.ptr(y), n: len };
+        self.launch_elems(len, &args)
     }
 
     pub(super) fn act_backward(&mut self, o: &ops::ActBackward) -> Result<()> {
         let ops::ActBackward { f, len, x, y, dy, dx, .. } = *o;
         let (c, p) = code(f);
-        let args = Args::new()
-            .i32(c)
-            .f32(p)
-            .ptr(self.ptr(x))
-            .ptr(self.ptr(y))
-            .ptr(self.ptr(dy))
-            .ptr(self.ptr(dx.buf))
-            .i64(len)
-            .i32(dx.accumulate as i32);
-        self.launch_elems("act_backward", len, &args)
+        let args = act_backward {
+            f: c,
+            p,
+            x: self.ptr(x),
+            y: self.ptr(y),
+            dy: self.ptr(dy),
+            dx: self.ptr(dx.buf),
+            n: len,
+            acc: dx.accumulate as i32,
+        };
+        self.launch_elems(len, &args)
     }
 }

@@ -9,7 +9,6 @@
 //! f32 precision.
 
 use super::CudaBackend;
-use super::driver::Args;
 use super::nvrtc::ModuleSrc;
 use crate::Result;
 use crate::backend::ops;
@@ -26,9 +25,19 @@ pub(super) fn segments(g: &BnGeom, sms: usize) -> (usize, usize) {
     (g.n.div_ceil(per), per)
 }
 
+kernels! {
+    bn_partial(x: (const float*), dy: (const float*), mean: (const float*), invstd: (const float*), part: (double*), n: i64, c: i64, hw: i64, per: i64, mode: int);
+    bn_finalize(part: (const double*), segs: int, mean: (float*), invstd: (float*), rmean: (float*), rvar: (float*), gamma: (const float*), beta: (const float*), coef: (float*), c: i64, m: i64, eps: float, momentum: float);
+    bn_apply(x: (const float*), coef: (const float*), y: (float*), total: i64, c: i64, hw: i64);
+    bn_infer_forward(x: (const float*), gamma: (const float*), beta: (const float*), rmean: (const float*), rvar: (const float*), y: (float*), n: i64, c: i64, hw: i64, eps: float);
+    bn_finalize_grad(part: (const double*), segs: int, sums: (double*), dgamma: (float*), dbeta: (float*), acc_dgamma: int, acc_dbeta: int, c: i64);
+    bn_apply_grad(x: (const float*), gamma: (const float*), mean: (const float*), invstd: (const float*), dy: (const float*), sums: (const double*), dx: (float*), total: i64, c: i64, hw: i64, m: i64, acc: int);
+}
+
 pub(super) const MODULE: ModuleSrc = ModuleSrc {
     name: "batch_norm",
-    kernels: &["bn_partial", "bn_finalize", "bn_apply", "bn_infer_forward", "bn_finalize_grad", "bn_apply_grad"],
+    kernels: KERNELS,
+    prototypes,
     source: r#"
 // Block (s, ch) sums f(x) and g(x) over samples [s*per, min(n, (s+1)*per)) of channel ch:
 // mode 0: x and x^2 (forward); mode 1: dy and dy * (x - mean) * invstd (backward).
@@ -151,43 +160,46 @@ impl CudaBackend {
             None => (0, 0, 0.0),
         };
         let xp = self.ptr(x);
-        let part = Args::new().ptr(xp).ptr(0).ptr(0).ptr(0).ptr(scratch).i64(g.n).i64(g.c).i64(g.hw).i64(per).i32(0);
-        self.launch_grid("bn_partial", (segs as u32, g.c as u32), BN_THREADS, &part)?;
-        let fin = Args::new()
-            .ptr(scratch)
-            .i32(segs as i32)
-            .ptr(self.ptr(mean))
-            .ptr(self.ptr(invstd))
-            .ptr(rm)
-            .ptr(rv)
-            .ptr(self.opt_ptr(gamma))
-            .ptr(self.opt_ptr(beta))
-            .ptr(coef)
-            .i64(g.c)
-            .i64(g.n * g.hw)
-            .f32(g.eps)
-            .f32(momentum);
-        self.launch_elems("bn_finalize", g.c, &fin)?;
+        let part =
+            bn_partial { x: xp, dy: 0, mean: 0, invstd: 0, part: scratch, n: g.n, c: g.c, hw: g.hw, per, mode: 0 };
+        self.launch_grid((segs as u32, g.c as u32), BN_THREADS, &part)?;
+        let fin = bn_finalize {
+            part: scratch,
+            segs: segs as i32,
+            mean: self.ptr(mean),
+            invstd: self.ptr(invstd),
+            rmean: rm,
+            rvar: rv,
+            gamma: self.opt_ptr(gamma),
+            beta: self.opt_ptr(beta),
+            coef,
+            c: g.c,
+            m: g.n * g.hw,
+            eps: g.eps,
+            momentum,
+        };
+        self.launch_elems(g.c, &fin)?;
         let total = g.n * g.c * g.hw;
-        let apply = Args::new().ptr(xp).ptr(coef).ptr(self.ptr(y)).i64(total).i64(g.c).i64(g.hw);
-        self.launch_elems("bn_apply", total, &apply)
+        let apply = bn_apply { x: xp, coef, y: self.ptr(y), total, c: g.c, hw: g.hw };
+        self.launch_elems(total, &apply)
     }
 
     pub(super) fn bn_infer_forward(&mut self, o: &ops::BatchNormInfer) -> Result<()> {
         let ops::BatchNormInfer { x, gamma, beta, running_mean, running_var, y, .. } = *o;
         let g = &o.g;
-        let args = Args::new()
-            .ptr(self.ptr(x))
-            .ptr(self.opt_ptr(gamma))
-            .ptr(self.opt_ptr(beta))
-            .ptr(self.ptr(running_mean))
-            .ptr(self.ptr(running_var))
-            .ptr(self.ptr(y))
-            .i64(g.n)
-            .i64(g.c)
-            .i64(g.hw)
-            .f32(g.eps);
-        self.launch_elems("bn_infer_forward", g.n * g.c * g.hw, &args)
+        let args = bn_infer_forward {
+            x: self.ptr(x),
+            gamma: self.opt_ptr(gamma),
+            beta: self.opt_ptr(beta),
+            rmean: self.ptr(running_mean),
+            rvar: self.ptr(running_var),
+            y: self.ptr(y),
+            n: g.n,
+            c: g.c,
+            hw: g.hw,
+            eps: g.eps,
+        };
+        self.launch_elems(g.n * g.c * g.hw, &args)
     }
 
     pub(super) fn bn_backward(&mut self, o: &ops::BatchNormBackward) -> Result<()> {
@@ -199,29 +211,39 @@ impl CudaBackend {
         let sums = scratch + part_bytes as u64;
         let (xp, mp, ip, dyp) = (self.ptr(x), self.ptr(mean), self.ptr(invstd), self.ptr(dy));
         let part =
-            Args::new().ptr(xp).ptr(dyp).ptr(mp).ptr(ip).ptr(scratch).i64(g.n).i64(g.c).i64(g.hw).i64(per).i32(1);
-        self.launch_grid("bn_partial", (segs as u32, g.c as u32), BN_THREADS, &part)?;
+            bn_partial { x: xp, dy: dyp, mean: mp, invstd: ip, part: scratch, n: g.n, c: g.c, hw: g.hw, per, mode: 1 };
+        self.launch_grid((segs as u32, g.c as u32), BN_THREADS, &part)?;
         let grad = |o: Option<GradOut>| o.map(|d| (self.ptr(d.buf), d.accumulate as i32)).unwrap_or((0, 0));
         let (dgp, dga) = grad(dgamma);
         let (dbp, dba) = grad(dbeta);
-        let fin = Args::new().ptr(scratch).i32(segs as i32).ptr(sums).ptr(dgp).ptr(dbp).i32(dga).i32(dba).i64(g.c);
-        self.launch_elems("bn_finalize_grad", g.c, &fin)?;
+        let fin = bn_finalize_grad {
+            part: scratch,
+            segs: segs as i32,
+            sums,
+            dgamma: dgp,
+            dbeta: dbp,
+            acc_dgamma: dga,
+            acc_dbeta: dba,
+            c: g.c,
+        };
+        self.launch_elems(g.c, &fin)?;
         if let Some(d) = dx {
             let total = g.n * g.c * g.hw;
-            let args = Args::new()
-                .ptr(xp)
-                .ptr(self.opt_ptr(gamma))
-                .ptr(mp)
-                .ptr(ip)
-                .ptr(dyp)
-                .ptr(sums)
-                .ptr(self.ptr(d.buf))
-                .i64(total)
-                .i64(g.c)
-                .i64(g.hw)
-                .i64(g.n * g.hw)
-                .i32(d.accumulate as i32);
-            self.launch_elems("bn_apply_grad", total, &args)?;
+            let args = bn_apply_grad {
+                x: xp,
+                gamma: self.opt_ptr(gamma),
+                mean: mp,
+                invstd: ip,
+                dy: dyp,
+                sums,
+                dx: self.ptr(d.buf),
+                total,
+                c: g.c,
+                hw: g.hw,
+                m: g.n * g.hw,
+                acc: d.accumulate as i32,
+            };
+            self.launch_elems(total, &args)?;
         }
         Ok(())
     }

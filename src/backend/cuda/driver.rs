@@ -199,6 +199,11 @@ impl Args {
         self.slots.push(v as u32 as u64);
         self
     }
+    /// An `unsigned int`.
+    pub fn u32(mut self, v: u32) -> Self {
+        self.slots.push(v as u64);
+        self
+    }
     /// A `float`.
     pub fn f32(mut self, v: f32) -> Self {
         self.slots.push(v.to_bits() as u64);
@@ -213,6 +218,11 @@ impl Args {
     pub fn u64(mut self, v: u64) -> Self {
         self.slots.push(v);
         self
+    }
+    /// The packed argument slots (for tests of the launchers).
+    #[cfg(test)]
+    pub fn slots(&self) -> &[u64] {
+        &self.slots
     }
     fn pointers(&self) -> Vec<*mut c_void> {
         self.slots.iter().map(|s| s as *const u64 as *mut c_void).collect()

@@ -9,14 +9,21 @@
 //! `philox_test` exists for the unit test that compares this Philox with the Rust one.
 
 use super::CudaBackend;
-use super::driver::Args;
 use super::nvrtc::ModuleSrc;
 use crate::backend::ops;
 use crate::{Error, Result};
 
+kernels! {
+    dropout_forward(x: (const float*), y: (float*), mask: (float*), n: i64, rate: float, scale: float, seed: u64, counter: (const u64*));
+    dropout_backward(mask: (const float*), dy: (const float*), dx: (float*), n: i64, acc: int);
+    counter_increment(counter: (u64*));
+    philox_test(cin: (const unsigned*), cout: (unsigned*), n: i64, k0: unsigned, k1: unsigned);
+}
+
 pub(super) const MODULE: ModuleSrc = ModuleSrc {
     name: "dropout",
-    kernels: &["dropout_forward", "dropout_backward", "counter_increment", "philox_test"],
+    kernels: KERNELS,
+    prototypes,
     source: r#"
 // Philox 4x32-10, as crate::rng::philox4x32.
 __device__ __forceinline__ uint4 philox4x32(uint4 c, uint2 k) {
@@ -60,10 +67,10 @@ extern "C" __global__ void dropout_backward(const float* mask, const float* dy, 
 extern "C" __global__ void counter_increment(u64* counter) { *counter += 1; }
 
 // in: n counters (4 words each); out: n results (4 words each); one key for all.
-extern "C" __global__ void philox_test(const unsigned* in, unsigned* out, i64 n, unsigned k0, unsigned k1) {
+extern "C" __global__ void philox_test(const unsigned* cin, unsigned* cout, i64 n, unsigned k0, unsigned k1) {
     GRID_LOOP(i, n) {
-        uint4 r = philox4x32(make_uint4(in[4 * i], in[4 * i + 1], in[4 * i + 2], in[4 * i + 3]), make_uint2(k0, k1));
-        out[4 * i] = r.x; out[4 * i + 1] = r.y; out[4 * i + 2] = r.z; out[4 * i + 3] = r.w;
+        uint4 r = philox4x32(make_uint4(cin[4 * i], cin[4 * i + 1], cin[4 * i + 2], cin[4 * i + 3]), make_uint2(k0, k1));
+        cout[4 * i] = r.x; cout[4 * i + 1] = r.y; cout[4 * i + 2] = r.z; cout[4 * i + 3] = r.w;
     }
 }
 "#,
@@ -75,24 +82,30 @@ impl CudaBackend {
         // The scale exactly as the CPU computes it (in f32).
         let scale = 1.0f32 / (1.0 - rate);
         let ctr = self.mem.counter_ptr(counter.0)?;
-        let args = Args::new()
-            .ptr(self.ptr(x))
-            .ptr(self.ptr(y))
-            .ptr(self.ptr(mask))
-            .i64(len)
-            .f32(rate)
-            .f32(scale)
-            .u64(seed)
-            .ptr(ctr);
-        self.launch_elems("dropout_forward", len.div_ceil(4), &args)?;
-        self.launch_blocks("counter_increment", 1, 1, 0, &Args::new().ptr(ctr))
+        let args = dropout_forward {
+            x: self.ptr(x),
+            y: self.ptr(y),
+            mask: self.ptr(mask),
+            n: len,
+            rate,
+            scale,
+            seed,
+            counter: ctr,
+        };
+        self.launch_elems(len.div_ceil(4), &args)?;
+        self.launch_blocks(1, 1, 0, &counter_increment { counter: ctr })
     }
 
     pub(super) fn dropout_backward(&mut self, o: &ops::DropoutBackward) -> Result<()> {
         let ops::DropoutBackward { len, mask, dy, dx, .. } = *o;
-        let args =
-            Args::new().ptr(self.ptr(mask)).ptr(self.ptr(dy)).ptr(self.ptr(dx.buf)).i64(len).i32(dx.accumulate as i32);
-        self.launch_elems("dropout_backward", len, &args)
+        let args = dropout_backward {
+            mask: self.ptr(mask),
+            dy: self.ptr(dy),
+            dx: self.ptr(dx.buf),
+            n: len,
+            acc: dx.accumulate as i32,
+        };
+        self.launch_elems(len, &args)
     }
 
     /// Runs the device's Philox 4x32-10 on each `(counter, key)` pair; for checking it against
@@ -116,8 +129,8 @@ impl CudaBackend {
         let run = (|| -> Result<Vec<[u32; 4]>> {
             let raw: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
             self.mem.upload(&self.gpu, dev_in, &raw)?;
-            let args = Args::new().ptr(dev_in).ptr(dev_out).i64(n).u64(key[0] as u64).u64(key[1] as u64);
-            self.launch_elems("philox_test", n, &args)?;
+            let args = philox_test { cin: dev_in, cout: dev_out, n, k0: key[0], k1: key[1] };
+            self.launch_elems(n, &args)?;
             let mut out = vec![0u8; bytes];
             self.mem.download(&self.gpu, dev_out, &mut out)?;
             let w: Vec<u32> = out.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();

@@ -4,7 +4,6 @@
 //! for convolutions, per-column sum for dense layers). As `backend/cpu/join.rs`.
 
 use super::CudaBackend;
-use super::driver::Args;
 use super::nvrtc::ModuleSrc;
 use crate::Result;
 use crate::backend::ops;
@@ -16,9 +15,20 @@ const ADD_FAN_IN: usize = 8;
 /// Threads per block of the per-channel reduction.
 const SUM_THREADS: u32 = 256;
 
+kernels! {
+    add_n(y: (float*), n: i64, count: int, acc: int, a0: (const float*), a1: (const float*), a2: (const float*), a3: (const float*), a4: (const float*), a5: (const float*), a6: (const float*), a7: (const float*));
+    strided_copy(src: (const float*), dst: (float*), rows: i64, len: i64, src_stride: i64, src_off: i64, dst_stride: i64, dst_off: i64, acc: int);
+    copy_or_add(src: (const float*), dst: (float*), n: i64, acc: int);
+    fill(dst: (float*), n: i64, v: float);
+    bias_add(y: (float*), b: (const float*), total: i64, k: i64, hw: i64);
+    channel_sum(dy: (const float*), db: (float*), n: i64, k: i64, hw: i64, acc: int);
+    column_sum(dy: (const float*), db: (float*), m: i64, n: i64, acc: int);
+}
+
 pub(super) const MODULE: ModuleSrc = ModuleSrc {
     name: "join",
-    kernels: &["add_n", "strided_copy", "copy_or_add", "fill", "bias_add", "channel_sum", "column_sum"],
+    kernels: KERNELS,
+    prototypes,
     source: r#"
 // y = a0 + a1 + ... (count inputs, added left to right), or y += a0 + ... when acc.
 extern "C" __global__ void add_n(float* y, i64 n, int count, int acc, const float* a0, const float* a1,
@@ -80,11 +90,22 @@ impl CudaBackend {
         let ops::Add { len, y, .. } = *o;
         let inputs = &o.inputs;
         for (i, chunk) in inputs.chunks(ADD_FAN_IN).enumerate() {
-            let mut args = Args::new().ptr(self.ptr(y)).i64(len).i32(chunk.len() as i32).i32((i > 0) as i32);
-            for k in 0..ADD_FAN_IN {
-                args = args.ptr(chunk.get(k).map(|b| self.ptr(*b)).unwrap_or(0));
-            }
-            self.launch_elems("add_n", len, &args)?;
+            let a = |k: usize| chunk.get(k).map(|b| self.ptr(*b)).unwrap_or(0);
+            let args = add_n {
+                y: self.ptr(y),
+                n: len,
+                count: chunk.len() as i32,
+                acc: (i > 0) as i32,
+                a0: a(0),
+                a1: a(1),
+                a2: a(2),
+                a3: a(3),
+                a4: a(4),
+                a5: a(5),
+                a6: a(6),
+                a7: a(7),
+            };
+            self.launch_elems(len, &args)?;
         }
         Ok(())
     }
@@ -98,17 +119,18 @@ impl CudaBackend {
         rows: usize,
         len: usize,
     ) -> Result<()> {
-        let args = Args::new()
-            .ptr(self.ptr(src))
-            .ptr(self.ptr(dst.buf))
-            .i64(rows)
-            .i64(len)
-            .i64(src_stride)
-            .i64(src_off)
-            .i64(dst_stride)
-            .i64(dst_off)
-            .i32(dst.accumulate as i32);
-        self.launch_elems("strided_copy", rows * len, &args)
+        let args = strided_copy {
+            src: self.ptr(src),
+            dst: self.ptr(dst.buf),
+            rows,
+            len,
+            src_stride,
+            src_off,
+            dst_stride,
+            dst_off,
+            acc: dst.accumulate as i32,
+        };
+        self.launch_elems(rows * len, &args)
     }
 
     pub(super) fn concat(&mut self, o: &ops::Concat) -> Result<()> {
@@ -144,31 +166,31 @@ impl CudaBackend {
 
     pub(super) fn grad_into(&mut self, o: &ops::GradInto) -> Result<()> {
         let ops::GradInto { len, src, dst, .. } = *o;
-        let args = Args::new().ptr(self.ptr(src)).ptr(self.ptr(dst.buf)).i64(len).i32(dst.accumulate as i32);
-        self.launch_elems("copy_or_add", len, &args)
+        let args = copy_or_add { src: self.ptr(src), dst: self.ptr(dst.buf), n: len, acc: dst.accumulate as i32 };
+        self.launch_elems(len, &args)
     }
 
     pub(super) fn fill(&mut self, o: &ops::Fill) -> Result<()> {
         let ops::Fill { len, buf, value, .. } = *o;
-        let args = Args::new().ptr(self.ptr(buf)).i64(len).f32(value);
-        self.launch_elems("fill", len, &args)
+        let args = fill { dst: self.ptr(buf), n: len, v: value };
+        self.launch_elems(len, &args)
     }
 
     /// `y[n, k, hw] += b[k]` (convolution bias).
     pub(super) fn bias_add(&mut self, y: BufId, b: BufId, n: usize, k: usize, hw: usize) -> Result<()> {
-        let args = Args::new().ptr(self.ptr(y)).ptr(self.ptr(b)).i64(n * k * hw).i64(k).i64(hw);
-        self.launch_elems("bias_add", n * k * hw, &args)
+        let args = bias_add { y: self.ptr(y), b: self.ptr(b), total: n * k * hw, k, hw };
+        self.launch_elems(n * k * hw, &args)
     }
 
     /// `db[k] (+)= sum over n, hw of dy[n, k, hw]` (convolution bias gradient).
     pub(super) fn channel_sum(&mut self, dy: BufId, db: GradOut, n: usize, k: usize, hw: usize) -> Result<()> {
-        let args = Args::new().ptr(self.ptr(dy)).ptr(self.ptr(db.buf)).i64(n).i64(k).i64(hw).i32(db.accumulate as i32);
-        self.launch_blocks("channel_sum", k as u32, SUM_THREADS, SUM_THREADS * 8, &args)
+        let args = channel_sum { dy: self.ptr(dy), db: self.ptr(db.buf), n, k, hw, acc: db.accumulate as i32 };
+        self.launch_blocks(k as u32, SUM_THREADS, SUM_THREADS * 8, &args)
     }
 
     /// `db[j] (+)= sum over rows of dy[m, n]` (dense bias gradient, where the epilogue can't).
     pub(super) fn column_sum(&mut self, dy: BufId, db: GradOut, m: usize, n: usize) -> Result<()> {
-        let args = Args::new().ptr(self.ptr(dy)).ptr(self.ptr(db.buf)).i64(m).i64(n).i32(db.accumulate as i32);
-        self.launch_elems("column_sum", n, &args)
+        let args = column_sum { dy: self.ptr(dy), db: self.ptr(db.buf), m, n, acc: db.accumulate as i32 };
+        self.launch_elems(n, &args)
     }
 }

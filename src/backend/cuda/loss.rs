@@ -3,7 +3,6 @@
 //! match the CPU reference (`backend/cpu/loss.rs`, whose formulas these are, line for line).
 
 use super::CudaBackend;
-use super::driver::Args;
 use super::nvrtc::ModuleSrc;
 use crate::Result;
 use crate::backend::ops;
@@ -12,9 +11,14 @@ use crate::backend::ops::{LossFn, Scoring};
 /// Threads of the single loss block.
 const THREADS: u32 = 256;
 
+kernels! {
+    loss_forward_backward(f: int, p: float, class_targets: int, scoring: int, top_k: int, logits: int, n: i64, c: i64, pred: (const float*), target: (const float*), stats: (float*), dpred: (float*), scale: float);
+}
+
 pub(super) const MODULE: ModuleSrc = ModuleSrc {
     name: "loss",
-    kernels: &["loss_forward_backward"],
+    kernels: KERNELS,
+    prototypes,
     source: r#"
 __device__ __forceinline__ double clampd(double v, double lo, double hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
@@ -134,20 +138,21 @@ impl CudaBackend {
             Scoring::ArgMax { top_k } => (1, top_k, false),
             Scoring::Binary { logits } => (2, 0, logits),
         };
-        let args = Args::new()
-            .i32(code)
-            .f32(p)
-            .i32(class_targets as i32)
-            .i32(sc)
-            .i32(top_k as i32)
-            .i32(logits as i32)
-            .i64(n)
-            .i64(c)
-            .ptr(self.ptr(pred))
-            .ptr(self.ptr(target))
-            .ptr(self.ptr(stats))
-            .ptr(self.opt_ptr(dpred))
-            .f32(grad_scale);
-        self.launch_blocks("loss_forward_backward", 1, THREADS, 0, &args)
+        let args = loss_forward_backward {
+            f: code,
+            p,
+            class_targets: class_targets as i32,
+            scoring: sc,
+            top_k: top_k as i32,
+            logits: logits as i32,
+            n,
+            c,
+            pred: self.ptr(pred),
+            target: self.ptr(target),
+            stats: self.ptr(stats),
+            dpred: self.opt_ptr(dpred),
+            scale: grad_scale,
+        };
+        self.launch_blocks(1, THREADS, 0, &args)
     }
 }

@@ -21,6 +21,8 @@
 //! and replays); `KILN_CACHE_DIR` sets the kernel cache folder; `KILN_CUDA_LIBRARY_PATH` adds
 //! folders to search for the libraries.
 
+#[macro_use]
+mod nvrtc;
 mod activation;
 mod batch_norm;
 mod conv2d;
@@ -34,7 +36,6 @@ mod loader;
 mod loss;
 mod memory;
 mod nccl;
-mod nvrtc;
 mod optimizer;
 mod pool2d;
 mod softmax;
@@ -49,8 +50,9 @@ use super::Backend;
 use super::ops::{BufId, CounterId, Op};
 use crate::backend::Communicator;
 use crate::{Error, Result};
-use driver::{Args, Event, Gpu};
+use driver::{Event, Gpu};
 use memory::DeviceMemory;
+use nvrtc::Kernel;
 
 pub use nccl::{NcclCommunicator, nccl_version};
 pub use nvrtc::default_cache_dir;
@@ -231,11 +233,11 @@ impl CudaBackend {
     }
 
     /// Launches a 2-D grid of `block`-thread blocks.
-    fn launch_grid(&self, name: &str, grid: (u32, u32), block: u32, args: &Args) -> Result<()> {
+    fn launch_grid<K: Kernel>(&self, grid: (u32, u32), block: u32, k: &K) -> Result<()> {
         if grid.0 == 0 || grid.1 == 0 {
             return Ok(());
         }
-        self.gpu.launch_2d(self.func(name)?, grid, block, 0, args)
+        self.gpu.launch_2d(self.func(K::NAME)?, grid, block, 0, &k.args())
     }
 
     fn ptr(&self, b: BufId) -> sys::CUdeviceptr {
@@ -252,19 +254,19 @@ impl CudaBackend {
 
     /// Launches a grid-stride kernel over `n` items: 256 threads a block, at most 32 blocks per
     /// multiprocessor (enough to fill it; more only adds scheduling).
-    fn launch_elems(&self, name: &str, n: usize, args: &Args) -> Result<()> {
+    fn launch_elems<K: Kernel>(&self, n: usize, k: &K) -> Result<()> {
         if n == 0 {
             return Ok(());
         }
         let grid = n.div_ceil(256).min(self.gpu.sm_count as usize * 32) as u32;
-        self.gpu.launch(self.func(name)?, grid, 256, 0, args)
+        self.gpu.launch(self.func(K::NAME)?, grid, 256, 0, &k.args())
     }
 
-    fn launch_blocks(&self, name: &str, grid: u32, block: u32, shared: u32, args: &Args) -> Result<()> {
+    fn launch_blocks<K: Kernel>(&self, grid: u32, block: u32, shared: u32, k: &K) -> Result<()> {
         if grid == 0 {
             return Ok(());
         }
-        self.gpu.launch(self.func(name)?, grid, block, shared, args)
+        self.gpu.launch(self.func(K::NAME)?, grid, block, shared, &k.args())
     }
 
     /// Queues one op.

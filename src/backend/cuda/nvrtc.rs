@@ -38,11 +38,172 @@ pub(crate) fn check_rtc(call: &str, r: rtc_sys::nvrtcResult) -> Result<()> {
     Err(Error::DeviceCall { call: call.to_string(), status })
 }
 
-/// One CUDA C source and the kernels it defines.
+/// The C spelling of a kernel argument type of [`kernels!`].
+macro_rules! c_type {
+    (int) => {
+        "int"
+    };
+    (unsigned) => {
+        "unsigned"
+    };
+    (i64) => {
+        "i64"
+    };
+    (u64) => {
+        "u64"
+    };
+    (float) => {
+        "float"
+    };
+    (double) => {
+        "double"
+    };
+    ((const float*)) => {
+        "const float*"
+    };
+    ((float*)) => {
+        "float*"
+    };
+    ((const double*)) => {
+        "const double*"
+    };
+    ((double*)) => {
+        "double*"
+    };
+    ((const unsigned*)) => {
+        "const unsigned*"
+    };
+    ((unsigned*)) => {
+        "unsigned*"
+    };
+    ((u64*)) => {
+        "u64*"
+    };
+    ((const u64*)) => {
+        "const u64*"
+    };
+}
+
+/// The Rust type a launcher takes for a kernel argument type of [`kernels!`]: `i64` (sizes and
+/// offsets, never negative) is a `usize`; every pointer a device address.
+macro_rules! rust_type {
+    (int) => {
+        i32
+    };
+    (unsigned) => {
+        u32
+    };
+    (i64) => {
+        usize
+    };
+    (u64) => {
+        u64
+    };
+    (float) => {
+        f32
+    };
+    (double) => {
+        f64
+    };
+    (($($p:tt)*)) => {
+        cudarc::driver::sys::CUdeviceptr
+    };
+}
+
+/// How a launcher passes an argument of a [`kernels!`] type.
+macro_rules! push_arg {
+    ($args:expr, int, $v:expr) => {
+        $args.i32($v)
+    };
+    ($args:expr, unsigned, $v:expr) => {
+        $args.u32($v)
+    };
+    ($args:expr, i64, $v:expr) => {
+        $args.i64($v)
+    };
+    ($args:expr, u64, $v:expr) => {
+        $args.u64($v)
+    };
+    ($args:expr, float, $v:expr) => {
+        $args.f32($v)
+    };
+    ($args:expr, double, $v:expr) => {
+        $args.f64($v)
+    };
+    ($args:expr, ($($p:tt)*), $v:expr) => {
+        $args.ptr($v)
+    };
+}
+
+/// Declares a module's kernels once, each with its name and typed argument list, and makes:
+/// - a launcher struct per kernel (named as the kernel; one field per argument, of the Rust
+///   type for its C type), whose [`Kernel::args`] packs the arguments in declaration order, so
+///   a launch that misses an argument or gives one the wrong type does not compile;
+/// - `KERNELS`, the names to look up after loading, and `prototypes()`, the C declarations
+///   appended to the module's source, so NVRTC refuses a definition whose parameters differ
+///   from the declaration (a C function cannot be declared twice with different parameters).
+macro_rules! kernels {
+    ($($name:ident($($arg:ident: $t:tt),* $(,)?);)*) => {
+        $(
+            #[allow(non_camel_case_types)]
+            #[derive(Clone, Copy, Debug)]
+            pub(super) struct $name {
+                $(pub $arg: rust_type!($t),)*
+            }
+
+            impl $crate::backend::cuda::nvrtc::Kernel for $name {
+                const NAME: &'static str = stringify!($name);
+                fn args(&self) -> $crate::backend::cuda::driver::Args {
+                    let a = $crate::backend::cuda::driver::Args::new();
+                    $(let a = push_arg!(a, $t, self.$arg);)*
+                    a
+                }
+            }
+        )*
+
+        /// The names of this module's kernels.
+        pub(super) const KERNELS: &[&str] = &[$(stringify!($name)),*];
+
+        /// The C declarations of this module's kernels, as [`kernels!`] declared them.
+        pub(super) fn prototypes() -> String {
+            let mut s = String::new();
+            $(
+                let params: &[&str] = &[$(concat!(c_type!($t), " ", stringify!($arg))),*];
+                s += &format!("extern \"C\" __global__ void {}({});\n", stringify!($name), params.join(", "));
+            )*
+            s
+        }
+    };
+}
+
+/// A kernel launch's name and arguments, made by a launcher struct of [`kernels!`].
+pub(crate) trait Kernel {
+    /// The kernel's name in its module.
+    const NAME: &'static str;
+    /// The arguments, packed in the order of the C definition.
+    fn args(&self) -> super::driver::Args;
+}
+
+/// One CUDA C source and the kernels it defines (declared with [`kernels!`]).
 pub(crate) struct ModuleSrc {
     pub name: &'static str,
     pub source: &'static str,
     pub kernels: &'static [&'static str],
+    /// The C declarations of `kernels`, compiled after `source` so that a definition whose
+    /// parameters differ from its declaration does not compile.
+    pub prototypes: fn() -> String,
+}
+
+impl ModuleSrc {
+    /// The whole text NVRTC compiles: the prelude, the source, the declarations.
+    fn full_source(&self) -> String {
+        format!(
+            "{}\n{}\n// Declarations from kernels! (checked against the definitions above)\n{}",
+            prelude(),
+            self.source,
+            (self.prototypes)()
+        )
+    }
 }
 
 /// A loaded module and its kernel handles.
@@ -136,13 +297,7 @@ impl Compiler {
     fn cache_path(&self, m: &ModuleSrc) -> Option<PathBuf> {
         let opts = self.options().join(" ");
         let version = format!("{}.{}", self.version.0, self.version.1);
-        let h = fnv1a(&[
-            prelude().as_bytes(),
-            m.source.as_bytes(),
-            self.arch.as_bytes(),
-            version.as_bytes(),
-            opts.as_bytes(),
-        ]);
+        let h = fnv1a(&[m.full_source().as_bytes(), self.arch.as_bytes(), version.as_bytes(), opts.as_bytes()]);
         self.cache_dir.as_ref().map(|d| d.join(format!("{}-{h:016x}.cubin", m.name)))
     }
 
@@ -214,7 +369,7 @@ impl Compiler {
 
 /// Compiles one module to a cubin; a compile error carries NVRTC's log.
 fn compile(m: &ModuleSrc, opts: &[String]) -> Result<Vec<u8>> {
-    let src = CString::new(format!("{}\n{}", prelude(), m.source))
+    let src = CString::new(m.full_source())
         .map_err(|_| Error::State(format!("kernel source {} holds a NUL byte", m.name)))?;
     let name = CString::new(format!("{}.cu", m.name)).expect("module names have no NUL");
     let copts: Vec<CString> = opts.iter().map(|o| CString::new(o.as_str()).expect("options have no NUL")).collect();
@@ -285,6 +440,31 @@ mod tests {
                 assert!(text.contains(k), "{}: kernel {k} missing from the cubin", m.name);
             }
         }
+    }
+
+    kernels! {
+        typed_probe(x: (float*), n: i64, v: float);
+    }
+
+    /// The declarations `kernels!` makes are checked against the definitions: a definition whose
+    /// parameters differ from its declaration does not compile, and one that matches does.
+    #[test]
+    fn a_kernel_defined_with_other_parameters_than_declared_does_not_compile() {
+        if let Err(e) = super::super::loader::ensure_one("nvrtc") {
+            println!("skipped: {e}");
+            return;
+        }
+        assert_eq!(KERNELS, ["typed_probe"]);
+        assert!(prototypes().contains("void typed_probe(float* x, i64 n, float v);"), "{}", prototypes());
+        let opts: Vec<String> = ["--gpu-architecture=sm_90", "--std=c++17"].map(String::from).to_vec();
+        let module = |source: &'static str| ModuleSrc { name: "typed_probe", source, kernels: KERNELS, prototypes };
+        let good = "extern \"C\" __global__ void typed_probe(float* x, i64 n, float v) { if (n) x[0] = v; }";
+        compile(&module(good), &opts).unwrap_or_else(|e| panic!("{e}"));
+        let bad = "extern \"C\" __global__ void typed_probe(float* x, int n, float v) { if (n) x[0] = v; }";
+        let e = compile(&module(bad), &opts).expect_err("a mismatched definition compiled");
+        assert!(e.to_string().contains("typed_probe"), "{e}");
+        // The launcher packs the arguments in declaration order, each in its own slot.
+        assert_eq!(typed_probe { x: 7, n: 3, v: 1.5 }.args().slots(), [7, 3, 1.5f32.to_bits() as u64]);
     }
 
     #[test]

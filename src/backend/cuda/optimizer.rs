@@ -10,28 +10,30 @@
 //! coefficient.
 
 use super::CudaBackend;
-use super::driver::Args;
 use super::nvrtc::ModuleSrc;
 use crate::Result;
 use crate::backend::ops;
 use crate::backend::ops::OptRule;
 
+kernels! {
+    opt_begin(step: (u64*), scalars: (float*), hyper: (const float*), md: float, guard: (const float*));
+    opt_sgd(w: (float*), g: (const float*), buf: (float*), n: i64, hyper: (const float*), step: (const u64*), damp: float, nesterov: int, wd: float, guard: (const float*));
+    opt_adam(w: (float*), g: (const float*), m: (float*), v: (float*), vmax: (float*), n: i64, hyper: (const float*), step: (const u64*), beta2: float, eps: float, wd: float, decoupled: int, guard: (const float*));
+    opt_rmsprop(w: (float*), g: (const float*), sq: (float*), buf: (float*), ga: (float*), n: i64, hyper: (const float*), alpha: float, eps: float, wd: float, guard: (const float*));
+    opt_adagrad(w: (float*), g: (const float*), sum: (float*), n: i64, hyper: (const float*), step: (const u64*), lr_decay: float, eps: float, wd: float, guard: (const float*));
+    opt_adadelta(w: (float*), g: (const float*), sq: (float*), acc: (float*), n: i64, hyper: (const float*), rho: float, eps: float, wd: float, guard: (const float*));
+    opt_nadam(w: (float*), g: (const float*), m: (float*), v: (float*), n: i64, hyper: (const float*), step: (const u64*), scalars: (const float*), beta2: float, eps: float, wd: float, md: float, guard: (const float*));
+    sumsq_partial(g: (const float*), n: i64, slots: (double*));
+    sum_slots(slots: (const double*), count: i64, acc: (double*));
+    clip_scale(g: (float*), n: i64, acc: (const double*), max_norm: float, norm_out: (float*));
+    clip_value(g: (float*), n: i64, clip: float);
+    check_finite(stats: (const float*), acc: (const double*), g: (float*), sticky: int);
+}
+
 pub(super) const MODULE: ModuleSrc = ModuleSrc {
     name: "optimizer",
-    kernels: &[
-        "opt_begin",
-        "opt_sgd",
-        "opt_adam",
-        "opt_rmsprop",
-        "opt_adagrad",
-        "opt_adadelta",
-        "opt_nadam",
-        "sumsq_partial",
-        "sum_slots",
-        "clip_scale",
-        "clip_value",
-        "check_finite",
-    ],
+    kernels: KERNELS,
+    prototypes,
     source: r#"
 // Whether a CheckFinite guard says this step's update is skipped (no guard: never).
 #define SKIPPED(guard) ((guard) != 0 && (guard)[GUARD_SKIP] != 0.f)
@@ -234,89 +236,99 @@ impl CudaBackend {
             OptRule::NAdam { momentum_decay, .. } => momentum_decay,
             _ => -1.0,
         };
-        self.launch_blocks("opt_begin", 1, 32, 0, &Args::new().ptr(step_ptr).ptr(sc).ptr(h).f32(md).ptr(guard))?;
+        self.launch_blocks(1, 32, 0, &opt_begin { step: step_ptr, scalars: sc, hyper: h, md, guard })?;
         for p in params {
             let (w, g, n) = (self.ptr(p.value), self.ptr(p.grad), p.len);
             let st = |k: usize| p.state.get(k).map(|&b| self.ptr(b)).unwrap_or(0);
-            let (name, args) = match rule {
-                OptRule::Sgd { dampening, nesterov, weight_decay } => (
-                    "opt_sgd",
-                    Args::new()
-                        .ptr(w)
-                        .ptr(g)
-                        .ptr(st(0))
-                        .i64(n)
-                        .ptr(h)
-                        .ptr(step_ptr)
-                        .f32(dampening)
-                        .i32(nesterov as i32)
-                        .f32(weight_decay),
-                ),
-                OptRule::Adam { beta2, eps, weight_decay, decoupled, .. } => (
-                    "opt_adam",
-                    Args::new()
-                        .ptr(w)
-                        .ptr(g)
-                        .ptr(st(0))
-                        .ptr(st(1))
-                        .ptr(st(2))
-                        .i64(n)
-                        .ptr(h)
-                        .ptr(step_ptr)
-                        .f32(beta2)
-                        .f32(eps)
-                        .f32(weight_decay)
-                        .i32(decoupled as i32),
-                ),
-                OptRule::RmsProp { alpha, eps, weight_decay, .. } => (
-                    "opt_rmsprop",
-                    Args::new()
-                        .ptr(w)
-                        .ptr(g)
-                        .ptr(st(0))
-                        .ptr(st(1))
-                        .ptr(st(2))
-                        .i64(n)
-                        .ptr(h)
-                        .f32(alpha)
-                        .f32(eps)
-                        .f32(weight_decay),
-                ),
-                OptRule::Adagrad { lr_decay, eps, weight_decay } => (
-                    "opt_adagrad",
-                    Args::new()
-                        .ptr(w)
-                        .ptr(g)
-                        .ptr(st(0))
-                        .i64(n)
-                        .ptr(h)
-                        .ptr(step_ptr)
-                        .f32(lr_decay)
-                        .f32(eps)
-                        .f32(weight_decay),
-                ),
-                OptRule::Adadelta { rho, eps, weight_decay } => (
-                    "opt_adadelta",
-                    Args::new().ptr(w).ptr(g).ptr(st(0)).ptr(st(1)).i64(n).ptr(h).f32(rho).f32(eps).f32(weight_decay),
-                ),
-                OptRule::NAdam { beta2, eps, weight_decay, momentum_decay } => (
-                    "opt_nadam",
-                    Args::new()
-                        .ptr(w)
-                        .ptr(g)
-                        .ptr(st(0))
-                        .ptr(st(1))
-                        .i64(n)
-                        .ptr(h)
-                        .ptr(step_ptr)
-                        .ptr(sc)
-                        .f32(beta2)
-                        .f32(eps)
-                        .f32(weight_decay)
-                        .f32(momentum_decay),
-                ),
-            };
-            self.launch_elems(name, n, &args.ptr(guard))?;
+            match rule {
+                OptRule::Sgd { dampening, nesterov, weight_decay } => {
+                    let k = opt_sgd {
+                        w,
+                        g,
+                        buf: st(0),
+                        n,
+                        hyper: h,
+                        step: step_ptr,
+                        damp: dampening,
+                        nesterov: nesterov as i32,
+                        wd: weight_decay,
+                        guard,
+                    };
+                    self.launch_elems(n, &k)?
+                }
+                OptRule::Adam { beta2, eps, weight_decay, decoupled, .. } => {
+                    let k = opt_adam {
+                        w,
+                        g,
+                        m: st(0),
+                        v: st(1),
+                        vmax: st(2),
+                        n,
+                        hyper: h,
+                        step: step_ptr,
+                        beta2,
+                        eps,
+                        wd: weight_decay,
+                        decoupled: decoupled as i32,
+                        guard,
+                    };
+                    self.launch_elems(n, &k)?
+                }
+                OptRule::RmsProp { alpha, eps, weight_decay, .. } => {
+                    let k = opt_rmsprop {
+                        w,
+                        g,
+                        sq: st(0),
+                        buf: st(1),
+                        ga: st(2),
+                        n,
+                        hyper: h,
+                        alpha,
+                        eps,
+                        wd: weight_decay,
+                        guard,
+                    };
+                    self.launch_elems(n, &k)?
+                }
+                OptRule::Adagrad { lr_decay, eps, weight_decay } => {
+                    let k = opt_adagrad {
+                        w,
+                        g,
+                        sum: st(0),
+                        n,
+                        hyper: h,
+                        step: step_ptr,
+                        lr_decay,
+                        eps,
+                        wd: weight_decay,
+                        guard,
+                    };
+                    self.launch_elems(n, &k)?
+                }
+                OptRule::Adadelta { rho, eps, weight_decay } => {
+                    let k =
+                        opt_adadelta { w, g, sq: st(0), acc: st(1), n, hyper: h, rho, eps, wd: weight_decay, guard };
+                    self.launch_elems(n, &k)?
+                }
+                OptRule::NAdam { beta2, eps, weight_decay, momentum_decay } => {
+                    let k = opt_nadam {
+                        w,
+                        g,
+                        m: st(0),
+                        v: st(1),
+                        n,
+                        hyper: h,
+                        step: step_ptr,
+                        scalars: sc,
+                        beta2,
+                        eps,
+                        wd: weight_decay,
+                        md: momentum_decay,
+                        guard,
+                    };
+                    self.launch_elems(n, &k)?
+                }
+            }
         }
         Ok(())
     }
@@ -329,13 +341,13 @@ impl CudaBackend {
         let acc = self.op_scratch(8 * (1 + SLOTS * grads.len().max(1)))?;
         let slots = acc + 8;
         for (k, &(g, n)) in grads.iter().enumerate() {
-            let args = Args::new().ptr(self.ptr(g)).i64(n).ptr(slots + (8 * SLOTS * k) as u64);
-            self.launch_blocks("sumsq_partial", SLOTS as u32, 256, 0, &args)?;
+            let args = sumsq_partial { g: self.ptr(g), n, slots: slots + (8 * SLOTS * k) as u64 };
+            self.launch_blocks(SLOTS as u32, 256, 0, &args)?;
         }
         let count = SLOTS * grads.len();
-        self.launch_blocks("sum_slots", 1, 256, 0, &Args::new().ptr(slots).i64(count).ptr(acc))?;
-        let args = Args::new().ptr(self.ptr(stats)).ptr(acc).ptr(self.ptr(guard)).i32(sticky as i32);
-        self.launch_blocks("check_finite", 1, 32, 0, &args)
+        self.launch_blocks(1, 256, 0, &sum_slots { slots, count, acc })?;
+        let args = check_finite { stats: self.ptr(stats), acc, g: self.ptr(guard), sticky: sticky as i32 };
+        self.launch_blocks(1, 32, 0, &args)
     }
 
     pub(super) fn clip_grad_norm(&mut self, o: &ops::ClipGradNorm) -> Result<()> {
@@ -345,14 +357,14 @@ impl CudaBackend {
         let acc = self.op_scratch(8 * (1 + SLOTS * grads.len()))?;
         let slots = acc + 8;
         for (k, &(g, n)) in grads.iter().enumerate() {
-            let args = Args::new().ptr(self.ptr(g)).i64(n).ptr(slots + (8 * SLOTS * k) as u64);
-            self.launch_blocks("sumsq_partial", SLOTS as u32, 256, 0, &args)?;
+            let args = sumsq_partial { g: self.ptr(g), n, slots: slots + (8 * SLOTS * k) as u64 };
+            self.launch_blocks(SLOTS as u32, 256, 0, &args)?;
         }
         let count = SLOTS * grads.len();
-        self.launch_blocks("sum_slots", 1, 256, 0, &Args::new().ptr(slots).i64(count).ptr(acc))?;
+        self.launch_blocks(1, 256, 0, &sum_slots { slots, count, acc })?;
         for (k, &(g, n)) in grads.iter().enumerate() {
             let out = if k == 0 { self.ptr(norm) } else { 0 };
-            self.launch_elems("clip_scale", n, &Args::new().ptr(self.ptr(g)).i64(n).ptr(acc).f32(max_norm).ptr(out))?;
+            self.launch_elems(n, &clip_scale { g: self.ptr(g), n, acc, max_norm, norm_out: out })?;
         }
         Ok(())
     }
@@ -360,7 +372,7 @@ impl CudaBackend {
     pub(super) fn clip_grad_value(&mut self, o: &ops::ClipGradValue) -> Result<()> {
         let ops::ClipGradValue { ref grads, clip } = *o;
         for &(g, n) in grads {
-            self.launch_elems("clip_value", n, &Args::new().ptr(self.ptr(g)).i64(n).f32(clip))?;
+            self.launch_elems(n, &clip_value { g: self.ptr(g), n, clip })?;
         }
         Ok(())
     }

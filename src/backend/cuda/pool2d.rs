@@ -8,15 +8,21 @@
 //! results match the CPU bit for bit.
 
 use super::CudaBackend;
-use super::driver::Args;
 use super::nvrtc::ModuleSrc;
 use crate::Result;
 use crate::backend::ops;
-use crate::backend::ops::PoolGeom;
+
+kernels! {
+    max_pool_forward(x: (const float*), y: (float*), argmax: (float*), planes: i64, h: i64, w: i64, kh: i64, kw: i64, sh: i64, sw: i64, ph: i64, pw: i64, oh: i64, ow: i64);
+    max_pool_backward(argmax: (const float*), dy: (const float*), dx: (float*), planes: i64, h: i64, w: i64, kh: i64, kw: i64, sh: i64, sw: i64, ph: i64, pw: i64, oh: i64, ow: i64, acc: int);
+    avg_pool_forward(x: (const float*), y: (float*), planes: i64, h: i64, w: i64, kh: i64, kw: i64, sh: i64, sw: i64, ph: i64, pw: i64, oh: i64, ow: i64, cip: int);
+    avg_pool_backward(dy: (const float*), dx: (float*), planes: i64, h: i64, w: i64, kh: i64, kw: i64, sh: i64, sw: i64, ph: i64, pw: i64, oh: i64, ow: i64, cip: int, acc: int);
+}
 
 pub(super) const MODULE: ModuleSrc = ModuleSrc {
     name: "pool2d",
-    kernels: &["max_pool_forward", "max_pool_backward", "avg_pool_forward", "avg_pool_backward"],
+    kernels: KERNELS,
+    prototypes,
     source: r#"
 // The geometry, in the order PoolGeom lists it (n and c folded into the plane count).
 #define POOL_ARGS i64 planes, i64 h, i64 w, i64 kh, i64 kw, i64 sh, i64 sw, i64 ph, i64 pw, i64 oh, i64 ow
@@ -112,50 +118,63 @@ extern "C" __global__ void avg_pool_backward(const float* dy, float* dx, POOL_AR
 "#,
 };
 
-/// The geometry arguments shared by every pooling kernel.
-fn geom(args: Args, g: &PoolGeom) -> Args {
-    args.i64(g.n * g.c)
-        .i64(g.h)
-        .i64(g.w)
-        .i64(g.kh)
-        .i64(g.kw)
-        .i64(g.sh)
-        .i64(g.sw)
-        .i64(g.ph)
-        .i64(g.pw)
-        .i64(g.oh)
-        .i64(g.ow)
+/// A pooling kernel's launcher: the given arguments plus the geometry every pooling kernel takes
+/// (`POOL_ARGS`).
+macro_rules! pool {
+    ($k:ident, $g:expr, { $($f:ident: $v:expr),* $(,)? }) => {
+        $k {
+            $($f: $v,)*
+            planes: $g.n * $g.c,
+            h: $g.h,
+            w: $g.w,
+            kh: $g.kh,
+            kw: $g.kw,
+            sh: $g.sh,
+            sw: $g.sw,
+            ph: $g.ph,
+            pw: $g.pw,
+            oh: $g.oh,
+            ow: $g.ow,
+        }
+    };
 }
 
 impl CudaBackend {
     pub(super) fn max_pool_forward(&mut self, o: &ops::MaxPool) -> Result<()> {
         let ops::MaxPool { x, y, argmax, .. } = *o;
         let g = &o.g;
-        let args = geom(Args::new().ptr(self.ptr(x)).ptr(self.ptr(y)).ptr(self.ptr(argmax)), g);
-        self.launch_elems("max_pool_forward", g.output_len(), &args)
+        let args = pool!(max_pool_forward, g, { x: self.ptr(x), y: self.ptr(y), argmax: self.ptr(argmax) });
+        self.launch_elems(g.output_len(), &args)
     }
 
     pub(super) fn max_pool_backward(&mut self, o: &ops::MaxPoolBackward) -> Result<()> {
         let ops::MaxPoolBackward { argmax, dy, dx, .. } = *o;
         let g = &o.g;
-        let args = geom(Args::new().ptr(self.ptr(argmax)).ptr(self.ptr(dy)).ptr(self.ptr(dx.buf)), g)
-            .i32(dx.accumulate as i32);
-        self.launch_elems("max_pool_backward", g.input_len(), &args)
+        let args = pool!(max_pool_backward, g, {
+            argmax: self.ptr(argmax),
+            dy: self.ptr(dy),
+            dx: self.ptr(dx.buf),
+            acc: dx.accumulate as i32,
+        });
+        self.launch_elems(g.input_len(), &args)
     }
 
     pub(super) fn avg_pool_forward(&mut self, o: &ops::AvgPool) -> Result<()> {
         let ops::AvgPool { count_include_pad, x, y, .. } = *o;
         let g = &o.g;
-        let args = geom(Args::new().ptr(self.ptr(x)).ptr(self.ptr(y)), g).i32(count_include_pad as i32);
-        self.launch_elems("avg_pool_forward", g.output_len(), &args)
+        let args = pool!(avg_pool_forward, g, { x: self.ptr(x), y: self.ptr(y), cip: count_include_pad as i32 });
+        self.launch_elems(g.output_len(), &args)
     }
 
     pub(super) fn avg_pool_backward(&mut self, o: &ops::AvgPoolBackward) -> Result<()> {
         let ops::AvgPoolBackward { count_include_pad, dy, dx, .. } = *o;
         let g = &o.g;
-        let args = geom(Args::new().ptr(self.ptr(dy)).ptr(self.ptr(dx.buf)), g)
-            .i32(count_include_pad as i32)
-            .i32(dx.accumulate as i32);
-        self.launch_elems("avg_pool_backward", g.input_len(), &args)
+        let args = pool!(avg_pool_backward, g, {
+            dy: self.ptr(dy),
+            dx: self.ptr(dx.buf),
+            cip: count_include_pad as i32,
+            acc: dx.accumulate as i32,
+        });
+        self.launch_elems(g.input_len(), &args)
     }
 }

@@ -8,14 +8,21 @@
 //! values). Both reduce in a fixed order, so results are the same run to run.
 
 use super::CudaBackend;
-use super::driver::Args;
 use super::nvrtc::ModuleSrc;
 use crate::Result;
 use crate::backend::ops;
 
+kernels! {
+    softmax_cols(x: (const float*), y: (float*), outer: i64, dim: i64, inner: i64);
+    softmax_rows(x: (const float*), y: (float*), rows: i64, dim: i64);
+    softmax_backward_cols(y: (const float*), dy: (const float*), dx: (float*), outer: i64, dim: i64, inner: i64, acc: int);
+    softmax_backward_rows(y: (const float*), dy: (const float*), dx: (float*), rows: i64, dim: i64, acc: int);
+}
+
 pub(super) const MODULE: ModuleSrc = ModuleSrc {
     name: "softmax",
-    kernels: &["softmax_cols", "softmax_rows", "softmax_backward_cols", "softmax_backward_rows"],
+    kernels: KERNELS,
+    prototypes,
     source: r#"
 __device__ __forceinline__ float max_nan(float m, float v) { return (v > m || isnan(v)) ? v : m; }
 
@@ -92,22 +99,22 @@ impl CudaBackend {
     pub(super) fn softmax_forward(&mut self, o: &ops::Softmax) -> Result<()> {
         let ops::Softmax { outer, dim, inner, x, y, .. } = *o;
         if inner == 1 {
-            let args = Args::new().ptr(self.ptr(x)).ptr(self.ptr(y)).i64(outer).i64(dim);
-            self.launch_elems("softmax_rows", outer * 32, &args)
+            let args = softmax_rows { x: self.ptr(x), y: self.ptr(y), rows: outer, dim };
+            self.launch_elems(outer * 32, &args)
         } else {
-            let args = Args::new().ptr(self.ptr(x)).ptr(self.ptr(y)).i64(outer).i64(dim).i64(inner);
-            self.launch_elems("softmax_cols", outer * inner, &args)
+            let args = softmax_cols { x: self.ptr(x), y: self.ptr(y), outer, dim, inner };
+            self.launch_elems(outer * inner, &args)
         }
     }
 
     pub(super) fn softmax_backward(&mut self, o: &ops::SoftmaxBackward) -> Result<()> {
         let ops::SoftmaxBackward { outer, dim, inner, y, dy, dx, .. } = *o;
         let acc = dx.accumulate as i32;
-        let args = Args::new().ptr(self.ptr(y)).ptr(self.ptr(dy)).ptr(self.ptr(dx.buf)).i64(outer).i64(dim);
+        let (y, dy, dx) = (self.ptr(y), self.ptr(dy), self.ptr(dx.buf));
         if inner == 1 {
-            self.launch_elems("softmax_backward_rows", outer * 32, &args.i32(acc))
+            self.launch_elems(outer * 32, &softmax_backward_rows { y, dy, dx, rows: outer, dim, acc })
         } else {
-            self.launch_elems("softmax_backward_cols", outer * inner, &args.i64(inner).i32(acc))
+            self.launch_elems(outer * inner, &softmax_backward_cols { y, dy, dx, outer, dim, inner, acc })
         }
     }
 }

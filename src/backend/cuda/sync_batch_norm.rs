@@ -10,16 +10,23 @@
 //! additions.
 
 use super::CudaBackend;
-use super::batch_norm::{BN_THREADS, segments};
-use super::driver::Args;
+use super::batch_norm::{BN_THREADS, bn_apply, bn_finalize_grad, bn_partial, segments};
 use super::nvrtc::ModuleSrc;
 use crate::Result;
 use crate::backend::ops;
 use crate::backend::ops::GradOut;
 
+kernels! {
+    bn_sync_totals(part: (const double*), segs: int, totals: (double*), c: i64, count: double);
+    bn_sync_finalize(totals: (const double*), mean: (float*), invstd: (float*), rmean: (float*), rvar: (float*), gamma: (const float*), beta: (const float*), coef: (float*), c: i64, eps: float, momentum: float);
+    bn_sync_put(p: (double*), v: double);
+    bn_sync_apply_grad(x: (const float*), gamma: (const float*), mean: (const float*), invstd: (const float*), dy: (const float*), sums: (const double*), dx: (float*), total: i64, c: i64, hw: i64, acc: int);
+}
+
 pub(super) const MODULE: ModuleSrc = ModuleSrc {
     name: "sync_batch_norm",
-    kernels: &["bn_sync_totals", "bn_sync_finalize", "bn_sync_put", "bn_sync_apply_grad"],
+    kernels: KERNELS,
+    prototypes,
     source: r#"
 // totals[2ch], totals[2ch + 1]: the sums over segments of the partial sums of channel ch;
 // totals[2c]: this rank's count.
@@ -93,32 +100,34 @@ impl CudaBackend {
         let totals = scratch + part_bytes as u64;
         let coef = totals + totals_bytes as u64;
         let xp = self.ptr(x);
-        let part = Args::new().ptr(xp).ptr(0).ptr(0).ptr(0).ptr(scratch).i64(g.n).i64(g.c).i64(g.hw).i64(per).i32(0);
-        self.launch_grid("bn_partial", (segs as u32, g.c as u32), BN_THREADS, &part)?;
+        let part =
+            bn_partial { x: xp, dy: 0, mean: 0, invstd: 0, part: scratch, n: g.n, c: g.c, hw: g.hw, per, mode: 0 };
+        self.launch_grid((segs as u32, g.c as u32), BN_THREADS, &part)?;
         let count = (g.n * g.hw) as f64;
-        let tot = Args::new().ptr(scratch).i32(segs as i32).ptr(totals).i64(g.c).f64(count);
-        self.launch_elems("bn_sync_totals", g.c.max(1), &tot)?;
+        let tot = bn_sync_totals { part: scratch, segs: segs as i32, totals, c: g.c, count };
+        self.launch_elems(g.c.max(1), &tot)?;
         self.sum_f64_now(totals, 2 * g.c + 1)?;
         let (rm, rv, momentum) = match running {
             Some((m, v, mo)) => (self.ptr(m), self.ptr(v), mo),
             None => (0, 0, 0.0),
         };
-        let fin = Args::new()
-            .ptr(totals)
-            .ptr(self.ptr(mean))
-            .ptr(self.ptr(invstd))
-            .ptr(rm)
-            .ptr(rv)
-            .ptr(self.opt_ptr(gamma))
-            .ptr(self.opt_ptr(beta))
-            .ptr(coef)
-            .i64(g.c)
-            .f32(g.eps)
-            .f32(momentum);
-        self.launch_elems("bn_sync_finalize", g.c, &fin)?;
+        let fin = bn_sync_finalize {
+            totals,
+            mean: self.ptr(mean),
+            invstd: self.ptr(invstd),
+            rmean: rm,
+            rvar: rv,
+            gamma: self.opt_ptr(gamma),
+            beta: self.opt_ptr(beta),
+            coef,
+            c: g.c,
+            eps: g.eps,
+            momentum,
+        };
+        self.launch_elems(g.c, &fin)?;
         let total = g.n * g.c * g.hw;
-        let apply = Args::new().ptr(xp).ptr(coef).ptr(self.ptr(y)).i64(total).i64(g.c).i64(g.hw);
-        self.launch_elems("bn_apply", total, &apply)
+        let apply = bn_apply { x: xp, coef, y: self.ptr(y), total, c: g.c, hw: g.hw };
+        self.launch_elems(total, &apply)
     }
 
     pub(super) fn sync_bn_backward(&mut self, o: &ops::BatchNormBackward) -> Result<()> {
@@ -130,31 +139,41 @@ impl CudaBackend {
         let sums = scratch + part_bytes as u64;
         let (xp, mp, ip, dyp) = (self.ptr(x), self.ptr(mean), self.ptr(invstd), self.ptr(dy));
         let part =
-            Args::new().ptr(xp).ptr(dyp).ptr(mp).ptr(ip).ptr(scratch).i64(g.n).i64(g.c).i64(g.hw).i64(per).i32(1);
-        self.launch_grid("bn_partial", (segs as u32, g.c as u32), BN_THREADS, &part)?;
+            bn_partial { x: xp, dy: dyp, mean: mp, invstd: ip, part: scratch, n: g.n, c: g.c, hw: g.hw, per, mode: 1 };
+        self.launch_grid((segs as u32, g.c as u32), BN_THREADS, &part)?;
         // This rank's sums, and from them its own dgamma and dbeta.
         let grad = |o: Option<GradOut>| o.map(|d| (self.ptr(d.buf), d.accumulate as i32)).unwrap_or((0, 0));
         let (dgp, dga) = grad(dgamma);
         let (dbp, dba) = grad(dbeta);
-        let fin = Args::new().ptr(scratch).i32(segs as i32).ptr(sums).ptr(dgp).ptr(dbp).i32(dga).i32(dba).i64(g.c);
-        self.launch_elems("bn_finalize_grad", g.c, &fin)?;
+        let fin = bn_finalize_grad {
+            part: scratch,
+            segs: segs as i32,
+            sums,
+            dgamma: dgp,
+            dbeta: dbp,
+            acc_dgamma: dga,
+            acc_dbeta: dba,
+            c: g.c,
+        };
+        self.launch_elems(g.c, &fin)?;
         let Some(d) = dx else { return Ok(()) };
         let count_at = sums + (2 * g.c * 8) as u64;
-        self.launch_elems("bn_sync_put", 1, &Args::new().ptr(count_at).f64((g.n * g.hw) as f64))?;
+        self.launch_elems(1, &bn_sync_put { p: count_at, v: (g.n * g.hw) as f64 })?;
         self.sum_f64_now(sums, 2 * g.c + 1)?;
         let total = g.n * g.c * g.hw;
-        let args = Args::new()
-            .ptr(xp)
-            .ptr(self.opt_ptr(gamma))
-            .ptr(mp)
-            .ptr(ip)
-            .ptr(dyp)
-            .ptr(sums)
-            .ptr(self.ptr(d.buf))
-            .i64(total)
-            .i64(g.c)
-            .i64(g.hw)
-            .i32(d.accumulate as i32);
-        self.launch_elems("bn_sync_apply_grad", total, &args)
+        let args = bn_sync_apply_grad {
+            x: xp,
+            gamma: self.opt_ptr(gamma),
+            mean: mp,
+            invstd: ip,
+            dy: dyp,
+            sums,
+            dx: self.ptr(d.buf),
+            total,
+            c: g.c,
+            hw: g.hw,
+            acc: d.accumulate as i32,
+        };
+        self.launch_elems(total, &args)
     }
 }
