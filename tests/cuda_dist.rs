@@ -77,7 +77,11 @@ fn all_reduce_runs_inside_a_captured_graph() {
     gpu.set_communicator(single()).unwrap();
     assert!(gpu.describe().contains("nccl"), "{}", gpu.describe());
     let n = 1 << 20;
-    let (a, b, c) = (gpu.alloc(n).unwrap(), gpu.alloc(n).unwrap(), gpu.alloc(7).unwrap());
+    let (a, b, c) = (
+        gpu.alloc(n, kiln::backend::DType::F32).unwrap(),
+        gpu.alloc(n, kiln::backend::DType::F32).unwrap(),
+        gpu.alloc(7, kiln::backend::DType::F32).unwrap(),
+    );
     // Fill a, reduce it (a group of one: unchanged), then read it into b: the read must wait
     // for the reduction on NCCL's stream. c is reduced last and only joined at the list's end.
     let ops = vec![
@@ -97,7 +101,7 @@ fn all_reduce_runs_inside_a_captured_graph() {
     // A second group is refused; a backend with no group refuses collectives.
     assert!(gpu.set_communicator(single()).is_err());
     let mut other = cuda();
-    let x = other.alloc(4).unwrap();
+    let x = other.alloc(4, kiln::backend::DType::F32).unwrap();
     assert!(other.run(&[Op::AllReduce(ops::AllReduce { bufs: vec![(x, 4)], mean: true })]).is_err());
 }
 

@@ -163,7 +163,7 @@ fn device_philox_is_the_rust_philox() {
 
 fn a_changed_op_list_under_one_key_starts_over() {
     let mut gpu = cuda();
-    let a = gpu.alloc(1000).unwrap();
+    let a = gpu.alloc(1000, kiln::backend::DType::F32).unwrap();
     let fill = |v: f32| vec![Op::Fill(ops::Fill { len: 1000, buf: a, value: v })];
     for _ in 0..3 {
         gpu.run_cached(9, &fill(1.5)).unwrap();

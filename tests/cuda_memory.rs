@@ -23,14 +23,14 @@ fn out_of_memory_is_an_error_and_the_backend_stays_usable() {
     let mut gpu = cuda();
     // 4 TiB: far more than any card has.
     let huge = 1usize << 40;
-    match gpu.alloc(huge) {
+    match gpu.alloc(huge, kiln::backend::DType::F32) {
         Err(Error::OutOfMemory { needed, free, .. }) => {
             assert_eq!(needed, 4 * huge as u64);
             assert!(free > 0 && free < needed, "free {free}");
         }
         other => panic!("expected OutOfMemory, got {other:?}"),
     }
-    let small = gpu.alloc(1000).unwrap();
+    let small = gpu.alloc(1000, kiln::backend::DType::F32).unwrap();
     let v = random(1000, 1);
     gpu.write(small, &v).unwrap();
     assert_eq!(gpu.read(small).unwrap(), v);
@@ -55,12 +55,12 @@ fn staged_writes_arrive_intact() {
     // 40 MB buffers span ten 4 MiB staging chunks; writes follow one another with no read in
     // between, so a staging buffer reused too early would corrupt the earlier copy.
     let n = 10_000_003;
-    let (a, b) = (gpu.alloc(n).unwrap(), gpu.alloc(n).unwrap());
+    let (a, b) = (gpu.alloc(n, kiln::backend::DType::F32).unwrap(), gpu.alloc(n, kiln::backend::DType::F32).unwrap());
     let (va, vb, vc) = (random(n, 1), random(n, 2), random(n, 3));
     gpu.write(a, &va).unwrap();
     gpu.write(b, &vb).unwrap();
     gpu.write(a, &vc).unwrap();
-    let small = gpu.alloc(5).unwrap();
+    let small = gpu.alloc(5, kiln::backend::DType::F32).unwrap();
     for i in 0..50 {
         gpu.write(small, &[i as f32; 5]).unwrap();
     }
@@ -94,7 +94,7 @@ fn second_backend_compiles_nothing() {
     let mut second = CudaBackend::with_options(0, opts).unwrap();
     let cached = std::fs::read_dir(&dir).unwrap().count();
     // The second backend's kernels work.
-    let b = second.alloc(10).unwrap();
+    let b = second.alloc(10, kiln::backend::DType::F32).unwrap();
     second.run(&[kiln::backend::Op::Fill(kiln::backend::ops::Fill { len: 10, buf: b, value: 2.5 })]).unwrap();
     assert_eq!(second.read(b).unwrap(), vec![2.5; 10]);
     let _ = std::fs::remove_dir_all(&dir);
@@ -104,11 +104,44 @@ fn second_backend_compiles_nothing() {
     println!("nvrtc: first backend compiled {compiled} modules, second compiled 0");
 }
 
+/// Buffers of every dtype can be allocated and copied on the GPU: integers and f64 round-trip
+/// exactly, f32 values written into bf16/f16 buffers come back rounded as the `half` crate
+/// rounds them, a read asks for a dtype the buffer can give, and an op refuses a buffer of a
+/// dtype it does not compute with.
+fn typed_buffers_round_trip_and_ops_refuse_other_dtypes() {
+    use kiln::backend::{DType, HostSlice, HostVec, Op, ops};
+    let mut gpu = cuda();
+    let u = gpu.alloc(3, DType::U32).unwrap();
+    gpu.write_host(u, HostSlice::U32(&[1, 7, u32::MAX])).unwrap();
+    assert_eq!(gpu.read_host(u, DType::U32).unwrap(), HostVec::U32(vec![1, 7, u32::MAX]));
+    assert!(gpu.read(u).is_err(), "an integer buffer read as f32");
+    assert!(gpu.write(u, &[1.0, 2.0, 3.0]).is_err(), "f32 values written into an integer buffer");
+    let i = gpu.alloc(2, DType::I64).unwrap();
+    gpu.write_host(i, HostSlice::I64(&[-5, i64::MAX])).unwrap();
+    assert_eq!(gpu.read_host(i, DType::I64).unwrap(), HostVec::I64(vec![-5, i64::MAX]));
+    let d = gpu.alloc(2, DType::F64).unwrap();
+    gpu.write_f64(d, &[0.1, -1e300]).unwrap();
+    assert_eq!(gpu.read_f64(d).unwrap(), [0.1, -1e300]);
+    let v = [1.0f32, -2.5, 3.0e-3, 65504.0];
+    for dt in [DType::BF16, DType::F16] {
+        let h = gpu.alloc(4, dt).unwrap();
+        assert_eq!(gpu.dtype(h), dt);
+        gpu.write(h, &v).unwrap();
+        let want = HostSlice::F32(&v).convert(dt).unwrap().into_f32().unwrap();
+        assert_eq!(gpu.read(h).unwrap(), want, "{dt}");
+        let f = gpu.alloc(4, DType::F32).unwrap();
+        let err =
+            gpu.run(&[Op::GradInto(ops::GradInto { len: 4, src: h, dst: ops::GradOut { buf: f, accumulate: false } })]);
+        assert!(err.is_err(), "an op read a {dt} buffer");
+    }
+}
+
 tests! {
     gpu: [
         out_of_memory_is_an_error_and_the_backend_stays_usable,
         staged_writes_arrive_intact,
         counters_round_trip,
         second_backend_compiles_nothing,
+        typed_buffers_round_trip_and_ops_refuse_other_dtypes,
     ],
 }

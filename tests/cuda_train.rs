@@ -31,7 +31,7 @@ fn run_on(
     let ids: Vec<_> = init
         .iter()
         .map(|v| {
-            let id = b.alloc(v.len()).unwrap();
+            let id = b.alloc(v.len(), kiln::backend::DType::F32).unwrap();
             b.write(id, v).unwrap();
             id
         })

@@ -23,19 +23,19 @@ use reference::*;
 fn run_optimizer(rule: OptRule, lr: f32, mom: f32, initial_state: f32) -> Vec<f32> {
     let mut b = CpuBackend::<f32>::new(Some(1)).unwrap();
     let p0: Vec<f32> = (0..6).map(|i| (0.5 * (1.7 * i as f64 + 0.3).sin()) as f32).collect();
-    let value = b.alloc(6).unwrap();
+    let value = b.alloc(6, kiln::backend::DType::F32).unwrap();
     b.write(value, &p0).unwrap();
-    let grad = b.alloc(6).unwrap();
+    let grad = b.alloc(6, kiln::backend::DType::F32).unwrap();
     let state: Vec<_> = (0..rule.state_tensors())
         .map(|_| {
-            let s = b.alloc(6).unwrap();
+            let s = b.alloc(6, kiln::backend::DType::F32).unwrap();
             b.write(s, &[initial_state; 6]).unwrap();
             s
         })
         .collect();
-    let h = b.alloc(hyper::LEN).unwrap();
+    let h = b.alloc(hyper::LEN, kiln::backend::DType::F32).unwrap();
     b.write(h, &[lr, mom]).unwrap();
-    let scalars = b.alloc(1).unwrap();
+    let scalars = b.alloc(1, kiln::backend::DType::F32).unwrap();
     b.write(scalars, &[1.0]).unwrap();
     let step = b.new_counter().unwrap();
     let op = Op::OptimizerStep(ops::OptimizerStep {
@@ -130,12 +130,12 @@ fn optimizers_match_pytorch_after_three_steps() {
 fn run_loss(f: LossFn, pred: &[f64], target: &[f64]) -> Vec<f64> {
     let (n, c) = (4, 3);
     let mut b = CpuBackend::<f64>::new(Some(1)).unwrap();
-    let p = b.alloc(n * c).unwrap();
+    let p = b.alloc(n * c, kiln::backend::DType::F32).unwrap();
     b.write_f64(p, pred).unwrap();
-    let t = b.alloc(target.len()).unwrap();
+    let t = b.alloc(target.len(), kiln::backend::DType::F32).unwrap();
     b.write_f64(t, target).unwrap();
-    let st = b.alloc(stats::LEN).unwrap();
-    let d = b.alloc(n * c).unwrap();
+    let st = b.alloc(stats::LEN, kiln::backend::DType::F32).unwrap();
+    let d = b.alloc(n * c, kiln::backend::DType::F32).unwrap();
     let op = Op::Loss(ops::Loss {
         f,
         scoring: Scoring::None,

@@ -12,12 +12,14 @@ mod collective;
 pub mod cpu;
 pub mod cuda;
 mod device;
+mod dtype;
 pub mod ops;
 
 pub use collective::Communicator;
 pub use cuda::{CudaBackend, CudaOptions};
 pub use device::Device;
 pub(crate) use device::print_notice_once;
+pub use dtype::{DType, HostSlice, HostVec};
 pub use ops::{ActFn, BnGeom, BufId, ConvGeom, CounterId, GradOut, LossFn, Op, OptParam, OptRule, PoolGeom, Scoring};
 
 use crate::Result;
@@ -33,31 +35,51 @@ pub trait Backend: Send {
     /// A one-line description (device, threads).
     fn describe(&self) -> String;
 
-    /// A new buffer of `len` zeros.
-    fn alloc(&mut self, len: usize) -> Result<BufId>;
+    /// A new buffer of `len` zeros of `dtype`. Ops compute in the backend's float type (see
+    /// [`Backend::computes`]); buffers of other dtypes can be allocated and copied.
+    fn alloc(&mut self, len: usize, dtype: DType) -> Result<BufId>;
 
     /// Length of a buffer in elements.
     fn len(&self, buf: BufId) -> usize;
 
+    /// The dtype a buffer was allocated with.
+    fn dtype(&self, buf: BufId) -> DType;
+
+    /// Whether ops of this backend compute on buffers of `dtype`: `f32` everywhere; on
+    /// `CpuBackend<f64>` (the reference) also `f64`, and its `f32` buffers are held in `f64`.
+    fn computes(&self, dtype: DType) -> bool;
+
     /// Releases a buffer's memory (after a plan failed part-way); the id must not be used again.
     fn free(&mut self, buf: BufId) -> Result<()>;
 
-    /// Copies host values into a buffer (lengths must match).
-    fn write(&mut self, buf: BufId, data: &[f32]) -> Result<()>;
+    /// Copies host values into a buffer (lengths must match). A float buffer takes values of
+    /// any float dtype, rounded to its precision (`CpuBackend<f64>` keeps `f64` values whole);
+    /// an integer buffer only values of its own dtype.
+    fn write_host(&mut self, buf: BufId, data: HostSlice<'_>) -> Result<()>;
 
-    /// Copies a buffer to the host.
-    fn read(&mut self, buf: BufId) -> Result<Vec<f32>>;
+    /// Copies a buffer to the host as `dtype`: any float dtype from a float buffer (from the
+    /// precision the buffer is held in), an integer buffer's own dtype.
+    fn read_host(&mut self, buf: BufId, dtype: DType) -> Result<HostVec>;
 
-    /// Copies host values into a buffer at full `f64` precision where the backend computes in
-    /// `f64` (the reference path); others round to their own precision.
-    fn write_f64(&mut self, buf: BufId, data: &[f64]) -> Result<()> {
-        let v: Vec<f32> = data.iter().map(|&x| x as f32).collect();
-        self.write(buf, &v)
+    /// Copies `f32` values into a buffer ([`Backend::write_host`]).
+    fn write(&mut self, buf: BufId, data: &[f32]) -> Result<()> {
+        self.write_host(buf, HostSlice::F32(data))
     }
 
-    /// Reads a buffer as `f64`.
+    /// Copies a float buffer to the host as `f32` ([`Backend::read_host`]).
+    fn read(&mut self, buf: BufId) -> Result<Vec<f32>> {
+        self.read_host(buf, DType::F32)?.into_f32()
+    }
+
+    /// Copies `f64` values into a buffer, at full precision where the backend computes in
+    /// `f64` (the reference path); others round to their own precision.
+    fn write_f64(&mut self, buf: BufId, data: &[f64]) -> Result<()> {
+        self.write_host(buf, HostSlice::F64(data))
+    }
+
+    /// Reads a float buffer as `f64`.
     fn read_f64(&mut self, buf: BufId) -> Result<Vec<f64>> {
-        Ok(self.read(buf)?.into_iter().map(f64::from).collect())
+        self.read_host(buf, DType::F64)?.into_f64()
     }
 
     /// A new execution counter starting at zero.
@@ -120,11 +142,23 @@ impl Backend for Box<dyn Backend> {
     fn describe(&self) -> String {
         (**self).describe()
     }
-    fn alloc(&mut self, len: usize) -> Result<BufId> {
-        (**self).alloc(len)
+    fn alloc(&mut self, len: usize, dtype: DType) -> Result<BufId> {
+        (**self).alloc(len, dtype)
     }
     fn len(&self, buf: BufId) -> usize {
         (**self).len(buf)
+    }
+    fn dtype(&self, buf: BufId) -> DType {
+        (**self).dtype(buf)
+    }
+    fn computes(&self, dtype: DType) -> bool {
+        (**self).computes(dtype)
+    }
+    fn write_host(&mut self, buf: BufId, data: HostSlice<'_>) -> Result<()> {
+        (**self).write_host(buf, data)
+    }
+    fn read_host(&mut self, buf: BufId, dtype: DType) -> Result<HostVec> {
+        (**self).read_host(buf, dtype)
     }
     fn free(&mut self, buf: BufId) -> Result<()> {
         (**self).free(buf)

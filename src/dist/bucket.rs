@@ -30,7 +30,7 @@ pub fn assign(grads: &[(BufId, usize)], first_bytes: usize, bytes: usize) -> Vec
     let mut held = 0usize;
     for &(buf, len) in grads.iter().rev() {
         current.push((buf, len));
-        held += len * 4;
+        held += len * crate::backend::DType::F32.size();
         let cap = if buckets.is_empty() { first_bytes } else { bytes };
         if held >= cap {
             buckets.push(std::mem::take(&mut current));

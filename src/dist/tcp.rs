@@ -611,7 +611,7 @@ impl Communicator for TcpCommunicator {
         for i in 0..pieces {
             let range = (i * per).min(data.len())..((i + 1) * per).min(data.len());
             if receives {
-                self.exchange(kind, false, Some(range.len() * 4))?;
+                self.exchange(kind, false, Some(range.len() * std::mem::size_of::<f32>()))?;
                 for (d, b) in data[range.clone()].iter_mut().zip(self.recv_buf.chunks_exact(4)) {
                     *d = f32::get(b);
                 }

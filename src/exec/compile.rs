@@ -282,7 +282,7 @@ pub(super) fn allocate<B: Backend>(
 ) -> Result<()> {
     let mut real = Vec::with_capacity(table.buffers.len());
     for b in &table.buffers {
-        match backend.alloc(b.len) {
+        match backend.alloc(b.len, crate::backend::DType::F32) {
             Ok(id) => real.push(id),
             Err(e) => {
                 for id in real {

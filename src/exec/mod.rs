@@ -76,9 +76,9 @@ impl<B: Backend> Executor<B> {
     pub fn new(model: &Model, mut backend: B) -> Result<Self> {
         let mut params = Vec::with_capacity(model.params().len());
         for (spec, value) in model.params().iter().zip(model.param_values()) {
-            let v = backend.alloc(spec.len())?;
+            let v = backend.alloc(spec.len(), crate::backend::DType::F32)?;
             backend.write(v, value)?;
-            let grad = if spec.trainable { Some(backend.alloc(spec.len())?) } else { None };
+            let grad = if spec.trainable { Some(backend.alloc(spec.len(), crate::backend::DType::F32)?) } else { None };
             params.push(ParamBuffers { value: v, grad });
         }
         let mut counters = Vec::with_capacity(model.nodes().len());

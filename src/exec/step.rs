@@ -135,23 +135,23 @@ impl Training {
         rule: Option<OptRule>,
         initial: f32,
     ) -> Result<Training> {
-        let hyper = backend.alloc(hyper::LEN)?;
-        let train_stats = backend.alloc(stats::LEN)?;
-        let eval_stats = backend.alloc(stats::LEN)?;
-        let clip_norm = backend.alloc(1)?;
-        let guard = backend.alloc(guard::LEN)?;
+        let hyper = backend.alloc(hyper::LEN, crate::backend::DType::F32)?;
+        let train_stats = backend.alloc(stats::LEN, crate::backend::DType::F32)?;
+        let eval_stats = backend.alloc(stats::LEN, crate::backend::DType::F32)?;
+        let clip_norm = backend.alloc(1, crate::backend::DType::F32)?;
+        let guard = backend.alloc(guard::LEN, crate::backend::DType::F32)?;
         let optimizer = match rule {
             None => None,
             Some(rule) => {
                 let step = backend.new_counter()?;
-                let scalars = backend.alloc(1)?;
+                let scalars = backend.alloc(1, crate::backend::DType::F32)?;
                 backend.write(scalars, &[1.0])?;
                 let mut ps = Vec::new();
                 for (spec, pb) in model.params().iter().zip(params) {
                     let Some(grad) = pb.grad else { continue };
                     let mut state = Vec::new();
                     for _ in 0..rule.state_tensors() {
-                        let s = backend.alloc(spec.len())?;
+                        let s = backend.alloc(spec.len(), crate::backend::DType::F32)?;
                         if initial != 0.0 {
                             backend.write(s, &vec![initial; spec.len()])?;
                         }
@@ -353,7 +353,7 @@ impl<B: Backend> Executor<B> {
         };
         let net = self.compile(low)?;
         let out_len: usize = self.model.nodes().last().expect("a model has nodes").shape.iter().product();
-        let target = self.backend.alloc(desc.batch * out_len)?;
+        let target = self.backend.alloc(desc.batch * out_len, crate::backend::DType::F32)?;
         let mut plan = self.plans[net.0].clone();
         plan.buffers.push(PlannedBuffer {
             id: target,

@@ -23,6 +23,8 @@ pub trait Float:
     + MulAssign
     + Sum
 {
+    /// The dtype of this element type.
+    const DTYPE: crate::backend::DType;
     const ZERO: Self;
     const ONE: Self;
     fn from_f64(v: f64) -> Self;
@@ -46,8 +48,9 @@ pub trait Float:
 }
 
 macro_rules! impl_float {
-    ($t:ty, $erf:path) => {
+    ($t:ty, $dtype:expr, $erf:path) => {
         impl Float for $t {
+            const DTYPE: crate::backend::DType = $dtype;
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
             #[inline]
@@ -102,5 +105,5 @@ macro_rules! impl_float {
     };
 }
 
-impl_float!(f32, libm::erff);
-impl_float!(f64, libm::erf);
+impl_float!(f32, crate::backend::DType::F32, libm::erff);
+impl_float!(f64, crate::backend::DType::F64, libm::erf);

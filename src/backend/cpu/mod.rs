@@ -37,8 +37,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::Backend;
 use super::ops::{self, BufId, CounterId, GradOut, Op, OptRule};
+use super::{Backend, DType, HostSlice, HostVec};
 use crate::backend::Communicator;
 use crate::{Error, Result};
 
@@ -64,7 +64,13 @@ pub(crate) fn store<T: Float>(d: &mut T, v: T, acc: bool) {
 
 /// The CPU backend; `T` is `f32` (training) or `f64` (reference).
 pub struct CpuBackend<T: Float = f32> {
+    /// The values of the buffers ops compute on (empty for the others).
     bufs: Vec<Vec<T>>,
+    /// Each buffer's dtype.
+    dtypes: Vec<DType>,
+    /// The values of buffers of a dtype ops do not compute on (bf16, f16, integers, and f64
+    /// on `CpuBackend<f32>`), held in their own dtype.
+    other: Vec<Option<HostVec>>,
     counters: Vec<u64>,
     scratch: Vec<conv2d::Scratch<T>>,
     pool: Arc<rayon::ThreadPool>,
@@ -170,6 +176,8 @@ impl<T: Float> CpuBackend<T> {
             .map_err(|e| Error::Device { device: "cpu".into(), reason: format!("cannot start threads: {e}") })?;
         Ok(CpuBackend {
             bufs: Vec::new(),
+            dtypes: Vec::new(),
+            other: Vec::new(),
             counters: Vec::new(),
             scratch: (0..threads).map(|_| conv2d::Scratch::default()).collect(),
             pool: Arc::new(pool),
@@ -197,7 +205,17 @@ impl<T: Float> CpuBackend<T> {
 
     /// Total bytes held in buffers.
     pub fn bytes(&self) -> usize {
-        self.bufs.iter().map(|b| b.len() * std::mem::size_of::<T>()).sum()
+        let other: usize = self.other.iter().flatten().map(|h| h.len() * h.dtype().size()).sum();
+        self.bufs.iter().map(|b| b.len() * std::mem::size_of::<T>()).sum::<usize>() + other
+    }
+
+    fn computes_dtype(dtype: DType) -> bool {
+        dtype == T::DTYPE || dtype == DType::F32
+    }
+
+    fn check_len(&self, buf: BufId, len: usize) -> Result<()> {
+        let have = self.len(buf);
+        if have != len { Err(Error::shape("buffer write", have, len)) } else { Ok(()) }
     }
 
     fn take(&mut self, id: BufId) -> Vec<T> {
@@ -582,60 +600,81 @@ impl<T: Float> Backend for CpuBackend<T> {
         format!("cpu ({} threads, {})", self.threads, std::any::type_name::<T>())
     }
 
-    fn alloc(&mut self, len: usize) -> Result<BufId> {
+    fn alloc(&mut self, len: usize, dtype: DType) -> Result<BufId> {
         // A failed allocation must be an error, not an abort: the caller (a plan for a batch
         // size too large for this machine) can try a smaller one.
+        let computes = Self::computes_dtype(dtype);
+        let size = if computes { std::mem::size_of::<T>() } else { dtype.size() };
+        let bytes = (len as u64).saturating_mul(size as u64);
+        let oom = || Error::OutOfMemory { model: String::new(), batch: 0, needed: bytes, free: 0 };
         let mut v = Vec::new();
-        let bytes = (len as u64).saturating_mul(std::mem::size_of::<T>() as u64);
-        v.try_reserve_exact(len).map_err(|_| Error::OutOfMemory {
-            model: String::new(),
-            batch: 0,
-            needed: bytes,
-            free: 0,
-        })?;
-        v.resize(len, T::ZERO);
+        if computes {
+            v.try_reserve_exact(len).map_err(|_| oom())?;
+            v.resize(len, T::ZERO);
+            self.other.push(None);
+        } else {
+            Vec::<u8>::new().try_reserve_exact(bytes as usize).map_err(|_| oom())?;
+            self.other.push(Some(HostVec::zeros(dtype, len)));
+        }
         self.bufs.push(v);
+        self.dtypes.push(dtype);
         Ok(BufId(self.bufs.len() - 1))
     }
 
     fn len(&self, buf: BufId) -> usize {
-        self.bufs[buf.0].len()
+        match &self.other[buf.0] {
+            Some(h) => h.len(),
+            None => self.bufs[buf.0].len(),
+        }
+    }
+
+    fn dtype(&self, buf: BufId) -> DType {
+        self.dtypes[buf.0]
+    }
+
+    fn computes(&self, dtype: DType) -> bool {
+        Self::computes_dtype(dtype)
     }
 
     fn free(&mut self, buf: BufId) -> Result<()> {
         self.bufs[buf.0] = Vec::new();
+        self.other[buf.0] = None;
         self.validated.clear();
         Ok(())
     }
 
-    fn write(&mut self, buf: BufId, data: &[f32]) -> Result<()> {
-        let b = &mut self.bufs[buf.0];
-        if b.len() != data.len() {
-            return Err(Error::shape("buffer write", b.len(), data.len()));
+    fn write_host(&mut self, buf: BufId, data: HostSlice<'_>) -> Result<()> {
+        self.check_len(buf, data.len())?;
+        if let Some(h) = &mut self.other[buf.0] {
+            *h = data.convert(h.dtype())?;
+            return Ok(());
         }
-        b.iter_mut().zip(data).for_each(|(d, &s)| *d = T::from_f32(s));
+        let b = &mut self.bufs[buf.0];
+        match data {
+            HostSlice::F32(v) => b.iter_mut().zip(v).for_each(|(d, &s)| *d = T::from_f32(s)),
+            HostSlice::F64(v) => b.iter_mut().zip(v).for_each(|(d, &s)| *d = T::from_f64(s)),
+            other => {
+                let v = other.convert(DType::F64)?.into_f64()?;
+                b.iter_mut().zip(v).for_each(|(d, s)| *d = T::from_f64(s));
+            }
+        }
         Ok(())
     }
 
-    fn read(&mut self, buf: BufId) -> Result<Vec<f32>> {
-        Ok(self.bufs[buf.0].iter().map(|v| v.to_f32()).collect())
+    fn read_host(&mut self, buf: BufId, dtype: DType) -> Result<HostVec> {
+        if let Some(h) = &self.other[buf.0] {
+            return h.as_slice().convert(dtype);
+        }
+        let b = &self.bufs[buf.0];
+        match dtype {
+            DType::F32 => Ok(HostVec::F32(b.iter().map(|v| v.to_f32()).collect())),
+            DType::F64 => Ok(HostVec::F64(b.iter().map(|v| v.to_f64()).collect())),
+            _ => HostSlice::F64(&b.iter().map(|v| v.to_f64()).collect::<Vec<_>>()).convert(dtype),
+        }
     }
 
     fn available_memory(&self) -> Option<u64> {
         host_available_memory()
-    }
-
-    fn write_f64(&mut self, buf: BufId, data: &[f64]) -> Result<()> {
-        let b = &mut self.bufs[buf.0];
-        if b.len() != data.len() {
-            return Err(Error::shape("buffer write", b.len(), data.len()));
-        }
-        b.iter_mut().zip(data).for_each(|(d, &s)| *d = T::from_f64(s));
-        Ok(())
-    }
-
-    fn read_f64(&mut self, buf: BufId) -> Result<Vec<f64>> {
-        Ok(self.bufs[buf.0].iter().map(|v| v.to_f64()).collect())
     }
 
     fn new_counter(&mut self) -> Result<CounterId> {
@@ -684,7 +723,8 @@ impl<T: Float> CpuBackend<T> {
         pool.install(|| {
             for op in ops {
                 if check {
-                    op.validate(|b| self.bufs.get(b.0).map(Vec::len))?;
+                    let info = |b: BufId| (b.0 < self.bufs.len()).then(|| (self.len(b), self.dtypes[b.0]));
+                    op.validate(info, Self::computes_dtype)?;
                 }
                 if self.debug {
                     let t = Instant::now();
@@ -721,5 +761,45 @@ mod denormal_tests {
         assert!(!flushes(&CpuBackend::<f64>::new(Some(2)).unwrap()));
         // The calling thread is not changed.
         assert_ne!(std::hint::black_box(1e-39f32) * std::hint::black_box(1.0f32), 0.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::ops::{self, GradOut};
+
+    /// Every dtype can be allocated and copied; f32 buffers of the f64 reference keep f64
+    /// values whole; integer buffers take only their own type; ops refuse dtypes they do not
+    /// compute with, and a too-short buffer, with an error instead of a panic.
+    #[test]
+    fn typed_buffers_and_validation() {
+        let mut r = CpuBackend::<f64>::new(Some(1)).unwrap();
+        let a = r.alloc(2, DType::F32).unwrap();
+        r.write_f64(a, &[0.1, 1e300]).unwrap();
+        assert_eq!(r.read_f64(a).unwrap(), [0.1, 1e300]);
+        assert_eq!(r.read(a).unwrap(), [0.1f32, f32::INFINITY]);
+        let mut b = CpuBackend::<f32>::new(Some(1)).unwrap();
+        let d = b.alloc(1, DType::F64).unwrap();
+        b.write_f64(d, &[0.1]).unwrap();
+        assert_eq!(b.read_f64(d).unwrap(), [0.1], "an f64 buffer of the f32 backend keeps f64 values");
+        let u = b.alloc(2, DType::U32).unwrap();
+        b.write_host(u, HostSlice::U32(&[3, 4])).unwrap();
+        assert_eq!(b.read_host(u, DType::U32).unwrap(), HostVec::U32(vec![3, 4]));
+        assert!(b.write(u, &[1.0, 2.0]).is_err());
+        assert!(b.write_host(u, HostSlice::U32(&[1])).is_err(), "a short write");
+        let h = b.alloc(2, DType::BF16).unwrap();
+        b.write(h, &[1.0, 1.0 + 1.0 / 512.0]).unwrap();
+        assert_eq!(b.read(h).unwrap(), [1.0, 1.0], "bf16 keeps 8 bits of mantissa");
+        let f = b.alloc(2, DType::F32).unwrap();
+        let copy = |src: BufId, len: usize| {
+            Op::GradInto(ops::GradInto { len, src, dst: GradOut { buf: f, accumulate: false } })
+        };
+        assert!(b.run(&[copy(h, 2)]).is_err(), "an op read a bf16 buffer");
+        assert!(b.run(&[copy(f, 3)]).is_err(), "an op read past a buffer");
+        b.write(f, &[1.0, 2.0]).unwrap();
+        let g = b.alloc(2, DType::F32).unwrap();
+        b.run(&[Op::GradInto(ops::GradInto { len: 2, src: f, dst: GradOut { buf: g, accumulate: false } })]).unwrap();
+        assert_eq!(b.read(g).unwrap(), [1.0, 2.0]);
     }
 }

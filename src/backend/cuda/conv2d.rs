@@ -23,6 +23,7 @@ use cudarc::driver::sys::CUdeviceptr;
 use super::CudaBackend;
 use crate::backend::ops;
 use crate::backend::ops::ConvGeom;
+use crate::backend::{DType, HostVec};
 use crate::{Error, Result};
 
 macro_rules! dnn {
@@ -392,11 +393,12 @@ impl CudaBackend {
                 "cuDNN algorithm search ({dir:?}) during CUDA graph capture: the warm-up run did not cover this convolution"
             )));
         }
-        let out_bytes = 4 * match dir {
-            Dir::Forward => g.output_len(),
-            Dir::BackwardData => g.input_len(),
-            Dir::BackwardFilter => g.weight_len(),
-        };
+        let out_bytes = DType::F32.size()
+            * match dir {
+                Dir::Forward => g.output_len(),
+                Dir::BackwardData => g.input_len(),
+                Dir::BackwardFilter => g.weight_len(),
+            };
         let (free, _) = self.gpu.mem_info()?;
         let ws_bytes = SEARCH_WORKSPACE.min((free / 2) as usize).saturating_sub(2 * out_bytes);
         let mut temps = Vec::new();
@@ -523,10 +525,10 @@ impl CudaBackend {
                     Dir::BackwardData => g.input_len(),
                     Dir::BackwardFilter => g.weight_len(),
                 };
-                let (mut rx, mut rf) = (vec![0f32; len], vec![0f32; len]);
-                self.mem.download(&self.gpu, scratch.0, super::f32_bytes_mut(&mut rx))?;
-                self.mem.download(&self.gpu, scratch.1, super::f32_bytes_mut(&mut rf))?;
-                let err = relative_difference(&rx, &rf);
+                let (mut rx, mut rf) = (HostVec::zeros(DType::F32, len), HostVec::zeros(DType::F32, len));
+                self.mem.download(&self.gpu, scratch.0, rx.as_bytes_mut())?;
+                self.mem.download(&self.gpu, scratch.1, rf.as_bytes_mut())?;
+                let err = relative_difference(&rx.into_f32()?, &rf.into_f32()?);
                 if err <= transform_tolerance(dir) {
                     (f, format!("transform checked: {err:.1e} from {}", cands[x].text))
                 } else {

@@ -6,7 +6,6 @@
 //! identical run to run, no atomics); the affine step is element-wise.
 
 use super::CudaBackend;
-use super::driver::Args;
 use super::nvrtc::ModuleSrc;
 use crate::Result;
 use crate::backend::ops;
@@ -15,9 +14,17 @@ use crate::backend::ops::GradOut;
 /// Threads per block of the reduction kernels (a power of two, for the block reduction).
 const GN_THREADS: u32 = 256;
 
+kernels! {
+    gn_stats(x: (const float*), mean: (float*), invstd: (float*), len: i64, eps: float);
+    gn_apply(x: (const float*), gamma: (const float*), beta: (const float*), mean: (const float*), invstd: (const float*), y: (float*), total: i64, c: i64, hw: i64, groups: i64);
+    gn_grad_input(x: (const float*), gamma: (const float*), mean: (const float*), invstd: (const float*), dy: (const float*), dx: (float*), c: i64, hw: i64, groups: i64, acc: int);
+    gn_grad_affine(x: (const float*), mean: (const float*), invstd: (const float*), dy: (const float*), dgamma: (float*), dbeta: (float*), acc_dgamma: int, acc_dbeta: int, n: i64, c: i64, hw: i64, groups: i64);
+}
+
 pub(super) const MODULE: ModuleSrc = ModuleSrc {
     name: "group_norm",
-    kernels: &["gn_stats", "gn_apply", "gn_grad_input", "gn_grad_affine"],
+    kernels: KERNELS,
+    prototypes,
     source: r#"
 // Block k = sample * groups + group: mean and invstd of its len = (c / groups) * hw values.
 extern "C" __global__ void gn_stats(const float* x, float* mean, float* invstd, i64 len, float eps) {
@@ -105,21 +112,22 @@ impl CudaBackend {
         let ops::GroupNorm { g, x, gamma, beta, y, mean, invstd } = *o;
         let (xp, mp, ip) = (self.ptr(x), self.ptr(mean), self.ptr(invstd));
         let len = g.c / g.groups * g.hw;
-        let stats = Args::new().ptr(xp).ptr(mp).ptr(ip).i64(len).f32(g.eps);
-        self.launch_grid("gn_stats", ((g.n * g.groups) as u32, 1), GN_THREADS, &stats)?;
+        let stats = gn_stats { x: xp, mean: mp, invstd: ip, len, eps: g.eps };
+        self.launch_grid(((g.n * g.groups) as u32, 1), GN_THREADS, &stats)?;
         let total = g.n * g.c * g.hw;
-        let apply = Args::new()
-            .ptr(xp)
-            .ptr(self.opt_ptr(gamma))
-            .ptr(self.opt_ptr(beta))
-            .ptr(mp)
-            .ptr(ip)
-            .ptr(self.ptr(y))
-            .i64(total)
-            .i64(g.c)
-            .i64(g.hw)
-            .i64(g.groups);
-        self.launch_elems("gn_apply", total, &apply)
+        let apply = gn_apply {
+            x: xp,
+            gamma: self.opt_ptr(gamma),
+            beta: self.opt_ptr(beta),
+            mean: mp,
+            invstd: ip,
+            y: self.ptr(y),
+            total,
+            c: g.c,
+            hw: g.hw,
+            groups: g.groups,
+        };
+        self.launch_elems(total, &apply)
     }
 
     pub(super) fn gn_backward(&mut self, o: &ops::GroupNormBackward) -> Result<()> {
@@ -129,34 +137,36 @@ impl CudaBackend {
             let grad = |o: Option<GradOut>| o.map(|d| (self.ptr(d.buf), d.accumulate as i32)).unwrap_or((0, 0));
             let (dgp, dga) = grad(dgamma);
             let (dbp, dba) = grad(dbeta);
-            let args = Args::new()
-                .ptr(xp)
-                .ptr(mp)
-                .ptr(ip)
-                .ptr(dyp)
-                .ptr(dgp)
-                .ptr(dbp)
-                .i32(dga)
-                .i32(dba)
-                .i64(g.n)
-                .i64(g.c)
-                .i64(g.hw)
-                .i64(g.groups);
-            self.launch_grid("gn_grad_affine", (g.c as u32, 1), GN_THREADS, &args)?;
+            let args = gn_grad_affine {
+                x: xp,
+                mean: mp,
+                invstd: ip,
+                dy: dyp,
+                dgamma: dgp,
+                dbeta: dbp,
+                acc_dgamma: dga,
+                acc_dbeta: dba,
+                n: g.n,
+                c: g.c,
+                hw: g.hw,
+                groups: g.groups,
+            };
+            self.launch_grid((g.c as u32, 1), GN_THREADS, &args)?;
         }
         if let Some(d) = dx {
-            let args = Args::new()
-                .ptr(xp)
-                .ptr(self.opt_ptr(gamma))
-                .ptr(mp)
-                .ptr(ip)
-                .ptr(dyp)
-                .ptr(self.ptr(d.buf))
-                .i64(g.c)
-                .i64(g.hw)
-                .i64(g.groups)
-                .i32(d.accumulate as i32);
-            self.launch_grid("gn_grad_input", ((g.n * g.groups) as u32, 1), GN_THREADS, &args)?;
+            let args = gn_grad_input {
+                x: xp,
+                gamma: self.opt_ptr(gamma),
+                mean: mp,
+                invstd: ip,
+                dy: dyp,
+                dx: self.ptr(d.buf),
+                c: g.c,
+                hw: g.hw,
+                groups: g.groups,
+                acc: d.accumulate as i32,
+            };
+            self.launch_grid(((g.n * g.groups) as u32, 1), GN_THREADS, &args)?;
         }
         Ok(())
     }

@@ -46,8 +46,8 @@ use std::path::PathBuf;
 
 use cudarc::driver::sys;
 
-use super::Backend;
 use super::ops::{BufId, CounterId, Op};
+use super::{Backend, DType, HostSlice, HostVec};
 use crate::backend::Communicator;
 use crate::{Error, Result};
 use driver::{Event, Gpu};
@@ -121,7 +121,8 @@ pub struct CudaBackend {
     funcs: HashMap<&'static str, sys::CUfunction>,
     /// Owns the loaded kernel modules that `funcs` points into.
     _modules: Vec<nvrtc::Module>,
-    bufs: Vec<(sys::CUdeviceptr, usize)>,
+    /// Each buffer's address, length in values and dtype.
+    bufs: Vec<(sys::CUdeviceptr, usize, DType)>,
     mem: DeviceMemory,
     compiles: usize,
     /// Scratch that one op uses while it runs (batch-norm partial sums, clipping's
@@ -271,7 +272,7 @@ impl CudaBackend {
 
     /// Queues one op.
     fn exec(&mut self, op: &Op) -> Result<()> {
-        op.validate(|b| self.bufs.get(b.0).map(|x| x.1))?;
+        op.validate(|b| self.bufs.get(b.0).map(|x| (x.1, x.2)), |d| d == DType::F32)?;
         if self.coll.is_some() {
             self.join_for(op)?;
         }
@@ -339,24 +340,10 @@ impl CudaBackend {
         }
     }
 
-    /// The bytes of a host f32 slice (the device is little-endian, as every host kiln runs on).
-    fn check_write(&self, buf: BufId, len: usize) -> Result<sys::CUdeviceptr> {
-        let (p, have) = *self.bufs.get(buf.0).ok_or_else(|| Error::State(format!("no buffer {}", buf.0)))?;
-        if have != len {
-            return Err(Error::shape("buffer write", have, len));
-        }
-        Ok(p)
+    /// A buffer's address, length and dtype, or an error naming a buffer that does not exist.
+    fn buf(&self, buf: BufId) -> Result<(sys::CUdeviceptr, usize, DType)> {
+        self.bufs.get(buf.0).copied().ok_or_else(|| Error::State(format!("no buffer {}", buf.0)))
     }
-}
-
-fn f32_bytes(v: &[f32]) -> &[u8] {
-    // SAFETY: any f32 bit pattern is a valid sequence of 4 bytes; the lengths match.
-    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
-}
-
-fn f32_bytes_mut(v: &mut [f32]) -> &mut [u8] {
-    // SAFETY: any 4 bytes are a valid f32; the lengths match.
-    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, std::mem::size_of_val(v)) }
 }
 
 impl Backend for CudaBackend {
@@ -378,16 +365,17 @@ impl Backend for CudaBackend {
         ) + &self.coll.as_ref().map(|c| format!("; {}", c.nccl.describe())).unwrap_or_default()
     }
 
-    fn alloc(&mut self, len: usize) -> Result<BufId> {
+    fn alloc(&mut self, len: usize, dtype: DType) -> Result<BufId> {
         self.gpu.bind()?;
-        let bytes = len.checked_mul(4).ok_or(Error::OutOfMemory {
-            model: String::new(),
-            batch: 0,
-            needed: u64::MAX,
-            free: self.gpu.mem_info()?.0,
-        })?;
+        let bytes = match dtype.bytes(len) {
+            Ok(b) => b,
+            Err(_) => {
+                let free = self.gpu.mem_info()?.0;
+                return Err(Error::OutOfMemory { model: String::new(), batch: 0, needed: u64::MAX, free });
+            }
+        };
         let p = self.mem.alloc(&self.gpu, bytes)?;
-        self.bufs.push((p, len));
+        self.bufs.push((p, len, dtype));
         Ok(BufId(self.bufs.len() - 1))
     }
 
@@ -395,26 +383,45 @@ impl Backend for CudaBackend {
         self.bufs[buf.0].1
     }
 
+    fn dtype(&self, buf: BufId) -> DType {
+        self.bufs[buf.0].2
+    }
+
+    fn computes(&self, dtype: DType) -> bool {
+        dtype == DType::F32
+    }
+
     fn free(&mut self, buf: BufId) -> Result<()> {
         self.gpu.bind()?;
-        let (p, _) = self.bufs[buf.0];
+        let (p, _, dtype) = self.bufs[buf.0];
         self.mem.free_now(&self.gpu, p)?;
-        self.bufs[buf.0] = (0, 0);
+        self.bufs[buf.0] = (0, 0, dtype);
         Ok(())
     }
 
-    fn write(&mut self, buf: BufId, data: &[f32]) -> Result<()> {
+    fn write_host(&mut self, buf: BufId, data: HostSlice<'_>) -> Result<()> {
         self.gpu.bind()?;
-        let p = self.check_write(buf, data.len())?;
-        self.mem.upload(&self.gpu, p, f32_bytes(data))
+        let (p, len, dtype) = self.buf(buf)?;
+        if len != data.len() {
+            return Err(Error::shape("buffer write", len, data.len()));
+        }
+        // Values already of the buffer's dtype go straight from the caller's slice.
+        if data.dtype() == dtype {
+            return self.mem.upload(&self.gpu, p, data.as_bytes());
+        }
+        let converted = data.convert(dtype)?;
+        self.mem.upload(&self.gpu, p, converted.as_slice().as_bytes())
     }
 
-    fn read(&mut self, buf: BufId) -> Result<Vec<f32>> {
+    fn read_host(&mut self, buf: BufId, dtype: DType) -> Result<HostVec> {
         self.gpu.bind()?;
-        let (p, len) = *self.bufs.get(buf.0).ok_or_else(|| Error::State(format!("no buffer {}", buf.0)))?;
-        let mut out = vec![0f32; len];
-        self.mem.download(&self.gpu, p, f32_bytes_mut(&mut out))?;
-        Ok(out)
+        let (p, len, held) = self.buf(buf)?;
+        if held != dtype && !(held.is_float() && dtype.is_float()) {
+            return Err(Error::shape("buffer read", format!("{dtype} values"), format!("{held} values")));
+        }
+        let mut out = HostVec::zeros(held, len);
+        self.mem.download(&self.gpu, p, out.as_bytes_mut())?;
+        if held == dtype { Ok(out) } else { out.as_slice().convert(dtype) }
     }
 
     fn new_counter(&mut self) -> Result<CounterId> {

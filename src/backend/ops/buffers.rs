@@ -3,6 +3,7 @@
 //! ([`Op::visit_bufs`]) and the CUDA backend orders its collectives with ([`Op::buffers`]).
 
 use super::*;
+use crate::backend::DType;
 use crate::{Error, Result};
 
 /// How an op uses a buffer.
@@ -321,11 +322,17 @@ impl Op {
         each_buffer!(self, g, mut)
     }
 
-    /// Checks the op against the buffers a backend holds (`len_of` gives a buffer's length in
-    /// values, `None` for one that does not exist): every buffer must exist and be long enough,
-    /// and the op must be consistent in itself. A wrong op list is then an error, never a write
-    /// past an allocation. Both backends call this before executing an op.
-    pub fn validate(&self, len_of: impl Fn(BufId) -> Option<usize>) -> Result<()> {
+    /// Checks the op against the buffers a backend holds (`info` gives a buffer's length in
+    /// values and its dtype, `None` for one that does not exist; `computes` says which dtypes
+    /// the backend's ops work on): every buffer must exist, be long enough and hold a dtype the
+    /// backend computes with, and the op must be consistent in itself. A wrong op list is then
+    /// an error, never a read or write past an allocation. Both backends call this before
+    /// executing an op.
+    pub fn validate(
+        &self,
+        info: impl Fn(BufId) -> Option<(usize, DType)>,
+        computes: impl Fn(DType) -> bool,
+    ) -> Result<()> {
         if let Op::OptimizerStep(o) = self {
             let want = o.rule.state_tensors();
             if let Some(p) = o.params.iter().find(|p| p.state.len() != want) {
@@ -338,19 +345,22 @@ impl Op {
         }
         let mut bad = None;
         self.each_buffer(&mut |u| {
-            let have = len_of(u.buf);
-            if bad.is_none() && have.is_none_or(|h| h < u.len) {
+            let have = info(u.buf);
+            if bad.is_none() && have.is_none_or(|(len, dtype)| len < u.len || !computes(dtype)) {
                 bad = Some((u, have));
             }
         });
-        match bad {
-            None => Ok(()),
-            Some((u, have)) => Err(Error::shape(
-                format!("buffer {} of op {}", u.buf.0, self.name()),
-                format!("at least {} values", u.len),
-                have.map_or("no such buffer".to_string(), |h| format!("{h} values")),
-            )),
-        }
+        let Some((u, have)) = bad else { return Ok(()) };
+        let what = format!("buffer {} of op {}", u.buf.0, self.name());
+        Err(match have {
+            None => Error::shape(what, format!("at least {} values", u.len), "no such buffer"),
+            Some((len, _)) if len < u.len => {
+                Error::shape(what, format!("at least {} values", u.len), format!("{len} values"))
+            }
+            Some((_, dtype)) => {
+                Error::shape(what, "values of a dtype the backend computes with", format!("{dtype} values"))
+            }
+        })
     }
 
     /// A short description of the op's shapes, for debug logs.
