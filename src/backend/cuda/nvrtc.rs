@@ -233,6 +233,7 @@ const PRELUDE_BASE: &str = r#"
 typedef long long i64;
 typedef unsigned long long u64;
 #define INFINITY __int_as_float(0x7f800000)
+#define NAN __int_as_float(0x7fc00000)
 #define GRID_LOOP(i, n) for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (i64)gridDim.x * blockDim.x)
 __device__ __forceinline__ void store(float* d, float v, int acc) { if (acc) *d += v; else *d = v; }
 
