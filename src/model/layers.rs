@@ -6,7 +6,9 @@
 
 use serde::{Deserialize, Serialize};
 
+pub(crate) mod batch_norm;
 pub(crate) mod group_norm;
+pub use batch_norm::BatchNorm;
 pub use group_norm::GroupNorm;
 
 /// How a convolution or pooling window is padded.
@@ -123,47 +125,6 @@ impl Linear {
     }
     pub fn bias(mut self, b: bool) -> Self {
         self.bias = b;
-        self
-    }
-}
-
-/// Batch normalisation over channels (4-D input) or features (2-D input), as PyTorch's
-/// `BatchNorm2d` / `BatchNorm1d`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct BatchNorm {
-    pub eps: f32,
-    /// Weight of the newest batch in the running statistics (PyTorch's `momentum`, 0.1).
-    pub momentum: f32,
-    /// Learnable scale and shift (`weight`, `bias`).
-    pub affine: bool,
-    /// Keep running statistics for evaluation; without them evaluation uses batch statistics.
-    pub track_running_stats: bool,
-}
-
-impl Default for BatchNorm {
-    fn default() -> Self {
-        BatchNorm { eps: 1e-5, momentum: 0.1, affine: true, track_running_stats: true }
-    }
-}
-
-impl BatchNorm {
-    pub fn new() -> Self {
-        Self::default()
-    }
-    pub fn eps(mut self, eps: f32) -> Self {
-        self.eps = eps;
-        self
-    }
-    pub fn momentum(mut self, m: f32) -> Self {
-        self.momentum = m;
-        self
-    }
-    pub fn affine(mut self, a: bool) -> Self {
-        self.affine = a;
-        self
-    }
-    pub fn track_running_stats(mut self, t: bool) -> Self {
-        self.track_running_stats = t;
         self
     }
 }

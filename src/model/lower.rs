@@ -14,8 +14,8 @@
 use std::collections::HashSet;
 
 use super::{Activation, Layer, Node, ParamRole, shape};
-use crate::backend::{ActFn, BnGeom, BufId, ConvGeom, CounterId, GradOut, Op, PoolGeom, ops};
-use crate::{Error, Result};
+use crate::Result;
+use crate::backend::{ActFn, BufId, ConvGeom, CounterId, GradOut, Op, PoolGeom, ops};
 
 /// Training (batch statistics, dropout on, backward planned) or evaluation (forward only).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -210,49 +210,7 @@ pub fn forward(cx: &mut Forward) -> Result<()> {
             cx.push(Op::Dropout(ops::Dropout { rate: *rate, len, seed, counter, x, y, mask }));
         }
         Layer::GroupNorm(gn) => super::layers::group_norm::forward(gn, cx)?,
-        Layer::BatchNorm(bn) => {
-            let g = bn_geom(ins, batch, bn.eps);
-            if cx.mode == Mode::Train && g.n * g.hw < 2 {
-                return Err(Error::layer(
-                    &node.name,
-                    format!(
-                        "batch norm in training needs more than one value per channel; \
-                         batch {batch} of shape {ins:?} gives {}",
-                        g.n * g.hw
-                    ),
-                ));
-            }
-            let (x, y) = (cx.input(0), cx.output());
-            let gamma = cx.param(ParamRole::Weight);
-            let beta = cx.param(ParamRole::Bias);
-            let rm = cx.param(ParamRole::RunningMean);
-            let rv = cx.param(ParamRole::RunningVar);
-            match (cx.mode, rm, rv) {
-                (Mode::Eval, Some(running_mean), Some(running_var)) => {
-                    cx.push(Op::BatchNormInfer(ops::BatchNormInfer { g, x, gamma, beta, running_mean, running_var, y }))
-                }
-                _ => {
-                    let mean = cx.save(g.c, "mean");
-                    let invstd = cx.save(g.c, "invstd");
-                    let running = match (cx.mode, rm, rv) {
-                        (Mode::Train, Some(rm), Some(rv)) if cx.update_running_stats => Some((rm, rv, bn.momentum)),
-                        _ => None,
-                    };
-                    let sync = cx.sync_batch_norm && cx.mode == Mode::Train;
-                    cx.push(Op::BatchNormTrain(ops::BatchNormTrain {
-                        g,
-                        x,
-                        gamma,
-                        beta,
-                        y,
-                        mean,
-                        invstd,
-                        running,
-                        sync,
-                    }));
-                }
-            }
-        }
+        Layer::BatchNorm(bn) => super::layers::batch_norm::forward(bn, cx)?,
         Layer::MaxPool2d(p) => {
             let (x, y) = (cx.input(0), cx.output());
             let argmax = cx.save(cx.numel(), "argmax");
@@ -334,28 +292,7 @@ pub fn backward(cx: &mut Backward) -> Result<()> {
             }
         }
         Layer::GroupNorm(gn) => super::layers::group_norm::backward(gn, cx)?,
-        Layer::BatchNorm(bn) => {
-            let g = bn_geom(ins, batch, bn.eps);
-            let dx = cx.dx(0);
-            let (dgamma, dbeta) = (cx.param_grad(ParamRole::Weight), cx.param_grad(ParamRole::Bias));
-            if dx.is_some() || dgamma.is_some() {
-                let gamma = cx.param(ParamRole::Weight);
-                let (mean, invstd) = (cx.saved(0), cx.saved(1));
-                let sync = cx.sync_batch_norm;
-                cx.push(Op::BatchNormBackward(ops::BatchNormBackward {
-                    g,
-                    x,
-                    gamma,
-                    mean,
-                    invstd,
-                    dy,
-                    dx,
-                    dgamma,
-                    dbeta,
-                    sync,
-                }));
-            }
-        }
+        Layer::BatchNorm(bn) => super::layers::batch_norm::backward(bn, cx)?,
         Layer::MaxPool2d(p) => {
             if let Some(dx) = cx.dx(0) {
                 let g = pool_geom(ins, &node.shape, batch, p.kernel, p.stride, p.padding);
@@ -467,8 +404,4 @@ fn softmax_dims(batch: usize, ins: &[usize], axis: isize) -> (usize, usize, usiz
     full.extend_from_slice(ins);
     let ax = if axis < 0 { (axis + full.len() as isize) as usize } else { axis as usize };
     (full[..ax].iter().product(), full[ax], full[ax + 1..].iter().product())
-}
-
-fn bn_geom(ins: &[usize], batch: usize, eps: f32) -> BnGeom {
-    BnGeom { n: batch, c: ins[0], hw: ins[1..].iter().product(), eps }
 }

@@ -3,7 +3,7 @@
 //!
 //! Shapes here are per sample (no batch axis): `[C, H, W]` for images, `[F]` for features.
 
-use super::layers::{Activation, BatchNorm, Conv2d, Layer, Linear, Padding, Pool2d};
+use super::layers::{Activation, Conv2d, Layer, Linear, Padding, Pool2d};
 use crate::{Error, Result};
 
 /// A convolution's geometry resolved against its input: symmetric padding and output size.
@@ -13,7 +13,7 @@ pub struct ConvResolved {
     pub out_hw: (usize, usize),
 }
 
-fn dims_str(s: &[usize]) -> String {
+pub(crate) fn dims_str(s: &[usize]) -> String {
     format!("{s:?}")
 }
 
@@ -167,25 +167,6 @@ fn check_activation(name: &str, a: &Activation) -> Result<()> {
     }
 }
 
-fn check_batch_norm(name: &str, bn: &BatchNorm, input: &[usize]) -> Result<()> {
-    if input.len() != 1 && input.len() != 3 {
-        return Err(Error::layer(
-            name,
-            format!(
-                "batch_norm needs a [batch, features] or [batch, C, H, W] input, got per-sample shape {}",
-                dims_str(input)
-            ),
-        ));
-    }
-    if !(bn.eps > 0.0 && bn.eps.is_finite()) {
-        return Err(Error::layer(name, format!("eps must be positive and finite, got {}", bn.eps)));
-    }
-    if !(0.0..=1.0).contains(&bn.momentum) {
-        return Err(Error::layer(name, format!("momentum must be in [0, 1], got {}", bn.momentum)));
-    }
-    Ok(())
-}
-
 /// The per-sample output shape of `layer` (named `name`) for the given per-sample input shapes,
 /// or the reason the layer cannot take them.
 pub fn infer(name: &str, layer: &Layer, inputs: &[&[usize]]) -> Result<Vec<usize>> {
@@ -255,11 +236,7 @@ pub fn infer(name: &str, layer: &Layer, inputs: &[&[usize]]) -> Result<Vec<usize
             Ok(one()?.to_vec())
         }
         Layer::GroupNorm(gn) => super::layers::group_norm::infer(name, gn, one()?),
-        Layer::BatchNorm(bn) => {
-            let x = one()?;
-            check_batch_norm(name, bn, x)?;
-            Ok(x.to_vec())
-        }
+        Layer::BatchNorm(bn) => super::layers::batch_norm::infer(name, bn, one()?),
         Layer::MaxPool2d(p) | Layer::AvgPool2d(p) => {
             let x = one()?;
             let (oh, ow) = resolve_pool(name, p, x)?;

@@ -1,0 +1,142 @@
+//! BatchNorm: options, shape rule and lowering to ops (training with batch statistics, optionally
+//! synchronised over a data-parallel group; evaluation with running statistics). Its parameters'
+//! names and initial values are in `model/params.rs`, its FLOPs in `model/summary.rs`; its
+//! kernels are `backend/{cpu,cuda}/batch_norm.rs` (and `cuda/sync_batch_norm.rs`).
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::Op;
+use crate::backend::ops::{self, BnGeom};
+use crate::model::ParamRole;
+use crate::model::lower::{Backward, Forward, Mode};
+use crate::model::shape::dims_str;
+use crate::{Error, Result};
+
+/// Batch normalisation over channels (4-D input) or features (2-D input), as PyTorch's
+/// `BatchNorm2d` / `BatchNorm1d`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BatchNorm {
+    pub eps: f32,
+    /// Weight of the newest batch in the running statistics (PyTorch's `momentum`, 0.1).
+    pub momentum: f32,
+    /// Learnable scale and shift (`weight`, `bias`).
+    pub affine: bool,
+    /// Keep running statistics for evaluation; without them evaluation uses batch statistics.
+    pub track_running_stats: bool,
+}
+
+impl Default for BatchNorm {
+    fn default() -> Self {
+        BatchNorm { eps: 1e-5, momentum: 0.1, affine: true, track_running_stats: true }
+    }
+}
+
+impl BatchNorm {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn eps(mut self, eps: f32) -> Self {
+        self.eps = eps;
+        self
+    }
+    pub fn momentum(mut self, m: f32) -> Self {
+        self.momentum = m;
+        self
+    }
+    pub fn affine(mut self, a: bool) -> Self {
+        self.affine = a;
+        self
+    }
+    pub fn track_running_stats(mut self, t: bool) -> Self {
+        self.track_running_stats = t;
+        self
+    }
+}
+
+/// Shape rule: a `[batch, features]` or `[batch, C, H, W]` input, kept as the output's shape.
+pub(crate) fn infer(name: &str, bn: &BatchNorm, input: &[usize]) -> Result<Vec<usize>> {
+    if input.len() != 1 && input.len() != 3 {
+        return Err(Error::layer(
+            name,
+            format!(
+                "batch_norm needs a [batch, features] or [batch, C, H, W] input, got per-sample shape {}",
+                dims_str(input)
+            ),
+        ));
+    }
+    if !(bn.eps > 0.0 && bn.eps.is_finite()) {
+        return Err(Error::layer(name, format!("eps must be positive and finite, got {}", bn.eps)));
+    }
+    if !(0.0..=1.0).contains(&bn.momentum) {
+        return Err(Error::layer(name, format!("momentum must be in [0, 1], got {}", bn.momentum)));
+    }
+    Ok(input.to_vec())
+}
+
+fn geom(ins: &[usize], batch: usize, eps: f32) -> BnGeom {
+    BnGeom { n: batch, c: ins[0], hw: ins[1..].iter().product(), eps }
+}
+
+/// Lowering of the forward pass: [`Op::BatchNormInfer`] in evaluation with running statistics,
+/// else [`Op::BatchNormTrain`] (batch statistics saved for backward).
+pub(crate) fn forward(bn: &BatchNorm, cx: &mut Forward<'_>) -> Result<()> {
+    let (node, batch, ins) = (cx.node, cx.batch, cx.in_shapes[0]);
+    let g = geom(ins, batch, bn.eps);
+    if cx.mode == Mode::Train && g.n * g.hw < 2 {
+        return Err(Error::layer(
+            &node.name,
+            format!(
+                "batch norm in training needs more than one value per channel; \
+                 batch {batch} of shape {ins:?} gives {}",
+                g.n * g.hw
+            ),
+        ));
+    }
+    let (x, y) = (cx.input(0), cx.output());
+    let gamma = cx.param(ParamRole::Weight);
+    let beta = cx.param(ParamRole::Bias);
+    let rm = cx.param(ParamRole::RunningMean);
+    let rv = cx.param(ParamRole::RunningVar);
+    match (cx.mode, rm, rv) {
+        (Mode::Eval, Some(running_mean), Some(running_var)) => {
+            cx.push(Op::BatchNormInfer(ops::BatchNormInfer { g, x, gamma, beta, running_mean, running_var, y }))
+        }
+        _ => {
+            let mean = cx.save(g.c, "mean");
+            let invstd = cx.save(g.c, "invstd");
+            let running = match (cx.mode, rm, rv) {
+                (Mode::Train, Some(rm), Some(rv)) if cx.update_running_stats => Some((rm, rv, bn.momentum)),
+                _ => None,
+            };
+            let sync = cx.sync_batch_norm && cx.mode == Mode::Train;
+            cx.push(Op::BatchNormTrain(ops::BatchNormTrain { g, x, gamma, beta, y, mean, invstd, running, sync }));
+        }
+    }
+    Ok(())
+}
+
+/// Lowering of the backward pass: one [`Op::BatchNormBackward`].
+pub(crate) fn backward(bn: &BatchNorm, cx: &mut Backward<'_>) -> Result<()> {
+    let g = geom(cx.in_shapes[0], cx.batch, bn.eps);
+    let (x, dy) = (cx.input(0), cx.dy());
+    let dx = cx.dx(0);
+    let (dgamma, dbeta) = (cx.param_grad(ParamRole::Weight), cx.param_grad(ParamRole::Bias));
+    if dx.is_some() || dgamma.is_some() {
+        let gamma = cx.param(ParamRole::Weight);
+        let (mean, invstd) = (cx.saved(0), cx.saved(1));
+        let sync = cx.sync_batch_norm;
+        cx.push(Op::BatchNormBackward(ops::BatchNormBackward {
+            g,
+            x,
+            gamma,
+            mean,
+            invstd,
+            dy,
+            dx,
+            dgamma,
+            dbeta,
+            sync,
+        }));
+    }
+    Ok(())
+}
