@@ -119,8 +119,14 @@ pub fn cases() -> Vec<Case> {
             img(2, 4, 3, 3).conv2d(4, 1).group_norm_with(GroupNorm::new(2).eps(1e-3).affine(false))
         }),
         bn_case("group_norm_features", || ModelBuilder::new(&[3, 5]).dense(8).group_norm(4).relu().dense(2)),
-        bn_case("group_norm_instance_and_layer", || {
+        // Instance norm (a group per channel) removes a per-channel constant, so the gradient of a
+        // bias in front of it is zero up to rounding: compared relative to its largest value it is
+        // noise (2.3e-3 on the H200). As for batch norm: biased for finite differences only.
+        gradcheck_only("group_norm_instance_and_layer_biased", 5e-5, || {
             img(2, 3, 4, 4).conv2d(3, 1).group_norm(3).conv2d(4, 1).group_norm(1)
+        }),
+        bn_case("group_norm_instance_and_layer", || {
+            img(2, 3, 4, 4).conv2d_with(no_bias(3, 1)).group_norm(3).conv2d(4, 1).group_norm(1)
         }),
         parity_only("group_norm_large", || img(8, 32, 16, 16).conv2d_with(no_bias(32, 3)).group_norm(8)),
         // Pooling.
