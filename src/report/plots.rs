@@ -194,25 +194,25 @@ pub fn confusion(counts: &[u64], names: &[String]) -> Result<Vec<u8>> {
                     .map_err(|e| fail("confusion", e))?;
             }
         }
-        // Counts at the cell centres, in pixels (the integer axes cannot address half cells).
-        let area = chart.plotting_area();
-        let (w, h) = area.dim_in_pixel();
-        let (cw, ch) = (w as f64 / k as f64, h as f64 / k as f64);
-        let font_px = (ch * 0.35).clamp(9.0, 18.0);
+        // Counts at the cell centres: the centre of each cell's corners as the chart maps them
+        // to pixels (the segmented axes have a dummy last segment, so cells are not 1/k wide).
+        let cell_px = |p: usize, row: usize| {
+            let a = chart.backend_coord(&(SegmentValue::Exact(p), SegmentValue::Exact(row)));
+            let b = chart.backend_coord(&(SegmentValue::Exact(p + 1), SegmentValue::Exact(row + 1)));
+            ((a.0 + b.0) / 2, (a.1 + b.1) / 2, (b.1 - a.1).abs())
+        };
         for t in 0..k {
             for p in 0..k {
                 let v = counts[t * k + p];
+                let (cx, cy, ch) = cell_px(p, k - 1 - t);
+                let font_px = (ch as f64 * 0.35).clamp(9.0, 18.0);
                 let colour = if (v as f64 / max) > 0.55 { &WHITE } else { &BLACK };
                 let style =
                     ("sans-serif", font_px).into_font().color(colour).pos(plotters::style::text_anchor::Pos::new(
                         plotters::style::text_anchor::HPos::Center,
                         plotters::style::text_anchor::VPos::Center,
                     ));
-                let at = ((p as f64 + 0.5) * cw) as i32;
-                let y = ((t as f64 + 0.5) * ch) as i32;
-                area.strip_coord_spec()
-                    .draw(&Text::new(v.to_string(), (at, y), style))
-                    .map_err(|e| fail("confusion", e))?;
+                root.draw(&Text::new(v.to_string(), (cx, cy), style)).map_err(|e| fail("confusion", e))?;
             }
         }
         Ok(())
