@@ -7,9 +7,15 @@
 use serde::{Deserialize, Serialize};
 
 pub(crate) mod batch_norm;
+pub(crate) mod conv2d;
 pub(crate) mod group_norm;
+pub(crate) mod linear;
+pub(crate) mod pool;
 pub use batch_norm::BatchNorm;
+pub use conv2d::Conv2d;
 pub use group_norm::GroupNorm;
+pub use linear::Linear;
+pub use pool::Pool2d;
 
 /// How a convolution or pooling window is padded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,131 +49,6 @@ impl From<&str> for Padding {
             "valid" => Padding::Valid,
             _ => Padding::Explicit(usize::MAX, usize::MAX),
         }
-    }
-}
-
-/// A 2-D convolution: `out_channels` filters of `kernel` size over NCHW input.
-///
-/// Weight `[out, in/groups, kh, kw]`, bias `[out]`, initialised as PyTorch's `nn.Conv2d`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Conv2d {
-    pub out_channels: usize,
-    pub kernel: (usize, usize),
-    pub stride: (usize, usize),
-    pub padding: Padding,
-    pub dilation: (usize, usize),
-    pub groups: usize,
-    pub bias: bool,
-}
-
-impl Conv2d {
-    /// `out_channels` filters of `kernel x kernel`, stride 1, no padding, with bias.
-    pub fn new(out_channels: usize, kernel: usize) -> Self {
-        Conv2d {
-            out_channels,
-            kernel: (kernel, kernel),
-            stride: (1, 1),
-            padding: Padding::Valid,
-            dilation: (1, 1),
-            groups: 1,
-            bias: true,
-        }
-    }
-    /// A non-square kernel `(height, width)`.
-    pub fn kernel_hw(mut self, kh: usize, kw: usize) -> Self {
-        self.kernel = (kh, kw);
-        self
-    }
-    pub fn stride(mut self, s: usize) -> Self {
-        self.stride = (s, s);
-        self
-    }
-    pub fn stride_hw(mut self, sh: usize, sw: usize) -> Self {
-        self.stride = (sh, sw);
-        self
-    }
-    /// `1`, `(1, 2)`, `"same"`, `"valid"` or a [`Padding`].
-    pub fn padding(mut self, p: impl Into<Padding>) -> Self {
-        self.padding = p.into();
-        self
-    }
-    pub fn dilation(mut self, d: usize) -> Self {
-        self.dilation = (d, d);
-        self
-    }
-    pub fn dilation_hw(mut self, dh: usize, dw: usize) -> Self {
-        self.dilation = (dh, dw);
-        self
-    }
-    /// Grouped convolution; `groups == in_channels == out_channels` is depthwise.
-    pub fn groups(mut self, g: usize) -> Self {
-        self.groups = g;
-        self
-    }
-    pub fn bias(mut self, b: bool) -> Self {
-        self.bias = b;
-        self
-    }
-}
-
-/// A fully connected layer; flattens its input to `[batch, features]` itself.
-///
-/// Weight `[out, in]`, bias `[out]`, initialised as PyTorch's `nn.Linear`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Linear {
-    pub out_features: usize,
-    pub bias: bool,
-}
-
-impl Linear {
-    pub fn new(out_features: usize) -> Self {
-        Linear { out_features, bias: true }
-    }
-    pub fn bias(mut self, b: bool) -> Self {
-        self.bias = b;
-        self
-    }
-}
-
-/// Max or average pooling window.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Pool2d {
-    pub kernel: (usize, usize),
-    /// Defaults to the kernel size, as in PyTorch.
-    pub stride: (usize, usize),
-    pub padding: (usize, usize),
-    /// Average pooling only: count padded zeros in the divisor (PyTorch's default, true).
-    pub count_include_pad: bool,
-}
-
-impl Pool2d {
-    /// A `kernel x kernel` window with stride equal to the kernel and no padding.
-    pub fn new(kernel: usize) -> Self {
-        Pool2d { kernel: (kernel, kernel), stride: (kernel, kernel), padding: (0, 0), count_include_pad: true }
-    }
-    pub fn kernel_hw(mut self, kh: usize, kw: usize) -> Self {
-        self.kernel = (kh, kw);
-        self
-    }
-    pub fn stride(mut self, s: usize) -> Self {
-        self.stride = (s, s);
-        self
-    }
-    pub fn stride_hw(mut self, sh: usize, sw: usize) -> Self {
-        self.stride = (sh, sw);
-        self
-    }
-    pub fn padding(mut self, p: usize) -> Self {
-        self.padding = (p, p);
-        self
-    }
-    pub fn padding_hw(mut self, ph: usize, pw: usize) -> Self {
-        self.padding = (ph, pw);
-        self
-    }
-    pub fn count_include_pad(mut self, c: bool) -> Self {
-        self.count_include_pad = c;
-        self
     }
 }
 

@@ -13,9 +13,9 @@
 
 use std::collections::HashSet;
 
-use super::{Activation, Layer, Node, ParamRole, shape};
+use super::{Activation, Layer, Node, ParamRole, layers};
 use crate::Result;
-use crate::backend::{ActFn, BufId, ConvGeom, CounterId, GradOut, Op, PoolGeom, ops};
+use crate::backend::{ActFn, BufId, CounterId, GradOut, Op, ops};
 
 /// Training (batch statistics, dropout on, backward planned) or evaluation (forward only).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -180,19 +180,8 @@ pub fn forward(cx: &mut Forward) -> Result<()> {
         Layer::Input => unreachable!("the compiler places the input"),
         Layer::Flatten | Layer::Reshape(_) => cx.alias_input(),
         Layer::Dropout { .. } if cx.mode == Mode::Eval => cx.alias_input(),
-        Layer::Conv2d(c) => {
-            let g = conv_geom(node, ins, batch)?;
-            let (x, y) = (cx.input(0), cx.output());
-            let w = cx.param(ParamRole::Weight).expect("conv weight");
-            let b = if c.bias { cx.param(ParamRole::Bias) } else { None };
-            cx.push(Op::Conv2d(ops::Conv2d { g, x, w, b, y }));
-        }
-        Layer::Linear(l) => {
-            let (x, y) = (cx.input(0), cx.output());
-            let w = cx.param(ParamRole::Weight).expect("linear weight");
-            let b = if l.bias { cx.param(ParamRole::Bias) } else { None };
-            cx.push(Op::Linear(ops::Linear { m: batch, k: ins.iter().product(), n: l.out_features, x, w, b, y }));
-        }
+        Layer::Conv2d(c) => layers::conv2d::forward(c, cx)?,
+        Layer::Linear(l) => layers::linear::forward(l, cx)?,
         Layer::Activation(a) => {
             let (x, y) = (cx.input(0), cx.output());
             cx.push(Op::Act(ops::Act { f: act_fn(a), len: cx.numel(), x, y }));
@@ -209,24 +198,11 @@ pub fn forward(cx: &mut Forward) -> Result<()> {
             let (seed, counter) = cx.dropout.expect("dropout counter");
             cx.push(Op::Dropout(ops::Dropout { rate: *rate, len, seed, counter, x, y, mask }));
         }
-        Layer::GroupNorm(gn) => super::layers::group_norm::forward(gn, cx)?,
-        Layer::BatchNorm(bn) => super::layers::batch_norm::forward(bn, cx)?,
-        Layer::MaxPool2d(p) => {
-            let (x, y) = (cx.input(0), cx.output());
-            let argmax = cx.save(cx.numel(), "argmax");
-            let g = pool_geom(ins, &node.shape, batch, p.kernel, p.stride, p.padding);
-            cx.push(Op::MaxPool(ops::MaxPool { g, x, y, argmax }));
-        }
-        Layer::AvgPool2d(p) => {
-            let (x, y) = (cx.input(0), cx.output());
-            let g = pool_geom(ins, &node.shape, batch, p.kernel, p.stride, p.padding);
-            cx.push(Op::AvgPool(ops::AvgPool { g, count_include_pad: p.count_include_pad, x, y }));
-        }
-        Layer::GlobalAvgPool => {
-            let (x, y) = (cx.input(0), cx.output());
-            let g = pool_geom(ins, &[], batch, (ins[1], ins[2]), (1, 1), (0, 0));
-            cx.push(Op::AvgPool(ops::AvgPool { g, count_include_pad: true, x, y }));
-        }
+        Layer::GroupNorm(gn) => layers::group_norm::forward(gn, cx)?,
+        Layer::BatchNorm(bn) => layers::batch_norm::forward(bn, cx)?,
+        Layer::MaxPool2d(p) => layers::pool::max_forward(p, cx)?,
+        Layer::AvgPool2d(p) => layers::pool::avg_forward(p, cx)?,
+        Layer::GlobalAvgPool => layers::pool::global_forward(cx)?,
         Layer::Add => {
             let y = cx.output();
             cx.push(Op::Add(ops::Add { len: cx.numel(), inputs: cx.inputs().to_vec(), y }));
@@ -250,31 +226,8 @@ pub fn backward(cx: &mut Backward) -> Result<()> {
     let (x, y, dy) = (cx.inputs.first().copied().unwrap_or(cx.output), cx.output, cx.dy);
     match &node.layer {
         Layer::Input | Layer::Flatten | Layer::Reshape(_) => {}
-        Layer::Conv2d(_) => {
-            let g = conv_geom(node, ins, batch)?;
-            let w = cx.param(ParamRole::Weight).expect("conv weight");
-            let dx = cx.dx(0);
-            let dw = cx.param_grad(ParamRole::Weight).expect("conv weight gradient");
-            let db = cx.param_grad(ParamRole::Bias);
-            cx.push(Op::Conv2dBackward(ops::Conv2dBackward { g, x, w, dy, dx, dw, db }));
-        }
-        Layer::Linear(l) => {
-            let w = cx.param(ParamRole::Weight).expect("linear weight");
-            let dx = cx.dx(0);
-            let dw = cx.param_grad(ParamRole::Weight).expect("linear weight gradient");
-            let db = cx.param_grad(ParamRole::Bias);
-            cx.push(Op::LinearBackward(ops::LinearBackward {
-                m: batch,
-                k: ins.iter().product(),
-                n: l.out_features,
-                x,
-                w,
-                dy,
-                dx,
-                dw,
-                db,
-            }));
-        }
+        Layer::Conv2d(c) => layers::conv2d::backward(c, cx)?,
+        Layer::Linear(l) => layers::linear::backward(l, cx)?,
         Layer::Activation(a) => {
             if let Some(dx) = cx.dx(0) {
                 cx.push(Op::ActBackward(ops::ActBackward { f: act_fn(a), len: cx.numel(), x, y, dy, dx }));
@@ -291,31 +244,11 @@ pub fn backward(cx: &mut Backward) -> Result<()> {
                 cx.push(Op::DropoutBackward(ops::DropoutBackward { len: cx.numel(), mask: cx.saved(0), dy, dx }));
             }
         }
-        Layer::GroupNorm(gn) => super::layers::group_norm::backward(gn, cx)?,
-        Layer::BatchNorm(bn) => super::layers::batch_norm::backward(bn, cx)?,
-        Layer::MaxPool2d(p) => {
-            if let Some(dx) = cx.dx(0) {
-                let g = pool_geom(ins, &node.shape, batch, p.kernel, p.stride, p.padding);
-                cx.push(Op::MaxPoolBackward(ops::MaxPoolBackward { g, argmax: cx.saved(0), dy, dx }));
-            }
-        }
-        Layer::AvgPool2d(p) => {
-            if let Some(dx) = cx.dx(0) {
-                let g = pool_geom(ins, &node.shape, batch, p.kernel, p.stride, p.padding);
-                cx.push(Op::AvgPoolBackward(ops::AvgPoolBackward {
-                    g,
-                    count_include_pad: p.count_include_pad,
-                    dy,
-                    dx,
-                }));
-            }
-        }
-        Layer::GlobalAvgPool => {
-            if let Some(dx) = cx.dx(0) {
-                let g = pool_geom(ins, &[], batch, (ins[1], ins[2]), (1, 1), (0, 0));
-                cx.push(Op::AvgPoolBackward(ops::AvgPoolBackward { g, count_include_pad: true, dy, dx }));
-            }
-        }
+        Layer::GroupNorm(gn) => layers::group_norm::backward(gn, cx)?,
+        Layer::BatchNorm(bn) => layers::batch_norm::backward(bn, cx)?,
+        Layer::MaxPool2d(p) => layers::pool::max_backward(p, cx)?,
+        Layer::AvgPool2d(p) => layers::pool::avg_backward(p, cx)?,
+        Layer::GlobalAvgPool => layers::pool::global_backward(cx)?,
         Layer::Add => {
             for k in 0..cx.inputs.len() {
                 if let Some(dst) = cx.dx(k) {
@@ -348,53 +281,6 @@ fn act_fn(a: &Activation) -> ActFn {
         Activation::Tanh => ActFn::Tanh,
         Activation::Silu => ActFn::Silu,
         Activation::Gelu => ActFn::Gelu,
-    }
-}
-
-fn conv_geom(node: &Node, ins: &[usize], batch: usize) -> Result<ConvGeom> {
-    let Layer::Conv2d(c) = &node.layer else { unreachable!("conv_geom on a non-conv node") };
-    let r = shape::resolve_conv(&node.name, c, ins)?;
-    Ok(ConvGeom {
-        n: batch,
-        c: ins[0],
-        h: ins[1],
-        w: ins[2],
-        k: c.out_channels,
-        kh: c.kernel.0,
-        kw: c.kernel.1,
-        sh: c.stride.0,
-        sw: c.stride.1,
-        ph: r.pad.0,
-        pw: r.pad.1,
-        dh: c.dilation.0,
-        dw: c.dilation.1,
-        groups: c.groups,
-        oh: r.out_hw.0,
-        ow: r.out_hw.1,
-    })
-}
-
-fn pool_geom(
-    ins: &[usize],
-    out: &[usize],
-    batch: usize,
-    k: (usize, usize),
-    s: (usize, usize),
-    p: (usize, usize),
-) -> PoolGeom {
-    PoolGeom {
-        n: batch,
-        c: ins[0],
-        h: ins[1],
-        w: ins[2],
-        kh: k.0,
-        kw: k.1,
-        sh: s.0,
-        sw: s.1,
-        ph: p.0,
-        pw: p.1,
-        oh: out.get(1).copied().unwrap_or(1),
-        ow: out.get(2).copied().unwrap_or(1),
     }
 }
 

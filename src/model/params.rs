@@ -1,7 +1,7 @@
 //! Parameters: which tensors each layer owns, their PyTorch names and layouts, and their PyTorch
 //! default initialisation from a seed.
 
-use super::layers::Layer;
+use super::layers::{self, Layer};
 use crate::rng::{Rng, mix_seed};
 use serde::{Deserialize, Serialize};
 
@@ -40,67 +40,59 @@ impl ParamSpec {
     }
 }
 
-/// The parameters of node `node` named `name`, given its per-sample input shape.
-pub(crate) fn param_specs(node: usize, name: &str, layer: &Layer, input: &[usize]) -> Vec<ParamSpec> {
-    let spec = |suffix: &str, role, shape: Vec<usize>, trainable, fan_in| ParamSpec {
-        name: format!("{name}.{suffix}"),
-        node,
-        role,
-        shape,
-        trainable,
-        fan_in,
-    };
-    match layer {
-        Layer::Conv2d(c) => {
-            let cin = input[0] / c.groups;
-            let fan_in = cin * c.kernel.0 * c.kernel.1;
-            let mut v = vec![spec(
-                "weight",
-                ParamRole::Weight,
-                vec![c.out_channels, cin, c.kernel.0, c.kernel.1],
-                true,
-                fan_in,
-            )];
-            if c.bias {
-                v.push(spec("bias", ParamRole::Bias, vec![c.out_channels], true, fan_in));
-            }
-            v
-        }
-        Layer::Linear(l) => {
-            let fan_in: usize = input.iter().product();
-            let mut v = vec![spec("weight", ParamRole::Weight, vec![l.out_features, fan_in], true, fan_in)];
-            if l.bias {
-                v.push(spec("bias", ParamRole::Bias, vec![l.out_features], true, fan_in));
-            }
-            v
-        }
-        Layer::BatchNorm(bn) => {
-            let c = input[0];
-            let mut v = Vec::new();
-            if bn.affine {
-                v.push(spec("weight", ParamRole::Weight, vec![c], true, 1));
-                v.push(spec("bias", ParamRole::Bias, vec![c], true, 1));
-            }
-            if bn.track_running_stats {
-                v.push(spec("running_mean", ParamRole::RunningMean, vec![c], false, 1));
-                v.push(spec("running_var", ParamRole::RunningVar, vec![c], false, 1));
-            }
-            v
-        }
-        Layer::GroupNorm(gn) => super::layers::group_norm::params(gn, input)
-            .into_iter()
-            .map(|(suffix, role, shape)| spec(suffix, role, shape, true, 1))
-            .collect(),
-        _ => Vec::new(),
+/// One parameter as a layer declares it (its home in `model/layers/` says which it has); the
+/// model makes a [`ParamSpec`] of it by prefixing the layer's name.
+pub(crate) struct ParamDecl {
+    /// The name after the layer's: `weight`, `bias`, `running_mean`, ...
+    pub suffix: &'static str,
+    pub role: ParamRole,
+    pub shape: Vec<usize>,
+    /// Whether the optimizer updates it.
+    pub trainable: bool,
+    /// Fan-in used by the default initialiser.
+    pub fan_in: usize,
+}
+
+impl ParamDecl {
+    /// A trained parameter.
+    pub(crate) fn trained(suffix: &'static str, role: ParamRole, shape: Vec<usize>, fan_in: usize) -> Self {
+        ParamDecl { suffix, role, shape, trainable: true, fan_in }
     }
+    /// State the optimizer does not touch (running statistics).
+    pub(crate) fn state(suffix: &'static str, role: ParamRole, shape: Vec<usize>) -> Self {
+        ParamDecl { suffix, role, shape, trainable: false, fan_in: 1 }
+    }
+}
+
+/// The parameters of node `node` named `name`, given its per-sample input shape: the layer's
+/// declarations (from its home in `model/layers/`), named.
+pub(crate) fn param_specs(node: usize, name: &str, layer: &Layer, input: &[usize]) -> Vec<ParamSpec> {
+    let decls = match layer {
+        Layer::Conv2d(c) => layers::conv2d::params(c, input),
+        Layer::Linear(l) => layers::linear::params(l, input),
+        Layer::BatchNorm(bn) => layers::batch_norm::params(bn, input),
+        Layer::GroupNorm(gn) => layers::group_norm::params(gn, input),
+        _ => Vec::new(),
+    };
+    decls
+        .into_iter()
+        .map(|d| ParamSpec {
+            name: format!("{name}.{}", d.suffix),
+            node,
+            role: d.role,
+            shape: d.shape,
+            trainable: d.trainable,
+            fan_in: d.fan_in,
+        })
+        .collect()
 }
 
 /// PyTorch's default initial values for `spec`, drawn from a stream that depends only on `seed`
 /// and the parameter's index in the model, so the same seed always gives the same weights.
 ///
 /// `nn.Conv2d` and `nn.Linear` use `kaiming_uniform_(a=sqrt(5))` for weights, which is
-/// `U(-1/sqrt(fan_in), 1/sqrt(fan_in))`, and the same bound for biases. Batch norm starts at
-/// weight 1, bias 0, running mean 0, running variance 1.
+/// `U(-1/sqrt(fan_in), 1/sqrt(fan_in))`, and the same bound for biases: that is the default
+/// here. Layers that start from constants (the norms) say so in their homes' `init`.
 ///
 /// The memory is reserved fallibly: a parameter too large for the machine is an error (saying
 /// how many bytes it needs), never an aborted process.
@@ -114,10 +106,9 @@ pub(crate) fn init_param(spec: &ParamSpec, layer: &Layer, seed: u64, index: usiz
             spec.name, spec.shape
         ));
     }
-    match (layer, spec.role) {
-        (Layer::BatchNorm(_), ParamRole::Weight) | (_, ParamRole::RunningVar) => v.resize(n, 1.0),
-        (Layer::BatchNorm(_), ParamRole::Bias) | (_, ParamRole::RunningMean) => v.resize(n, 0.0),
-        (Layer::GroupNorm(_), role) => v.extend(super::layers::group_norm::init(role, n)),
+    match layer {
+        Layer::BatchNorm(_) => v.extend(layers::batch_norm::init(spec.role, n)),
+        Layer::GroupNorm(_) => v.extend(layers::group_norm::init(spec.role, n)),
         _ => {
             let bound = if spec.fan_in > 0 { 1.0 / (spec.fan_in as f32).sqrt() } else { 0.0 };
             let mut rng = Rng::new(mix_seed(seed, index as u64));

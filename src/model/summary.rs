@@ -1,7 +1,7 @@
 //! FLOP counts and the summary table.
 
-use super::layers::Layer;
-use super::{Model, shape};
+use super::Model;
+use super::layers::{self, Layer};
 
 fn numel(s: &[usize]) -> u64 {
     s.iter().product::<usize>() as u64
@@ -14,20 +14,14 @@ pub(super) fn node_flops(m: &Model, i: usize) -> u64 {
     let input = node.inputs.first().map(|&j| m.nodes[j].shape.as_slice()).unwrap_or(&[]);
     match &node.layer {
         Layer::Input | Layer::Flatten | Layer::Reshape(_) | Layer::Concat => 0,
-        Layer::Conv2d(c) => {
-            let per_out = 2 * (input[0] / c.groups * c.kernel.0 * c.kernel.1) as u64;
-            out * per_out + if c.bias { out } else { 0 }
-        }
-        Layer::Linear(l) => {
-            let fan_in = numel(input);
-            out * 2 * fan_in + if l.bias { out } else { 0 }
-        }
+        Layer::Conv2d(c) => layers::conv2d::flops(c, input, out),
+        Layer::Linear(l) => layers::linear::flops(l, input, out),
         Layer::Activation(_) | Layer::Dropout { .. } => out,
         Layer::Softmax { .. } => 3 * out,
-        Layer::BatchNorm(_) => 2 * out,
-        Layer::GroupNorm(_) => super::layers::group_norm::flops(out),
-        Layer::MaxPool2d(p) | Layer::AvgPool2d(p) => out * (p.kernel.0 * p.kernel.1) as u64,
-        Layer::GlobalAvgPool => numel(input),
+        Layer::BatchNorm(_) => layers::batch_norm::flops(out),
+        Layer::GroupNorm(_) => layers::group_norm::flops(out),
+        Layer::MaxPool2d(p) | Layer::AvgPool2d(p) => layers::pool::flops(p, out),
+        Layer::GlobalAvgPool => layers::pool::global_flops(input),
         Layer::Add => out * (node.inputs.len() as u64 - 1),
     }
 }
@@ -74,27 +68,8 @@ pub(super) fn render(m: &Model) -> String {
             String::new()
         };
         let detail = match &node.layer {
-            Layer::Conv2d(c) => {
-                let r = shape::resolve_conv(&node.name, c, &m.nodes[node.inputs[0]].shape).ok();
-                let pad = r.map(|r| r.pad).unwrap_or((0, 0));
-                let mut d = format!("k{}x{}", c.kernel.0, c.kernel.1);
-                if c.stride != (1, 1) {
-                    d += &format!(" s{}x{}", c.stride.0, c.stride.1);
-                }
-                if pad != (0, 0) {
-                    d += &format!(" p{}x{}", pad.0, pad.1);
-                }
-                if c.dilation != (1, 1) {
-                    d += &format!(" d{}x{}", c.dilation.0, c.dilation.1);
-                }
-                if c.groups != 1 {
-                    d += &format!(" g{}", c.groups);
-                }
-                d
-            }
-            Layer::MaxPool2d(p) | Layer::AvgPool2d(p) => {
-                format!("k{}x{} s{}x{}", p.kernel.0, p.kernel.1, p.stride.0, p.stride.1)
-            }
+            Layer::Conv2d(c) => layers::conv2d::detail(&node.name, c, &m.nodes[node.inputs[0]].shape),
+            Layer::MaxPool2d(p) | Layer::AvgPool2d(p) => layers::pool::detail(p),
             _ => from,
         };
         let ty = node.layer.display_type();

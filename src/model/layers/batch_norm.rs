@@ -1,7 +1,7 @@
-//! BatchNorm: options, shape rule and lowering to ops (training with batch statistics, optionally
-//! synchronised over a data-parallel group; evaluation with running statistics). Its parameters'
-//! names and initial values are in `model/params.rs`, its FLOPs in `model/summary.rs`; its
-//! kernels are `backend/{cpu,cuda}/batch_norm.rs` (and `cuda/sync_batch_norm.rs`).
+//! BatchNorm, whole: options, shape rule, parameters and running statistics (PyTorch's names and
+//! initial values), FLOPs and lowering to ops (training with batch statistics, optionally
+//! synchronised over a data-parallel group; evaluation with running statistics). Its kernels are
+//! `backend/{cpu,cuda}/batch_norm.rs` (and `cuda/sync_batch_norm.rs`).
 
 use serde::{Deserialize, Serialize};
 
@@ -9,6 +9,7 @@ use crate::backend::Op;
 use crate::backend::ops::{self, BnGeom};
 use crate::model::ParamRole;
 use crate::model::lower::{Backward, Forward, Mode};
+use crate::model::params::ParamDecl;
 use crate::model::shape::dims_str;
 use crate::{Error, Result};
 
@@ -71,6 +72,32 @@ pub(crate) fn infer(name: &str, bn: &BatchNorm, input: &[usize]) -> Result<Vec<u
         return Err(Error::layer(name, format!("momentum must be in [0, 1], got {}", bn.momentum)));
     }
     Ok(input.to_vec())
+}
+
+/// `weight` and `bias` `[C]` when affine, then `running_mean` and `running_var` `[C]` (state,
+/// not trained) when tracking running statistics; PyTorch's `state_dict` order.
+pub(crate) fn params(bn: &BatchNorm, input: &[usize]) -> Vec<ParamDecl> {
+    let c = input[0];
+    let mut v = Vec::new();
+    if bn.affine {
+        v.push(ParamDecl::trained("weight", ParamRole::Weight, vec![c], 1));
+        v.push(ParamDecl::trained("bias", ParamRole::Bias, vec![c], 1));
+    }
+    if bn.track_running_stats {
+        v.push(ParamDecl::state("running_mean", ParamRole::RunningMean, vec![c]));
+        v.push(ParamDecl::state("running_var", ParamRole::RunningVar, vec![c]));
+    }
+    v
+}
+
+/// PyTorch's initial values: weight 1, bias 0, running mean 0, running variance 1.
+pub(crate) fn init(role: ParamRole, n: usize) -> Vec<f32> {
+    vec![if matches!(role, ParamRole::Weight | ParamRole::RunningVar) { 1.0 } else { 0.0 }; n]
+}
+
+/// Forward FLOPs per sample: the scale and shift (2 per value).
+pub(crate) fn flops(out: u64) -> u64 {
+    2 * out
 }
 
 fn geom(ins: &[usize], batch: usize, eps: f32) -> BnGeom {

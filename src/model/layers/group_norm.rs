@@ -19,6 +19,7 @@ use crate::backend::Op;
 use crate::backend::ops::{self, GnGeom};
 use crate::model::ParamRole;
 use crate::model::lower::{Backward, Forward};
+use crate::model::params::ParamDecl;
 use crate::{Error, Result};
 
 /// Group normalisation (PyTorch's `nn.GroupNorm`): the channels of each sample are split into
@@ -75,10 +76,13 @@ pub(crate) fn infer(name: &str, gn: &GroupNorm, input: &[usize]) -> Result<Vec<u
     Ok(input.to_vec())
 }
 
-/// `(suffix, role, shape)` of each parameter, in PyTorch's `state_dict` order.
-pub(crate) fn params(gn: &GroupNorm, input: &[usize]) -> Vec<(&'static str, ParamRole, Vec<usize>)> {
+/// `weight` and `bias` `[C]` when affine, in PyTorch's `state_dict` order.
+pub(crate) fn params(gn: &GroupNorm, input: &[usize]) -> Vec<ParamDecl> {
     match gn.affine {
-        true => vec![("weight", ParamRole::Weight, vec![input[0]]), ("bias", ParamRole::Bias, vec![input[0]])],
+        true => vec![
+            ParamDecl::trained("weight", ParamRole::Weight, vec![input[0]], 1),
+            ParamDecl::trained("bias", ParamRole::Bias, vec![input[0]], 1),
+        ],
         false => vec![],
     }
 }

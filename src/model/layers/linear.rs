@@ -1,0 +1,80 @@
+//! Linear (dense), whole: options, shape rule, parameters (PyTorch's `nn.Linear` names and
+//! layout), FLOPs and lowering to ops. Its kernels are `backend/cpu/linear.rs` and
+//! `backend/cuda/linear.rs` (cuBLASLt).
+
+use serde::{Deserialize, Serialize};
+
+use crate::Result;
+use crate::backend::{Op, ops};
+use crate::model::ParamRole;
+use crate::model::lower::{Backward, Forward};
+use crate::model::params::ParamDecl;
+use crate::model::shape::{bounded, positive};
+
+/// A fully connected layer; flattens its input to `[batch, features]` itself.
+///
+/// Weight `[out, in]`, bias `[out]`, initialised as PyTorch's `nn.Linear`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Linear {
+    pub out_features: usize,
+    pub bias: bool,
+}
+
+impl Linear {
+    pub fn new(out_features: usize) -> Self {
+        Linear { out_features, bias: true }
+    }
+    pub fn bias(mut self, b: bool) -> Self {
+        self.bias = b;
+        self
+    }
+}
+
+/// The size option against `MAX_OPTION`.
+pub(crate) fn check_options(name: &str, l: &Linear) -> Result<()> {
+    bounded(name, "out_features", &[l.out_features])
+}
+
+/// Shape rule: any input (flattened per sample) `-> [out_features]`.
+pub(crate) fn infer(name: &str, l: &Linear) -> Result<Vec<usize>> {
+    positive(name, "out_features", l.out_features)?;
+    Ok(vec![l.out_features])
+}
+
+/// Weight `[out, in]` and, with `bias`, bias `[out]`, drawn with fan-in `in`.
+pub(crate) fn params(l: &Linear, input: &[usize]) -> Vec<ParamDecl> {
+    let fan_in: usize = input.iter().product();
+    let mut v = vec![ParamDecl::trained("weight", ParamRole::Weight, vec![l.out_features, fan_in], fan_in)];
+    if l.bias {
+        v.push(ParamDecl::trained("bias", ParamRole::Bias, vec![l.out_features], fan_in));
+    }
+    v
+}
+
+/// Forward FLOPs per sample: a multiply-add per output and input, plus the bias.
+pub(crate) fn flops(l: &Linear, input: &[usize], out: u64) -> u64 {
+    let fan_in = input.iter().product::<usize>() as u64;
+    out * 2 * fan_in + if l.bias { out } else { 0 }
+}
+
+/// Lowering of the forward pass: one [`Op::Linear`].
+pub(crate) fn forward(l: &Linear, cx: &mut Forward<'_>) -> Result<()> {
+    let k = cx.in_shapes[0].iter().product();
+    let (x, y) = (cx.input(0), cx.output());
+    let w = cx.param(ParamRole::Weight).expect("linear weight");
+    let b = if l.bias { cx.param(ParamRole::Bias) } else { None };
+    cx.push(Op::Linear(ops::Linear { m: cx.batch, k, n: l.out_features, x, w, b, y }));
+    Ok(())
+}
+
+/// Lowering of the backward pass: one [`Op::LinearBackward`].
+pub(crate) fn backward(l: &Linear, cx: &mut Backward<'_>) -> Result<()> {
+    let k = cx.in_shapes[0].iter().product();
+    let (x, dy) = (cx.input(0), cx.dy());
+    let w = cx.param(ParamRole::Weight).expect("linear weight");
+    let dx = cx.dx(0);
+    let dw = cx.param_grad(ParamRole::Weight).expect("linear weight gradient");
+    let db = cx.param_grad(ParamRole::Bias);
+    cx.push(Op::LinearBackward(ops::LinearBackward { m: cx.batch, k, n: l.out_features, x, w, dy, dx, dw, db }));
+    Ok(())
+}
