@@ -78,3 +78,48 @@ fn a_plan_is_allocated_once_after_planning() {
     e.backward(id).unwrap();
     assert_eq!(e.backend().bytes() - before, e.plan_info(id).bytes());
 }
+
+#[test]
+fn planned_buffers_carry_their_dtype_and_memory_is_counted_from_it() {
+    use kiln::backend::{Backend, DType};
+    use kiln::exec::MemoryReport;
+    let m =
+        ModelBuilder::new(&[2, 3, 8, 8]).conv2d(4, 3).max_pool2d(2).dropout(0.5).flatten().dense(5).build().unwrap();
+    let mut e = Executor::new(&m, CpuBackend::<f32>::new(Some(1)).unwrap()).unwrap();
+    let id = e.plan(2, Mode::Train, PlanOptions::default()).unwrap();
+    let p = e.plan_info(id).clone();
+    assert!(p.buffers.iter().any(|b| b.role == BufRole::Saved), "max pool and dropout save for backward");
+    for b in &p.buffers {
+        // Allocated with the planned dtype; its bytes are its length times the dtype's size.
+        assert_eq!(e.backend().dtype(b.id), b.dtype, "{}", b.label);
+        assert_eq!(b.bytes(), b.len * b.dtype.size());
+    }
+    assert_eq!(p.bytes(), p.buffers.iter().map(|b| b.len * b.dtype.size()).sum::<usize>());
+    // The report names each role's dtypes (f32 throughout today) and leaves empty roles bare.
+    let text = e.memory(id).to_string();
+    let line = |role: BufRole| text.lines().find(|l| l.contains(role.name())).unwrap().to_string();
+    for role in [BufRole::Parameter, BufRole::Gradient, BufRole::Activation, BufRole::Saved, BufRole::Input] {
+        assert!(line(role).ends_with("MiB  float32"), "{text}");
+    }
+    assert!(line(BufRole::OptimizerState).ends_with("MiB"), "no optimizer state in a network plan: {text}");
+
+    // Bytes come from each buffer's dtype, not from an assumed f32.
+    let r = MemoryReport::new(
+        "mixed".into(),
+        [
+            (BufRole::Activation, DType::BF16, 10),
+            (BufRole::Activation, DType::F32, 10),
+            (BufRole::Saved, DType::F64, 3),
+            (BufRole::Input, DType::I64, 4),
+            (BufRole::Activation, DType::BF16, 1),
+        ]
+        .into_iter(),
+    );
+    assert_eq!(r.of(BufRole::Activation), 11 * 2 + 10 * 4);
+    assert_eq!(r.of(BufRole::Saved), 24);
+    assert_eq!(r.of(BufRole::Input), 32);
+    assert_eq!(r.total(), 62 + 24 + 32);
+    let text = r.to_string();
+    assert!(text.lines().any(|l| l.contains("activations") && l.ends_with("bfloat16, float32")), "{text}");
+    assert!(text.lines().any(|l| l.contains("saved for backward") && l.ends_with("float64")), "{text}");
+}

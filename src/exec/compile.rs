@@ -17,7 +17,7 @@
 use std::collections::HashSet;
 
 use super::plan::{BufRole, Mode, ParamBuffers, Plan, PlanOptions, PlannedBuffer};
-use crate::backend::{Backend, BufId, CounterId, Op};
+use crate::backend::{Backend, BufId, CounterId, DType, Op};
 use crate::model::lower::{self, Backward, Buffers, Forward};
 use crate::model::{Layer, Model};
 use crate::rng::mix_seed;
@@ -64,19 +64,19 @@ pub(super) struct Table {
 }
 
 impl Table {
-    fn new_buffer(&mut self, len: usize, role: BufRole, label: String) -> BufId {
+    fn new_buffer(&mut self, len: usize, dtype: DType, role: BufRole, label: String) -> BufId {
         let id = BufId(PLANNED + self.buffers.len());
-        self.buffers.push(PlannedBuffer { id, len, role, label });
+        self.buffers.push(PlannedBuffer { id, len, dtype, role, label });
         id
     }
 }
 
 impl Buffers for Table {
-    fn activation(&mut self, len: usize, label: String) -> BufId {
-        self.new_buffer(len, BufRole::Activation, label)
+    fn activation(&mut self, len: usize, dtype: DType, label: String) -> BufId {
+        self.new_buffer(len, dtype, BufRole::Activation, label)
     }
-    fn saved(&mut self, len: usize, label: String) -> BufId {
-        self.new_buffer(len, BufRole::Saved, label)
+    fn saved(&mut self, len: usize, dtype: DType, label: String) -> BufId {
+        self.new_buffer(len, dtype, BufRole::Saved, label)
     }
 }
 
@@ -109,7 +109,7 @@ pub(super) fn network(
     for (i, node) in nodes.iter().enumerate() {
         if let Layer::Input = node.layer {
             let len = batch * node.shape.iter().product::<usize>();
-            out.push(table.new_buffer(len, BufRole::Input, "input".into()));
+            out.push(table.new_buffer(len, DType::F32, BufRole::Input, "input".into()));
             continue;
         }
         let mut cx = Forward {
@@ -251,7 +251,8 @@ fn backward(
                 pool[p].0
             }
             None => {
-                let id = table.new_buffer(*len, BufRole::Gradient, label.clone());
+                // An activation's gradient has the activation's dtype (f32 until mixed precision).
+                let id = table.new_buffer(*len, DType::F32, BufRole::Gradient, label.clone());
                 pool.push((id, *len, last[v]));
                 id
             }
@@ -282,7 +283,7 @@ pub(super) fn allocate<B: Backend>(
 ) -> Result<()> {
     let mut real = Vec::with_capacity(table.buffers.len());
     for b in &table.buffers {
-        match backend.alloc(b.len, crate::backend::DType::F32) {
+        match backend.alloc(b.len, b.dtype) {
             Ok(id) => real.push(id),
             Err(e) => {
                 for id in real {

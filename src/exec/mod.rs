@@ -142,7 +142,7 @@ impl<B: Backend> Executor<B> {
         }
         let mut table = compile::Table::default();
         let mut p = compile::network(&self.model, &self.params, &self.counters, &low, &mut table)?;
-        let needed: u64 = table.buffers.iter().map(|b| b.len as u64 * 4).sum();
+        let needed: u64 = table.buffers.iter().map(|b| b.bytes() as u64).sum();
         let oom = |free: u64| Error::OutOfMemory {
             model: format!(
                 "the {}-layer model ({} parameters)",
@@ -191,11 +191,11 @@ impl<B: Backend> Executor<B> {
             Mode::Train => "training",
             Mode::Eval => "evaluation",
         };
-        let shared = self.model.params().iter().flat_map(|s| {
-            let grad = s.trainable.then_some((BufRole::Gradient, s.len()));
-            std::iter::once((BufRole::Parameter, s.len())).chain(grad)
+        let shared = self.model.params().iter().zip(&self.params).flat_map(|(s, b)| {
+            let grad = b.grad.map(|g| (BufRole::Gradient, self.backend.dtype(g), s.len()));
+            std::iter::once((BufRole::Parameter, self.backend.dtype(b.value), s.len())).chain(grad)
         });
-        let own = p.buffers.iter().map(|b| (b.role, b.len));
+        let own = p.buffers.iter().map(|b| (b.role, b.dtype, b.len));
         let training = match (&self.keys[id.0], &self.training) {
             (Key::Step(_), Some(t)) => t.buffers(),
             _ => Vec::new(),

@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use crate::backend::{BufId, Op};
+use crate::backend::{BufId, DType, Op};
 
 /// Training or evaluation (defined with the layers' lowering, [`crate::model::lower`]).
 pub use crate::model::Mode;
@@ -74,12 +74,21 @@ impl BufRole {
 pub struct PlannedBuffer {
     /// The device buffer (after allocation; a virtual id while compiling).
     pub id: BufId,
-    /// Length in elements (f32 today).
+    /// Length in elements.
     pub len: usize,
+    /// Element type: what it is allocated with and what its bytes are counted from.
+    pub dtype: DType,
     /// What it holds.
     pub role: BufRole,
     /// Layer or purpose, for reports.
     pub label: String,
+}
+
+impl PlannedBuffer {
+    /// Bytes it takes: its length times its dtype's size.
+    pub fn bytes(&self) -> usize {
+        self.len * self.dtype.size()
+    }
 }
 
 /// The device buffers of one parameter, shared by every plan of an executor.
@@ -126,34 +135,42 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Bytes of the buffers this plan owns (not counting parameters), for f32 storage.
+    /// Bytes of the buffers this plan owns (not counting parameters), each from its dtype.
     pub fn bytes(&self) -> usize {
-        self.buffers.iter().map(|b| b.len * 4).sum()
+        self.buffers.iter().map(PlannedBuffer::bytes).sum()
     }
     /// Bytes of the plan's own buffers of one role.
     pub fn bytes_of(&self, role: BufRole) -> usize {
-        self.buffers.iter().filter(|b| b.role == role).map(|b| b.len * 4).sum()
+        self.buffers.iter().filter(|b| b.role == role).map(PlannedBuffer::bytes).sum()
     }
 }
 
 /// Device memory by role, as [`super::Executor::memory`] reports it before a plan's first step.
-/// `Display` prints one line per role in MiB (llm.c style).
+/// `Display` prints one line per role in MiB with the dtypes of its buffers (llm.c style).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct MemoryReport {
     /// What the report is about (the plan's batch and mode).
     pub title: String,
     /// Bytes per role, in the order of [`BufRole::ALL`] (roles with no buffer included, as 0).
     pub bytes: Vec<(BufRole, usize)>,
+    /// The dtypes of each role's buffers, in the order of [`BufRole::ALL`] (first seen first;
+    /// empty for a role with no buffer).
+    pub dtypes: Vec<(BufRole, Vec<DType>)>,
 }
 
 impl MemoryReport {
-    pub(super) fn new(title: String, buffers: impl Iterator<Item = (BufRole, usize)>) -> MemoryReport {
+    /// The report of `buffers`, given as `(role, dtype, length in elements)`.
+    pub fn new(title: String, buffers: impl Iterator<Item = (BufRole, DType, usize)>) -> MemoryReport {
         let mut bytes: Vec<(BufRole, usize)> = BufRole::ALL.iter().map(|&r| (r, 0)).collect();
-        for (role, len) in buffers {
+        let mut dtypes: Vec<(BufRole, Vec<DType>)> = BufRole::ALL.iter().map(|&r| (r, Vec::new())).collect();
+        for (role, dtype, len) in buffers {
             let k = BufRole::ALL.iter().position(|&r| r == role).expect("every role is listed");
-            bytes[k].1 += len * 4;
+            bytes[k].1 += len * dtype.size();
+            if !dtypes[k].1.contains(&dtype) {
+                dtypes[k].1.push(dtype);
+            }
         }
-        MemoryReport { title, bytes }
+        MemoryReport { title, bytes, dtypes }
     }
     /// Bytes of one role.
     pub fn of(&self, role: BufRole) -> usize {
@@ -169,8 +186,10 @@ impl fmt::Display for MemoryReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mib = |b: usize| b as f64 / (1u64 << 20) as f64;
         writeln!(f, "{}", self.title)?;
-        for &(role, b) in &self.bytes {
-            writeln!(f, "  {:<20}{:>10.2} MiB", role.name(), mib(b))?;
+        for (&(role, b), (_, dtypes)) in self.bytes.iter().zip(&self.dtypes) {
+            let dtypes: Vec<&str> = dtypes.iter().map(|d| d.name()).collect();
+            let dtypes = if dtypes.is_empty() { String::new() } else { format!("  {}", dtypes.join(", ")) };
+            writeln!(f, "  {:<20}{:>10.2} MiB{dtypes}", role.name(), mib(b))?;
         }
         write!(f, "  {:<20}{:>10.2} MiB", "total", mib(self.total()))
     }

@@ -12,7 +12,7 @@ use super::compile::Lowering;
 use super::plan::{BufRole, Mode, Plan, PlanOptions, PlannedBuffer};
 use super::{Executor, Key, PlanId};
 use crate::backend::ops::{self, guard, hyper, stats};
-use crate::backend::{Backend, BufId, CounterId, LossFn, Op, OptParam, OptRule, Scoring};
+use crate::backend::{Backend, BufId, CounterId, DType, LossFn, Op, OptParam, OptRule, Scoring};
 use crate::dist::{Communicator, bucket};
 use crate::model::Model;
 use crate::{Error, Result};
@@ -135,23 +135,23 @@ impl Training {
         rule: Option<OptRule>,
         initial: f32,
     ) -> Result<Training> {
-        let hyper = backend.alloc(hyper::LEN, crate::backend::DType::F32)?;
-        let train_stats = backend.alloc(stats::LEN, crate::backend::DType::F32)?;
-        let eval_stats = backend.alloc(stats::LEN, crate::backend::DType::F32)?;
-        let clip_norm = backend.alloc(1, crate::backend::DType::F32)?;
-        let guard = backend.alloc(guard::LEN, crate::backend::DType::F32)?;
+        let hyper = backend.alloc(hyper::LEN, DType::F32)?;
+        let train_stats = backend.alloc(stats::LEN, DType::F32)?;
+        let eval_stats = backend.alloc(stats::LEN, DType::F32)?;
+        let clip_norm = backend.alloc(1, DType::F32)?;
+        let guard = backend.alloc(guard::LEN, DType::F32)?;
         let optimizer = match rule {
             None => None,
             Some(rule) => {
                 let step = backend.new_counter()?;
-                let scalars = backend.alloc(1, crate::backend::DType::F32)?;
+                let scalars = backend.alloc(1, DType::F32)?;
                 backend.write(scalars, &[1.0])?;
                 let mut ps = Vec::new();
                 for (spec, pb) in model.params().iter().zip(params) {
                     let Some(grad) = pb.grad else { continue };
                     let mut state = Vec::new();
                     for _ in 0..rule.state_tensors() {
-                        let s = backend.alloc(spec.len(), crate::backend::DType::F32)?;
+                        let s = backend.alloc(spec.len(), DType::F32)?;
                         if initial != 0.0 {
                             backend.write(s, &vec![initial; spec.len()])?;
                         }
@@ -166,16 +166,18 @@ impl Training {
     }
 
     /// The buffers of this state by role, for memory reports.
-    pub(super) fn buffers(&self) -> Vec<(BufRole, usize)> {
+    pub(super) fn buffers(&self) -> Vec<(BufRole, DType, usize)> {
         let mut v = vec![
-            (BufRole::Scalar, hyper::LEN),
-            (BufRole::Scalar, 2 * stats::LEN),
-            (BufRole::Workspace, 1),
-            (BufRole::Scalar, guard::LEN),
+            (BufRole::Scalar, DType::F32, hyper::LEN),
+            (BufRole::Scalar, DType::F32, 2 * stats::LEN),
+            (BufRole::Workspace, DType::F32, 1),
+            (BufRole::Scalar, DType::F32, guard::LEN),
         ];
         if let Some(o) = &self.optimizer {
-            v.push((BufRole::Scalar, 1));
-            v.extend(o.params.iter().flat_map(|p| p.state.iter().map(|_| (BufRole::OptimizerState, p.len))));
+            v.push((BufRole::Scalar, DType::F32, 1));
+            v.extend(
+                o.params.iter().flat_map(|p| p.state.iter().map(|_| (BufRole::OptimizerState, DType::F32, p.len))),
+            );
         }
         v
     }
@@ -353,11 +355,12 @@ impl<B: Backend> Executor<B> {
         };
         let net = self.compile(low)?;
         let out_len: usize = self.model.nodes().last().expect("a model has nodes").shape.iter().product();
-        let target = self.backend.alloc(desc.batch * out_len, crate::backend::DType::F32)?;
+        let target = self.backend.alloc(desc.batch * out_len, DType::F32)?;
         let mut plan = self.plans[net.0].clone();
         plan.buffers.push(PlannedBuffer {
             id: target,
             len: desc.batch * out_len,
+            dtype: DType::F32,
             role: BufRole::Input,
             label: "target".into(),
         });

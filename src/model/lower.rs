@@ -15,7 +15,7 @@ use std::collections::HashSet;
 
 use super::{Activation, Layer, Node, ParamRole, layers};
 use crate::Result;
-use crate::backend::{ActFn, BufId, CounterId, GradOut, Op, ops};
+use crate::backend::{ActFn, BufId, CounterId, DType, GradOut, Op, ops};
 
 /// Training (batch statistics, dropout on, backward planned) or evaluation (forward only).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -28,10 +28,10 @@ pub enum Mode {
 
 /// Where the compiler keeps the plan's virtual buffers; a context asks it for new ones.
 pub trait Buffers {
-    /// A new virtual buffer of `len` elements for a layer's output.
-    fn activation(&mut self, len: usize, label: String) -> BufId;
-    /// A new virtual buffer of `len` elements that forward fills for backward.
-    fn saved(&mut self, len: usize, label: String) -> BufId;
+    /// A new virtual buffer of `len` elements of `dtype` for a layer's output.
+    fn activation(&mut self, len: usize, dtype: DType, label: String) -> BufId;
+    /// A new virtual buffer of `len` elements of `dtype` that forward fills for backward.
+    fn saved(&mut self, len: usize, dtype: DType, label: String) -> BufId;
 }
 
 /// What a layer's forward lowering sees.
@@ -76,7 +76,7 @@ impl Forward<'_> {
         if let Some(y) = self.output {
             return y;
         }
-        let y = self.bufs.activation(self.numel(), self.node.name.clone());
+        let y = self.bufs.activation(self.numel(), DType::F32, self.node.name.clone());
         self.output = Some(y);
         y
     }
@@ -86,7 +86,7 @@ impl Forward<'_> {
     }
     /// A buffer that forward fills and backward reads ([`Backward::saved`], in this order).
     pub fn save(&mut self, len: usize, what: &str) -> BufId {
-        let b = self.bufs.saved(len, format!("{}.{what}", self.node.name));
+        let b = self.bufs.saved(len, DType::F32, format!("{}.{what}", self.node.name));
         self.saved.push(b);
         b
     }
