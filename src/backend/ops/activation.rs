@@ -1,0 +1,110 @@
+//! Element-wise activations, softmax and dropout, forward and backward.
+
+use super::{BufId, CounterId, GradOut};
+
+/// Element-wise activation functions (PyTorch's definitions).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ActFn {
+    Relu,
+    LeakyRelu(f32),
+    Elu(f32),
+    Sigmoid,
+    Tanh,
+    Silu,
+    Gelu,
+}
+
+/// `y = f(x)` over `len` values.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Act {
+    /// The function.
+    pub f: ActFn,
+    /// Number of values.
+    pub len: usize,
+    /// Input.
+    pub x: BufId,
+    /// Output.
+    pub y: BufId,
+}
+
+/// `dx = f'(x) * dy`, given the forward input `x` and output `y`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ActBackward {
+    /// The function.
+    pub f: ActFn,
+    /// Number of values.
+    pub len: usize,
+    /// Input.
+    pub x: BufId,
+    /// Output.
+    pub y: BufId,
+    /// Gradient of the output.
+    pub dy: BufId,
+    /// Gradient of the input, where wanted.
+    pub dx: GradOut,
+}
+
+/// Softmax over the middle axis of an `[outer, dim, inner]` view.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Softmax {
+    /// Size of the outer axis.
+    pub outer: usize,
+    /// Size of the axis normalised over.
+    pub dim: usize,
+    /// Size of the inner axis.
+    pub inner: usize,
+    /// Input.
+    pub x: BufId,
+    /// Output.
+    pub y: BufId,
+}
+
+/// The op `SoftmaxBackward`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SoftmaxBackward {
+    /// Size of the outer axis.
+    pub outer: usize,
+    /// Size of the axis normalised over.
+    pub dim: usize,
+    /// Size of the inner axis.
+    pub inner: usize,
+    /// Output.
+    pub y: BufId,
+    /// Gradient of the output.
+    pub dy: BufId,
+    /// Gradient of the input, where wanted.
+    pub dx: GradOut,
+}
+
+/// `mask = (u >= rate) / (1 - rate)`, `y = x * mask`, where `u` is the Philox uniform for
+/// (`seed`, the counter's value, element index); the counter then advances by one.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Dropout {
+    /// Probability of dropping a value.
+    pub rate: f32,
+    /// Number of values.
+    pub len: usize,
+    /// Seed of the Philox stream.
+    pub seed: u64,
+    /// Counter giving the step (advanced by the op).
+    pub counter: CounterId,
+    /// Input.
+    pub x: BufId,
+    /// Output.
+    pub y: BufId,
+    /// The saved mask (`0` or `1 / (1 - rate)`).
+    pub mask: BufId,
+}
+
+/// The op `DropoutBackward`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DropoutBackward {
+    /// Number of values.
+    pub len: usize,
+    /// The saved mask (`0` or `1 / (1 - rate)`).
+    pub mask: BufId,
+    /// Gradient of the output.
+    pub dy: BufId,
+    /// Gradient of the input, where wanted.
+    pub dx: GradOut,
+}

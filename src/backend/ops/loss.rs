@@ -1,0 +1,68 @@
+//! Loss functions, accuracy scoring and the loss op.
+
+use super::BufId;
+
+/// A loss function on the model output `pred` (`n` samples of `c` values) and the targets.
+///
+/// Targets are class indices (`n` values) for [`LossFn::SoftmaxCrossEntropy`] with
+/// `class_targets`, else values with the shape of `pred`. Every loss is averaged as PyTorch's
+/// `reduction="mean"` does: over samples for the cross-entropies, over all elements otherwise.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum LossFn {
+    /// Softmax cross-entropy on logits, with optional label smoothing. Targets are class indices
+    /// or probabilities (one-hot or soft).
+    SoftmaxCrossEntropy {
+        label_smoothing: f32,
+        class_targets: bool,
+    },
+    /// Binary cross-entropy on probabilities (PyTorch clamps the logs at -100).
+    BinaryCrossEntropy,
+    /// Binary cross-entropy on logits, computed stably.
+    BinaryCrossEntropyWithLogits,
+    /// `-sum(t * log(clip(p, 1e-7, 1)))` on probabilities, as Keras's categorical cross-entropy.
+    /// Targets are class indices or probabilities.
+    CategoricalCrossEntropy {
+        class_targets: bool,
+    },
+    MeanSquaredError,
+    MeanAbsoluteError,
+    Huber {
+        delta: f32,
+    },
+}
+
+/// How the loss op scores predictions for the accuracy metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scoring {
+    /// No accuracy (regression).
+    None,
+    /// Class prediction by arg-max; `top_k` also counts targets among the k largest outputs.
+    ArgMax { top_k: usize },
+    /// Element-wise binary prediction: output above `0.5` (probabilities) or `0` (logits).
+    Binary { logits: bool },
+}
+
+/// Loss and accuracy of `pred` against `target`: writes the batch's figures into `stats` (see
+/// [`stats`](super::stats)) and adds them to its sums, and, when `dpred` is given, the gradient of the mean
+/// loss times `grad_scale` (1/k under gradient accumulation).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Loss {
+    /// The function.
+    pub f: LossFn,
+    /// How predictions are scored.
+    pub scoring: Scoring,
+    /// Output features.
+    pub n: usize,
+    /// Values per sample.
+    pub c: usize,
+    /// Predictions.
+    pub pred: BufId,
+    /// Targets (class indices or values).
+    pub target: BufId,
+    /// Statistics (layout: [`stats`](super::stats)).
+    pub stats: BufId,
+    /// Gradient of the predictions, where wanted.
+    pub dpred: Option<BufId>,
+    /// Factor on the gradient.
+    pub grad_scale: f32,
+}

@@ -1,0 +1,144 @@
+//! The optimizer step and what runs between backward and it: gradient clipping, the
+//! finite-step check and the data-parallel all-reduce.
+
+use super::{BufId, CounterId};
+
+/// An optimizer's update rule and its fixed hyper-parameters, with PyTorch's semantics.
+/// The learning rate and the momentum (SGD, RMSprop) or beta1 (Adam family) are read from the
+/// device `hyper` buffer each step, so schedules reach the device without re-planning.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum OptRule {
+    Sgd {
+        dampening: f32,
+        nesterov: bool,
+        weight_decay: f32,
+    },
+    /// Adam; `decoupled` is AdamW's weight decay.
+    Adam {
+        beta2: f32,
+        eps: f32,
+        weight_decay: f32,
+        decoupled: bool,
+        amsgrad: bool,
+    },
+    RmsProp {
+        alpha: f32,
+        eps: f32,
+        weight_decay: f32,
+        centered: bool,
+    },
+    Adagrad {
+        lr_decay: f32,
+        eps: f32,
+        weight_decay: f32,
+    },
+    Adadelta {
+        rho: f32,
+        eps: f32,
+        weight_decay: f32,
+    },
+    NAdam {
+        beta2: f32,
+        eps: f32,
+        weight_decay: f32,
+        momentum_decay: f32,
+    },
+}
+
+impl OptRule {
+    /// Number of state tensors each parameter needs (moments, accumulators).
+    pub fn state_tensors(&self) -> usize {
+        match *self {
+            OptRule::Sgd { .. } => 1,
+            OptRule::Adam { amsgrad, .. } => 2 + amsgrad as usize,
+            OptRule::RmsProp { centered, .. } => 2 + centered as usize,
+            OptRule::Adagrad { .. } => 1,
+            OptRule::Adadelta { .. } => 2,
+            OptRule::NAdam { .. } => 2,
+        }
+    }
+}
+
+/// One parameter tensor handled by an optimizer step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OptParam {
+    pub len: usize,
+    pub value: BufId,
+    pub grad: BufId,
+    /// State tensors, as many as [`OptRule::state_tensors`].
+    pub state: Vec<BufId>,
+}
+
+/// Scales gradients so their global L2 norm is at most `max_norm`, as PyTorch's
+/// `clip_grad_norm_` (coefficient `max_norm / (norm + 1e-6)` when below one); the norm before
+/// clipping is written to `norm[0]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClipGradNorm {
+    /// Gradients: buffer and values.
+    pub grads: Vec<(BufId, usize)>,
+    /// Largest global norm kept.
+    pub max_norm: f32,
+    /// Receives the norm before clipping.
+    pub norm: BufId,
+}
+
+/// Clamps every gradient value to `[-clip, clip]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClipGradValue {
+    /// Gradients: buffer and values.
+    pub grads: Vec<(BufId, usize)>,
+    /// Bound on each value.
+    pub clip: f32,
+}
+
+/// Checks a training step before its update: the batch's loss (`stats[LOSS]`) and the global L2
+/// norm of `grads` must be finite. A bad step sets `guard[SKIP]`, which [`OptimizerStep`] reads
+/// on the device, so weights and optimizer state stay as they were, with no synchronisation
+/// with the host; the first bad step's figures are kept for the trainer to report (layout:
+/// [`guard`](super::guard)). With `sticky`, once a step was bad every later update is skipped too, until the
+/// host clears the guard (the trainer's error mode: nothing moves between the bad step and the
+/// error). The norm is summed in f64, so only a gradient whose norm exceeds f32's range or holds
+/// NaN or infinity counts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CheckFinite {
+    /// The loss op's statistics (layout: [`stats`](super::stats)).
+    pub stats: BufId,
+    /// Gradients: buffer and values.
+    pub grads: Vec<(BufId, usize)>,
+    /// The guard (layout: [`guard`](super::guard)).
+    pub guard: BufId,
+    /// Keep skipping after a bad step.
+    pub sticky: bool,
+}
+
+/// Replaces each of `bufs` (buffer, values) by its sum over the ranks of the backend's
+/// data-parallel group, or by the mean with `mean` (the gradient all-reduce of one bucket).
+/// The CUDA backend runs it on a second stream, so it overlaps with the ops after it until
+/// one of them touches these buffers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AllReduce {
+    /// Buffers reduced: buffer and values.
+    pub bufs: Vec<(BufId, usize)>,
+    /// Average rather than sum.
+    pub mean: bool,
+}
+
+/// One optimizer step over all `params`. `step` counts steps (it is incremented first, so
+/// the first step is number 1); `scalars` holds per-optimizer scalar state (NAdam's
+/// momentum product, starting at 1).
+#[derive(Clone, Debug, PartialEq)]
+pub struct OptimizerStep {
+    /// Update rule.
+    pub rule: OptRule,
+    /// Learning rate and momentum (layout: [`hyper`](super::hyper)).
+    pub hyper: BufId,
+    /// Step counter (incremented first).
+    pub step: CounterId,
+    /// Per-optimizer scalar state.
+    pub scalars: BufId,
+    /// The parameters updated.
+    pub params: Vec<OptParam>,
+    /// A [`CheckFinite`] guard: when its `SKIP` is set the step changes nothing (not even the
+    /// step counter).
+    pub guard: Option<BufId>,
+}
