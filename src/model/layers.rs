@@ -1,16 +1,27 @@
-//! The layer kinds a model is made of, and their options.
+//! The layer kinds a model is made of: the [`Layer`] enum here, and one home per kind in
+//! `layers/` holding its whole story: options, shape rule (`infer`), parameters (`params`,
+//! `init`), FLOPs, and lowering to ops (`forward`, `backward`). `shape.rs`, `params.rs`,
+//! `summary.rs` and `lower.rs` only dispatch to them; a new layer is a variant here, a file
+//! there and one arm in each dispatch (the exhaustive matches of `shape.rs`, `lower.rs` and
+//! `summary.rs` point at them).
 //!
 //! Each option struct is a small builder (`Conv2d::new(32, 3).stride(2).padding(1)`) handed to the
 //! matching `ModelBuilder::*_with` method; the short methods (`conv2d(32, 3)`) use the defaults,
-//! which are PyTorch's. Validation of options against the input shape happens in `shape.rs`.
+//! which are PyTorch's.
 
 use serde::{Deserialize, Serialize};
 
+pub(crate) mod activation;
 pub(crate) mod batch_norm;
 pub(crate) mod conv2d;
+pub(crate) mod dropout;
 pub(crate) mod group_norm;
+pub(crate) mod join;
 pub(crate) mod linear;
 pub(crate) mod pool;
+pub(crate) mod softmax;
+pub(crate) mod view;
+pub use activation::Activation;
 pub use batch_norm::BatchNorm;
 pub use conv2d::Conv2d;
 pub use group_norm::GroupNorm;
@@ -48,40 +59,6 @@ impl From<&str> for Padding {
             "same" => Padding::Same,
             "valid" => Padding::Valid,
             _ => Padding::Explicit(usize::MAX, usize::MAX),
-        }
-    }
-}
-
-/// Element-wise activation functions, with PyTorch's definitions.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub enum Activation {
-    Relu,
-    /// `x` for `x > 0`, else `slope * x` (PyTorch's default slope is 0.01).
-    LeakyRelu {
-        slope: f32,
-    },
-    /// `x` for `x > 0`, else `alpha * (exp(x) - 1)`.
-    Elu {
-        alpha: f32,
-    },
-    Sigmoid,
-    Tanh,
-    /// `x * sigmoid(x)`, also called swish.
-    Silu,
-    /// `x * Phi(x)` with the exact normal CDF (PyTorch's default, not the tanh approximation).
-    Gelu,
-}
-
-impl Activation {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Activation::Relu => "relu",
-            Activation::LeakyRelu { .. } => "leaky_relu",
-            Activation::Elu { .. } => "elu",
-            Activation::Sigmoid => "sigmoid",
-            Activation::Tanh => "tanh",
-            Activation::Silu => "silu",
-            Activation::Gelu => "gelu",
         }
     }
 }
@@ -150,15 +127,7 @@ impl Layer {
             Layer::Linear(_) => "Linear".into(),
             Layer::Flatten => "Flatten".into(),
             Layer::Reshape(_) => "Reshape".into(),
-            Layer::Activation(a) => match a {
-                Activation::Relu => "ReLU".into(),
-                Activation::LeakyRelu { slope } => format!("LeakyReLU({slope})"),
-                Activation::Elu { alpha } => format!("ELU({alpha})"),
-                Activation::Sigmoid => "Sigmoid".into(),
-                Activation::Tanh => "Tanh".into(),
-                Activation::Silu => "SiLU".into(),
-                Activation::Gelu => "GELU".into(),
-            },
+            Layer::Activation(a) => a.display_type(),
             Layer::Softmax { axis } => format!("Softmax({axis})"),
             Layer::Dropout { rate } => format!("Dropout({rate})"),
             Layer::BatchNorm(_) => "BatchNorm".into(),

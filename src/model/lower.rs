@@ -7,15 +7,15 @@
 //! `dy()`, `saved(k)`, `dx(k)` and `param_grad(role)`). Nothing here allocates device memory:
 //! buffers are virtual until the whole plan is known (the compiler allocates them once).
 //!
-//! [`forward`] and [`backward`] dispatch on the layer kind; each arm is one layer's whole
-//! lowering. This file uses only the op descriptors of [`crate::backend::ops`], so `model` does
+//! [`forward`] and [`backward`] dispatch on the layer kind to the layer's home in
+//! `model/layers/`, which holds its whole lowering. This file uses only the op descriptors of [`crate::backend::ops`], so `model` does
 //! not depend on the compiler (which depends on `model`).
 
 use std::collections::HashSet;
 
-use super::{Activation, Layer, Node, ParamRole, layers};
+use super::{Layer, Node, ParamRole, layers};
 use crate::Result;
-use crate::backend::{ActFn, BufId, CounterId, DType, GradOut, Op, ops};
+use crate::backend::{BufId, CounterId, DType, GradOut, Op};
 
 /// Training (batch statistics, dropout on, backward planned) or evaluation (forward only).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -168,126 +168,48 @@ impl Backward<'_> {
 /// Whether a layer's output is its input's buffer seen with another shape (and so is its
 /// gradient).
 pub fn is_view(layer: &Layer) -> bool {
-    matches!(layer, Layer::Flatten | Layer::Reshape(_))
+    layers::view::is_view(layer)
 }
 
-/// Lowers one layer's forward pass.
+/// Lowers one layer's forward pass: the layer's home in `model/layers/` says how.
 pub fn forward(cx: &mut Forward) -> Result<()> {
     let node = cx.node;
-    let batch = cx.batch;
-    let ins = cx.in_shapes.first().copied().unwrap_or(&[]);
     match &node.layer {
         Layer::Input => unreachable!("the compiler places the input"),
-        Layer::Flatten | Layer::Reshape(_) => cx.alias_input(),
-        Layer::Dropout { .. } if cx.mode == Mode::Eval => cx.alias_input(),
-        Layer::Conv2d(c) => layers::conv2d::forward(c, cx)?,
-        Layer::Linear(l) => layers::linear::forward(l, cx)?,
-        Layer::Activation(a) => {
-            let (x, y) = (cx.input(0), cx.output());
-            cx.push(Op::Act(ops::Act { f: act_fn(a), len: cx.numel(), x, y }));
-        }
-        Layer::Softmax { axis } => {
-            let (x, y) = (cx.input(0), cx.output());
-            let (outer, dim, inner) = softmax_dims(batch, ins, *axis);
-            cx.push(Op::Softmax(ops::Softmax { outer, dim, inner, x, y }));
-        }
-        Layer::Dropout { rate } => {
-            let (x, y) = (cx.input(0), cx.output());
-            let len = cx.numel();
-            let mask = cx.save(len, "mask");
-            let (seed, counter) = cx.dropout.expect("dropout counter");
-            cx.push(Op::Dropout(ops::Dropout { rate: *rate, len, seed, counter, x, y, mask }));
-        }
-        Layer::GroupNorm(gn) => layers::group_norm::forward(gn, cx)?,
-        Layer::BatchNorm(bn) => layers::batch_norm::forward(bn, cx)?,
-        Layer::MaxPool2d(p) => layers::pool::max_forward(p, cx)?,
-        Layer::AvgPool2d(p) => layers::pool::avg_forward(p, cx)?,
-        Layer::GlobalAvgPool => layers::pool::global_forward(cx)?,
-        Layer::Add => {
-            let y = cx.output();
-            cx.push(Op::Add(ops::Add { len: cx.numel(), inputs: cx.inputs().to_vec(), y }));
-        }
-        Layer::Concat => {
-            let y = cx.output();
-            let inner = node.shape[1..].iter().product();
-            let parts = cx.inputs.iter().zip(&cx.in_shapes).map(|(&b, s)| (b, s[0])).collect();
-            cx.push(Op::Concat(ops::Concat { n: batch, inner, parts, y }));
-        }
+        Layer::Flatten | Layer::Reshape(_) => layers::view::forward(cx),
+        Layer::Conv2d(c) => layers::conv2d::forward(c, cx),
+        Layer::Linear(l) => layers::linear::forward(l, cx),
+        Layer::Activation(a) => layers::activation::forward(a, cx),
+        Layer::Softmax { axis } => layers::softmax::forward(*axis, cx),
+        Layer::Dropout { rate } => layers::dropout::forward(*rate, cx),
+        Layer::GroupNorm(gn) => layers::group_norm::forward(gn, cx),
+        Layer::BatchNorm(bn) => layers::batch_norm::forward(bn, cx),
+        Layer::MaxPool2d(p) => layers::pool::max_forward(p, cx),
+        Layer::AvgPool2d(p) => layers::pool::avg_forward(p, cx),
+        Layer::GlobalAvgPool => layers::pool::global_forward(cx),
+        Layer::Add => layers::join::add_forward(cx),
+        Layer::Concat => layers::join::concat_forward(cx),
     }
-    Ok(())
 }
 
 /// Lowers one layer's backward pass (called in reverse order, only for layers whose output
 /// gradient is needed).
 pub fn backward(cx: &mut Backward) -> Result<()> {
     let node = cx.node;
-    let batch = cx.batch;
-    let ins = cx.in_shapes.first().copied().unwrap_or(&[]);
-    let (x, y, dy) = (cx.inputs.first().copied().unwrap_or(cx.output), cx.output, cx.dy);
     match &node.layer {
-        Layer::Input | Layer::Flatten | Layer::Reshape(_) => {}
-        Layer::Conv2d(c) => layers::conv2d::backward(c, cx)?,
-        Layer::Linear(l) => layers::linear::backward(l, cx)?,
-        Layer::Activation(a) => {
-            if let Some(dx) = cx.dx(0) {
-                cx.push(Op::ActBackward(ops::ActBackward { f: act_fn(a), len: cx.numel(), x, y, dy, dx }));
-            }
-        }
-        Layer::Softmax { axis } => {
-            if let Some(dx) = cx.dx(0) {
-                let (outer, dim, inner) = softmax_dims(batch, ins, *axis);
-                cx.push(Op::SoftmaxBackward(ops::SoftmaxBackward { outer, dim, inner, y, dy, dx }));
-            }
-        }
-        Layer::Dropout { .. } => {
-            if let Some(dx) = cx.dx(0) {
-                cx.push(Op::DropoutBackward(ops::DropoutBackward { len: cx.numel(), mask: cx.saved(0), dy, dx }));
-            }
-        }
-        Layer::GroupNorm(gn) => layers::group_norm::backward(gn, cx)?,
-        Layer::BatchNorm(bn) => layers::batch_norm::backward(bn, cx)?,
-        Layer::MaxPool2d(p) => layers::pool::max_backward(p, cx)?,
-        Layer::AvgPool2d(p) => layers::pool::avg_backward(p, cx)?,
-        Layer::GlobalAvgPool => layers::pool::global_backward(cx)?,
-        Layer::Add => {
-            for k in 0..cx.inputs.len() {
-                if let Some(dst) = cx.dx(k) {
-                    cx.push(Op::GradInto(ops::GradInto { len: cx.numel(), src: dy, dst }));
-                }
-            }
-        }
-        Layer::Concat => {
-            let parts: Vec<(Option<GradOut>, usize)> =
-                (0..cx.inputs.len()).map(|k| (cx.dx(k), cx.in_shapes[k][0])).collect();
-            if parts.iter().any(|p| p.0.is_some()) {
-                cx.push(Op::ConcatBackward(ops::ConcatBackward {
-                    n: batch,
-                    inner: node.shape[1..].iter().product(),
-                    parts,
-                    dy,
-                }));
-            }
-        }
+        // Views share their input's gradient buffer: nothing to do.
+        Layer::Input | Layer::Flatten | Layer::Reshape(_) => Ok(()),
+        Layer::Conv2d(c) => layers::conv2d::backward(c, cx),
+        Layer::Linear(l) => layers::linear::backward(l, cx),
+        Layer::Activation(a) => layers::activation::backward(a, cx),
+        Layer::Softmax { axis } => layers::softmax::backward(*axis, cx),
+        Layer::Dropout { .. } => layers::dropout::backward(cx),
+        Layer::GroupNorm(gn) => layers::group_norm::backward(gn, cx),
+        Layer::BatchNorm(bn) => layers::batch_norm::backward(bn, cx),
+        Layer::MaxPool2d(p) => layers::pool::max_backward(p, cx),
+        Layer::AvgPool2d(p) => layers::pool::avg_backward(p, cx),
+        Layer::GlobalAvgPool => layers::pool::global_backward(cx),
+        Layer::Add => layers::join::add_backward(cx),
+        Layer::Concat => layers::join::concat_backward(cx),
     }
-    Ok(())
-}
-
-fn act_fn(a: &Activation) -> ActFn {
-    match *a {
-        Activation::Relu => ActFn::Relu,
-        Activation::LeakyRelu { slope } => ActFn::LeakyRelu(slope),
-        Activation::Elu { alpha } => ActFn::Elu(alpha),
-        Activation::Sigmoid => ActFn::Sigmoid,
-        Activation::Tanh => ActFn::Tanh,
-        Activation::Silu => ActFn::Silu,
-        Activation::Gelu => ActFn::Gelu,
-    }
-}
-
-/// `(outer, dim, inner)` of a softmax along `axis` of `[batch, ins...]`.
-fn softmax_dims(batch: usize, ins: &[usize], axis: isize) -> (usize, usize, usize) {
-    let mut full = vec![batch];
-    full.extend_from_slice(ins);
-    let ax = if axis < 0 { (axis + full.len() as isize) as usize } else { axis as usize };
-    (full[..ax].iter().product(), full[ax], full[ax + 1..].iter().product())
 }

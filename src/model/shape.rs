@@ -3,7 +3,7 @@
 //!
 //! Shapes here are per sample (no batch axis): `[C, H, W]` for images, `[F]` for features.
 
-use super::layers::{self, Activation, Layer};
+use super::layers::{self, Layer};
 use crate::{Error, Result};
 
 pub use super::layers::conv2d::{ConvResolved, resolve_conv};
@@ -66,18 +66,6 @@ pub(crate) fn check_options(name: &str, layer: &Layer) -> Result<()> {
     }
 }
 
-fn check_activation(name: &str, a: &Activation) -> Result<()> {
-    match *a {
-        Activation::LeakyRelu { slope } if !slope.is_finite() => {
-            Err(Error::layer(name, format!("leaky_relu slope must be finite, got {slope}")))
-        }
-        Activation::Elu { alpha } if !alpha.is_finite() => {
-            Err(Error::layer(name, format!("elu alpha must be finite, got {alpha}")))
-        }
-        _ => Ok(()),
-    }
-}
-
 /// The per-sample output shape of `layer` (named `name`) for the given per-sample input shapes,
 /// or the reason the layer cannot take them.
 pub fn infer(name: &str, layer: &Layer, inputs: &[&[usize]]) -> Result<Vec<usize>> {
@@ -95,99 +83,16 @@ pub fn infer(name: &str, layer: &Layer, inputs: &[&[usize]]) -> Result<Vec<usize
             one()?;
             layers::linear::infer(name, l)
         }
-        Layer::Flatten => Ok(vec![one()?.iter().product()]),
-        Layer::Reshape(target) => {
-            let x = one()?;
-            if target.is_empty() || target.contains(&0) {
-                return Err(Error::layer(name, format!("reshape target {target:?} must have non-zero dimensions")));
-            }
-            let a: usize = x.iter().product();
-            // Checked: a target whose count overflows must not wrap to a small number.
-            let Some(b) = target.iter().try_fold(1usize, |p, &d| p.checked_mul(d)) else {
-                return Err(Error::layer(
-                    name,
-                    format!(
-                        "cannot reshape {} ({a} values per sample) into {target:?} (more than {} values)",
-                        dims_str(x),
-                        usize::MAX
-                    ),
-                ));
-            };
-            if a != b {
-                return Err(Error::layer(
-                    name,
-                    format!("cannot reshape {} ({a} values per sample) into {target:?} ({b} values)", dims_str(x)),
-                ));
-            }
-            Ok(target.clone())
-        }
-        Layer::Activation(a) => {
-            check_activation(name, a)?;
-            Ok(one()?.to_vec())
-        }
-        Layer::Softmax { axis } => {
-            let x = one()?;
-            let rank = x.len() as isize + 1;
-            if *axis < -rank || *axis >= rank {
-                return Err(Error::layer(
-                    name,
-                    format!("softmax axis {axis} is out of range for a rank-{rank} tensor (batch included)"),
-                ));
-            }
-            Ok(x.to_vec())
-        }
-        Layer::Dropout { rate } => {
-            if !(0.0..1.0).contains(rate) {
-                return Err(Error::layer(name, format!("dropout rate must be in [0, 1), got {rate}")));
-            }
-            Ok(one()?.to_vec())
-        }
+        Layer::Flatten => Ok(layers::view::infer_flatten(one()?)),
+        Layer::Reshape(target) => layers::view::infer_reshape(name, target, one()?),
+        Layer::Activation(a) => layers::activation::infer(name, a, one()?),
+        Layer::Softmax { axis } => layers::softmax::infer(name, *axis, one()?),
+        Layer::Dropout { rate } => layers::dropout::infer(name, *rate, one()?),
         Layer::GroupNorm(gn) => layers::group_norm::infer(name, gn, one()?),
         Layer::BatchNorm(bn) => layers::batch_norm::infer(name, bn, one()?),
         Layer::MaxPool2d(p) | Layer::AvgPool2d(p) => layers::pool::infer(name, p, one()?),
         Layer::GlobalAvgPool => layers::pool::infer_global(name, one()?),
-        Layer::Add => {
-            if inputs.len() < 2 {
-                return Err(Error::layer(name, format!("add needs at least two inputs, got {}", inputs.len())));
-            }
-            for x in &inputs[1..] {
-                if *x != inputs[0] {
-                    return Err(Error::layer(
-                        name,
-                        format!(
-                            "cannot add branches of shapes {} and {} (per sample); \
-                             a projection shortcut can match them",
-                            dims_str(inputs[0]),
-                            dims_str(x)
-                        ),
-                    ));
-                }
-            }
-            Ok(inputs[0].to_vec())
-        }
-        Layer::Concat => {
-            if inputs.len() < 2 {
-                return Err(Error::layer(name, format!("concat needs at least two inputs, got {}", inputs.len())));
-            }
-            let first = inputs[0];
-            let mut channels = 0;
-            for x in inputs {
-                if x.len() != first.len() || x[1..] != first[1..] {
-                    return Err(Error::layer(
-                        name,
-                        format!(
-                            "cannot concatenate branches of shapes {} and {} along channels: \
-                             all other dimensions must match",
-                            dims_str(first),
-                            dims_str(x)
-                        ),
-                    ));
-                }
-                channels += x[0];
-            }
-            let mut out = first.to_vec();
-            out[0] = channels;
-            Ok(out)
-        }
+        Layer::Add => layers::join::infer_add(name, inputs),
+        Layer::Concat => layers::join::infer_concat(name, inputs),
     }
 }

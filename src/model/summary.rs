@@ -17,12 +17,12 @@ pub(super) fn node_flops(m: &Model, i: usize) -> u64 {
         Layer::Conv2d(c) => layers::conv2d::flops(c, input, out),
         Layer::Linear(l) => layers::linear::flops(l, input, out),
         Layer::Activation(_) | Layer::Dropout { .. } => out,
-        Layer::Softmax { .. } => 3 * out,
+        Layer::Softmax { .. } => layers::softmax::flops(out),
         Layer::BatchNorm(_) => layers::batch_norm::flops(out),
         Layer::GroupNorm(_) => layers::group_norm::flops(out),
         Layer::MaxPool2d(p) | Layer::AvgPool2d(p) => layers::pool::flops(p, out),
         Layer::GlobalAvgPool => layers::pool::global_flops(input),
-        Layer::Add => out * (node.inputs.len() as u64 - 1),
+        Layer::Add => layers::join::add_flops(out, node.inputs.len()),
     }
 }
 
@@ -50,11 +50,6 @@ fn fmt_flops(f: u64) -> String {
 
 fn mib(bytes: u64) -> String {
     format!("{:.2} MiB", bytes as f64 / (1024.0 * 1024.0))
-}
-
-/// Whether a node's output is a view of its input (no memory of its own).
-pub(crate) fn is_view(layer: &Layer) -> bool {
-    matches!(layer, Layer::Flatten | Layer::Reshape(_))
 }
 
 pub(super) fn render(m: &Model) -> String {
@@ -121,7 +116,8 @@ pub(super) fn render(m: &Model) -> String {
     s += &line('=');
     let trainable = m.param_count() as u64;
     let buffers = m.buffer_count() as u64;
-    let activations: u64 = m.nodes.iter().filter(|n| !is_view(&n.layer)).map(|n| numel(&n.shape) * batch).sum();
+    let activations: u64 =
+        m.nodes.iter().filter(|n| !layers::view::is_view(&n.layer)).map(|n| numel(&n.shape) * batch).sum();
     s += &format!("Total params:          {}\n", fmt_count(trainable + buffers));
     s += &format!("Trainable params:      {}\n", fmt_count(trainable));
     s += &format!("Non-trainable (stats): {}\n", fmt_count(buffers));

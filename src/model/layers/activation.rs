@@ -1,0 +1,97 @@
+//! Element-wise activations, whole: the functions (PyTorch's definitions), their names, shape
+//! rule, FLOPs and lowering to ops. Their kernels are `backend/cpu/activation.rs` and
+//! `backend/cuda/activation.rs`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{ActFn, Op, ops};
+use crate::model::lower::{Backward, Forward};
+use crate::{Error, Result};
+
+/// Element-wise activation functions, with PyTorch's definitions.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Activation {
+    Relu,
+    /// `x` for `x > 0`, else `slope * x` (PyTorch's default slope is 0.01).
+    LeakyRelu {
+        slope: f32,
+    },
+    /// `x` for `x > 0`, else `alpha * (exp(x) - 1)`.
+    Elu {
+        alpha: f32,
+    },
+    Sigmoid,
+    Tanh,
+    /// `x * sigmoid(x)`, also called swish.
+    Silu,
+    /// `x * Phi(x)` with the exact normal CDF (PyTorch's default, not the tanh approximation).
+    Gelu,
+}
+
+impl Activation {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Activation::Relu => "relu",
+            Activation::LeakyRelu { .. } => "leaky_relu",
+            Activation::Elu { .. } => "elu",
+            Activation::Sigmoid => "sigmoid",
+            Activation::Tanh => "tanh",
+            Activation::Silu => "silu",
+            Activation::Gelu => "gelu",
+        }
+    }
+
+    /// The PyTorch class name shown in summaries.
+    pub(crate) fn display_type(&self) -> String {
+        match self {
+            Activation::Relu => "ReLU".into(),
+            Activation::LeakyRelu { slope } => format!("LeakyReLU({slope})"),
+            Activation::Elu { alpha } => format!("ELU({alpha})"),
+            Activation::Sigmoid => "Sigmoid".into(),
+            Activation::Tanh => "Tanh".into(),
+            Activation::Silu => "SiLU".into(),
+            Activation::Gelu => "GELU".into(),
+        }
+    }
+}
+
+/// Shape rule: the input's shape, for a function whose constant is finite.
+pub(crate) fn infer(name: &str, a: &Activation, input: &[usize]) -> Result<Vec<usize>> {
+    match *a {
+        Activation::LeakyRelu { slope } if !slope.is_finite() => {
+            Err(Error::layer(name, format!("leaky_relu slope must be finite, got {slope}")))
+        }
+        Activation::Elu { alpha } if !alpha.is_finite() => {
+            Err(Error::layer(name, format!("elu alpha must be finite, got {alpha}")))
+        }
+        _ => Ok(input.to_vec()),
+    }
+}
+
+fn act_fn(a: &Activation) -> ActFn {
+    match *a {
+        Activation::Relu => ActFn::Relu,
+        Activation::LeakyRelu { slope } => ActFn::LeakyRelu(slope),
+        Activation::Elu { alpha } => ActFn::Elu(alpha),
+        Activation::Sigmoid => ActFn::Sigmoid,
+        Activation::Tanh => ActFn::Tanh,
+        Activation::Silu => ActFn::Silu,
+        Activation::Gelu => ActFn::Gelu,
+    }
+}
+
+/// Lowering of the forward pass: one [`Op::Act`].
+pub(crate) fn forward(a: &Activation, cx: &mut Forward<'_>) -> Result<()> {
+    let (x, y) = (cx.input(0), cx.output());
+    cx.push(Op::Act(ops::Act { f: act_fn(a), len: cx.numel(), x, y }));
+    Ok(())
+}
+
+/// Lowering of the backward pass: one [`Op::ActBackward`] (it reads the input and the output).
+pub(crate) fn backward(a: &Activation, cx: &mut Backward<'_>) -> Result<()> {
+    if let Some(dx) = cx.dx(0) {
+        let (x, y, dy) = (cx.input(0), cx.output(), cx.dy());
+        cx.push(Op::ActBackward(ops::ActBackward { f: act_fn(a), len: cx.numel(), x, y, dy, dx }));
+    }
+    Ok(())
+}

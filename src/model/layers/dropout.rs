@@ -1,0 +1,39 @@
+//! Dropout, whole: shape rule, FLOPs and lowering to ops (a mask drawn from the node's own
+//! counter-based stream in training, the identity in evaluation). Its kernels are
+//! `backend/cpu/dropout.rs` and `backend/cuda/dropout.rs`.
+
+use crate::backend::{Op, ops};
+use crate::model::lower::{Backward, Forward, Mode};
+use crate::{Error, Result};
+
+/// Shape rule: the input's shape, for a rate in `[0, 1)`.
+pub(crate) fn infer(name: &str, rate: f32, input: &[usize]) -> Result<Vec<usize>> {
+    if !(0.0..1.0).contains(&rate) {
+        return Err(Error::layer(name, format!("dropout rate must be in [0, 1), got {rate}")));
+    }
+    Ok(input.to_vec())
+}
+
+/// Lowering of the forward pass: in training one [`Op::Dropout`] saving its mask; in
+/// evaluation the output is the input.
+pub(crate) fn forward(rate: f32, cx: &mut Forward<'_>) -> Result<()> {
+    if cx.mode == Mode::Eval {
+        cx.alias_input();
+        return Ok(());
+    }
+    let (x, y) = (cx.input(0), cx.output());
+    let len = cx.numel();
+    let mask = cx.save(len, "mask");
+    let (seed, counter) = cx.dropout.expect("dropout counter");
+    cx.push(Op::Dropout(ops::Dropout { rate, len, seed, counter, x, y, mask }));
+    Ok(())
+}
+
+/// Lowering of the backward pass: one [`Op::DropoutBackward`] through the saved mask.
+pub(crate) fn backward(cx: &mut Backward<'_>) -> Result<()> {
+    if let Some(dx) = cx.dx(0) {
+        let (mask, dy) = (cx.saved(0), cx.dy());
+        cx.push(Op::DropoutBackward(ops::DropoutBackward { len: cx.numel(), mask, dy, dx }));
+    }
+    Ok(())
+}

@@ -1,0 +1,100 @@
+//! Add and Concat, whole: the joins of residual and Inception blocks (`ModelBuilder::residual`,
+//! `concat`): shape rules, FLOPs and lowering to ops. Their kernels are `backend/cpu/join.rs`
+//! and `backend/cuda/join.rs`.
+
+use crate::backend::{GradOut, Op, ops};
+use crate::model::lower::{Backward, Forward};
+use crate::model::shape::dims_str;
+use crate::{Error, Result};
+
+/// Add's shape rule: two or more inputs of one shape, which is the output's.
+pub(crate) fn infer_add(name: &str, inputs: &[&[usize]]) -> Result<Vec<usize>> {
+    if inputs.len() < 2 {
+        return Err(Error::layer(name, format!("add needs at least two inputs, got {}", inputs.len())));
+    }
+    for x in &inputs[1..] {
+        if *x != inputs[0] {
+            return Err(Error::layer(
+                name,
+                format!(
+                    "cannot add branches of shapes {} and {} (per sample); \
+                     a projection shortcut can match them",
+                    dims_str(inputs[0]),
+                    dims_str(x)
+                ),
+            ));
+        }
+    }
+    Ok(inputs[0].to_vec())
+}
+
+/// Concat's shape rule: two or more inputs equal but in their first (channel or feature) axis;
+/// the output's channels are the sum of theirs.
+pub(crate) fn infer_concat(name: &str, inputs: &[&[usize]]) -> Result<Vec<usize>> {
+    if inputs.len() < 2 {
+        return Err(Error::layer(name, format!("concat needs at least two inputs, got {}", inputs.len())));
+    }
+    let first = inputs[0];
+    let mut channels = 0;
+    for x in inputs {
+        if x.len() != first.len() || x[1..] != first[1..] {
+            return Err(Error::layer(
+                name,
+                format!(
+                    "cannot concatenate branches of shapes {} and {} along channels: \
+                     all other dimensions must match",
+                    dims_str(first),
+                    dims_str(x)
+                ),
+            ));
+        }
+        channels += x[0];
+    }
+    let mut out = first.to_vec();
+    out[0] = channels;
+    Ok(out)
+}
+
+/// Add's forward FLOPs per sample: one per output value and input after the first.
+pub(crate) fn add_flops(out: u64, inputs: usize) -> u64 {
+    out * (inputs as u64 - 1)
+}
+
+/// Add forward: one [`Op::Add`] of all inputs.
+pub(crate) fn add_forward(cx: &mut Forward<'_>) -> Result<()> {
+    let y = cx.output();
+    cx.push(Op::Add(ops::Add { len: cx.numel(), inputs: cx.inputs().to_vec(), y }));
+    Ok(())
+}
+
+/// Add backward: the output gradient into each input's gradient that is wanted
+/// ([`Op::GradInto`]).
+pub(crate) fn add_backward(cx: &mut Backward<'_>) -> Result<()> {
+    let dy = cx.dy();
+    for k in 0..cx.inputs.len() {
+        if let Some(dst) = cx.dx(k) {
+            cx.push(Op::GradInto(ops::GradInto { len: cx.numel(), src: dy, dst }));
+        }
+    }
+    Ok(())
+}
+
+/// Concat forward: one [`Op::Concat`] along the first axis after the batch.
+pub(crate) fn concat_forward(cx: &mut Forward<'_>) -> Result<()> {
+    let y = cx.output();
+    let inner = cx.node.shape[1..].iter().product();
+    let parts = cx.inputs.iter().zip(&cx.in_shapes).map(|(&b, s)| (b, s[0])).collect();
+    cx.push(Op::Concat(ops::Concat { n: cx.batch, inner, parts, y }));
+    Ok(())
+}
+
+/// Concat backward: one [`Op::ConcatBackward`] splitting the gradient into the inputs that want
+/// theirs.
+pub(crate) fn concat_backward(cx: &mut Backward<'_>) -> Result<()> {
+    let parts: Vec<(Option<GradOut>, usize)> = (0..cx.inputs.len()).map(|k| (cx.dx(k), cx.in_shapes[k][0])).collect();
+    if parts.iter().any(|p| p.0.is_some()) {
+        let inner = cx.node.shape[1..].iter().product();
+        cx.push(Op::ConcatBackward(ops::ConcatBackward { n: cx.batch, inner, parts, dy: cx.dy() }));
+    }
+    Ok(())
+}

@@ -1,0 +1,49 @@
+//! Softmax along an axis, whole: shape rule, FLOPs and lowering to ops. Its kernels are in
+//! `backend/cpu/softmax.rs` and `backend/cuda/softmax.rs`.
+
+use crate::backend::{Op, ops};
+use crate::model::lower::{Backward, Forward};
+use crate::{Error, Result};
+
+/// Shape rule: the input's shape, with `axis` in range for the tensor with its batch axis.
+pub(crate) fn infer(name: &str, axis: isize, input: &[usize]) -> Result<Vec<usize>> {
+    let rank = input.len() as isize + 1;
+    if axis < -rank || axis >= rank {
+        return Err(Error::layer(
+            name,
+            format!("softmax axis {axis} is out of range for a rank-{rank} tensor (batch included)"),
+        ));
+    }
+    Ok(input.to_vec())
+}
+
+/// Forward FLOPs per sample: exponent, sum and division (3 per value).
+pub(crate) fn flops(out: u64) -> u64 {
+    3 * out
+}
+
+/// `(outer, dim, inner)` of a softmax along `axis` of `[batch, ins...]`.
+fn dims(batch: usize, ins: &[usize], axis: isize) -> (usize, usize, usize) {
+    let mut full = vec![batch];
+    full.extend_from_slice(ins);
+    let ax = if axis < 0 { (axis + full.len() as isize) as usize } else { axis as usize };
+    (full[..ax].iter().product(), full[ax], full[ax + 1..].iter().product())
+}
+
+/// Lowering of the forward pass: one [`Op::Softmax`].
+pub(crate) fn forward(axis: isize, cx: &mut Forward<'_>) -> Result<()> {
+    let (x, y) = (cx.input(0), cx.output());
+    let (outer, dim, inner) = dims(cx.batch, cx.in_shapes[0], axis);
+    cx.push(Op::Softmax(ops::Softmax { outer, dim, inner, x, y }));
+    Ok(())
+}
+
+/// Lowering of the backward pass: one [`Op::SoftmaxBackward`] (from the output).
+pub(crate) fn backward(axis: isize, cx: &mut Backward<'_>) -> Result<()> {
+    if let Some(dx) = cx.dx(0) {
+        let (outer, dim, inner) = dims(cx.batch, cx.in_shapes[0], axis);
+        let (y, dy) = (cx.output(), cx.dy());
+        cx.push(Op::SoftmaxBackward(ops::SoftmaxBackward { outer, dim, inner, y, dy, dx }));
+    }
+    Ok(())
+}
