@@ -1,5 +1,6 @@
 //! Batch normalisation on the GPU: training forward (batch statistics, running-statistic update
-//! as PyTorch does it), inference forward, and backward, as `backend/cpu/batch_norm.rs`.
+//! as PyTorch does it), inference forward, and backward, as `backend/cpu/batch_norm.rs`; plain
+//! or synchronised over a data-parallel group (the op's `sync`), by the same kernels.
 //!
 //! Each channel's `n * hw` values are split over several blocks (by samples), so that even a
 //! layer with few channels fills the GPU: a first kernel writes each block's f64 partial sums, a
@@ -7,6 +8,13 @@
 //! and computes the statistics, a third applies them element-wise. Statistics come from f64 sums
 //! of `x` and `x^2` (one pass); in f64 the cancellation in `E[x^2] - mean^2` costs nothing at
 //! f32 precision.
+//!
+//! Synchronised batch norm differs in one step only: the per-channel totals (with this rank's
+//! sample count after them) are written to scratch by `bn_totals` and summed over the group by
+//! NCCL (f64, on NCCL's stream, the compute stream waiting for it) before the statistics are
+//! finished from them: in the forward pass the sums of `x` and `x^2`, in the backward pass the
+//! sums of `dy` and `dy * xhat` (for `dx`; `dgamma` and `dbeta` stay local, as the gradient
+//! all-reduce averages them). A group of one computes what plain batch norm computes.
 
 use super::CudaBackend;
 use super::nvrtc::ModuleSrc;
@@ -15,11 +23,11 @@ use crate::backend::ops;
 use crate::backend::ops::{BnGeom, GradOut};
 
 /// Threads per block of the partial-sum kernels (a power of two, for the block reduction).
-pub(super) const BN_THREADS: u32 = 256;
+const BN_THREADS: u32 = 256;
 
 /// How the samples of each channel are split: `(segments, samples per segment)`, aiming at
 /// about four blocks per multiprocessor in all.
-pub(super) fn segments(g: &BnGeom, sms: usize) -> (usize, usize) {
+fn segments(g: &BnGeom, sms: usize) -> (usize, usize) {
     let want = (4 * sms).div_ceil(g.c.max(1)).clamp(1, g.n.max(1));
     let per = g.n.div_ceil(want);
     (g.n.div_ceil(per), per)
@@ -27,11 +35,11 @@ pub(super) fn segments(g: &BnGeom, sms: usize) -> (usize, usize) {
 
 kernels! {
     bn_partial(x: (const float*), dy: (const float*), mean: (const float*), invstd: (const float*), part: (double*), n: i64, c: i64, hw: i64, per: i64, mode: int);
-    bn_finalize(part: (const double*), segs: int, mean: (float*), invstd: (float*), rmean: (float*), rvar: (float*), gamma: (const float*), beta: (const float*), coef: (float*), c: i64, m: i64, eps: float, momentum: float);
+    bn_totals(part: (const double*), segs: int, totals: (double*), dgamma: (float*), dbeta: (float*), acc_dgamma: int, acc_dbeta: int, c: i64, count: double);
+    bn_finalize(part: (const double*), segs: int, totals: (const double*), mean: (float*), invstd: (float*), rmean: (float*), rvar: (float*), gamma: (const float*), beta: (const float*), coef: (float*), c: i64, m: i64, eps: float, momentum: float);
     bn_apply(x: (const float*), coef: (const float*), y: (float*), total: i64, c: i64, hw: i64);
     bn_infer_forward(x: (const float*), gamma: (const float*), beta: (const float*), rmean: (const float*), rvar: (const float*), y: (float*), n: i64, c: i64, hw: i64, eps: float);
-    bn_finalize_grad(part: (const double*), segs: int, sums: (double*), dgamma: (float*), dbeta: (float*), acc_dgamma: int, acc_dbeta: int, c: i64);
-    bn_apply_grad(x: (const float*), gamma: (const float*), mean: (const float*), invstd: (const float*), dy: (const float*), sums: (const double*), dx: (float*), total: i64, c: i64, hw: i64, m: i64, acc: int);
+    bn_apply_grad(x: (const float*), gamma: (const float*), mean: (const float*), invstd: (const float*), dy: (const float*), sums: (const double*), dx: (float*), total: i64, c: i64, hw: i64, acc: int);
 }
 
 pub(super) const MODULE: ModuleSrc = ModuleSrc {
@@ -71,13 +79,22 @@ extern "C" __global__ void bn_partial(const float* x, const float* dy, const flo
 
 // Per channel: mean, invstd, the running statistics, and the affine coefficients coef[2ch] =
 // gamma * invstd, coef[2ch + 1] = beta - mean * gamma * invstd (f32, as the CPU computes them).
-extern "C" __global__ void bn_finalize(const double* part, int segs, float* mean, float* invstd, float* rmean,
-                                       float* rvar, const float* gamma, const float* beta, float* coef, i64 c,
-                                       i64 m, float eps, float momentum) {
+// The sums of x and x^2 and their count: with segs > 0 summed here from this device's partial
+// sums (plain batch norm, count m); with segs == 0 read from totals (the group's, after the
+// all-reduce: totals[2ch], totals[2ch + 1], count totals[2c]).
+extern "C" __global__ void bn_finalize(const double* part, int segs, const double* totals, float* mean,
+                                       float* invstd, float* rmean, float* rvar, const float* gamma,
+                                       const float* beta, float* coef, i64 c, i64 m, float eps, float momentum) {
     GRID_LOOP(ch, c) {
-        double a = 0.0, b = 0.0;
-        for (int s = 0; s < segs; s++) { a += part[(ch * segs + s) * 2]; b += part[(ch * segs + s) * 2 + 1]; }
-        double count = (double)m;
+        double a = 0.0, b = 0.0, count;
+        if (segs > 0) {
+            for (int s = 0; s < segs; s++) { a += part[(ch * segs + s) * 2]; b += part[(ch * segs + s) * 2 + 1]; }
+            count = (double)m;
+        } else {
+            a = totals[2 * ch];
+            b = totals[2 * ch + 1];
+            count = totals[2 * c];
+        }
         double mu = a / count;
         double var = b / count - mu * mu;
         if (var < 0.0) var = 0.0;
@@ -118,26 +135,32 @@ extern "C" __global__ void bn_infer_forward(const float* x, const float* gamma, 
     }
 }
 
-// Per channel: dbeta = sum(dy), dgamma = sum(dy * xhat); both sums kept for bn_apply_grad.
-extern "C" __global__ void bn_finalize_grad(const double* part, int segs, double* sums, float* dgamma, float* dbeta,
-                                            int acc_dgamma, int acc_dbeta, i64 c) {
+// Per channel: the sums over segments of the partial sums, into totals[2ch], totals[2ch + 1],
+// and this device's count into totals[2c]. In the backward pass (mode 1 partials) also dbeta =
+// sum(dy) and dgamma = sum(dy * xhat), where wanted; the totals are kept for bn_apply_grad.
+extern "C" __global__ void bn_totals(const double* part, int segs, double* totals, float* dgamma, float* dbeta,
+                                     int acc_dgamma, int acc_dbeta, i64 c, double count) {
     GRID_LOOP(ch, c) {
         double a = 0.0, b = 0.0;
         for (int s = 0; s < segs; s++) { a += part[(ch * segs + s) * 2]; b += part[(ch * segs + s) * 2 + 1]; }
-        sums[2 * ch] = a;
-        sums[2 * ch + 1] = b;
+        totals[2 * ch] = a;
+        totals[2 * ch + 1] = b;
         if (dbeta) store(&dbeta[ch], (float)a, acc_dbeta);
         if (dgamma) store(&dgamma[ch], (float)b, acc_dgamma);
     }
+    if (blockIdx.x == 0 && threadIdx.x == 0) totals[2 * c] = count;
 }
 
-// dx = gamma * invstd / M * (M * dy - sum(dy) - xhat * sum(dy * xhat)), M = n * hw.
+// dx = gamma * invstd / M * (M * dy - sum(dy) - xhat * sum(dy * xhat)), with the sums and the
+// count M from bn_totals (the group's, for synchronised batch norm): sums[2ch], sums[2ch + 1],
+// M = sums[2c].
 extern "C" __global__ void bn_apply_grad(const float* x, const float* gamma, const float* mean, const float* invstd,
                                          const float* dy, const double* sums, float* dx, i64 total, i64 c, i64 hw,
-                                         i64 m, int acc) {
+                                         int acc) {
+    double count = sums[2 * c];
     GRID_LOOP(i, total) {
         i64 ch = (i / hw) % c;
-        double count = (double)m, is = (double)invstd[ch];
+        double is = (double)invstd[ch];
         double k = (gamma ? (double)gamma[ch] : 1.0) * is / count;
         double xhat = ((double)x[i] - (double)mean[ch]) * is;
         store(&dx[i], (float)(k * (count * (double)dy[i] - sums[2 * ch] - xhat * sums[2 * ch + 1])), acc);
@@ -148,24 +171,37 @@ extern "C" __global__ void bn_apply_grad(const float* x, const float* gamma, con
 
 impl CudaBackend {
     pub(super) fn bn_train_forward(&mut self, o: &ops::BatchNormTrain) -> Result<()> {
-        let ops::BatchNormTrain { x, gamma, beta, y, mean, invstd, running, .. } = *o;
+        let ops::BatchNormTrain { x, gamma, beta, y, mean, invstd, running, sync, .. } = *o;
         let g = &o.g;
         let (segs, per) = segments(g, self.gpu.sm_count as usize);
-        // Scratch: partial sums (2 f64 per channel and segment), then coefficients (2 f32 per channel).
+        // Scratch: partial sums (2 f64 per channel and segment), totals (2 f64 per channel and
+        // the count; synchronised only), coefficients (2 f32 per channel).
         let part_bytes = g.c * segs * 16;
-        let scratch = self.op_scratch(part_bytes + g.c * 8)?;
-        let coef = scratch + part_bytes as u64;
-        let (rm, rv, momentum) = match running {
-            Some((m, v, mo)) => (self.ptr(m), self.ptr(v), mo),
-            None => (0, 0, 0.0),
-        };
+        let totals_bytes = (2 * g.c + 1) * 8;
+        let scratch = self.op_scratch(part_bytes + totals_bytes + g.c * 8)?;
+        let totals = scratch + part_bytes as u64;
+        let coef = totals + totals_bytes as u64;
         let xp = self.ptr(x);
         let part =
             bn_partial { x: xp, dy: 0, mean: 0, invstd: 0, part: scratch, n: g.n, c: g.c, hw: g.hw, per, mode: 0 };
         self.launch_grid((segs as u32, g.c as u32), BN_THREADS, &part)?;
+        // Plain batch norm finishes the statistics from the partial sums directly; synchronised
+        // batch norm from the group's totals.
+        let mut from = (scratch, segs as i32);
+        if sync {
+            let count = (g.n * g.hw) as f64;
+            self.launch_bn_totals(scratch, segs, totals, (None, None), g.c, count)?;
+            self.sum_f64_now(totals, 2 * g.c + 1)?;
+            from = (0, 0);
+        }
+        let (rm, rv, momentum) = match running {
+            Some((m, v, mo)) => (self.ptr(m), self.ptr(v), mo),
+            None => (0, 0, 0.0),
+        };
         let fin = bn_finalize {
-            part: scratch,
-            segs: segs as i32,
+            part: from.0,
+            segs: from.1,
+            totals,
             mean: self.ptr(mean),
             invstd: self.ptr(invstd),
             rmean: rm,
@@ -182,6 +218,34 @@ impl CudaBackend {
         let total = g.n * g.c * g.hw;
         let apply = bn_apply { x: xp, coef, y: self.ptr(y), total, c: g.c, hw: g.hw };
         self.launch_elems(total, &apply)
+    }
+
+    /// Launches `bn_totals`: per-channel totals of the partial sums (and the count) into
+    /// `totals`, and `dgamma`/`dbeta` where given.
+    fn launch_bn_totals(
+        &mut self,
+        part: u64,
+        segs: usize,
+        totals: u64,
+        (dgamma, dbeta): (Option<GradOut>, Option<GradOut>),
+        c: usize,
+        count: f64,
+    ) -> Result<()> {
+        let grad = |o: Option<GradOut>| o.map(|d| (self.ptr(d.buf), d.accumulate as i32)).unwrap_or((0, 0));
+        let (dgp, dga) = grad(dgamma);
+        let (dbp, dba) = grad(dbeta);
+        let args = bn_totals {
+            part,
+            segs: segs as i32,
+            totals,
+            dgamma: dgp,
+            dbeta: dbp,
+            acc_dgamma: dga,
+            acc_dbeta: dba,
+            c,
+            count,
+        };
+        self.launch_elems(c, &args)
     }
 
     pub(super) fn bn_infer_forward(&mut self, o: &ops::BatchNormInfer) -> Result<()> {
@@ -203,48 +267,37 @@ impl CudaBackend {
     }
 
     pub(super) fn bn_backward(&mut self, o: &ops::BatchNormBackward) -> Result<()> {
-        let ops::BatchNormBackward { x, gamma, mean, invstd, dy, dx, dgamma, dbeta, .. } = *o;
+        let ops::BatchNormBackward { x, gamma, mean, invstd, dy, dx, dgamma, dbeta, sync, .. } = *o;
         let g = &o.g;
         let (segs, per) = segments(g, self.gpu.sm_count as usize);
+        // Scratch: partial sums, then the totals (2 f64 per channel and the count).
         let part_bytes = g.c * segs * 16;
-        let scratch = self.op_scratch(part_bytes + g.c * 16)?;
+        let scratch = self.op_scratch(part_bytes + (2 * g.c + 1) * 8)?;
         let sums = scratch + part_bytes as u64;
         let (xp, mp, ip, dyp) = (self.ptr(x), self.ptr(mean), self.ptr(invstd), self.ptr(dy));
         let part =
             bn_partial { x: xp, dy: dyp, mean: mp, invstd: ip, part: scratch, n: g.n, c: g.c, hw: g.hw, per, mode: 1 };
         self.launch_grid((segs as u32, g.c as u32), BN_THREADS, &part)?;
-        let grad = |o: Option<GradOut>| o.map(|d| (self.ptr(d.buf), d.accumulate as i32)).unwrap_or((0, 0));
-        let (dgp, dga) = grad(dgamma);
-        let (dbp, dba) = grad(dbeta);
-        let fin = bn_finalize_grad {
-            part: scratch,
-            segs: segs as i32,
-            sums,
-            dgamma: dgp,
-            dbeta: dbp,
-            acc_dgamma: dga,
-            acc_dbeta: dba,
-            c: g.c,
-        };
-        self.launch_elems(g.c, &fin)?;
-        if let Some(d) = dx {
-            let total = g.n * g.c * g.hw;
-            let args = bn_apply_grad {
-                x: xp,
-                gamma: self.opt_ptr(gamma),
-                mean: mp,
-                invstd: ip,
-                dy: dyp,
-                sums,
-                dx: self.ptr(d.buf),
-                total,
-                c: g.c,
-                hw: g.hw,
-                m: g.n * g.hw,
-                acc: d.accumulate as i32,
-            };
-            self.launch_elems(total, &args)?;
+        // This device's sums, and from them its own dgamma and dbeta.
+        self.launch_bn_totals(scratch, segs, sums, (dgamma, dbeta), g.c, (g.n * g.hw) as f64)?;
+        let Some(d) = dx else { return Ok(()) };
+        if sync {
+            self.sum_f64_now(sums, 2 * g.c + 1)?;
         }
-        Ok(())
+        let total = g.n * g.c * g.hw;
+        let args = bn_apply_grad {
+            x: xp,
+            gamma: self.opt_ptr(gamma),
+            mean: mp,
+            invstd: ip,
+            dy: dyp,
+            sums,
+            dx: self.ptr(d.buf),
+            total,
+            c: g.c,
+            hw: g.hw,
+            acc: d.accumulate as i32,
+        };
+        self.launch_elems(total, &args)
     }
 }

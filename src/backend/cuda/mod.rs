@@ -14,7 +14,7 @@
 //!
 //! Data-parallel training: [`Backend::set_communicator`] sets up NCCL (`nccl.rs`) for the
 //! group; [`Op::AllReduce`] then runs on NCCL's own stream, overlapping the ops after it, and
-//! synchronised batch norm reduces its statistics there too (`sync_batch_norm.rs`).
+//! synchronised batch norm reduces its statistics there too (`batch_norm.rs`).
 //!
 //! Environment: `KILN_EAGER=1` runs `run_cached` lists eagerly (same kernels, no graphs);
 //! `KILN_DEBUG=1` logs every launch with its shapes and time (and algorithm choices, captures
@@ -39,7 +39,6 @@ mod nccl;
 mod optimizer;
 mod pool2d;
 mod softmax;
-mod sync_batch_norm;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -68,7 +67,6 @@ const MODULES: &[&nvrtc::ModuleSrc] = &[
     &optimizer::MODULE,
     &pool2d::MODULE,
     &softmax::MODULE,
-    &sync_batch_norm::MODULE,
 ];
 
 /// Options of a [`CudaBackend`].
@@ -287,10 +285,8 @@ impl CudaBackend {
             Op::SoftmaxBackward(o) => self.softmax_backward(o),
             Op::Dropout(o) => self.dropout_forward(o),
             Op::DropoutBackward(o) => self.dropout_backward(o),
-            Op::BatchNormTrain(o) if o.sync => self.sync_bn_train_forward(o),
             Op::BatchNormTrain(o) => self.bn_train_forward(o),
             Op::BatchNormInfer(o) => self.bn_infer_forward(o),
-            Op::BatchNormBackward(o) if o.sync => self.sync_bn_backward(o),
             Op::BatchNormBackward(o) => self.bn_backward(o),
             Op::GroupNorm(o) => self.gn_forward(o),
             Op::GroupNormBackward(o) => self.gn_backward(o),

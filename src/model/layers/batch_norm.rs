@@ -1,7 +1,7 @@
 //! BatchNorm, whole: options, shape rule, parameters and running statistics (PyTorch's names and
 //! initial values), FLOPs and lowering to ops (training with batch statistics, optionally
 //! synchronised over a data-parallel group; evaluation with running statistics). Its kernels are
-//! `backend/{cpu,cuda}/batch_norm.rs` (and `cuda/sync_batch_norm.rs`).
+//! `backend/{cpu,cuda}/batch_norm.rs` (one path, plain or synchronised).
 
 use serde::{Deserialize, Serialize};
 
