@@ -7,6 +7,7 @@ use super::loss::Loss;
 use super::schedule::{Schedule, Warmup};
 use crate::backend::Device;
 use crate::dist::DataParallel;
+use crate::exec::OptRule;
 use crate::{Error, Result};
 
 /// What the model predicts.
@@ -442,4 +443,26 @@ impl TrainerConfig {
             _ => Ok(()),
         }
     }
+}
+
+/// The device update rule of an optimizer (`None` for L-BFGS, which runs on the host).
+pub(super) fn opt_rule(o: &Optimizer) -> Option<OptRule> {
+    Some(match *o {
+        Optimizer::Sgd { dampening, nesterov, weight_decay, .. } => OptRule::Sgd { dampening, nesterov, weight_decay },
+        Optimizer::Adam { beta2, eps, weight_decay, amsgrad, .. } => {
+            OptRule::Adam { beta2, eps, weight_decay, decoupled: false, amsgrad }
+        }
+        Optimizer::AdamW { beta2, eps, weight_decay, amsgrad, .. } => {
+            OptRule::Adam { beta2, eps, weight_decay, decoupled: true, amsgrad }
+        }
+        Optimizer::RmsProp { alpha, eps, centered, weight_decay, .. } => {
+            OptRule::RmsProp { alpha, eps, weight_decay, centered }
+        }
+        Optimizer::Adagrad { lr_decay, eps, weight_decay, .. } => OptRule::Adagrad { lr_decay, eps, weight_decay },
+        Optimizer::Adadelta { rho, eps, weight_decay } => OptRule::Adadelta { rho, eps, weight_decay },
+        Optimizer::NAdam { beta2, eps, weight_decay, momentum_decay, .. } => {
+            OptRule::NAdam { beta2, eps, weight_decay, momentum_decay }
+        }
+        Optimizer::Lbfgs { .. } => return None,
+    })
 }

@@ -12,6 +12,7 @@ mod fit;
 mod lbfgs;
 mod loss;
 mod metrics;
+mod nonfinite;
 mod progress;
 mod schedule;
 mod state;

@@ -25,11 +25,12 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::config::MAX_THREADS;
+use super::config::opt_rule;
 use super::config::{Optimizer, TrainerConfig};
 use super::lbfgs::LbfgsState;
 use super::metrics::History;
 use super::schedule::Scheduler;
-use super::trainer::{Trainer, opt_rule};
+use super::trainer::Trainer;
 use crate::exec::{OptimizerSnapshot, SUMS_LEN, Sums};
 use crate::model::{Layer, Model};
 use crate::{Error, Result};

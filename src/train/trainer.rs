@@ -1,12 +1,12 @@
 //! The trainer: the training loop around plans that [`crate::exec`] compiles ([`Trainer`]).
 
-use super::config::{GradClip, NonFinite, Optimizer, Problem, ScheduleUnit, TrainerConfig};
+use super::config::{GradClip, NonFinite, Optimizer, Problem, ScheduleUnit, TrainerConfig, opt_rule};
 use super::lbfgs::{LbfgsConfig, LbfgsState};
 use super::loss::{Loss, Targets};
 use super::metrics::{History, StepResult};
 use super::schedule::Scheduler;
 use crate::dist::{Communicator, DataParallel, DistEnv, TcpCommunicator};
-use crate::exec::{AnyBackend, Clip, Executor, LossFn, Mode, OptRule, Parallel, PlanId, Precision, Scoring};
+use crate::exec::{AnyBackend, Clip, Executor, LossFn, Mode, Parallel, PlanId, Precision, Scoring};
 use crate::exec::{StepDesc, Sums};
 use crate::model::Model;
 use crate::tensor::Tensor;
@@ -87,28 +87,6 @@ pub struct Trainer {
     pub(super) dist: Option<DistState>,
     /// The plan of the last training step (its output is read to explain a non-finite loss).
     pub(super) last_plan: Option<PlanId>,
-}
-
-/// The device update rule of an optimizer (`None` for L-BFGS, which runs on the host).
-pub(super) fn opt_rule(o: &Optimizer) -> Option<OptRule> {
-    Some(match *o {
-        Optimizer::Sgd { dampening, nesterov, weight_decay, .. } => OptRule::Sgd { dampening, nesterov, weight_decay },
-        Optimizer::Adam { beta2, eps, weight_decay, amsgrad, .. } => {
-            OptRule::Adam { beta2, eps, weight_decay, decoupled: false, amsgrad }
-        }
-        Optimizer::AdamW { beta2, eps, weight_decay, amsgrad, .. } => {
-            OptRule::Adam { beta2, eps, weight_decay, decoupled: true, amsgrad }
-        }
-        Optimizer::RmsProp { alpha, eps, centered, weight_decay, .. } => {
-            OptRule::RmsProp { alpha, eps, weight_decay, centered }
-        }
-        Optimizer::Adagrad { lr_decay, eps, weight_decay, .. } => OptRule::Adagrad { lr_decay, eps, weight_decay },
-        Optimizer::Adadelta { rho, eps, weight_decay } => OptRule::Adadelta { rho, eps, weight_decay },
-        Optimizer::NAdam { beta2, eps, weight_decay, momentum_decay, .. } => {
-            OptRule::NAdam { beta2, eps, weight_decay, momentum_decay }
-        }
-        Optimizer::Lbfgs { .. } => return None,
-    })
 }
 
 /// The configured device, opened through [`crate::backend::Device`] (the local rank's GPU in
@@ -444,62 +422,5 @@ impl Trainer {
         let names: Vec<String> =
             self.exec.model().params().iter().filter(|p| p.trainable).map(|p| p.name.clone()).collect();
         names.into_iter().map(|n| self.exec.read_param_grad(&n).map(|g| (n, g))).collect()
-    }
-}
-
-impl Trainer {
-    /// Steps whose update was skipped because their loss or gradient norm was not finite
-    /// ([`NonFinite::Skip`]; under [`NonFinite::Error`], those not yet reported). One device read.
-    pub fn skipped_steps(&mut self) -> Result<u64> {
-        if opt_rule(&self.config.optimizer).is_none() {
-            return Ok(0);
-        }
-        Ok(self.exec.guard()?.bad_steps)
-    }
-
-    /// Under [`NonFinite::Error`], the first step found non-finite since the last report, as
-    /// [`Error::NonFinite`]; the guard is then cleared, so training can go on (from the weights
-    /// before that step). One device read.
-    pub(super) fn report_non_finite(&mut self) -> Result<()> {
-        if self.config.non_finite != NonFinite::Error || opt_rule(&self.config.optimizer).is_none() {
-            return Ok(());
-        }
-        let g = self.exec.guard()?;
-        let Some(first) = g.first_bad else { return Ok(()) };
-        self.exec.clear_guard()?;
-        // The checked steps since the guard was cleared end with the latest one, number
-        // `opt_steps`; the bad one was the `first`-th of them.
-        let step = (self.opt_steps + first).saturating_sub(g.checked);
-        let (loss, norm) = (g.loss, g.norm);
-        let mut what = match (g.bad_loss, g.bad_norm) {
-            (true, false) => format!("loss ({loss})"),
-            (false, _) => format!("gradient norm ({norm})"),
-            (true, true) => format!("loss ({loss}) and gradient norm ({norm})"),
-        };
-        if !loss.is_finite()
-            && let Some(hint) = self.probability_hint()?
-        {
-            what += &hint;
-        }
-        Err(Error::NonFinite { step, what })
-    }
-
-    /// For a loss on probabilities, the first model output outside [0, 1] of the last step
-    /// (its loss is NaN, as PyTorch raises), named by sample, with what to do instead.
-    fn probability_hint(&mut self) -> Result<Option<String>> {
-        let (Loss::BinaryCrossEntropy, Some(plan)) = (&self.config.loss, self.last_plan) else {
-            return Ok(None);
-        };
-        let out = self.exec.read_output(plan)?;
-        let c: usize = self.out_shape.iter().product();
-        Ok(out.iter().position(|p| !(0.0..=1.0).contains(p)).map(|i| {
-            format!(
-                ": BinaryCrossEntropy takes probabilities in [0, 1], but output {} of sample {} is {}; \
-                 end the model with .sigmoid() or use BinaryCrossEntropyWithLogits on its logits",
-                i % c,
-                i / c,
-                out[i]
-            )
-        }))
     }
 }
