@@ -72,7 +72,17 @@ pub(crate) fn param_specs(node: usize, name: &str, layer: &Layer, input: &[usize
         Layer::Linear(l) => layers::linear::params(l, input),
         Layer::BatchNorm(bn) => layers::batch_norm::params(bn, input),
         Layer::GroupNorm(gn) => layers::group_norm::params(gn, input),
-        _ => Vec::new(),
+        Layer::Input
+        | Layer::Flatten
+        | Layer::Reshape(_)
+        | Layer::Activation(_)
+        | Layer::Softmax { .. }
+        | Layer::Dropout { .. }
+        | Layer::MaxPool2d(_)
+        | Layer::AvgPool2d(_)
+        | Layer::GlobalAvgPool
+        | Layer::Add
+        | Layer::Concat => Vec::new(),
     };
     decls
         .into_iter()
