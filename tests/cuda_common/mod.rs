@@ -13,7 +13,9 @@ use libtest_mimic::{Arguments, Completion, Trial};
 /// serialised. [`gpu_trial`] holds this lock while its test runs.
 static GPU_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn require_gpu() -> bool {
+/// Whether `KILN_REQUIRE_GPU=1` (the GPU machine) asks every GPU test to run, failing where
+/// its device or library is missing instead of being ignored.
+pub fn require_gpu() -> bool {
     std::env::var("KILN_REQUIRE_GPU").is_ok_and(|v| v == "1")
 }
 

@@ -200,7 +200,6 @@ fn load_one(need: &Needed, dirs: &[PathBuf]) -> Result<(Library, String), String
 /// Opens and checks one library by cudarc's name for it (`nvrtc`, `cublasLt`, `cudnn`),
 /// without the others: NVRTC compiles with no driver or GPU, which lets the kernels be
 /// compiled (and checked) on a machine without one. The library stays loaded.
-#[cfg(test)]
 pub(crate) fn ensure_one(stem: &str) -> Result<String, String> {
     let need = NEEDED.iter().find(|n| n.stem == stem).ok_or_else(|| format!("kiln does not use a library {stem}"))?;
     let (lib, found) = load_one(need, &search_dirs())?;
@@ -435,19 +434,8 @@ mod tests {
         assert!(calls > 50, "found only {calls} call sites: is the scan looking at the right folder?");
     }
 
-    /// Where this machine has the libraries (a Python environment with PyTorch's CUDA wheels,
-    /// say, found through the search folders), they open and have every symbol; elsewhere the
-    /// test says what it skipped.
-    #[test]
-    fn libraries_that_are_present_have_every_symbol() {
-        for stem in ["nvrtc", "cublasLt", "cudnn"] {
-            match ensure_one(stem) {
-                Ok(path) => println!("{stem}: {path}"),
-                Err(e) if e.contains("was not found") => println!("skipped: {e}"),
-                Err(e) => panic!("{stem}: {e}"),
-            }
-        }
-    }
+    // That each library present opens and has every symbol is tests/cuda_kernels.rs's part
+    // (ignored where the library is missing).
 
     #[test]
     fn symbol_lists_have_no_duplicates() {

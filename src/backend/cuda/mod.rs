@@ -31,6 +31,8 @@ mod dropout;
 mod graph;
 mod group_norm;
 mod join;
+#[doc(hidden)]
+pub mod kernel_check;
 mod linear;
 mod loader;
 mod loss;
