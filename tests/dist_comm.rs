@@ -4,14 +4,13 @@
 //! a peer that hangs, ranks running different collectives) ending in an error naming the cause
 //! within the timeout, never a hang.
 
+mod common;
+use common::free_port;
+
 use std::time::{Duration, Instant};
 
 use kiln::Error;
 use kiln::dist::{Communicator, DistEnv, TcpCommunicator};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 fn env(rank: usize, world: usize, port: u16) -> DistEnv {
     DistEnv { rank, world_size: world, local_rank: rank, master_addr: "127.0.0.1".into(), master_port: port }

@@ -80,6 +80,13 @@ fn worker(role: &str, out: &Path) -> i32 {
                 }
                 if let Err(e) = t.train_batch(&b.inputs, &b.labels) {
                     std::fs::write(out.join(format!("rank{rank}.err")), e.to_string()).unwrap();
+                    // The kernel closes a dying process's sockets before its parent hears of
+                    // the exit (the process's other threads must end first), so this rank saw
+                    // the closed connection and could exit before the launcher was told of
+                    // rank 1's exit: 4 runs in 10 reported rank 0 as the first failure on a
+                    // loaded machine. The pause keeps the exits in their causal order for the
+                    // launcher's first-failure check.
+                    std::thread::sleep(Duration::from_secs(1));
                     return 1;
                 }
             }
@@ -101,6 +108,9 @@ fn launch(test: &str, role: &str, out: &Path, grace: Duration) -> Option<kiln::d
         .env(ROLE, role)
         .env(OUT, out);
     l.grace = grace;
+    // A port outside the system's ephemeral range (see common::free_port), not the launcher's
+    // port-0 pick, which other tests' sockets could take before rank 0 listens.
+    l.master_port = Some(common::free_port());
     Some(l.run().unwrap())
 }
 

@@ -6,6 +6,9 @@
 //! per-rank statistics (the default) the runs differ, as in PyTorch. (`tests/dist_launch.rs`
 //! does the same with two processes started by the launcher.)
 
+mod common;
+use common::free_port;
+
 use std::time::Duration;
 
 use kiln::backend::cpu::CpuBackend;
@@ -62,10 +65,6 @@ fn max_rel_diff(a: &Params, b: &Params) -> f64 {
             va.iter().zip(vb).fold(0f64, |m, (x, y)| m.max((*x as f64 - *y as f64).abs())) / scale
         })
         .fold(0.0, f64::max)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Trains `model` with `config` on the whole batches of one epoch.
