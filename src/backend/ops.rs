@@ -48,7 +48,9 @@ pub struct CounterId(pub usize);
 /// Where a gradient goes: overwrite `buf`, or add to what it holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GradOut {
+    /// The gradient buffer.
     pub buf: BufId,
+    /// Add to the buffer's values instead of overwriting them.
     pub accumulate: bool,
 }
 

@@ -5,12 +5,20 @@ use super::{BufId, CounterId, GradOut};
 /// Element-wise activation functions (PyTorch's definitions).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum ActFn {
+    /// `max(x, 0)`; NaN stays NaN.
     Relu,
+    /// `x` for `x > 0`, else `slope * x`, with the slope given (PyTorch's default 0.01).
     LeakyRelu(f32),
+    /// `x` for `x > 0`, else `alpha * (exp(x) - 1)`, with alpha given (PyTorch's default 1).
     Elu(f32),
+    /// `1 / (1 + exp(-x))`.
     Sigmoid,
+    /// The hyperbolic tangent.
     Tanh,
+    /// `x * sigmoid(x)` (also called swish).
     Silu,
+    /// The exact GELU, `x * Phi(x)` with `Phi` the standard normal CDF (PyTorch's default,
+    /// not the tanh approximation).
     Gelu,
 }
 

@@ -7,32 +7,49 @@ use super::{BufId, GradOut};
 pub struct ConvGeom {
     /// Batch size.
     pub n: usize,
-    /// Input channels, height, width.
+    /// Input channels.
     pub c: usize,
+    /// Input height, in pixels (before padding).
     pub h: usize,
+    /// Input width, in pixels (before padding).
     pub w: usize,
-    /// Output channels.
+    /// Output channels (filters).
     pub k: usize,
+    /// Filter height.
     pub kh: usize,
+    /// Filter width.
     pub kw: usize,
+    /// Vertical stride.
     pub sh: usize,
+    /// Horizontal stride.
     pub sw: usize,
+    /// Zero padding added above and below the input (each side).
     pub ph: usize,
+    /// Zero padding added left and right of the input (each side).
     pub pw: usize,
+    /// Vertical dilation (1: adjacent filter taps).
     pub dh: usize,
+    /// Horizontal dilation (1: adjacent filter taps).
     pub dw: usize,
+    /// Channel groups: `c` and `k` are both multiples of it, and output channel group `g` sees
+    /// only input channel group `g` (1: a dense convolution; `c`: depthwise).
     pub groups: usize,
+    /// Output height: `(h + 2 ph - dh (kh - 1) - 1) / sh + 1`.
     pub oh: usize,
+    /// Output width: `(w + 2 pw - dw (kw - 1) - 1) / sw + 1`.
     pub ow: usize,
 }
 
 impl ConvGeom {
+    /// Values in the input, `n * c * h * w`.
     pub fn input_len(&self) -> usize {
         self.n * self.c * self.h * self.w
     }
+    /// Values in the output, `n * k * oh * ow`.
     pub fn output_len(&self) -> usize {
         self.n * self.k * self.oh * self.ow
     }
+    /// Values in the filter tensor, laid out `[k, c / groups, kh, kw]`.
     pub fn weight_len(&self) -> usize {
         self.k * (self.c / self.groups) * self.kh * self.kw
     }

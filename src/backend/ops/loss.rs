@@ -12,7 +12,10 @@ pub enum LossFn {
     /// Softmax cross-entropy on logits, with optional label smoothing. Targets are class indices
     /// or probabilities (one-hot or soft).
     SoftmaxCrossEntropy {
+        /// Weight in `[0, 1)` moved from the target distribution to the uniform one
+        /// (PyTorch's `label_smoothing`; 0: none).
         label_smoothing: f32,
+        /// Targets are class indices (`n` values) rather than `n x c` probabilities.
         class_targets: bool,
     },
     /// Binary cross-entropy on probabilities (PyTorch clamps the logs at -100).
@@ -22,11 +25,17 @@ pub enum LossFn {
     /// `-sum(t * log(clip(p, 1e-7, 1)))` on probabilities, as Keras's categorical cross-entropy.
     /// Targets are class indices or probabilities.
     CategoricalCrossEntropy {
+        /// Targets are class indices (`n` values) rather than `n x c` probabilities.
         class_targets: bool,
     },
+    /// `(p - t)^2`, averaged over every element.
     MeanSquaredError,
+    /// `|p - t|`, averaged over every element.
     MeanAbsoluteError,
+    /// PyTorch's `HuberLoss`: `0.5 d^2` where `|d| = |p - t| < delta`, else
+    /// `delta * (|d| - 0.5 delta)`; averaged over every element.
     Huber {
+        /// Where the loss turns from quadratic to linear (positive; PyTorch's default 1).
         delta: f32,
     },
 }
@@ -37,9 +46,16 @@ pub enum Scoring {
     /// No accuracy (regression).
     None,
     /// Class prediction by arg-max; `top_k` also counts targets among the k largest outputs.
-    ArgMax { top_k: usize },
+    ArgMax {
+        /// Counted as correct when the target is among this many largest outputs (at most
+        /// the number of classes).
+        top_k: usize,
+    },
     /// Element-wise binary prediction: output above `0.5` (probabilities) or `0` (logits).
-    Binary { logits: bool },
+    Binary {
+        /// The outputs are logits (threshold 0) rather than probabilities (threshold 0.5).
+        logits: bool,
+    },
 }
 
 /// Loss and accuracy of `pred` against `target`: writes the batch's figures into `stats` (see

@@ -5,9 +5,13 @@ use super::{BufId, GradOut};
 /// Batch-norm shape: `n` samples, `c` channels, `hw` values per channel per sample.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BnGeom {
+    /// Samples.
     pub n: usize,
+    /// Channels: one mean, variance, scale and shift each.
     pub c: usize,
+    /// Values per channel per sample (`h * w` for images, 1 after a dense layer).
     pub hw: usize,
+    /// Added to the variance before its square root (PyTorch's default 1e-5).
     pub eps: f32,
 }
 

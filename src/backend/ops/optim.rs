@@ -8,39 +8,73 @@ use super::{BufId, CounterId};
 /// device `hyper` buffer each step, so schedules reach the device without re-planning.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum OptRule {
+    /// Stochastic gradient descent, with momentum when the `hyper` momentum is not 0 (state:
+    /// the momentum buffer, which the first step sets to the gradient).
     Sgd {
+        /// Fraction of each new gradient left out of the momentum buffer (0: none).
         dampening: f32,
+        /// Nesterov momentum: step along `g + momentum * buf` instead of `buf`.
         nesterov: bool,
+        /// L2 penalty: `weight_decay * w` is added to the gradient.
         weight_decay: f32,
     },
-    /// Adam; `decoupled` is AdamW's weight decay.
+    /// Adam; `decoupled` is AdamW's weight decay (state: first and second moments, and their
+    /// running maximum with `amsgrad`).
     Adam {
+        /// Decay of the second-moment average (PyTorch's default 0.999).
         beta2: f32,
+        /// Added to the denominator's square root (default 1e-8).
         eps: f32,
+        /// Weight decay: an L2 term in the gradient, or with `decoupled` the factor
+        /// `1 - lr * weight_decay` on the weights before the update.
         weight_decay: f32,
+        /// AdamW: decay the weights directly instead of through the gradient.
         decoupled: bool,
+        /// Divide by the largest second moment seen so far (AMSGrad).
         amsgrad: bool,
     },
+    /// RMSprop (state: the squared-gradient average, the momentum buffer, and the gradient
+    /// average when `centered`).
     RmsProp {
+        /// Decay of the squared-gradient average (PyTorch's default 0.99).
         alpha: f32,
+        /// Added to the denominator's square root (default 1e-8).
         eps: f32,
+        /// L2 penalty added to the gradient.
         weight_decay: f32,
+        /// Divide by an estimate of the gradient's variance (its average subtracted) instead of
+        /// its raw second moment.
         centered: bool,
     },
+    /// Adagrad (state: the sum of squared gradients).
     Adagrad {
+        /// The learning rate at step `t` is `lr / (1 + (t - 1) * lr_decay)` (0: constant).
         lr_decay: f32,
+        /// Added to the denominator's square root (default 1e-10).
         eps: f32,
+        /// L2 penalty added to the gradient.
         weight_decay: f32,
     },
+    /// Adadelta (state: the squared-gradient and squared-update averages).
     Adadelta {
+        /// Decay of both averages (PyTorch's default 0.9).
         rho: f32,
+        /// Added inside both square roots (default 1e-6).
         eps: f32,
+        /// L2 penalty added to the gradient.
         weight_decay: f32,
     },
+    /// NAdam, Adam with Nesterov momentum and PyTorch's momentum schedule (state: first and
+    /// second moments; the momentum product lives in the step's `scalars`).
     NAdam {
+        /// Decay of the second-moment average (default 0.999).
         beta2: f32,
+        /// Added to the denominator's square root (default 1e-8).
         eps: f32,
+        /// L2 penalty added to the gradient.
         weight_decay: f32,
+        /// The momentum at step `t` is `beta1 * (1 - 0.5 * 0.96^(t * momentum_decay))`
+        /// (PyTorch's default 0.004).
         momentum_decay: f32,
     },
 }
@@ -62,8 +96,11 @@ impl OptRule {
 /// One parameter tensor handled by an optimizer step.
 #[derive(Clone, Debug, PartialEq)]
 pub struct OptParam {
+    /// Number of values (of the parameter, its gradient and each state tensor).
     pub len: usize,
+    /// The parameter's values, updated in place.
     pub value: BufId,
+    /// Its gradient (read only).
     pub grad: BufId,
     /// State tensors, as many as [`OptRule::state_tensors`].
     pub state: Vec<BufId>,

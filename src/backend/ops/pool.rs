@@ -5,24 +5,39 @@ use super::{BufId, GradOut};
 /// Geometry of a 2-D pooling window over an NCHW batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PoolGeom {
+    /// Batch size.
     pub n: usize,
+    /// Channels (pooling keeps them).
     pub c: usize,
+    /// Input height.
     pub h: usize,
+    /// Input width.
     pub w: usize,
+    /// Window height.
     pub kh: usize,
+    /// Window width.
     pub kw: usize,
+    /// Vertical stride.
     pub sh: usize,
+    /// Horizontal stride.
     pub sw: usize,
+    /// Padding above and below (each side): never chosen by max pooling, counted by average
+    /// pooling only with `count_include_pad`.
     pub ph: usize,
+    /// Padding left and right (each side), as `ph`.
     pub pw: usize,
+    /// Output height.
     pub oh: usize,
+    /// Output width.
     pub ow: usize,
 }
 
 impl PoolGeom {
+    /// Values in the input, `n * c * h * w`.
     pub fn input_len(&self) -> usize {
         self.n * self.c * self.h * self.w
     }
+    /// Values in the output, `n * c * oh * ow`.
     pub fn output_len(&self) -> usize {
         self.n * self.c * self.oh * self.ow
     }
