@@ -88,30 +88,15 @@ pub(super) fn render(m: &Model) -> String {
     let mut s = String::new();
     let line = |c: char| c.to_string().repeat(total_w) + "\n";
     s += &line('=');
-    s += &format!(
-        "{:<w0$}  {:<w1$}  {:>w2$}  {:>w3$}\n",
-        headers[0],
-        headers[1],
-        headers[2],
-        headers[3],
-        w0 = widths[0],
-        w1 = widths[1],
-        w2 = widths[2],
-        w3 = widths[3]
-    );
+    // Names and shapes left-aligned, counts right-aligned.
+    let row = |r: [&str; 4]| {
+        let [w0, w1, w2, w3] = widths;
+        format!("{:<w0$}  {:<w1$}  {:>w2$}  {:>w3$}\n", r[0], r[1], r[2], r[3])
+    };
+    s += &row(headers);
     s += &line('=');
     for r in &rows {
-        s += &format!(
-            "{:<w0$}  {:<w1$}  {:>w2$}  {:>w3$}\n",
-            r[0],
-            r[1],
-            r[2],
-            r[3],
-            w0 = widths[0],
-            w1 = widths[1],
-            w2 = widths[2],
-            w3 = widths[3]
-        );
+        s += &row([&r[0], &r[1], &r[2], &r[3]]);
     }
     s += &line('=');
     let trainable = m.param_count() as u64;
