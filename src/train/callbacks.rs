@@ -8,12 +8,16 @@ use crate::Result;
 /// Whether `fit` goes on after an epoch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Control {
+    /// Go on training.
     Continue,
+    /// End `fit` after this epoch (or batch); `fit` then returns the history so far.
     Stop,
 }
 
 /// Something to run after every epoch (every method has a default that does nothing).
 pub trait Callback {
+    /// Called after every epoch of `fit` (training and, when given, validation) with its log;
+    /// returning [`Control::Stop`] ends training.
     fn on_epoch_end(&mut self, log: &EpochLog) -> Control {
         let _ = log;
         Control::Continue
@@ -37,9 +41,14 @@ pub trait Callback {
 /// Which figure a callback watches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Monitor {
+    /// The validation loss (lower is better); absent without validation data.
     ValLoss,
+    /// The validation accuracy (higher is better); absent without validation data or for
+    /// regression.
     ValAccuracy,
+    /// The epoch's mean training loss (lower is better).
     TrainLoss,
+    /// The epoch's training accuracy (higher is better); absent for regression.
     TrainAccuracy,
 }
 
@@ -60,8 +69,13 @@ impl Monitor {
 /// (no validation data: validation figures are absent and nothing stops).
 #[derive(Clone, Debug)]
 pub struct EarlyStopping {
+    /// The figure watched.
     pub monitor: Monitor,
+    /// Epochs without improvement after which training stops (0 or 1: at the first epoch
+    /// that does not improve).
     pub patience: usize,
+    /// How much the figure must beat its best so far to count as an improvement (default 0:
+    /// any strict improvement).
     pub min_delta: f64,
     best: Option<f64>,
     wait: usize,
@@ -70,10 +84,13 @@ pub struct EarlyStopping {
 }
 
 impl EarlyStopping {
+    /// Watches `monitor` and stops after `patience` epochs without improvement.
     pub fn new(monitor: Monitor, patience: usize) -> Self {
         EarlyStopping { monitor, patience, min_delta: 0.0, best: None, wait: 0, stopped_epoch: None }
     }
 
+    /// Sets [`EarlyStopping::min_delta`], in the monitored figure's units (a loss, or an
+    /// accuracy as a fraction).
     pub fn min_delta(mut self, d: f64) -> Self {
         self.min_delta = d;
         self

@@ -23,58 +23,106 @@ pub enum Problem {
 /// rate is [`TrainerConfig::learning_rate`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Optimizer {
+    /// Stochastic gradient descent (`torch.optim.SGD`).
     Sgd {
+        /// Momentum factor, `>= 0` (0: plain SGD; default of [`Optimizer::sgd`]'s argument).
         momentum: f32,
+        /// Fraction of each new gradient left out of the momentum buffer, `>= 0` (default 0).
         dampening: f32,
+        /// Nesterov momentum; needs a positive momentum and zero dampening (default off).
         nesterov: bool,
+        /// L2 penalty added to the gradient as `weight_decay * w`, `>= 0` (default 0).
         weight_decay: f32,
     },
+    /// Adam (`torch.optim.Adam`): weight decay enters the gradient as an L2 term.
     Adam {
+        /// Decay of the first-moment (mean) average, in `[0, 1)` (default 0.9).
         beta1: f32,
+        /// Decay of the second-moment average, in `(0, 1)` (default 0.999).
         beta2: f32,
+        /// Added to the denominator for stability, positive (default 1e-8).
         eps: f32,
+        /// L2 penalty added to the gradient, `>= 0` (default 0).
         weight_decay: f32,
+        /// AMSGrad: divide by the largest second moment so far (default off).
         amsgrad: bool,
     },
-    /// Adam with decoupled weight decay.
+    /// Adam with decoupled weight decay (`torch.optim.AdamW`).
     AdamW {
+        /// Decay of the first-moment average, in `[0, 1)` (default 0.9).
         beta1: f32,
+        /// Decay of the second-moment average, in `(0, 1)` (default 0.999).
         beta2: f32,
+        /// Added to the denominator for stability, positive (default 1e-8).
         eps: f32,
+        /// Each step multiplies the weights by `1 - lr * weight_decay` before the Adam update,
+        /// `>= 0` (default 0.01).
         weight_decay: f32,
+        /// AMSGrad: divide by the largest second moment so far (default off).
         amsgrad: bool,
     },
+    /// RMSprop (`torch.optim.RMSprop`).
     RmsProp {
+        /// Decay of the squared-gradient average, in `[0, 1]` (default 0.99).
         alpha: f32,
+        /// Added to the denominator for stability, positive (default 1e-8).
         eps: f32,
+        /// Momentum factor, `>= 0` (default 0).
         momentum: f32,
+        /// Normalise by the gradient's estimated variance rather than its second moment
+        /// (default off).
         centered: bool,
+        /// L2 penalty added to the gradient, `>= 0` (default 0).
         weight_decay: f32,
     },
+    /// Adagrad (`torch.optim.Adagrad`).
     Adagrad {
+        /// The rate at step `t` is `lr / (1 + (t - 1) * lr_decay)`, `>= 0` (default 0).
         lr_decay: f32,
+        /// Added to the denominator for stability, positive (default 1e-10).
         eps: f32,
+        /// L2 penalty added to the gradient, `>= 0` (default 0).
         weight_decay: f32,
+        /// Starting value of every sum of squared gradients, `>= 0` (default 0).
         initial_accumulator_value: f32,
     },
+    /// Adadelta (`torch.optim.Adadelta`); the learning rate scales its update (PyTorch's
+    /// default rate for it is 1.0).
     Adadelta {
+        /// Decay of the squared-gradient and squared-update averages, in `[0, 1]` (default 0.9).
         rho: f32,
+        /// Added inside the square roots, positive (default 1e-6).
         eps: f32,
+        /// L2 penalty added to the gradient, `>= 0` (default 0).
         weight_decay: f32,
     },
+    /// NAdam, Adam with Nesterov momentum (`torch.optim.NAdam`).
     NAdam {
+        /// Base momentum, in `(0, 1)` (default 0.9).
         beta1: f32,
+        /// Decay of the second-moment average, in `(0, 1)` (default 0.999).
         beta2: f32,
+        /// Added to the denominator for stability, positive (default 1e-8).
         eps: f32,
+        /// L2 penalty added to the gradient, `>= 0` (default 0).
         weight_decay: f32,
+        /// The momentum at step `t` is `beta1 * (1 - 0.5 * 0.96^(t * momentum_decay))`,
+        /// `>= 0` (default 0.004).
         momentum_decay: f32,
     },
     /// L-BFGS for full-batch problems (no line search, as PyTorch's default): each
     /// `train_batch` call is one `optimizer.step(closure)` of up to `max_iter` evaluations.
+    /// Runs on the host; not with gradient accumulation, clipping or data parallelism.
     Lbfgs {
+        /// Most iterations (loss and gradient evaluations) per step, at least 1 (default 20).
         max_iter: usize,
+        /// Number of past updates kept for the Hessian estimate, at least 1 (default 100).
         history_size: usize,
+        /// The step ends when the largest absolute gradient value is at most this, `>= 0`
+        /// (default 1e-7).
         tolerance_grad: f32,
+        /// The step ends when the loss, or every parameter, changes by less than this between
+        /// iterations, `>= 0` (default 1e-9).
         tolerance_change: f32,
     },
 }
@@ -92,18 +140,25 @@ impl Optimizer {
     pub fn adamw() -> Self {
         Optimizer::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, amsgrad: false }
     }
+    /// RMSprop with PyTorch's defaults (alpha 0.99, eps 1e-8, no momentum, not centered).
     pub fn rmsprop() -> Self {
         Optimizer::RmsProp { alpha: 0.99, eps: 1e-8, momentum: 0.0, centered: false, weight_decay: 0.0 }
     }
+    /// Adagrad with PyTorch's defaults (eps 1e-10, no rate decay, accumulators from 0).
     pub fn adagrad() -> Self {
         Optimizer::Adagrad { lr_decay: 0.0, eps: 1e-10, weight_decay: 0.0, initial_accumulator_value: 0.0 }
     }
+    /// Adadelta with PyTorch's defaults (rho 0.9, eps 1e-6); pair it with a learning rate near
+    /// 1.0, PyTorch's default for it.
     pub fn adadelta() -> Self {
         Optimizer::Adadelta { rho: 0.9, eps: 1e-6, weight_decay: 0.0 }
     }
+    /// NAdam with PyTorch's defaults (betas 0.9, 0.999, eps 1e-8, momentum decay 0.004).
     pub fn nadam() -> Self {
         Optimizer::NAdam { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, momentum_decay: 4e-3 }
     }
+    /// L-BFGS with PyTorch's defaults (20 iterations per step, history 100, tolerances 1e-7
+    /// on the gradient and 1e-9 on changes).
     pub fn lbfgs() -> Self {
         Optimizer::Lbfgs { max_iter: 20, history_size: 100, tolerance_grad: 1e-7, tolerance_change: 1e-9 }
     }
@@ -182,14 +237,21 @@ pub struct TrainerConfig {
     pub batch_size: usize,
     /// Base learning rate (schedules scale it).
     pub learning_rate: f64,
+    /// The optimizer and its hyper-parameters (default: [`Optimizer::adam`]).
     pub optimizer: Optimizer,
+    /// The loss function (default: sparse cross-entropy on class indices); it must suit
+    /// `problem`.
     pub loss: Loss,
+    /// Classification (accuracy is reported; the default) or regression.
     pub problem: Problem,
     /// Optional learning-rate schedule, and how often it advances.
     pub schedule: Option<Schedule>,
+    /// Whether the schedule advances per epoch (the default, as PyTorch's schedulers are
+    /// usually stepped) or per optimizer step.
     pub schedule_unit: ScheduleUnit,
     /// Linear warm-up before the schedule (or before the constant rate).
     pub warmup: Option<Warmup>,
+    /// Gradient clipping before each optimizer step (default none).
     pub grad_clip: Option<GradClip>,
     /// Accumulate gradients over this many batches before each optimizer step.
     pub grad_accumulation: usize,

@@ -17,6 +17,8 @@ pub enum Loss {
     /// Cross-entropy on logits with probability (one-hot or soft) targets, or class indices, and
     /// optional label smoothing (PyTorch `CrossEntropyLoss(label_smoothing=..)`).
     CrossEntropy {
+        /// Weight moved from the targets to the uniform distribution over classes, in `[0, 1]`
+        /// (0: none).
         label_smoothing: f32,
     },
     /// Binary cross-entropy on probabilities (outputs after a sigmoid; PyTorch `BCELoss`), single
@@ -28,11 +30,13 @@ pub enum Loss {
     /// Cross-entropy on probabilities (outputs after a softmax; Keras `categorical_crossentropy`,
     /// probabilities clipped to [1e-7, 1 - 1e-7]), with probability or class-index targets.
     CategoricalCrossEntropy,
+    /// Mean squared error (PyTorch `MSELoss`), averaged over every output value.
     MeanSquaredError,
     /// Mean absolute error (PyTorch `L1Loss`).
     MeanAbsoluteError,
     /// PyTorch `HuberLoss(delta)`.
     Huber {
+        /// Where the loss turns from quadratic to linear, positive (PyTorch's default 1).
         delta: f32,
     },
 }
@@ -40,7 +44,11 @@ pub enum Loss {
 /// Training targets: class indices, or values shaped like the model output.
 #[derive(Clone, Copy, Debug)]
 pub enum Targets<'a> {
+    /// One class index per sample, below the model's output width (checked: an index out of
+    /// range is an error naming the sample).
     Classes(&'a [u32]),
+    /// A tensor of the model output's shape (probabilities for the cross-entropies, values
+    /// for regression).
     Values(&'a Tensor),
 }
 
@@ -77,12 +85,14 @@ impl Targets<'_> {
         }
     }
 
+    /// Whether there are no samples.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }
 
 impl Loss {
+    /// The variant's name, as config files and messages spell it (`"SparseCrossEntropy"`).
     pub fn name(&self) -> &'static str {
         match self {
             Loss::SparseCrossEntropy => "SparseCrossEntropy",

@@ -24,6 +24,7 @@ pub struct Metrics {
     /// classes: every target is then among the top k, and PyTorch's `topk` would refuse a k
     /// larger than the class count rather than report 100%.
     pub top_k_accuracy: Option<f32>,
+    /// The `k` of `top_k_accuracy` ([`crate::train::TrainerConfig::top_k`]).
     pub top_k: usize,
     /// Samples seen.
     pub samples: usize,
@@ -34,20 +35,26 @@ pub struct Metrics {
 pub struct EpochLog {
     /// 1-based epoch number.
     pub epoch: usize,
+    /// Figures over the epoch's training batches (with the weights as they changed during
+    /// the epoch, as Keras reports them).
     pub train: Metrics,
+    /// Figures on the validation data after the epoch, when `fit` was given some.
     pub val: Option<Metrics>,
     /// Learning rate used during the epoch's last step.
     pub lr: f64,
+    /// Wall-clock time of the epoch, validation included, in seconds.
     pub seconds: f64,
 }
 
 /// Every epoch's log.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct History {
+    /// One log per epoch, in order.
     pub epochs: Vec<EpochLog>,
 }
 
 impl History {
+    /// The latest epoch's log (`None` before the first epoch ends).
     pub fn last(&self) -> Option<&EpochLog> {
         self.epochs.last()
     }

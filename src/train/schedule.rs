@@ -19,14 +19,18 @@ use crate::{Error, Result};
 /// How the one-cycle schedule anneals.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Anneal {
+    /// Half-cosine curves between the phases' rates (PyTorch's default, `"cos"`).
     Cos,
+    /// Straight lines between the phases' rates (`"linear"`).
     Linear,
 }
 
 /// Whether a plateau means the metric stopped falling (loss) or rising (accuracy).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PlateauMode {
+    /// Lower is better (a loss): improvement means falling below `best * (1 - threshold)`.
     Min,
+    /// Higher is better (an accuracy): improvement means rising above `best * (1 + threshold)`.
     Max,
 }
 
@@ -34,34 +38,83 @@ pub enum PlateauMode {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Schedule {
     /// `base * gamma^(k / step_size)` (`StepLR`).
-    Step { step_size: usize, gamma: f64 },
+    Step {
+        /// Steps between two decays, at least 1.
+        step_size: usize,
+        /// Factor applied at each decay, positive (PyTorch's default 0.1).
+        gamma: f64,
+    },
     /// `base * gamma^(number of milestones <= k)` (`MultiStepLR`).
-    MultiStep { milestones: Vec<usize>, gamma: f64 },
+    MultiStep {
+        /// Step counts at which the rate decays, in increasing order.
+        milestones: Vec<usize>,
+        /// Factor applied at each milestone, positive (PyTorch's default 0.1).
+        gamma: f64,
+    },
     /// `base * gamma^k` (`ExponentialLR`).
-    Exponential { gamma: f64 },
+    Exponential {
+        /// Factor applied every step, positive.
+        gamma: f64,
+    },
     /// `eta_min + (base - eta_min) * (1 + cos(pi k / t_max)) / 2` (`CosineAnnealingLR`).
-    Cosine { t_max: usize, eta_min: f64 },
+    Cosine {
+        /// Steps from the base rate down to `eta_min` (half a period), at least 1.
+        t_max: usize,
+        /// The lowest rate, `>= 0` (PyTorch's default 0).
+        eta_min: f64,
+    },
     /// Cosine annealing restarted after `t_0`, `t_0 * t_mult`, ... steps
     /// (`CosineAnnealingWarmRestarts`).
-    CosineWarmRestarts { t_0: usize, t_mult: usize, eta_min: f64 },
+    CosineWarmRestarts {
+        /// Length of the first cycle in steps, at least 1.
+        t_0: usize,
+        /// Each cycle is this many times longer than the one before, at least 1 (default 1).
+        t_mult: usize,
+        /// The lowest rate, reached at the end of each cycle, `>= 0` (default 0).
+        eta_min: f64,
+    },
     /// The one-cycle policy (`OneCycleLR`); it sets the rate itself (from `max_lr`) and, with
     /// `cycle_momentum`, cycles the momentum (or Adam's beta1) between `base_momentum` and
     /// `max_momentum`. Steps past `total_steps` keep the final rate.
     OneCycle {
+        /// The peak rate, positive (the trainer's `learning_rate` is not used).
         max_lr: f64,
+        /// Steps in the cycle, at least 2.
         total_steps: usize,
+        /// Fraction of the cycle spent raising the rate, in `(0, 1)` (default 0.3).
         pct_start: f64,
+        /// The shape of the curves (default [`Anneal::Cos`]).
         anneal: Anneal,
+        /// The cycle starts at `max_lr / div_factor`, positive (default 25).
         div_factor: f64,
+        /// The cycle ends at the start rate divided by this, positive (default 1e4).
         final_div_factor: f64,
+        /// Three phases as in the paper (up, back down to the start rate, then to the final
+        /// rate) instead of PyTorch's default two (up, then down to the final rate).
         three_phase: bool,
+        /// Cycle the momentum (or beta1) inversely to the rate (default on).
         cycle_momentum: bool,
+        /// The momentum at the peak rate (default 0.85).
         base_momentum: f64,
+        /// The momentum at the start and end of the cycle (default 0.95).
         max_momentum: f64,
     },
     /// Multiply the rate by `factor` when the metric has not improved for `patience` steps
     /// (`ReduceLROnPlateau`, relative threshold).
-    ReduceOnPlateau { mode: PlateauMode, factor: f64, patience: usize, threshold: f64, cooldown: usize, min_lr: f64 },
+    ReduceOnPlateau {
+        /// Whether the metric should fall (a loss, the default) or rise (an accuracy).
+        mode: PlateauMode,
+        /// Factor applied at each reduction, in `(0, 1)` (default 0.1).
+        factor: f64,
+        /// Steps without improvement tolerated before a reduction (default 10).
+        patience: usize,
+        /// Relative change that counts as an improvement, `>= 0` (default 1e-4).
+        threshold: f64,
+        /// Steps after a reduction during which no improvement is looked for (default 0).
+        cooldown: usize,
+        /// The rate never goes below this, `>= 0` (default 0).
+        min_lr: f64,
+    },
 }
 
 impl Schedule {
@@ -162,7 +215,11 @@ impl Schedule {
 /// A linear warm-up from `start_factor * lr` to `lr` over `steps` steps (PyTorch's `LinearLR`).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Warmup {
+    /// Length of the warm-up in schedule steps, at least 1; the schedule's own count starts
+    /// after it.
     pub steps: usize,
+    /// The first step's rate as a fraction of the base rate, in `(0, 1]` (PyTorch's default
+    /// 1/3).
     pub start_factor: f64,
 }
 
@@ -194,6 +251,9 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
+    /// A scheduler at step 0 for the base rate `base_lr` (the trainer's `learning_rate`), with
+    /// an optional schedule and warm-up (neither: the rate stays `base_lr`). The arguments are
+    /// not checked here; [`crate::train::TrainerConfig::validate`] checks them.
     pub fn new(base_lr: f64, schedule: Option<Schedule>, warmup: Option<Warmup>) -> Self {
         Scheduler {
             base_lr,

@@ -46,6 +46,7 @@ pub struct TrainerMeta {
     pub config: TrainerConfig,
     /// The learning-rate schedule's position and plateau state.
     pub scheduler: Scheduler,
+    /// Epochs completed (by `fit`, or closed with `end_epoch`).
     pub epochs_done: usize,
     /// Batches of the open epoch that `fit` has trained on.
     pub batches_in_epoch: usize,
@@ -55,25 +56,29 @@ pub struct TrainerMeta {
     pub micro_batches: usize,
     /// Learning rate of the last step (reported in the next epoch log).
     pub last_lr: f64,
+    /// The logs of the epochs done so far.
     pub history: History,
     /// The optimizer's step counter on the device (bias corrections use it).
     pub optimizer_step: u64,
     /// Each dropout layer's name and execution counter, in model order.
     pub dropout_steps: Vec<(String, u64)>,
-    /// L-BFGS iteration and function-evaluation counts.
+    /// L-BFGS iterations so far (the `n_iter` of PyTorch's state).
     pub lbfgs_iterations: usize,
+    /// L-BFGS loss and gradient evaluations so far (the `func_evals` of PyTorch's state).
     pub lbfgs_evaluations: usize,
 }
 
 /// One state tensor's values.
 #[derive(Clone, Debug, PartialEq)]
 pub enum StateTensor {
+    /// Values kept in f32 (optimizer moments, accumulated gradients, metric sums).
     F32(Vec<f32>),
     /// L-BFGS keeps some scalars in f64.
     F64(Vec<f64>),
 }
 
 impl StateTensor {
+    /// Number of values.
     pub fn len(&self) -> usize {
         match self {
             StateTensor::F32(v) => v.len(),
@@ -81,6 +86,7 @@ impl StateTensor {
         }
     }
 
+    /// Whether it holds no values.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -102,7 +108,9 @@ impl StateTensor {
 /// `lbfgs.scalars` (`t`, `h_diag`, `prev_loss`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrainerState {
+    /// Counters, configuration, scheduler and history (serialised as JSON in checkpoints).
     pub meta: TrainerMeta,
+    /// The state tensors by the names above.
     pub tensors: BTreeMap<String, StateTensor>,
 }
 
