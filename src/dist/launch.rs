@@ -35,7 +35,10 @@ pub struct Launch {
     pub master_addr: String,
     /// Rank 0's port; `None`: a free port when the job has one machine, else 29500 (as torchrun).
     pub master_port: Option<u16>,
+    /// The program every worker runs (the same on each; workers tell themselves apart by
+    /// `RANK` and `LOCAL_RANK`).
     pub program: OsString,
+    /// Its arguments, the same for every worker.
     pub args: Vec<OsString>,
     /// How long the other workers may take to stop on their own after one fails.
     pub grace: Duration,

@@ -116,11 +116,13 @@ impl DataParallel {
 pub struct DistEnv {
     /// Rank in the whole job, `0..world_size`.
     pub rank: usize,
+    /// Number of processes in the whole job (1: not data-parallel).
     pub world_size: usize,
     /// Rank on this machine: which of its GPUs this process takes.
     pub local_rank: usize,
     /// Where rank 0 listens for the others (an address every machine of the job reaches).
     pub master_addr: String,
+    /// The port rank 0 listens on at `master_addr` (torchrun's default is 29500).
     pub master_port: u16,
 }
 

@@ -1,5 +1,5 @@
 //! What a compiled plan is: the step description it was compiled from, its buffers by role and
-//! its op lists. Pure data: nothing here touches a device (see [`super::compile`] for how a plan
+//! its op lists. Pure data: nothing here touches a device (see `exec/compile.rs` for how a plan
 //! is made and [`super::Executor`] for how it runs).
 
 use std::fmt;

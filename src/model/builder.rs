@@ -125,9 +125,11 @@ impl ModelBuilder {
     pub fn linear(self, out_features: usize) -> Self {
         self.dense(out_features)
     }
+    /// A fully connected layer with options: `dense_with(Linear::new(10).bias(false))`.
     pub fn dense_with(self, linear: Linear) -> Self {
         self.layer(Layer::Linear(linear))
     }
+    /// Flattens each sample: `[batch, ...] -> [batch, product]`.
     pub fn flatten(self) -> Self {
         self.layer(Layer::Flatten)
     }
@@ -135,21 +137,28 @@ impl ModelBuilder {
     pub fn reshape(self, shape: &[usize]) -> Self {
         self.layer(Layer::Reshape(shape.to_vec()))
     }
+    /// `max(x, 0)` element-wise.
     pub fn relu(self) -> Self {
         self.layer(Layer::Activation(Activation::Relu))
     }
+    /// `x` for `x > 0`, else `slope * x` (PyTorch's default slope is 0.01; must be finite).
     pub fn leaky_relu(self, slope: f32) -> Self {
         self.layer(Layer::Activation(Activation::LeakyRelu { slope }))
     }
+    /// `x` for `x > 0`, else `alpha * (exp(x) - 1)` (PyTorch's default alpha is 1; must be
+    /// finite).
     pub fn elu(self, alpha: f32) -> Self {
         self.layer(Layer::Activation(Activation::Elu { alpha }))
     }
+    /// `1 / (1 + exp(-x))` element-wise.
     pub fn sigmoid(self) -> Self {
         self.layer(Layer::Activation(Activation::Sigmoid))
     }
+    /// The hyperbolic tangent, element-wise.
     pub fn tanh(self) -> Self {
         self.layer(Layer::Activation(Activation::Tanh))
     }
+    /// `x * sigmoid(x)` element-wise.
     pub fn silu(self) -> Self {
         self.layer(Layer::Activation(Activation::Silu))
     }
@@ -157,6 +166,7 @@ impl ModelBuilder {
     pub fn swish(self) -> Self {
         self.silu()
     }
+    /// The exact GELU, `x * Phi(x)` (PyTorch's default, not the tanh approximation).
     pub fn gelu(self) -> Self {
         self.layer(Layer::Activation(Activation::Gelu))
     }
@@ -164,6 +174,8 @@ impl ModelBuilder {
     pub fn softmax(self, axis: isize) -> Self {
         self.layer(Layer::Softmax { axis })
     }
+    /// In training, zeroes each value with probability `rate` (in `[0, 1)`) and scales the
+    /// rest by `1 / (1 - rate)`; the identity in evaluation.
     pub fn dropout(self, rate: f32) -> Self {
         self.layer(Layer::Dropout { rate })
     }
@@ -171,6 +183,7 @@ impl ModelBuilder {
     pub fn batch_norm(self) -> Self {
         self.layer(Layer::BatchNorm(BatchNorm::default()))
     }
+    /// Batch normalisation with options: `batch_norm_with(BatchNorm::new().momentum(0.01))`.
     pub fn batch_norm_with(self, bn: BatchNorm) -> Self {
         self.layer(Layer::BatchNorm(bn))
     }
@@ -186,6 +199,7 @@ impl ModelBuilder {
     pub fn max_pool2d(self, kernel: usize) -> Self {
         self.layer(Layer::MaxPool2d(Pool2d::new(kernel)))
     }
+    /// Max pooling with options: `max_pool2d_with(Pool2d::new(3).stride(2).padding(1))`.
     pub fn max_pool2d_with(self, pool: Pool2d) -> Self {
         self.layer(Layer::MaxPool2d(pool))
     }
@@ -193,6 +207,7 @@ impl ModelBuilder {
     pub fn avg_pool2d(self, kernel: usize) -> Self {
         self.layer(Layer::AvgPool2d(Pool2d::new(kernel)))
     }
+    /// Average pooling with options (stride, padding, `count_include_pad`).
     pub fn avg_pool2d_with(self, pool: Pool2d) -> Self {
         self.layer(Layer::AvgPool2d(pool))
     }

@@ -68,26 +68,34 @@ impl From<&str> for Padding {
 pub enum Layer {
     /// The model's input; always node 0.
     Input,
+    /// A 2-D convolution; see [`Conv2d`].
     Conv2d(Conv2d),
+    /// A fully connected layer; see [`Linear`].
     Linear(Linear),
     /// `[batch, ...] -> [batch, product]`.
     Flatten,
     /// `[batch, ...] -> [batch, shape...]`, same number of elements per sample.
     Reshape(Vec<usize>),
+    /// An element-wise activation; see [`Activation`].
     Activation(Activation),
     /// Softmax along `axis` of the full tensor (batch is axis 0; negative counts from the end).
     Softmax {
+        /// The axis normalised over (1 for `[batch, classes]`; -1 for the last).
         axis: isize,
     },
     /// Zeroes each element with probability `rate` in training and scales the rest by
     /// `1 / (1 - rate)`; the identity in evaluation.
     Dropout {
+        /// Probability of zeroing a value, in `[0, 1)`.
         rate: f32,
     },
+    /// Batch normalisation; see [`BatchNorm`].
     BatchNorm(BatchNorm),
     /// Group normalisation (`nn.GroupNorm`); see [`GroupNorm`].
     GroupNorm(GroupNorm),
+    /// Max pooling over each window; see [`Pool2d`].
     MaxPool2d(Pool2d),
+    /// Average pooling over each window; see [`Pool2d`].
     AvgPool2d(Pool2d),
     /// Mean over height and width: `[batch, C, H, W] -> [batch, C]`.
     GlobalAvgPool,

@@ -23,7 +23,10 @@ use serde::{Deserialize, Serialize};
 /// One layer of a built model: its unique name, kind, input nodes and per-sample output shape.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Node {
+    /// Unique within the model: given by the builder, or the layer's type name and a counter
+    /// (`conv2d_1`); parameter names start with it.
     pub name: String,
+    /// What the node computes, with its options.
     pub layer: Layer,
     /// Indices of the nodes feeding this one (earlier in the list: the list is topological).
     pub inputs: Vec<usize>,

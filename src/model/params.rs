@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 /// What a parameter tensor is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ParamRole {
+    /// A weight: a convolution's filters, a dense layer's matrix, a norm layer's scale.
     Weight,
+    /// A bias: added per output channel or feature (a norm layer's shift too).
     Bias,
     /// Batch-norm running mean: state, not trained.
     RunningMean,
@@ -23,7 +25,9 @@ pub struct ParamSpec {
     pub name: String,
     /// Index of the owning node in the model graph.
     pub node: usize,
+    /// What the tensor is for.
     pub role: ParamRole,
+    /// The tensor's shape, as in PyTorch's `state_dict`.
     pub shape: Vec<usize>,
     /// Whether the optimizer updates it (false for running statistics).
     pub trainable: bool,
@@ -32,9 +36,11 @@ pub struct ParamSpec {
 }
 
 impl ParamSpec {
+    /// Number of values.
     pub fn len(&self) -> usize {
         self.shape.iter().product()
     }
+    /// Whether it holds no values.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -11,16 +11,22 @@ use crate::{Error, Result};
 /// Element-wise activation functions, with PyTorch's definitions.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Activation {
+    /// `max(x, 0)`.
     Relu,
     /// `x` for `x > 0`, else `slope * x` (PyTorch's default slope is 0.01).
     LeakyRelu {
+        /// The slope for negative inputs (finite).
         slope: f32,
     },
     /// `x` for `x > 0`, else `alpha * (exp(x) - 1)`.
     Elu {
+        /// The value approached for very negative inputs is `-alpha` (finite; PyTorch's
+        /// default 1).
         alpha: f32,
     },
+    /// `1 / (1 + exp(-x))`.
     Sigmoid,
+    /// The hyperbolic tangent.
     Tanh,
     /// `x * sigmoid(x)`, also called swish.
     Silu,
@@ -29,6 +35,8 @@ pub enum Activation {
 }
 
 impl Activation {
+    /// The lower-case name used in summaries, automatic layer names and model files
+    /// (`"leaky_relu"`).
     pub fn name(&self) -> &'static str {
         match self {
             Activation::Relu => "relu",

@@ -17,6 +17,7 @@ use crate::{Error, Result};
 /// `BatchNorm2d` / `BatchNorm1d`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BatchNorm {
+    /// Added to the variance before its square root; positive and finite (default 1e-5).
     pub eps: f32,
     /// Weight of the newest batch in the running statistics (PyTorch's `momentum`, 0.1).
     pub momentum: f32,
@@ -33,21 +34,26 @@ impl Default for BatchNorm {
 }
 
 impl BatchNorm {
+    /// PyTorch's defaults: eps 1e-5, momentum 0.1, affine, tracking running statistics.
     pub fn new() -> Self {
         Self::default()
     }
+    /// Sets [`BatchNorm::eps`].
     pub fn eps(mut self, eps: f32) -> Self {
         self.eps = eps;
         self
     }
+    /// Sets [`BatchNorm::momentum`], in `[0, 1]` (checked when the model is built).
     pub fn momentum(mut self, m: f32) -> Self {
         self.momentum = m;
         self
     }
+    /// Sets [`BatchNorm::affine`].
     pub fn affine(mut self, a: bool) -> Self {
         self.affine = a;
         self
     }
+    /// Sets [`BatchNorm::track_running_stats`].
     pub fn track_running_stats(mut self, t: bool) -> Self {
         self.track_running_stats = t;
         self

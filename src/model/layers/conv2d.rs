@@ -18,12 +18,20 @@ use crate::{Error, Result};
 /// Weight `[out, in/groups, kh, kw]`, bias `[out]`, initialised as PyTorch's `nn.Conv2d`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Conv2d {
+    /// Number of filters (output channels); at least 1 and a multiple of `groups`.
     pub out_channels: usize,
+    /// Filter `(height, width)`, each at least 1.
     pub kernel: (usize, usize),
+    /// Step between windows `(vertical, horizontal)`, each at least 1 (default `(1, 1)`).
     pub stride: (usize, usize),
+    /// Zero padding on each side (default [`Padding::Valid`], none).
     pub padding: Padding,
+    /// Spacing between filter taps `(vertical, horizontal)`, each at least 1 (default
+    /// `(1, 1)`).
     pub dilation: (usize, usize),
+    /// Channel groups; must divide the input channels and `out_channels` (default 1).
     pub groups: usize,
+    /// Whether the layer adds a learned bias per output channel (default true).
     pub bias: bool,
 }
 
@@ -45,10 +53,12 @@ impl Conv2d {
         self.kernel = (kh, kw);
         self
     }
+    /// The same stride `s` in both directions.
     pub fn stride(mut self, s: usize) -> Self {
         self.stride = (s, s);
         self
     }
+    /// Vertical stride `sh` and horizontal stride `sw`.
     pub fn stride_hw(mut self, sh: usize, sw: usize) -> Self {
         self.stride = (sh, sw);
         self
@@ -58,10 +68,12 @@ impl Conv2d {
         self.padding = p.into();
         self
     }
+    /// The same dilation `d` in both directions.
     pub fn dilation(mut self, d: usize) -> Self {
         self.dilation = (d, d);
         self
     }
+    /// Vertical dilation `dh` and horizontal dilation `dw`.
     pub fn dilation_hw(mut self, dh: usize, dw: usize) -> Self {
         self.dilation = (dh, dw);
         self
@@ -71,6 +83,7 @@ impl Conv2d {
         self.groups = g;
         self
     }
+    /// With (`true`, the default) or without a bias.
     pub fn bias(mut self, b: bool) -> Self {
         self.bias = b;
         self
@@ -80,7 +93,9 @@ impl Conv2d {
 /// A convolution's geometry resolved against its input: symmetric padding and output size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvResolved {
+    /// Zero padding on each side, `(vertical, horizontal)`.
     pub pad: (usize, usize),
+    /// Output `(height, width)`.
     pub out_hw: (usize, usize),
 }
 

@@ -16,14 +16,18 @@ use crate::model::shape::{bounded, positive};
 /// Weight `[out, in]`, bias `[out]`, initialised as PyTorch's `nn.Linear`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Linear {
+    /// Output features; at least 1.
     pub out_features: usize,
+    /// Whether the layer adds a learned bias per output feature (default true).
     pub bias: bool,
 }
 
 impl Linear {
+    /// `out_features` outputs, with bias.
     pub fn new(out_features: usize) -> Self {
         Linear { out_features, bias: true }
     }
+    /// With (`true`, the default) or without a bias.
     pub fn bias(mut self, b: bool) -> Self {
         self.bias = b;
         self

@@ -12,9 +12,12 @@ use crate::{Error, Result};
 /// Max or average pooling window.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Pool2d {
+    /// Window `(height, width)`, each at least 1.
     pub kernel: (usize, usize),
     /// Defaults to the kernel size, as in PyTorch.
     pub stride: (usize, usize),
+    /// Padding on each side `(vertical, horizontal)`, at most half the kernel (as PyTorch
+    /// requires); max pooling never picks a padded value (default none).
     pub padding: (usize, usize),
     /// Average pooling only: count padded zeros in the divisor (PyTorch's default, true).
     pub count_include_pad: bool,
@@ -25,26 +28,32 @@ impl Pool2d {
     pub fn new(kernel: usize) -> Self {
         Pool2d { kernel: (kernel, kernel), stride: (kernel, kernel), padding: (0, 0), count_include_pad: true }
     }
+    /// A non-square window `(height, width)`; the stride stays what it was.
     pub fn kernel_hw(mut self, kh: usize, kw: usize) -> Self {
         self.kernel = (kh, kw);
         self
     }
+    /// The same stride `s` in both directions.
     pub fn stride(mut self, s: usize) -> Self {
         self.stride = (s, s);
         self
     }
+    /// Vertical stride `sh` and horizontal stride `sw`.
     pub fn stride_hw(mut self, sh: usize, sw: usize) -> Self {
         self.stride = (sh, sw);
         self
     }
+    /// The same padding `p` on every side.
     pub fn padding(mut self, p: usize) -> Self {
         self.padding = (p, p);
         self
     }
+    /// Padding `ph` above and below, `pw` left and right.
     pub fn padding_hw(mut self, ph: usize, pw: usize) -> Self {
         self.padding = (ph, pw);
         self
     }
+    /// Sets [`Pool2d::count_include_pad`].
     pub fn count_include_pad(mut self, c: bool) -> Self {
         self.count_include_pad = c;
         self
