@@ -156,20 +156,9 @@ pub(crate) fn backward(bn: &BatchNorm, cx: &mut Backward<'_>) -> Result<()> {
     let (dgamma, dbeta) = (cx.param_grad(ParamRole::Weight), cx.param_grad(ParamRole::Bias));
     if dx.is_some() || dgamma.is_some() {
         let gamma = cx.param(ParamRole::Weight);
-        let (mean, invstd) = (cx.saved(0), cx.saved(1));
-        let sync = cx.sync_batch_norm;
-        cx.push(Op::BatchNormBackward(ops::BatchNormBackward {
-            g,
-            x,
-            gamma,
-            mean,
-            invstd,
-            dy,
-            dx,
-            dgamma,
-            dbeta,
-            sync,
-        }));
+        let (mean, invstd, sync) = (cx.saved(0), cx.saved(1), cx.sync_batch_norm);
+        let op = ops::BatchNormBackward { g, x, gamma, mean, invstd, dy, dx, dgamma, dbeta, sync };
+        cx.push(Op::BatchNormBackward(op));
     }
     Ok(())
 }
