@@ -198,3 +198,54 @@ fn group_norm_layer() {
     };
     assert_eq!(predict(&m), predict(&back));
 }
+
+/// ConvTranspose2d: output size, PyTorch's parameter names, layout `[in, out/groups, kh, kw]`
+/// and initial bound `1/sqrt(out/groups * kh * kw)`, FLOPs, summary, and a save/load round trip
+/// that computes the same.
+#[test]
+fn conv_transpose2d_layer() {
+    use kiln::backend::cpu::CpuBackend;
+    use kiln::exec::{Executor, Mode};
+    use kiln::model::{ConvTranspose2d, ModelBuilder};
+    use kiln::tensor::Tensor;
+    let up = ConvTranspose2d::new(6, 3).stride(2).padding(1).output_padding(1).groups(2);
+    let m = ModelBuilder::new(&[2, 4, 5, 5])
+        .conv_transpose2d_with(up)
+        .name("up")
+        .conv_transpose2d_with(ConvTranspose2d::new(2, 2).kernel_hw(2, 3).dilation_hw(1, 2).bias(false))
+        .seed(7)
+        .build()
+        .unwrap();
+    // (5 - 1) * 2 - 2 * 1 + (3 - 1) + 1 + 1 = 10; then 10 + 1 = 11 high, 10 + 2 * 2 = 14 wide.
+    assert_eq!(shape_of(&m, "up"), [2, 6, 10, 10]);
+    assert_eq!(m.output_shape(), &[2, 2, 11, 14]);
+    let names: Vec<&str> = m.params().iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["up.weight", "up.bias", "conv_transpose2d_2.weight"]);
+    let shapes: Vec<&[usize]> = m.params().iter().map(|p| p.shape.as_slice()).collect();
+    assert_eq!(shapes, [&[4, 3, 3, 3][..], &[6], &[6, 2, 2, 3]]);
+    let fan_in: Vec<usize> = m.params().iter().map(|p| p.fan_in).collect();
+    assert_eq!(fan_in, [27, 27, 12]);
+    for p in m.params() {
+        let bound = 1.0 / (p.fan_in as f32).sqrt();
+        let v = m.param(&p.name).unwrap();
+        assert!(v.iter().all(|x| x.abs() <= bound) && v.iter().any(|x| x.abs() > bound / 2.0), "{}", p.name);
+    }
+    // A multiply-add per input value and tap (4 * 25 inputs, 3 * 9 taps each), plus the bias.
+    assert_eq!(m.flops(1), 2 * 100 * 27 + 600);
+    assert_eq!(m.flops(2), 2 * 600 * 12);
+    let summary = m.summary();
+    assert!(summary.contains("ConvTranspose2d") && summary.contains("k3x3 s2x2 p1x1 op1x1 g2"), "{summary}");
+
+    let path = std::env::temp_dir().join(format!("kiln-convt-{}.safetensors", std::process::id()));
+    m.save(&path).unwrap();
+    let back = Model::load(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(back.nodes(), m.nodes());
+    assert_eq!(back.param_values(), m.param_values());
+    let x = Tensor::new(&[2, 4, 5, 5], (0..200).map(|i| (i as f32 * 0.37).sin()).collect()).unwrap();
+    let predict = |model: &Model| {
+        let mut e = Executor::new(model, CpuBackend::<f32>::new(Some(1)).unwrap()).unwrap();
+        e.predict(&x, Mode::Eval).unwrap().data().to_vec()
+    };
+    assert_eq!(predict(&m), predict(&back));
+}

@@ -115,6 +115,33 @@ fn group_norm_options() {
 }
 
 #[test]
+fn conv_transpose2d_options() {
+    use kiln::model::ConvTranspose2d;
+    let ct = |c: ConvTranspose2d| img().conv_transpose2d_with(c).name("up");
+    fails(
+        ct(ConvTranspose2d::new(4, 3).stride(2).output_padding(2)),
+        &["'up'", "output_padding along height (2)", "smaller than the stride (2) or the dilation (1)"],
+    );
+    fails(
+        ct(ConvTranspose2d::new(4, 3).output_padding_hw(0, 1)),
+        &["'up'", "output_padding along width (1)", "stride (1) or the dilation (1)"],
+    );
+    fails(ct(ConvTranspose2d::new(4, 3).groups(2)), &["'up'", "groups = 2", "input channels (3)"]);
+    fails(ct(ConvTranspose2d::new(5, 3).groups(3)), &["'up'", "groups = 3", "out_channels (5)"]);
+    fails(ct(ConvTranspose2d::new(4, 3).padding(6)), &["'up'", "padding leaves no output"]);
+    fails(ct(ConvTranspose2d::new(4, 3).stride(0)), &["'up'", "stride must be at least 1"]);
+    fails(ct(ConvTranspose2d::new(0, 3)), &["'up'", "out_channels must be at least 1"]);
+    fails(ct(ConvTranspose2d::new(4, 3).dilation(0)), &["'up'", "dilation must be at least 1"]);
+    fails(ct(ConvTranspose2d::new(4, 3).stride(1 << 40)), &["'up'", "stride", "16777216"]);
+    fails(ModelBuilder::new(&[2, 12]).conv_transpose2d(4, 3).name("up"), &["'up'", "conv_transpose2d needs"]);
+    // Sizes the options allow but no machine holds: an error, not an overflow or an abort.
+    assert!(ct(ConvTranspose2d::new(1 << 24, 3).stride(1 << 24)).build().is_err());
+    // Allowed: output padding below the dilation though not below the stride (PyTorch's rule).
+    let m = ct(ConvTranspose2d::new(4, 3).dilation(3).output_padding(2)).build().unwrap();
+    assert_eq!(m.output_shape(), &[2, 4, 16, 16]);
+}
+
+#[test]
 fn names_must_be_unique() {
     fails(img().conv2d(4, 3).name("a").relu().name("a"), &["'a'", "duplicate layer name"]);
     fails(img().relu().name(""), &["must not be empty"]);

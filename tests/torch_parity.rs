@@ -8,7 +8,7 @@
 use kiln::backend::Backend;
 use kiln::backend::cpu::CpuBackend;
 use kiln::exec::{Executor, Mode, PlanOptions};
-use kiln::model::{BatchNorm, Conv2d, GroupNorm, ModelBuilder, Pool2d};
+use kiln::model::{BatchNorm, Conv2d, ConvTranspose2d, GroupNorm, ModelBuilder, Pool2d};
 use serde_json::Value;
 
 fn builder(name: &str) -> ModelBuilder {
@@ -21,6 +21,25 @@ fn builder(name: &str) -> ModelBuilder {
         "conv_depthwise_rect" => img([2, 3, 6, 7])
             .conv2d_with(Conv2d::new(3, 2).kernel_hw(2, 3).stride_hw(2, 1).padding((1, 0)).groups(3).bias(false)),
         "conv_pointwise" => img([2, 4, 3, 3]).conv2d(5, 1),
+        "conv_transpose_basic" => img([2, 3, 4, 4]).conv_transpose2d(4, 3),
+        "conv_transpose_stride_pad_outpad" => {
+            img([2, 3, 4, 5]).conv_transpose2d_with(ConvTranspose2d::new(4, 3).stride(2).padding(1).output_padding(1))
+        }
+        "conv_transpose_dilated_groups" => img([2, 4, 3, 4]).conv_transpose2d_with(
+            ConvTranspose2d::new(6, 3).stride(2).padding(2).output_padding(1).dilation(2).groups(2),
+        ),
+        "conv_transpose_rect_no_bias" => img([2, 2, 3, 4]).conv_transpose2d_with(
+            ConvTranspose2d::new(3, 2)
+                .kernel_hw(2, 3)
+                .stride_hw(3, 1)
+                .padding_hw(1, 0)
+                .output_padding_hw(2, 0)
+                .dilation_hw(1, 2)
+                .bias(false),
+        ),
+        "conv_transpose_outpad_past_stride" => {
+            img([2, 2, 3, 3]).conv_transpose2d_with(ConvTranspose2d::new(3, 2).padding(1).output_padding(2).dilation(3))
+        }
         "linear" => ModelBuilder::new(&[3, 7]).dense(4),
         "linear_flatten" => img([2, 2, 3, 3]).flatten().dense(5),
         "relu" => img([2, 3, 4, 4]).relu(),
@@ -63,7 +82,7 @@ fn every_layer_matches_pytorch_in_f64() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/torch_layers.json");
     let fixture: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let cases = fixture["cases"].as_object().unwrap();
-    assert!(cases.len() >= 22);
+    assert!(cases.len() >= 31);
     for (name, case) in cases {
         let model = builder(name).build().unwrap();
         let mut e = Executor::new(&model, CpuBackend::<f64>::new(Some(2)).unwrap()).unwrap();

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 mod activation;
 mod buffers;
 mod conv;
+mod conv_transpose;
 mod layout;
 mod linear;
 mod loss;
@@ -27,6 +28,7 @@ mod tensor;
 pub use activation::{Act, ActBackward, ActFn, Dropout, DropoutBackward, Softmax, SoftmaxBackward};
 pub use buffers::{Access, BufUse};
 pub use conv::{Conv2d, Conv2dBackward, ConvGeom};
+pub use conv_transpose::{ConvTranspose2d, ConvTranspose2dBackward};
 pub(crate) use layout::cuda_layouts;
 pub use layout::{guard, hyper, stats};
 pub use linear::{Linear, LinearBackward};
@@ -61,6 +63,10 @@ pub enum Op {
     Conv2d(Conv2d),
     /// See [`Conv2dBackward`].
     Conv2dBackward(Conv2dBackward),
+    /// See [`ConvTranspose2d`].
+    ConvTranspose2d(ConvTranspose2d),
+    /// See [`ConvTranspose2dBackward`].
+    ConvTranspose2dBackward(ConvTranspose2dBackward),
     /// See [`Linear`].
     Linear(Linear),
     /// See [`LinearBackward`].
@@ -125,6 +131,8 @@ impl Op {
         match self {
             Op::Conv2d(_) => "conv2d",
             Op::Conv2dBackward(_) => "conv2d_backward",
+            Op::ConvTranspose2d(_) => "conv_transpose2d",
+            Op::ConvTranspose2dBackward(_) => "conv_transpose2d_backward",
             Op::Linear(_) => "linear",
             Op::LinearBackward(_) => "linear_backward",
             Op::Act(_) => "activation",

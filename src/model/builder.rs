@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 
-use super::layers::{Activation, BatchNorm, Conv2d, GroupNorm, Layer, Linear, Pool2d};
+use super::layers::{Activation, BatchNorm, Conv2d, ConvTranspose2d, GroupNorm, Layer, Linear, Pool2d};
 use super::{Model, Node};
 use crate::{Error, Result};
 
@@ -116,6 +116,16 @@ impl ModelBuilder {
     /// A convolution with options: `conv2d_with(Conv2d::new(64, 3).stride(2).padding(1))`.
     pub fn conv2d_with(self, conv: Conv2d) -> Self {
         self.layer(Layer::Conv2d(conv))
+    }
+    /// A transposed convolution (`nn.ConvTranspose2d`): `out_channels` filters of
+    /// `kernel x kernel`, stride 1, no padding, with bias.
+    pub fn conv_transpose2d(self, out_channels: usize, kernel: usize) -> Self {
+        self.layer(Layer::ConvTranspose2d(ConvTranspose2d::new(out_channels, kernel)))
+    }
+    /// A transposed convolution with options:
+    /// `conv_transpose2d_with(ConvTranspose2d::new(32, 3).stride(2).padding(1).output_padding(1))`.
+    pub fn conv_transpose2d_with(self, conv: ConvTranspose2d) -> Self {
+        self.layer(Layer::ConvTranspose2d(conv))
     }
     /// A fully connected layer with bias; flattens its input itself.
     pub fn dense(self, out_features: usize) -> Self {

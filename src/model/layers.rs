@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 pub(crate) mod activation;
 pub(crate) mod batch_norm;
 pub(crate) mod conv2d;
+pub(crate) mod conv_transpose2d;
 pub(crate) mod dropout;
 pub(crate) mod group_norm;
 pub(crate) mod join;
@@ -23,6 +24,7 @@ pub(crate) mod softmax;
 pub(crate) mod view;
 pub use activation::Activation;
 pub use batch_norm::BatchNorm;
+pub use conv_transpose2d::ConvTranspose2d;
 pub use conv2d::Conv2d;
 pub use group_norm::GroupNorm;
 pub use linear::Linear;
@@ -70,6 +72,8 @@ pub enum Layer {
     Input,
     /// A 2-D convolution; see [`Conv2d`].
     Conv2d(Conv2d),
+    /// Transposed convolution (`nn.ConvTranspose2d`); see [`ConvTranspose2d`].
+    ConvTranspose2d(ConvTranspose2d),
     /// A fully connected layer; see [`Linear`].
     Linear(Linear),
     /// `[batch, ...] -> [batch, product]`.
@@ -111,6 +115,7 @@ impl Layer {
         match self {
             Layer::Input => "input",
             Layer::Conv2d(_) => "conv2d",
+            Layer::ConvTranspose2d(_) => "conv_transpose2d",
             Layer::Linear(_) => "dense",
             Layer::Flatten => "flatten",
             Layer::Reshape(_) => "reshape",
@@ -132,6 +137,7 @@ impl Layer {
         match self {
             Layer::Input => "Input".into(),
             Layer::Conv2d(_) => "Conv2d".into(),
+            Layer::ConvTranspose2d(_) => "ConvTranspose2d".into(),
             Layer::Linear(_) => "Linear".into(),
             Layer::Flatten => "Flatten".into(),
             Layer::Reshape(_) => "Reshape".into(),

@@ -12,7 +12,7 @@ pub mod spec;
 mod summary;
 
 pub use builder::{Branch, ModelBuilder, branch};
-pub use layers::{Activation, BatchNorm, Conv2d, GroupNorm, Layer, Linear, Padding, Pool2d};
+pub use layers::{Activation, BatchNorm, Conv2d, ConvTranspose2d, GroupNorm, Layer, Linear, Padding, Pool2d};
 pub use lower::Mode;
 pub use params::{ParamRole, ParamSpec};
 pub use spec::{ModelSpec, SpecItem};

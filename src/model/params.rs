@@ -78,6 +78,7 @@ pub(crate) fn param_specs(node: usize, name: &str, layer: &Layer, input: &[usize
         Layer::Linear(l) => layers::linear::params(l, input),
         Layer::BatchNorm(bn) => layers::batch_norm::params(bn, input),
         Layer::GroupNorm(gn) => layers::group_norm::params(gn, input),
+        Layer::ConvTranspose2d(c) => layers::conv_transpose2d::params(c, input),
         Layer::Input
         | Layer::Flatten
         | Layer::Reshape(_)

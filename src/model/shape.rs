@@ -59,6 +59,7 @@ pub(crate) fn bounded(name: &str, what: &str, vs: &[usize]) -> Result<()> {
 pub(crate) fn check_options(name: &str, layer: &Layer) -> Result<()> {
     match layer {
         Layer::Conv2d(c) => layers::conv2d::check_options(name, c),
+        Layer::ConvTranspose2d(c) => layers::conv_transpose2d::check_options(name, c),
         Layer::Linear(l) => layers::linear::check_options(name, l),
         Layer::Reshape(dims) => bounded(name, "reshape dimension", dims),
         Layer::MaxPool2d(p) | Layer::AvgPool2d(p) => layers::pool::check_options(name, p),
@@ -88,6 +89,7 @@ pub fn infer(name: &str, layer: &Layer, inputs: &[&[usize]]) -> Result<Vec<usize
         Layer::Activation(a) => layers::activation::infer(name, a, one()?),
         Layer::Softmax { axis } => layers::softmax::infer(name, *axis, one()?),
         Layer::Dropout { rate } => layers::dropout::infer(name, *rate, one()?),
+        Layer::ConvTranspose2d(c) => layers::conv_transpose2d::infer(name, c, one()?),
         Layer::GroupNorm(gn) => layers::group_norm::infer(name, gn, one()?),
         Layer::BatchNorm(bn) => layers::batch_norm::infer(name, bn, one()?),
         Layer::MaxPool2d(p) | Layer::AvgPool2d(p) => layers::pool::infer(name, p, one()?),

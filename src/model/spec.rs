@@ -44,7 +44,8 @@
 //! (`out_features`, `bias`), `flatten`, `reshape` (`shape`), `relu`, `leaky_relu` (`slope` 0.01),
 //! `elu` (`alpha` 1), `sigmoid`, `tanh`, `silu`/`swish`, `gelu`, `softmax` (`axis` -1),
 //! `dropout` (`rate`), `batch_norm` (`eps`, `momentum`, `affine`, `track_running_stats`),
-//! `group_norm` (`groups`, `eps` 1e-5, `affine` true),
+//! `group_norm` (`groups`, `eps` 1e-5, `affine` true), `conv_transpose2d` (`out_channels`,
+//! `kernel`, `stride` 1, `padding` 0, `output_padding` 0, `dilation` 1, `groups` 1, `bias` true),
 //! `max_pool2d`/`avg_pool2d` (`kernel`, `stride` = kernel, `padding` 0, `count_include_pad`),
 //! `global_avg_pool`, `residual` (`main`, `shortcut`), `concat` (`branches`).
 
@@ -56,7 +57,7 @@ use toml::de::{DeTable, DeValue};
 
 use super::Model;
 use super::builder::ModelBuilder;
-use super::layers::{Activation, BatchNorm, Conv2d, GroupNorm, Layer, Linear, Padding, Pool2d};
+use super::layers::{Activation, BatchNorm, Conv2d, ConvTranspose2d, GroupNorm, Layer, Linear, Padding, Pool2d};
 use crate::{Error, Result};
 
 /// Largest value a size option may have in a spec (as in model files).
@@ -246,14 +247,18 @@ impl<'a, 'i> Fields<'a, 'i> {
     }
 }
 
-const LAYER_TYPES: &str = "conv2d, dense, linear, flatten, reshape, relu, leaky_relu, elu, sigmoid, tanh, silu, \
+const LAYER_TYPES: &str = "conv2d, conv_transpose2d, dense, linear, flatten, reshape, relu, leaky_relu, elu, sigmoid, tanh, silu, \
                            swish, gelu, softmax, dropout, batch_norm, group_norm, max_pool2d, avg_pool2d, global_avg_pool, \
                            residual, concat";
+
+const CONV_TRANSPOSE2D_FIELDS: [&str; 8] =
+    ["out_channels", "kernel", "stride", "padding", "output_padding", "dilation", "groups", "bias"];
 
 /// The fields of each layer type (besides `type` and `name`); `None` for an unknown type.
 fn fields_of(ty: &str) -> Option<&'static [&'static str]> {
     Some(match ty {
         "conv2d" => &["out_channels", "kernel", "stride", "padding", "dilation", "groups", "bias"],
+        "conv_transpose2d" => &CONV_TRANSPOSE2D_FIELDS,
         "dense" | "linear" => &["out_features", "bias"],
         "flatten" | "relu" | "sigmoid" | "tanh" | "silu" | "swish" | "gelu" | "global_avg_pool" => &[],
         "reshape" => &["shape"],
@@ -327,6 +332,19 @@ fn parse_item(ctx: &Ctx, v: &Value, where_: &str) -> Result<SpecItem> {
                 bias: f.bool_or("bias", true)?,
             };
             (Layer::Conv2d(c), vec!["out_channels", "kernel", "stride", "padding", "dilation", "groups", "bias"])
+        }
+        "conv_transpose2d" => {
+            let c = ConvTranspose2d {
+                out_channels: f.size("out_channels", 1)?,
+                kernel: f.pair("kernel", 1)?,
+                stride: f.pair_or("stride", 1, (1, 1))?,
+                padding: f.pair_or("padding", 0, (0, 0))?,
+                output_padding: f.pair_or("output_padding", 0, (0, 0))?,
+                dilation: f.pair_or("dilation", 1, (1, 1))?,
+                groups: f.optional("groups", 1, |s, v, k| s.size_of(v, k, 1))?,
+                bias: f.bool_or("bias", true)?,
+            };
+            (Layer::ConvTranspose2d(c), CONV_TRANSPOSE2D_FIELDS.to_vec())
         }
         "dense" | "linear" => (
             Layer::Linear(Linear { out_features: f.size("out_features", 1)?, bias: f.bool_or("bias", true)? }),
@@ -606,6 +624,16 @@ fn layer_table(name: &str, layer: &Layer) -> Result<toml::Table> {
             put("groups", int(c.groups));
             put("bias", toml::Value::Boolean(c.bias));
         }
+        Layer::ConvTranspose2d(c) => {
+            put("out_channels", int(c.out_channels));
+            put("kernel", pair(c.kernel));
+            put("stride", pair(c.stride));
+            put("padding", pair(c.padding));
+            put("output_padding", pair(c.output_padding));
+            put("dilation", pair(c.dilation));
+            put("groups", int(c.groups));
+            put("bias", toml::Value::Boolean(c.bias));
+        }
         Layer::Linear(l) => {
             put("out_features", int(l.out_features));
             put("bias", toml::Value::Boolean(l.bias));
@@ -774,6 +802,13 @@ mod tests {
             .build()
             .unwrap();
         roundtrip(&gn);
+        let convt = ConvTranspose2d::new(6, 3).stride_hw(2, 3).padding_hw(1, 0).output_padding_hw(1, 2);
+        let ct = crate::model::ModelBuilder::new(&[2, 4, 5, 5])
+            .conv_transpose2d_with(convt.dilation_hw(1, 2).groups(2).bias(false))
+            .conv_transpose2d(2, 2)
+            .build()
+            .unwrap();
+        roundtrip(&ct);
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub(super) fn node_flops(m: &Model, i: usize) -> u64 {
         Layer::Softmax { .. } => layers::softmax::flops(out),
         Layer::BatchNorm(_) => layers::batch_norm::flops(out),
         Layer::GroupNorm(_) => layers::group_norm::flops(out),
+        Layer::ConvTranspose2d(c) => layers::conv_transpose2d::flops(c, input, out),
         Layer::MaxPool2d(p) | Layer::AvgPool2d(p) => layers::pool::flops(p, out),
         Layer::GlobalAvgPool => layers::pool::global_flops(input),
         Layer::Add => layers::join::add_flops(out, node.inputs.len()),
@@ -64,6 +65,7 @@ pub(super) fn render(m: &Model) -> String {
         };
         let detail = match &node.layer {
             Layer::Conv2d(c) => layers::conv2d::detail(&node.name, c, &m.nodes[node.inputs[0]].shape),
+            Layer::ConvTranspose2d(c) => layers::conv_transpose2d::detail(c),
             Layer::MaxPool2d(p) | Layer::AvgPool2d(p) => layers::pool::detail(p),
             _ => from,
         };

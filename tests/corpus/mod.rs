@@ -6,7 +6,7 @@
 #![allow(dead_code)] // each test file uses a different part
 
 use kiln::backend::Backend;
-use kiln::model::{BatchNorm, Conv2d, GroupNorm, Linear, ModelBuilder, Pool2d, branch};
+use kiln::model::{BatchNorm, Conv2d, ConvTranspose2d, GroupNorm, Linear, ModelBuilder, Pool2d, branch};
 use kiln::zoo;
 
 /// One model of the corpus.
@@ -68,6 +68,46 @@ pub fn cases() -> Vec<Case> {
         case("conv2d_pointwise_groups", || img(2, 4, 4, 4).conv2d_with(Conv2d::new(4, 1).groups(2).bias(false))),
         case("conv2d_pointwise_stride", || img(2, 3, 5, 5).conv2d_with(Conv2d::new(4, 1).stride(2))),
         parity_only("conv2d_larger", || img(8, 16, 20, 20).conv2d_with(Conv2d::new(32, 3).padding(1))),
+        // Transposed convolutions: every option, alone and together.
+        case("conv_transpose2d_basic", || img(2, 3, 4, 4).conv_transpose2d(4, 3)),
+        case("conv_transpose2d_stride_padding_output_padding", || {
+            img(2, 3, 4, 5).conv_transpose2d_with(ConvTranspose2d::new(4, 3).stride(2).padding(1).output_padding(1))
+        }),
+        case("conv_transpose2d_dilation", || {
+            img(2, 2, 4, 4).conv_transpose2d_with(ConvTranspose2d::new(3, 3).dilation(2).padding(1))
+        }),
+        case("conv_transpose2d_groups", || {
+            img(2, 4, 3, 3).conv_transpose2d_with(ConvTranspose2d::new(6, 3).groups(2).stride(2))
+        }),
+        case("conv_transpose2d_depthwise", || {
+            img(2, 3, 4, 4).conv_transpose2d_with(ConvTranspose2d::new(3, 3).groups(3).stride(2).output_padding(1))
+        }),
+        case("conv_transpose2d_non_square_no_bias", || {
+            img(2, 2, 3, 4).conv_transpose2d_with(
+                ConvTranspose2d::new(3, 2)
+                    .kernel_hw(2, 3)
+                    .stride_hw(3, 1)
+                    .padding_hw(1, 0)
+                    .output_padding_hw(2, 0)
+                    .dilation_hw(1, 2)
+                    .bias(false),
+            )
+        }),
+        case("conv_transpose2d_pointwise", || img(2, 4, 3, 3).conv_transpose2d(5, 1)),
+        // Output padding at or above the stride (allowed below the dilation): cuDNN cannot
+        // describe it, so the CUDA backend refuses it with an error and this case is CPU only.
+        gradcheck_only("conv_transpose2d_output_padding_past_stride", 1e-5, || {
+            img(2, 2, 3, 3).conv_transpose2d_with(ConvTranspose2d::new(3, 2).dilation(3).padding(1).output_padding(2))
+        }),
+        case("conv_transpose2d_decoder", || {
+            img(2, 2, 8, 8)
+                .conv2d_with(Conv2d::new(4, 3).stride(2).padding(1))
+                .relu()
+                .conv_transpose2d_with(ConvTranspose2d::new(2, 3).stride(2).padding(1).output_padding(1))
+        }),
+        parity_only("conv_transpose2d_larger", || {
+            img(8, 16, 10, 10).conv_transpose2d_with(ConvTranspose2d::new(8, 4).stride(2).padding(1))
+        }),
         // Dense layers and views.
         case("dense", || ModelBuilder::new(&[3, 5]).dense(4).dense_with(Linear::new(2).bias(false))),
         case("dense_on_images", || img(2, 2, 3, 3).dense(4)),

@@ -140,7 +140,7 @@ fn unpad_add<T: Float>(g: &ConvGeom, cg: usize, hp: usize, wp: usize, dxp: &[T],
     }
 }
 
-fn resize<T: Float>(v: &mut Vec<T>, len: usize) {
+pub(super) fn resize<T: Float>(v: &mut Vec<T>, len: usize) {
     if v.len() != len {
         v.resize(len, T::ZERO);
     }
@@ -159,7 +159,7 @@ fn valid_range(off: isize, s: usize, len: usize, out: usize) -> (usize, usize) {
 
 /// Unfolds the `cg` channels of one image group `x` (`cg * h * w`) into `col`
 /// (`cg*kh*kw` rows of `oh*ow`).
-fn im2col<T: Float>(g: &ConvGeom, cg: usize, x: &[T], col: &mut [T]) {
+pub(super) fn im2col<T: Float>(g: &ConvGeom, cg: usize, x: &[T], col: &mut [T]) {
     let (h, w, oh, ow) = (g.h, g.w, g.oh, g.ow);
     let ohw = oh * ow;
     for c in 0..cg {
@@ -195,7 +195,7 @@ fn im2col<T: Float>(g: &ConvGeom, cg: usize, x: &[T], col: &mut [T]) {
 }
 
 /// Folds `col` back onto the image group `x`, adding (the adjoint of [`im2col`]).
-fn col2im_add<T: Float>(g: &ConvGeom, cg: usize, col: &[T], x: &mut [T]) {
+pub(super) fn col2im_add<T: Float>(g: &ConvGeom, cg: usize, col: &[T], x: &mut [T]) {
     let (h, w, oh, ow) = (g.h, g.w, g.oh, g.ow);
     let ohw = oh * ow;
     for c in 0..cg {
@@ -223,7 +223,7 @@ fn col2im_add<T: Float>(g: &ConvGeom, cg: usize, col: &[T], x: &mut [T]) {
 }
 
 /// How images are split: `(chunks, images per chunk, threads left for gemm)`.
-fn split(n: usize, threads: usize) -> (usize, usize, usize) {
+pub(super) fn split(n: usize, threads: usize) -> (usize, usize, usize) {
     let chunks = threads.min(n).max(1);
     let per = n.div_ceil(chunks);
     let chunks = n.div_ceil(per);
@@ -409,7 +409,7 @@ pub fn backward<T: Float>(
 }
 
 /// `dst = sum(parts)` (or `dst += sum(parts)`), summing the parts in order.
-fn reduce_into<'a, T: Float>(dst: (&mut [T], bool), parts: impl Iterator<Item = &'a [T]>) {
+pub(super) fn reduce_into<'a, T: Float>(dst: (&mut [T], bool), parts: impl Iterator<Item = &'a [T]>) {
     let (d, acc) = dst;
     if !acc {
         d.fill(T::ZERO);

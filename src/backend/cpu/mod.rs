@@ -19,6 +19,7 @@ mod activation;
 mod batch_norm;
 mod collective;
 mod conv2d;
+mod conv_transpose2d;
 mod dot;
 mod dropout;
 mod float;
@@ -253,6 +254,39 @@ impl<T: Float> CpuBackend<T> {
                 let mut dbv = db.map(|d| self.take_grad(d));
                 let bufs = &self.bufs;
                 conv2d::backward(
+                    g,
+                    &bufs[x.0],
+                    &bufs[w.0],
+                    &bufs[dy.0],
+                    (
+                        dxv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
+                        (&mut dwv.0, dwv.1),
+                        dbv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
+                    ),
+                    &mut self.scratch,
+                    threads,
+                );
+                if let (Some(d), Some((v, _))) = (dx, dxv) {
+                    self.put(d.buf, v);
+                }
+                self.put(dw.buf, dwv.0);
+                if let (Some(d), Some((v, _))) = (db, dbv) {
+                    self.put(d.buf, v);
+                }
+            }
+            Op::ConvTranspose2d(ops::ConvTranspose2d { g, x, w, b, y }) => {
+                let mut yv = self.take(*y);
+                let bufs = &self.bufs;
+                let bias = b.map(|b| bufs[b.0].as_slice());
+                conv_transpose2d::forward(g, &bufs[x.0], &bufs[w.0], bias, &mut yv, &mut self.scratch, threads);
+                self.put(*y, yv);
+            }
+            Op::ConvTranspose2dBackward(ops::ConvTranspose2dBackward { g, x, w, dy, dx, dw, db }) => {
+                let mut dxv = dx.map(|d| self.take_grad(d));
+                let mut dwv = self.take_grad(*dw);
+                let mut dbv = db.map(|d| self.take_grad(d));
+                let bufs = &self.bufs;
+                conv_transpose2d::backward(
                     g,
                     &bufs[x.0],
                     &bufs[w.0],

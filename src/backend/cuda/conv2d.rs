@@ -54,7 +54,7 @@ pub(crate) fn check_dnn(call: &str, r: sys::cudnnStatus_t) -> Result<()> {
 /// single-backend process nothing.
 static CUDNN_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn cudnn_lock() -> std::sync::MutexGuard<'static, ()> {
+pub(super) fn cudnn_lock() -> std::sync::MutexGuard<'static, ()> {
     // A panic while holding the lock leaves nothing half-done that the lock protects.
     CUDNN_LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -73,9 +73,9 @@ enum Algo {
 
 /// The algorithm chosen for one direction of one geometry.
 #[derive(Clone, Copy, Debug)]
-struct Chosen {
+pub(super) struct Chosen {
     algo: Algo,
-    memory: usize,
+    pub(super) memory: usize,
     math: sys::cudnnMathType_t,
 }
 
@@ -300,7 +300,7 @@ macro_rules! candidates {
 
 /// Which direction a search is for.
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Dir {
+pub(super) enum Dir {
     Forward = 0,
     BackwardData = 1,
     BackwardFilter = 2,
@@ -334,7 +334,7 @@ impl CudaBackend {
     }
 
     /// Grows the shared workspace to at least `bytes` (warm-up only: refused during capture).
-    fn conv_workspace(&mut self, bytes: usize) -> Result<(CUdeviceptr, usize)> {
+    pub(super) fn conv_workspace(&mut self, bytes: usize) -> Result<(CUdeviceptr, usize)> {
         if bytes > self.dnn.workspace.1 {
             // The old workspace stays allocated (a captured graph may point at it) until drop.
             let p = self.mem.alloc(&self.gpu, bytes.next_multiple_of(1 << 20))?;
@@ -346,7 +346,7 @@ impl CudaBackend {
     /// Queues one convolution pass: `out = op(a, b)` (+ `beta * out`) with the direction's
     /// operands: forward `(x, w) -> y`, backward data `(w, dy) -> dx`, backward filter
     /// `(x, dy) -> dw`.
-    fn conv_run(
+    pub(super) fn conv_run(
         &self,
         g: &ConvGeom,
         c: Chosen,
@@ -379,7 +379,7 @@ impl CudaBackend {
     }
 
     /// The algorithm of one direction, searched for on first use (warm-up only).
-    fn conv_algo(&mut self, g: &ConvGeom, dir: Dir, a: CUdeviceptr, b: CUdeviceptr) -> Result<Chosen> {
+    pub(super) fn conv_algo(&mut self, g: &ConvGeom, dir: Dir, a: CUdeviceptr, b: CUdeviceptr) -> Result<Chosen> {
         if let Some(c) = self.conv_entry(g)?.chosen[dir as usize] {
             return Ok(c);
         }

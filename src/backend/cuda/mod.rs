@@ -3,6 +3,7 @@
 //! | op | how | file |
 //! | --- | --- | --- |
 //! | convolution | cuDNN (algorithm timed once per shape, deterministic, no TF32 by default) | `conv2d.rs` |
+//! | transposed convolution | cuDNN's convolution directions, swapped | `conv_transpose2d.rs` |
 //! | dense | cuBLASLt (bias and bias gradient fused in epilogues) | `linear.rs` |
 //! | everything else | CUDA C compiled by NVRTC for the GPU's architecture, cached on disk | `activation.rs`, `softmax.rs`, `dropout.rs`, `batch_norm.rs`, `pool2d.rs`, `join.rs`, `nvrtc.rs` |
 //!
@@ -26,6 +27,7 @@ mod nvrtc;
 mod activation;
 mod batch_norm;
 mod conv2d;
+mod conv_transpose2d;
 mod driver;
 mod dropout;
 mod graph;
@@ -279,6 +281,8 @@ impl CudaBackend {
         match op {
             Op::Conv2d(o) => self.conv_forward(o),
             Op::Conv2dBackward(o) => self.conv_backward(o),
+            Op::ConvTranspose2d(o) => self.conv_transpose_forward(o),
+            Op::ConvTranspose2dBackward(o) => self.conv_transpose_backward(o),
             Op::Linear(o) => self.linear_forward(o),
             Op::LinearBackward(o) => self.linear_backward(o),
             Op::Act(o) => self.act_forward(o),

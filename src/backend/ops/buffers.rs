@@ -74,6 +74,26 @@ macro_rules! each_buffer {
                     $f(&$($m)? d.buf, o.g.k, grad_access(d.accumulate));
                 }
             }
+            Op::ConvTranspose2d(o) => {
+                $f(&$($m)? o.x, o.g.output_len(), R);
+                $f(&$($m)? o.w, o.g.weight_len(), R);
+                if let Some(b) = &$($m)? o.b {
+                    $f(b, o.g.c, R);
+                }
+                $f(&$($m)? o.y, o.g.input_len(), W);
+            }
+            Op::ConvTranspose2dBackward(o) => {
+                $f(&$($m)? o.x, o.g.output_len(), R);
+                $f(&$($m)? o.w, o.g.weight_len(), R);
+                $f(&$($m)? o.dy, o.g.input_len(), R);
+                if let Some(d) = &$($m)? o.dx {
+                    $f(&$($m)? d.buf, o.g.output_len(), grad_access(d.accumulate));
+                }
+                $f(&$($m)? o.dw.buf, o.g.weight_len(), grad_access(o.dw.accumulate));
+                if let Some(d) = &$($m)? o.db {
+                    $f(&$($m)? d.buf, o.g.c, grad_access(d.accumulate));
+                }
+            }
             Op::Linear(o) => {
                 $f(&$($m)? o.x, o.m * o.k, R);
                 $f(&$($m)? o.w, o.n * o.k, R);
@@ -372,6 +392,11 @@ impl Op {
             Op::Conv2d(Conv2d { g, .. }) | Op::Conv2dBackward(Conv2dBackward { g, .. }) => format!(
                 "{}x{}x{}x{} -> {}x{}x{} k{}x{} s{}x{} p{}x{} d{}x{} g{}",
                 g.n, g.c, g.h, g.w, g.k, g.oh, g.ow, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.groups
+            ),
+            Op::ConvTranspose2d(ConvTranspose2d { g, .. })
+            | Op::ConvTranspose2dBackward(ConvTranspose2dBackward { g, .. }) => format!(
+                "{}x{}x{}x{} -> {}x{}x{} k{}x{} s{}x{} p{}x{} d{}x{} g{} (transposed)",
+                g.n, g.k, g.oh, g.ow, g.c, g.h, g.w, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.groups
             ),
             Op::Linear(Linear { m, k, n, .. }) | Op::LinearBackward(LinearBackward { m, k, n, .. }) => {
                 format!("{m}x{k} -> {m}x{n}")
