@@ -103,9 +103,30 @@ pub trait Backend: Send {
         self.run(ops)
     }
 
+    /// Whether [`Backend::run_cached`] replays captured graphs (CUDA, unless told to run
+    /// eagerly) rather than just running the ops.
+    fn replays_graphs(&self) -> bool {
+        false
+    }
+
     /// Waits until all queued work has finished (for timing; reads already wait).
     fn synchronize(&mut self) -> Result<()> {
         Ok(())
+    }
+
+    /// Runs `ops` one at a time, each waiting for the one before, and returns each op's time in
+    /// milliseconds (for profiles). Backends with device timers override this (CUDA: events
+    /// around each op); the default times each op on the host between two synchronisations.
+    fn profile(&mut self, ops: &[Op]) -> Result<Vec<f64>> {
+        let mut times = Vec::with_capacity(ops.len());
+        self.synchronize()?;
+        for op in ops {
+            let t = std::time::Instant::now();
+            self.run(std::slice::from_ref(op))?;
+            self.synchronize()?;
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok(times)
     }
 
     /// The most device memory this backend has held at once, in bytes, where it tracks it.
@@ -192,6 +213,12 @@ impl Backend for Box<dyn Backend> {
     }
     fn synchronize(&mut self) -> Result<()> {
         (**self).synchronize()
+    }
+    fn replays_graphs(&self) -> bool {
+        (**self).replays_graphs()
+    }
+    fn profile(&mut self, ops: &[Op]) -> Result<Vec<f64>> {
+        (**self).profile(ops)
     }
     fn peak_memory(&self) -> Option<u64> {
         (**self).peak_memory()

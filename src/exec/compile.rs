@@ -104,6 +104,7 @@ pub(super) fn network(
     let nodes = model.nodes();
     let mut out: Vec<BufId> = Vec::with_capacity(nodes.len());
     let mut forward = Vec::new();
+    let mut forward_nodes = Vec::new();
     // What backward needs from forward, per node.
     let mut saved: Vec<Vec<BufId>> = vec![Vec::new(); nodes.len()];
     for (i, node) in nodes.iter().enumerate() {
@@ -131,6 +132,7 @@ pub(super) fn network(
         let y = cx.output.expect("a layer's lowering sets its output");
         saved[i] = cx.saved;
         out.push(y);
+        forward_nodes.resize(forward.len(), i);
     }
     let mut plan = Plan {
         batch,
@@ -138,6 +140,8 @@ pub(super) fn network(
         options: low.options,
         forward,
         backward: Vec::new(),
+        forward_nodes,
+        backward_nodes: Vec::new(),
         input: out[0],
         output: *out.last().expect("a model has nodes"),
         output_grad: None,
@@ -199,6 +203,7 @@ fn backward(
 
     let mut written: HashSet<BufId> = HashSet::from([dout]);
     let mut ops = Vec::new();
+    let mut owners = Vec::new();
     for i in (1..nodes.len()).rev() {
         let Some(dy) = grad[i] else { continue };
         let node = &nodes[i];
@@ -218,6 +223,7 @@ fn backward(
             ops: &mut ops,
         };
         lower::backward(&mut cx)?;
+        owners.resize(ops.len(), i);
     }
     // Lifetimes of the gradient buffers over `ops`: the output gradient is written before
     // backward starts (by the loss) and the input gradient is read after it ends.
@@ -269,6 +275,7 @@ fn backward(
     plan.output_grad.iter_mut().for_each(&mut map);
     plan.input_grad.iter_mut().for_each(&mut map);
     plan.backward = ops;
+    plan.backward_nodes = owners;
     Ok(())
 }
 

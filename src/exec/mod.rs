@@ -18,6 +18,7 @@
 
 mod compile;
 pub mod plan;
+mod profile;
 mod step;
 
 /// The vocabulary of a step description: loss functions, scoring and update rules are the
@@ -25,6 +26,7 @@ mod step;
 pub use crate::backend::{LossFn, OptRule, Scoring};
 pub use compile::Lowering;
 pub use plan::{BufRole, MemoryReport, Mode, ParamBuffers, Plan, PlanOptions, PlannedBuffer};
+pub use profile::{LayerProfile, Profile};
 pub use step::{Clip, Figures, GuardState, OptimizerSnapshot, Parallel, Precision, SUMS_LEN, StepDesc, Sums};
 
 /// A backend chosen at run time ([`crate::backend::Device::open`]).

@@ -114,6 +114,10 @@ pub struct Plan {
     pub forward: Vec<Op>,
     /// The network's backward ops (empty in evaluation mode).
     pub backward: Vec<Op>,
+    /// For each op of `forward`, the index of the model node (layer) it was lowered from.
+    pub forward_nodes: Vec<usize>,
+    /// For each op of `backward`, the index of the model node (layer) whose backward it is.
+    pub backward_nodes: Vec<usize>,
     /// The model input.
     pub input: BufId,
     /// The model output.

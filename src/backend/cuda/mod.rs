@@ -208,22 +208,6 @@ impl CudaBackend {
         self.mem.current()
     }
 
-    /// Runs `ops` eagerly, timing each with device events; returns milliseconds per op. For
-    /// profiling: every op waits for the previous one to finish.
-    pub fn profile(&mut self, ops: &[Op]) -> Result<Vec<f64>> {
-        self.gpu.bind()?;
-        let (start, end) = (Event::new(true)?, Event::new(true)?);
-        let mut times = Vec::with_capacity(ops.len());
-        for op in ops {
-            start.record(self.gpu.stream)?;
-            self.exec(op)?;
-            end.record(self.gpu.stream)?;
-            end.wait()?;
-            times.push(end.since(&start)?);
-        }
-        Ok(times)
-    }
-
     /// At least `bytes` of scratch for the op being queued (ops on the one stream run in order,
     /// so they can all share it).
     fn op_scratch(&mut self, bytes: usize) -> Result<sys::CUdeviceptr> {
@@ -468,6 +452,27 @@ impl Backend for CudaBackend {
 
     fn communicator(&mut self) -> Option<&mut dyn Communicator> {
         self.coll.as_mut().map(|c| &mut *c.host as &mut dyn Communicator)
+    }
+
+    /// Runs `ops` eagerly, timing each with device events; returns milliseconds per op. For
+    /// profiling: every op waits for the previous one to finish.
+    fn profile(&mut self, ops: &[Op]) -> Result<Vec<f64>> {
+        let _turn = submit_lock();
+        self.gpu.bind()?;
+        let (start, end) = (Event::new(true)?, Event::new(true)?);
+        let mut times = Vec::with_capacity(ops.len());
+        for op in ops {
+            start.record(self.gpu.stream)?;
+            self.exec(op)?;
+            end.record(self.gpu.stream)?;
+            end.wait()?;
+            times.push(end.since(&start)?);
+        }
+        Ok(times)
+    }
+
+    fn replays_graphs(&self) -> bool {
+        !self.eager
     }
 
     fn synchronize(&mut self) -> Result<()> {

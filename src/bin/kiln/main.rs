@@ -8,6 +8,7 @@
 //! kiln eval runs/mnist --data mnist:data/mnist
 //! kiln predict runs/mnist img1.png img2.png
 //! kiln summary net.toml
+//! kiln profile resnet18 --batch 64 --device cuda
 //! kiln bench --models resnet18 --batches 64
 //! kiln launch --nproc 2 -- target/release/examples/my_training --epochs 3
 //! ```
@@ -16,6 +17,7 @@ mod data;
 mod launch;
 mod models;
 mod other;
+mod profile;
 mod run;
 
 use std::ffi::OsString;
@@ -43,6 +45,9 @@ enum Command {
     Predict(PredictArgs),
     /// Print a model's summary table (layers, shapes, parameters, FLOPs, memory).
     Summary(SummaryArgs),
+    /// Profile a model per layer by name: forward and backward ms, parameters, activation
+    /// memory, FLOPs and GFLOP/s, the pass timed whole (eager and as a graph) and peak memory.
+    Profile(ProfileArgs),
     /// Time whole training steps of zoo models (milliseconds per step, images/s, peak memory).
     Bench(BenchArgs),
     /// Start the workers of a data-parallel job (`kiln launch --help`).
@@ -174,6 +179,27 @@ pub struct SummaryArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct ProfileArgs {
+    /// A zoo name, a spec file (.toml), a kiln model file or a run folder.
+    pub model: String,
+    /// Samples per batch.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Classes, for zoo models that take a class count.
+    #[arg(long, default_value_t = 10)]
+    pub classes: usize,
+    /// Device: auto, cpu, cuda, cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Timed passes; each figure is their median.
+    #[arg(long, default_value_t = 10)]
+    pub reps: usize,
+    /// One JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct BenchArgs {
     /// Zoo models, comma-separated: simple_cnn, multiscale_cnn, mnist_cnn, cifar_cnn, resnet18.
     #[arg(long, default_value = "simple_cnn,multiscale_cnn,mnist_cnn,cifar_cnn,resnet18", value_delimiter = ',')]
@@ -212,6 +238,7 @@ fn main() -> ExitCode {
         Command::Eval(a) => ("eval", other::eval(a)),
         Command::Predict(a) => ("predict", other::predict(a)),
         Command::Summary(a) => ("summary", other::summary(a)),
+        Command::Profile(a) => ("profile", profile::profile(a)),
         Command::Bench(a) => ("bench", other::bench(a)),
         Command::Launch(a) => return launch::main(a.args),
     };

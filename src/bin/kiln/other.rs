@@ -1,4 +1,5 @@
-//! `kiln eval`, `kiln predict`, `kiln summary` and `kiln bench`.
+//! `kiln eval`, `kiln predict`, `kiln summary` and `kiln bench`, and the model resolution
+//! `summary` and `profile` share.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -14,7 +15,7 @@ use crate::data::{self, DataSource};
 use crate::models::{self, ZOO};
 use crate::{BenchArgs, CmdResult, EvalArgs, PredictArgs, SummaryArgs};
 
-fn device(s: &str) -> Result<Device, String> {
+pub fn device(s: &str) -> Result<Device, String> {
     s.parse().map_err(|e: kiln::Error| format!("--device: {e}"))
 }
 
@@ -209,27 +210,40 @@ pub fn predict(a: PredictArgs) -> CmdResult {
     Ok(())
 }
 
-pub fn summary(a: SummaryArgs) -> CmdResult {
-    if a.batch == Some(0) {
-        return Err("--batch: must be at least 1".into());
-    }
-    let model = if let Some(b) = models::zoo(&a.model, a.batch.unwrap_or(1), a.classes) {
-        b.build().map_err(|e| format!("{}: {e}", a.model))?
-    } else if a.model.ends_with(".toml") {
-        ModelSpec::read(&a.model).and_then(|s| s.build(a.batch)).map_err(|e| e.to_string())?
-    } else if Path::new(&a.model).exists() {
-        let (m, _, _) = models::load_model(Path::new(&a.model))?;
-        match a.batch {
-            // The summary's memory figures use the builder's batch size: rebuild at `b`.
+/// The model a `summary`/`profile` argument names: a zoo name, a spec file (.toml), a kiln model
+/// file or a run folder; built (or rebuilt) at `batch` when given.
+pub fn any_model(name: &str, batch: Option<usize>, classes: usize) -> Result<Model, String> {
+    Ok(if let Some(b) = models::zoo(name, batch.unwrap_or(1), classes) {
+        b.build().map_err(|e| format!("{name}: {e}"))?
+    } else if name.ends_with(".toml") {
+        ModelSpec::read(name).and_then(|s| s.build(batch)).map_err(|e| e.to_string())?
+    } else if Path::new(name).exists() {
+        let (m, _, _) = models::load_model(Path::new(name))?;
+        match batch {
+            // The summary's memory figures use the builder's batch size: rebuild at `b`,
+            // keeping the weights.
             Some(b) => {
                 let spec = m.to_spec().map_err(|e| e.to_string())?;
-                ModelSpec::parse(&spec, &a.model).and_then(|s| s.build(Some(b))).map_err(|e| e.to_string())?
+                let mut rebuilt =
+                    ModelSpec::parse(&spec, name).and_then(|s| s.build(Some(b))).map_err(|e| e.to_string())?;
+                for p in m.params() {
+                    let v = m.param(&p.name).ok_or_else(|| format!("{name}: no parameter {}", p.name))?.to_vec();
+                    rebuilt.set_param(&p.name, &v).map_err(|e| e.to_string())?;
+                }
+                rebuilt
             }
             None => m,
         }
     } else {
-        return Err(format!("{}: no such file, and not a zoo name ({ZOO})", a.model));
-    };
+        return Err(format!("{name}: no such file, and not a zoo name ({ZOO})"));
+    })
+}
+
+pub fn summary(a: SummaryArgs) -> CmdResult {
+    if a.batch == Some(0) {
+        return Err("--batch: must be at least 1".into());
+    }
+    let model = any_model(&a.model, a.batch, a.classes)?;
     if a.spec {
         print!("{}", model.to_spec().map_err(|e| e.to_string())?);
     } else {
