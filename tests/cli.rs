@@ -83,6 +83,13 @@ fn check_report(path: &Path) -> Value {
         }
     }
     assert_eq!(pngs, 6, "loss, accuracy, learning rate, confusion, ROC, PR");
+    // The per-layer profile names the model's layers.
+    let profile = &html[html.find("<h2>Profile</h2>").expect("the report has a profile")..];
+    assert!(
+        profile.contains("conv2d_1") && profile.contains("sum of layers"),
+        "{}",
+        &profile[..400.min(profile.len())]
+    );
     let start = html.find("id=\"kiln-series\">").unwrap() + "id=\"kiln-series\">".len();
     let end = start + html[start..].find("</script>").unwrap();
     serde_json::from_str(&html[start..end]).unwrap()

@@ -333,6 +333,9 @@ pub fn train(a: TrainArgs) -> CmdResult {
     if let Some(a) = val_acc {
         facts.push((format!("accuracy on the {}", loaded.val_name), format!("{:.2}%", a * 100.0)));
     }
+    // The per-layer profile of the trained model at the training batch size (a few passes on
+    // random inputs; parameters are left as they are).
+    let profile = trainer.executor().profile(cfg.batch, 5).map_err(|e| format!("profiling the model: {e}"))?;
     let report = Report {
         title: cfg.name.clone(),
         facts,
@@ -342,7 +345,7 @@ pub fn train(a: TrainArgs) -> CmdResult {
         class_names: loaded.classes.clone(),
         summary: model.summary(),
         config: toml::to_string(&cfg).unwrap_or_default(),
-        profile: None,
+        profile: Some(profile.to_string()),
     };
     let html = report.render().map_err(|e| e.to_string())?;
     let report_path = dir.join("report.html");
