@@ -50,6 +50,9 @@
 //! an unreadable file, a NaN in the data) is an [`Error`] naming the layer, sample, field or
 //! path; nothing a user passes in makes kiln panic or abort.
 
+// Every public item says what it is (clippy's -D warnings makes a missing doc an error).
+#![warn(missing_docs)]
+
 pub mod backend;
 pub mod data;
 pub mod dist;
