@@ -118,6 +118,10 @@ pub struct TrainArgs {
     /// Device: auto (a GPU when usable, else the CPU), cpu, cuda, cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Precision: f32, or tf32 (on CUDA, convolutions and dense layers round their inputs to
+    /// TF32 on the tensor cores, as PyTorch's `allow_tf32`; about 1e-3 relative).
+    #[arg(long, default_value = "f32")]
+    pub precision: String,
     /// Seed of the weights, the data order and augmentation.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,

@@ -46,7 +46,27 @@ pub struct RunConfig {
     pub schedule: String,
     pub augment: String,
     pub device: String,
+    /// f32, or tf32 (CUDA's TF32 tensor-core mode for convolutions and dense layers).
+    #[serde(default = "f32_name")]
+    pub precision: String,
     pub seed: u64,
+}
+
+fn f32_name() -> String {
+    "f32".into()
+}
+
+/// Whether `--precision` asks for TF32 (and is a precision kiln has).
+fn tf32(precision: &str, device: &str) -> Result<bool, String> {
+    match precision {
+        "f32" => Ok(false),
+        "tf32" if device == "cpu" => Err(
+            "--precision tf32: TF32 is a mode of NVIDIA tensor cores; on --device cpu kiln computes in f32 (use --precision f32)"
+                .into(),
+        ),
+        "tf32" => Ok(true),
+        other => Err(format!("--precision {other}: expected f32 or tf32")),
+    }
 }
 
 fn optimizer(name: &str, wd: f64) -> Result<Optimizer, String> {
@@ -153,6 +173,7 @@ fn resolve(a: &TrainArgs) -> Result<RunConfig, String> {
         schedule: a.schedule.clone().unwrap_or_else(|| r.schedule.into()),
         augment: a.augment.clone().unwrap_or_else(|| r.augment.into()),
         device: a.device.clone(),
+        precision: a.precision.clone(),
         seed: a.seed,
     })
 }
@@ -187,6 +208,7 @@ pub fn train(a: TrainArgs) -> CmdResult {
     let cfg = resolve(&a)?;
     let dir = a.runs.join(&cfg.name);
     let device: Device = cfg.device.parse().map_err(|e: kiln::Error| format!("--device: {e}"))?;
+    let tf32 = tf32(&cfg.precision, &cfg.device)?;
     let src = DataSource::parse(&cfg.data)?;
     let recipe = data::recipe(&src.kind);
     let loaded = data::load(&src, cfg.val_split, cfg.seed, cfg.image_size)?;
@@ -235,6 +257,7 @@ pub fn train(a: TrainArgs) -> CmdResult {
             schedule: schedule(&cfg.schedule, cfg.lr, steps)?,
             schedule_unit: ScheduleUnit::Batch,
             device,
+            tf32,
             seed: cfg.seed,
             ..Default::default()
         };
