@@ -18,6 +18,7 @@
 
 pub mod checkpoint;
 pub mod manager;
+pub mod onnx;
 mod safetensors;
 
 pub use checkpoint::Checkpoint;
