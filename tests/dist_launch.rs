@@ -18,6 +18,7 @@ use kiln::dist::{DataParallel, Launch};
 use kiln::model::{Model, ModelBuilder};
 use kiln::rng::Rng;
 use kiln::train::{Device, Optimizer, Trainer, TrainerConfig};
+use libtest_mimic::{Arguments, Completion, Trial};
 
 /// Set in the workers' environment: what the worker does.
 const ROLE: &str = "KILN_TEST_DP_ROLE";
@@ -114,7 +115,6 @@ fn launch(test: &str, role: &str, out: &Path, grace: Duration) -> Option<kiln::d
     Some(l.run().unwrap())
 }
 
-#[test]
 fn two_processes_train_as_one() {
     let dir = TempDir::new("dp-train");
     let Some(report) = launch("two_processes_train_as_one", "train", dir.path(), Duration::from_secs(10)) else {
@@ -139,7 +139,6 @@ fn two_processes_train_as_one() {
     println!("2 processes x batch 8 vs 1 x batch 16, sync batch norm, 20 steps: max relative difference {worst:.2e}");
 }
 
-#[test]
 fn a_worker_that_dies_makes_the_other_stop_with_an_error_naming_it() {
     let dir = TempDir::new("dp-die");
     let start = Instant::now();
@@ -161,21 +160,21 @@ fn a_worker_that_dies_makes_the_other_stop_with_an_error_naming_it() {
     assert!(err.contains("rank 0 of 2") && err.contains("rank 1 closed its connection"), "{err}");
 }
 
-/// The `kiln` binary, where it exists (a test binary copied to another machine has no `kiln`).
-fn kiln_bin() -> Option<&'static str> {
-    let exe = env!("CARGO_BIN_EXE_kiln");
-    if Path::new(exe).exists() {
-        Some(exe)
-    } else {
-        println!("skipped: {exe} is not on this machine");
-        None
-    }
+/// A test of the `kiln` binary: reported ignored where the binary is not (a test binary copied
+/// to another machine has no `kiln`), run with its path otherwise.
+fn kiln_trial(name: &str, test: fn(&str)) -> Trial {
+    Trial::ignorable_test(name, move || {
+        let exe = env!("CARGO_BIN_EXE_kiln");
+        if !Path::new(exe).exists() {
+            return Ok(Completion::ignored_with(format!("{exe} is not on this machine")));
+        }
+        test(exe);
+        Ok(Completion::Completed)
+    })
 }
 
 #[cfg(unix)]
-#[test]
-fn kiln_launch_sets_the_environment_of_every_worker() {
-    let Some(exe) = kiln_bin() else { return };
+fn kiln_launch_sets_the_environment_of_every_worker(exe: &str) {
     let out = std::process::Command::new(exe)
         .args(["launch", "--nproc", "3", "--master-port", "29999", "--"])
         .args([
@@ -205,9 +204,7 @@ fn kiln_launch_sets_the_environment_of_every_worker() {
 }
 
 #[cfg(unix)]
-#[test]
-fn kiln_launch_kills_the_rest_when_one_fails_and_exits_with_its_code() {
-    let Some(exe) = kiln_bin() else { return };
+fn kiln_launch_kills_the_rest_when_one_fails_and_exits_with_its_code(exe: &str) {
     let start = Instant::now();
     let out = std::process::Command::new(exe)
         .args(["launch", "--nproc", "3", "--grace", "0.5", "--"])
@@ -221,9 +218,7 @@ fn kiln_launch_kills_the_rest_when_one_fails_and_exits_with_its_code() {
     assert!(err.contains("killing rank 0") && err.contains("killing rank 2"), "{err}");
 }
 
-#[test]
-fn kiln_launch_refuses_bad_arguments() {
-    let Some(exe) = kiln_bin() else { return };
+fn kiln_launch_refuses_bad_arguments(exe: &str) {
     let run = |args: &[&str]| std::process::Command::new(exe).args(args).output().unwrap();
     for args in
         [&["launch", "--nproc", "x", "--", "true"][..], &["launch"], &["frobnicate"], &["launch", "--bogus", "1"]]
@@ -236,4 +231,34 @@ fn kiln_launch_refuses_bad_arguments() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot start"));
     assert!(run(&["--help"]).status.success());
     assert!(Launch::new(0, "true").run().is_err());
+}
+
+fn main() {
+    let plain = |name: &str, test: fn()| {
+        Trial::test(name, move || {
+            test();
+            Ok(())
+        })
+    };
+    #[allow(unused_mut)]
+    let mut trials = vec![
+        plain("two_processes_train_as_one", two_processes_train_as_one),
+        plain(
+            "a_worker_that_dies_makes_the_other_stop_with_an_error_naming_it",
+            a_worker_that_dies_makes_the_other_stop_with_an_error_naming_it,
+        ),
+        kiln_trial("kiln_launch_refuses_bad_arguments", kiln_launch_refuses_bad_arguments),
+    ];
+    #[cfg(unix)]
+    trials.extend([
+        kiln_trial(
+            "kiln_launch_sets_the_environment_of_every_worker",
+            kiln_launch_sets_the_environment_of_every_worker,
+        ),
+        kiln_trial(
+            "kiln_launch_kills_the_rest_when_one_fails_and_exits_with_its_code",
+            kiln_launch_kills_the_rest_when_one_fails_and_exits_with_its_code,
+        ),
+    ]);
+    libtest_mimic::run(&Arguments::from_args(), trials).exit()
 }
