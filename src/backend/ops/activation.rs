@@ -67,7 +67,8 @@ pub struct Softmax {
     pub y: BufId,
 }
 
-/// The op `SoftmaxBackward`.
+/// The gradient of [`Softmax`] from its output: `dx = y * (dy - sum(dy * y))`, the sum taken
+/// along the normalised axis.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SoftmaxBackward {
     /// Size of the outer axis.
@@ -104,7 +105,7 @@ pub struct Dropout {
     pub mask: BufId,
 }
 
-/// The op `DropoutBackward`.
+/// The gradient of [`Dropout`]: `dx = dy * mask`, with the mask the forward saved.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DropoutBackward {
     /// Number of values.

@@ -21,7 +21,8 @@ pub struct Linear {
     pub y: BufId,
 }
 
-/// The op `LinearBackward`.
+/// Gradients of [`Linear`]: `dx = dy * w` (`[m, k]`), `dw = dy^T * x` (`[n, k]`) and
+/// `db = sum of dy over rows` (`[n]`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LinearBackward {
     /// Rows (samples).

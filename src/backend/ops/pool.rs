@@ -57,7 +57,8 @@ pub struct MaxPool {
     pub argmax: BufId,
 }
 
-/// The op `MaxPoolBackward`.
+/// The gradient of [`MaxPool`]: each output's gradient goes to the input its `argmax`
+/// names (summed where windows overlap); every other input gets zero.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct MaxPoolBackward {
     /// Geometry.
@@ -70,7 +71,8 @@ pub struct MaxPoolBackward {
     pub dx: GradOut,
 }
 
-/// The op `AvgPool`.
+/// Average pooling: each output is the mean of its window (divided by the whole window with
+/// `count_include_pad`, else by the values inside the input).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AvgPool {
     /// Geometry.
@@ -83,7 +85,8 @@ pub struct AvgPool {
     pub y: BufId,
 }
 
-/// The op `AvgPoolBackward`.
+/// The gradient of [`AvgPool`]: each output's gradient is spread evenly over its window's
+/// inputs, with the forward's divisor.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AvgPoolBackward {
     /// Geometry.
