@@ -2,7 +2,9 @@
 
 use super::{assert_close, kiln_forward, random_input, tract_forward};
 use kiln::io::onnx::OnnxOptions;
-use kiln::model::{BatchNorm, Conv2d, Linear, Model, ModelBuilder, ParamRole, Pool2d, branch};
+use kiln::model::{
+    BatchNorm, Conv2d, ConvTranspose2d, GroupNorm, Layer, Linear, Model, ModelBuilder, ParamRole, Pool2d, branch,
+};
 use kiln::rng::Rng;
 use kiln::zoo;
 
@@ -22,6 +24,19 @@ fn perturb_stats(model: &mut Model, seed: u64) {
                     }
                 })
                 .collect();
+        model.set_param(&name, &v).unwrap();
+    }
+    // GroupNorm's scale and shift away from 1 and 0, so that exporting each one is checked.
+    let mut rng = Rng::new(seed + 1);
+    let affine: Vec<(String, usize, ParamRole)> = model
+        .params()
+        .iter()
+        .filter(|p| matches!(model.nodes()[p.node].layer, Layer::GroupNorm(_)))
+        .map(|p| (p.name.clone(), p.len(), p.role))
+        .collect();
+    for (name, n, role) in affine {
+        let (lo, hi) = if role == ParamRole::Weight { (0.5, 1.5) } else { (-0.2, 0.2) };
+        let v: Vec<f32> = (0..n).map(|_| rng.uniform_range(lo, hi)).collect();
         model.set_param(&name, &v).unwrap();
     }
 }
@@ -114,6 +129,37 @@ fn corpus() -> Vec<(&'static str, ModelBuilder)> {
                 .dense(8)
                 .batch_norm()
                 .relu()
+                .dense(3),
+        ),
+        (
+            // Images (affine, not affine with another eps, one channel per group) and features.
+            "group_norm",
+            img()
+                .conv2d(6, 3)
+                .group_norm(3)
+                .relu()
+                .group_norm_with(GroupNorm::new(2).eps(1e-3).affine(false))
+                .group_norm(6)
+                .flatten()
+                .dense(8)
+                .group_norm(4)
+                .dense(3),
+        ),
+        (
+            "conv_transpose",
+            img()
+                .conv_transpose2d_with(ConvTranspose2d::new(4, 3).stride(2).padding(1).output_padding(1))
+                .relu()
+                .conv_transpose2d_with(
+                    ConvTranspose2d::new(6, 3)
+                        .kernel_hw(3, 2)
+                        .stride_hw(1, 2)
+                        .padding_hw(2, 0)
+                        .dilation(2)
+                        .groups(2)
+                        .bias(false),
+                )
+                .global_avg_pool()
                 .dense(3),
         ),
         (

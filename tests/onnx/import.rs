@@ -27,8 +27,19 @@ fn io(path: &Path) -> (Tensor, Vec<usize>, Vec<f32>) {
     (Tensor::new(&io.input_shape, io.input).unwrap(), io.output_shape, io.output)
 }
 
-const MODELS: [&str; 9] =
-    ["simple", "advanced", "multiscale", "mnist", "cifar", "resnet18_cifar", "resnet18_tv", "inception", "corpus"];
+const MODELS: [&str; 11] = [
+    "simple",
+    "advanced",
+    "multiscale",
+    "mnist",
+    "cifar",
+    "resnet18_cifar",
+    "resnet18_tv",
+    "inception",
+    "corpus",
+    "groupnorm",
+    "convtranspose",
+];
 
 fn files(model: &str) -> Vec<String> {
     let mut v: Vec<String> =
@@ -84,6 +95,73 @@ fn imports_keep_pytorchs_names_and_layers() {
     }
 }
 
+#[test]
+fn pytorch_group_norm_imports_as_group_norm_layers() {
+    // make_fixtures.py's GroupNorms: GroupNorm(4, 8), GroupNorm(2, 8, eps 1e-3, affine=False),
+    // InstanceNorm2d(8, affine) (8 groups of one channel), GroupNorm(3, 12) on [batch, 12].
+    for file in files("groupnorm") {
+        let m = Model::from_onnx(fixtures().join(&file)).unwrap();
+        let norms: Vec<(usize, f32)> = m
+            .nodes()
+            .iter()
+            .filter_map(|n| match &n.layer {
+                Layer::GroupNorm(g) => Some((g.groups, g.eps)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(norms, [(4, 1e-5), (2, 1e-3), (8, 1e-5), (3, 1e-5)], "{file}");
+        // Each Mul and Add by the per-channel weight and bias is folded into its layer.
+        let kinds: Vec<&str> = m.nodes().iter().map(|n| n.layer.type_name()).collect();
+        assert!(!kinds.contains(&"add"), "{file}: {kinds:?}");
+    }
+    // The TorchScript exporter keeps PyTorch's names where the parameter is used as it is.
+    let m = Model::from_onnx(fixtures().join("groupnorm-legacy-op18.onnx")).unwrap();
+    for name in ["gn3.weight", "gn3.bias", "inorm.weight"] {
+        assert!(m.param(name).is_some(), "{name}: {:?}", m.params().iter().map(|p| &p.name).collect::<Vec<_>>());
+    }
+}
+
+#[test]
+fn instance_norm_that_is_not_a_group_norm_is_refused_by_name() {
+    // InstanceNormalization over a [C, H, W] value viewed as [H*W, C]: not groups of channels.
+    let m = kiln::model::ModelBuilder::new(&[1, 4, 3, 3]).conv2d(6, 1).build().unwrap();
+    let bytes = m.to_onnx_bytes(&OnnxOptions::default()).unwrap();
+    let mut proto = <tract_onnx::pb::ModelProto as prost::Message>::decode(&bytes[..]).unwrap();
+    let graph = proto.graph.as_mut().unwrap();
+    let conv_out = graph.node[0].output[0].clone();
+    let out = graph.output[0].name.clone();
+    graph.node[0].output[0] = "conv".into();
+    let i64s = |name: &str, v: &[i64]| tract_onnx::pb::TensorProto {
+        name: name.into(),
+        dims: vec![v.len() as i64],
+        data_type: 7,
+        int64_data: v.to_vec(),
+        ..Default::default()
+    };
+    let f32s = |name: &str, v: &[f32]| tract_onnx::pb::TensorProto {
+        name: name.into(),
+        dims: vec![v.len() as i64],
+        data_type: 1,
+        float_data: v.to_vec(),
+        ..Default::default()
+    };
+    graph.initializer.extend([i64s("rows", &[0, 9, -1]), f32s("ones", &[1.0; 9]), f32s("zeros", &[0.0; 9])]);
+    let node = |op: &str, name: &str, ins: &[&str], out: &str| tract_onnx::pb::NodeProto {
+        op_type: op.into(),
+        name: name.into(),
+        input: ins.iter().map(|s| s.to_string()).collect(),
+        output: vec![out.into()],
+        ..Default::default()
+    };
+    graph.node.push(node("Reshape", "rows", &["conv", "rows"], "r"));
+    graph.node.push(node("InstanceNormalization", "odd_norm", &["r", "ones", "zeros"], "n"));
+    graph.node.push(node("Flatten", "flat", &["n"], &out));
+    assert_ne!(conv_out, "");
+    let bytes = prost::Message::encode_to_vec(&proto);
+    let err = Model::from_onnx_bytes(&bytes, "odd.onnx").unwrap_err().to_string();
+    assert!(err.contains("odd_norm") && err.contains("InstanceNormalization"), "{err}");
+}
+
 /// The model of fixture `file` after one Adam step.
 pub fn fine_tuned(file: &str) -> Model {
     let m = Model::from_onnx(fixtures().join(file)).unwrap();
@@ -126,9 +204,14 @@ fn fine_tune_and_export(file: &str) {
 
 #[test]
 fn imported_models_fine_tune_and_export_again() {
-    for file in
-        ["resnet18_tv-dynamo-op18.onnx", "resnet18_cifar-legacy-op13.onnx", "mnist-legacy-op18.onnx", "gometal.onnx"]
-    {
+    for file in [
+        "resnet18_tv-dynamo-op18.onnx",
+        "resnet18_cifar-legacy-op13.onnx",
+        "mnist-legacy-op18.onnx",
+        "gometal.onnx",
+        "groupnorm-dynamo-op18.onnx",
+        "convtranspose-legacy-op13.onnx",
+    ] {
         fine_tune_and_export(file);
     }
 }

@@ -10,12 +10,15 @@
 //! kiln summary net.toml
 //! kiln profile resnet18 --batch 64 --device cuda
 //! kiln bench --models resnet18 --batches 64
+//! kiln export runs/mnist mnist.onnx --opset 18
+//! kiln import resnet.onnx resnet.safetensors
 //! kiln launch --nproc 2 -- target/release/examples/my_training --epochs 3
 //! ```
 
 mod data;
 mod launch;
 mod models;
+mod onnx;
 mod other;
 mod profile;
 mod run;
@@ -50,6 +53,10 @@ enum Command {
     Profile(ProfileArgs),
     /// Time whole training steps of zoo models (milliseconds per step, images/s, peak memory).
     Bench(BenchArgs),
+    /// Write a model's inference graph as an ONNX file (for ONNX Runtime, TensorRT, OpenVINO).
+    Export(ExportArgs),
+    /// Read an ONNX file (exported by PyTorch, go-metal or kiln) into a trainable kiln model file.
+    Import(ImportArgs),
     /// Start the workers of a data-parallel job (`kiln launch --help`).
     #[command(disable_help_flag = true)]
     Launch(LaunchArgs),
@@ -226,6 +233,30 @@ pub struct BenchArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// A kiln model file, or a run folder (its model.safetensors; class names and preprocessing
+    /// from model.json go into the file's metadata).
+    pub model: PathBuf,
+    /// The ONNX file to write.
+    pub out: PathBuf,
+    /// ONNX operator set: 13 to 20 (GELU is written as `Gelu` from 20, as its formula below).
+    #[arg(long, default_value_t = 18, value_parser = clap::value_parser!(i64).range(13..=20))]
+    pub opset: i64,
+    /// Fix the batch dimension to the model's batch size (default: symbolic, any batch size).
+    #[arg(long)]
+    pub static_batch: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ImportArgs {
+    /// The ONNX file (all of its initializers inside it, or external data beside it).
+    pub file: PathBuf,
+    /// The kiln model file to write (for `kiln eval/predict/train --model`); model.json goes
+    /// beside it when the file was written by `kiln export` from a run.
+    pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
 pub struct LaunchArgs {
     /// The launcher's options, `--`, the program and its arguments.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
@@ -244,6 +275,8 @@ fn main() -> ExitCode {
         Command::Summary(a) => ("summary", other::summary(a)),
         Command::Profile(a) => ("profile", profile::profile(a)),
         Command::Bench(a) => ("bench", other::bench(a)),
+        Command::Export(a) => ("export", onnx::export(a)),
+        Command::Import(a) => ("import", onnx::import(a)),
         Command::Launch(a) => return launch::main(a.args),
     };
     match result {

@@ -2,7 +2,7 @@
 //!
 //! One ONNX node per kiln layer where ONNX has the operator, named after the layer, and its
 //! output tensor carries the layer's name too; a layer that needs several ONNX nodes (SiLU,
-//! GELU before opset 20, global average pooling, a dense layer on a 4-D input) names the extra
+//! GELU before opset 20, global average pooling, group norm, a dense layer on a 4-D input) names the extra
 //! nodes `{layer}/{part}`. Weights are initializers under their PyTorch `state_dict` names
 //! (`conv1.weight`), as raw little-endian bytes. What evaluation does is what the graph does:
 //! batch norm with its running statistics, dropout gone (its output is its input).
@@ -14,7 +14,7 @@ use super::proto::{
 };
 use super::{OnnxOptions, ir_version_for};
 use crate::model::shape::resolve_conv;
-use crate::model::{Activation, Layer, Model, ParamRole, Pool2d};
+use crate::model::{Activation, GroupNorm, Layer, Model, ParamRole, Pool2d};
 use crate::{Error, Result};
 
 /// An attribute of a node, with its type written (proto3 writers such as go-metal omit it).
@@ -145,6 +145,51 @@ impl Writer<'_> {
         ]
     }
 
+    /// GroupNorm as PyTorch's exporters write it (both, opsets 13 to 20): `Reshape` to
+    /// `[N, groups, -1]`, `InstanceNormalization` with unit scale and zero bias (each group is one
+    /// "instance"), `Reshape` back, then the per-channel `Mul` and `Add` when affine. ONNX's own
+    /// `GroupNormalization` (opset 18) has a per-group scale and bias, per-channel only from
+    /// opset 21, so it cannot hold PyTorch's or kiln's affine parameters below that.
+    fn group_norm(&mut self, i: usize, gn: &GroupNorm, x: &str, in_shape: &[usize]) -> Result<()> {
+        let name = self.model.nodes()[i].name.clone();
+        let p = |s: &str| format!("{name}/{s}");
+        let (c, g) = (in_shape[0], gn.groups);
+        let grouped = self.int64_constant(format!("{name}.group_shape"), &[0, g as i64, -1]);
+        self.nodes.push(node("Reshape", &p("group"), &[x, &grouped], &[&p("group")], vec![]));
+        let ones = self.constant(format!("{name}.group_scale"), &[g], &vec![1.0; g]);
+        let zeros = self.constant(format!("{name}.group_bias"), &[g], &vec![0.0; g]);
+        let attrs = vec![attr_float("epsilon", gn.eps)];
+        self.nodes.push(node("InstanceNormalization", &p("norm"), &[&p("group"), &ones, &zeros], &[&p("norm")], attrs));
+        // 0 keeps the batch dimension (Reshape's `allowzero` is 0).
+        let mut back = vec![0i64];
+        back.extend(in_shape.iter().map(|&d| d as i64));
+        let back = self.int64_constant(format!("{name}.shape"), &back);
+        if !gn.affine {
+            self.nodes.push(node("Reshape", &name, &[&p("norm"), &back], &[&name], vec![]));
+            return Ok(());
+        }
+        self.nodes.push(node("Reshape", &p("ungroup"), &[&p("norm"), &back], &[&p("ungroup")], vec![]));
+        // The [C] parameters as [C, 1, 1] for a [N, C, H, W] input, so they broadcast per channel.
+        let mut dims = vec![c];
+        dims.extend(vec![1; in_shape.len() - 1]);
+        let m = self.model;
+        let mut param = |role| -> Result<String> {
+            let k = m.params().iter().position(|s| s.node == i && s.role == role);
+            let k = k.ok_or_else(|| Error::layer(&name, "an affine group norm has a weight and a bias"))?;
+            self.inits.push(float_tensor(&m.params()[k].name, &dims, &m.param_values()[k]));
+            Ok(m.params()[k].name.clone())
+        };
+        let (w, b) = (param(ParamRole::Weight)?, param(ParamRole::Bias)?);
+        self.nodes.push(node("Mul", &p("scale"), &[&p("ungroup"), &w], &[&p("scale")], vec![]));
+        self.nodes.push(node("Add", &name, &[&p("scale"), &b], &[&name], vec![]));
+        Ok(())
+    }
+
+    fn int64_constant(&mut self, name: String, values: &[i64]) -> String {
+        self.inits.push(int64_tensor(&name, &[values.len()], values));
+        name
+    }
+
     /// Appends the ONNX nodes for kiln node `i`; returns the tensor holding its output.
     fn layer(&mut self, i: usize) -> Result<String> {
         let m = self.model;
@@ -176,6 +221,24 @@ impl Writer<'_> {
                     attr_int("group", c.groups as i64),
                 ];
                 self.nodes.push(node("Conv", name, &inputs, &[&out], attrs));
+            }
+            Layer::ConvTranspose2d(c) => {
+                let w = self.param(i, ParamRole::Weight).expect("a transposed convolution has a weight");
+                let b = self.param(i, ParamRole::Bias);
+                let mut inputs = vec![x, w.as_str()];
+                if let Some(b) = &b {
+                    inputs.push(b);
+                }
+                let (ph, pw) = (c.padding.0 as i64, c.padding.1 as i64);
+                let attrs = vec![
+                    attr_ints("kernel_shape", &[c.kernel.0 as i64, c.kernel.1 as i64]),
+                    attr_ints("strides", &[c.stride.0 as i64, c.stride.1 as i64]),
+                    attr_ints("pads", &[ph, pw, ph, pw]),
+                    attr_ints("output_padding", &[c.output_padding.0 as i64, c.output_padding.1 as i64]),
+                    attr_ints("dilations", &[c.dilation.0 as i64, c.dilation.1 as i64]),
+                    attr_int("group", c.groups as i64),
+                ];
+                self.nodes.push(node("ConvTranspose", name, &inputs, &[&out], attrs));
             }
             Layer::Linear(_) => {
                 // kiln's dense layer flattens its input itself; Gemm needs a matrix.
@@ -257,6 +320,7 @@ impl Writer<'_> {
                 let attrs = vec![attr_float("epsilon", bn.eps), attr_float("momentum", 1.0 - bn.momentum)];
                 self.nodes.push(node("BatchNormalization", name, &[x, &scale, &bias, &mean, &var], &[&out], attrs));
             }
+            Layer::GroupNorm(gn) => self.group_norm(i, gn, x, in_shape)?,
             Layer::MaxPool2d(p) => push("MaxPool", name, &[x], &out, Self::pool_attrs(p)),
             Layer::AvgPool2d(p) => {
                 let mut attrs = Self::pool_attrs(p);
@@ -315,6 +379,9 @@ pub(super) fn to_proto(model: &Model, options: &OnnxOptions) -> Result<ModelProt
     if let Some(names) = &options.class_names {
         let json = serde_json::to_string(names).map_err(|e| Error::Model(format!("class names: {e}")))?;
         metadata.push(StringStringEntryProto { key: Some("kiln.class_names".into()), value: Some(json) });
+    }
+    for (k, v) in &options.metadata {
+        metadata.push(StringStringEntryProto { key: Some(k.clone()), value: Some(v.clone()) });
     }
     let graph = GraphProto {
         name: Some(options.graph_name.clone()),

@@ -20,16 +20,12 @@
 //! input may be the 4-D convolution output (go-metal's dense flattens), and batch norm's
 //! `momentum` is in PyTorch's convention.
 
-use std::collections::{HashMap, HashSet};
-use std::path::Path;
-
-use super::proto::{NodeProto, ValueInfoProto, tensor_shape_proto::dimension::Value as DimValue, type_proto};
+use super::proto::NodeProto;
 use super::read::{
-    self, Attrs, Const, ConstData, check_auto_pad, ints_usize, node_label, pair, sanitize_name, symmetric_pads,
-    transpose,
+    self, Attrs, Const, ConstData, check_auto_pad, ints_usize, pair, sanitize_name, symmetric_pads, transpose,
 };
-use crate::model::{Activation, BatchNorm, Conv2d, Layer, Linear, Model, Node, Padding, ParamRole, Pool2d};
-use crate::{Error, Result};
+use crate::model::{Activation, Conv2d, ConvTranspose2d, Layer, Linear, Node, Padding, ParamRole, Pool2d};
+use std::collections::{HashMap, HashSet};
 
 /// The operators kiln imports (some only in the patterns `import.rs` describes).
 pub(super) const SUPPORTED_OPS: &[&str] = &[
@@ -46,6 +42,7 @@ pub(super) const SUPPORTED_OPS: &[&str] = &[
     "Transpose",
     "Reshape",
     "Conv",
+    "ConvTranspose",
     "Gemm",
     "MatMul",
     "Add",
@@ -61,6 +58,7 @@ pub(super) const SUPPORTED_OPS: &[&str] = &[
     "Gelu",
     "Softmax",
     "BatchNormalization",
+    "InstanceNormalization",
     "MaxPool",
     "AveragePool",
     "GlobalAveragePool",
@@ -68,7 +66,7 @@ pub(super) const SUPPORTED_OPS: &[&str] = &[
     "Flatten",
 ];
 
-const UNSUPPORTED: &str = "this operator is not supported";
+pub(super) const UNSUPPORTED: &str = "this operator is not supported";
 
 pub(super) type Res<T> = std::result::Result<T, String>;
 
@@ -129,26 +127,40 @@ impl Params {
         Params(Vec::new())
     }
 
-    fn insert(&mut self, role: ParamRole, v: Vec<f32>) {
+    pub(super) fn insert(&mut self, role: ParamRole, v: Vec<f32>) {
         self.0.retain(|(r, _)| *r != role);
         self.0.push((role, v));
     }
 
-    fn get(&self, role: &ParamRole) -> Option<&Vec<f32>> {
+    pub(super) fn get(&self, role: &ParamRole) -> Option<&Vec<f32>> {
         self.0.iter().find(|(r, _)| r == role).map(|(_, v)| v)
+    }
+
+    pub(super) fn get_mut(&mut self, role: &ParamRole) -> Option<&mut Vec<f32>> {
+        self.0.iter_mut().find(|(r, _)| r == role).map(|(_, v)| v)
     }
 }
 
+/// The import's state: what each ONNX tensor is, and the kiln layers made so far.
 pub(super) struct Importer<'a> {
-    go_metal: bool,
+    /// The file is go-metal's (see the module comment).
+    pub go_metal: bool,
     /// The batch size fixed in the input's shape, if it is.
     pub fixed_batch: Option<usize>,
+    /// Each ONNX tensor's meaning, by name.
     pub vals: HashMap<String, Val>,
+    /// The kiln layers made so far (node 0 is the input).
     pub nodes: Vec<Node>,
-    params: Vec<Params>,
-    names: HashSet<String>,
+    /// Their parameters, by role (index as `nodes`).
+    pub params: Vec<Params>,
+    /// The layer names taken.
+    pub names: HashSet<String>,
     /// How many nodes (and graph outputs) read each tensor.
-    uses: HashMap<&'a str, usize>,
+    pub uses: HashMap<&'a str, usize>,
+    /// For each kiln node, how many of those reads were by nodes whose output is the same
+    /// kiln node (a reshape of its ONNX shape, an identity, a bias folded into it): such a read
+    /// is not another consumer of the value.
+    pub alias_reads: HashMap<usize, usize>,
 }
 
 impl<'a> Importer<'a> {
@@ -173,14 +185,14 @@ impl<'a> Importer<'a> {
         }
     }
 
-    fn act(&self, node: &NodeProto, k: usize) -> Res<(usize, Vec<usize>)> {
+    pub(super) fn act(&self, node: &NodeProto, k: usize) -> Res<(usize, Vec<usize>)> {
         match self.input(node, k)? {
             Val::Act { node, shape } => Ok((node, shape)),
             _ => Err(format!("input {k} must be computed from the model's input, not a constant")),
         }
     }
 
-    fn weight(&self, node: &NodeProto, k: usize, what: &str) -> Res<Const> {
+    pub(super) fn weight(&self, node: &NodeProto, k: usize, what: &str) -> Res<Const> {
         match self.input(node, k)? {
             Val::Const(c) if c.floats().is_some() => Ok(c),
             _ => Err(format!("{what} (input {k}) must be a float constant (an initializer)")),
@@ -212,7 +224,7 @@ impl<'a> Importer<'a> {
     }
 
     /// A kiln node holding activation `(node, shape)` in exactly the ONNX shape.
-    fn exact(&mut self, node: usize, shape: &[usize]) -> Res<usize> {
+    pub(super) fn exact(&mut self, node: usize, shape: &[usize]) -> Res<usize> {
         if self.nodes[node].shape == shape {
             return Ok(node);
         }
@@ -221,16 +233,24 @@ impl<'a> Importer<'a> {
     }
 
     pub fn set(&mut self, node: &NodeProto, k: usize, v: Val) {
+        if let Val::Act { node: n, .. } = v {
+            let reads = node
+                .input
+                .iter()
+                .filter(|i| matches!(self.vals.get(i.as_str()), Some(Val::Act { node: m, .. }) if *m == n))
+                .count();
+            *self.alias_reads.entry(n).or_default() += reads;
+        }
         if let Some(o) = node.output.get(k).filter(|o| !o.is_empty()) {
             self.vals.insert(o.clone(), v);
         }
     }
 
-    fn used(&self, node: &NodeProto, k: usize) -> bool {
+    pub(super) fn used(&self, node: &NodeProto, k: usize) -> bool {
         node.output.get(k).is_some_and(|o| !o.is_empty() && self.uses.get(o.as_str()).copied().unwrap_or(0) > 0)
     }
 
-    fn name_for(&self, node: &NodeProto, weight_input: Option<usize>, fallback: &str) -> String {
+    pub(super) fn name_for(&self, node: &NodeProto, weight_input: Option<usize>, fallback: &str) -> String {
         if let Some(k) = weight_input
             && let Some(w) = node.input.get(k)
             && let Some(stem) = w.strip_suffix(".weight")
@@ -242,7 +262,7 @@ impl<'a> Importer<'a> {
     }
 
     /// Imports one node; its outputs are set on success.
-    fn node(&mut self, node: &NodeProto) -> Res<()> {
+    pub(super) fn node(&mut self, node: &NodeProto) -> Res<()> {
         let op = node.op_type.as_deref().unwrap_or("");
         let a = Attrs::new(node);
         let lower = op.to_ascii_lowercase();
@@ -362,6 +382,7 @@ impl<'a> Importer<'a> {
                 let shape = self.nodes[n].shape.clone();
                 self.set(node, 0, Val::Act { node: n, shape });
             }
+            "ConvTranspose" => self.conv_transpose(node, &a)?,
             "Gemm" => {
                 let (x, xs) = self.act(node, 0)?;
                 let w = self.weight(node, 1, "B")?;
@@ -455,6 +476,7 @@ impl<'a> Importer<'a> {
                 self.set(node, 0, Val::Act { node: n, shape: xs });
             }
             "BatchNormalization" => self.batch_norm(node, &a)?,
+            "InstanceNormalization" => self.instance_norm(node, &a)?,
             "MaxPool" | "AveragePool" => {
                 check_auto_pad(&a)?;
                 if self.used(node, 1) {
@@ -558,6 +580,55 @@ impl<'a> Importer<'a> {
         Ok(())
     }
 
+    /// `ConvTranspose` (2-D, explicit symmetric pads, `output_padding`) as kiln's
+    /// ConvTranspose2d; the weight is `[in, out / group, kh, kw]` in both.
+    fn conv_transpose(&mut self, node: &NodeProto, a: &Attrs) -> Res<()> {
+        let (x, xs) = self.act(node, 0)?;
+        let w = self.weight(node, 1, "the weight")?;
+        check_auto_pad(a)?;
+        if a.has("output_shape") {
+            return Err("output_shape is not supported (pads and output_padding are)".into());
+        }
+        if w.dims.len() != 4 {
+            return Err(format!("only 2-D transposed convolutions are supported (weight shape {:?})", w.dims));
+        }
+        let kernel = pair("kernel_shape", a.ints("kernel_shape")?, 0)?;
+        let kernel = if kernel == (0, 0) { (w.dims[2], w.dims[3]) } else { kernel };
+        if kernel != (w.dims[2], w.dims[3]) {
+            return Err(format!("kernel_shape {kernel:?} differs from the weight's {:?}", w.dims));
+        }
+        let groups = ints_usize("group", &[a.int("group", 1)?])?[0];
+        let conv = ConvTranspose2d {
+            out_channels: w.dims[1] * groups,
+            kernel,
+            stride: pair("strides", a.ints("strides")?, 1)?,
+            padding: symmetric_pads(a.ints("pads")?)?,
+            output_padding: pair("output_padding", a.ints("output_padding")?, 0)?,
+            dilation: pair("dilations", a.ints("dilations")?, 1)?,
+            groups,
+            bias: false,
+        };
+        let x = self.exact(x, &xs)?;
+        if self.nodes[x].shape.len() != 3 || self.nodes[x].shape[0] != w.dims[0] {
+            return Err(format!("weight {:?} does not fit input {:?}", w.dims, self.nodes[x].shape));
+        }
+        let mut p = Params::new();
+        p.insert(ParamRole::Weight, w.floats().unwrap_or_default().to_vec());
+        let conv = match self.opt_input(node, 2)? {
+            None => conv,
+            Some(Val::Const(c)) if c.floats().is_some() && c.len() == conv.out_channels => {
+                p.insert(ParamRole::Bias, c.floats().unwrap_or_default().to_vec());
+                ConvTranspose2d { bias: true, ..conv }
+            }
+            Some(_) => return Err(format!("the bias must be a float constant of {} values", conv.out_channels)),
+        };
+        let name = self.name_for(node, Some(1), "conv_transpose");
+        let n = self.add(&name, Layer::ConvTranspose2d(conv), vec![x], p)?;
+        let shape = self.nodes[n].shape.clone();
+        self.set(node, 0, Val::Act { node: n, shape });
+        Ok(())
+    }
+
     /// Whether every input of `node` is a constant or a shape value (so it can be folded).
     fn all_static(&self, node: &NodeProto) -> bool {
         node.input
@@ -639,6 +710,9 @@ impl<'a> Importer<'a> {
     /// `x + c` where `x` is a dense layer or convolution without bias that nothing else reads
     /// and `c` fits as its bias: the bias is set on that layer.
     fn fuse_bias(&mut self, node: &NodeProto, x: usize, shape: Vec<usize>, c: &Const) -> Res<()> {
+        if self.fold_norm_shift(node, x, &shape, c)? {
+            return Ok(());
+        }
         let single_use = self.producer_uses(x) <= 1;
         let f = c.floats().ok_or("the added constant must be float")?;
         let ok = match &mut self.nodes[x].layer {
@@ -662,17 +736,23 @@ impl<'a> Importer<'a> {
         Ok(())
     }
 
-    /// How many ONNX reads there are of kiln node `x`'s tensors (through aliases too).
-    fn producer_uses(&self, x: usize) -> usize {
-        self.vals
+    /// How many ONNX nodes (and graph outputs) read kiln node `x`'s value, through any of its
+    /// tensors, not counting reads that only rename or reshape it.
+    pub(super) fn producer_uses(&self, x: usize) -> usize {
+        let reads: usize = self
+            .vals
             .iter()
             .filter(|(_, v)| matches!(v, Val::Act { node, .. } if *node == x))
             .map(|(k, _)| self.uses.get(k.as_str()).copied().unwrap_or(0))
-            .sum()
+            .sum();
+        reads.saturating_sub(self.alias_reads.get(&x).copied().unwrap_or(0))
     }
 
     fn mul_node(&mut self, node: &NodeProto, name: &str) -> Res<()> {
         let (p, q) = (self.input(node, 0)?, self.input(node, 1)?);
+        if self.fold_norm_scale(node, &p, &q)? {
+            return Ok(());
+        }
         if let (Val::Act { node: a, shape: sa }, Val::Act { node: b, shape: sb }) = (&p, &q) {
             // x * sigmoid(x) is SiLU.
             for (x, s, xs) in [(*a, *b, sa), (*b, *a, sb)] {
@@ -686,220 +766,4 @@ impl<'a> Importer<'a> {
         }
         super::fold::gelu_mul(self, node, p, q)
     }
-
-    fn batch_norm(&mut self, node: &NodeProto, a: &Attrs) -> Res<()> {
-        if a.int("training_mode", 0)? != 0 || (1..node.output.len()).any(|k| self.used(node, k)) {
-            return Err("training mode (batch statistics as outputs) is not supported".into());
-        }
-        let (x, xs) = self.act(node, 0)?;
-        if xs.len() != 1 && xs.len() != 3 {
-            return Err(format!("needs a [batch, C] or [batch, C, H, W] input, got per-sample {xs:?}"));
-        }
-        let c = xs[0];
-        let mut p = Params::new();
-        for (k, role, what) in [
-            (1, ParamRole::Weight, "scale"),
-            (2, ParamRole::Bias, "B"),
-            (3, ParamRole::RunningMean, "input_mean"),
-            (4, ParamRole::RunningVar, "input_var"),
-        ] {
-            let t = self.weight(node, k, what)?;
-            if t.len() != c {
-                return Err(format!("{what} has {} values for {c} channels", t.len()));
-            }
-            p.insert(role, t.floats().unwrap_or_default().to_vec());
-        }
-        if p.get(&ParamRole::RunningVar).into_iter().flatten().any(|v| v.is_nan() || *v < 0.0) {
-            return Err("input_var has a negative or NaN value".into());
-        }
-        let momentum = a.float("momentum", 0.9)?;
-        // ONNX's momentum weighs the running statistic; PyTorch's (and go-metal's) the batch.
-        let momentum = if self.go_metal { momentum } else { 1.0 - momentum };
-        let bn = BatchNorm { eps: a.float("epsilon", 1e-5)?, momentum, affine: true, track_running_stats: true };
-        let x = self.exact(x, &xs)?;
-        let name = self.name_for(node, Some(1), "batch_norm");
-        let n = self.add(&name, Layer::BatchNorm(bn), vec![x], p)?;
-        self.set(node, 0, Val::Act { node: n, shape: xs });
-        Ok(())
-    }
-}
-
-fn input_shape(v: &ValueInfoProto) -> Res<(Option<usize>, Vec<usize>)> {
-    let Some(type_proto::Value::TensorType(t)) = v.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
-        return Err("the input is not a tensor".into());
-    };
-    if !matches!(t.elem_type, Some(1)) {
-        return Err(format!("the input must be float32 (element type {:?})", t.elem_type));
-    }
-    let dims = &t.shape.as_ref().ok_or("the input has no shape")?.dim;
-    if !(dims.len() == 2 || dims.len() == 4) {
-        return Err(format!(
-            "the input must be [batch, C, H, W] or [batch, features]; it has {} dimensions",
-            dims.len()
-        ));
-    }
-    let batch = match &dims[0].value {
-        Some(DimValue::DimValue(b)) if *b > 0 && *b <= 1 << 24 => Some(*b as usize),
-        _ => None,
-    };
-    let mut per = Vec::new();
-    for d in &dims[1..] {
-        match &d.value {
-            Some(DimValue::DimValue(v)) if *v > 0 && *v <= 1 << 24 => per.push(*v as usize),
-            _ => {
-                return Err(format!(
-                    "every input dimension but the batch must be a fixed positive size, got {:?}",
-                    d.value
-                ));
-            }
-        }
-    }
-    Ok((batch, per))
-}
-
-/// The kiln model of an ONNX file's bytes; `base` is the folder external data is read from.
-pub(super) fn from_bytes(bytes: &[u8], path: &Path, base: Option<&Path>) -> Result<Model> {
-    let proto = read::decode(bytes, path)?;
-    let graph = proto.graph.as_ref().expect("decode checks the graph");
-    let fail = |reason: String| Error::format(path, reason);
-    let mut vals = HashMap::new();
-    let mut problems = Vec::new();
-    for t in &graph.initializer {
-        let name = t.name.clone().unwrap_or_default();
-        match read::read_tensor(t, base) {
-            Ok(c) => {
-                vals.insert(name, Val::Const(c));
-            }
-            Err(e) => problems.push(format!("initializer '{name}': {e}")),
-        }
-    }
-    if !problems.is_empty() {
-        return Err(fail(problems.join("; ")));
-    }
-    let inputs: Vec<&ValueInfoProto> =
-        graph.input.iter().filter(|i| !vals.contains_key(i.name.as_deref().unwrap_or(""))).collect();
-    let [input] = inputs.as_slice() else {
-        return Err(fail(format!("kiln models have one input; the graph has {}", inputs.len())));
-    };
-    let in_name = input.name.clone().unwrap_or_default();
-    let (batch, per_sample) = input_shape(input).map_err(|e| fail(format!("input '{in_name}': {e}")))?;
-    let [output] = graph.output.as_slice() else {
-        return Err(fail(format!("kiln models have one output; the graph has {}", graph.output.len())));
-    };
-    let out_name = output.name.clone().unwrap_or_default();
-    let mut available: HashSet<String> = vals.keys().cloned().collect();
-    available.insert(in_name.clone());
-    let order = read::topological_order(&graph.node, &available).map_err(fail)?;
-    let mut uses: HashMap<&str, usize> = HashMap::new();
-    for n in &graph.node {
-        for i in &n.input {
-            *uses.entry(i.as_str()).or_default() += 1;
-        }
-    }
-    *uses.entry(out_name.as_str()).or_default() += 1;
-    let input_node_name = if in_name.is_empty() { "input".to_string() } else { in_name.clone() };
-    let mut imp = Importer {
-        go_metal: proto.producer_name.as_deref() == Some("go-metal"),
-        fixed_batch: batch,
-        vals,
-        nodes: vec![Node {
-            name: input_node_name.clone(),
-            layer: Layer::Input,
-            inputs: vec![],
-            shape: per_sample.clone(),
-        }],
-        params: vec![Params::new()],
-        names: HashSet::from([input_node_name]),
-        uses,
-    };
-    imp.vals.insert(in_name, Val::Act { node: 0, shape: per_sample.clone() });
-    for &i in &order {
-        let node = &graph.node[i];
-        if !matches!(node.domain.as_deref(), None | Some("") | Some("ai.onnx")) {
-            problems.push(format!(
-                "{}: operators of domain '{}' are not supported",
-                node_label(node, i),
-                node.domain.as_deref().unwrap_or("")
-            ));
-            continue;
-        }
-        let poisoned = node.input.iter().any(|n| matches!(imp.vals.get(n.as_str()), Some(Val::Poison)));
-        let op = node.op_type.as_deref().unwrap_or("");
-        let result = if !SUPPORTED_OPS.contains(&op) {
-            Err(UNSUPPORTED.to_string())
-        } else if poisoned {
-            // Its input is already reported; a supported operator after it is not.
-            Err(String::new())
-        } else {
-            imp.node(node)
-        };
-        if let Err(e) = result {
-            if !e.is_empty() {
-                problems.push(format!("{}: {e}", node_label(node, i)));
-            }
-            for o in &node.output {
-                imp.vals.insert(o.clone(), Val::Poison);
-            }
-        }
-    }
-    if !problems.is_empty() {
-        return Err(fail(format!(
-            "cannot import {} node{}: {}",
-            problems.len(),
-            if problems.len() == 1 { "" } else { "s" },
-            problems.join("; ")
-        )));
-    }
-    let (last, shape) = match imp.vals.get(&out_name) {
-        Some(Val::Act { node, shape }) if *node != 0 => (*node, shape.clone()),
-        _ => return Err(fail(format!("the output '{out_name}' is not computed by any layer kiln can import"))),
-    };
-    let last = imp.exact(last, &shape).map_err(|e| fail(format!("output '{out_name}': {e}")))?;
-    finish(imp, last, batch.unwrap_or(1), path)
-}
-
-/// Keeps the layers the output depends on, in order, and builds the model from them.
-fn finish(imp: Importer, last: usize, batch: usize, path: &Path) -> Result<Model> {
-    let mut live = vec![false; imp.nodes.len()];
-    live[last] = true;
-    live[0] = true;
-    for i in (0..=last).rev() {
-        if live[i] {
-            for &j in &imp.nodes[i].inputs {
-                live[j] = true;
-            }
-        }
-    }
-    let mut remap = vec![usize::MAX; imp.nodes.len()];
-    let mut nodes = Vec::new();
-    let mut kept_params = Vec::new();
-    for (i, (mut n, p)) in imp.nodes.into_iter().zip(imp.params).enumerate().take(last + 1) {
-        if !live[i] {
-            continue;
-        }
-        n.inputs = n.inputs.iter().map(|&j| remap[j]).collect();
-        remap[i] = nodes.len();
-        nodes.push(n);
-        kept_params.push(p);
-    }
-    let mut input_shape = vec![batch];
-    input_shape.extend_from_slice(&nodes[0].shape);
-    let specs = Model::check_saved_graph(&nodes, &input_shape)?;
-    let mut values = Vec::with_capacity(specs.len());
-    for s in &specs {
-        let v = kept_params[s.node]
-            .get(&s.role)
-            .ok_or_else(|| Error::format(path, format!("parameter '{}' has no value in the file", s.name)))?;
-        if v.len() != s.len() {
-            return Err(Error::format(
-                path,
-                format!("parameter '{}' has {} values for shape {:?}", s.name, v.len(), s.shape),
-            ));
-        }
-        if v.iter().any(|x| !x.is_finite()) {
-            return Err(Error::format(path, format!("parameter '{}' has a non-finite value", s.name)));
-        }
-        values.push(v.clone());
-    }
-    Ok(Model::from_saved(nodes, specs, values, batch, 0))
 }

@@ -12,13 +12,16 @@
 //!   error listing every such node, never a partial model.
 //!
 //! `proto.rs` is generated from `onnx.proto` (`scripts/onnx-proto/generate.sh`); `read.rs`
-//! checks and decodes what a file holds (tensors, attributes, the graph's order), `import.rs`
-//! turns ONNX nodes into kiln layers, `export.rs` does the reverse. Every size read from a file is
+//! checks and decodes what a file holds (tensors, attributes, the graph's order), `graph.rs`
+//! drives the import, `import.rs` turns ONNX nodes into kiln layers (`norm.rs` the
+//! normalisations, `fold.rs` constants and formulas), `export.rs` does the reverse. Every size read from a file is
 //! bounded before anything is allocated from it, and a hostile file is an error, never a panic.
 
 mod export;
 mod fold;
+mod graph;
 mod import;
+mod norm;
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 mod proto;
 mod read;
@@ -49,17 +52,46 @@ pub struct OnnxOptions {
     pub class_names: Option<Vec<String>>,
     /// The graph's name (default `"kiln"`).
     pub graph_name: String,
+    /// More model metadata entries (key, value), written after kiln's own (default none).
+    pub metadata: Vec<(String, String)>,
 }
 
 impl Default for OnnxOptions {
     fn default() -> Self {
-        OnnxOptions { opset: 18, dynamic_batch: true, class_names: None, graph_name: "kiln".into() }
+        OnnxOptions {
+            opset: 18,
+            dynamic_batch: true,
+            class_names: None,
+            graph_name: "kiln".into(),
+            metadata: Vec::new(),
+        }
     }
 }
 
 /// The ONNX operators [`Model::from_onnx`] reads (`Mul`, `Div`, `Erf` only in the SiLU and GELU
 /// formulas; `Shape`, `Gather`, `Slice`, `Transpose` on constants and shapes).
 pub const SUPPORTED_OPS: &[&str] = import::SUPPORTED_OPS;
+
+/// The model metadata entries (`metadata_props`: key, value) of an ONNX file, in file order;
+/// kiln's exports have `kiln.version` and, when known, `kiln.class_names` (a JSON list).
+///
+/// ```
+/// use kiln::io::onnx::{self, OnnxOptions};
+/// use kiln::model::ModelBuilder;
+/// let model = ModelBuilder::new(&[1, 4]).dense(2).build().unwrap();
+/// let options = OnnxOptions { class_names: Some(vec!["cat".into(), "dog".into()]), ..OnnxOptions::default() };
+/// let path = std::env::temp_dir().join(format!("kiln-doc-meta-{}.onnx", std::process::id()));
+/// model.export_onnx(&path, options).unwrap();
+/// let meta = onnx::metadata(&path).unwrap();
+/// assert!(meta.contains(&("kiln.class_names".to_string(), r#"["cat","dog"]"#.to_string())));
+/// std::fs::remove_file(&path).unwrap();
+/// ```
+pub fn metadata(path: impl AsRef<Path>) -> Result<Vec<(String, String)>> {
+    let path = path.as_ref();
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let proto = read::decode(&bytes, path)?;
+    Ok(proto.metadata_props.into_iter().map(|e| (e.key.unwrap_or_default(), e.value.unwrap_or_default())).collect())
+}
 
 /// The operator sets kiln writes and reads.
 pub const SUPPORTED_OPSETS: std::ops::RangeInclusive<i64> = 13..=20;
@@ -104,12 +136,12 @@ impl Model {
     pub fn from_onnx(path: impl AsRef<Path>) -> Result<Model> {
         let path = path.as_ref();
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        import::from_bytes(&bytes, path, path.parent())
+        graph::from_bytes(&bytes, path, path.parent())
     }
 
     /// As [`Model::from_onnx`], from a file's bytes (`name` only names it in errors). External
     /// data is refused: there is no folder to read it from.
     pub fn from_onnx_bytes(bytes: &[u8], name: impl AsRef<Path>) -> Result<Model> {
-        import::from_bytes(bytes, name.as_ref(), None)
+        graph::from_bytes(bytes, name.as_ref(), None)
     }
 }
