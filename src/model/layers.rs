@@ -1,15 +1,21 @@
 //! The layer kinds a model is made of: the [`Layer`] enum here, and one home per kind in
 //! `layers/` holding its whole story: options, shape rule (`infer`), parameters (`params`,
 //! `init`), FLOPs, and lowering to ops (`forward`, `backward`). `shape.rs`, `params.rs`,
-//! `summary.rs` and `lower.rs` only dispatch to them; a new layer is a variant here, a file
-//! there and one arm in each dispatch (the exhaustive matches of `shape.rs`, `lower.rs` and
-//! `summary.rs` point at them).
+//! `summary.rs`, `lower.rs` and `spec.rs` only dispatch to them through the `LayerKind` trait
+//! each home implements. A new layer is a file there and, here, its `mod` line, its variant,
+//! its arm in `Layer::with_kind` (the one exhaustive match) and its entry in `SPEC_TYPES`.
 //!
 //! Each option struct is a small builder (`Conv2d::new(32, 3).stride(2).padding(1)`) handed to the
 //! matching `ModelBuilder::*_with` method; the short methods (`conv2d(32, 3)`) use the defaults,
 //! which are PyTorch's.
 
 use serde::{Deserialize, Serialize};
+
+use super::ParamRole;
+use super::lower::{Backward, Forward};
+use super::params::ParamDecl;
+use super::spec::{SpecTable, SpecType};
+use crate::{Error, Result};
 
 pub(crate) mod activation;
 pub(crate) mod batch_norm;
@@ -22,13 +28,18 @@ pub(crate) mod linear;
 pub(crate) mod pool;
 pub(crate) mod softmax;
 pub(crate) mod view;
-pub use activation::Activation;
-pub use batch_norm::BatchNorm;
-pub use conv_transpose2d::ConvTranspose2d;
-pub use conv2d::Conv2d;
-pub use group_norm::GroupNorm;
-pub use linear::Linear;
-pub use pool::Pool2d;
+pub use options::*;
+
+/// The option types of the layer kinds (each defined in its home), re-exported by `model`.
+pub mod options {
+    pub use super::activation::Activation;
+    pub use super::batch_norm::BatchNorm;
+    pub use super::conv_transpose2d::ConvTranspose2d;
+    pub use super::conv2d::Conv2d;
+    pub use super::group_norm::GroupNorm;
+    pub use super::linear::Linear;
+    pub use super::pool::Pool2d;
+}
 
 /// How a convolution or pooling window is padded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,45 +123,127 @@ pub enum Layer {
 impl Layer {
     /// The short type name used for automatic layer names and in summaries.
     pub fn type_name(&self) -> &'static str {
-        match self {
-            Layer::Input => "input",
-            Layer::Conv2d(_) => "conv2d",
-            Layer::ConvTranspose2d(_) => "conv_transpose2d",
-            Layer::Linear(_) => "dense",
-            Layer::Flatten => "flatten",
-            Layer::Reshape(_) => "reshape",
-            Layer::Activation(a) => a.name(),
-            Layer::Softmax { .. } => "softmax",
-            Layer::Dropout { .. } => "dropout",
-            Layer::BatchNorm(_) => "batch_norm",
-            Layer::GroupNorm(_) => "group_norm",
-            Layer::MaxPool2d(_) => "max_pool2d",
-            Layer::AvgPool2d(_) => "avg_pool2d",
-            Layer::GlobalAvgPool => "global_avg_pool",
-            Layer::Add => "add",
-            Layer::Concat => "concat",
-        }
+        self.with_kind(|k| k.type_name())
     }
 
     /// The PyTorch-style class name shown in summaries.
     pub fn display_type(&self) -> String {
+        self.with_kind(|k| k.display_type())
+    }
+
+    /// Calls `f` with this layer's kind: the one place that matches on every variant (a new
+    /// layer adds its arm here, and its spec types to `SPEC_TYPES`).
+    pub(crate) fn with_kind<R>(&self, f: impl FnOnce(&dyn LayerKind) -> R) -> R {
         match self {
-            Layer::Input => "Input".into(),
-            Layer::Conv2d(_) => "Conv2d".into(),
-            Layer::ConvTranspose2d(_) => "ConvTranspose2d".into(),
-            Layer::Linear(_) => "Linear".into(),
-            Layer::Flatten => "Flatten".into(),
-            Layer::Reshape(_) => "Reshape".into(),
-            Layer::Activation(a) => a.display_type(),
-            Layer::Softmax { axis } => format!("Softmax({axis})"),
-            Layer::Dropout { rate } => format!("Dropout({rate})"),
-            Layer::BatchNorm(_) => "BatchNorm".into(),
-            Layer::GroupNorm(g) => format!("GroupNorm({})", g.groups),
-            Layer::MaxPool2d(_) => "MaxPool2d".into(),
-            Layer::AvgPool2d(_) => "AvgPool2d".into(),
-            Layer::GlobalAvgPool => "GlobalAvgPool".into(),
-            Layer::Add => "Add".into(),
-            Layer::Concat => "Concat".into(),
+            Layer::Input => f(&Input),
+            Layer::Conv2d(c) => f(c),
+            Layer::ConvTranspose2d(c) => f(c),
+            Layer::Linear(l) => f(l),
+            Layer::Flatten => f(&view::Flatten),
+            Layer::Reshape(dims) => f(&view::Reshape(dims)),
+            Layer::Activation(a) => f(a),
+            Layer::Softmax { axis } => f(&softmax::Softmax { axis: *axis }),
+            Layer::Dropout { rate } => f(&dropout::Dropout { rate: *rate }),
+            Layer::BatchNorm(bn) => f(bn),
+            Layer::GroupNorm(gn) => f(gn),
+            Layer::MaxPool2d(p) => f(&pool::Max(p)),
+            Layer::AvgPool2d(p) => f(&pool::Avg(p)),
+            Layer::GlobalAvgPool => f(&pool::GlobalAvg),
+            Layer::Add => f(&join::Add),
+            Layer::Concat => f(&join::Concat),
         }
+    }
+}
+
+/// The spec-file types of every layer kind, in the order error messages list them (`residual`
+/// and `concat` blocks are spec.rs's own).
+pub(crate) const SPEC_TYPES: &[&[SpecType]] = &[
+    conv2d::SPEC,
+    conv_transpose2d::SPEC,
+    linear::SPEC,
+    view::SPEC,
+    activation::SPEC,
+    softmax::SPEC,
+    dropout::SPEC,
+    batch_norm::SPEC,
+    group_norm::SPEC,
+    pool::SPEC,
+];
+
+/// One layer kind's whole story, implemented in its home (`layers/<name>.rs`) and reached
+/// through [`Layer::with_kind`]: `shape.rs`, `params.rs`, `summary.rs`, `lower.rs` and
+/// `spec.rs` call these and know no layer by name.
+pub(crate) trait LayerKind {
+    /// The short type name: automatic layer names, summaries, spec files.
+    fn type_name(&self) -> &'static str;
+    /// The PyTorch-style class name shown in summaries.
+    fn display_type(&self) -> String;
+    /// Checks the size options against `MAX_OPTION` (shared by the builder and the loader).
+    fn check_options(&self, _name: &str) -> Result<()> {
+        Ok(())
+    }
+    /// The per-sample output shape for the per-sample input shapes; by default the layer takes
+    /// exactly one input and [`LayerKind::infer`] says the rest.
+    fn infer_inputs(&self, name: &str, inputs: &[&[usize]]) -> Result<Vec<usize>> {
+        match inputs {
+            [x] => self.infer(name, x),
+            _ => Err(Error::layer(name, format!("expects one input, got {}", inputs.len()))),
+        }
+    }
+    /// The shape rule of a one-input layer, with every validation error naming the layer.
+    fn infer(&self, name: &str, input: &[usize]) -> Result<Vec<usize>>;
+    /// The parameters it owns for this input shape, in PyTorch's `state_dict` order.
+    fn params(&self, _input: &[usize]) -> Vec<ParamDecl> {
+        Vec::new()
+    }
+    /// Initial values of its parameter of `role`, when not PyTorch's default
+    /// uniform(±1/√fan_in).
+    fn init(&self, _role: ParamRole, _n: usize) -> Option<Vec<f32>> {
+        None
+    }
+    /// Forward FLOPs per sample (a multiply-add counts as two), from the first input's shape,
+    /// the output's values and the number of inputs.
+    fn flops(&self, input: &[usize], out: u64, inputs: usize) -> u64;
+    /// The summary's detail column (`None`: the inputs of a join are listed).
+    fn detail(&self, _name: &str, _input: &[usize]) -> Option<String> {
+        None
+    }
+    /// Whether the output is the input's buffer seen with another shape (and so is its
+    /// gradient).
+    fn is_view(&self) -> bool {
+        false
+    }
+    /// Lowers the forward pass to ops.
+    fn forward(&self, cx: &mut Forward<'_>) -> Result<()>;
+    /// Lowers the backward pass to ops (called only when the output's gradient is needed).
+    fn backward(&self, cx: &mut Backward<'_>) -> Result<()>;
+    /// Writes its options into its spec-file table (`type` and `name` are written already).
+    fn write_spec(&self, _t: &mut SpecTable) {}
+}
+
+/// The model's input node: placed by the compiler, no rule of its own.
+struct Input;
+
+impl LayerKind for Input {
+    fn type_name(&self) -> &'static str {
+        "input"
+    }
+    fn display_type(&self) -> String {
+        "Input".into()
+    }
+    fn infer_inputs(&self, name: &str, _inputs: &[&[usize]]) -> Result<Vec<usize>> {
+        Err(Error::layer(name, "an input layer can only be the first node"))
+    }
+    fn infer(&self, name: &str, input: &[usize]) -> Result<Vec<usize>> {
+        self.infer_inputs(name, &[input])
+    }
+    fn flops(&self, _input: &[usize], _out: u64, _inputs: usize) -> u64 {
+        0
+    }
+    fn forward(&self, _cx: &mut Forward<'_>) -> Result<()> {
+        unreachable!("the compiler places the input")
+    }
+    fn backward(&self, _cx: &mut Backward<'_>) -> Result<()> {
+        Ok(())
     }
 }

@@ -7,13 +7,13 @@
 //! `dy()`, `saved(k)`, `dx(k)` and `param_grad(role)`). Nothing here allocates device memory:
 //! buffers are virtual until the whole plan is known (the compiler allocates them once).
 //!
-//! [`forward`] and [`backward`] dispatch on the layer kind to the layer's home in
-//! `model/layers/`, which holds its whole lowering. This file uses only the op descriptors of [`crate::backend::ops`], so `model` does
+//! [`forward`] and [`backward`] dispatch through the layer's kind (`Layer::with_kind`) to its
+//! home in `model/layers/`, which holds its whole lowering. This file uses only the op descriptors of [`crate::backend::ops`], so `model` does
 //! not depend on the compiler (which depends on `model`).
 
 use std::collections::HashSet;
 
-use super::{Layer, Node, ParamRole, layers};
+use super::{Layer, Node, ParamRole};
 use crate::Result;
 use crate::backend::{BufId, CounterId, DType, GradOut, Op};
 
@@ -168,50 +168,18 @@ impl Backward<'_> {
 /// Whether a layer's output is its input's buffer seen with another shape (and so is its
 /// gradient).
 pub fn is_view(layer: &Layer) -> bool {
-    layers::view::is_view(layer)
+    layer.with_kind(|k| k.is_view())
 }
 
 /// Lowers one layer's forward pass: the layer's home in `model/layers/` says how.
 pub fn forward(cx: &mut Forward) -> Result<()> {
     let node = cx.node;
-    match &node.layer {
-        Layer::Input => unreachable!("the compiler places the input"),
-        Layer::Flatten | Layer::Reshape(_) => layers::view::forward(cx),
-        Layer::Conv2d(c) => layers::conv2d::forward(c, cx),
-        Layer::Linear(l) => layers::linear::forward(l, cx),
-        Layer::Activation(a) => layers::activation::forward(a, cx),
-        Layer::Softmax { axis } => layers::softmax::forward(*axis, cx),
-        Layer::Dropout { rate } => layers::dropout::forward(*rate, cx),
-        Layer::GroupNorm(gn) => layers::group_norm::forward(gn, cx),
-        Layer::ConvTranspose2d(c) => layers::conv_transpose2d::forward(c, cx),
-        Layer::BatchNorm(bn) => layers::batch_norm::forward(bn, cx),
-        Layer::MaxPool2d(p) => layers::pool::max_forward(p, cx),
-        Layer::AvgPool2d(p) => layers::pool::avg_forward(p, cx),
-        Layer::GlobalAvgPool => layers::pool::global_forward(cx),
-        Layer::Add => layers::join::add_forward(cx),
-        Layer::Concat => layers::join::concat_forward(cx),
-    }
+    node.layer.with_kind(|k| k.forward(cx))
 }
 
 /// Lowers one layer's backward pass (called in reverse order, only for layers whose output
 /// gradient is needed).
 pub fn backward(cx: &mut Backward) -> Result<()> {
     let node = cx.node;
-    match &node.layer {
-        // Views share their input's gradient buffer: nothing to do.
-        Layer::Input | Layer::Flatten | Layer::Reshape(_) => Ok(()),
-        Layer::Conv2d(c) => layers::conv2d::backward(c, cx),
-        Layer::Linear(l) => layers::linear::backward(l, cx),
-        Layer::Activation(a) => layers::activation::backward(a, cx),
-        Layer::Softmax { axis } => layers::softmax::backward(*axis, cx),
-        Layer::Dropout { .. } => layers::dropout::backward(cx),
-        Layer::GroupNorm(gn) => layers::group_norm::backward(gn, cx),
-        Layer::ConvTranspose2d(c) => layers::conv_transpose2d::backward(c, cx),
-        Layer::BatchNorm(bn) => layers::batch_norm::backward(bn, cx),
-        Layer::MaxPool2d(p) => layers::pool::max_backward(p, cx),
-        Layer::AvgPool2d(p) => layers::pool::avg_backward(p, cx),
-        Layer::GlobalAvgPool => layers::pool::global_backward(cx),
-        Layer::Add => layers::join::add_backward(cx),
-        Layer::Concat => layers::join::concat_backward(cx),
-    }
+    node.layer.with_kind(|k| k.backward(cx))
 }

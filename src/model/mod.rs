@@ -12,7 +12,8 @@ pub mod spec;
 mod summary;
 
 pub use builder::{Branch, ModelBuilder, branch};
-pub use layers::{Activation, BatchNorm, Conv2d, ConvTranspose2d, GroupNorm, Layer, Linear, Padding, Pool2d};
+pub use layers::options::*;
+pub use layers::{Layer, Padding};
 pub use lower::Mode;
 pub use params::{ParamRole, ParamSpec};
 pub use spec::{ModelSpec, SpecItem};

@@ -1,7 +1,7 @@
 //! Parameters: which tensors each layer owns, their PyTorch names and layouts, and their PyTorch
 //! default initialisation from a seed.
 
-use super::layers::{self, Layer};
+use super::layers::Layer;
 use crate::rng::{Rng, mix_seed};
 use serde::{Deserialize, Serialize};
 
@@ -73,24 +73,7 @@ impl ParamDecl {
 /// The parameters of node `node` named `name`, given its per-sample input shape: the layer's
 /// declarations (from its home in `model/layers/`), named.
 pub(crate) fn param_specs(node: usize, name: &str, layer: &Layer, input: &[usize]) -> Vec<ParamSpec> {
-    let decls = match layer {
-        Layer::Conv2d(c) => layers::conv2d::params(c, input),
-        Layer::Linear(l) => layers::linear::params(l, input),
-        Layer::BatchNorm(bn) => layers::batch_norm::params(bn, input),
-        Layer::GroupNorm(gn) => layers::group_norm::params(gn, input),
-        Layer::ConvTranspose2d(c) => layers::conv_transpose2d::params(c, input),
-        Layer::Input
-        | Layer::Flatten
-        | Layer::Reshape(_)
-        | Layer::Activation(_)
-        | Layer::Softmax { .. }
-        | Layer::Dropout { .. }
-        | Layer::MaxPool2d(_)
-        | Layer::AvgPool2d(_)
-        | Layer::GlobalAvgPool
-        | Layer::Add
-        | Layer::Concat => Vec::new(),
-    };
+    let decls = layer.with_kind(|k| k.params(input));
     decls
         .into_iter()
         .map(|d| ParamSpec {
@@ -123,10 +106,9 @@ pub(crate) fn init_param(spec: &ParamSpec, layer: &Layer, seed: u64, index: usiz
             spec.name, spec.shape
         ));
     }
-    match layer {
-        Layer::BatchNorm(_) => v.extend(layers::batch_norm::init(spec.role, n)),
-        Layer::GroupNorm(_) => v.extend(layers::group_norm::init(spec.role, n)),
-        _ => {
+    match layer.with_kind(|k| k.init(spec.role, n)) {
+        Some(values) => v.extend(values),
+        None => {
             let bound = if spec.fan_in > 0 { 1.0 / (spec.fan_in as f32).sqrt() } else { 0.0 };
             let mut rng = Rng::new(mix_seed(seed, index as u64));
             v.extend((0..n).map(|_| rng.uniform_range(-bound, bound)));

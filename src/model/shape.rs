@@ -3,7 +3,7 @@
 //!
 //! Shapes here are per sample (no batch axis): `[C, H, W]` for images, `[F]` for features.
 
-use super::layers::{self, Layer};
+use super::layers::Layer;
 use crate::{Error, Result};
 
 pub use super::layers::conv2d::{ConvResolved, resolve_conv};
@@ -57,44 +57,12 @@ pub(crate) fn bounded(name: &str, what: &str, vs: &[usize]) -> Result<()> {
 /// Checks a layer's size options against [`MAX_OPTION`]: the one check the builder
 /// ([`infer`]) and the loader (`restore.rs`) share.
 pub(crate) fn check_options(name: &str, layer: &Layer) -> Result<()> {
-    match layer {
-        Layer::Conv2d(c) => layers::conv2d::check_options(name, c),
-        Layer::ConvTranspose2d(c) => layers::conv_transpose2d::check_options(name, c),
-        Layer::Linear(l) => layers::linear::check_options(name, l),
-        Layer::Reshape(dims) => bounded(name, "reshape dimension", dims),
-        Layer::MaxPool2d(p) | Layer::AvgPool2d(p) => layers::pool::check_options(name, p),
-        _ => Ok(()),
-    }
+    layer.with_kind(|k| k.check_options(name))
 }
 
 /// The per-sample output shape of `layer` (named `name`) for the given per-sample input shapes,
 /// or the reason the layer cannot take them.
 pub fn infer(name: &str, layer: &Layer, inputs: &[&[usize]]) -> Result<Vec<usize>> {
     check_options(name, layer)?;
-    let one = || -> Result<&[usize]> {
-        match inputs {
-            [x] => Ok(x),
-            _ => Err(Error::layer(name, format!("expects one input, got {}", inputs.len()))),
-        }
-    };
-    match layer {
-        Layer::Input => Err(Error::layer(name, "an input layer can only be the first node")),
-        Layer::Conv2d(conv) => layers::conv2d::infer(name, conv, one()?),
-        Layer::Linear(l) => {
-            one()?;
-            layers::linear::infer(name, l)
-        }
-        Layer::Flatten => Ok(layers::view::infer_flatten(one()?)),
-        Layer::Reshape(target) => layers::view::infer_reshape(name, target, one()?),
-        Layer::Activation(a) => layers::activation::infer(name, a, one()?),
-        Layer::Softmax { axis } => layers::softmax::infer(name, *axis, one()?),
-        Layer::Dropout { rate } => layers::dropout::infer(name, *rate, one()?),
-        Layer::ConvTranspose2d(c) => layers::conv_transpose2d::infer(name, c, one()?),
-        Layer::GroupNorm(gn) => layers::group_norm::infer(name, gn, one()?),
-        Layer::BatchNorm(bn) => layers::batch_norm::infer(name, bn, one()?),
-        Layer::MaxPool2d(p) | Layer::AvgPool2d(p) => layers::pool::infer(name, p, one()?),
-        Layer::GlobalAvgPool => layers::pool::infer_global(name, one()?),
-        Layer::Add => layers::join::infer_add(name, inputs),
-        Layer::Concat => layers::join::infer_concat(name, inputs),
-    }
+    layer.with_kind(|k| k.infer_inputs(name, inputs))
 }

@@ -57,7 +57,7 @@ use toml::de::{DeTable, DeValue};
 
 use super::Model;
 use super::builder::ModelBuilder;
-use super::layers::{Activation, BatchNorm, Conv2d, ConvTranspose2d, GroupNorm, Layer, Linear, Padding, Pool2d};
+use super::layers::{Layer, Padding, SPEC_TYPES};
 use crate::{Error, Result};
 
 /// Largest value a size option may have in a spec (as in model files).
@@ -125,8 +125,9 @@ impl Ctx<'_> {
 type Table<'i> = DeTable<'i>;
 type Value<'i> = Spanned<DeValue<'i>>;
 
-/// The fields of one layer table, each read at most once; the rest are reported as unknown.
-struct Fields<'a, 'i> {
+/// The fields of one layer table, each read at most once; the rest are reported as unknown. A
+/// layer's home reads its options with these (its [`SpecType::read`]).
+pub(crate) struct Fields<'a, 'i> {
     ctx: &'a Ctx<'a>,
     table: &'a Table<'i>,
     /// The table's position (for missing fields).
@@ -182,22 +183,22 @@ impl<'a, 'i> Fields<'a, 'i> {
             None => Ok(default),
         }
     }
-    fn size(&mut self, key: &str, min: i64) -> Result<usize> {
+    pub(crate) fn size(&mut self, key: &str, min: i64) -> Result<usize> {
         self.required(key, |s, v, k| s.size_of(v, k, min))
     }
-    fn pair(&mut self, key: &str, min: i64) -> Result<(usize, usize)> {
+    pub(crate) fn pair(&mut self, key: &str, min: i64) -> Result<(usize, usize)> {
         self.required(key, |s, v, k| s.pair_of(v, k, min))
     }
-    fn pair_or(&mut self, key: &str, min: i64, default: (usize, usize)) -> Result<(usize, usize)> {
+    pub(crate) fn pair_or(&mut self, key: &str, min: i64, default: (usize, usize)) -> Result<(usize, usize)> {
         self.optional(key, default, |s, v, k| s.pair_of(v, k, min))
     }
-    fn bool_or(&mut self, key: &str, default: bool) -> Result<bool> {
+    pub(crate) fn bool_or(&mut self, key: &str, default: bool) -> Result<bool> {
         self.optional(key, default, |s, v, k| match v.get_ref() {
             DeValue::Boolean(b) => Ok(*b),
             other => Err(s.field_err(v, k, format!("expected true or false, got a {}", other.type_str()))),
         })
     }
-    fn float_or(&mut self, key: &str, default: f32) -> Result<f32> {
+    pub(crate) fn float_or(&mut self, key: &str, default: f32) -> Result<f32> {
         self.optional(key, default, |s, v, k| {
             let x = match v.get_ref() {
                 DeValue::Float(f) => f.as_str().parse::<f64>().ok(),
@@ -210,13 +211,13 @@ impl<'a, 'i> Fields<'a, 'i> {
             }
         })
     }
-    fn float(&mut self, key: &str) -> Result<f32> {
+    pub(crate) fn float(&mut self, key: &str) -> Result<f32> {
         if self.get(key).is_none() {
             return Err(self.ctx.err(self.at, &self.what, format!("missing field `{key}`")));
         }
         self.float_or(key, 0.0)
     }
-    fn padding(&mut self) -> Result<Padding> {
+    pub(crate) fn padding(&mut self) -> Result<Padding> {
         self.optional("padding", Padding::Valid, |s, v, k| match v.get_ref() {
             DeValue::String(t) => match t.to_ascii_lowercase().as_str() {
                 "same" => Ok(Padding::Same),
@@ -225,6 +226,25 @@ impl<'a, 'i> Fields<'a, 'i> {
             },
             _ => s.pair_of(v, k, 0).map(|(h, w)| Padding::Explicit(h, w)),
         })
+    }
+    /// An optional size (at least `min`).
+    pub(crate) fn size_or(&mut self, key: &str, min: i64, default: usize) -> Result<usize> {
+        self.optional(key, default, |s, v, k| s.size_of(v, k, min))
+    }
+    /// An optional integer.
+    pub(crate) fn int_or(&mut self, key: &str, default: i64) -> Result<i64> {
+        self.optional(key, default, |s, v, k| s.int_of(v, k))
+    }
+    /// A required list of sizes (each at least `min`).
+    pub(crate) fn sizes(&mut self, key: &str, min: i64) -> Result<Vec<usize>> {
+        self.required(key, |s, v, k| match v.get_ref() {
+            DeValue::Array(a) => a.iter().map(|d| s.size_of(d, k, min)).collect::<Result<Vec<_>>>(),
+            other => Err(s.field_err(v, k, format!("expected a list of sizes, got a {}", other.type_str()))),
+        })
+    }
+    /// An error at the table's line, naming the file.
+    pub(crate) fn line_err(&self, reason: impl std::fmt::Display) -> Error {
+        Error::format(self.ctx.path, format!("line {}: {reason}", self.ctx.line(self.at)))
     }
     fn name(&mut self) -> Result<Option<String>> {
         self.optional("name", None, |s, v, k| match v.get_ref() {
@@ -247,33 +267,36 @@ impl<'a, 'i> Fields<'a, 'i> {
     }
 }
 
-const LAYER_TYPES: &str = "conv2d, conv_transpose2d, dense, linear, flatten, reshape, relu, leaky_relu, elu, sigmoid, tanh, silu, \
-                           swish, gelu, softmax, dropout, batch_norm, group_norm, max_pool2d, avg_pool2d, global_avg_pool, \
-                           residual, concat";
+/// One `type = "..."` of a spec file: its fields (besides `type` and `name`) and how its home
+/// reads them into a [`Layer`]. Each home lists its own (`SPEC`); `layers::SPEC_TYPES` lists the
+/// homes.
+pub(crate) struct SpecType {
+    /// The `type` string (`"conv2d"`, `"dense"`, ...).
+    pub name: &'static str,
+    /// Its fields besides `type` and `name`, in the order error messages list them.
+    pub fields: &'static [&'static str],
+    /// Reads the fields into the layer.
+    pub read: fn(&mut Fields<'_, '_>) -> Result<Layer>,
+}
 
-const CONV_TRANSPOSE2D_FIELDS: [&str; 8] =
-    ["out_channels", "kernel", "stride", "padding", "output_padding", "dilation", "groups", "bias"];
+/// Every layer type of a spec, its blocks last, for messages.
+fn layer_types() -> String {
+    let mut names: Vec<&str> = SPEC_TYPES.iter().flat_map(|t| t.iter().map(|t| t.name)).collect();
+    names.extend(["residual", "concat"]);
+    names.join(", ")
+}
+
+fn spec_type(ty: &str) -> Option<&'static SpecType> {
+    SPEC_TYPES.iter().flat_map(|t| t.iter()).find(|t| t.name == ty)
+}
 
 /// The fields of each layer type (besides `type` and `name`); `None` for an unknown type.
 fn fields_of(ty: &str) -> Option<&'static [&'static str]> {
-    Some(match ty {
-        "conv2d" => &["out_channels", "kernel", "stride", "padding", "dilation", "groups", "bias"],
-        "conv_transpose2d" => &CONV_TRANSPOSE2D_FIELDS,
-        "dense" | "linear" => &["out_features", "bias"],
-        "flatten" | "relu" | "sigmoid" | "tanh" | "silu" | "swish" | "gelu" | "global_avg_pool" => &[],
-        "reshape" => &["shape"],
-        "leaky_relu" => &["slope"],
-        "elu" => &["alpha"],
-        "softmax" => &["axis"],
-        "dropout" => &["rate"],
-        "batch_norm" => &["eps", "momentum", "affine", "track_running_stats"],
-        "group_norm" => &["groups", "eps", "affine"],
-        "max_pool2d" => &["kernel", "stride", "padding"],
-        "avg_pool2d" => &["kernel", "stride", "padding", "count_include_pad"],
-        "residual" => &["main", "shortcut"],
-        "concat" => &["branches"],
-        _ => return None,
-    })
+    match ty {
+        "residual" => Some(&["main", "shortcut"]),
+        "concat" => Some(&["branches"]),
+        _ => spec_type(ty).map(|t| t.fields),
+    }
 }
 
 fn parse_items(ctx: &Ctx, v: &Value, where_: &str) -> Result<Vec<SpecItem>> {
@@ -307,7 +330,7 @@ fn parse_item(ctx: &Ctx, v: &Value, where_: &str) -> Result<SpecItem> {
                 ));
             }
         },
-        None => return Err(ctx.err(at, where_, format!("missing field `type` (one of: {LAYER_TYPES})"))),
+        None => return Err(ctx.err(at, where_, format!("missing field `type` (one of: {})", layer_types()))),
     };
     let mut f = Fields { ctx, table, at, what: format!("{where_} ({ty})"), used: HashSet::from(["type".to_string()]) };
     if let Some(known) = fields_of(&ty) {
@@ -319,98 +342,13 @@ fn parse_item(ctx: &Ctx, v: &Value, where_: &str) -> Result<SpecItem> {
     }
     let name = f.name()?;
     let line = ctx.line(at);
-    let act = |a: Activation| (Layer::Activation(a), vec![]);
-    let (layer, fields): (Layer, Vec<&str>) = match ty.as_str() {
-        "conv2d" => {
-            let c = Conv2d {
-                out_channels: f.size("out_channels", 1)?,
-                kernel: f.pair("kernel", 1)?,
-                stride: f.pair_or("stride", 1, (1, 1))?,
-                padding: f.padding()?,
-                dilation: f.pair_or("dilation", 1, (1, 1))?,
-                groups: f.optional("groups", 1, |s, v, k| s.size_of(v, k, 1))?,
-                bias: f.bool_or("bias", true)?,
-            };
-            (Layer::Conv2d(c), vec!["out_channels", "kernel", "stride", "padding", "dilation", "groups", "bias"])
-        }
-        "conv_transpose2d" => {
-            let c = ConvTranspose2d {
-                out_channels: f.size("out_channels", 1)?,
-                kernel: f.pair("kernel", 1)?,
-                stride: f.pair_or("stride", 1, (1, 1))?,
-                padding: f.pair_or("padding", 0, (0, 0))?,
-                output_padding: f.pair_or("output_padding", 0, (0, 0))?,
-                dilation: f.pair_or("dilation", 1, (1, 1))?,
-                groups: f.optional("groups", 1, |s, v, k| s.size_of(v, k, 1))?,
-                bias: f.bool_or("bias", true)?,
-            };
-            (Layer::ConvTranspose2d(c), CONV_TRANSPOSE2D_FIELDS.to_vec())
-        }
-        "dense" | "linear" => (
-            Layer::Linear(Linear { out_features: f.size("out_features", 1)?, bias: f.bool_or("bias", true)? }),
-            vec!["out_features", "bias"],
-        ),
-        "flatten" => (Layer::Flatten, vec![]),
-        "reshape" => {
-            let dims = f.required("shape", |s, v, k| match v.get_ref() {
-                DeValue::Array(a) => a.iter().map(|d| s.size_of(d, k, 1)).collect::<Result<Vec<_>>>(),
-                other => Err(s.field_err(v, k, format!("expected a list of sizes, got a {}", other.type_str()))),
-            })?;
-            (Layer::Reshape(dims), vec!["shape"])
-        }
-        "relu" => act(Activation::Relu),
-        "leaky_relu" => (Layer::Activation(Activation::LeakyRelu { slope: f.float_or("slope", 0.01)? }), vec!["slope"]),
-        "elu" => (Layer::Activation(Activation::Elu { alpha: f.float_or("alpha", 1.0)? }), vec!["alpha"]),
-        "sigmoid" => act(Activation::Sigmoid),
-        "tanh" => act(Activation::Tanh),
-        "silu" | "swish" => act(Activation::Silu),
-        "gelu" => act(Activation::Gelu),
-        "softmax" => {
-            let axis = f.optional("axis", -1, |s, v, k| s.int_of(v, k))?;
-            let axis = isize::try_from(axis)
-                .map_err(|_| Error::format(ctx.path, format!("line {line}: axis out of range")))?;
-            (Layer::Softmax { axis }, vec!["axis"])
-        }
-        "dropout" => (Layer::Dropout { rate: f.float("rate")? }, vec!["rate"]),
-        "batch_norm" => {
-            let d = BatchNorm::default();
-            let bn = BatchNorm {
-                eps: f.float_or("eps", d.eps)?,
-                momentum: f.float_or("momentum", d.momentum)?,
-                affine: f.bool_or("affine", d.affine)?,
-                track_running_stats: f.bool_or("track_running_stats", d.track_running_stats)?,
-            };
-            (Layer::BatchNorm(bn), vec!["eps", "momentum", "affine", "track_running_stats"])
-        }
-        "group_norm" => {
-            let gn = GroupNorm {
-                groups: f.size("groups", 1)?,
-                eps: f.float_or("eps", 1e-5)?,
-                affine: f.bool_or("affine", true)?,
-            };
-            (Layer::GroupNorm(gn), vec!["groups", "eps", "affine"])
-        }
-        "max_pool2d" | "avg_pool2d" => {
-            let kernel = f.pair("kernel", 1)?;
-            let p = Pool2d {
-                kernel,
-                stride: f.pair_or("stride", 1, kernel)?,
-                padding: f.pair_or("padding", 0, (0, 0))?,
-                count_include_pad: if ty == "avg_pool2d" { f.bool_or("count_include_pad", true)? } else { true },
-            };
-            if ty == "max_pool2d" {
-                (Layer::MaxPool2d(p), vec!["kernel", "stride", "padding"])
-            } else {
-                (Layer::AvgPool2d(p), vec!["kernel", "stride", "padding", "count_include_pad"])
-            }
-        }
-        "global_avg_pool" => (Layer::GlobalAvgPool, vec![]),
+    match ty.as_str() {
         "residual" => {
             let main = f.required("main", |s, v, _| parse_items(ctx, v, &format!("{}.main", s.what)))?;
             let shortcut =
                 f.optional("shortcut", vec![], |s, v, _| parse_items(ctx, v, &format!("{}.shortcut", s.what)))?;
             f.finish(&["main", "shortcut"])?;
-            return Ok(SpecItem::Block { name, join: Layer::Add, branches: vec![main, shortcut], line });
+            Ok(SpecItem::Block { name, join: Layer::Add, branches: vec![main, shortcut], line })
         }
         "concat" => {
             let branches = f.required("branches", |s, v, k| match v.get_ref() {
@@ -440,19 +378,22 @@ fn parse_item(ctx: &Ctx, v: &Value, where_: &str) -> Result<SpecItem> {
                 _ => Err(s.field_err(v, k, "expected a non-empty list of branches ([[layers.branches]] tables)")),
             })?;
             f.finish(&["branches"])?;
-            return Ok(SpecItem::Block { name, join: Layer::Concat, branches, line });
+            Ok(SpecItem::Block { name, join: Layer::Concat, branches, line })
         }
         other => {
-            let t = table.iter().find(|(k, _)| k.get_ref() == "type").map(|(_, t)| t.span().start).unwrap_or(at);
-            return Err(ctx.err(
-                t,
-                &format!("{where_}, field `type`"),
-                format!("unknown layer type \"{other}\" (known: {LAYER_TYPES})"),
-            ));
+            let Some(t) = spec_type(other) else {
+                let t = table.iter().find(|(k, _)| k.get_ref() == "type").map(|(_, t)| t.span().start).unwrap_or(at);
+                return Err(ctx.err(
+                    t,
+                    &format!("{where_}, field `type`"),
+                    format!("unknown layer type \"{other}\" (known: {})", layer_types()),
+                ));
+            };
+            let layer = (t.read)(&mut f)?;
+            f.finish(t.fields)?;
+            Ok(SpecItem::Layer { name, layer, line })
         }
-    };
-    f.finish(&fields)?;
-    Ok(SpecItem::Layer { name, layer, line })
+    }
 }
 
 impl ModelSpec {
@@ -597,77 +538,59 @@ fn pair(p: (usize, usize)) -> toml::Value {
     if p.0 == p.1 { int(p.0) } else { toml::Value::Array(vec![int(p.0), int(p.1)]) }
 }
 
-fn layer_table(name: &str, layer: &Layer) -> Result<toml::Table> {
-    let mut t = toml::Table::new();
-    let mut put = |k: &str, v: toml::Value| {
-        t.insert(k.into(), v);
-    };
-    put("type", toml::Value::String(layer.type_name().into()));
-    put("name", toml::Value::String(name.into()));
-    match layer {
-        Layer::Input | Layer::Add | Layer::Concat => {
-            return Err(Error::layer(name, "an input or join node is not a layer of a spec's list"));
-        }
-        Layer::Conv2d(c) => {
-            put("out_channels", int(c.out_channels));
-            put("kernel", pair(c.kernel));
-            put("stride", pair(c.stride));
-            put(
-                "padding",
-                match c.padding {
-                    Padding::Same => toml::Value::String("same".into()),
-                    Padding::Valid => toml::Value::String("valid".into()),
-                    Padding::Explicit(h, w) => pair((h, w)),
-                },
-            );
-            put("dilation", pair(c.dilation));
-            put("groups", int(c.groups));
-            put("bias", toml::Value::Boolean(c.bias));
-        }
-        Layer::ConvTranspose2d(c) => {
-            put("out_channels", int(c.out_channels));
-            put("kernel", pair(c.kernel));
-            put("stride", pair(c.stride));
-            put("padding", pair(c.padding));
-            put("output_padding", pair(c.output_padding));
-            put("dilation", pair(c.dilation));
-            put("groups", int(c.groups));
-            put("bias", toml::Value::Boolean(c.bias));
-        }
-        Layer::Linear(l) => {
-            put("out_features", int(l.out_features));
-            put("bias", toml::Value::Boolean(l.bias));
-        }
-        Layer::Flatten | Layer::GlobalAvgPool => {}
-        Layer::Reshape(dims) => put("shape", toml::Value::Array(dims.iter().map(|&d| int(d)).collect())),
-        Layer::Activation(a) => match a {
-            Activation::LeakyRelu { slope } => put("slope", float(*slope)),
-            Activation::Elu { alpha } => put("alpha", float(*alpha)),
-            Activation::Relu | Activation::Sigmoid | Activation::Tanh | Activation::Silu | Activation::Gelu => {}
-        },
-        Layer::Softmax { axis } => put("axis", toml::Value::Integer(*axis as i64)),
-        Layer::Dropout { rate } => put("rate", float(*rate)),
-        Layer::BatchNorm(bn) => {
-            put("eps", float(bn.eps));
-            put("momentum", float(bn.momentum));
-            put("affine", toml::Value::Boolean(bn.affine));
-            put("track_running_stats", toml::Value::Boolean(bn.track_running_stats));
-        }
-        Layer::GroupNorm(g) => {
-            put("groups", int(g.groups));
-            put("eps", float(g.eps));
-            put("affine", toml::Value::Boolean(g.affine));
-        }
-        Layer::MaxPool2d(p) | Layer::AvgPool2d(p) => {
-            put("kernel", pair(p.kernel));
-            put("stride", pair(p.stride));
-            put("padding", pair(p.padding));
-            if matches!(layer, Layer::AvgPool2d(_)) {
-                put("count_include_pad", toml::Value::Boolean(p.count_include_pad));
-            }
-        }
+/// A layer's spec-file table being written; its home's `LayerKind::write_spec` puts its
+/// options (numbers as TOML writes them, pairs as one number when both sides agree).
+pub(crate) struct SpecTable(toml::Table);
+
+impl SpecTable {
+    /// Any value.
+    pub(crate) fn put(&mut self, key: &str, v: toml::Value) {
+        self.0.insert(key.into(), v);
     }
-    Ok(t)
+    /// A size.
+    pub(crate) fn int(&mut self, key: &str, n: usize) {
+        self.put(key, int(n));
+    }
+    /// A signed integer.
+    pub(crate) fn signed(&mut self, key: &str, n: i64) {
+        self.put(key, toml::Value::Integer(n));
+    }
+    /// An `(h, w)` pair.
+    pub(crate) fn pair(&mut self, key: &str, p: (usize, usize)) {
+        self.put(key, pair(p));
+    }
+    /// A number.
+    pub(crate) fn float(&mut self, key: &str, x: f32) {
+        self.put(key, float(x));
+    }
+    /// A flag.
+    pub(crate) fn bool(&mut self, key: &str, b: bool) {
+        self.put(key, toml::Value::Boolean(b));
+    }
+    /// A list of sizes.
+    pub(crate) fn sizes(&mut self, key: &str, v: &[usize]) {
+        self.put(key, toml::Value::Array(v.iter().map(|&d| int(d)).collect()));
+    }
+    /// A convolution's padding: `"same"`, `"valid"` or a pair.
+    pub(crate) fn padding(&mut self, key: &str, p: Padding) {
+        let v = match p {
+            Padding::Same => toml::Value::String("same".into()),
+            Padding::Valid => toml::Value::String("valid".into()),
+            Padding::Explicit(h, w) => pair((h, w)),
+        };
+        self.put(key, v);
+    }
+}
+
+fn layer_table(name: &str, layer: &Layer) -> Result<toml::Table> {
+    if matches!(layer, Layer::Input | Layer::Add | Layer::Concat) {
+        return Err(Error::layer(name, "an input or join node is not a layer of a spec's list"));
+    }
+    let mut t = SpecTable(toml::Table::new());
+    t.put("type", toml::Value::String(layer.type_name().into()));
+    t.put("name", toml::Value::String(name.into()));
+    layer.with_kind(|k| k.write_spec(&mut t));
+    Ok(t.0)
 }
 
 /// Recovers the builder's block structure from a model's graph.
@@ -781,6 +704,7 @@ impl Model {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{ConvTranspose2d, GroupNorm};
     use crate::zoo;
 
     fn roundtrip(model: &Model) {

@@ -1,7 +1,6 @@
 //! FLOP counts and the summary table.
 
 use super::Model;
-use super::layers::{self, Layer};
 
 fn numel(s: &[usize]) -> u64 {
     s.iter().product::<usize>() as u64
@@ -12,19 +11,7 @@ pub(super) fn node_flops(m: &Model, i: usize) -> u64 {
     let node = &m.nodes[i];
     let out = numel(&node.shape);
     let input = node.inputs.first().map(|&j| m.nodes[j].shape.as_slice()).unwrap_or(&[]);
-    match &node.layer {
-        Layer::Input | Layer::Flatten | Layer::Reshape(_) | Layer::Concat => 0,
-        Layer::Conv2d(c) => layers::conv2d::flops(c, input, out),
-        Layer::Linear(l) => layers::linear::flops(l, input, out),
-        Layer::Activation(_) | Layer::Dropout { .. } => out,
-        Layer::Softmax { .. } => layers::softmax::flops(out),
-        Layer::BatchNorm(_) => layers::batch_norm::flops(out),
-        Layer::GroupNorm(_) => layers::group_norm::flops(out),
-        Layer::ConvTranspose2d(c) => layers::conv_transpose2d::flops(c, input, out),
-        Layer::MaxPool2d(p) | Layer::AvgPool2d(p) => layers::pool::flops(p, out),
-        Layer::GlobalAvgPool => layers::pool::global_flops(input),
-        Layer::Add => layers::join::add_flops(out, node.inputs.len()),
-    }
+    node.layer.with_kind(|k| k.flops(input, out, node.inputs.len()))
 }
 
 fn fmt_count(n: u64) -> String {
@@ -63,12 +50,8 @@ pub(super) fn render(m: &Model) -> String {
         } else {
             String::new()
         };
-        let detail = match &node.layer {
-            Layer::Conv2d(c) => layers::conv2d::detail(&node.name, c, &m.nodes[node.inputs[0]].shape),
-            Layer::ConvTranspose2d(c) => layers::conv_transpose2d::detail(c),
-            Layer::MaxPool2d(p) | Layer::AvgPool2d(p) => layers::pool::detail(p),
-            _ => from,
-        };
+        let input = node.inputs.first().map(|&j| m.nodes[j].shape.as_slice()).unwrap_or(&[]);
+        let detail = node.layer.with_kind(|k| k.detail(&node.name, input)).unwrap_or(from);
         let ty = node.layer.display_type();
         let ty = if detail.is_empty() { ty } else { format!("{ty} [{detail}]") };
         rows.push([
@@ -104,7 +87,7 @@ pub(super) fn render(m: &Model) -> String {
     let trainable = m.param_count() as u64;
     let buffers = m.buffer_count() as u64;
     let activations: u64 =
-        m.nodes.iter().filter(|n| !layers::view::is_view(&n.layer)).map(|n| numel(&n.shape) * batch).sum();
+        m.nodes.iter().filter(|n| !n.layer.with_kind(|k| k.is_view())).map(|n| numel(&n.shape) * batch).sum();
     s += &format!("Total params:          {}\n", fmt_count(trainable + buffers));
     s += &format!("Trainable params:      {}\n", fmt_count(trainable));
     s += &format!("Non-trainable (stats): {}\n", fmt_count(buffers));

@@ -4,6 +4,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::LayerKind;
+use crate::model::Layer;
+use crate::model::spec::{SpecTable, SpecType};
+
 use crate::backend::{ActFn, Op, ops};
 use crate::model::lower::{Backward, Forward};
 use crate::{Error, Result};
@@ -102,4 +106,52 @@ pub(crate) fn backward(a: &Activation, cx: &mut Backward<'_>) -> Result<()> {
         cx.push(Op::ActBackward(ops::ActBackward { f: act_fn(a), len: cx.numel(), x, y, dy, dx }));
     }
     Ok(())
+}
+
+/// Its spec-file types, one per function (`swish` is `silu`'s other name).
+pub(crate) const SPEC: &[SpecType] = &[
+    SpecType { name: "relu", fields: &[], read: |_| Ok(Layer::Activation(Activation::Relu)) },
+    SpecType {
+        name: "leaky_relu",
+        fields: &["slope"],
+        read: |f| Ok(Layer::Activation(Activation::LeakyRelu { slope: f.float_or("slope", 0.01)? })),
+    },
+    SpecType {
+        name: "elu",
+        fields: &["alpha"],
+        read: |f| Ok(Layer::Activation(Activation::Elu { alpha: f.float_or("alpha", 1.0)? })),
+    },
+    SpecType { name: "sigmoid", fields: &[], read: |_| Ok(Layer::Activation(Activation::Sigmoid)) },
+    SpecType { name: "tanh", fields: &[], read: |_| Ok(Layer::Activation(Activation::Tanh)) },
+    SpecType { name: "silu", fields: &[], read: |_| Ok(Layer::Activation(Activation::Silu)) },
+    SpecType { name: "swish", fields: &[], read: |_| Ok(Layer::Activation(Activation::Silu)) },
+    SpecType { name: "gelu", fields: &[], read: |_| Ok(Layer::Activation(Activation::Gelu)) },
+];
+
+impl LayerKind for Activation {
+    fn type_name(&self) -> &'static str {
+        self.name()
+    }
+    fn display_type(&self) -> String {
+        Activation::display_type(self)
+    }
+    fn infer(&self, name: &str, input: &[usize]) -> Result<Vec<usize>> {
+        infer(name, self, input)
+    }
+    fn flops(&self, _input: &[usize], out: u64, _inputs: usize) -> u64 {
+        out
+    }
+    fn forward(&self, cx: &mut Forward<'_>) -> Result<()> {
+        forward(self, cx)
+    }
+    fn backward(&self, cx: &mut Backward<'_>) -> Result<()> {
+        backward(self, cx)
+    }
+    fn write_spec(&self, t: &mut SpecTable) {
+        match *self {
+            Activation::LeakyRelu { slope } => t.float("slope", slope),
+            Activation::Elu { alpha } => t.float("alpha", alpha),
+            Activation::Relu | Activation::Sigmoid | Activation::Tanh | Activation::Silu | Activation::Gelu => {}
+        }
+    }
 }

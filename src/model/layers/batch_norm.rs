@@ -5,6 +5,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::LayerKind;
+use crate::model::Layer;
+use crate::model::spec::{SpecTable, SpecType};
+
 use crate::backend::Op;
 use crate::backend::ops::{self, BnGeom};
 use crate::model::ParamRole;
@@ -161,4 +165,52 @@ pub(crate) fn backward(bn: &BatchNorm, cx: &mut Backward<'_>) -> Result<()> {
         cx.push(Op::BatchNormBackward(op));
     }
     Ok(())
+}
+
+/// Its spec-file type.
+pub(crate) const SPEC: &[SpecType] = &[SpecType {
+    name: "batch_norm",
+    fields: &["eps", "momentum", "affine", "track_running_stats"],
+    read: |f| {
+        let d = BatchNorm::default();
+        Ok(Layer::BatchNorm(BatchNorm {
+            eps: f.float_or("eps", d.eps)?,
+            momentum: f.float_or("momentum", d.momentum)?,
+            affine: f.bool_or("affine", d.affine)?,
+            track_running_stats: f.bool_or("track_running_stats", d.track_running_stats)?,
+        }))
+    },
+}];
+
+impl LayerKind for BatchNorm {
+    fn type_name(&self) -> &'static str {
+        "batch_norm"
+    }
+    fn display_type(&self) -> String {
+        "BatchNorm".into()
+    }
+    fn infer(&self, name: &str, input: &[usize]) -> Result<Vec<usize>> {
+        infer(name, self, input)
+    }
+    fn params(&self, input: &[usize]) -> Vec<ParamDecl> {
+        params(self, input)
+    }
+    fn init(&self, role: ParamRole, n: usize) -> Option<Vec<f32>> {
+        Some(init(role, n))
+    }
+    fn flops(&self, _input: &[usize], out: u64, _inputs: usize) -> u64 {
+        flops(out)
+    }
+    fn forward(&self, cx: &mut Forward<'_>) -> Result<()> {
+        forward(self, cx)
+    }
+    fn backward(&self, cx: &mut Backward<'_>) -> Result<()> {
+        backward(self, cx)
+    }
+    fn write_spec(&self, t: &mut SpecTable) {
+        t.float("eps", self.eps);
+        t.float("momentum", self.momentum);
+        t.bool("affine", self.affine);
+        t.bool("track_running_stats", self.track_running_stats);
+    }
 }

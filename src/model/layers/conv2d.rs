@@ -5,12 +5,16 @@
 use serde::{Deserialize, Serialize};
 
 use super::Padding;
+
+use super::LayerKind;
 use crate::backend::Op;
 use crate::backend::ops::{self, ConvGeom};
+use crate::model::Layer;
 use crate::model::ParamRole;
 use crate::model::lower::{Backward, Forward};
 use crate::model::params::ParamDecl;
 use crate::model::shape::{bounded, need_4d, positive, window_out};
+use crate::model::spec::{SpecTable, SpecType};
 use crate::{Error, Result};
 
 /// A 2-D convolution: `out_channels` filters of `kernel` size over NCHW input.
@@ -260,4 +264,60 @@ pub(crate) fn backward(c: &Conv2d, cx: &mut Backward<'_>) -> Result<()> {
     let db = cx.param_grad(ParamRole::Bias);
     cx.push(Op::Conv2dBackward(ops::Conv2dBackward { g, x, w, dy, dx, dw, db }));
     Ok(())
+}
+
+/// Its spec-file type.
+pub(crate) const SPEC: &[SpecType] = &[SpecType {
+    name: "conv2d",
+    fields: &["out_channels", "kernel", "stride", "padding", "dilation", "groups", "bias"],
+    read: |f| {
+        Ok(Layer::Conv2d(Conv2d {
+            out_channels: f.size("out_channels", 1)?,
+            kernel: f.pair("kernel", 1)?,
+            stride: f.pair_or("stride", 1, (1, 1))?,
+            padding: f.padding()?,
+            dilation: f.pair_or("dilation", 1, (1, 1))?,
+            groups: f.size_or("groups", 1, 1)?,
+            bias: f.bool_or("bias", true)?,
+        }))
+    },
+}];
+
+impl LayerKind for Conv2d {
+    fn type_name(&self) -> &'static str {
+        "conv2d"
+    }
+    fn display_type(&self) -> String {
+        "Conv2d".into()
+    }
+    fn check_options(&self, name: &str) -> Result<()> {
+        check_options(name, self)
+    }
+    fn infer(&self, name: &str, input: &[usize]) -> Result<Vec<usize>> {
+        infer(name, self, input)
+    }
+    fn params(&self, input: &[usize]) -> Vec<ParamDecl> {
+        params(self, input)
+    }
+    fn flops(&self, input: &[usize], out: u64, _inputs: usize) -> u64 {
+        flops(self, input, out)
+    }
+    fn detail(&self, name: &str, input: &[usize]) -> Option<String> {
+        Some(detail(name, self, input))
+    }
+    fn forward(&self, cx: &mut Forward<'_>) -> Result<()> {
+        forward(self, cx)
+    }
+    fn backward(&self, cx: &mut Backward<'_>) -> Result<()> {
+        backward(self, cx)
+    }
+    fn write_spec(&self, t: &mut SpecTable) {
+        t.int("out_channels", self.out_channels);
+        t.pair("kernel", self.kernel);
+        t.pair("stride", self.stride);
+        t.padding("padding", self.padding);
+        t.pair("dilation", self.dilation);
+        t.int("groups", self.groups);
+        t.bool("bias", self.bias);
+    }
 }

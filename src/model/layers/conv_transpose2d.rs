@@ -17,6 +17,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::LayerKind;
+use crate::model::Layer;
+use crate::model::spec::{SpecTable, SpecType};
+
 use crate::backend::Op;
 use crate::backend::ops::{self, ConvGeom};
 use crate::model::ParamRole;
@@ -276,4 +280,62 @@ pub(crate) fn backward(c: &ConvTranspose2d, cx: &mut Backward<'_>) -> Result<()>
     let db = cx.param_grad(ParamRole::Bias);
     cx.push(Op::ConvTranspose2dBackward(ops::ConvTranspose2dBackward { g, x, w, dy, dx, dw, db }));
     Ok(())
+}
+
+/// Its spec-file type.
+pub(crate) const SPEC: &[SpecType] = &[SpecType {
+    name: "conv_transpose2d",
+    fields: &["out_channels", "kernel", "stride", "padding", "output_padding", "dilation", "groups", "bias"],
+    read: |f| {
+        Ok(Layer::ConvTranspose2d(ConvTranspose2d {
+            out_channels: f.size("out_channels", 1)?,
+            kernel: f.pair("kernel", 1)?,
+            stride: f.pair_or("stride", 1, (1, 1))?,
+            padding: f.pair_or("padding", 0, (0, 0))?,
+            output_padding: f.pair_or("output_padding", 0, (0, 0))?,
+            dilation: f.pair_or("dilation", 1, (1, 1))?,
+            groups: f.size_or("groups", 1, 1)?,
+            bias: f.bool_or("bias", true)?,
+        }))
+    },
+}];
+
+impl LayerKind for ConvTranspose2d {
+    fn type_name(&self) -> &'static str {
+        "conv_transpose2d"
+    }
+    fn display_type(&self) -> String {
+        "ConvTranspose2d".into()
+    }
+    fn check_options(&self, name: &str) -> Result<()> {
+        check_options(name, self)
+    }
+    fn infer(&self, name: &str, input: &[usize]) -> Result<Vec<usize>> {
+        infer(name, self, input)
+    }
+    fn params(&self, input: &[usize]) -> Vec<ParamDecl> {
+        params(self, input)
+    }
+    fn flops(&self, input: &[usize], out: u64, _inputs: usize) -> u64 {
+        flops(self, input, out)
+    }
+    fn detail(&self, _name: &str, _input: &[usize]) -> Option<String> {
+        Some(detail(self))
+    }
+    fn forward(&self, cx: &mut Forward<'_>) -> Result<()> {
+        forward(self, cx)
+    }
+    fn backward(&self, cx: &mut Backward<'_>) -> Result<()> {
+        backward(self, cx)
+    }
+    fn write_spec(&self, t: &mut SpecTable) {
+        t.int("out_channels", self.out_channels);
+        t.pair("kernel", self.kernel);
+        t.pair("stride", self.stride);
+        t.pair("padding", self.padding);
+        t.pair("output_padding", self.output_padding);
+        t.pair("dilation", self.dilation);
+        t.int("groups", self.groups);
+        t.bool("bias", self.bias);
+    }
 }

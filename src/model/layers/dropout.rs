@@ -3,7 +3,11 @@
 //! `backend/cpu/dropout.rs` and `backend/cuda/dropout.rs`.
 
 use crate::backend::{Op, ops};
+
+use super::LayerKind;
+use crate::model::Layer;
 use crate::model::lower::{Backward, Forward, Mode};
+use crate::model::spec::{SpecTable, SpecType};
 use crate::{Error, Result};
 
 /// Shape rule: the input's shape, for a rate in `[0, 1)`.
@@ -36,4 +40,37 @@ pub(crate) fn backward(cx: &mut Backward<'_>) -> Result<()> {
         cx.push(Op::DropoutBackward(ops::DropoutBackward { len: cx.numel(), mask, dy, dx }));
     }
     Ok(())
+}
+
+/// Dropout's kind: its rate.
+pub(crate) struct Dropout {
+    pub(crate) rate: f32,
+}
+
+/// Its spec-file type.
+pub(crate) const SPEC: &[SpecType] =
+    &[SpecType { name: "dropout", fields: &["rate"], read: |f| Ok(Layer::Dropout { rate: f.float("rate")? }) }];
+
+impl LayerKind for Dropout {
+    fn type_name(&self) -> &'static str {
+        "dropout"
+    }
+    fn display_type(&self) -> String {
+        format!("Dropout({})", self.rate)
+    }
+    fn infer(&self, name: &str, input: &[usize]) -> Result<Vec<usize>> {
+        infer(name, self.rate, input)
+    }
+    fn flops(&self, _input: &[usize], out: u64, _inputs: usize) -> u64 {
+        out
+    }
+    fn forward(&self, cx: &mut Forward<'_>) -> Result<()> {
+        forward(self.rate, cx)
+    }
+    fn backward(&self, cx: &mut Backward<'_>) -> Result<()> {
+        backward(cx)
+    }
+    fn write_spec(&self, t: &mut SpecTable) {
+        t.float("rate", self.rate);
+    }
 }

@@ -15,6 +15,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::LayerKind;
+use crate::model::Layer;
+use crate::model::spec::{SpecTable, SpecType};
+
 use crate::backend::Op;
 use crate::backend::ops::{self, GnGeom};
 use crate::model::ParamRole;
@@ -55,76 +59,103 @@ impl GroupNorm {
     }
 }
 
-/// Shape rule: `[C, ...]` (4-D input, or 2-D `[batch, C]`) with `groups` dividing `C`; the
-/// output has the input's shape.
-pub(crate) fn infer(name: &str, gn: &GroupNorm, input: &[usize]) -> Result<Vec<usize>> {
-    if input.len() != 1 && input.len() != 3 {
-        return Err(Error::layer(
-            name,
-            format!("group_norm needs a [batch, C] or [batch, C, H, W] input, got per-sample shape {input:?}"),
-        ));
-    }
-    if gn.groups == 0 || !input[0].is_multiple_of(gn.groups) {
-        return Err(Error::layer(
-            name,
-            format!("group_norm groups ({}) must be at least 1 and divide the {} channels", gn.groups, input[0]),
-        ));
-    }
-    if !(gn.eps > 0.0 && gn.eps.is_finite()) {
-        return Err(Error::layer(name, format!("eps must be positive and finite, got {}", gn.eps)));
-    }
-    Ok(input.to_vec())
-}
-
-/// `weight` and `bias` `[C]` when affine, in PyTorch's `state_dict` order.
-pub(crate) fn params(gn: &GroupNorm, input: &[usize]) -> Vec<ParamDecl> {
-    match gn.affine {
-        true => vec![
-            ParamDecl::trained("weight", ParamRole::Weight, vec![input[0]], 1),
-            ParamDecl::trained("bias", ParamRole::Bias, vec![input[0]], 1),
-        ],
-        false => vec![],
-    }
-}
-
-/// PyTorch's initial value: weight 1, bias 0.
-pub(crate) fn init(role: ParamRole, n: usize) -> Vec<f32> {
-    vec![if matches!(role, ParamRole::Weight) { 1.0 } else { 0.0 }; n]
-}
-
-/// Forward FLOPs per sample: statistics (about 3 per value: sum, squared deviation) and the
-/// scale and shift (2 per value).
-pub(crate) fn flops(out: u64) -> u64 {
-    5 * out
-}
-
 fn geom(gn: &GroupNorm, ins: &[usize], batch: usize) -> GnGeom {
     GnGeom { n: batch, c: ins[0], hw: ins[1..].iter().product(), groups: gn.groups, eps: gn.eps }
 }
 
-/// Lowering of the forward pass: one [`Op::GroupNorm`], saving mean and invstd per sample and
-/// group.
-pub(crate) fn forward(gn: &GroupNorm, cx: &mut Forward<'_>) -> Result<()> {
-    let g = geom(gn, cx.in_shapes[0], cx.batch);
-    let (x, y) = (cx.input(0), cx.output());
-    let (gamma, beta) = (cx.param(ParamRole::Weight), cx.param(ParamRole::Bias));
-    let mean = cx.save(g.n * g.groups, "mean");
-    let invstd = cx.save(g.n * g.groups, "invstd");
-    cx.push(Op::GroupNorm(ops::GroupNorm { g, x, gamma, beta, y, mean, invstd }));
-    Ok(())
-}
+/// Its spec-file type.
+pub(crate) const SPEC: &[SpecType] = &[SpecType {
+    name: "group_norm",
+    fields: &["groups", "eps", "affine"],
+    read: |f| {
+        Ok(Layer::GroupNorm(GroupNorm {
+            groups: f.size("groups", 1)?,
+            eps: f.float_or("eps", 1e-5)?,
+            affine: f.bool_or("affine", true)?,
+        }))
+    },
+}];
 
-/// Lowering of the backward pass: one [`Op::GroupNormBackward`] for whichever gradients are
-/// wanted.
-pub(crate) fn backward(gn: &GroupNorm, cx: &mut Backward<'_>) -> Result<()> {
-    let g = geom(gn, cx.in_shapes[0], cx.batch);
-    let (x, dy) = (cx.input(0), cx.dy());
-    let dx = cx.dx(0);
-    let (dgamma, dbeta) = (cx.param_grad(ParamRole::Weight), cx.param_grad(ParamRole::Bias));
-    if dx.is_some() || dgamma.is_some() || dbeta.is_some() {
-        let gamma = cx.param(ParamRole::Weight);
-        let (mean, invstd) = (cx.saved(0), cx.saved(1));
-        cx.push(Op::GroupNormBackward(ops::GroupNormBackward { g, x, gamma, mean, invstd, dy, dx, dgamma, dbeta }));
+impl LayerKind for GroupNorm {
+    fn type_name(&self) -> &'static str {
+        "group_norm"
     }
-    Ok(())
+
+    fn display_type(&self) -> String {
+        format!("GroupNorm({})", self.groups)
+    }
+
+    /// `[C, ...]` (4-D input, or 2-D `[batch, C]`) with `groups` dividing `C`; the output has
+    /// the input's shape.
+    fn infer(&self, name: &str, input: &[usize]) -> Result<Vec<usize>> {
+        if input.len() != 1 && input.len() != 3 {
+            return Err(Error::layer(
+                name,
+                format!("group_norm needs a [batch, C] or [batch, C, H, W] input, got per-sample shape {input:?}"),
+            ));
+        }
+        if self.groups == 0 || !input[0].is_multiple_of(self.groups) {
+            return Err(Error::layer(
+                name,
+                format!("group_norm groups ({}) must be at least 1 and divide the {} channels", self.groups, input[0]),
+            ));
+        }
+        if !(self.eps > 0.0 && self.eps.is_finite()) {
+            return Err(Error::layer(name, format!("eps must be positive and finite, got {}", self.eps)));
+        }
+        Ok(input.to_vec())
+    }
+
+    /// `weight` and `bias` `[C]` when affine, in PyTorch's `state_dict` order.
+    fn params(&self, input: &[usize]) -> Vec<ParamDecl> {
+        match self.affine {
+            true => vec![
+                ParamDecl::trained("weight", ParamRole::Weight, vec![input[0]], 1),
+                ParamDecl::trained("bias", ParamRole::Bias, vec![input[0]], 1),
+            ],
+            false => vec![],
+        }
+    }
+
+    /// PyTorch's initial value: weight 1, bias 0.
+    fn init(&self, role: ParamRole, n: usize) -> Option<Vec<f32>> {
+        Some(vec![if matches!(role, ParamRole::Weight) { 1.0 } else { 0.0 }; n])
+    }
+
+    /// Statistics (about 3 per value: sum, squared deviation) and the scale and shift (2 per
+    /// value).
+    fn flops(&self, _input: &[usize], out: u64, _inputs: usize) -> u64 {
+        5 * out
+    }
+
+    /// One [`Op::GroupNorm`], saving mean and invstd per sample and group.
+    fn forward(&self, cx: &mut Forward<'_>) -> Result<()> {
+        let g = geom(self, cx.in_shapes[0], cx.batch);
+        let (x, y) = (cx.input(0), cx.output());
+        let (gamma, beta) = (cx.param(ParamRole::Weight), cx.param(ParamRole::Bias));
+        let mean = cx.save(g.n * g.groups, "mean");
+        let invstd = cx.save(g.n * g.groups, "invstd");
+        cx.push(Op::GroupNorm(ops::GroupNorm { g, x, gamma, beta, y, mean, invstd }));
+        Ok(())
+    }
+
+    /// One [`Op::GroupNormBackward`] for whichever gradients are wanted.
+    fn backward(&self, cx: &mut Backward<'_>) -> Result<()> {
+        let g = geom(self, cx.in_shapes[0], cx.batch);
+        let (x, dy) = (cx.input(0), cx.dy());
+        let dx = cx.dx(0);
+        let (dgamma, dbeta) = (cx.param_grad(ParamRole::Weight), cx.param_grad(ParamRole::Bias));
+        if dx.is_some() || dgamma.is_some() || dbeta.is_some() {
+            let gamma = cx.param(ParamRole::Weight);
+            let (mean, invstd) = (cx.saved(0), cx.saved(1));
+            cx.push(Op::GroupNormBackward(ops::GroupNormBackward { g, x, gamma, mean, invstd, dy, dx, dgamma, dbeta }));
+        }
+        Ok(())
+    }
+
+    fn write_spec(&self, t: &mut SpecTable) {
+        t.int("groups", self.groups);
+        t.float("eps", self.eps);
+        t.bool("affine", self.affine);
+    }
 }

@@ -2,6 +2,7 @@
 //! `concat`): shape rules, FLOPs and lowering to ops. Their kernels are `backend/cpu/join.rs`
 //! and `backend/cuda/join.rs`.
 
+use super::LayerKind;
 use crate::backend::{GradOut, Op, ops};
 use crate::model::lower::{Backward, Forward};
 use crate::model::shape::dims_str;
@@ -97,4 +98,58 @@ pub(crate) fn concat_backward(cx: &mut Backward<'_>) -> Result<()> {
         cx.push(Op::ConcatBackward(ops::ConcatBackward { n: cx.batch, inner, parts, dy: cx.dy() }));
     }
     Ok(())
+}
+
+/// Add's kind (no spec type: `residual` blocks make it).
+pub(crate) struct Add;
+
+/// Concat's kind (no spec type: `concat` blocks make it).
+pub(crate) struct Concat;
+
+impl LayerKind for Add {
+    fn type_name(&self) -> &'static str {
+        "add"
+    }
+    fn display_type(&self) -> String {
+        "Add".into()
+    }
+    fn infer_inputs(&self, name: &str, inputs: &[&[usize]]) -> Result<Vec<usize>> {
+        infer_add(name, inputs)
+    }
+    fn infer(&self, name: &str, input: &[usize]) -> Result<Vec<usize>> {
+        infer_add(name, &[input])
+    }
+    fn flops(&self, _input: &[usize], out: u64, inputs: usize) -> u64 {
+        add_flops(out, inputs)
+    }
+    fn forward(&self, cx: &mut Forward<'_>) -> Result<()> {
+        add_forward(cx)
+    }
+    fn backward(&self, cx: &mut Backward<'_>) -> Result<()> {
+        add_backward(cx)
+    }
+}
+
+impl LayerKind for Concat {
+    fn type_name(&self) -> &'static str {
+        "concat"
+    }
+    fn display_type(&self) -> String {
+        "Concat".into()
+    }
+    fn infer_inputs(&self, name: &str, inputs: &[&[usize]]) -> Result<Vec<usize>> {
+        infer_concat(name, inputs)
+    }
+    fn infer(&self, name: &str, input: &[usize]) -> Result<Vec<usize>> {
+        infer_concat(name, &[input])
+    }
+    fn flops(&self, _input: &[usize], _out: u64, _inputs: usize) -> u64 {
+        0
+    }
+    fn forward(&self, cx: &mut Forward<'_>) -> Result<()> {
+        concat_forward(cx)
+    }
+    fn backward(&self, cx: &mut Backward<'_>) -> Result<()> {
+        concat_backward(cx)
+    }
 }

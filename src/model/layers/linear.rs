@@ -4,6 +4,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::LayerKind;
+use crate::model::Layer;
+use crate::model::spec::{Fields, SpecTable, SpecType};
+
 use crate::Result;
 use crate::backend::{Op, ops};
 use crate::model::ParamRole;
@@ -81,4 +85,45 @@ pub(crate) fn backward(l: &Linear, cx: &mut Backward<'_>) -> Result<()> {
     let db = cx.param_grad(ParamRole::Bias);
     cx.push(Op::LinearBackward(ops::LinearBackward { m: cx.batch, k, n: l.out_features, x, w, dy, dx, dw, db }));
     Ok(())
+}
+
+fn read_spec(f: &mut Fields<'_, '_>) -> Result<Layer> {
+    Ok(Layer::Linear(Linear { out_features: f.size("out_features", 1)?, bias: f.bool_or("bias", true)? }))
+}
+
+/// Its spec-file types (`dense` and its PyTorch name `linear`).
+pub(crate) const SPEC: &[SpecType] = &[
+    SpecType { name: "dense", fields: &["out_features", "bias"], read: read_spec },
+    SpecType { name: "linear", fields: &["out_features", "bias"], read: read_spec },
+];
+
+impl LayerKind for Linear {
+    fn type_name(&self) -> &'static str {
+        "dense"
+    }
+    fn display_type(&self) -> String {
+        "Linear".into()
+    }
+    fn check_options(&self, name: &str) -> Result<()> {
+        check_options(name, self)
+    }
+    fn infer(&self, name: &str, _input: &[usize]) -> Result<Vec<usize>> {
+        infer(name, self)
+    }
+    fn params(&self, input: &[usize]) -> Vec<ParamDecl> {
+        params(self, input)
+    }
+    fn flops(&self, input: &[usize], out: u64, _inputs: usize) -> u64 {
+        flops(self, input, out)
+    }
+    fn forward(&self, cx: &mut Forward<'_>) -> Result<()> {
+        forward(self, cx)
+    }
+    fn backward(&self, cx: &mut Backward<'_>) -> Result<()> {
+        backward(self, cx)
+    }
+    fn write_spec(&self, t: &mut SpecTable) {
+        t.int("out_features", self.out_features);
+        t.bool("bias", self.bias);
+    }
 }

@@ -4,6 +4,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::LayerKind;
+use crate::model::Layer;
+use crate::model::spec::{Fields, SpecTable, SpecType};
+
 use crate::backend::{Op, PoolGeom, ops};
 use crate::model::lower::{Backward, Forward};
 use crate::model::shape::{bounded, need_4d, positive, window_out};
@@ -195,4 +199,126 @@ pub(crate) fn global_backward(cx: &mut Backward<'_>) -> Result<()> {
         cx.push(Op::AvgPoolBackward(ops::AvgPoolBackward { g, count_include_pad: true, dy: cx.dy(), dx }));
     }
     Ok(())
+}
+
+/// MaxPool2d's kind: its window.
+pub(crate) struct Max<'a>(pub(crate) &'a Pool2d);
+
+/// AvgPool2d's kind: its window.
+pub(crate) struct Avg<'a>(pub(crate) &'a Pool2d);
+
+/// GlobalAvgPool's kind.
+pub(crate) struct GlobalAvg;
+
+fn read_window(f: &mut Fields<'_, '_>, count_include_pad: bool) -> Result<Pool2d> {
+    let kernel = f.pair("kernel", 1)?;
+    Ok(Pool2d {
+        kernel,
+        stride: f.pair_or("stride", 1, kernel)?,
+        padding: f.pair_or("padding", 0, (0, 0))?,
+        count_include_pad: if count_include_pad { f.bool_or("count_include_pad", true)? } else { true },
+    })
+}
+
+/// Their spec-file types.
+pub(crate) const SPEC: &[SpecType] = &[
+    SpecType {
+        name: "max_pool2d",
+        fields: &["kernel", "stride", "padding"],
+        read: |f| Ok(Layer::MaxPool2d(read_window(f, false)?)),
+    },
+    SpecType {
+        name: "avg_pool2d",
+        fields: &["kernel", "stride", "padding", "count_include_pad"],
+        read: |f| Ok(Layer::AvgPool2d(read_window(f, true)?)),
+    },
+    SpecType { name: "global_avg_pool", fields: &[], read: |_| Ok(Layer::GlobalAvgPool) },
+];
+
+fn write_window(p: &Pool2d, t: &mut SpecTable) {
+    t.pair("kernel", p.kernel);
+    t.pair("stride", p.stride);
+    t.pair("padding", p.padding);
+}
+
+impl LayerKind for Max<'_> {
+    fn type_name(&self) -> &'static str {
+        "max_pool2d"
+    }
+    fn display_type(&self) -> String {
+        "MaxPool2d".into()
+    }
+    fn check_options(&self, name: &str) -> Result<()> {
+        check_options(name, self.0)
+    }
+    fn infer(&self, name: &str, input: &[usize]) -> Result<Vec<usize>> {
+        infer(name, self.0, input)
+    }
+    fn flops(&self, _input: &[usize], out: u64, _inputs: usize) -> u64 {
+        flops(self.0, out)
+    }
+    fn detail(&self, _name: &str, _input: &[usize]) -> Option<String> {
+        Some(detail(self.0))
+    }
+    fn forward(&self, cx: &mut Forward<'_>) -> Result<()> {
+        max_forward(self.0, cx)
+    }
+    fn backward(&self, cx: &mut Backward<'_>) -> Result<()> {
+        max_backward(self.0, cx)
+    }
+    fn write_spec(&self, t: &mut SpecTable) {
+        write_window(self.0, t);
+    }
+}
+
+impl LayerKind for Avg<'_> {
+    fn type_name(&self) -> &'static str {
+        "avg_pool2d"
+    }
+    fn display_type(&self) -> String {
+        "AvgPool2d".into()
+    }
+    fn check_options(&self, name: &str) -> Result<()> {
+        check_options(name, self.0)
+    }
+    fn infer(&self, name: &str, input: &[usize]) -> Result<Vec<usize>> {
+        infer(name, self.0, input)
+    }
+    fn flops(&self, _input: &[usize], out: u64, _inputs: usize) -> u64 {
+        flops(self.0, out)
+    }
+    fn detail(&self, _name: &str, _input: &[usize]) -> Option<String> {
+        Some(detail(self.0))
+    }
+    fn forward(&self, cx: &mut Forward<'_>) -> Result<()> {
+        avg_forward(self.0, cx)
+    }
+    fn backward(&self, cx: &mut Backward<'_>) -> Result<()> {
+        avg_backward(self.0, cx)
+    }
+    fn write_spec(&self, t: &mut SpecTable) {
+        write_window(self.0, t);
+        t.bool("count_include_pad", self.0.count_include_pad);
+    }
+}
+
+impl LayerKind for GlobalAvg {
+    fn type_name(&self) -> &'static str {
+        "global_avg_pool"
+    }
+    fn display_type(&self) -> String {
+        "GlobalAvgPool".into()
+    }
+    fn infer(&self, name: &str, input: &[usize]) -> Result<Vec<usize>> {
+        infer_global(name, input)
+    }
+    fn flops(&self, input: &[usize], _out: u64, _inputs: usize) -> u64 {
+        global_flops(input)
+    }
+    fn forward(&self, cx: &mut Forward<'_>) -> Result<()> {
+        global_forward(cx)
+    }
+    fn backward(&self, cx: &mut Backward<'_>) -> Result<()> {
+        global_backward(cx)
+    }
 }

@@ -2,7 +2,11 @@
 //! `backend/cpu/softmax.rs` and `backend/cuda/softmax.rs`.
 
 use crate::backend::{Op, ops};
+
+use super::LayerKind;
+use crate::model::Layer;
 use crate::model::lower::{Backward, Forward};
+use crate::model::spec::{SpecTable, SpecType};
 use crate::{Error, Result};
 
 /// Shape rule: the input's shape, with `axis` in range for the tensor with its batch axis.
@@ -46,4 +50,44 @@ pub(crate) fn backward(axis: isize, cx: &mut Backward<'_>) -> Result<()> {
         cx.push(Op::SoftmaxBackward(ops::SoftmaxBackward { outer, dim, inner, y, dy, dx }));
     }
     Ok(())
+}
+
+/// Softmax's kind: its axis.
+pub(crate) struct Softmax {
+    pub(crate) axis: isize,
+}
+
+/// Its spec-file type.
+pub(crate) const SPEC: &[SpecType] = &[SpecType {
+    name: "softmax",
+    fields: &["axis"],
+    read: |f| {
+        let axis = f.int_or("axis", -1)?;
+        let axis = isize::try_from(axis).map_err(|_| f.line_err("axis out of range"))?;
+        Ok(Layer::Softmax { axis })
+    },
+}];
+
+impl LayerKind for Softmax {
+    fn type_name(&self) -> &'static str {
+        "softmax"
+    }
+    fn display_type(&self) -> String {
+        format!("Softmax({})", self.axis)
+    }
+    fn infer(&self, name: &str, input: &[usize]) -> Result<Vec<usize>> {
+        infer(name, self.axis, input)
+    }
+    fn flops(&self, _input: &[usize], out: u64, _inputs: usize) -> u64 {
+        flops(out)
+    }
+    fn forward(&self, cx: &mut Forward<'_>) -> Result<()> {
+        forward(self.axis, cx)
+    }
+    fn backward(&self, cx: &mut Backward<'_>) -> Result<()> {
+        backward(self.axis, cx)
+    }
+    fn write_spec(&self, t: &mut SpecTable) {
+        t.signed("axis", self.axis as i64);
+    }
 }

@@ -1,14 +1,77 @@
 //! Flatten and Reshape, whole: views of their input (the same buffer seen with another shape, so
 //! their gradient is their input's too). Shape rules; no ops, no FLOPs, no memory of their own.
 
+use super::LayerKind;
 use crate::model::Layer;
-use crate::model::lower::Forward;
+use crate::model::lower::{Backward, Forward};
 use crate::model::shape::dims_str;
+use crate::model::spec::{SpecTable, SpecType};
 use crate::{Error, Result};
 
-/// Whether a layer's output is its input's buffer seen with another shape.
-pub(crate) fn is_view(layer: &Layer) -> bool {
-    matches!(layer, Layer::Flatten | Layer::Reshape(_))
+/// Flatten's kind.
+pub(crate) struct Flatten;
+
+/// Reshape's kind: its target shape.
+pub(crate) struct Reshape<'a>(pub(crate) &'a [usize]);
+
+/// Their spec-file types.
+pub(crate) const SPEC: &[SpecType] = &[
+    SpecType { name: "flatten", fields: &[], read: |_| Ok(Layer::Flatten) },
+    SpecType { name: "reshape", fields: &["shape"], read: |f| Ok(Layer::Reshape(f.sizes("shape", 1)?)) },
+];
+
+impl LayerKind for Flatten {
+    fn type_name(&self) -> &'static str {
+        "flatten"
+    }
+    fn display_type(&self) -> String {
+        "Flatten".into()
+    }
+    fn infer(&self, _name: &str, input: &[usize]) -> Result<Vec<usize>> {
+        Ok(infer_flatten(input))
+    }
+    fn flops(&self, _input: &[usize], _out: u64, _inputs: usize) -> u64 {
+        0
+    }
+    fn is_view(&self) -> bool {
+        true
+    }
+    fn forward(&self, cx: &mut Forward<'_>) -> Result<()> {
+        forward(cx)
+    }
+    fn backward(&self, _cx: &mut Backward<'_>) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl LayerKind for Reshape<'_> {
+    fn type_name(&self) -> &'static str {
+        "reshape"
+    }
+    fn display_type(&self) -> String {
+        "Reshape".into()
+    }
+    fn check_options(&self, name: &str) -> Result<()> {
+        crate::model::shape::bounded(name, "reshape dimension", self.0)
+    }
+    fn infer(&self, name: &str, input: &[usize]) -> Result<Vec<usize>> {
+        infer_reshape(name, self.0, input)
+    }
+    fn flops(&self, _input: &[usize], _out: u64, _inputs: usize) -> u64 {
+        0
+    }
+    fn is_view(&self) -> bool {
+        true
+    }
+    fn forward(&self, cx: &mut Forward<'_>) -> Result<()> {
+        forward(cx)
+    }
+    fn backward(&self, _cx: &mut Backward<'_>) -> Result<()> {
+        Ok(())
+    }
+    fn write_spec(&self, t: &mut SpecTable) {
+        t.sizes("shape", self.0);
+    }
 }
 
 /// Flatten's shape rule: `[...] -> [product]`.
