@@ -67,19 +67,6 @@ impl Activation {
     }
 }
 
-/// Shape rule: the input's shape, for a function whose constant is finite.
-pub(crate) fn infer(name: &str, a: &Activation, input: &[usize]) -> Result<Vec<usize>> {
-    match *a {
-        Activation::LeakyRelu { slope } if !slope.is_finite() => {
-            Err(Error::layer(name, format!("leaky_relu slope must be finite, got {slope}")))
-        }
-        Activation::Elu { alpha } if !alpha.is_finite() => {
-            Err(Error::layer(name, format!("elu alpha must be finite, got {alpha}")))
-        }
-        _ => Ok(input.to_vec()),
-    }
-}
-
 fn act_fn(a: &Activation) -> ActFn {
     match *a {
         Activation::Relu => ActFn::Relu,
@@ -90,22 +77,6 @@ fn act_fn(a: &Activation) -> ActFn {
         Activation::Silu => ActFn::Silu,
         Activation::Gelu => ActFn::Gelu,
     }
-}
-
-/// Lowering of the forward pass: one [`Op::Act`].
-pub(crate) fn forward(a: &Activation, cx: &mut Forward<'_>) -> Result<()> {
-    let (x, y) = (cx.input(0), cx.output());
-    cx.push(Op::Act(ops::Act { f: act_fn(a), len: cx.numel(), x, y }));
-    Ok(())
-}
-
-/// Lowering of the backward pass: one [`Op::ActBackward`] (it reads the input and the output).
-pub(crate) fn backward(a: &Activation, cx: &mut Backward<'_>) -> Result<()> {
-    if let Some(dx) = cx.dx(0) {
-        let (x, y, dy) = (cx.input(0), cx.output(), cx.dy());
-        cx.push(Op::ActBackward(ops::ActBackward { f: act_fn(a), len: cx.numel(), x, y, dy, dx }));
-    }
-    Ok(())
 }
 
 /// Its spec-file types, one per function (`swish` is `silu`'s other name).
@@ -135,17 +106,34 @@ impl LayerKind for Activation {
     fn display_type(&self) -> String {
         Activation::display_type(self)
     }
+    /// Shape rule: the input's shape, for a function whose constant is finite.
     fn infer(&self, name: &str, input: &[usize]) -> Result<Vec<usize>> {
-        infer(name, self, input)
+        match *self {
+            Activation::LeakyRelu { slope } if !slope.is_finite() => {
+                Err(Error::layer(name, format!("leaky_relu slope must be finite, got {slope}")))
+            }
+            Activation::Elu { alpha } if !alpha.is_finite() => {
+                Err(Error::layer(name, format!("elu alpha must be finite, got {alpha}")))
+            }
+            _ => Ok(input.to_vec()),
+        }
     }
     fn flops(&self, _input: &[usize], out: u64, _inputs: usize) -> u64 {
         out
     }
+    /// Lowering of the forward pass: one [`Op::Act`].
     fn forward(&self, cx: &mut Forward<'_>) -> Result<()> {
-        forward(self, cx)
+        let (x, y) = (cx.input(0), cx.output());
+        cx.push(Op::Act(ops::Act { f: act_fn(self), len: cx.numel(), x, y }));
+        Ok(())
     }
+    /// Lowering of the backward pass: one [`Op::ActBackward`] (it reads the input and the output).
     fn backward(&self, cx: &mut Backward<'_>) -> Result<()> {
-        backward(self, cx)
+        if let Some(dx) = cx.dx(0) {
+            let (x, y, dy) = (cx.input(0), cx.output(), cx.dy());
+            cx.push(Op::ActBackward(ops::ActBackward { f: act_fn(self), len: cx.numel(), x, y, dy, dx }));
+        }
+        Ok(())
     }
     fn write_spec(&self, t: &mut SpecTable) {
         match *self {

@@ -64,107 +64,8 @@ impl BatchNorm {
     }
 }
 
-/// Shape rule: a `[batch, features]` or `[batch, C, H, W]` input, kept as the output's shape.
-pub(crate) fn infer(name: &str, bn: &BatchNorm, input: &[usize]) -> Result<Vec<usize>> {
-    if input.len() != 1 && input.len() != 3 {
-        return Err(Error::layer(
-            name,
-            format!(
-                "batch_norm needs a [batch, features] or [batch, C, H, W] input, got per-sample shape {}",
-                dims_str(input)
-            ),
-        ));
-    }
-    if !(bn.eps > 0.0 && bn.eps.is_finite()) {
-        return Err(Error::layer(name, format!("eps must be positive and finite, got {}", bn.eps)));
-    }
-    if !(0.0..=1.0).contains(&bn.momentum) {
-        return Err(Error::layer(name, format!("momentum must be in [0, 1], got {}", bn.momentum)));
-    }
-    Ok(input.to_vec())
-}
-
-/// `weight` and `bias` `[C]` when affine, then `running_mean` and `running_var` `[C]` (state,
-/// not trained) when tracking running statistics; PyTorch's `state_dict` order.
-pub(crate) fn params(bn: &BatchNorm, input: &[usize]) -> Vec<ParamDecl> {
-    let c = input[0];
-    let mut v = Vec::new();
-    if bn.affine {
-        v.push(ParamDecl::trained("weight", ParamRole::Weight, vec![c], 1));
-        v.push(ParamDecl::trained("bias", ParamRole::Bias, vec![c], 1));
-    }
-    if bn.track_running_stats {
-        v.push(ParamDecl::state("running_mean", ParamRole::RunningMean, vec![c]));
-        v.push(ParamDecl::state("running_var", ParamRole::RunningVar, vec![c]));
-    }
-    v
-}
-
-/// PyTorch's initial values: weight 1, bias 0, running mean 0, running variance 1.
-pub(crate) fn init(role: ParamRole, n: usize) -> Vec<f32> {
-    vec![if matches!(role, ParamRole::Weight | ParamRole::RunningVar) { 1.0 } else { 0.0 }; n]
-}
-
-/// Forward FLOPs per sample: the scale and shift (2 per value).
-pub(crate) fn flops(out: u64) -> u64 {
-    2 * out
-}
-
 fn geom(ins: &[usize], batch: usize, eps: f32) -> BnGeom {
     BnGeom { n: batch, c: ins[0], hw: ins[1..].iter().product(), eps }
-}
-
-/// Lowering of the forward pass: [`Op::BatchNormInfer`] in evaluation with running statistics,
-/// else [`Op::BatchNormTrain`] (batch statistics saved for backward).
-pub(crate) fn forward(bn: &BatchNorm, cx: &mut Forward<'_>) -> Result<()> {
-    let (node, batch, ins) = (cx.node, cx.batch, cx.in_shapes[0]);
-    let g = geom(ins, batch, bn.eps);
-    if cx.mode == Mode::Train && g.n * g.hw < 2 {
-        return Err(Error::layer(
-            &node.name,
-            format!(
-                "batch norm in training needs more than one value per channel; \
-                 batch {batch} of shape {ins:?} gives {}",
-                g.n * g.hw
-            ),
-        ));
-    }
-    let (x, y) = (cx.input(0), cx.output());
-    let gamma = cx.param(ParamRole::Weight);
-    let beta = cx.param(ParamRole::Bias);
-    let rm = cx.param(ParamRole::RunningMean);
-    let rv = cx.param(ParamRole::RunningVar);
-    match (cx.mode, rm, rv) {
-        (Mode::Eval, Some(running_mean), Some(running_var)) => {
-            cx.push(Op::BatchNormInfer(ops::BatchNormInfer { g, x, gamma, beta, running_mean, running_var, y }))
-        }
-        _ => {
-            let mean = cx.save(g.c, "mean");
-            let invstd = cx.save(g.c, "invstd");
-            let running = match (cx.mode, rm, rv) {
-                (Mode::Train, Some(rm), Some(rv)) if cx.update_running_stats => Some((rm, rv, bn.momentum)),
-                _ => None,
-            };
-            let sync = cx.sync_batch_norm && cx.mode == Mode::Train;
-            cx.push(Op::BatchNormTrain(ops::BatchNormTrain { g, x, gamma, beta, y, mean, invstd, running, sync }));
-        }
-    }
-    Ok(())
-}
-
-/// Lowering of the backward pass: one [`Op::BatchNormBackward`].
-pub(crate) fn backward(bn: &BatchNorm, cx: &mut Backward<'_>) -> Result<()> {
-    let g = geom(cx.in_shapes[0], cx.batch, bn.eps);
-    let (x, dy) = (cx.input(0), cx.dy());
-    let dx = cx.dx(0);
-    let (dgamma, dbeta) = (cx.param_grad(ParamRole::Weight), cx.param_grad(ParamRole::Bias));
-    if dx.is_some() || dgamma.is_some() {
-        let gamma = cx.param(ParamRole::Weight);
-        let (mean, invstd, sync) = (cx.saved(0), cx.saved(1), cx.sync_batch_norm);
-        let op = ops::BatchNormBackward { g, x, gamma, mean, invstd, dy, dx, dgamma, dbeta, sync };
-        cx.push(Op::BatchNormBackward(op));
-    }
-    Ok(())
 }
 
 /// Its spec-file type.
@@ -189,23 +90,98 @@ impl LayerKind for BatchNorm {
     fn display_type(&self) -> String {
         "BatchNorm".into()
     }
+    /// Shape rule: a `[batch, features]` or `[batch, C, H, W]` input, kept as the output's shape.
     fn infer(&self, name: &str, input: &[usize]) -> Result<Vec<usize>> {
-        infer(name, self, input)
+        if input.len() != 1 && input.len() != 3 {
+            return Err(Error::layer(
+                name,
+                format!(
+                    "batch_norm needs a [batch, features] or [batch, C, H, W] input, got per-sample shape {}",
+                    dims_str(input)
+                ),
+            ));
+        }
+        if !(self.eps > 0.0 && self.eps.is_finite()) {
+            return Err(Error::layer(name, format!("eps must be positive and finite, got {}", self.eps)));
+        }
+        if !(0.0..=1.0).contains(&self.momentum) {
+            return Err(Error::layer(name, format!("momentum must be in [0, 1], got {}", self.momentum)));
+        }
+        Ok(input.to_vec())
     }
+    /// `weight` and `bias` `[C]` when affine, then `running_mean` and `running_var` `[C]` (state,
+    /// not trained) when tracking running statistics; PyTorch's `state_dict` order.
     fn params(&self, input: &[usize]) -> Vec<ParamDecl> {
-        params(self, input)
+        let c = input[0];
+        let mut v = Vec::new();
+        if self.affine {
+            v.push(ParamDecl::trained("weight", ParamRole::Weight, vec![c], 1));
+            v.push(ParamDecl::trained("bias", ParamRole::Bias, vec![c], 1));
+        }
+        if self.track_running_stats {
+            v.push(ParamDecl::state("running_mean", ParamRole::RunningMean, vec![c]));
+            v.push(ParamDecl::state("running_var", ParamRole::RunningVar, vec![c]));
+        }
+        v
     }
+    /// PyTorch's initial values: weight 1, bias 0, running mean 0, running variance 1.
     fn init(&self, role: ParamRole, n: usize) -> Option<Vec<f32>> {
-        Some(init(role, n))
+        Some(vec![if matches!(role, ParamRole::Weight | ParamRole::RunningVar) { 1.0 } else { 0.0 }; n])
     }
+    /// Forward FLOPs per sample: the scale and shift (2 per value).
     fn flops(&self, _input: &[usize], out: u64, _inputs: usize) -> u64 {
-        flops(out)
+        2 * out
     }
+    /// Lowering of the forward pass: [`Op::BatchNormInfer`] in evaluation with running statistics,
+    /// else [`Op::BatchNormTrain`] (batch statistics saved for backward).
     fn forward(&self, cx: &mut Forward<'_>) -> Result<()> {
-        forward(self, cx)
+        let (node, batch, ins) = (cx.node, cx.batch, cx.in_shapes[0]);
+        let g = geom(ins, batch, self.eps);
+        if cx.mode == Mode::Train && g.n * g.hw < 2 {
+            return Err(Error::layer(
+                &node.name,
+                format!(
+                    "batch norm in training needs more than one value per channel; \
+                     batch {batch} of shape {ins:?} gives {}",
+                    g.n * g.hw
+                ),
+            ));
+        }
+        let (x, y) = (cx.input(0), cx.output());
+        let gamma = cx.param(ParamRole::Weight);
+        let beta = cx.param(ParamRole::Bias);
+        let rm = cx.param(ParamRole::RunningMean);
+        let rv = cx.param(ParamRole::RunningVar);
+        match (cx.mode, rm, rv) {
+            (Mode::Eval, Some(running_mean), Some(running_var)) => {
+                cx.push(Op::BatchNormInfer(ops::BatchNormInfer { g, x, gamma, beta, running_mean, running_var, y }))
+            }
+            _ => {
+                let mean = cx.save(g.c, "mean");
+                let invstd = cx.save(g.c, "invstd");
+                let running = match (cx.mode, rm, rv) {
+                    (Mode::Train, Some(rm), Some(rv)) if cx.update_running_stats => Some((rm, rv, self.momentum)),
+                    _ => None,
+                };
+                let sync = cx.sync_batch_norm && cx.mode == Mode::Train;
+                cx.push(Op::BatchNormTrain(ops::BatchNormTrain { g, x, gamma, beta, y, mean, invstd, running, sync }));
+            }
+        }
+        Ok(())
     }
+    /// Lowering of the backward pass: one [`Op::BatchNormBackward`].
     fn backward(&self, cx: &mut Backward<'_>) -> Result<()> {
-        backward(self, cx)
+        let g = geom(cx.in_shapes[0], cx.batch, self.eps);
+        let (x, dy) = (cx.input(0), cx.dy());
+        let dx = cx.dx(0);
+        let (dgamma, dbeta) = (cx.param_grad(ParamRole::Weight), cx.param_grad(ParamRole::Bias));
+        if dx.is_some() || dgamma.is_some() {
+            let gamma = cx.param(ParamRole::Weight);
+            let (mean, invstd, sync) = (cx.saved(0), cx.saved(1), cx.sync_batch_norm);
+            let op = ops::BatchNormBackward { g, x, gamma, mean, invstd, dy, dx, dgamma, dbeta, sync };
+            cx.push(Op::BatchNormBackward(op));
+        }
+        Ok(())
     }
     fn write_spec(&self, t: &mut SpecTable) {
         t.float("eps", self.eps);

@@ -103,23 +103,6 @@ pub struct ConvResolved {
     pub out_hw: (usize, usize),
 }
 
-/// The size options against `MAX_OPTION` (shared by the builder and the model-file loader).
-pub(crate) fn check_options(name: &str, c: &Conv2d) -> Result<()> {
-    bounded(name, "out_channels", &[c.out_channels])?;
-    bounded(name, "kernel", &[c.kernel.0, c.kernel.1])?;
-    bounded(name, "stride", &[c.stride.0, c.stride.1])?;
-    bounded(name, "dilation", &[c.dilation.0, c.dilation.1])?;
-    bounded(name, "groups", &[c.groups])?;
-    // usize::MAX marks a padding string that was not understood (resolve_conv says so).
-    if let Padding::Explicit(h, w) = c.padding
-        && h != usize::MAX
-        && w != usize::MAX
-    {
-        bounded(name, "padding", &[h, w])?;
-    }
-    Ok(())
-}
-
 /// Resolves a convolution's padding and output size for a `[C, H, W]` input.
 pub fn resolve_conv(name: &str, conv: &Conv2d, input: &[usize]) -> Result<ConvResolved> {
     let (c, h, w) = need_4d(name, "conv2d", input)?;
@@ -173,55 +156,6 @@ pub fn resolve_conv(name: &str, conv: &Conv2d, input: &[usize]) -> Result<ConvRe
     Ok(ConvResolved { pad, out_hw: (oh, ow) })
 }
 
-/// Shape rule: `[C, H, W] -> [out_channels, oh, ow]`.
-pub(crate) fn infer(name: &str, c: &Conv2d, input: &[usize]) -> Result<Vec<usize>> {
-    let r = resolve_conv(name, c, input)?;
-    Ok(vec![c.out_channels, r.out_hw.0, r.out_hw.1])
-}
-
-/// Weight `[out, in/groups, kh, kw]` and, with `bias`, bias `[out]`; both drawn with the
-/// weight's fan-in, as PyTorch does.
-pub(crate) fn params(c: &Conv2d, input: &[usize]) -> Vec<ParamDecl> {
-    let cin = input[0] / c.groups;
-    let fan_in = cin * c.kernel.0 * c.kernel.1;
-    let mut v = vec![ParamDecl::trained(
-        "weight",
-        ParamRole::Weight,
-        vec![c.out_channels, cin, c.kernel.0, c.kernel.1],
-        fan_in,
-    )];
-    if c.bias {
-        v.push(ParamDecl::trained("bias", ParamRole::Bias, vec![c.out_channels], fan_in));
-    }
-    v
-}
-
-/// Forward FLOPs per sample: a multiply-add per output and weight tap, plus the bias.
-pub(crate) fn flops(c: &Conv2d, input: &[usize], out: u64) -> u64 {
-    let per_out = 2 * (input[0] / c.groups * c.kernel.0 * c.kernel.1) as u64;
-    out * per_out + if c.bias { out } else { 0 }
-}
-
-/// The summary's detail column: kernel, and stride, padding, dilation and groups where not
-/// the default.
-pub(crate) fn detail(name: &str, c: &Conv2d, input: &[usize]) -> String {
-    let pad = resolve_conv(name, c, input).map(|r| r.pad).unwrap_or((0, 0));
-    let mut d = format!("k{}x{}", c.kernel.0, c.kernel.1);
-    if c.stride != (1, 1) {
-        d += &format!(" s{}x{}", c.stride.0, c.stride.1);
-    }
-    if pad != (0, 0) {
-        d += &format!(" p{}x{}", pad.0, pad.1);
-    }
-    if c.dilation != (1, 1) {
-        d += &format!(" d{}x{}", c.dilation.0, c.dilation.1);
-    }
-    if c.groups != 1 {
-        d += &format!(" g{}", c.groups);
-    }
-    d
-}
-
 fn geom(name: &str, c: &Conv2d, ins: &[usize], batch: usize) -> Result<ConvGeom> {
     let r = resolve_conv(name, c, ins)?;
     Ok(ConvGeom {
@@ -242,28 +176,6 @@ fn geom(name: &str, c: &Conv2d, ins: &[usize], batch: usize) -> Result<ConvGeom>
         oh: r.out_hw.0,
         ow: r.out_hw.1,
     })
-}
-
-/// Lowering of the forward pass: one [`Op::Conv2d`].
-pub(crate) fn forward(c: &Conv2d, cx: &mut Forward<'_>) -> Result<()> {
-    let g = geom(&cx.node.name, c, cx.in_shapes[0], cx.batch)?;
-    let (x, y) = (cx.input(0), cx.output());
-    let w = cx.param(ParamRole::Weight).expect("conv weight");
-    let b = if c.bias { cx.param(ParamRole::Bias) } else { None };
-    cx.push(Op::Conv2d(ops::Conv2d { g, x, w, b, y }));
-    Ok(())
-}
-
-/// Lowering of the backward pass: one [`Op::Conv2dBackward`] (data, weight and bias gradients).
-pub(crate) fn backward(c: &Conv2d, cx: &mut Backward<'_>) -> Result<()> {
-    let g = geom(&cx.node.name, c, cx.in_shapes[0], cx.batch)?;
-    let (x, dy) = (cx.input(0), cx.dy());
-    let w = cx.param(ParamRole::Weight).expect("conv weight");
-    let dx = cx.dx(0);
-    let dw = cx.param_grad(ParamRole::Weight).expect("conv weight gradient");
-    let db = cx.param_grad(ParamRole::Bias);
-    cx.push(Op::Conv2dBackward(ops::Conv2dBackward { g, x, w, dy, dx, dw, db }));
-    Ok(())
 }
 
 /// Its spec-file type.
@@ -290,26 +202,86 @@ impl LayerKind for Conv2d {
     fn display_type(&self) -> String {
         "Conv2d".into()
     }
+    /// The size options against `MAX_OPTION` (shared by the builder and the model-file loader).
     fn check_options(&self, name: &str) -> Result<()> {
-        check_options(name, self)
+        bounded(name, "out_channels", &[self.out_channels])?;
+        bounded(name, "kernel", &[self.kernel.0, self.kernel.1])?;
+        bounded(name, "stride", &[self.stride.0, self.stride.1])?;
+        bounded(name, "dilation", &[self.dilation.0, self.dilation.1])?;
+        bounded(name, "groups", &[self.groups])?;
+        // usize::MAX marks a padding string that was not understood (resolve_conv says so).
+        if let Padding::Explicit(h, w) = self.padding
+            && h != usize::MAX
+            && w != usize::MAX
+        {
+            bounded(name, "padding", &[h, w])?;
+        }
+        Ok(())
     }
+    /// Shape rule: `[C, H, W] -> [out_channels, oh, ow]`.
     fn infer(&self, name: &str, input: &[usize]) -> Result<Vec<usize>> {
-        infer(name, self, input)
+        let r = resolve_conv(name, self, input)?;
+        Ok(vec![self.out_channels, r.out_hw.0, r.out_hw.1])
     }
+    /// Weight `[out, in/groups, kh, kw]` and, with `bias`, bias `[out]`; both drawn with the
+    /// weight's fan-in, as PyTorch does.
     fn params(&self, input: &[usize]) -> Vec<ParamDecl> {
-        params(self, input)
+        let cin = input[0] / self.groups;
+        let fan_in = cin * self.kernel.0 * self.kernel.1;
+        let mut v = vec![ParamDecl::trained(
+            "weight",
+            ParamRole::Weight,
+            vec![self.out_channels, cin, self.kernel.0, self.kernel.1],
+            fan_in,
+        )];
+        if self.bias {
+            v.push(ParamDecl::trained("bias", ParamRole::Bias, vec![self.out_channels], fan_in));
+        }
+        v
     }
+    /// Forward FLOPs per sample: a multiply-add per output and weight tap, plus the bias.
     fn flops(&self, input: &[usize], out: u64, _inputs: usize) -> u64 {
-        flops(self, input, out)
+        let per_out = 2 * (input[0] / self.groups * self.kernel.0 * self.kernel.1) as u64;
+        out * per_out + if self.bias { out } else { 0 }
     }
+    /// The summary's detail column: kernel, and stride, padding, dilation and groups where not
+    /// the default.
     fn detail(&self, name: &str, input: &[usize]) -> Option<String> {
-        Some(detail(name, self, input))
+        let pad = resolve_conv(name, self, input).map(|r| r.pad).unwrap_or((0, 0));
+        let mut d = format!("k{}x{}", self.kernel.0, self.kernel.1);
+        if self.stride != (1, 1) {
+            d += &format!(" s{}x{}", self.stride.0, self.stride.1);
+        }
+        if pad != (0, 0) {
+            d += &format!(" p{}x{}", pad.0, pad.1);
+        }
+        if self.dilation != (1, 1) {
+            d += &format!(" d{}x{}", self.dilation.0, self.dilation.1);
+        }
+        if self.groups != 1 {
+            d += &format!(" g{}", self.groups);
+        }
+        Some(d)
     }
+    /// Lowering of the forward pass: one [`Op::Conv2d`].
     fn forward(&self, cx: &mut Forward<'_>) -> Result<()> {
-        forward(self, cx)
+        let g = geom(&cx.node.name, self, cx.in_shapes[0], cx.batch)?;
+        let (x, y) = (cx.input(0), cx.output());
+        let w = cx.param(ParamRole::Weight).expect("conv weight");
+        let b = if self.bias { cx.param(ParamRole::Bias) } else { None };
+        cx.push(Op::Conv2d(ops::Conv2d { g, x, w, b, y }));
+        Ok(())
     }
+    /// Lowering of the backward pass: one [`Op::Conv2dBackward`] (data, weight and bias gradients).
     fn backward(&self, cx: &mut Backward<'_>) -> Result<()> {
-        backward(self, cx)
+        let g = geom(&cx.node.name, self, cx.in_shapes[0], cx.batch)?;
+        let (x, dy) = (cx.input(0), cx.dy());
+        let w = cx.param(ParamRole::Weight).expect("conv weight");
+        let dx = cx.dx(0);
+        let dw = cx.param_grad(ParamRole::Weight).expect("conv weight gradient");
+        let db = cx.param_grad(ParamRole::Bias);
+        cx.push(Op::Conv2dBackward(ops::Conv2dBackward { g, x, w, dy, dx, dw, db }));
+        Ok(())
     }
     fn write_spec(&self, t: &mut SpecTable) {
         t.int("out_channels", self.out_channels);

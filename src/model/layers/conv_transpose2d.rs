@@ -130,17 +130,6 @@ impl ConvTranspose2d {
     }
 }
 
-/// The size options against `MAX_OPTION` (shared by the builder and the model-file loader).
-pub(crate) fn check_options(name: &str, c: &ConvTranspose2d) -> Result<()> {
-    bounded(name, "out_channels", &[c.out_channels])?;
-    bounded(name, "kernel", &[c.kernel.0, c.kernel.1])?;
-    bounded(name, "stride", &[c.stride.0, c.stride.1])?;
-    bounded(name, "padding", &[c.padding.0, c.padding.1])?;
-    bounded(name, "output_padding", &[c.output_padding.0, c.output_padding.1])?;
-    bounded(name, "dilation", &[c.dilation.0, c.dilation.1])?;
-    bounded(name, "groups", &[c.groups])
-}
-
 /// Output length along one axis, or why there is none.
 fn axis_out(name: &str, axis: &str, c: &ConvTranspose2d, len: usize, i: usize) -> Result<usize> {
     let pick = |p: (usize, usize)| if i == 0 { p.0 } else { p.1 };
@@ -165,74 +154,10 @@ fn axis_out(name: &str, axis: &str, c: &ConvTranspose2d, len: usize, i: usize) -
     }
 }
 
-/// Shape rule: `[C, H, W] -> [out_channels, OH, OW]` (see [`ConvTranspose2d`] for the size).
-/// The size options were checked against `MAX_OPTION` before ([`check_options`]).
-pub(crate) fn infer(name: &str, c: &ConvTranspose2d, input: &[usize]) -> Result<Vec<usize>> {
-    let (cin, h, w) = need_4d(name, "conv_transpose2d", input)?;
-    positive(name, "out_channels", c.out_channels)?;
-    positive(name, "kernel height", c.kernel.0)?;
-    positive(name, "kernel width", c.kernel.1)?;
-    positive(name, "stride", c.stride.0.min(c.stride.1))?;
-    positive(name, "dilation", c.dilation.0.min(c.dilation.1))?;
-    positive(name, "groups", c.groups)?;
-    positive(name, "input height", h)?;
-    positive(name, "input width", w)?;
-    if !cin.is_multiple_of(c.groups) || !c.out_channels.is_multiple_of(c.groups) {
-        return Err(Error::layer(
-            name,
-            format!(
-                "groups = {} must divide both input channels ({cin}) and out_channels ({})",
-                c.groups, c.out_channels
-            ),
-        ));
-    }
-    Ok(vec![c.out_channels, axis_out(name, "height", c, h, 0)?, axis_out(name, "width", c, w, 1)?])
-}
-
 /// The fan-in PyTorch initialises with: `weight.size(1) * kh * kw`, that is
 /// `out_channels / groups * kh * kw` (the weight's second axis is the output's).
 pub(crate) fn fan_in(c: &ConvTranspose2d) -> usize {
     c.out_channels / c.groups * c.kernel.0 * c.kernel.1
-}
-
-/// Weight `[in, out/groups, kh, kw]` and, with `bias`, bias `[out]`, in PyTorch's
-/// `state_dict` order; both drawn uniformly within `±1/sqrt(fan_in)` (the default initialiser,
-/// with [`fan_in`]).
-pub(crate) fn params(c: &ConvTranspose2d, input: &[usize]) -> Vec<ParamDecl> {
-    let w = vec![input[0], c.out_channels / c.groups, c.kernel.0, c.kernel.1];
-    let mut v = vec![ParamDecl::trained("weight", ParamRole::Weight, w, fan_in(c))];
-    if c.bias {
-        v.push(ParamDecl::trained("bias", ParamRole::Bias, vec![c.out_channels], fan_in(c)));
-    }
-    v
-}
-
-/// Forward FLOPs per sample: a multiply-add per input value and weight tap, plus the bias per
-/// output value.
-pub(crate) fn flops(c: &ConvTranspose2d, input: &[usize], out: u64) -> u64 {
-    let taps = (c.out_channels / c.groups * c.kernel.0 * c.kernel.1) as u64;
-    2 * input.iter().product::<usize>() as u64 * taps + if c.bias { out } else { 0 }
-}
-
-/// The summary's detail column: kernel, and stride, padding, output padding, dilation and
-/// groups where not the default.
-pub(crate) fn detail(c: &ConvTranspose2d) -> String {
-    let mut d = format!("k{}x{}", c.kernel.0, c.kernel.1);
-    let pairs = [
-        ("s", c.stride, (1, 1)),
-        ("p", c.padding, (0, 0)),
-        ("op", c.output_padding, (0, 0)),
-        ("d", c.dilation, (1, 1)),
-    ];
-    for (tag, v, default) in pairs {
-        if v != default {
-            d += &format!(" {tag}{}x{}", v.0, v.1);
-        }
-    }
-    if c.groups != 1 {
-        d += &format!(" g{}", c.groups);
-    }
-    d
 }
 
 /// The geometry of the convolution this layer transposes (see `backend/ops/conv_transpose.rs`):
@@ -256,30 +181,6 @@ fn geom(c: &ConvTranspose2d, ins: &[usize], out: &[usize], batch: usize) -> Conv
         oh: ins[1],
         ow: ins[2],
     }
-}
-
-/// Lowering of the forward pass: one [`Op::ConvTranspose2d`].
-pub(crate) fn forward(c: &ConvTranspose2d, cx: &mut Forward<'_>) -> Result<()> {
-    let g = geom(c, cx.in_shapes[0], &cx.node.shape, cx.batch);
-    let (x, y) = (cx.input(0), cx.output());
-    let w = cx.param(ParamRole::Weight).ok_or_else(|| Error::layer(&cx.node.name, "has no weight buffer"))?;
-    let b = if c.bias { cx.param(ParamRole::Bias) } else { None };
-    cx.push(Op::ConvTranspose2d(ops::ConvTranspose2d { g, x, w, b, y }));
-    Ok(())
-}
-
-/// Lowering of the backward pass: one [`Op::ConvTranspose2dBackward`] (input, weight and bias
-/// gradients).
-pub(crate) fn backward(c: &ConvTranspose2d, cx: &mut Backward<'_>) -> Result<()> {
-    let g = geom(c, cx.in_shapes[0], &cx.node.shape, cx.batch);
-    let (x, dy) = (cx.input(0), cx.dy());
-    let name = &cx.node.name.clone();
-    let w = cx.param(ParamRole::Weight).ok_or_else(|| Error::layer(name, "has no weight buffer"))?;
-    let dx = cx.dx(0);
-    let dw = cx.param_grad(ParamRole::Weight).ok_or_else(|| Error::layer(name, "has no weight gradient"))?;
-    let db = cx.param_grad(ParamRole::Bias);
-    cx.push(Op::ConvTranspose2dBackward(ops::ConvTranspose2dBackward { g, x, w, dy, dx, dw, db }));
-    Ok(())
 }
 
 /// Its spec-file type.
@@ -307,26 +208,97 @@ impl LayerKind for ConvTranspose2d {
     fn display_type(&self) -> String {
         "ConvTranspose2d".into()
     }
+    /// The size options against `MAX_OPTION` (shared by the builder and the model-file loader).
     fn check_options(&self, name: &str) -> Result<()> {
-        check_options(name, self)
+        bounded(name, "out_channels", &[self.out_channels])?;
+        bounded(name, "kernel", &[self.kernel.0, self.kernel.1])?;
+        bounded(name, "stride", &[self.stride.0, self.stride.1])?;
+        bounded(name, "padding", &[self.padding.0, self.padding.1])?;
+        bounded(name, "output_padding", &[self.output_padding.0, self.output_padding.1])?;
+        bounded(name, "dilation", &[self.dilation.0, self.dilation.1])?;
+        bounded(name, "groups", &[self.groups])
     }
+    /// Shape rule: `[C, H, W] -> [out_channels, OH, OW]` (see [`ConvTranspose2d`] for the size).
+    /// The size options were checked against `MAX_OPTION` before (`check_options`).
     fn infer(&self, name: &str, input: &[usize]) -> Result<Vec<usize>> {
-        infer(name, self, input)
+        let (cin, h, w) = need_4d(name, "conv_transpose2d", input)?;
+        positive(name, "out_channels", self.out_channels)?;
+        positive(name, "kernel height", self.kernel.0)?;
+        positive(name, "kernel width", self.kernel.1)?;
+        positive(name, "stride", self.stride.0.min(self.stride.1))?;
+        positive(name, "dilation", self.dilation.0.min(self.dilation.1))?;
+        positive(name, "groups", self.groups)?;
+        positive(name, "input height", h)?;
+        positive(name, "input width", w)?;
+        if !cin.is_multiple_of(self.groups) || !self.out_channels.is_multiple_of(self.groups) {
+            return Err(Error::layer(
+                name,
+                format!(
+                    "groups = {} must divide both input channels ({cin}) and out_channels ({})",
+                    self.groups, self.out_channels
+                ),
+            ));
+        }
+        Ok(vec![self.out_channels, axis_out(name, "height", self, h, 0)?, axis_out(name, "width", self, w, 1)?])
     }
+    /// Weight `[in, out/groups, kh, kw]` and, with `bias`, bias `[out]`, in PyTorch's
+    /// `state_dict` order; both drawn uniformly within `±1/sqrt(fan_in)` (the default initialiser,
+    /// with [`fan_in`]).
     fn params(&self, input: &[usize]) -> Vec<ParamDecl> {
-        params(self, input)
+        let w = vec![input[0], self.out_channels / self.groups, self.kernel.0, self.kernel.1];
+        let mut v = vec![ParamDecl::trained("weight", ParamRole::Weight, w, fan_in(self))];
+        if self.bias {
+            v.push(ParamDecl::trained("bias", ParamRole::Bias, vec![self.out_channels], fan_in(self)));
+        }
+        v
     }
+    /// Forward FLOPs per sample: a multiply-add per input value and weight tap, plus the bias per
+    /// output value.
     fn flops(&self, input: &[usize], out: u64, _inputs: usize) -> u64 {
-        flops(self, input, out)
+        let taps = (self.out_channels / self.groups * self.kernel.0 * self.kernel.1) as u64;
+        2 * input.iter().product::<usize>() as u64 * taps + if self.bias { out } else { 0 }
     }
+    /// The summary's detail column: kernel, and stride, padding, output padding, dilation and
+    /// groups where not the default.
     fn detail(&self, _name: &str, _input: &[usize]) -> Option<String> {
-        Some(detail(self))
+        let mut d = format!("k{}x{}", self.kernel.0, self.kernel.1);
+        let pairs = [
+            ("s", self.stride, (1, 1)),
+            ("p", self.padding, (0, 0)),
+            ("op", self.output_padding, (0, 0)),
+            ("d", self.dilation, (1, 1)),
+        ];
+        for (tag, v, default) in pairs {
+            if v != default {
+                d += &format!(" {tag}{}x{}", v.0, v.1);
+            }
+        }
+        if self.groups != 1 {
+            d += &format!(" g{}", self.groups);
+        }
+        Some(d)
     }
+    /// Lowering of the forward pass: one [`Op::ConvTranspose2d`].
     fn forward(&self, cx: &mut Forward<'_>) -> Result<()> {
-        forward(self, cx)
+        let g = geom(self, cx.in_shapes[0], &cx.node.shape, cx.batch);
+        let (x, y) = (cx.input(0), cx.output());
+        let w = cx.param(ParamRole::Weight).ok_or_else(|| Error::layer(&cx.node.name, "has no weight buffer"))?;
+        let b = if self.bias { cx.param(ParamRole::Bias) } else { None };
+        cx.push(Op::ConvTranspose2d(ops::ConvTranspose2d { g, x, w, b, y }));
+        Ok(())
     }
+    /// Lowering of the backward pass: one [`Op::ConvTranspose2dBackward`] (input, weight and bias
+    /// gradients).
     fn backward(&self, cx: &mut Backward<'_>) -> Result<()> {
-        backward(self, cx)
+        let g = geom(self, cx.in_shapes[0], &cx.node.shape, cx.batch);
+        let (x, dy) = (cx.input(0), cx.dy());
+        let name = &cx.node.name.clone();
+        let w = cx.param(ParamRole::Weight).ok_or_else(|| Error::layer(name, "has no weight buffer"))?;
+        let dx = cx.dx(0);
+        let dw = cx.param_grad(ParamRole::Weight).ok_or_else(|| Error::layer(name, "has no weight gradient"))?;
+        let db = cx.param_grad(ParamRole::Bias);
+        cx.push(Op::ConvTranspose2dBackward(ops::ConvTranspose2dBackward { g, x, w, dy, dx, dw, db }));
+        Ok(())
     }
     fn write_spec(&self, t: &mut SpecTable) {
         t.int("out_channels", self.out_channels);

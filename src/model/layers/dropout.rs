@@ -10,38 +10,6 @@ use crate::model::lower::{Backward, Forward, Mode};
 use crate::model::spec::{SpecTable, SpecType};
 use crate::{Error, Result};
 
-/// Shape rule: the input's shape, for a rate in `[0, 1)`.
-pub(crate) fn infer(name: &str, rate: f32, input: &[usize]) -> Result<Vec<usize>> {
-    if !(0.0..1.0).contains(&rate) {
-        return Err(Error::layer(name, format!("dropout rate must be in [0, 1), got {rate}")));
-    }
-    Ok(input.to_vec())
-}
-
-/// Lowering of the forward pass: in training one [`Op::Dropout`] saving its mask; in
-/// evaluation the output is the input.
-pub(crate) fn forward(rate: f32, cx: &mut Forward<'_>) -> Result<()> {
-    if cx.mode == Mode::Eval {
-        cx.alias_input();
-        return Ok(());
-    }
-    let (x, y) = (cx.input(0), cx.output());
-    let len = cx.numel();
-    let mask = cx.save(len, "mask");
-    let (seed, counter) = cx.dropout.expect("dropout counter");
-    cx.push(Op::Dropout(ops::Dropout { rate, len, seed, counter, x, y, mask }));
-    Ok(())
-}
-
-/// Lowering of the backward pass: one [`Op::DropoutBackward`] through the saved mask.
-pub(crate) fn backward(cx: &mut Backward<'_>) -> Result<()> {
-    if let Some(dx) = cx.dx(0) {
-        let (mask, dy) = (cx.saved(0), cx.dy());
-        cx.push(Op::DropoutBackward(ops::DropoutBackward { len: cx.numel(), mask, dy, dx }));
-    }
-    Ok(())
-}
-
 /// Dropout's kind: its rate.
 pub(crate) struct Dropout {
     pub(crate) rate: f32,
@@ -58,17 +26,39 @@ impl LayerKind for Dropout {
     fn display_type(&self) -> String {
         format!("Dropout({})", self.rate)
     }
+    /// Shape rule: the input's shape, for a rate in `[0, 1)`.
     fn infer(&self, name: &str, input: &[usize]) -> Result<Vec<usize>> {
-        infer(name, self.rate, input)
+        let rate = self.rate;
+        if !(0.0..1.0).contains(&rate) {
+            return Err(Error::layer(name, format!("dropout rate must be in [0, 1), got {rate}")));
+        }
+        Ok(input.to_vec())
     }
     fn flops(&self, _input: &[usize], out: u64, _inputs: usize) -> u64 {
         out
     }
+    /// Lowering of the forward pass: in training one [`Op::Dropout`] saving its mask; in
+    /// evaluation the output is the input.
     fn forward(&self, cx: &mut Forward<'_>) -> Result<()> {
-        forward(self.rate, cx)
+        let rate = self.rate;
+        if cx.mode == Mode::Eval {
+            cx.alias_input();
+            return Ok(());
+        }
+        let (x, y) = (cx.input(0), cx.output());
+        let len = cx.numel();
+        let mask = cx.save(len, "mask");
+        let (seed, counter) = cx.dropout.expect("dropout counter");
+        cx.push(Op::Dropout(ops::Dropout { rate, len, seed, counter, x, y, mask }));
+        Ok(())
     }
+    /// Lowering of the backward pass: one [`Op::DropoutBackward`] through the saved mask.
     fn backward(&self, cx: &mut Backward<'_>) -> Result<()> {
-        backward(cx)
+        if let Some(dx) = cx.dx(0) {
+            let (mask, dy) = (cx.saved(0), cx.dy());
+            cx.push(Op::DropoutBackward(ops::DropoutBackward { len: cx.numel(), mask, dy, dx }));
+        }
+        Ok(())
     }
     fn write_spec(&self, t: &mut SpecTable) {
         t.float("rate", self.rate);

@@ -38,55 +38,6 @@ impl Linear {
     }
 }
 
-/// The size option against `MAX_OPTION`.
-pub(crate) fn check_options(name: &str, l: &Linear) -> Result<()> {
-    bounded(name, "out_features", &[l.out_features])
-}
-
-/// Shape rule: any input (flattened per sample) `-> [out_features]`.
-pub(crate) fn infer(name: &str, l: &Linear) -> Result<Vec<usize>> {
-    positive(name, "out_features", l.out_features)?;
-    Ok(vec![l.out_features])
-}
-
-/// Weight `[out, in]` and, with `bias`, bias `[out]`, drawn with fan-in `in`.
-pub(crate) fn params(l: &Linear, input: &[usize]) -> Vec<ParamDecl> {
-    let fan_in: usize = input.iter().product();
-    let mut v = vec![ParamDecl::trained("weight", ParamRole::Weight, vec![l.out_features, fan_in], fan_in)];
-    if l.bias {
-        v.push(ParamDecl::trained("bias", ParamRole::Bias, vec![l.out_features], fan_in));
-    }
-    v
-}
-
-/// Forward FLOPs per sample: a multiply-add per output and input, plus the bias.
-pub(crate) fn flops(l: &Linear, input: &[usize], out: u64) -> u64 {
-    let fan_in = input.iter().product::<usize>() as u64;
-    out * 2 * fan_in + if l.bias { out } else { 0 }
-}
-
-/// Lowering of the forward pass: one [`Op::Linear`].
-pub(crate) fn forward(l: &Linear, cx: &mut Forward<'_>) -> Result<()> {
-    let k = cx.in_shapes[0].iter().product();
-    let (x, y) = (cx.input(0), cx.output());
-    let w = cx.param(ParamRole::Weight).expect("linear weight");
-    let b = if l.bias { cx.param(ParamRole::Bias) } else { None };
-    cx.push(Op::Linear(ops::Linear { m: cx.batch, k, n: l.out_features, x, w, b, y }));
-    Ok(())
-}
-
-/// Lowering of the backward pass: one [`Op::LinearBackward`].
-pub(crate) fn backward(l: &Linear, cx: &mut Backward<'_>) -> Result<()> {
-    let k = cx.in_shapes[0].iter().product();
-    let (x, dy) = (cx.input(0), cx.dy());
-    let w = cx.param(ParamRole::Weight).expect("linear weight");
-    let dx = cx.dx(0);
-    let dw = cx.param_grad(ParamRole::Weight).expect("linear weight gradient");
-    let db = cx.param_grad(ParamRole::Bias);
-    cx.push(Op::LinearBackward(ops::LinearBackward { m: cx.batch, k, n: l.out_features, x, w, dy, dx, dw, db }));
-    Ok(())
-}
-
 fn read_spec(f: &mut Fields<'_, '_>) -> Result<Layer> {
     Ok(Layer::Linear(Linear { out_features: f.size("out_features", 1)?, bias: f.bool_or("bias", true)? }))
 }
@@ -104,23 +55,48 @@ impl LayerKind for Linear {
     fn display_type(&self) -> String {
         "Linear".into()
     }
+    /// The size option against `MAX_OPTION`.
     fn check_options(&self, name: &str) -> Result<()> {
-        check_options(name, self)
+        bounded(name, "out_features", &[self.out_features])
     }
+    /// Shape rule: any input (flattened per sample) `-> [out_features]`.
     fn infer(&self, name: &str, _input: &[usize]) -> Result<Vec<usize>> {
-        infer(name, self)
+        positive(name, "out_features", self.out_features)?;
+        Ok(vec![self.out_features])
     }
+    /// Weight `[out, in]` and, with `bias`, bias `[out]`, drawn with fan-in `in`.
     fn params(&self, input: &[usize]) -> Vec<ParamDecl> {
-        params(self, input)
+        let fan_in: usize = input.iter().product();
+        let mut v = vec![ParamDecl::trained("weight", ParamRole::Weight, vec![self.out_features, fan_in], fan_in)];
+        if self.bias {
+            v.push(ParamDecl::trained("bias", ParamRole::Bias, vec![self.out_features], fan_in));
+        }
+        v
     }
+    /// Forward FLOPs per sample: a multiply-add per output and input, plus the bias.
     fn flops(&self, input: &[usize], out: u64, _inputs: usize) -> u64 {
-        flops(self, input, out)
+        let fan_in = input.iter().product::<usize>() as u64;
+        out * 2 * fan_in + if self.bias { out } else { 0 }
     }
+    /// Lowering of the forward pass: one [`Op::Linear`].
     fn forward(&self, cx: &mut Forward<'_>) -> Result<()> {
-        forward(self, cx)
+        let k = cx.in_shapes[0].iter().product();
+        let (x, y) = (cx.input(0), cx.output());
+        let w = cx.param(ParamRole::Weight).expect("linear weight");
+        let b = if self.bias { cx.param(ParamRole::Bias) } else { None };
+        cx.push(Op::Linear(ops::Linear { m: cx.batch, k, n: self.out_features, x, w, b, y }));
+        Ok(())
     }
+    /// Lowering of the backward pass: one [`Op::LinearBackward`].
     fn backward(&self, cx: &mut Backward<'_>) -> Result<()> {
-        backward(self, cx)
+        let k = cx.in_shapes[0].iter().product();
+        let (x, dy) = (cx.input(0), cx.dy());
+        let w = cx.param(ParamRole::Weight).expect("linear weight");
+        let dx = cx.dx(0);
+        let dw = cx.param_grad(ParamRole::Weight).expect("linear weight gradient");
+        let db = cx.param_grad(ParamRole::Bias);
+        cx.push(Op::LinearBackward(ops::LinearBackward { m: cx.batch, k, n: self.out_features, x, w, dy, dx, dw, db }));
+        Ok(())
     }
     fn write_spec(&self, t: &mut SpecTable) {
         t.int("out_features", self.out_features);

@@ -9,47 +9,12 @@ use crate::model::lower::{Backward, Forward};
 use crate::model::spec::{SpecTable, SpecType};
 use crate::{Error, Result};
 
-/// Shape rule: the input's shape, with `axis` in range for the tensor with its batch axis.
-pub(crate) fn infer(name: &str, axis: isize, input: &[usize]) -> Result<Vec<usize>> {
-    let rank = input.len() as isize + 1;
-    if axis < -rank || axis >= rank {
-        return Err(Error::layer(
-            name,
-            format!("softmax axis {axis} is out of range for a rank-{rank} tensor (batch included)"),
-        ));
-    }
-    Ok(input.to_vec())
-}
-
-/// Forward FLOPs per sample: exponent, sum and division (3 per value).
-pub(crate) fn flops(out: u64) -> u64 {
-    3 * out
-}
-
 /// `(outer, dim, inner)` of a softmax along `axis` of `[batch, ins...]`.
 fn dims(batch: usize, ins: &[usize], axis: isize) -> (usize, usize, usize) {
     let mut full = vec![batch];
     full.extend_from_slice(ins);
     let ax = if axis < 0 { (axis + full.len() as isize) as usize } else { axis as usize };
     (full[..ax].iter().product(), full[ax], full[ax + 1..].iter().product())
-}
-
-/// Lowering of the forward pass: one [`Op::Softmax`].
-pub(crate) fn forward(axis: isize, cx: &mut Forward<'_>) -> Result<()> {
-    let (x, y) = (cx.input(0), cx.output());
-    let (outer, dim, inner) = dims(cx.batch, cx.in_shapes[0], axis);
-    cx.push(Op::Softmax(ops::Softmax { outer, dim, inner, x, y }));
-    Ok(())
-}
-
-/// Lowering of the backward pass: one [`Op::SoftmaxBackward`] (from the output).
-pub(crate) fn backward(axis: isize, cx: &mut Backward<'_>) -> Result<()> {
-    if let Some(dx) = cx.dx(0) {
-        let (outer, dim, inner) = dims(cx.batch, cx.in_shapes[0], axis);
-        let (y, dy) = (cx.output(), cx.dy());
-        cx.push(Op::SoftmaxBackward(ops::SoftmaxBackward { outer, dim, inner, y, dy, dx }));
-    }
-    Ok(())
 }
 
 /// Softmax's kind: its axis.
@@ -75,17 +40,39 @@ impl LayerKind for Softmax {
     fn display_type(&self) -> String {
         format!("Softmax({})", self.axis)
     }
+    /// Shape rule: the input's shape, with `axis` in range for the tensor with its batch axis.
     fn infer(&self, name: &str, input: &[usize]) -> Result<Vec<usize>> {
-        infer(name, self.axis, input)
+        let axis = self.axis;
+        let rank = input.len() as isize + 1;
+        if axis < -rank || axis >= rank {
+            return Err(Error::layer(
+                name,
+                format!("softmax axis {axis} is out of range for a rank-{rank} tensor (batch included)"),
+            ));
+        }
+        Ok(input.to_vec())
     }
+    /// Forward FLOPs per sample: exponent, sum and division (3 per value).
     fn flops(&self, _input: &[usize], out: u64, _inputs: usize) -> u64 {
-        flops(out)
+        3 * out
     }
+    /// Lowering of the forward pass: one [`Op::Softmax`].
     fn forward(&self, cx: &mut Forward<'_>) -> Result<()> {
-        forward(self.axis, cx)
+        let axis = self.axis;
+        let (x, y) = (cx.input(0), cx.output());
+        let (outer, dim, inner) = dims(cx.batch, cx.in_shapes[0], axis);
+        cx.push(Op::Softmax(ops::Softmax { outer, dim, inner, x, y }));
+        Ok(())
     }
+    /// Lowering of the backward pass: one [`Op::SoftmaxBackward`] (from the output).
     fn backward(&self, cx: &mut Backward<'_>) -> Result<()> {
-        backward(self.axis, cx)
+        let axis = self.axis;
+        if let Some(dx) = cx.dx(0) {
+            let (outer, dim, inner) = dims(cx.batch, cx.in_shapes[0], axis);
+            let (y, dy) = (cx.output(), cx.dy());
+            cx.push(Op::SoftmaxBackward(ops::SoftmaxBackward { outer, dim, inner, y, dy, dx }));
+        }
+        Ok(())
     }
     fn write_spec(&self, t: &mut SpecTable) {
         t.signed("axis", self.axis as i64);
