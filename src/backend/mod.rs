@@ -114,9 +114,9 @@ pub trait Backend: Send {
         Ok(())
     }
 
-    /// Runs `ops` one at a time, each waiting for the one before, and returns each op's time in
-    /// milliseconds (for profiles). Backends with device timers override this (CUDA: events
-    /// around each op); the default times each op on the host between two synchronisations.
+    /// Runs `ops` in order and returns each op's time in milliseconds (for profiles). Backends
+    /// with device timers override this (CUDA: the ops queued back to back with an event between
+    /// every two); the default times each op on the host between two synchronisations.
     fn profile(&mut self, ops: &[Op]) -> Result<Vec<f64>> {
         let mut times = Vec::with_capacity(ops.len());
         self.synchronize()?;

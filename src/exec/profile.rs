@@ -4,9 +4,10 @@
 //! the device's peak memory.
 //!
 //! Each op of a training plan knows the layer it was lowered from ([`Plan::forward_nodes`],
-//! [`Plan::backward_nodes`]); the backend times the ops one at a time, each waiting for the one
-//! before ([`Backend::profile`]: device events on CUDA, the host clock on the CPU), and the
-//! times are added up per layer. The medians of `reps` such passes are reported.
+//! [`Plan::backward_nodes`]); the backend times every op of a pass ([`Backend::profile`]: on
+//! CUDA the ops run back to back with a device event between every two, on the CPU each op is
+//! timed on the host), and the times are added up per layer. The medians of `reps` such passes
+//! are reported, so a layer's sum is close to the whole pass run eagerly.
 //!
 //! ```
 //! use kiln::backend::cpu::CpuBackend;

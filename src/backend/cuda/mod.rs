@@ -454,21 +454,22 @@ impl Backend for CudaBackend {
         self.coll.as_mut().map(|c| &mut *c.host as &mut dyn Communicator)
     }
 
-    /// Runs `ops` eagerly, timing each with device events; returns milliseconds per op. For
-    /// profiling: every op waits for the previous one to finish.
+    /// Runs `ops` eagerly, back to back as an eager pass runs them, with a device event
+    /// recorded between every two ops; returns each op's milliseconds (the time between the
+    /// events around it). Waiting for each op on the host instead would add the launch latency
+    /// of every op to its time (ResNet-18 at batch 64: the ops' sum came out 52% above the eager
+    /// pass that way; measured on the H200, 2026-11-29).
     fn profile(&mut self, ops: &[Op]) -> Result<Vec<f64>> {
         let _turn = submit_lock();
         self.gpu.bind()?;
-        let (start, end) = (Event::new(true)?, Event::new(true)?);
-        let mut times = Vec::with_capacity(ops.len());
-        for op in ops {
-            start.record(self.gpu.stream)?;
+        let marks = (0..=ops.len()).map(|_| Event::new(true)).collect::<Result<Vec<_>>>()?;
+        marks[0].record(self.gpu.stream)?;
+        for (op, end) in ops.iter().zip(&marks[1..]) {
             self.exec(op)?;
             end.record(self.gpu.stream)?;
-            end.wait()?;
-            times.push(end.since(&start)?);
         }
-        Ok(times)
+        marks[ops.len()].wait()?;
+        marks.windows(2).map(|w| w[1].since(&w[0])).collect()
     }
 
     fn replays_graphs(&self) -> bool {
