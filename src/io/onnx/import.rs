@@ -12,8 +12,9 @@
 //!   without knowing the batch size.
 //!
 //! Patterns become single layers: `MatMul` + `Add` of a constant (dense with bias), `Sigmoid` +
-//! `Mul` (SiLU), the erf formula of GELU. Layers made and then absorbed by a pattern are dropped
-//! at the end with every other layer the output does not depend on.
+//! `Mul` (SiLU), the erf formula of GELU (`fold.rs`), `Reshape` + `InstanceNormalization` +
+//! `Reshape` + `Mul` + `Add` (GroupNorm, `norm.rs`). Layers made and then absorbed by a pattern
+//! are dropped at the end (`graph.rs`) with every other layer the output does not depend on.
 //!
 //! go-metal's files (`producer_name` "go-metal") are read to go-metal's meaning: `MatMul`'s `B`
 //! is the dense weight already in `[out, in]` (go-metal's importer transposes it back), its
