@@ -119,18 +119,12 @@ fn train_on_digits_then_eval_predict_summary_resume() {
     let acc = result["val_accuracy"].as_f64().unwrap();
     assert!(acc >= 0.93, "4 epochs on the digits reached only {acc}");
     let run = dir.join("runs/t");
-    for f in [
-        "config.toml",
-        "model.safetensors",
-        "model.json",
-        "model.toml",
-        "history.csv",
-        "history.json",
-        "metrics.json",
-        "report.html",
-    ] {
+    for f in
+        ["config.toml", "model.safetensors", "model.toml", "history.csv", "history.json", "metrics.json", "report.html"]
+    {
         assert!(run.join(f).exists(), "{f} missing");
     }
+    assert!(!run.join("model.json").exists(), "the class names and preprocessing belong in the model file");
     assert!(std::fs::read_dir(run.join("checkpoints")).unwrap().count() >= 2);
     let history: Value = serde_json::from_str(&std::fs::read_to_string(run.join("history.json")).unwrap()).unwrap();
     let epochs = history["epochs"].as_array().unwrap();
@@ -188,6 +182,11 @@ fn train_on_digits_then_eval_predict_summary_resume() {
     assert_eq!(preds[0]["top"].as_array().unwrap().len(), 2);
     let plain = ok(&dir, &["predict", "runs/t/model.safetensors", "imgs/3.png", "--device", "cpu"]);
     assert!(plain.starts_with("imgs/3.png: ") && plain.contains('%'), "{plain}");
+    // The model file alone is enough: a copy with nothing beside it predicts the same.
+    std::fs::create_dir_all(dir.join("lone")).unwrap();
+    std::fs::copy(run.join("model.safetensors"), dir.join("lone/model.safetensors")).unwrap();
+    let lone = ok(&dir, &["predict", "lone/model.safetensors", "imgs/3.png", "--device", "cpu"]);
+    assert_eq!(lone, plain);
 
     // summary of the written spec equals the model file's.
     let a = ok(&dir, &["summary", "runs/t/model.toml"]);
@@ -299,5 +298,74 @@ fn bad_input_names_the_flag_file_or_line() {
     fails(&dir, &["predict", "runs/m", "nothere.png"], &["nothere.png"]);
     fails(&dir, &["train", "--name", "m", "--epochs", "1"], &["--name m", "--resume"]);
     assert!(run.join("model.safetensors").exists());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Draws `n` 8x8 images of one colour (a little noise apiece) into `dir`.
+fn draw(dir: &Path, n: usize, rgb: [u8; 3]) {
+    std::fs::create_dir_all(dir).unwrap();
+    for i in 0..n {
+        let img = image::RgbImage::from_fn(8, 8, |x, y| {
+            image::Rgb(rgb.map(|c| c.saturating_add(((x * 7 + y * 3 + i as u32) % 9) as u8)))
+        });
+        img.save(dir.join(format!("{i}.png"))).unwrap();
+    }
+}
+
+#[test]
+fn predict_names_an_image_folder_s_classes_from_the_lone_model_file() {
+    let dir = tmp("names");
+    draw(&dir.join("folder/crimson"), 6, [220, 20, 30]);
+    draw(&dir.join("folder/navy"), 6, [10, 20, 200]);
+    ok(
+        &dir,
+        &[
+            "train",
+            "--name",
+            "f",
+            "--data",
+            "folder:folder",
+            "--image-size",
+            "8",
+            "--epochs",
+            "2",
+            "--batch",
+            "4",
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+    );
+    // Only the model file, somewhere else, with no side file: class names and preprocessing
+    // (the resize to 8x8 and the normalisation) come from its metadata.
+    std::fs::create_dir_all(dir.join("elsewhere")).unwrap();
+    std::fs::copy(dir.join("runs/f/model.safetensors"), dir.join("elsewhere/m.safetensors")).unwrap();
+    draw(&dir.join("big"), 1, [220, 20, 30]);
+    image::imageops::resize(
+        &image::open(dir.join("big/0.png")).unwrap().to_rgb8(),
+        24,
+        24,
+        image::imageops::FilterType::Nearest,
+    )
+    .save(dir.join("big/0.png"))
+    .unwrap();
+    let out = ok(&dir, &["predict", "elsewhere/m.safetensors", "big/0.png", "--top", "2", "--device", "cpu", "--json"]);
+    let p: Value = serde_json::from_str(out.trim()).unwrap();
+    let mut names: Vec<&str> = p["top"].as_array().unwrap().iter().map(|t| t["class"].as_str().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["crimson", "navy"], "{out}");
+    let plain = ok(&dir, &["predict", "elsewhere/m.safetensors", "big/0.png", "--device", "cpu"]);
+    assert!(plain.contains("crimson") || plain.contains("navy"), "{plain}");
+    // Without the metadata (the model saved plainly) predict says what is missing.
+    let model = kiln::model::Model::load(dir.join("elsewhere/m.safetensors")).unwrap();
+    model.save(dir.join("elsewhere/plain.safetensors")).unwrap();
+    fails(&dir, &["predict", "elsewhere/plain.safetensors", "big/0.png"], &["plain.safetensors", "class names"]);
+    // A run folder written before the metadata moved into the model file: model.json beside it
+    // is still read.
+    let meta = kiln::model::Model::load_metadata(dir.join("elsewhere/m.safetensors")).unwrap();
+    std::fs::write(dir.join("elsewhere/plain.json"), &meta["kiln_cli.model"]).unwrap();
+    let old =
+        ok(&dir, &["predict", "elsewhere/plain.safetensors", "big/0.png", "--top", "2", "--device", "cpu", "--json"]);
+    assert_eq!(old.replace("plain.safetensors", "m.safetensors"), out);
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -73,7 +73,9 @@ fn export_import_eval_gives_the_same_logits_and_metrics() {
         let back = format!("{file}.safetensors");
         let out = ok(&dir, &["import", file, &back]);
         assert!(out.contains(&back), "{out}");
-        assert!(dir.join(format!("{file}.json")).exists(), "{file}: no model.json written");
+        assert!(!dir.join(format!("{file}.json")).exists(), "{file}: a side file was written");
+        let meta = Model::load_metadata(dir.join(&back)).unwrap();
+        assert!(meta.contains_key("kiln_cli.model"), "{file}: no CLI metadata in the model file: {meta:?}");
         let imported = Model::load(dir.join(&back)).unwrap();
         assert_eq!(imported.param_count(), original.param_count(), "{file}");
         let got = logits(&imported, &x);
@@ -82,7 +84,7 @@ fn export_import_eval_gives_the_same_logits_and_metrics() {
         }
     }
 
-    // eval reads the side file the import wrote back: same data, same numbers.
+    // eval reads the metadata the import wrote back into the model file: same data, same numbers.
     let eval = |model: &str| -> Value {
         let out = ok(&dir, &["eval", model, "--device", "cpu", "--json"]);
         serde_json::from_str(out.lines().last().unwrap()).unwrap()

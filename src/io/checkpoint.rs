@@ -10,7 +10,11 @@
 //!   with their options), so [`Model::load`] needs none of the code that built the model;
 //!   `format: pt`; `kiln.format_version`; `kiln.checksum` (see `safetensors.rs`);
 //! - for a checkpoint, `kiln.trainer` (the [`TrainerMeta`] as JSON) and the trainer's state
-//!   tensors under `trainer/{name}` ([`TrainerState`]).
+//!   tensors under `trainer/{name}` ([`TrainerState`]);
+//! - the caller's own string pairs, if it gave any ([`Model::save_with_metadata`], read back by
+//!   [`Model::load_with_metadata`] or [`Model::load_metadata`]): class names, preprocessing, a
+//!   dataset's name. Keys starting with `kiln.` and the key `format` are kiln's and refused there.
+//!   The checksum covers them, so an altered value fails to load like an altered weight.
 //!
 //! `num_batches_tracked`: kiln's batch norm always uses its fixed `momentum`, for which PyTorch
 //! never reads this count, so it changes no result. [`Model::save`] writes 0 (a model does not
@@ -79,6 +83,11 @@ impl Checkpoint {
 
     /// As [`Checkpoint::read`], from the file's bytes (`path` only names it in errors).
     pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Checkpoint> {
+        Ok(Checkpoint::decode(bytes, path)?.0)
+    }
+
+    /// As [`Checkpoint::from_bytes`], with the caller's metadata.
+    fn decode(bytes: &[u8], path: &Path) -> Result<(Checkpoint, BTreeMap<String, String>)> {
         let fail = |reason: String| Error::format(path, reason);
         let file = st::parse(bytes, path)?;
         if let Some(v) = file.metadata.get(VERSION_KEY)
@@ -123,13 +132,13 @@ impl Checkpoint {
                 Some(state)
             }
         };
-        Ok(Checkpoint { model, trainer })
+        Ok((Checkpoint { model, trainer }, user_metadata(&file)))
     }
 
     /// The file's bytes. Refuses non-finite weights or state (a diverged run must not replace a
     /// good checkpoint) and a trainer state that does not fit the model.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        encode(&self.model, self.trainer.as_ref())
+        encode(&self.model, self.trainer.as_ref(), &BTreeMap::new())
     }
 
     /// Writes the file atomically (a crash leaves the previous file at `path` intact).
@@ -138,7 +147,22 @@ impl Checkpoint {
     }
 }
 
-fn encode(model: &Model, trainer: Option<&TrainerState>) -> Result<Vec<u8>> {
+/// Whether a metadata key is kiln's own (not the caller's).
+fn is_reserved(key: &str) -> bool {
+    key.starts_with("kiln.") || key == "format"
+}
+
+/// The caller's pairs of a file's metadata: all but kiln's own keys.
+fn user_metadata(file: &Parsed) -> BTreeMap<String, String> {
+    file.metadata.iter().filter(|(k, _)| !is_reserved(k)).map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+fn encode(model: &Model, trainer: Option<&TrainerState>, user: &BTreeMap<String, String>) -> Result<Vec<u8>> {
+    if let Some(k) = user.keys().find(|k| is_reserved(k)) {
+        return Err(Error::State(format!(
+            "not saving: metadata key '{k}' is kiln's own (keys starting with 'kiln.' and 'format' are reserved)"
+        )));
+    }
     let bad: Vec<&str> = model
         .params()
         .iter()
@@ -163,6 +187,7 @@ fn encode(model: &Model, trainer: Option<&TrainerState>) -> Result<Vec<u8>> {
         (VERSION_KEY.to_string(), VERSION.to_string()),
         (MODEL_KEY.to_string(), json(&saved)?),
     ]);
+    metadata.extend(user.iter().map(|(k, v)| (k.clone(), v.clone())));
     if let Some(state) = trainer {
         state.check(model).map_err(|e| Error::State(format!("not saving: {e}")))?;
         if let Some(p) = model.params().iter().find(|p| p.name.starts_with(TRAINER_PREFIX)) {
@@ -276,20 +301,58 @@ fn match_weights(
 /// The bytes of a checkpoint of `trainer` (what [`Trainer::save_checkpoint`] writes).
 pub(crate) fn checkpoint_bytes(trainer: &mut Trainer) -> Result<Vec<u8>> {
     let state = trainer.state()?;
-    encode(trainer.model()?, Some(&state))
+    encode(trainer.model()?, Some(&state), &BTreeMap::new())
 }
 
 impl Model {
     /// Writes the model (architecture and weights) to a safetensors file, atomically; see the
     /// module documentation for the layout. Non-finite weights are refused.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
-        st::write_atomic(path.as_ref(), &encode(self, None)?)
+        self.save_with_metadata(path, &BTreeMap::new())
+    }
+
+    /// As [`Model::save`], with the caller's own metadata in the file (`__metadata__`, beside
+    /// kiln's keys and covered by its checksum): class names, how inputs are prepared, anything a
+    /// program needs to use the model from the file alone. Keys starting with `kiln.` and the key
+    /// `format` are kiln's: an error names the first such key and nothing is written.
+    ///
+    /// ```
+    /// use std::collections::BTreeMap;
+    /// use kiln::model::{Model, ModelBuilder};
+    ///
+    /// let model = ModelBuilder::new(&[1, 4]).dense(2).build().unwrap();
+    /// let path = std::env::temp_dir().join(format!("kiln-doc-meta-{}.safetensors", std::process::id()));
+    /// let meta = BTreeMap::from([("classes".to_string(), r#"["cat","dog"]"#.to_string())]);
+    /// model.save_with_metadata(&path, &meta).unwrap();
+    /// let (back, read) = Model::load_with_metadata(&path).unwrap();
+    /// assert_eq!(read, meta);
+    /// assert_eq!(back.param_values(), model.param_values());
+    /// # std::fs::remove_file(&path).ok();
+    /// ```
+    pub fn save_with_metadata(&self, path: impl AsRef<Path>, metadata: &BTreeMap<String, String>) -> Result<()> {
+        st::write_atomic(path.as_ref(), &encode(self, None, metadata)?)
     }
 
     /// Reads a model written by [`Model::save`] (or the model of a checkpoint written by
     /// [`Trainer::save_checkpoint`]), with no need for the code that built it.
     pub fn load(path: impl AsRef<Path>) -> Result<Model> {
         Ok(Checkpoint::read(path)?.model)
+    }
+
+    /// As [`Model::load`], with the caller's metadata [`Model::save_with_metadata`] wrote (empty
+    /// for a file written without any). kiln's own keys are not in the map.
+    pub fn load_with_metadata(path: impl AsRef<Path>) -> Result<(Model, BTreeMap<String, String>)> {
+        let path = path.as_ref();
+        let (checkpoint, metadata) = Checkpoint::decode(&st::read(path)?, path)?;
+        Ok((checkpoint.model, metadata))
+    }
+
+    /// The caller's metadata of a safetensors file (what [`Model::save_with_metadata`] wrote;
+    /// for a file written elsewhere, its `__metadata__` but `format`), without building the model.
+    /// The file's checksum is checked when it has one.
+    pub fn load_metadata(path: impl AsRef<Path>) -> Result<BTreeMap<String, String>> {
+        let path = path.as_ref();
+        Ok(user_metadata(&st::parse(&st::read(path)?, path)?))
     }
 
     /// Replaces every weight with those of a safetensors file holding a PyTorch `state_dict` (as
@@ -349,5 +412,72 @@ impl Trainer {
             state.meta.config.device = d;
         }
         Trainer::from_state(&model, state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ModelBuilder;
+
+    fn tmp(name: &str) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("kiln-meta-{name}-{}.safetensors", std::process::id()))
+    }
+
+    fn model() -> Model {
+        ModelBuilder::new(&[2, 3]).dense(4).relu().dense(2).build().unwrap()
+    }
+
+    #[test]
+    fn user_metadata_round_trips_and_kiln_keys_stay_kiln_s() {
+        let path = tmp("roundtrip");
+        let m = model();
+        let meta = BTreeMap::from([
+            ("classes".to_string(), r#"["cat","dog"]"#.to_string()),
+            ("preprocess".to_string(), "mean 0.5, std 0.25".to_string()),
+            ("".to_string(), "empty key".to_string()),
+        ]);
+        m.save_with_metadata(&path, &meta).unwrap();
+        let (back, read) = Model::load_with_metadata(&path).unwrap();
+        assert_eq!(read, meta);
+        assert_eq!(Model::load_metadata(&path).unwrap(), meta);
+        assert_eq!(back.param_values(), m.param_values());
+        // A plain save has none; the file's own keys are not the caller's.
+        m.save(&path).unwrap();
+        assert!(Model::load_metadata(&path).unwrap().is_empty());
+        assert!(Model::load_with_metadata(&path).unwrap().1.is_empty());
+        for key in ["kiln.checksum", "kiln.model", "kiln.anything", "format"] {
+            let bad = BTreeMap::from([(key.to_string(), "x".to_string())]);
+            let e = m.save_with_metadata(&path, &bad).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains("reserved"), "{key}: {e}");
+        }
+        // The refused saves left the last good file in place.
+        assert!(Model::load_metadata(&path).unwrap().is_empty());
+        std::fs::remove_file(&path).ok();
+    }
+
+    #[test]
+    fn an_altered_metadata_value_fails_the_checksum() {
+        let path = tmp("tamper");
+        let meta = BTreeMap::from([("classes".to_string(), r#"["cat","dog"]"#.to_string())]);
+        model().save_with_metadata(&path, &meta).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        // Same length, so the header and the tensor offsets stay valid: only the checksum can tell.
+        let (from, to) = (br#"[\"cat\",\"dog\"]"#, br#"[\"cat\",\"cow\"]"#);
+        let at = bytes.windows(from.len()).position(|w| w == from).expect("the value is in the header");
+        let mut altered = bytes.clone();
+        altered[at..at + to.len()].copy_from_slice(to);
+        std::fs::write(&path, &altered).unwrap();
+        for e in [
+            Model::load_metadata(&path).unwrap_err().to_string(),
+            Model::load_with_metadata(&path).unwrap_err().to_string(),
+            Model::load(&path).unwrap_err().to_string(),
+        ] {
+            assert!(e.contains("checksum mismatch"), "{e}");
+        }
+        // The unaltered bytes still load (the test altered what it meant to).
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(Model::load_metadata(&path).unwrap(), meta);
+        std::fs::remove_file(&path).ok();
     }
 }

@@ -234,8 +234,8 @@ pub struct BenchArgs {
 
 #[derive(Args, Debug)]
 pub struct ExportArgs {
-    /// A kiln model file, or a run folder (its model.safetensors; class names and preprocessing
-    /// from model.json go into the file's metadata).
+    /// A kiln model file, or a run folder (its model.safetensors; the class names and
+    /// preprocessing kept in its metadata go into the ONNX file's metadata).
     pub model: PathBuf,
     /// The ONNX file to write.
     pub out: PathBuf,
@@ -251,8 +251,8 @@ pub struct ExportArgs {
 pub struct ImportArgs {
     /// The ONNX file (all of its initializers inside it, or external data beside it).
     pub file: PathBuf,
-    /// The kiln model file to write (for `kiln eval/predict/train --model`); model.json goes
-    /// beside it when the file was written by `kiln export` from a run.
+    /// The kiln model file to write (for `kiln eval/predict/train --model`); the class names and
+    /// preprocessing go into its metadata when the file was written by `kiln export` from a run.
     pub out: PathBuf,
 }
 

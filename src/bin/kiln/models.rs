@@ -1,7 +1,12 @@
-//! `--model`: recipes, zoo names, spec files and kiln model files; the model's side file
-//! (`model.json`: the data it was trained on, class names, preprocessing), which `eval` and
-//! `predict` read so they prepare inputs exactly as training did.
+//! `--model`: recipes, zoo names, spec files and kiln model files; what the CLI keeps in a model
+//! file's metadata ([`ModelMeta`]: the data it was trained on, class names, preprocessing), which
+//! `eval` and `predict` read so they prepare inputs exactly as training did, from the model file
+//! alone.
+//!
+//! Run folders written before the metadata moved into the model file kept it beside the model,
+//! as `model.json`; [`load_model`] still reads that side file when the model file has none.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use kiln::model::{Model, ModelBuilder, ModelSpec};
@@ -26,7 +31,10 @@ pub fn zoo(name: &str, batch: usize, classes: usize) -> Option<ModelBuilder> {
     })
 }
 
-/// What the CLI keeps beside a model file.
+/// The model file's metadata key under which the CLI keeps its [`ModelMeta`] (as JSON).
+pub const META_KEY: &str = "kiln_cli.model";
+
+/// What the CLI keeps in a model file's metadata.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ModelMeta {
     /// The data it was trained on.
@@ -45,32 +53,40 @@ pub fn model_path(p: &Path) -> PathBuf {
     if p.is_dir() { p.join("model.safetensors") } else { p.to_path_buf() }
 }
 
-/// The side file of a model file: `model.safetensors` -> `model.json`.
+/// The side file of a model file where runs written before kept its [`ModelMeta`]:
+/// `model.safetensors` -> `model.json`. Read only (see [`load_model`]); no longer written.
 pub fn meta_path(model: &Path) -> PathBuf {
     model.with_extension("json")
 }
 
-/// Loads a kiln model file (or a run folder's) and its side file, if there is one.
+/// Loads a kiln model file (or a run folder's) and the CLI's metadata: from the model file, or,
+/// for a model file without it (a run written before the metadata moved into the file), from
+/// the `model.json` side file beside it, if there is one.
 pub fn load_model(p: &Path) -> Result<(Model, Option<ModelMeta>, PathBuf), String> {
     let path = model_path(p);
     if !path.exists() {
         return Err(format!("{}: no such model file (give a kiln model file or a run folder)", path.display()));
     }
-    let model = Model::load(&path).map_err(|e| e.to_string())?;
-    let mp = meta_path(&path);
-    let meta = if mp.exists() {
-        let text = std::fs::read_to_string(&mp).map_err(|e| format!("{}: {e}", mp.display()))?;
-        Some(serde_json::from_str(&text).map_err(|e| format!("{}: {e}", mp.display()))?)
+    let (model, metadata) = Model::load_with_metadata(&path).map_err(|e| e.to_string())?;
+    let meta = if let Some(json) = metadata.get(META_KEY) {
+        Some(serde_json::from_str(json).map_err(|e| format!("{}: metadata {META_KEY}: {e}", path.display()))?)
     } else {
-        None
+        let mp = meta_path(&path);
+        if mp.exists() {
+            let text = std::fs::read_to_string(&mp).map_err(|e| format!("{}: {e}", mp.display()))?;
+            Some(serde_json::from_str(&text).map_err(|e| format!("{}: {e}", mp.display()))?)
+        } else {
+            None
+        }
     };
     Ok((model, meta, path))
 }
 
-pub fn save_meta(model_file: &Path, meta: &ModelMeta) -> Result<(), String> {
-    let p = meta_path(model_file);
-    let text = serde_json::to_string_pretty(meta).map_err(|e| e.to_string())?;
-    std::fs::write(&p, text).map_err(|e| format!("{}: {e}", p.display()))
+/// Writes `model` to `path` with `meta` in its metadata (under [`META_KEY`]).
+pub fn save_model(model: &Model, path: &Path, meta: &ModelMeta) -> Result<(), String> {
+    let json = serde_json::to_string(meta).map_err(|e| e.to_string())?;
+    let metadata = BTreeMap::from([(META_KEY.to_string(), json)]);
+    model.save_with_metadata(path, &metadata).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// The model `--model` names, for inputs `input` (`[C, H, W]`) and `classes` classes.

@@ -1,9 +1,10 @@
 //! `kiln export` and `kiln import`: a kiln model to an ONNX file and back.
 //!
-//! The CLI's side file (`model.json`: data, class names, preprocessing) travels inside the ONNX
-//! file as metadata: the class names as `kiln.class_names` (a JSON list, for any reader), the
-//! whole side file as `kiln.cli.model_json`. `kiln import` writes `model.json` back beside the
-//! model when the file has it, so `kiln eval` and `kiln predict` prepare inputs as training did.
+//! The CLI's metadata of a model file ([`ModelMeta`]: data, class names, preprocessing) travels
+//! inside the ONNX file as metadata: the class names as `kiln.class_names` (a JSON list, for any
+//! reader), the whole of it as `kiln.cli.model_json`. `kiln import` puts it back into the kiln
+//! model file's metadata when the ONNX file has it, so `kiln eval` and `kiln predict` prepare
+//! inputs as training did.
 
 use kiln::io::onnx::{self, OnnxOptions};
 use kiln::model::Model;
@@ -48,23 +49,23 @@ pub fn import(a: ImportArgs) -> CmdResult {
         ),
         None => None,
     };
-    model.save(&a.out).map_err(|e| format!("{}: {e}", a.out.display()))?;
     let side = models::meta_path(&a.out);
-    let note = match &meta {
+    let mut note = match &meta {
         Some(m) => {
-            models::save_meta(&a.out, m)?;
-            format!("{} beside it", side.display())
+            models::save_model(&model, &a.out, m)?;
+            "data, class names and preprocessing in its metadata".to_string()
         }
         None => {
-            let mut note = "no kiln metadata in the file: give `kiln eval` --data".to_string();
-            if side.exists() {
-                // It was written for an earlier model at OUT and would describe the wrong one.
-                std::fs::remove_file(&side).map_err(|e| format!("{}: {e}", side.display()))?;
-                note += &format!(" (removed the old {})", side.display());
-            }
-            note
+            model.save(&a.out).map_err(|e| format!("{}: {e}", a.out.display()))?;
+            "no kiln metadata in the file: give `kiln eval` --data".to_string()
         }
     };
+    if side.exists() {
+        // A side file of an older kiln, written for an earlier model at OUT: it would describe the
+        // wrong one.
+        std::fs::remove_file(&side).map_err(|e| format!("{}: {e}", side.display()))?;
+        note += &format!(" (removed the old {})", side.display());
+    }
     println!(
         "wrote {} ({} layers, {} parameters; {note})",
         a.out.display(),

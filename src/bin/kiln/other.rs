@@ -33,7 +33,9 @@ pub fn eval(a: EvalArgs) -> CmdResult {
     let src = match (&a.data, &meta) {
         (Some(d), _) => DataSource::parse(d)?,
         (None, Some(m)) => m.data.clone(),
-        (None, None) => return Err(format!("{}: no model.json beside it: give --data", path.display())),
+        (None, None) => {
+            return Err(format!("{}: no kiln train metadata in it (data, preprocessing): give --data", path.display()));
+        }
     };
     let (val_split, seed) = meta.as_ref().map_or((data::recipe(&src.kind).val_split, 1), |m| (m.val_split, m.seed));
     let size = meta.as_ref().map_or(64, |m| m.preprocess.input[1]);
@@ -145,7 +147,10 @@ pub fn predict(a: PredictArgs) -> CmdResult {
     let dev = device(&a.device)?;
     let (model, meta, path) = models::load_model(&a.model)?;
     let meta = meta.ok_or_else(|| {
-        format!("{}: no model.json beside it (the preprocessing and class names `kiln train` stores)", path.display())
+        format!(
+            "{}: no kiln train metadata in it (the preprocessing and class names `kiln train` stores in the model file)",
+            path.display()
+        )
     })?;
     let pre = &meta.preprocess;
     let transform = pre.transform()?;

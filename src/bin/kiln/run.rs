@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! runs/NAME/config.toml          the resolved config (what --resume reads)
-//! runs/NAME/model.safetensors    the trained model (kiln model file) and model.json beside it
+//! runs/NAME/model.safetensors    the trained model (kiln model file; data, class names, preprocessing in its metadata)
 //! runs/NAME/model.toml           its spec
 //! runs/NAME/checkpoints/         CheckpointManager: the last 2 epochs and the best by val accuracy
 //! runs/NAME/history.csv, history.json, metrics.json, report.html
@@ -316,10 +316,9 @@ pub fn train(a: TrainArgs) -> CmdResult {
         return Err("interrupted".into());
     }
 
-    // The trained model, its side file and spec.
+    // The trained model (with the data, class names and preprocessing in its metadata) and spec.
     let model = trainer.model().map_err(|e| e.to_string())?.clone();
     let model_file = dir.join("model.safetensors");
-    model.save(&model_file).map_err(|e| e.to_string())?;
     let meta = ModelMeta {
         data: src.clone(),
         val_split: cfg.val_split,
@@ -327,7 +326,12 @@ pub fn train(a: TrainArgs) -> CmdResult {
         classes: loaded.classes.clone(),
         preprocess: loaded.pre.clone(),
     };
-    models::save_meta(&model_file, &meta)?;
+    models::save_model(&model, &model_file, &meta)?;
+    // A side file left by an older kiln in this run folder would describe an older model.
+    let side = models::meta_path(&model_file);
+    if side.exists() {
+        io(&side, std::fs::remove_file(&side))?;
+    }
     if let Ok(spec) = model.to_spec() {
         io(&dir, std::fs::write(dir.join("model.toml"), spec))?;
     }
