@@ -214,15 +214,18 @@ impl fmt::Display for Profile {
     /// The profile as a table: one line per layer, then the totals.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "Profile on {}, batch {} (medians of {} passes)", self.device, self.batch, self.reps)?;
+        // Columns as wide as the longest layer name and type (ResNet's `layer2.0.downsample.0`).
+        let nw = self.layers.iter().map(|l| l.name.len()).max().unwrap_or(0).max(5);
+        let tw = self.layers.iter().map(|l| l.layer.len()).max().unwrap_or(0).max(4);
         writeln!(
             f,
-            "{:<18} {:<26} {:>10} {:>11} {:>10} {:>11} {:>10} {:>9}",
+            "{:<nw$} {:<tw$} {:>10} {:>11} {:>10} {:>11} {:>10} {:>9}",
             "layer", "type", "fwd ms", "bwd ms", "params", "act MiB", "MFLOPs", "GFLOP/s"
         )?;
         for l in &self.layers {
             writeln!(
                 f,
-                "{:<18} {:<26} {:>10.3} {:>11.3} {:>10} {:>11.2} {:>10.1} {:>9.1}",
+                "{:<nw$} {:<tw$} {:>10.3} {:>11.3} {:>10} {:>11.2} {:>10.1} {:>9.1}",
                 l.name,
                 l.layer,
                 l.forward_ms,
@@ -235,7 +238,7 @@ impl fmt::Display for Profile {
         }
         let fw: f64 = self.layers.iter().map(|l| l.forward_ms).sum();
         let bw: f64 = self.layers.iter().map(|l| l.backward_ms).sum();
-        writeln!(f, "{:<45} {:>10.3} {:>11.3}", "sum of layers", fw, bw)?;
+        writeln!(f, "{:<w$} {:>10.3} {:>11.3}", "sum of layers", fw, bw, w = nw + tw + 1)?;
         write!(f, "forward+backward pass: eager {:.3} ms", self.eager_ms)?;
         if let Some(g) = self.graph_ms {
             write!(f, ", replayed as a graph {g:.3} ms")?;
