@@ -222,6 +222,14 @@ pub(super) fn col2im_add<T: Float>(g: &ConvGeom, cg: usize, col: &[T], x: &mut [
     }
 }
 
+/// Adds `b[o]` to every value of plane `o` of one image (`img` holds planes of `plane` values).
+pub(super) fn add_bias<T: Float>(img: &mut [T], b: &[T], plane: usize) {
+    for (o, p) in img.chunks_mut(plane).enumerate() {
+        let bo = b[o];
+        p.iter_mut().for_each(|v| *v += bo);
+    }
+}
+
 /// How images are split: `(chunks, images per chunk, threads left for gemm)`.
 pub(super) fn split(n: usize, threads: usize) -> (usize, usize, usize) {
     let chunks = threads.min(n).max(1);
@@ -285,10 +293,7 @@ pub fn forward<T: Float>(
                 }
             }
             if let Some(b) = b {
-                for (o, plane) in yimg.chunks_mut(ohw).enumerate() {
-                    let bo = b[o];
-                    plane.iter_mut().for_each(|v| *v += bo);
-                }
+                add_bias(yimg, b, ohw);
             }
         }
     });

@@ -16,7 +16,7 @@
 use rayon::prelude::*;
 
 use super::WeightGrads;
-use super::conv2d::{Scratch, col2im_add, im2col, reduce_into, resize, split};
+use super::conv2d::{Scratch, add_bias, col2im_add, im2col, reduce_into, resize, split};
 use super::float::Float;
 use super::matmul::{Mat, matmul};
 use crate::backend::ops::ConvGeom;
@@ -47,10 +47,7 @@ pub fn forward<T: Float>(
                 col2im_add(g, cg, &s.col, &mut yimg[grp * cg * hw..][..cg * hw]);
             }
             if let Some(b) = b {
-                for (o, plane) in yimg.chunks_mut(hw).enumerate() {
-                    let bo = b[o];
-                    plane.iter_mut().for_each(|v| *v += bo);
-                }
+                add_bias(yimg, b, hw);
             }
         }
     });
