@@ -6,12 +6,72 @@
 //! [`GradOut`], which either overwrites its buffer or adds to it (when several consumers of one
 //! tensor each contribute to its gradient, or when parameter gradients accumulate over batches).
 //!
-//! This file holds the buffer handles and the [`Op`] enum; the descriptors live by family in
+//! This file holds the buffer handles and the op registry; the descriptors live by family in
 //! `ops/` (`conv`, `linear`, `activation`, `norm`, `pool`, `tensor`, `loss`, `optim`), the
-//! device-buffer layouts in `ops/layout.rs` and the read/write table of every op in
-//! `ops/buffers.rs`. All of them are re-exported here, so paths stay `backend::ops::Name`.
+//! device-buffer layouts in `ops/layout.rs`, and the validation built on every op's buffer table
+//! in `ops/buffers.rs`. All of them are re-exported here, so paths stay `backend::ops::Name`.
+//!
+//! # The registry: adding an op
+//!
+//! An op is one descriptor struct and one line in [`for_each_op!`]. The struct (in
+//! `ops/<family>.rs`) implements [`OpDesc`]: its name, its buffer table (written once with
+//! `buffer_table!`, which makes both the `&` and the `&mut` visitor) and a shape summary. The
+//! list line generates the [`Op`] variant and every `match` over ops: [`Op::name`],
+//! [`Op::each_buffer`], [`Op::visit_bufs`], [`Op::shapes`], [`Op::validate`] and the dispatch to
+//! a backend ([`Op::run_on`]).
+//!
+//! A backend executes an op by implementing [`RunOp<Descriptor>`](RunOp) for itself, next to
+//! the op's kernels (`cpu/conv2d.rs` has `impl RunOp<ops::Conv2d> for CpuBackend<T>`,
+//! `cuda/conv2d.rs` has `impl RunOp<ops::Conv2d> for CudaBackend`). Its `run` then calls
+//! `op.run_on(self)`, which compiles only when the backend implements `RunOp` for every op in
+//! the list: a new op that one backend lacks is a compile error naming both, never a missing
+//! `match` arm found at run time. A new backend follows the same two steps (one `RunOp` impl per
+//! op in its op files, one `op.run_on(self)` call).
 
 use serde::{Deserialize, Serialize};
+
+use crate::Result;
+
+/// Writes an op's buffer table once, as both [`OpDesc::each_buf`] and [`OpDesc::each_buf_mut`].
+/// Used inside `impl OpDesc for Descriptor`: `buffer_table!(|o, f| { ... })` where `o` is the
+/// descriptor, `f(buf, len, access)` reports one buffer and `r!(o.field)` borrows a field as
+/// `&` in the first method and as `&mut` in the second. `R`, `W`, `RW` are the [`Access`]es,
+/// `grad_access(accumulate)` the access of a [`GradOut`].
+macro_rules! buffer_table {
+    (|$o:ident, $f:ident| $body:block) => {
+        buffer_table!(@with |$o, $f| $body $);
+    };
+    (@with |$o:ident, $f:ident| $body:block $d:tt) => {
+        fn each_buf(&self, $f: &mut impl FnMut(&$crate::backend::ops::BufId, usize, $crate::backend::ops::Access)) {
+            #[allow(unused_imports)]
+            use $crate::backend::ops::{Access::{Read as R, ReadWrite as RW, Write as W}, grad_access};
+            #[allow(unused_macros)]
+            macro_rules! r {
+                ($d e:expr) => {
+                    &$d e
+                };
+            }
+            let $o = self;
+            $body
+        }
+
+        fn each_buf_mut(
+            &mut self,
+            $f: &mut impl FnMut(&mut $crate::backend::ops::BufId, usize, $crate::backend::ops::Access),
+        ) {
+            #[allow(unused_imports)]
+            use $crate::backend::ops::{Access::{Read as R, ReadWrite as RW, Write as W}, grad_access};
+            #[allow(unused_macros)]
+            macro_rules! r {
+                ($d e:expr) => {
+                    &mut $d e
+                };
+            }
+            let $o = self;
+            $body
+        }
+    };
+}
 
 mod activation;
 mod buffers;
@@ -26,6 +86,7 @@ mod pool;
 mod tensor;
 
 pub use activation::{Act, ActBackward, ActFn, Dropout, DropoutBackward, Softmax, SoftmaxBackward};
+pub(crate) use buffers::grad_access;
 pub use buffers::{Access, BufUse};
 pub use conv::{Conv2d, Conv2dBackward, ConvGeom};
 pub use conv_transpose::{ConvTranspose2d, ConvTranspose2dBackward};
@@ -56,111 +117,168 @@ pub struct GradOut {
     pub accumulate: bool,
 }
 
-/// One kernel launch of a plan: each variant holds its op's descriptor.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Op {
-    /// See [`Conv2d`].
-    Conv2d(Conv2d),
-    /// See [`Conv2dBackward`].
-    Conv2dBackward(Conv2dBackward),
-    /// See [`ConvTranspose2d`].
-    ConvTranspose2d(ConvTranspose2d),
-    /// See [`ConvTranspose2dBackward`].
-    ConvTranspose2dBackward(ConvTranspose2dBackward),
-    /// See [`Linear`].
-    Linear(Linear),
-    /// See [`LinearBackward`].
-    LinearBackward(LinearBackward),
-    /// See [`Act`].
-    Act(Act),
-    /// See [`ActBackward`].
-    ActBackward(ActBackward),
-    /// See [`Softmax`].
-    Softmax(Softmax),
-    /// See [`SoftmaxBackward`].
-    SoftmaxBackward(SoftmaxBackward),
-    /// See [`Dropout`].
-    Dropout(Dropout),
-    /// See [`DropoutBackward`].
-    DropoutBackward(DropoutBackward),
-    /// See [`BatchNormTrain`].
-    BatchNormTrain(BatchNormTrain),
-    /// See [`BatchNormInfer`].
-    BatchNormInfer(BatchNormInfer),
-    /// See [`BatchNormBackward`].
-    BatchNormBackward(BatchNormBackward),
-    /// See [`GroupNorm`].
-    GroupNorm(GroupNorm),
-    /// See [`GroupNormBackward`].
-    GroupNormBackward(GroupNormBackward),
-    /// See [`MaxPool`].
-    MaxPool(MaxPool),
-    /// See [`MaxPoolBackward`].
-    MaxPoolBackward(MaxPoolBackward),
-    /// See [`AvgPool`].
-    AvgPool(AvgPool),
-    /// See [`AvgPoolBackward`].
-    AvgPoolBackward(AvgPoolBackward),
-    /// See [`Add`].
-    Add(Add),
-    /// See [`Concat`].
-    Concat(Concat),
-    /// See [`ConcatBackward`].
-    ConcatBackward(ConcatBackward),
-    /// See [`GradInto`].
-    GradInto(GradInto),
-    /// See [`Fill`].
-    Fill(Fill),
-    /// See [`Loss`].
-    Loss(Loss),
-    /// See [`ClipGradNorm`].
-    ClipGradNorm(ClipGradNorm),
-    /// See [`ClipGradValue`].
-    ClipGradValue(ClipGradValue),
-    /// See [`AllReduce`].
-    AllReduce(AllReduce),
-    /// See [`CheckFinite`].
-    CheckFinite(CheckFinite),
-    /// See [`OptimizerStep`].
-    OptimizerStep(OptimizerStep),
+/// What an op descriptor says about itself: the seam's view of one op, implemented in the op's
+/// family file (`ops/<family>.rs`). See the module docs for how an op is added.
+pub trait OpDesc {
+    /// A short name for logs and profiles (`conv2d`, `batch_norm_backward`).
+    const NAME: &'static str;
+
+    /// Calls `f(buffer, values touched from its start, access)` for every buffer the op names
+    /// (inputs, outputs, saved tensors, gradients, state), in a fixed order. Written with
+    /// `buffer_table!`, which also makes [`each_buf_mut`](OpDesc::each_buf_mut).
+    fn each_buf(&self, f: &mut impl FnMut(&BufId, usize, Access));
+
+    /// The same table as [`each_buf`](OpDesc::each_buf), with the ids mutable (the planner
+    /// renames virtual buffers to real ones through it).
+    fn each_buf_mut(&mut self, f: &mut impl FnMut(&mut BufId, usize, Access));
+
+    /// A short description of the op's shapes, for debug logs.
+    fn shapes(&self) -> String;
+
+    /// Checks what the buffer table cannot: that the op is consistent in itself. Most ops have
+    /// nothing to check.
+    fn check(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
-impl Op {
-    /// A short name for logs and profiles.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Op::Conv2d(_) => "conv2d",
-            Op::Conv2dBackward(_) => "conv2d_backward",
-            Op::ConvTranspose2d(_) => "conv_transpose2d",
-            Op::ConvTranspose2dBackward(_) => "conv_transpose2d_backward",
-            Op::Linear(_) => "linear",
-            Op::LinearBackward(_) => "linear_backward",
-            Op::Act(_) => "activation",
-            Op::ActBackward(_) => "activation_backward",
-            Op::Softmax(_) => "softmax",
-            Op::SoftmaxBackward(_) => "softmax_backward",
-            Op::Dropout(_) => "dropout",
-            Op::DropoutBackward(_) => "dropout_backward",
-            Op::BatchNormTrain(_) => "batch_norm_train",
-            Op::BatchNormInfer(_) => "batch_norm_infer",
-            Op::BatchNormBackward(_) => "batch_norm_backward",
-            Op::GroupNorm(_) => "group_norm",
-            Op::GroupNormBackward(_) => "group_norm_backward",
-            Op::MaxPool(_) => "max_pool",
-            Op::MaxPoolBackward(_) => "max_pool_backward",
-            Op::AvgPool(_) => "avg_pool",
-            Op::AvgPoolBackward(_) => "avg_pool_backward",
-            Op::Add(_) => "add",
-            Op::Concat(_) => "concat",
-            Op::ConcatBackward(_) => "concat_backward",
-            Op::GradInto(_) => "grad_into",
-            Op::Fill(_) => "fill",
-            Op::Loss(_) => "loss",
-            Op::ClipGradNorm(_) => "clip_grad_norm",
-            Op::ClipGradValue(_) => "clip_grad_value",
-            Op::AllReduce(_) => "all_reduce",
-            Op::CheckFinite(_) => "check_finite",
-            Op::OptimizerStep(_) => "optimizer_step",
+/// A backend that executes ops of descriptor `O`: implemented once per op and backend, next to
+/// the op's kernels (`cpu/<op>.rs`, `cuda/<op>.rs`). [`Op::run_on`] dispatches to it.
+pub(crate) trait RunOp<O> {
+    /// Executes (on a GPU: queues) the op. Its buffers have been validated ([`Op::validate`]).
+    fn run_op(&mut self, op: &O) -> Result<()>;
+}
+
+/// The op list: calls the macro `$callback!` with the name of every op descriptor, each of
+/// which is also its [`Op`] variant. **Adding an op adds one line here** (see the module docs).
+macro_rules! for_each_op {
+    ($callback:ident) => {
+        $callback! {
+            Conv2d,
+            Conv2dBackward,
+            ConvTranspose2d,
+            ConvTranspose2dBackward,
+            Linear,
+            LinearBackward,
+            Act,
+            ActBackward,
+            Softmax,
+            SoftmaxBackward,
+            Dropout,
+            DropoutBackward,
+            BatchNormTrain,
+            BatchNormInfer,
+            BatchNormBackward,
+            GroupNorm,
+            GroupNormBackward,
+            MaxPool,
+            MaxPoolBackward,
+            AvgPool,
+            AvgPoolBackward,
+            Add,
+            Concat,
+            ConcatBackward,
+            GradInto,
+            Fill,
+            Loss,
+            ClipGradNorm,
+            ClipGradValue,
+            AllReduce,
+            CheckFinite,
+            OptimizerStep,
         }
+    };
+}
+
+/// Makes, from the op list, the [`Op`] enum and every `match` over it.
+macro_rules! define_ops {
+    ($($name:ident),* $(,)?) => {
+        /// One kernel launch of a plan: each variant holds its op's descriptor.
+        #[derive(Clone, Debug, PartialEq)]
+        pub enum Op {
+            $(
+                #[doc = concat!("See [`", stringify!($name), "`].")]
+                $name($name),
+            )*
+        }
+
+        $(
+            impl From<$name> for Op {
+                fn from(o: $name) -> Op {
+                    Op::$name(o)
+                }
+            }
+        )*
+
+        /// A backend that implements [`RunOp`] for every op of the list (every backend must).
+        pub(crate) trait RunsEveryOp: $(RunOp<$name> +)* {}
+        impl<B: $(RunOp<$name> +)*> RunsEveryOp for B {}
+
+        impl Op {
+            /// A short name for logs and profiles.
+            pub fn name(&self) -> &'static str {
+                match self {
+                    $(Op::$name(_) => <$name as OpDesc>::NAME,)*
+                }
+            }
+
+            /// A short description of the op's shapes, for debug logs.
+            pub fn shapes(&self) -> String {
+                match self {
+                    $(Op::$name(o) => o.shapes(),)*
+                }
+            }
+
+            /// Calls `f(buffer, len, access)` on every buffer the op names ([`OpDesc::each_buf`]).
+            pub(crate) fn each_buf(&self, f: &mut impl FnMut(&BufId, usize, Access)) {
+                match self {
+                    $(Op::$name(o) => o.each_buf(f),)*
+                }
+            }
+
+            /// Calls `f(buffer, len, access)` with mutable ids ([`OpDesc::each_buf_mut`]).
+            pub(crate) fn each_buf_mut(&mut self, f: &mut impl FnMut(&mut BufId, usize, Access)) {
+                match self {
+                    $(Op::$name(o) => o.each_buf_mut(f),)*
+                }
+            }
+
+            /// The op's own consistency check ([`OpDesc::check`]).
+            pub(crate) fn check(&self) -> Result<()> {
+                match self {
+                    $(Op::$name(o) => o.check(),)*
+                }
+            }
+
+            /// Executes the op on a backend through its [`RunOp`] impl for the op's descriptor.
+            pub(crate) fn run_on<B: RunsEveryOp>(&self, backend: &mut B) -> Result<()> {
+                match self {
+                    $(Op::$name(o) => RunOp::<$name>::run_op(backend, o),)*
+                }
+            }
+        }
+    };
+}
+
+for_each_op!(define_ops);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every op has its own name (logs and profiles tell ops apart by it).
+    #[test]
+    fn op_names_are_distinct() {
+        macro_rules! names {
+            ($($name:ident),* $(,)?) => {
+                [$(<$name as OpDesc>::NAME),*]
+            };
+        }
+        let mut names = for_each_op!(names).to_vec();
+        names.sort();
+        let n = names.len();
+        names.dedup();
+        assert_eq!(names.len(), n, "two ops share a name");
+        assert!(n >= 32);
     }
 }

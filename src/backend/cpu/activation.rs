@@ -6,9 +6,12 @@
 
 use rayon::prelude::*;
 
+use super::CpuBackend;
 use super::float::Float;
 use super::{CHUNK, store};
+use crate::Result;
 use crate::backend::ops::ActFn;
+use crate::backend::ops::{self, RunOp};
 
 #[inline]
 fn sigmoid<T: Float>(x: T) -> T {
@@ -111,6 +114,27 @@ pub fn backward<T: Float>(f: ActFn, x: &[T], y: &[T], dy: &[T], dx: (&mut [T], b
             store(d, derivative(f, x[o + i], y[o + i]) * dy[o + i], acc);
         }
     });
+}
+
+impl<T: Float> RunOp<ops::Act> for CpuBackend<T> {
+    fn run_op(&mut self, o: &ops::Act) -> Result<()> {
+        let ops::Act { f, len, x, y } = o;
+        let mut yv = self.take(*y);
+        forward(*f, &self.bufs[x.0][..*len], &mut yv[..*len]);
+        self.put(*y, yv);
+        Ok(())
+    }
+}
+
+impl<T: Float> RunOp<ops::ActBackward> for CpuBackend<T> {
+    fn run_op(&mut self, o: &ops::ActBackward) -> Result<()> {
+        let ops::ActBackward { f, len, x, y, dy, dx } = o;
+        let (mut dxv, acc) = self.take_grad(*dx);
+        let b = &self.bufs;
+        backward(*f, &b[x.0][..*len], &b[y.0][..*len], &b[dy.0][..*len], (&mut dxv[..*len], acc));
+        self.put(dx.buf, dxv);
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -11,11 +11,13 @@
 
 use rayon::prelude::*;
 
+use super::CpuBackend;
 use super::float::Float;
 use super::{Grad, store};
 use crate::Result;
 use crate::backend::Communicator;
 use crate::backend::ops::BnGeom;
+use crate::backend::ops::{self, OpDesc, RunOp};
 
 /// Per channel: f64 sums of `f(x)` over the batch and spatial positions.
 fn channel_sums<T: Float>(g: &BnGeom, x: &[T], f: impl Fn(usize, T) -> f64 + Sync) -> Vec<f64> {
@@ -180,4 +182,90 @@ pub fn backward<T: Float>(
         });
     }
     Ok(())
+}
+
+impl<T: Float> RunOp<ops::BatchNormTrain> for CpuBackend<T> {
+    fn run_op(&mut self, o: &ops::BatchNormTrain) -> Result<()> {
+        let ops::BatchNormTrain { g, x, gamma, beta, y, mean, invstd, running, sync } = o;
+        let comm = match sync {
+            true => Some(super::group(&mut self.comm, ops::BatchNormTrain::NAME)?),
+            false => None,
+        };
+        let mut yv = std::mem::take(&mut self.bufs[y.0]);
+        let mut mv = std::mem::take(&mut self.bufs[mean.0]);
+        let mut iv = std::mem::take(&mut self.bufs[invstd.0]);
+        let mut rv =
+            running.map(|(m, v, mom)| (std::mem::take(&mut self.bufs[m.0]), std::mem::take(&mut self.bufs[v.0]), mom));
+        let b = &self.bufs;
+        let r = forward_train(
+            g,
+            &b[x.0],
+            (gamma.map(|i| b[i.0].as_slice()), beta.map(|i| b[i.0].as_slice())),
+            &mut yv,
+            (&mut mv, &mut iv),
+            rv.as_mut().map(|(m, v, mom)| (m.as_mut_slice(), v.as_mut_slice(), *mom)),
+            comm,
+        );
+        self.put(*y, yv);
+        self.put(*mean, mv);
+        self.put(*invstd, iv);
+        if let (Some((mi, vi, _)), Some((m, v, _))) = (running, rv) {
+            self.put(*mi, m);
+            self.put(*vi, v);
+        }
+        r
+    }
+}
+
+impl<T: Float> RunOp<ops::BatchNormInfer> for CpuBackend<T> {
+    fn run_op(&mut self, o: &ops::BatchNormInfer) -> Result<()> {
+        let ops::BatchNormInfer { g, x, gamma, beta, running_mean, running_var, y } = o;
+        let mut yv = self.take(*y);
+        let b = &self.bufs;
+        forward_infer(
+            g,
+            &b[x.0],
+            gamma.map(|i| b[i.0].as_slice()),
+            beta.map(|i| b[i.0].as_slice()),
+            &b[running_mean.0],
+            &b[running_var.0],
+            &mut yv,
+        );
+        self.put(*y, yv);
+        Ok(())
+    }
+}
+
+impl<T: Float> RunOp<ops::BatchNormBackward> for CpuBackend<T> {
+    fn run_op(&mut self, o: &ops::BatchNormBackward) -> Result<()> {
+        let ops::BatchNormBackward { g, x, gamma, mean, invstd, dy, dx, dgamma, dbeta, sync } = o;
+        let comm = match sync {
+            true => Some(super::group(&mut self.comm, ops::BatchNormBackward::NAME)?),
+            false => None,
+        };
+        let mut take = |d: &ops::GradOut| (std::mem::take(&mut self.bufs[d.buf.0]), d.accumulate);
+        let mut dxv = dx.as_ref().map(&mut take);
+        let mut dgv = dgamma.as_ref().map(&mut take);
+        let mut dbv = dbeta.as_ref().map(&mut take);
+        let b = &self.bufs;
+        let r = backward(
+            g,
+            &b[x.0],
+            gamma.map(|i| b[i.0].as_slice()),
+            (&b[mean.0], &b[invstd.0]),
+            &b[dy.0],
+            [
+                dxv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
+                dgv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
+                dbv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
+            ],
+            comm,
+        );
+        for (d, v) in [(dx, dxv), (dgamma, dgv), (dbeta, dbv)] {
+            if let (Some(d), Some((v, _))) = (d, v) {
+                self.put(d.buf, v);
+            }
+        }
+        r
+    }
 }

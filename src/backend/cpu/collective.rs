@@ -2,10 +2,12 @@
 //! communicator (TCP between processes). A bucket's buffers are packed into one message, reduced
 //! in f32 (f64 on the f64 reference backend), and unpacked.
 
+use super::CpuBackend;
 use super::float::Float;
 use crate::Result;
 use crate::backend::Communicator;
 use crate::backend::ops::BufId;
+use crate::backend::ops::{self, OpDesc, RunOp};
 
 /// Sums (or, with `mean`, averages) `list`'s buffers over the group.
 pub fn all_reduce<T: Float>(
@@ -40,4 +42,12 @@ pub fn all_reduce<T: Float>(
         values(&mut flat.into_iter().map(|v| (v / w) as f64), bufs);
     }
     Ok(())
+}
+
+impl<T: Float> RunOp<ops::AllReduce> for CpuBackend<T> {
+    fn run_op(&mut self, o: &ops::AllReduce) -> Result<()> {
+        let ops::AllReduce { bufs, mean } = o;
+        all_reduce(super::group(&mut self.comm, ops::AllReduce::NAME)?, &mut self.bufs, bufs, *mean)?;
+        Ok(())
+    }
 }

@@ -19,10 +19,13 @@
 
 use rayon::prelude::*;
 
+use super::CpuBackend;
 use super::WeightGrads;
 use super::float::Float;
 use super::matmul::{Mat, matmul};
+use crate::Result;
 use crate::backend::ops::ConvGeom;
+use crate::backend::ops::{self, RunOp};
 
 /// Per-thread working memory, kept by the backend and reused every step.
 #[derive(Default)]
@@ -421,6 +424,50 @@ pub(super) fn reduce_into<'a, T: Float>(dst: (&mut [T], bool), parts: impl Itera
     }
     for p in parts {
         d.iter_mut().zip(p).for_each(|(a, &b)| *a += b);
+    }
+}
+
+impl<T: Float> RunOp<ops::Conv2d> for CpuBackend<T> {
+    fn run_op(&mut self, o: &ops::Conv2d) -> Result<()> {
+        let ops::Conv2d { g, x, w, b, y } = o;
+        let threads = self.threads;
+        let mut yv = self.take(*y);
+        let bufs = &self.bufs;
+        forward(g, &bufs[x.0], &bufs[w.0], b.map(|b| bufs[b.0].as_slice()), &mut yv, &mut self.scratch, threads);
+        self.put(*y, yv);
+        Ok(())
+    }
+}
+
+impl<T: Float> RunOp<ops::Conv2dBackward> for CpuBackend<T> {
+    fn run_op(&mut self, o: &ops::Conv2dBackward) -> Result<()> {
+        let ops::Conv2dBackward { g, x, w, dy, dx, dw, db } = o;
+        let threads = self.threads;
+        let mut dxv = dx.map(|d| self.take_grad(d));
+        let mut dwv = self.take_grad(*dw);
+        let mut dbv = db.map(|d| self.take_grad(d));
+        let bufs = &self.bufs;
+        backward(
+            g,
+            &bufs[x.0],
+            &bufs[w.0],
+            &bufs[dy.0],
+            (
+                dxv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
+                (&mut dwv.0, dwv.1),
+                dbv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
+            ),
+            &mut self.scratch,
+            threads,
+        );
+        if let (Some(d), Some((v, _))) = (dx, dxv) {
+            self.put(d.buf, v);
+        }
+        self.put(dw.buf, dwv.0);
+        if let (Some(d), Some((v, _))) = (db, dbv) {
+            self.put(d.buf, v);
+        }
+        Ok(())
     }
 }
 

@@ -15,11 +15,14 @@
 
 use rayon::prelude::*;
 
+use super::CpuBackend;
 use super::WeightGrads;
 use super::conv2d::{Scratch, add_bias, col2im_add, im2col, reduce_into, resize, split};
 use super::float::Float;
 use super::matmul::{Mat, matmul};
+use crate::Result;
 use crate::backend::ops::ConvGeom;
+use crate::backend::ops::{self, RunOp};
 
 /// `y = conv_transpose(x, w) + b`.
 pub fn forward<T: Float>(
@@ -106,6 +109,51 @@ pub fn backward<T: Float>(
     reduce_into(dw, scratch[..chunks].iter().map(|s| s.dw.as_slice()));
     if let Some(db) = db {
         reduce_into(db, scratch[..chunks].iter().map(|s| s.db.as_slice()));
+    }
+}
+
+impl<T: Float> RunOp<ops::ConvTranspose2d> for CpuBackend<T> {
+    fn run_op(&mut self, o: &ops::ConvTranspose2d) -> Result<()> {
+        let ops::ConvTranspose2d { g, x, w, b, y } = o;
+        let threads = self.threads;
+        let mut yv = self.take(*y);
+        let bufs = &self.bufs;
+        let bias = b.map(|b| bufs[b.0].as_slice());
+        forward(g, &bufs[x.0], &bufs[w.0], bias, &mut yv, &mut self.scratch, threads);
+        self.put(*y, yv);
+        Ok(())
+    }
+}
+
+impl<T: Float> RunOp<ops::ConvTranspose2dBackward> for CpuBackend<T> {
+    fn run_op(&mut self, o: &ops::ConvTranspose2dBackward) -> Result<()> {
+        let ops::ConvTranspose2dBackward { g, x, w, dy, dx, dw, db } = o;
+        let threads = self.threads;
+        let mut dxv = dx.map(|d| self.take_grad(d));
+        let mut dwv = self.take_grad(*dw);
+        let mut dbv = db.map(|d| self.take_grad(d));
+        let bufs = &self.bufs;
+        backward(
+            g,
+            &bufs[x.0],
+            &bufs[w.0],
+            &bufs[dy.0],
+            (
+                dxv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
+                (&mut dwv.0, dwv.1),
+                dbv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
+            ),
+            &mut self.scratch,
+            threads,
+        );
+        if let (Some(d), Some((v, _))) = (dx, dxv) {
+            self.put(d.buf, v);
+        }
+        self.put(dw.buf, dwv.0);
+        if let (Some(d), Some((v, _))) = (db, dbv) {
+            self.put(d.buf, v);
+        }
+        Ok(())
     }
 }
 

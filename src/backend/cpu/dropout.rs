@@ -4,8 +4,11 @@
 
 use rayon::prelude::*;
 
+use super::CpuBackend;
 use super::float::Float;
 use super::{CHUNK, store};
+use crate::Result;
+use crate::backend::ops::{self, RunOp};
 use crate::rng::dropout_uniforms;
 
 /// `mask = (u >= rate) / (1 - rate)` and `y = x * mask`, for execution number `step`.
@@ -34,4 +37,28 @@ pub fn backward<T: Float>(mask: &[T], dy: &[T], dx: (&mut [T], bool)) {
             store(d, dy[o + i] * mask[o + i], acc);
         }
     });
+}
+
+impl<T: Float> RunOp<ops::Dropout> for CpuBackend<T> {
+    fn run_op(&mut self, o: &ops::Dropout) -> Result<()> {
+        let ops::Dropout { rate, len, seed, counter, x, y, mask } = o;
+        let step = self.counters[counter.0];
+        self.counters[counter.0] += 1;
+        let mut yv = self.take(*y);
+        let mut mv = self.take(*mask);
+        forward(*rate, *seed, step, &self.bufs[x.0][..*len], &mut yv[..*len], &mut mv[..*len]);
+        self.put(*y, yv);
+        self.put(*mask, mv);
+        Ok(())
+    }
+}
+
+impl<T: Float> RunOp<ops::DropoutBackward> for CpuBackend<T> {
+    fn run_op(&mut self, o: &ops::DropoutBackward) -> Result<()> {
+        let ops::DropoutBackward { len, mask, dy, dx } = o;
+        let (mut dxv, acc) = self.take_grad(*dx);
+        backward(&self.bufs[mask.0][..*len], &self.bufs[dy.0][..*len], (&mut dxv[..*len], acc));
+        self.put(dx.buf, dxv);
+        Ok(())
+    }
 }

@@ -7,9 +7,12 @@
 
 use rayon::prelude::*;
 
+use super::CpuBackend;
 use super::float::Float;
 use super::{Grad, store};
+use crate::Result;
 use crate::backend::ops::GnGeom;
+use crate::backend::ops::{self, RunOp};
 
 /// Forward: `y = (x - mean) * invstd * gamma[c] + beta[c]`, saving `mean` and `invstd`
 /// (`[n, groups]`) for backward.
@@ -108,5 +111,48 @@ pub fn backward<T: Float>(
                 store(&mut dxk[i], T::from_f64(v), acc);
             }
         });
+    }
+}
+
+impl<T: Float> RunOp<ops::GroupNorm> for CpuBackend<T> {
+    fn run_op(&mut self, o: &ops::GroupNorm) -> Result<()> {
+        let ops::GroupNorm { g, x, gamma, beta, y, mean, invstd } = o;
+        let (mut yv, mut mv, mut iv) = (self.take(*y), self.take(*mean), self.take(*invstd));
+        let b = &self.bufs;
+        let affine = (gamma.map(|i| b[i.0].as_slice()), beta.map(|i| b[i.0].as_slice()));
+        forward(g, &b[x.0], affine, &mut yv, (&mut mv, &mut iv));
+        self.put(*y, yv);
+        self.put(*mean, mv);
+        self.put(*invstd, iv);
+        Ok(())
+    }
+}
+
+impl<T: Float> RunOp<ops::GroupNormBackward> for CpuBackend<T> {
+    fn run_op(&mut self, o: &ops::GroupNormBackward) -> Result<()> {
+        let ops::GroupNormBackward { g, x, gamma, mean, invstd, dy, dx, dgamma, dbeta } = o;
+        let mut take = |d: &ops::GradOut| (std::mem::take(&mut self.bufs[d.buf.0]), d.accumulate);
+        let mut dxv = dx.as_ref().map(&mut take);
+        let mut dgv = dgamma.as_ref().map(&mut take);
+        let mut dbv = dbeta.as_ref().map(&mut take);
+        let b = &self.bufs;
+        backward(
+            g,
+            &b[x.0],
+            gamma.map(|i| b[i.0].as_slice()),
+            (&b[mean.0], &b[invstd.0]),
+            &b[dy.0],
+            [
+                dxv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
+                dgv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
+                dbv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
+            ],
+        );
+        for (d, v) in [(dx, dxv), (dgamma, dgv), (dbeta, dbv)] {
+            if let (Some(d), Some((v, _))) = (d, v) {
+                self.put(d.buf, v);
+            }
+        }
+        Ok(())
     }
 }

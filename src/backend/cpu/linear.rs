@@ -2,9 +2,12 @@
 //!
 //! `y[m, n] = x[m, k] * w[n, k]^T + b`; backward `dx = dy * w`, `dw = dy^T * x`, `db = sum_m dy`.
 
+use super::CpuBackend;
 use super::WeightGrads;
 use super::float::Float;
 use super::matmul::{Mat, matmul};
+use crate::Result;
+use crate::backend::ops::{self, RunOp};
 
 /// `(m, k, n)`: rows, input features, output features.
 pub fn forward<T: Float>(
@@ -43,5 +46,48 @@ pub fn backward<T: Float>(
         for row in dy.chunks(n) {
             db.iter_mut().zip(row).for_each(|(d, &g)| *d += g);
         }
+    }
+}
+
+impl<T: Float> RunOp<ops::Linear> for CpuBackend<T> {
+    fn run_op(&mut self, o: &ops::Linear) -> Result<()> {
+        let ops::Linear { m, k, n, x, w, b, y } = o;
+        let threads = self.threads;
+        let mut yv = self.take(*y);
+        let bufs = &self.bufs;
+        forward((*m, *k, *n), &bufs[x.0], &bufs[w.0], b.map(|b| bufs[b.0].as_slice()), &mut yv, threads);
+        self.put(*y, yv);
+        Ok(())
+    }
+}
+
+impl<T: Float> RunOp<ops::LinearBackward> for CpuBackend<T> {
+    fn run_op(&mut self, o: &ops::LinearBackward) -> Result<()> {
+        let ops::LinearBackward { m, k, n, x, w, dy, dx, dw, db } = o;
+        let threads = self.threads;
+        let mut dxv = dx.map(|d| self.take_grad(d));
+        let mut dwv = self.take_grad(*dw);
+        let mut dbv = db.map(|d| self.take_grad(d));
+        let bufs = &self.bufs;
+        backward(
+            (*m, *k, *n),
+            &bufs[x.0],
+            &bufs[w.0],
+            &bufs[dy.0],
+            (
+                dxv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
+                (&mut dwv.0, dwv.1),
+                dbv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
+            ),
+            threads,
+        );
+        if let (Some(d), Some((v, _))) = (dx, dxv) {
+            self.put(d.buf, v);
+        }
+        self.put(dw.buf, dwv.0);
+        if let (Some(d), Some((v, _))) = (db, dbv) {
+            self.put(d.buf, v);
+        }
+        Ok(())
     }
 }

@@ -1,8 +1,10 @@
 //! Losses and accuracy on the CPU: the reference for every loss kernel. Per-sample values are
 //! computed in f64 whatever the element type.
 
+use super::CpuBackend;
 use super::float::Float;
-use crate::backend::ops::{self, LossFn, Scoring, stats};
+use crate::Result;
+use crate::backend::ops::{self, LossFn, RunOp, Scoring, stats};
 
 /// Writes the batch's loss and scores into `st` and adds them to its sums; writes the gradient
 /// of the mean loss (times `scale`) into `dpred` when given.
@@ -160,4 +162,19 @@ fn argmax<T: Float>(row: &[T]) -> usize {
         }
     }
     best
+}
+
+impl<T: Float> RunOp<ops::Loss> for CpuBackend<T> {
+    fn run_op(&mut self, o: &ops::Loss) -> Result<()> {
+        let ops::Loss { pred, target, stats, dpred, .. } = o;
+        let mut sv = self.take(*stats);
+        let mut dv = dpred.map(|d| self.take(d));
+        let b = &self.bufs;
+        loss(o, &b[pred.0], &b[target.0], &mut sv, dv.as_deref_mut());
+        self.put(*stats, sv);
+        if let (Some(d), Some(v)) = (dpred, dv) {
+            self.put(*d, v);
+        }
+        Ok(())
+    }
 }

@@ -38,7 +38,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::ops::{self, BufId, CounterId, GradOut, Op, OptRule};
+use super::ops::{BufId, CounterId, GradOut, Op};
 use super::{Backend, DType, HostSlice, HostVec};
 use crate::backend::Communicator;
 use crate::{Error, Result};
@@ -84,13 +84,10 @@ pub struct CpuBackend<T: Float = f32> {
 }
 
 /// The group's communicator for a collective op, or the error of a backend that joined none.
-fn group<'a>(comm: &'a mut Option<Box<dyn Communicator>>, op: &Op) -> Result<&'a mut dyn Communicator> {
+fn group<'a>(comm: &'a mut Option<Box<dyn Communicator>>, op: &str) -> Result<&'a mut dyn Communicator> {
     match comm {
         Some(c) => Ok(&mut **c),
-        None => Err(Error::State(format!(
-            "{} needs a data-parallel group: call Backend::set_communicator first",
-            op.name()
-        ))),
+        None => Err(Error::State(format!("{op} needs a data-parallel group: call Backend::set_communicator first"))),
     }
 }
 
@@ -102,28 +99,6 @@ fn host_available_memory() -> Option<u64> {
         line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
     };
     Some(field("MemAvailable:")? + field("SwapFree:").unwrap_or(0))
-}
-
-/// The guard update of [`ops::CheckFinite`] for a step with this loss and gradient norm (the
-/// CUDA kernel `check_finite` does the same).
-fn check_finite<T: Float>(g: &mut [T], loss: f64, norm: f64, sticky: bool) {
-    use ops::guard::*;
-    let bad_loss = !loss.is_finite();
-    // The norm as the f32 it is reported in: beyond f32's range counts as infinite.
-    let bad_norm = !(norm as f32).is_finite();
-    let bad = bad_loss || bad_norm;
-    let stuck = sticky && g[FIRST_BAD] != T::ZERO;
-    if bad && g[FIRST_BAD] == T::ZERO {
-        g[FIRST_BAD] = g[CHECKED] + T::ONE;
-        g[WHAT] = T::from_usize(bad_loss as usize + 2 * bad_norm as usize);
-        g[LOSS] = T::from_f64(loss);
-        g[NORM] = T::from_f64(norm);
-    }
-    if bad {
-        g[BAD_STEPS] += T::ONE;
-    }
-    g[CHECKED] += T::ONE;
-    g[SKIP] = if bad || stuck { T::ONE } else { T::ZERO };
 }
 
 /// Sets flush-to-zero and denormals-are-zero for the calling thread's floating-point unit (on
@@ -229,403 +204,6 @@ impl<T: Float> CpuBackend<T> {
 
     fn take_grad(&mut self, g: GradOut) -> (Vec<T>, bool) {
         (self.take(g.buf), g.accumulate)
-    }
-
-    fn exec(&mut self, op: &Op) -> Result<()> {
-        let threads = self.threads;
-        match op {
-            Op::Conv2d(ops::Conv2d { g, x, w, b, y }) => {
-                let mut yv = self.take(*y);
-                let bufs = &self.bufs;
-                conv2d::forward(
-                    g,
-                    &bufs[x.0],
-                    &bufs[w.0],
-                    b.map(|b| bufs[b.0].as_slice()),
-                    &mut yv,
-                    &mut self.scratch,
-                    threads,
-                );
-                self.put(*y, yv);
-            }
-            Op::Conv2dBackward(ops::Conv2dBackward { g, x, w, dy, dx, dw, db }) => {
-                let mut dxv = dx.map(|d| self.take_grad(d));
-                let mut dwv = self.take_grad(*dw);
-                let mut dbv = db.map(|d| self.take_grad(d));
-                let bufs = &self.bufs;
-                conv2d::backward(
-                    g,
-                    &bufs[x.0],
-                    &bufs[w.0],
-                    &bufs[dy.0],
-                    (
-                        dxv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
-                        (&mut dwv.0, dwv.1),
-                        dbv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
-                    ),
-                    &mut self.scratch,
-                    threads,
-                );
-                if let (Some(d), Some((v, _))) = (dx, dxv) {
-                    self.put(d.buf, v);
-                }
-                self.put(dw.buf, dwv.0);
-                if let (Some(d), Some((v, _))) = (db, dbv) {
-                    self.put(d.buf, v);
-                }
-            }
-            Op::ConvTranspose2d(ops::ConvTranspose2d { g, x, w, b, y }) => {
-                let mut yv = self.take(*y);
-                let bufs = &self.bufs;
-                let bias = b.map(|b| bufs[b.0].as_slice());
-                conv_transpose2d::forward(g, &bufs[x.0], &bufs[w.0], bias, &mut yv, &mut self.scratch, threads);
-                self.put(*y, yv);
-            }
-            Op::ConvTranspose2dBackward(ops::ConvTranspose2dBackward { g, x, w, dy, dx, dw, db }) => {
-                let mut dxv = dx.map(|d| self.take_grad(d));
-                let mut dwv = self.take_grad(*dw);
-                let mut dbv = db.map(|d| self.take_grad(d));
-                let bufs = &self.bufs;
-                conv_transpose2d::backward(
-                    g,
-                    &bufs[x.0],
-                    &bufs[w.0],
-                    &bufs[dy.0],
-                    (
-                        dxv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
-                        (&mut dwv.0, dwv.1),
-                        dbv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
-                    ),
-                    &mut self.scratch,
-                    threads,
-                );
-                if let (Some(d), Some((v, _))) = (dx, dxv) {
-                    self.put(d.buf, v);
-                }
-                self.put(dw.buf, dwv.0);
-                if let (Some(d), Some((v, _))) = (db, dbv) {
-                    self.put(d.buf, v);
-                }
-            }
-            Op::Linear(ops::Linear { m, k, n, x, w, b, y }) => {
-                let mut yv = self.take(*y);
-                let bufs = &self.bufs;
-                linear::forward(
-                    (*m, *k, *n),
-                    &bufs[x.0],
-                    &bufs[w.0],
-                    b.map(|b| bufs[b.0].as_slice()),
-                    &mut yv,
-                    threads,
-                );
-                self.put(*y, yv);
-            }
-            Op::LinearBackward(ops::LinearBackward { m, k, n, x, w, dy, dx, dw, db }) => {
-                let mut dxv = dx.map(|d| self.take_grad(d));
-                let mut dwv = self.take_grad(*dw);
-                let mut dbv = db.map(|d| self.take_grad(d));
-                let bufs = &self.bufs;
-                linear::backward(
-                    (*m, *k, *n),
-                    &bufs[x.0],
-                    &bufs[w.0],
-                    &bufs[dy.0],
-                    (
-                        dxv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
-                        (&mut dwv.0, dwv.1),
-                        dbv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
-                    ),
-                    threads,
-                );
-                if let (Some(d), Some((v, _))) = (dx, dxv) {
-                    self.put(d.buf, v);
-                }
-                self.put(dw.buf, dwv.0);
-                if let (Some(d), Some((v, _))) = (db, dbv) {
-                    self.put(d.buf, v);
-                }
-            }
-            Op::Act(ops::Act { f, len, x, y }) => {
-                let mut yv = self.take(*y);
-                activation::forward(*f, &self.bufs[x.0][..*len], &mut yv[..*len]);
-                self.put(*y, yv);
-            }
-            Op::ActBackward(ops::ActBackward { f, len, x, y, dy, dx }) => {
-                let (mut dxv, acc) = self.take_grad(*dx);
-                let b = &self.bufs;
-                activation::backward(*f, &b[x.0][..*len], &b[y.0][..*len], &b[dy.0][..*len], (&mut dxv[..*len], acc));
-                self.put(dx.buf, dxv);
-            }
-            Op::Softmax(ops::Softmax { dim, inner, x, y, .. }) => {
-                let mut yv = self.take(*y);
-                softmax::forward(*dim, *inner, &self.bufs[x.0], &mut yv);
-                self.put(*y, yv);
-            }
-            Op::SoftmaxBackward(ops::SoftmaxBackward { dim, inner, y, dy, dx, .. }) => {
-                let (mut dxv, acc) = self.take_grad(*dx);
-                softmax::backward(*dim, *inner, &self.bufs[y.0], &self.bufs[dy.0], (&mut dxv, acc));
-                self.put(dx.buf, dxv);
-            }
-            Op::Dropout(ops::Dropout { rate, len, seed, counter, x, y, mask }) => {
-                let step = self.counters[counter.0];
-                self.counters[counter.0] += 1;
-                let mut yv = self.take(*y);
-                let mut mv = self.take(*mask);
-                dropout::forward(*rate, *seed, step, &self.bufs[x.0][..*len], &mut yv[..*len], &mut mv[..*len]);
-                self.put(*y, yv);
-                self.put(*mask, mv);
-            }
-            Op::DropoutBackward(ops::DropoutBackward { len, mask, dy, dx }) => {
-                let (mut dxv, acc) = self.take_grad(*dx);
-                dropout::backward(&self.bufs[mask.0][..*len], &self.bufs[dy.0][..*len], (&mut dxv[..*len], acc));
-                self.put(dx.buf, dxv);
-            }
-            Op::BatchNormTrain(ops::BatchNormTrain { g, x, gamma, beta, y, mean, invstd, running, sync }) => {
-                let comm = match sync {
-                    true => Some(group(&mut self.comm, op)?),
-                    false => None,
-                };
-                let mut yv = std::mem::take(&mut self.bufs[y.0]);
-                let mut mv = std::mem::take(&mut self.bufs[mean.0]);
-                let mut iv = std::mem::take(&mut self.bufs[invstd.0]);
-                let mut rv = running
-                    .map(|(m, v, mom)| (std::mem::take(&mut self.bufs[m.0]), std::mem::take(&mut self.bufs[v.0]), mom));
-                let b = &self.bufs;
-                let r = batch_norm::forward_train(
-                    g,
-                    &b[x.0],
-                    (gamma.map(|i| b[i.0].as_slice()), beta.map(|i| b[i.0].as_slice())),
-                    &mut yv,
-                    (&mut mv, &mut iv),
-                    rv.as_mut().map(|(m, v, mom)| (m.as_mut_slice(), v.as_mut_slice(), *mom)),
-                    comm,
-                );
-                self.put(*y, yv);
-                self.put(*mean, mv);
-                self.put(*invstd, iv);
-                if let (Some((mi, vi, _)), Some((m, v, _))) = (running, rv) {
-                    self.put(*mi, m);
-                    self.put(*vi, v);
-                }
-                r?;
-            }
-            Op::BatchNormInfer(ops::BatchNormInfer { g, x, gamma, beta, running_mean, running_var, y }) => {
-                let mut yv = self.take(*y);
-                let b = &self.bufs;
-                batch_norm::forward_infer(
-                    g,
-                    &b[x.0],
-                    gamma.map(|i| b[i.0].as_slice()),
-                    beta.map(|i| b[i.0].as_slice()),
-                    &b[running_mean.0],
-                    &b[running_var.0],
-                    &mut yv,
-                );
-                self.put(*y, yv);
-            }
-            Op::BatchNormBackward(ops::BatchNormBackward {
-                g,
-                x,
-                gamma,
-                mean,
-                invstd,
-                dy,
-                dx,
-                dgamma,
-                dbeta,
-                sync,
-            }) => {
-                let comm = match sync {
-                    true => Some(group(&mut self.comm, op)?),
-                    false => None,
-                };
-                let mut take = |d: &GradOut| (std::mem::take(&mut self.bufs[d.buf.0]), d.accumulate);
-                let mut dxv = dx.as_ref().map(&mut take);
-                let mut dgv = dgamma.as_ref().map(&mut take);
-                let mut dbv = dbeta.as_ref().map(&mut take);
-                let b = &self.bufs;
-                let r = batch_norm::backward(
-                    g,
-                    &b[x.0],
-                    gamma.map(|i| b[i.0].as_slice()),
-                    (&b[mean.0], &b[invstd.0]),
-                    &b[dy.0],
-                    [
-                        dxv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
-                        dgv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
-                        dbv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
-                    ],
-                    comm,
-                );
-                for (d, v) in [(dx, dxv), (dgamma, dgv), (dbeta, dbv)] {
-                    if let (Some(d), Some((v, _))) = (d, v) {
-                        self.put(d.buf, v);
-                    }
-                }
-                r?;
-            }
-            Op::GroupNorm(ops::GroupNorm { g, x, gamma, beta, y, mean, invstd }) => {
-                let (mut yv, mut mv, mut iv) = (self.take(*y), self.take(*mean), self.take(*invstd));
-                let b = &self.bufs;
-                let affine = (gamma.map(|i| b[i.0].as_slice()), beta.map(|i| b[i.0].as_slice()));
-                group_norm::forward(g, &b[x.0], affine, &mut yv, (&mut mv, &mut iv));
-                self.put(*y, yv);
-                self.put(*mean, mv);
-                self.put(*invstd, iv);
-            }
-            Op::GroupNormBackward(ops::GroupNormBackward { g, x, gamma, mean, invstd, dy, dx, dgamma, dbeta }) => {
-                let mut take = |d: &GradOut| (std::mem::take(&mut self.bufs[d.buf.0]), d.accumulate);
-                let mut dxv = dx.as_ref().map(&mut take);
-                let mut dgv = dgamma.as_ref().map(&mut take);
-                let mut dbv = dbeta.as_ref().map(&mut take);
-                let b = &self.bufs;
-                group_norm::backward(
-                    g,
-                    &b[x.0],
-                    gamma.map(|i| b[i.0].as_slice()),
-                    (&b[mean.0], &b[invstd.0]),
-                    &b[dy.0],
-                    [
-                        dxv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
-                        dgv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
-                        dbv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
-                    ],
-                );
-                for (d, v) in [(dx, dxv), (dgamma, dgv), (dbeta, dbv)] {
-                    if let (Some(d), Some((v, _))) = (d, v) {
-                        self.put(d.buf, v);
-                    }
-                }
-            }
-            Op::MaxPool(ops::MaxPool { g, x, y, argmax }) => {
-                let mut yv = self.take(*y);
-                let mut av = self.take(*argmax);
-                pool2d::max_forward(g, &self.bufs[x.0], &mut yv, &mut av);
-                self.put(*y, yv);
-                self.put(*argmax, av);
-            }
-            Op::MaxPoolBackward(ops::MaxPoolBackward { g, argmax, dy, dx }) => {
-                let (mut dxv, acc) = self.take_grad(*dx);
-                pool2d::max_backward(g, &self.bufs[argmax.0], &self.bufs[dy.0], (&mut dxv, acc));
-                self.put(dx.buf, dxv);
-            }
-            Op::AvgPool(ops::AvgPool { g, count_include_pad, x, y }) => {
-                let mut yv = self.take(*y);
-                pool2d::avg_forward(g, *count_include_pad, &self.bufs[x.0], &mut yv);
-                self.put(*y, yv);
-            }
-            Op::AvgPoolBackward(ops::AvgPoolBackward { g, count_include_pad, dy, dx }) => {
-                let (mut dxv, acc) = self.take_grad(*dx);
-                pool2d::avg_backward(g, *count_include_pad, &self.bufs[dy.0], (&mut dxv, acc));
-                self.put(dx.buf, dxv);
-            }
-            Op::Add(ops::Add { len, inputs, y }) => {
-                let mut yv = self.take(*y);
-                let ins: Vec<&[T]> = inputs.iter().map(|i| &self.bufs[i.0][..*len]).collect();
-                join::add(&ins, &mut yv[..*len]);
-                self.put(*y, yv);
-            }
-            Op::Concat(ops::Concat { n, inner, parts, y }) => {
-                let mut yv = self.take(*y);
-                let ps: Vec<(&[T], usize)> = parts.iter().map(|(b, c)| (self.bufs[b.0].as_slice(), *c)).collect();
-                join::concat(*n, *inner, &ps, &mut yv);
-                self.put(*y, yv);
-            }
-            Op::ConcatBackward(ops::ConcatBackward { n, inner, parts, dy }) => {
-                let total: usize = parts.iter().map(|p| p.1).sum();
-                let mut offset = 0;
-                for (g, ch) in parts {
-                    if let Some(g) = g {
-                        let (mut dxv, acc) = self.take_grad(*g);
-                        join::concat_backward(*n, *inner, total, &self.bufs[dy.0], offset, *ch, (&mut dxv, acc));
-                        self.put(g.buf, dxv);
-                    }
-                    offset += ch;
-                }
-            }
-            Op::GradInto(ops::GradInto { len, src, dst }) => {
-                let (mut dv, acc) = self.take_grad(*dst);
-                join::grad_into(&self.bufs[src.0][..*len], (&mut dv[..*len], acc));
-                self.put(dst.buf, dv);
-            }
-            Op::Fill(ops::Fill { len, buf, value }) => {
-                self.bufs[buf.0][..*len].fill(T::from_f32(*value));
-            }
-            Op::Loss(o @ ops::Loss { pred, target, stats, dpred, .. }) => {
-                let mut sv = self.take(*stats);
-                let mut dv = dpred.map(|d| self.take(d));
-                let b = &self.bufs;
-                loss::loss(o, &b[pred.0], &b[target.0], &mut sv, dv.as_deref_mut());
-                self.put(*stats, sv);
-                if let (Some(d), Some(v)) = (dpred, dv) {
-                    self.put(*d, v);
-                }
-            }
-            Op::ClipGradNorm(ops::ClipGradNorm { grads, max_norm, norm }) => {
-                let views: Vec<&[T]> = grads.iter().map(|(g, len)| &self.bufs[g.0][..*len]).collect();
-                let total = optimizer::global_norm(&views);
-                let coef = T::from_f64(optimizer::clip_coef(total, *max_norm));
-                self.bufs[norm.0][0] = T::from_f64(total);
-                for (g, len) in grads {
-                    self.bufs[g.0][..*len].iter_mut().for_each(|v| *v *= coef);
-                }
-            }
-            Op::ClipGradValue(ops::ClipGradValue { grads, clip }) => {
-                let (lo, hi) = (T::from_f32(-clip), T::from_f32(*clip));
-                for (g, len) in grads {
-                    for v in &mut self.bufs[g.0][..*len] {
-                        if *v < lo {
-                            *v = lo;
-                        } else if *v > hi {
-                            *v = hi;
-                        }
-                    }
-                }
-            }
-            Op::AllReduce(ops::AllReduce { bufs, mean }) => {
-                collective::all_reduce(group(&mut self.comm, op)?, &mut self.bufs, bufs, *mean)?;
-            }
-            Op::CheckFinite(ops::CheckFinite { stats, grads, guard, sticky }) => {
-                let views: Vec<&[T]> = grads.iter().map(|(g, len)| &self.bufs[g.0][..*len]).collect();
-                let norm = optimizer::global_norm(&views);
-                let loss = self.bufs[stats.0][ops::stats::LOSS].to_f64();
-                check_finite(&mut self.bufs[guard.0], loss, norm, *sticky);
-            }
-            Op::OptimizerStep(ops::OptimizerStep { guard: Some(g), .. })
-                if self.bufs[g.0][ops::guard::SKIP] != T::ZERO => {}
-            Op::OptimizerStep(ops::OptimizerStep { rule, hyper, step, scalars, params, .. }) => {
-                let t = self.counters[step.0] + 1;
-                self.counters[step.0] = t;
-                let h = &self.bufs[hyper.0];
-                let (lr, mom) = (h[ops::hyper::LR].to_f64(), h[ops::hyper::MOMENTUM].to_f64());
-                let mut mu_product = 1.0;
-                if let OptRule::NAdam { momentum_decay, .. } = rule {
-                    // Stored and used at the buffer's precision, as PyTorch keeps it in a
-                    // float32 tensor (and as the GPU kernel does).
-                    let prev = self.bufs[scalars.0][0].to_f64();
-                    let stored = T::from_f64(prev * optimizer::nadam_mu(mom, *momentum_decay as f64, t));
-                    self.bufs[scalars.0][0] = stored;
-                    mu_product = stored.to_f64();
-                }
-                for p in params {
-                    let mut w = self.take(p.value);
-                    let mut st: Vec<Vec<T>> = p.state.iter().map(|s| self.take(*s)).collect();
-                    optimizer::update(
-                        *rule,
-                        t,
-                        (lr, mom, mu_product),
-                        &mut w[..p.len],
-                        &self.bufs[p.grad.0][..p.len],
-                        &mut st,
-                    );
-                    self.put(p.value, w);
-                    for (s, v) in p.state.iter().zip(st) {
-                        self.put(*s, v);
-                    }
-                }
-            }
-        }
-        Ok(())
     }
 }
 
@@ -762,7 +340,7 @@ impl<T: Float> CpuBackend<T> {
                 }
                 if self.debug {
                     let t = Instant::now();
-                    self.exec(op)?;
+                    op.run_on(self)?;
                     eprintln!(
                         "[kiln cpu] {:<22} {:<48} {:>9.3} ms",
                         op.name(),
@@ -770,7 +348,7 @@ impl<T: Float> CpuBackend<T> {
                         t.elapsed().as_secs_f64() * 1e3
                     );
                 } else {
-                    self.exec(op)?;
+                    op.run_on(self)?;
                 }
             }
             Ok(())

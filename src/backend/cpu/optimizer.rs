@@ -6,8 +6,11 @@
 use rayon::prelude::*;
 
 use super::CHUNK;
+use super::CpuBackend;
 use super::float::Float;
+use crate::Result;
 use crate::backend::ops::OptRule;
+use crate::backend::ops::{self, RunOp};
 
 /// `torch.lerp(a, b, w)` as PyTorch's CPU kernel computes it.
 #[inline]
@@ -215,4 +218,103 @@ pub fn global_norm<T: Float>(grads: &[&[T]]) -> f64 {
 /// PyTorch's clip coefficient: `min(max_norm / (norm + 1e-6), 1)`.
 pub fn clip_coef(norm: f64, max_norm: f32) -> f64 {
     (max_norm as f64 / (norm + 1e-6)).min(1.0)
+}
+
+/// The guard update of [`ops::CheckFinite`] for a step with this loss and gradient norm (the
+/// CUDA kernel `check_finite` does the same).
+fn check_finite<T: Float>(g: &mut [T], loss: f64, norm: f64, sticky: bool) {
+    use ops::guard::*;
+    let bad_loss = !loss.is_finite();
+    // The norm as the f32 it is reported in: beyond f32's range counts as infinite.
+    let bad_norm = !(norm as f32).is_finite();
+    let bad = bad_loss || bad_norm;
+    let stuck = sticky && g[FIRST_BAD] != T::ZERO;
+    if bad && g[FIRST_BAD] == T::ZERO {
+        g[FIRST_BAD] = g[CHECKED] + T::ONE;
+        g[WHAT] = T::from_usize(bad_loss as usize + 2 * bad_norm as usize);
+        g[LOSS] = T::from_f64(loss);
+        g[NORM] = T::from_f64(norm);
+    }
+    if bad {
+        g[BAD_STEPS] += T::ONE;
+    }
+    g[CHECKED] += T::ONE;
+    g[SKIP] = if bad || stuck { T::ONE } else { T::ZERO };
+}
+
+impl<T: Float> RunOp<ops::ClipGradNorm> for CpuBackend<T> {
+    fn run_op(&mut self, o: &ops::ClipGradNorm) -> Result<()> {
+        let ops::ClipGradNorm { grads, max_norm, norm } = o;
+        let views: Vec<&[T]> = grads.iter().map(|(g, len)| &self.bufs[g.0][..*len]).collect();
+        let total = global_norm(&views);
+        let coef = T::from_f64(clip_coef(total, *max_norm));
+        self.bufs[norm.0][0] = T::from_f64(total);
+        for (g, len) in grads {
+            self.bufs[g.0][..*len].iter_mut().for_each(|v| *v *= coef);
+        }
+        Ok(())
+    }
+}
+
+impl<T: Float> RunOp<ops::ClipGradValue> for CpuBackend<T> {
+    fn run_op(&mut self, o: &ops::ClipGradValue) -> Result<()> {
+        let ops::ClipGradValue { grads, clip } = o;
+        let (lo, hi) = (T::from_f32(-clip), T::from_f32(*clip));
+        for (g, len) in grads {
+            for v in &mut self.bufs[g.0][..*len] {
+                if *v < lo {
+                    *v = lo;
+                } else if *v > hi {
+                    *v = hi;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<T: Float> RunOp<ops::CheckFinite> for CpuBackend<T> {
+    fn run_op(&mut self, o: &ops::CheckFinite) -> Result<()> {
+        let ops::CheckFinite { stats, grads, guard, sticky } = o;
+        let views: Vec<&[T]> = grads.iter().map(|(g, len)| &self.bufs[g.0][..*len]).collect();
+        let norm = global_norm(&views);
+        let loss = self.bufs[stats.0][ops::stats::LOSS].to_f64();
+        check_finite(&mut self.bufs[guard.0], loss, norm, *sticky);
+        Ok(())
+    }
+}
+
+impl<T: Float> RunOp<ops::OptimizerStep> for CpuBackend<T> {
+    fn run_op(&mut self, o: &ops::OptimizerStep) -> Result<()> {
+        let ops::OptimizerStep { rule, hyper, step, scalars, params, guard } = o;
+        if let Some(g) = guard
+            && self.bufs[g.0][ops::guard::SKIP] != T::ZERO
+        {
+            // The finite-step guard says skip: the parameters and counters stay as they are.
+            return Ok(());
+        }
+        let t = self.counters[step.0] + 1;
+        self.counters[step.0] = t;
+        let h = &self.bufs[hyper.0];
+        let (lr, mom) = (h[ops::hyper::LR].to_f64(), h[ops::hyper::MOMENTUM].to_f64());
+        let mut mu_product = 1.0;
+        if let ops::OptRule::NAdam { momentum_decay, .. } = rule {
+            // Stored and used at the buffer's precision, as PyTorch keeps it in a
+            // float32 tensor (and as the GPU kernel does).
+            let prev = self.bufs[scalars.0][0].to_f64();
+            let stored = T::from_f64(prev * nadam_mu(mom, *momentum_decay as f64, t));
+            self.bufs[scalars.0][0] = stored;
+            mu_product = stored.to_f64();
+        }
+        for p in params {
+            let mut w = self.take(p.value);
+            let mut st: Vec<Vec<T>> = p.state.iter().map(|s| self.take(*s)).collect();
+            update(*rule, t, (lr, mom, mu_product), &mut w[..p.len], &self.bufs[p.grad.0][..p.len], &mut st);
+            self.put(p.value, w);
+            for (s, v) in p.state.iter().zip(st) {
+                self.put(*s, v);
+            }
+        }
+        Ok(())
+    }
 }

@@ -2,9 +2,12 @@
 
 use rayon::prelude::*;
 
+use super::CpuBackend;
 use super::float::Float;
 use super::store;
+use crate::Result;
 use crate::backend::ops::PoolGeom;
+use crate::backend::ops::{self, RunOp};
 
 /// The clipped window of output `(oy, ox)` and PyTorch's `count_include_pad` divisor.
 #[inline]
@@ -99,4 +102,46 @@ pub fn avg_backward<T: Float>(g: &PoolGeom, count_include_pad: bool, dy: &[T], d
             }
         }
     });
+}
+
+impl<T: Float> RunOp<ops::MaxPool> for CpuBackend<T> {
+    fn run_op(&mut self, o: &ops::MaxPool) -> Result<()> {
+        let ops::MaxPool { g, x, y, argmax } = o;
+        let mut yv = self.take(*y);
+        let mut av = self.take(*argmax);
+        max_forward(g, &self.bufs[x.0], &mut yv, &mut av);
+        self.put(*y, yv);
+        self.put(*argmax, av);
+        Ok(())
+    }
+}
+
+impl<T: Float> RunOp<ops::MaxPoolBackward> for CpuBackend<T> {
+    fn run_op(&mut self, o: &ops::MaxPoolBackward) -> Result<()> {
+        let ops::MaxPoolBackward { g, argmax, dy, dx } = o;
+        let (mut dxv, acc) = self.take_grad(*dx);
+        max_backward(g, &self.bufs[argmax.0], &self.bufs[dy.0], (&mut dxv, acc));
+        self.put(dx.buf, dxv);
+        Ok(())
+    }
+}
+
+impl<T: Float> RunOp<ops::AvgPool> for CpuBackend<T> {
+    fn run_op(&mut self, o: &ops::AvgPool) -> Result<()> {
+        let ops::AvgPool { g, count_include_pad, x, y } = o;
+        let mut yv = self.take(*y);
+        avg_forward(g, *count_include_pad, &self.bufs[x.0], &mut yv);
+        self.put(*y, yv);
+        Ok(())
+    }
+}
+
+impl<T: Float> RunOp<ops::AvgPoolBackward> for CpuBackend<T> {
+    fn run_op(&mut self, o: &ops::AvgPoolBackward) -> Result<()> {
+        let ops::AvgPoolBackward { g, count_include_pad, dy, dx } = o;
+        let (mut dxv, acc) = self.take_grad(*dx);
+        avg_backward(g, *count_include_pad, &self.bufs[dy.0], (&mut dxv, acc));
+        self.put(dx.buf, dxv);
+        Ok(())
+    }
 }

@@ -2,8 +2,11 @@
 
 use rayon::prelude::*;
 
+use super::CpuBackend;
 use super::float::Float;
 use super::store;
+use crate::Result;
+use crate::backend::ops::{self, RunOp};
 
 pub fn forward<T: Float>(dim: usize, inner: usize, x: &[T], y: &mut [T]) {
     y.par_chunks_mut(dim * inner).zip(x.par_chunks(dim * inner)).for_each(|(y, x)| {
@@ -42,4 +45,24 @@ pub fn backward<T: Float>(dim: usize, inner: usize, y: &[T], dy: &[T], dx: (&mut
             }
         }
     });
+}
+
+impl<T: Float> RunOp<ops::Softmax> for CpuBackend<T> {
+    fn run_op(&mut self, o: &ops::Softmax) -> Result<()> {
+        let ops::Softmax { dim, inner, x, y, .. } = o;
+        let mut yv = self.take(*y);
+        forward(*dim, *inner, &self.bufs[x.0], &mut yv);
+        self.put(*y, yv);
+        Ok(())
+    }
+}
+
+impl<T: Float> RunOp<ops::SoftmaxBackward> for CpuBackend<T> {
+    fn run_op(&mut self, o: &ops::SoftmaxBackward) -> Result<()> {
+        let ops::SoftmaxBackward { dim, inner, y, dy, dx, .. } = o;
+        let (mut dxv, acc) = self.take_grad(*dx);
+        backward(*dim, *inner, &self.bufs[y.0], &self.bufs[dy.0], (&mut dxv, acc));
+        self.put(dx.buf, dxv);
+        Ok(())
+    }
 }

@@ -8,6 +8,7 @@ use super::nvrtc::ModuleSrc;
 use crate::Result;
 use crate::backend::ops;
 use crate::backend::ops::ActFn;
+use crate::backend::ops::RunOp;
 
 kernels! {
     act_forward(f: int, p: float, x: (const float*), y: (float*), n: i64);
@@ -81,15 +82,17 @@ fn code(f: ActFn) -> (i32, f32) {
     }
 }
 
-impl CudaBackend {
-    pub(super) fn act_forward(&mut self, o: &ops::Act) -> Result<()> {
+impl RunOp<ops::Act> for CudaBackend {
+    fn run_op(&mut self, o: &ops::Act) -> Result<()> {
         let ops::Act { f, len, x, y, .. } = *o;
         let (c, p) = code(f);
         let args = act_forward { f: c, p, x: self.ptr(x), y: self.ptr(y), n: len };
         self.launch_elems(len, &args)
     }
+}
 
-    pub(super) fn act_backward(&mut self, o: &ops::ActBackward) -> Result<()> {
+impl RunOp<ops::ActBackward> for CudaBackend {
+    fn run_op(&mut self, o: &ops::ActBackward) -> Result<()> {
         let ops::ActBackward { f, len, x, y, dy, dx, .. } = *o;
         let (c, p) = code(f);
         let args = act_backward {

@@ -20,6 +20,7 @@ use super::CudaBackend;
 use super::nvrtc::ModuleSrc;
 use crate::Result;
 use crate::backend::ops;
+use crate::backend::ops::RunOp;
 use crate::backend::ops::{BnGeom, GradOut};
 
 /// Threads per block of the partial-sum kernels (a power of two, for the block reduction).
@@ -169,8 +170,8 @@ extern "C" __global__ void bn_apply_grad(const float* x, const float* gamma, con
 "#,
 };
 
-impl CudaBackend {
-    pub(super) fn bn_train_forward(&mut self, o: &ops::BatchNormTrain) -> Result<()> {
+impl RunOp<ops::BatchNormTrain> for CudaBackend {
+    fn run_op(&mut self, o: &ops::BatchNormTrain) -> Result<()> {
         let ops::BatchNormTrain { x, gamma, beta, y, mean, invstd, running, sync, .. } = *o;
         let g = &o.g;
         let (segs, per) = segments(g, self.gpu.sm_count as usize);
@@ -219,7 +220,9 @@ impl CudaBackend {
         let apply = bn_apply { x: xp, coef, y: self.ptr(y), total, c: g.c, hw: g.hw };
         self.launch_elems(total, &apply)
     }
+}
 
+impl CudaBackend {
     /// Launches `bn_totals`: per-channel totals of the partial sums (and the count) into
     /// `totals`, and `dgamma`/`dbeta` where given.
     fn launch_bn_totals(
@@ -247,8 +250,10 @@ impl CudaBackend {
         };
         self.launch_elems(c, &args)
     }
+}
 
-    pub(super) fn bn_infer_forward(&mut self, o: &ops::BatchNormInfer) -> Result<()> {
+impl RunOp<ops::BatchNormInfer> for CudaBackend {
+    fn run_op(&mut self, o: &ops::BatchNormInfer) -> Result<()> {
         let ops::BatchNormInfer { x, gamma, beta, running_mean, running_var, y, .. } = *o;
         let g = &o.g;
         let args = bn_infer_forward {
@@ -265,8 +270,10 @@ impl CudaBackend {
         };
         self.launch_elems(g.n * g.c * g.hw, &args)
     }
+}
 
-    pub(super) fn bn_backward(&mut self, o: &ops::BatchNormBackward) -> Result<()> {
+impl RunOp<ops::BatchNormBackward> for CudaBackend {
+    fn run_op(&mut self, o: &ops::BatchNormBackward) -> Result<()> {
         let ops::BatchNormBackward { x, gamma, mean, invstd, dy, dx, dgamma, dbeta, sync, .. } = *o;
         let g = &o.g;
         let (segs, per) = segments(g, self.gpu.sm_count as usize);

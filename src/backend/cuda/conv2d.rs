@@ -23,6 +23,7 @@ use cudarc::driver::sys::CUdeviceptr;
 use super::CudaBackend;
 use crate::backend::ops;
 use crate::backend::ops::ConvGeom;
+use crate::backend::ops::RunOp;
 use crate::backend::{DType, HostVec};
 use crate::{Error, Result};
 
@@ -544,8 +545,10 @@ impl CudaBackend {
         }
         Ok(chosen(choice))
     }
+}
 
-    pub(super) fn conv_forward(&mut self, o: &ops::Conv2d) -> Result<()> {
+impl RunOp<ops::Conv2d> for CudaBackend {
+    fn run_op(&mut self, o: &ops::Conv2d) -> Result<()> {
         let ops::Conv2d { x, w, b, y, .. } = *o;
         let g = &o.g;
         let _lock = cudnn_lock();
@@ -558,8 +561,10 @@ impl CudaBackend {
         }
         Ok(())
     }
+}
 
-    pub(super) fn conv_backward(&mut self, o: &ops::Conv2dBackward) -> Result<()> {
+impl RunOp<ops::Conv2dBackward> for CudaBackend {
+    fn run_op(&mut self, o: &ops::Conv2dBackward) -> Result<()> {
         let ops::Conv2dBackward { x, w, dy, dx, dw, db, .. } = *o;
         let g = &o.g;
         let _lock = cudnn_lock();

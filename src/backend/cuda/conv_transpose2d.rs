@@ -15,6 +15,7 @@
 
 use super::CudaBackend;
 use super::conv2d::{Dir, cudnn_lock};
+use crate::backend::ops::RunOp;
 use crate::backend::ops::{self, ConvGeom};
 use crate::{Error, Result};
 
@@ -38,8 +39,8 @@ fn check(g: &ConvGeom) -> Result<()> {
     })
 }
 
-impl CudaBackend {
-    pub(super) fn conv_transpose_forward(&mut self, o: &ops::ConvTranspose2d) -> Result<()> {
+impl RunOp<ops::ConvTranspose2d> for CudaBackend {
+    fn run_op(&mut self, o: &ops::ConvTranspose2d) -> Result<()> {
         let ops::ConvTranspose2d { x, w, b, y, .. } = *o;
         let g = &o.g;
         check(g)?;
@@ -53,8 +54,10 @@ impl CudaBackend {
         }
         Ok(())
     }
+}
 
-    pub(super) fn conv_transpose_backward(&mut self, o: &ops::ConvTranspose2dBackward) -> Result<()> {
+impl RunOp<ops::ConvTranspose2dBackward> for CudaBackend {
+    fn run_op(&mut self, o: &ops::ConvTranspose2dBackward) -> Result<()> {
         let ops::ConvTranspose2dBackward { x, w, dy, dx, dw, db, .. } = *o;
         let g = &o.g;
         check(g)?;

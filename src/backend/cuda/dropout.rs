@@ -11,6 +11,7 @@
 use super::CudaBackend;
 use super::nvrtc::ModuleSrc;
 use crate::backend::ops;
+use crate::backend::ops::RunOp;
 use crate::{Error, Result};
 
 kernels! {
@@ -76,8 +77,8 @@ extern "C" __global__ void philox_test(const unsigned* cin, unsigned* cout, i64 
 "#,
 };
 
-impl CudaBackend {
-    pub(super) fn dropout_forward(&mut self, o: &ops::Dropout) -> Result<()> {
+impl RunOp<ops::Dropout> for CudaBackend {
+    fn run_op(&mut self, o: &ops::Dropout) -> Result<()> {
         let ops::Dropout { rate, len, seed, counter, x, y, mask, .. } = *o;
         // The scale exactly as the CPU computes it (in f32).
         let scale = 1.0f32 / (1.0 - rate);
@@ -95,8 +96,10 @@ impl CudaBackend {
         self.launch_elems(len.div_ceil(4), &args)?;
         self.launch_blocks(1, 1, 0, &counter_increment { counter: ctr })
     }
+}
 
-    pub(super) fn dropout_backward(&mut self, o: &ops::DropoutBackward) -> Result<()> {
+impl RunOp<ops::DropoutBackward> for CudaBackend {
+    fn run_op(&mut self, o: &ops::DropoutBackward) -> Result<()> {
         let ops::DropoutBackward { len, mask, dy, dx, .. } = *o;
         let args = dropout_backward {
             mask: self.ptr(mask),
@@ -107,7 +110,9 @@ impl CudaBackend {
         };
         self.launch_elems(len, &args)
     }
+}
 
+impl CudaBackend {
     /// Runs the device's Philox 4x32-10 on each `(counter, key)` pair; for checking it against
     /// [`crate::rng::philox4x32`]. All pairs must share one key.
     pub fn philox4x32_on_device(&mut self, counters: &[[u32; 4]], key: [u32; 2]) -> Result<Vec<[u32; 4]>> {

@@ -10,6 +10,7 @@ use super::nvrtc::ModuleSrc;
 use crate::Result;
 use crate::backend::ops;
 use crate::backend::ops::GradOut;
+use crate::backend::ops::RunOp;
 
 /// Threads per block of the reduction kernels (a power of two, for the block reduction).
 const GN_THREADS: u32 = 256;
@@ -107,8 +108,8 @@ extern "C" __global__ void gn_grad_affine(const float* x, const float* mean, con
 "#,
 };
 
-impl CudaBackend {
-    pub(super) fn gn_forward(&mut self, o: &ops::GroupNorm) -> Result<()> {
+impl RunOp<ops::GroupNorm> for CudaBackend {
+    fn run_op(&mut self, o: &ops::GroupNorm) -> Result<()> {
         let ops::GroupNorm { g, x, gamma, beta, y, mean, invstd } = *o;
         let (xp, mp, ip) = (self.ptr(x), self.ptr(mean), self.ptr(invstd));
         let len = g.c / g.groups * g.hw;
@@ -129,8 +130,10 @@ impl CudaBackend {
         };
         self.launch_elems(total, &apply)
     }
+}
 
-    pub(super) fn gn_backward(&mut self, o: &ops::GroupNormBackward) -> Result<()> {
+impl RunOp<ops::GroupNormBackward> for CudaBackend {
+    fn run_op(&mut self, o: &ops::GroupNormBackward) -> Result<()> {
         let ops::GroupNormBackward { g, x, gamma, mean, invstd, dy, dx, dgamma, dbeta } = *o;
         let (xp, mp, ip, dyp) = (self.ptr(x), self.ptr(mean), self.ptr(invstd), self.ptr(dy));
         if dgamma.is_some() || dbeta.is_some() {

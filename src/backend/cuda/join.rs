@@ -7,6 +7,7 @@ use super::CudaBackend;
 use super::nvrtc::ModuleSrc;
 use crate::Result;
 use crate::backend::ops;
+use crate::backend::ops::RunOp;
 use crate::backend::ops::{BufId, GradOut};
 
 /// Inputs one `add` launch takes; longer sums chain launches that accumulate.
@@ -85,8 +86,8 @@ extern "C" __global__ void column_sum(const float* dy, float* db, i64 m, i64 n, 
 "#,
 };
 
-impl CudaBackend {
-    pub(super) fn add(&mut self, o: &ops::Add) -> Result<()> {
+impl RunOp<ops::Add> for CudaBackend {
+    fn run_op(&mut self, o: &ops::Add) -> Result<()> {
         let ops::Add { len, y, .. } = *o;
         let inputs = &o.inputs;
         for (i, chunk) in inputs.chunks(ADD_FAN_IN).enumerate() {
@@ -109,7 +110,9 @@ impl CudaBackend {
         }
         Ok(())
     }
+}
 
+impl CudaBackend {
     /// Copies `rows` rows of `len` values between row-strided layouts (concat and its gradient);
     /// `src` and `dst` are (buffer, row stride, offset).
     pub(super) fn strided_copy(
@@ -132,8 +135,10 @@ impl CudaBackend {
         };
         self.launch_elems(rows * len, &args)
     }
+}
 
-    pub(super) fn concat(&mut self, o: &ops::Concat) -> Result<()> {
+impl RunOp<ops::Concat> for CudaBackend {
+    fn run_op(&mut self, o: &ops::Concat) -> Result<()> {
         let ops::Concat { n, inner, ref parts, y } = *o;
         let total: usize = parts.iter().map(|p| p.1).sum();
         let mut off = 0;
@@ -149,8 +154,10 @@ impl CudaBackend {
         }
         Ok(())
     }
+}
 
-    pub(super) fn concat_backward(&mut self, o: &ops::ConcatBackward) -> Result<()> {
+impl RunOp<ops::ConcatBackward> for CudaBackend {
+    fn run_op(&mut self, o: &ops::ConcatBackward) -> Result<()> {
         let ops::ConcatBackward { n, inner, ref parts, dy } = *o;
         let total: usize = parts.iter().map(|p| p.1).sum();
         let mut off = 0;
@@ -163,19 +170,25 @@ impl CudaBackend {
         }
         Ok(())
     }
+}
 
-    pub(super) fn grad_into(&mut self, o: &ops::GradInto) -> Result<()> {
+impl RunOp<ops::GradInto> for CudaBackend {
+    fn run_op(&mut self, o: &ops::GradInto) -> Result<()> {
         let ops::GradInto { len, src, dst, .. } = *o;
         let args = copy_or_add { src: self.ptr(src), dst: self.ptr(dst.buf), n: len, acc: dst.accumulate as i32 };
         self.launch_elems(len, &args)
     }
+}
 
-    pub(super) fn fill(&mut self, o: &ops::Fill) -> Result<()> {
+impl RunOp<ops::Fill> for CudaBackend {
+    fn run_op(&mut self, o: &ops::Fill) -> Result<()> {
         let ops::Fill { len, buf, value, .. } = *o;
         let args = fill { dst: self.ptr(buf), n: len, v: value };
         self.launch_elems(len, &args)
     }
+}
 
+impl CudaBackend {
     /// `y[n, k, hw] += b[k]` (convolution bias).
     pub(super) fn bias_add(&mut self, y: BufId, b: BufId, n: usize, k: usize, hw: usize) -> Result<()> {
         let args = bias_add { y: self.ptr(y), b: self.ptr(b), total: n * k * hw, k, hw };

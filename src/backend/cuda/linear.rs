@@ -27,6 +27,7 @@ use cudarc::driver::sys::CUdeviceptr;
 
 use super::CudaBackend;
 use crate::backend::ops;
+use crate::backend::ops::RunOp;
 use crate::{Error, Result};
 
 macro_rules! blaslt {
@@ -247,8 +248,10 @@ impl CudaBackend {
         }
         Ok((found > 0 && result[0].state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS).then_some(result[0].algo))
     }
+}
 
-    pub(super) fn linear_forward(&mut self, o: &ops::Linear) -> Result<()> {
+impl RunOp<ops::Linear> for CudaBackend {
+    fn run_op(&mut self, o: &ops::Linear) -> Result<()> {
         let ops::Linear { m, k, n, x, w, b, y, .. } = *o;
         let gm = Gemm {
             trans_a: true,
@@ -276,8 +279,10 @@ impl CudaBackend {
         }
         Ok(())
     }
+}
 
-    pub(super) fn linear_backward(&mut self, o: &ops::LinearBackward) -> Result<()> {
+impl RunOp<ops::LinearBackward> for CudaBackend {
+    fn run_op(&mut self, o: &ops::LinearBackward) -> Result<()> {
         let ops::LinearBackward { m, k, n, x, w, dy, dx, dw, db, .. } = *o;
         let (xp, wp, dyp) = (self.ptr(x), self.ptr(w), self.ptr(dy));
         if let Some(dx) = dx {

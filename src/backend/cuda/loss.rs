@@ -6,6 +6,7 @@ use super::CudaBackend;
 use super::nvrtc::ModuleSrc;
 use crate::Result;
 use crate::backend::ops;
+use crate::backend::ops::RunOp;
 use crate::backend::ops::{LossFn, Scoring};
 
 /// Threads of the single loss block.
@@ -121,8 +122,8 @@ extern "C" __global__ void loss_forward_backward(int f, float p, int class_targe
 "#,
 };
 
-impl CudaBackend {
-    pub(super) fn loss(&mut self, o: &ops::Loss) -> Result<()> {
+impl RunOp<ops::Loss> for CudaBackend {
+    fn run_op(&mut self, o: &ops::Loss) -> Result<()> {
         let ops::Loss { f, scoring, n, c, pred, target, stats, dpred, grad_scale, .. } = *o;
         let (code, p, class_targets) = match f {
             LossFn::SoftmaxCrossEntropy { label_smoothing, class_targets } => (0, label_smoothing, class_targets),

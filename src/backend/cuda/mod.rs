@@ -262,40 +262,7 @@ impl CudaBackend {
         if self.coll.is_some() {
             self.join_for(op)?;
         }
-        match op {
-            Op::Conv2d(o) => self.conv_forward(o),
-            Op::Conv2dBackward(o) => self.conv_backward(o),
-            Op::ConvTranspose2d(o) => self.conv_transpose_forward(o),
-            Op::ConvTranspose2dBackward(o) => self.conv_transpose_backward(o),
-            Op::Linear(o) => self.linear_forward(o),
-            Op::LinearBackward(o) => self.linear_backward(o),
-            Op::Act(o) => self.act_forward(o),
-            Op::ActBackward(o) => self.act_backward(o),
-            Op::Softmax(o) => self.softmax_forward(o),
-            Op::SoftmaxBackward(o) => self.softmax_backward(o),
-            Op::Dropout(o) => self.dropout_forward(o),
-            Op::DropoutBackward(o) => self.dropout_backward(o),
-            Op::BatchNormTrain(o) => self.bn_train_forward(o),
-            Op::BatchNormInfer(o) => self.bn_infer_forward(o),
-            Op::BatchNormBackward(o) => self.bn_backward(o),
-            Op::GroupNorm(o) => self.gn_forward(o),
-            Op::GroupNormBackward(o) => self.gn_backward(o),
-            Op::MaxPool(o) => self.max_pool_forward(o),
-            Op::MaxPoolBackward(o) => self.max_pool_backward(o),
-            Op::AvgPool(o) => self.avg_pool_forward(o),
-            Op::AvgPoolBackward(o) => self.avg_pool_backward(o),
-            Op::Add(o) => self.add(o),
-            Op::Concat(o) => self.concat(o),
-            Op::ConcatBackward(o) => self.concat_backward(o),
-            Op::GradInto(o) => self.grad_into(o),
-            Op::Fill(o) => self.fill(o),
-            Op::Loss(o) => self.loss(o),
-            Op::ClipGradNorm(o) => self.clip_grad_norm(o),
-            Op::ClipGradValue(o) => self.clip_grad_value(o),
-            Op::CheckFinite(o) => self.check_finite(o),
-            Op::OptimizerStep(o) => self.optimizer_step(o),
-            Op::AllReduce(o) => self.all_reduce_op(o),
-        }
+        op.run_on(self)
     }
 
     /// Runs ops eagerly; under `KILN_DEBUG=1` each is timed and logged. Reductions still

@@ -38,6 +38,7 @@ use libloading::Library;
 
 use super::driver::{Event, Gpu, drv};
 use crate::backend::Communicator;
+use crate::backend::ops::RunOp;
 use crate::backend::ops::{self, BufId, Op};
 use crate::{Error, Result};
 
@@ -720,16 +721,20 @@ impl super::CudaBackend {
             Error::State(format!("{what} needs a data-parallel group: call Backend::set_communicator first"))
         })
     }
+}
 
+impl RunOp<ops::AllReduce> for super::CudaBackend {
     /// [`crate::backend::Op::AllReduce`]: queued on NCCL's stream, joined later.
-    pub(super) fn all_reduce_op(&mut self, o: &ops::AllReduce) -> Result<()> {
+    fn run_op(&mut self, o: &ops::AllReduce) -> Result<()> {
         let (bufs, mean) = (&o.bufs, o.mean);
         let ptrs: Vec<(sys::CUdeviceptr, usize)> = bufs.iter().map(|&(b, n)| (self.ptr(b), n)).collect();
         let stream = self.gpu.stream;
         let op = if mean { ncclRedOp_t::ncclAvg } else { ncclRedOp_t::ncclSum };
         self.group("all_reduce")?.all_reduce(stream, &ptrs, bufs.iter().map(|b| b.0), ncclDataType_t::ncclFloat32, op)
     }
+}
 
+impl super::CudaBackend {
     /// Sums `len` f64 values at `p` over the group and makes the compute stream wait for the
     /// result (synchronised batch norm's statistics).
     pub(super) fn sum_f64_now(&mut self, p: sys::CUdeviceptr, len: usize) -> Result<()> {

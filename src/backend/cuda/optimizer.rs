@@ -14,6 +14,7 @@ use super::nvrtc::ModuleSrc;
 use crate::Result;
 use crate::backend::ops;
 use crate::backend::ops::OptRule;
+use crate::backend::ops::RunOp;
 
 kernels! {
     opt_begin(step: (u64*), scalars: (float*), hyper: (const float*), md: float, guard: (const float*));
@@ -225,8 +226,8 @@ extern "C" __global__ void clip_value(float* g, i64 n, float clip) {
 "#,
 };
 
-impl CudaBackend {
-    pub(super) fn optimizer_step(&mut self, o: &ops::OptimizerStep) -> Result<()> {
+impl RunOp<ops::OptimizerStep> for CudaBackend {
+    fn run_op(&mut self, o: &ops::OptimizerStep) -> Result<()> {
         let ops::OptimizerStep { rule, hyper, step, scalars, .. } = *o;
         let params = &o.params;
         let step_ptr = self.mem.counter_ptr(step.0)?;
@@ -332,10 +333,12 @@ impl CudaBackend {
         }
         Ok(())
     }
+}
 
+impl RunOp<ops::CheckFinite> for CudaBackend {
     /// [`ops::CheckFinite`]: the global norm as for clipping (fixed-order f64 sums), then one
     /// thread updates the guard; nothing is read back.
-    pub(super) fn check_finite(&mut self, o: &ops::CheckFinite) -> Result<()> {
+    fn run_op(&mut self, o: &ops::CheckFinite) -> Result<()> {
         let ops::CheckFinite { ref grads, stats, guard, sticky } = *o;
         const SLOTS: usize = 256;
         let acc = self.op_scratch(8 * (1 + SLOTS * grads.len().max(1)))?;
@@ -349,8 +352,10 @@ impl CudaBackend {
         let args = check_finite { stats: self.ptr(stats), acc, g: self.ptr(guard), sticky: sticky as i32 };
         self.launch_blocks(1, 32, 0, &args)
     }
+}
 
-    pub(super) fn clip_grad_norm(&mut self, o: &ops::ClipGradNorm) -> Result<()> {
+impl RunOp<ops::ClipGradNorm> for CudaBackend {
+    fn run_op(&mut self, o: &ops::ClipGradNorm) -> Result<()> {
         let ops::ClipGradNorm { ref grads, max_norm, norm } = *o;
         // Scratch: the total, then SLOTS partial sums per tensor.
         const SLOTS: usize = 256;
@@ -368,8 +373,10 @@ impl CudaBackend {
         }
         Ok(())
     }
+}
 
-    pub(super) fn clip_grad_value(&mut self, o: &ops::ClipGradValue) -> Result<()> {
+impl RunOp<ops::ClipGradValue> for CudaBackend {
+    fn run_op(&mut self, o: &ops::ClipGradValue) -> Result<()> {
         let ops::ClipGradValue { ref grads, clip } = *o;
         for &(g, n) in grads {
             self.launch_elems(n, &clip_value { g: self.ptr(g), n, clip })?;

@@ -11,6 +11,7 @@ use super::CudaBackend;
 use super::nvrtc::ModuleSrc;
 use crate::Result;
 use crate::backend::ops;
+use crate::backend::ops::RunOp;
 
 kernels! {
     max_pool_forward(x: (const float*), y: (float*), argmax: (float*), planes: i64, h: i64, w: i64, kh: i64, kw: i64, sh: i64, sw: i64, ph: i64, pw: i64, oh: i64, ow: i64);
@@ -139,15 +140,17 @@ macro_rules! pool {
     };
 }
 
-impl CudaBackend {
-    pub(super) fn max_pool_forward(&mut self, o: &ops::MaxPool) -> Result<()> {
+impl RunOp<ops::MaxPool> for CudaBackend {
+    fn run_op(&mut self, o: &ops::MaxPool) -> Result<()> {
         let ops::MaxPool { x, y, argmax, .. } = *o;
         let g = &o.g;
         let args = pool!(max_pool_forward, g, { x: self.ptr(x), y: self.ptr(y), argmax: self.ptr(argmax) });
         self.launch_elems(g.output_len(), &args)
     }
+}
 
-    pub(super) fn max_pool_backward(&mut self, o: &ops::MaxPoolBackward) -> Result<()> {
+impl RunOp<ops::MaxPoolBackward> for CudaBackend {
+    fn run_op(&mut self, o: &ops::MaxPoolBackward) -> Result<()> {
         let ops::MaxPoolBackward { argmax, dy, dx, .. } = *o;
         let g = &o.g;
         let args = pool!(max_pool_backward, g, {
@@ -158,15 +161,19 @@ impl CudaBackend {
         });
         self.launch_elems(g.input_len(), &args)
     }
+}
 
-    pub(super) fn avg_pool_forward(&mut self, o: &ops::AvgPool) -> Result<()> {
+impl RunOp<ops::AvgPool> for CudaBackend {
+    fn run_op(&mut self, o: &ops::AvgPool) -> Result<()> {
         let ops::AvgPool { count_include_pad, x, y, .. } = *o;
         let g = &o.g;
         let args = pool!(avg_pool_forward, g, { x: self.ptr(x), y: self.ptr(y), cip: count_include_pad as i32 });
         self.launch_elems(g.output_len(), &args)
     }
+}
 
-    pub(super) fn avg_pool_backward(&mut self, o: &ops::AvgPoolBackward) -> Result<()> {
+impl RunOp<ops::AvgPoolBackward> for CudaBackend {
+    fn run_op(&mut self, o: &ops::AvgPoolBackward) -> Result<()> {
         let ops::AvgPoolBackward { count_include_pad, dy, dx, .. } = *o;
         let g = &o.g;
         let args = pool!(avg_pool_backward, g, {

@@ -11,6 +11,7 @@ use super::CudaBackend;
 use super::nvrtc::ModuleSrc;
 use crate::Result;
 use crate::backend::ops;
+use crate::backend::ops::RunOp;
 
 kernels! {
     softmax_cols(x: (const float*), y: (float*), outer: i64, dim: i64, inner: i64);
@@ -95,8 +96,8 @@ extern "C" __global__ void softmax_backward_rows(const float* y, const float* dy
 "#,
 };
 
-impl CudaBackend {
-    pub(super) fn softmax_forward(&mut self, o: &ops::Softmax) -> Result<()> {
+impl RunOp<ops::Softmax> for CudaBackend {
+    fn run_op(&mut self, o: &ops::Softmax) -> Result<()> {
         let ops::Softmax { outer, dim, inner, x, y, .. } = *o;
         if inner == 1 {
             let args = softmax_rows { x: self.ptr(x), y: self.ptr(y), rows: outer, dim };
@@ -106,8 +107,10 @@ impl CudaBackend {
             self.launch_elems(outer * inner, &args)
         }
     }
+}
 
-    pub(super) fn softmax_backward(&mut self, o: &ops::SoftmaxBackward) -> Result<()> {
+impl RunOp<ops::SoftmaxBackward> for CudaBackend {
+    fn run_op(&mut self, o: &ops::SoftmaxBackward) -> Result<()> {
         let ops::SoftmaxBackward { outer, dim, inner, y, dy, dx, .. } = *o;
         let acc = dx.accumulate as i32;
         let (y, dy, dx) = (self.ptr(y), self.ptr(dy), self.ptr(dx.buf));

@@ -1,6 +1,6 @@
 //! Element-wise activations, softmax and dropout, forward and backward.
 
-use super::{BufId, CounterId, GradOut};
+use super::{BufId, CounterId, GradOut, OpDesc};
 
 /// Element-wise activation functions (PyTorch's definitions).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -116,4 +116,77 @@ pub struct DropoutBackward {
     pub dy: BufId,
     /// Gradient of the input, where wanted.
     pub dx: GradOut,
+}
+
+impl OpDesc for Act {
+    const NAME: &'static str = "activation";
+    buffer_table!(|o, f| {
+        f(r!(o.x), o.len, R);
+        f(r!(o.y), o.len, W);
+    });
+    fn shapes(&self) -> String {
+        format!("{:?} {}", self.f, self.len)
+    }
+}
+
+impl OpDesc for ActBackward {
+    const NAME: &'static str = "activation_backward";
+    buffer_table!(|o, f| {
+        f(r!(o.x), o.len, R);
+        f(r!(o.y), o.len, R);
+        f(r!(o.dy), o.len, R);
+        f(r!(o.dx.buf), o.len, grad_access(o.dx.accumulate));
+    });
+    fn shapes(&self) -> String {
+        format!("{:?} {}", self.f, self.len)
+    }
+}
+
+impl OpDesc for Softmax {
+    const NAME: &'static str = "softmax";
+    buffer_table!(|o, f| {
+        let n = o.outer * o.dim * o.inner;
+        f(r!(o.x), n, R);
+        f(r!(o.y), n, W);
+    });
+    fn shapes(&self) -> String {
+        format!("{}x[{}]x{}", self.outer, self.dim, self.inner)
+    }
+}
+
+impl OpDesc for SoftmaxBackward {
+    const NAME: &'static str = "softmax_backward";
+    buffer_table!(|o, f| {
+        let n = o.outer * o.dim * o.inner;
+        f(r!(o.y), n, R);
+        f(r!(o.dy), n, R);
+        f(r!(o.dx.buf), n, grad_access(o.dx.accumulate));
+    });
+    fn shapes(&self) -> String {
+        format!("{}x[{}]x{}", self.outer, self.dim, self.inner)
+    }
+}
+
+impl OpDesc for Dropout {
+    const NAME: &'static str = "dropout";
+    buffer_table!(|o, f| {
+        f(r!(o.x), o.len, R);
+        f(r!(o.y), o.len, W);
+        f(r!(o.mask), o.len, W);
+    });
+    fn shapes(&self) -> String {
+        format!("p={} {}", self.rate, self.len)
+    }
+}
+
+impl OpDesc for DropoutBackward {
+    const NAME: &'static str = "dropout_backward";
+    buffer_table!(|o, f| {
+        f(r!(o.mask), o.len, R);
+        f(r!(o.dy), o.len, R);
+        f(r!(o.dx.buf), o.len, grad_access(o.dx.accumulate));
+    });
+    fn shapes(&self) -> String {
+        format!("{}", self.len)
+    }
 }

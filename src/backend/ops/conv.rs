@@ -1,6 +1,6 @@
 //! Convolution: its geometry and the forward and backward ops.
 
-use super::{BufId, GradOut};
+use super::{BufId, GradOut, OpDesc};
 
 /// Geometry of a 2-D convolution over an NCHW batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,4 +91,49 @@ pub struct Conv2dBackward {
     pub dw: GradOut,
     /// Gradient of the bias, where wanted.
     pub db: Option<GradOut>,
+}
+
+impl ConvGeom {
+    /// The geometry for debug logs.
+    fn describe(&self) -> String {
+        let g = self;
+        format!(
+            "{}x{}x{}x{} -> {}x{}x{} k{}x{} s{}x{} p{}x{} d{}x{} g{}",
+            g.n, g.c, g.h, g.w, g.k, g.oh, g.ow, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.groups
+        )
+    }
+}
+
+impl OpDesc for Conv2d {
+    const NAME: &'static str = "conv2d";
+    buffer_table!(|o, f| {
+        f(r!(o.x), o.g.input_len(), R);
+        f(r!(o.w), o.g.weight_len(), R);
+        if let Some(b) = r!(o.b) {
+            f(b, o.g.k, R);
+        }
+        f(r!(o.y), o.g.output_len(), W);
+    });
+    fn shapes(&self) -> String {
+        self.g.describe()
+    }
+}
+
+impl OpDesc for Conv2dBackward {
+    const NAME: &'static str = "conv2d_backward";
+    buffer_table!(|o, f| {
+        f(r!(o.x), o.g.input_len(), R);
+        f(r!(o.w), o.g.weight_len(), R);
+        f(r!(o.dy), o.g.output_len(), R);
+        if let Some(d) = r!(o.dx) {
+            f(r!(d.buf), o.g.input_len(), grad_access(d.accumulate));
+        }
+        f(r!(o.dw.buf), o.g.weight_len(), grad_access(o.dw.accumulate));
+        if let Some(d) = r!(o.db) {
+            f(r!(d.buf), o.g.k, grad_access(d.accumulate));
+        }
+    });
+    fn shapes(&self) -> String {
+        self.g.describe()
+    }
 }

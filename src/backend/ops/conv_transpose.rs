@@ -13,7 +13,7 @@
 //! `output_padding` needs no field: it only makes the output (`g.h`, `g.w`) larger than the
 //! inputs reach; those rows and columns get the bias alone.
 
-use super::{BufId, ConvGeom, GradOut};
+use super::{BufId, ConvGeom, GradOut, OpDesc};
 
 /// `y = conv_transpose(x, w) + b`: `x` is `[n, k, oh, ow]`, `y` is `[n, c, h, w]`, `w` is
 /// `[k, c/groups, kh, kw]` and `b` is `[c]` (see the module docs for why `g` is the geometry of
@@ -49,4 +49,46 @@ pub struct ConvTranspose2dBackward {
     pub dw: GradOut,
     /// Gradient of the bias, where wanted.
     pub db: Option<GradOut>,
+}
+
+/// The geometry for debug logs, as the transposed convolution sees it.
+fn describe(g: &ConvGeom) -> String {
+    format!(
+        "{}x{}x{}x{} -> {}x{}x{} k{}x{} s{}x{} p{}x{} d{}x{} g{} (transposed)",
+        g.n, g.k, g.oh, g.ow, g.c, g.h, g.w, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.groups
+    )
+}
+
+impl OpDesc for ConvTranspose2d {
+    const NAME: &'static str = "conv_transpose2d";
+    buffer_table!(|o, f| {
+        f(r!(o.x), o.g.output_len(), R);
+        f(r!(o.w), o.g.weight_len(), R);
+        if let Some(b) = r!(o.b) {
+            f(b, o.g.c, R);
+        }
+        f(r!(o.y), o.g.input_len(), W);
+    });
+    fn shapes(&self) -> String {
+        describe(&self.g)
+    }
+}
+
+impl OpDesc for ConvTranspose2dBackward {
+    const NAME: &'static str = "conv_transpose2d_backward";
+    buffer_table!(|o, f| {
+        f(r!(o.x), o.g.output_len(), R);
+        f(r!(o.w), o.g.weight_len(), R);
+        f(r!(o.dy), o.g.input_len(), R);
+        if let Some(d) = r!(o.dx) {
+            f(r!(d.buf), o.g.output_len(), grad_access(d.accumulate));
+        }
+        f(r!(o.dw.buf), o.g.weight_len(), grad_access(o.dw.accumulate));
+        if let Some(d) = r!(o.db) {
+            f(r!(d.buf), o.g.c, grad_access(d.accumulate));
+        }
+    });
+    fn shapes(&self) -> String {
+        describe(&self.g)
+    }
 }

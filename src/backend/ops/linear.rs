@@ -1,6 +1,6 @@
 //! The fully connected layer's matrix product, forward and backward.
 
-use super::{BufId, GradOut};
+use super::{BufId, GradOut, OpDesc};
 
 /// `y[m, n] = x[m, k] * w[n, k]^T + b[n]`.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -43,4 +43,40 @@ pub struct LinearBackward {
     pub dw: GradOut,
     /// Gradient of the bias, where wanted.
     pub db: Option<GradOut>,
+}
+
+impl OpDesc for Linear {
+    const NAME: &'static str = "linear";
+    buffer_table!(|o, f| {
+        f(r!(o.x), o.m * o.k, R);
+        f(r!(o.w), o.n * o.k, R);
+        if let Some(b) = r!(o.b) {
+            f(b, o.n, R);
+        }
+        f(r!(o.y), o.m * o.n, W);
+    });
+    fn shapes(&self) -> String {
+        let (m, k, n) = (self.m, self.k, self.n);
+        format!("{m}x{k} -> {m}x{n}")
+    }
+}
+
+impl OpDesc for LinearBackward {
+    const NAME: &'static str = "linear_backward";
+    buffer_table!(|o, f| {
+        f(r!(o.x), o.m * o.k, R);
+        f(r!(o.w), o.n * o.k, R);
+        f(r!(o.dy), o.m * o.n, R);
+        if let Some(d) = r!(o.dx) {
+            f(r!(d.buf), o.m * o.k, grad_access(d.accumulate));
+        }
+        f(r!(o.dw.buf), o.n * o.k, grad_access(o.dw.accumulate));
+        if let Some(d) = r!(o.db) {
+            f(r!(d.buf), o.n, grad_access(d.accumulate));
+        }
+    });
+    fn shapes(&self) -> String {
+        let (m, k, n) = (self.m, self.k, self.n);
+        format!("{m}x{k} -> {m}x{n}")
+    }
 }

@@ -1,6 +1,6 @@
 //! Loss functions, accuracy scoring and the loss op.
 
-use super::BufId;
+use super::{BufId, OpDesc, stats};
 
 /// A loss function on the model output `pred` (`n` samples of `c` values) and the targets.
 ///
@@ -38,6 +38,17 @@ pub enum LossFn {
         /// Where the loss turns from quadratic to linear (positive; PyTorch's default 1).
         delta: f32,
     },
+}
+
+impl LossFn {
+    /// Whether the loss reads class indices (`n` values) rather than a target per prediction.
+    pub fn class_targets(self) -> bool {
+        matches!(
+            self,
+            LossFn::SoftmaxCrossEntropy { class_targets: true, .. }
+                | LossFn::CategoricalCrossEntropy { class_targets: true }
+        )
+    }
 }
 
 /// How the loss op scores predictions for the accuracy metrics.
@@ -81,4 +92,20 @@ pub struct Loss {
     pub dpred: Option<BufId>,
     /// Factor on the gradient.
     pub grad_scale: f32,
+}
+
+impl OpDesc for Loss {
+    const NAME: &'static str = "loss";
+    buffer_table!(|o, f| {
+        let targets = if o.f.class_targets() { o.n } else { o.n * o.c };
+        f(r!(o.pred), o.n * o.c, R);
+        f(r!(o.target), targets, R);
+        f(r!(o.stats), stats::LEN, RW);
+        if let Some(d) = r!(o.dpred) {
+            f(d, o.n * o.c, W);
+        }
+    });
+    fn shapes(&self) -> String {
+        format!("{:?} {}x{}", self.f, self.n, self.c)
+    }
 }

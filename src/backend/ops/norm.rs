@@ -1,6 +1,6 @@
 //! Batch norm and group norm: their shapes and the forward and backward ops.
 
-use super::{BufId, GradOut};
+use super::{BufId, GradOut, OpDesc};
 
 /// Batch-norm shape: `n` samples, `c` channels, `hw` values per channel per sample.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -145,4 +145,144 @@ pub struct GroupNormBackward {
     pub dgamma: Option<GradOut>,
     /// Gradient of the shift, where wanted.
     pub dbeta: Option<GradOut>,
+}
+
+impl BnGeom {
+    /// Values of the batch, and channels.
+    fn sizes(&self) -> (usize, usize) {
+        (self.n * self.c * self.hw, self.c)
+    }
+
+    /// The shape for debug logs.
+    fn describe(&self) -> String {
+        format!("{}x{}x{}", self.n, self.c, self.hw)
+    }
+}
+
+impl GnGeom {
+    /// Values of the batch, channels, and (sample, group) pairs.
+    fn sizes(&self) -> (usize, usize, usize) {
+        (self.n * self.c * self.hw, self.c, self.n * self.groups)
+    }
+
+    /// The shape for debug logs.
+    fn describe(&self) -> String {
+        format!("{}x{}x{}/{}", self.n, self.c, self.hw, self.groups)
+    }
+}
+
+impl OpDesc for BatchNormTrain {
+    const NAME: &'static str = "batch_norm_train";
+    buffer_table!(|o, f| {
+        let (n, c) = o.g.sizes();
+        f(r!(o.x), n, R);
+        if let Some(b) = r!(o.gamma) {
+            f(b, c, R);
+        }
+        if let Some(b) = r!(o.beta) {
+            f(b, c, R);
+        }
+        f(r!(o.y), n, W);
+        f(r!(o.mean), c, W);
+        f(r!(o.invstd), c, W);
+        if let Some((rm, rv, _)) = r!(o.running) {
+            f(rm, c, RW);
+            f(rv, c, RW);
+        }
+    });
+    fn shapes(&self) -> String {
+        self.g.describe()
+    }
+}
+
+impl OpDesc for BatchNormInfer {
+    const NAME: &'static str = "batch_norm_infer";
+    buffer_table!(|o, f| {
+        let (n, c) = o.g.sizes();
+        f(r!(o.x), n, R);
+        if let Some(b) = r!(o.gamma) {
+            f(b, c, R);
+        }
+        if let Some(b) = r!(o.beta) {
+            f(b, c, R);
+        }
+        f(r!(o.running_mean), c, R);
+        f(r!(o.running_var), c, R);
+        f(r!(o.y), n, W);
+    });
+    fn shapes(&self) -> String {
+        self.g.describe()
+    }
+}
+
+impl OpDesc for BatchNormBackward {
+    const NAME: &'static str = "batch_norm_backward";
+    buffer_table!(|o, f| {
+        let (n, c) = o.g.sizes();
+        f(r!(o.x), n, R);
+        if let Some(b) = r!(o.gamma) {
+            f(b, c, R);
+        }
+        f(r!(o.mean), c, R);
+        f(r!(o.invstd), c, R);
+        f(r!(o.dy), n, R);
+        if let Some(d) = r!(o.dx) {
+            f(r!(d.buf), n, grad_access(d.accumulate));
+        }
+        if let Some(d) = r!(o.dgamma) {
+            f(r!(d.buf), c, grad_access(d.accumulate));
+        }
+        if let Some(d) = r!(o.dbeta) {
+            f(r!(d.buf), c, grad_access(d.accumulate));
+        }
+    });
+    fn shapes(&self) -> String {
+        self.g.describe()
+    }
+}
+
+impl OpDesc for GroupNorm {
+    const NAME: &'static str = "group_norm";
+    buffer_table!(|o, f| {
+        let (n, c, s) = o.g.sizes();
+        f(r!(o.x), n, R);
+        if let Some(b) = r!(o.gamma) {
+            f(b, c, R);
+        }
+        if let Some(b) = r!(o.beta) {
+            f(b, c, R);
+        }
+        f(r!(o.y), n, W);
+        f(r!(o.mean), s, W);
+        f(r!(o.invstd), s, W);
+    });
+    fn shapes(&self) -> String {
+        self.g.describe()
+    }
+}
+
+impl OpDesc for GroupNormBackward {
+    const NAME: &'static str = "group_norm_backward";
+    buffer_table!(|o, f| {
+        let (n, c, s) = o.g.sizes();
+        f(r!(o.x), n, R);
+        if let Some(b) = r!(o.gamma) {
+            f(b, c, R);
+        }
+        f(r!(o.mean), s, R);
+        f(r!(o.invstd), s, R);
+        f(r!(o.dy), n, R);
+        if let Some(d) = r!(o.dx) {
+            f(r!(d.buf), n, grad_access(d.accumulate));
+        }
+        if let Some(d) = r!(o.dgamma) {
+            f(r!(d.buf), c, grad_access(d.accumulate));
+        }
+        if let Some(d) = r!(o.dbeta) {
+            f(r!(d.buf), c, grad_access(d.accumulate));
+        }
+    });
+    fn shapes(&self) -> String {
+        self.g.describe()
+    }
 }

@@ -1,7 +1,8 @@
 //! The optimizer step and what runs between backward and it: gradient clipping, the
 //! finite-step check and the data-parallel all-reduce.
 
-use super::{BufId, CounterId};
+use super::{BufId, CounterId, OpDesc, guard, hyper, stats};
+use crate::{Error, Result};
 
 /// An optimizer's update rule and its fixed hyper-parameters, with PyTorch's semantics.
 /// The learning rate and the momentum (SGD, RMSprop) or beta1 (Adam family) are read from the
@@ -178,4 +179,99 @@ pub struct OptimizerStep {
     /// A [`CheckFinite`] guard: when its `SKIP` is set the step changes nothing (not even the
     /// step counter).
     pub guard: Option<BufId>,
+}
+
+/// Tensors and their total values, for debug logs.
+fn tensors(grads: &[(BufId, usize)]) -> String {
+    format!("{} tensors ({} values)", grads.len(), grads.iter().map(|b| b.1).sum::<usize>())
+}
+
+impl OpDesc for ClipGradNorm {
+    const NAME: &'static str = "clip_grad_norm";
+    buffer_table!(|o, f| {
+        for (b, n) in r!(o.grads) {
+            f(b, *n, RW);
+        }
+        f(r!(o.norm), 1, W);
+    });
+    fn shapes(&self) -> String {
+        format!("{} tensors, max norm {}", self.grads.len(), self.max_norm)
+    }
+}
+
+impl OpDesc for ClipGradValue {
+    const NAME: &'static str = "clip_grad_value";
+    buffer_table!(|o, f| {
+        for (b, n) in r!(o.grads) {
+            f(b, *n, RW);
+        }
+    });
+    fn shapes(&self) -> String {
+        format!("{} tensors, clip {}", self.grads.len(), self.clip)
+    }
+}
+
+impl OpDesc for AllReduce {
+    const NAME: &'static str = "all_reduce";
+    buffer_table!(|o, f| {
+        for (b, n) in r!(o.bufs) {
+            f(b, *n, RW);
+        }
+    });
+    fn shapes(&self) -> String {
+        format!("{}, {}", tensors(&self.bufs), if self.mean { "mean" } else { "sum" })
+    }
+}
+
+impl OpDesc for CheckFinite {
+    const NAME: &'static str = "check_finite";
+    buffer_table!(|o, f| {
+        f(r!(o.stats), stats::LEN, R);
+        for (b, n) in r!(o.grads) {
+            f(b, *n, R);
+        }
+        f(r!(o.guard), guard::LEN, RW);
+    });
+    fn shapes(&self) -> String {
+        format!("{}{}", tensors(&self.grads), if self.sticky { ", sticky" } else { "" })
+    }
+}
+
+impl OpDesc for OptimizerStep {
+    const NAME: &'static str = "optimizer_step";
+    buffer_table!(|o, f| {
+        if let Some(g) = r!(o.guard) {
+            f(g, guard::LEN, R);
+        }
+        f(r!(o.hyper), hyper::LEN, R);
+        f(r!(o.scalars), 1, RW);
+        for p in r!(o.params) {
+            f(r!(p.value), p.len, RW);
+            f(r!(p.grad), p.len, R);
+            for s in r!(p.state) {
+                f(s, p.len, RW);
+            }
+        }
+    });
+    fn shapes(&self) -> String {
+        format!(
+            "{:?} on {} tensors ({} values)",
+            self.rule,
+            self.params.len(),
+            self.params.iter().map(|p| p.len).sum::<usize>()
+        )
+    }
+
+    /// Every parameter has as many state tensors as the rule keeps.
+    fn check(&self) -> Result<()> {
+        let want = self.rule.state_tensors();
+        match self.params.iter().find(|p| p.state.len() != want) {
+            Some(p) => Err(Error::shape(
+                format!("state tensors of parameter buffer {} in op {}", p.value.0, Self::NAME),
+                want,
+                p.state.len(),
+            )),
+            None => Ok(()),
+        }
+    }
 }

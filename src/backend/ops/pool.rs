@@ -1,6 +1,6 @@
 //! Max and average pooling: the window geometry and the forward and backward ops.
 
-use super::{BufId, GradOut};
+use super::{BufId, GradOut, OpDesc};
 
 /// Geometry of a 2-D pooling window over an NCHW batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,4 +97,58 @@ pub struct AvgPoolBackward {
     pub dy: BufId,
     /// Gradient of the input, where wanted.
     pub dx: GradOut,
+}
+
+impl PoolGeom {
+    /// The geometry for debug logs.
+    fn describe(&self) -> String {
+        let g = self;
+        format!("{}x{}x{}x{} -> {}x{} k{}x{} s{}x{}", g.n, g.c, g.h, g.w, g.oh, g.ow, g.kh, g.kw, g.sh, g.sw)
+    }
+}
+
+impl OpDesc for MaxPool {
+    const NAME: &'static str = "max_pool";
+    buffer_table!(|o, f| {
+        f(r!(o.x), o.g.input_len(), R);
+        f(r!(o.y), o.g.output_len(), W);
+        f(r!(o.argmax), o.g.output_len(), W);
+    });
+    fn shapes(&self) -> String {
+        self.g.describe()
+    }
+}
+
+impl OpDesc for MaxPoolBackward {
+    const NAME: &'static str = "max_pool_backward";
+    buffer_table!(|o, f| {
+        f(r!(o.argmax), o.g.output_len(), R);
+        f(r!(o.dy), o.g.output_len(), R);
+        f(r!(o.dx.buf), o.g.input_len(), grad_access(o.dx.accumulate));
+    });
+    fn shapes(&self) -> String {
+        self.g.describe()
+    }
+}
+
+impl OpDesc for AvgPool {
+    const NAME: &'static str = "avg_pool";
+    buffer_table!(|o, f| {
+        f(r!(o.x), o.g.input_len(), R);
+        f(r!(o.y), o.g.output_len(), W);
+    });
+    fn shapes(&self) -> String {
+        self.g.describe()
+    }
+}
+
+impl OpDesc for AvgPoolBackward {
+    const NAME: &'static str = "avg_pool_backward";
+    buffer_table!(|o, f| {
+        f(r!(o.dy), o.g.output_len(), R);
+        f(r!(o.dx.buf), o.g.input_len(), grad_access(o.dx.accumulate));
+    });
+    fn shapes(&self) -> String {
+        self.g.describe()
+    }
 }

@@ -1,6 +1,6 @@
 //! Ops that combine or fill whole tensors: sums, channel concatenation, gradient copies, fills.
 
-use super::{BufId, GradOut};
+use super::{BufId, GradOut, OpDesc};
 
 /// `y = sum(inputs)` over `len` values.
 #[derive(Clone, Debug, PartialEq)]
@@ -60,4 +60,73 @@ pub struct Fill {
     pub buf: BufId,
     /// The value.
     pub value: f32,
+}
+
+/// A list of channel counts for debug logs.
+fn channel_list(parts: impl Iterator<Item = usize>) -> String {
+    format!("{:?}", parts.collect::<Vec<_>>())
+}
+
+impl OpDesc for Add {
+    const NAME: &'static str = "add";
+    buffer_table!(|o, f| {
+        for b in r!(o.inputs) {
+            f(b, o.len, R);
+        }
+        f(r!(o.y), o.len, W);
+    });
+    fn shapes(&self) -> String {
+        format!("{} x {}", self.inputs.len(), self.len)
+    }
+}
+
+impl OpDesc for Concat {
+    const NAME: &'static str = "concat";
+    buffer_table!(|o, f| {
+        let channels: usize = o.parts.iter().map(|p| p.1).sum();
+        for (b, c) in r!(o.parts) {
+            f(b, o.n * *c * o.inner, R);
+        }
+        f(r!(o.y), o.n * channels * o.inner, W);
+    });
+    fn shapes(&self) -> String {
+        format!("{} x {} x {}", self.n, channel_list(self.parts.iter().map(|p| p.1)), self.inner)
+    }
+}
+
+impl OpDesc for ConcatBackward {
+    const NAME: &'static str = "concat_backward";
+    buffer_table!(|o, f| {
+        let channels: usize = o.parts.iter().map(|p| p.1).sum();
+        for (d, c) in r!(o.parts) {
+            if let Some(d) = d {
+                f(r!(d.buf), o.n * *c * o.inner, grad_access(d.accumulate));
+            }
+        }
+        f(r!(o.dy), o.n * channels * o.inner, R);
+    });
+    fn shapes(&self) -> String {
+        format!("{} x {} x {}", self.n, channel_list(self.parts.iter().map(|p| p.1)), self.inner)
+    }
+}
+
+impl OpDesc for GradInto {
+    const NAME: &'static str = "grad_into";
+    buffer_table!(|o, f| {
+        f(r!(o.src), o.len, R);
+        f(r!(o.dst.buf), o.len, grad_access(o.dst.accumulate));
+    });
+    fn shapes(&self) -> String {
+        format!("{}", self.len)
+    }
+}
+
+impl OpDesc for Fill {
+    const NAME: &'static str = "fill";
+    buffer_table!(|o, f| {
+        f(r!(o.buf), o.len, W);
+    });
+    fn shapes(&self) -> String {
+        format!("{}", self.len)
+    }
 }
