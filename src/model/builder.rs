@@ -1,8 +1,10 @@
-//! The fluent model builder: [`ModelBuilder`] (its documentation has the example).
+//! The fluent model builder: [`ModelBuilder`] (its documentation has the example). This file
+//! holds the builder's state, naming, branching and `build`; each layer's methods (`conv2d`,
+//! `relu`, `residual`, ...) live in that layer's home, `model/layers/<name>.rs`.
 
 use std::collections::HashSet;
 
-use super::layers::{Activation, BatchNorm, Conv2d, ConvTranspose2d, GroupNorm, Layer, Linear, Pool2d};
+use super::layers::Layer;
 use super::{Model, Node};
 use crate::{Error, Result};
 
@@ -12,7 +14,7 @@ const MAX_ELEMENTS: usize = 1 << 40;
 
 /// One branch of a [`ModelBuilder::concat`] block: a closure that appends layers to the builder
 /// it is given. Make one with [`branch`].
-pub struct Branch<'a>(Box<dyn FnOnce(ModelBuilder) -> ModelBuilder + 'a>);
+pub struct Branch<'a>(pub(in crate::model) Box<dyn FnOnce(ModelBuilder) -> ModelBuilder + 'a>);
 
 /// Wraps a closure as a [`Branch`]: `branch(|b| b.conv2d(64, 1).relu())`.
 pub fn branch<'a>(f: impl FnOnce(ModelBuilder) -> ModelBuilder + 'a) -> Branch<'a> {
@@ -109,127 +111,19 @@ impl ModelBuilder {
         self
     }
 
-    /// `out_channels` filters of `kernel x kernel`, stride 1, no padding, with bias.
-    pub fn conv2d(self, out_channels: usize, kernel: usize) -> Self {
-        self.layer(Layer::Conv2d(Conv2d::new(out_channels, kernel)))
-    }
-    /// A convolution with options: `conv2d_with(Conv2d::new(64, 3).stride(2).padding(1))`.
-    pub fn conv2d_with(self, conv: Conv2d) -> Self {
-        self.layer(Layer::Conv2d(conv))
-    }
-    /// A transposed convolution (`nn.ConvTranspose2d`): `out_channels` filters of
-    /// `kernel x kernel`, stride 1, no padding, with bias.
-    pub fn conv_transpose2d(self, out_channels: usize, kernel: usize) -> Self {
-        self.layer(Layer::ConvTranspose2d(ConvTranspose2d::new(out_channels, kernel)))
-    }
-    /// A transposed convolution with options:
-    /// `conv_transpose2d_with(ConvTranspose2d::new(32, 3).stride(2).padding(1).output_padding(1))`.
-    pub fn conv_transpose2d_with(self, conv: ConvTranspose2d) -> Self {
-        self.layer(Layer::ConvTranspose2d(conv))
-    }
-    /// A fully connected layer with bias; flattens its input itself.
-    pub fn dense(self, out_features: usize) -> Self {
-        self.layer(Layer::Linear(Linear::new(out_features)))
-    }
-    /// Same as [`ModelBuilder::dense`], under PyTorch's name.
-    pub fn linear(self, out_features: usize) -> Self {
-        self.dense(out_features)
-    }
-    /// A fully connected layer with options: `dense_with(Linear::new(10).bias(false))`.
-    pub fn dense_with(self, linear: Linear) -> Self {
-        self.layer(Layer::Linear(linear))
-    }
-    /// Flattens each sample: `[batch, ...] -> [batch, product]`.
-    pub fn flatten(self) -> Self {
-        self.layer(Layer::Flatten)
-    }
-    /// Reshapes each sample to `shape` (same number of values).
-    pub fn reshape(self, shape: &[usize]) -> Self {
-        self.layer(Layer::Reshape(shape.to_vec()))
-    }
-    /// `max(x, 0)` element-wise.
-    pub fn relu(self) -> Self {
-        self.layer(Layer::Activation(Activation::Relu))
-    }
-    /// `x` for `x > 0`, else `slope * x` (PyTorch's default slope is 0.01; must be finite).
-    pub fn leaky_relu(self, slope: f32) -> Self {
-        self.layer(Layer::Activation(Activation::LeakyRelu { slope }))
-    }
-    /// `x` for `x > 0`, else `alpha * (exp(x) - 1)` (PyTorch's default alpha is 1; must be
-    /// finite).
-    pub fn elu(self, alpha: f32) -> Self {
-        self.layer(Layer::Activation(Activation::Elu { alpha }))
-    }
-    /// `1 / (1 + exp(-x))` element-wise.
-    pub fn sigmoid(self) -> Self {
-        self.layer(Layer::Activation(Activation::Sigmoid))
-    }
-    /// The hyperbolic tangent, element-wise.
-    pub fn tanh(self) -> Self {
-        self.layer(Layer::Activation(Activation::Tanh))
-    }
-    /// `x * sigmoid(x)` element-wise.
-    pub fn silu(self) -> Self {
-        self.layer(Layer::Activation(Activation::Silu))
-    }
-    /// Same as [`ModelBuilder::silu`].
-    pub fn swish(self) -> Self {
-        self.silu()
-    }
-    /// The exact GELU, `x * Phi(x)` (PyTorch's default, not the tanh approximation).
-    pub fn gelu(self) -> Self {
-        self.layer(Layer::Activation(Activation::Gelu))
-    }
-    /// Softmax along `axis` of the full tensor (1 for `[batch, classes]`; -1 for the last axis).
-    pub fn softmax(self, axis: isize) -> Self {
-        self.layer(Layer::Softmax { axis })
-    }
-    /// In training, zeroes each value with probability `rate` (in `[0, 1)`) and scales the
-    /// rest by `1 / (1 - rate)`; the identity in evaluation.
-    pub fn dropout(self, rate: f32) -> Self {
-        self.layer(Layer::Dropout { rate })
-    }
-    /// Batch normalisation with PyTorch's defaults (eps 1e-5, momentum 0.1, affine).
-    pub fn batch_norm(self) -> Self {
-        self.layer(Layer::BatchNorm(BatchNorm::default()))
-    }
-    /// Batch normalisation with options: `batch_norm_with(BatchNorm::new().momentum(0.01))`.
-    pub fn batch_norm_with(self, bn: BatchNorm) -> Self {
-        self.layer(Layer::BatchNorm(bn))
-    }
-    /// Group normalisation with `groups` groups and PyTorch's defaults (eps 1e-5, affine).
-    pub fn group_norm(self, groups: usize) -> Self {
-        self.layer(Layer::GroupNorm(GroupNorm::new(groups)))
-    }
-    /// Group normalisation with options: `group_norm_with(GroupNorm::new(8).eps(1e-6))`.
-    pub fn group_norm_with(self, gn: GroupNorm) -> Self {
-        self.layer(Layer::GroupNorm(gn))
-    }
-    /// Max pooling with a `kernel x kernel` window and stride equal to the kernel.
-    pub fn max_pool2d(self, kernel: usize) -> Self {
-        self.layer(Layer::MaxPool2d(Pool2d::new(kernel)))
-    }
-    /// Max pooling with options: `max_pool2d_with(Pool2d::new(3).stride(2).padding(1))`.
-    pub fn max_pool2d_with(self, pool: Pool2d) -> Self {
-        self.layer(Layer::MaxPool2d(pool))
-    }
-    /// Average pooling with a `kernel x kernel` window and stride equal to the kernel.
-    pub fn avg_pool2d(self, kernel: usize) -> Self {
-        self.layer(Layer::AvgPool2d(Pool2d::new(kernel)))
-    }
-    /// Average pooling with options (stride, padding, `count_include_pad`).
-    pub fn avg_pool2d_with(self, pool: Pool2d) -> Self {
-        self.layer(Layer::AvgPool2d(pool))
-    }
-    /// Mean over height and width: `[batch, C, H, W] -> [batch, C]`.
-    pub fn global_avg_pool(self) -> Self {
-        self.layer(Layer::GlobalAvgPool)
+    /// The node the next layer will follow (where branches fork).
+    pub(in crate::model) fn cursor(&self) -> usize {
+        self.cursor
     }
 
     /// Runs `f` on a builder positioned at `fork` and returns it with the branch's last node.
     /// Inside the branch nothing has been added yet, so `name` has nothing to name (it must not
     /// rename the previous branch's last layer).
-    fn run_branch(mut self, fork: usize, f: impl FnOnce(ModelBuilder) -> ModelBuilder) -> (Self, usize) {
+    pub(in crate::model) fn run_branch(
+        mut self,
+        fork: usize,
+        f: impl FnOnce(ModelBuilder) -> ModelBuilder,
+    ) -> (Self, usize) {
         self.cursor = fork;
         self.last_added = None;
         let b = f(self);
@@ -237,43 +131,12 @@ impl ModelBuilder {
         (b, end)
     }
 
-    fn join(mut self, layer: Layer, inputs: Vec<usize>) -> Self {
+    /// Appends a layer that joins the outputs of the nodes `inputs` (residual, concat).
+    pub(in crate::model) fn join(mut self, layer: Layer, inputs: Vec<usize>) -> Self {
         self.nodes.push(Pending { name: None, layer, inputs });
         self.cursor = self.nodes.len() - 1;
         self.last_added = Some(self.cursor);
         self
-    }
-
-    /// A residual block with an identity shortcut: `y = main(x) + x`.
-    pub fn residual(self, main: impl FnOnce(ModelBuilder) -> ModelBuilder) -> Self {
-        self.residual_with(main, |shortcut| shortcut)
-    }
-
-    /// A residual block with a shortcut path of its own (a projection such as a strided 1x1
-    /// convolution and batch norm): `y = main(x) + shortcut(x)`.
-    pub fn residual_with(
-        self,
-        main: impl FnOnce(ModelBuilder) -> ModelBuilder,
-        shortcut: impl FnOnce(ModelBuilder) -> ModelBuilder,
-    ) -> Self {
-        let fork = self.cursor;
-        let (b, main_end) = self.run_branch(fork, main);
-        let (b, short_end) = b.run_branch(fork, shortcut);
-        b.join(Layer::Add, vec![main_end, short_end])
-    }
-
-    /// Parallel branches from the current layer, concatenated along channels:
-    /// `.concat([branch(|b| b.conv2d(64, 1)), branch(|b| b.max_pool2d_with(..).conv2d(32, 1))])`.
-    pub fn concat<'a>(self, branches: impl IntoIterator<Item = Branch<'a>>) -> Self {
-        let fork = self.cursor;
-        let mut b = self;
-        let mut ends = Vec::new();
-        for Branch(f) in branches {
-            let (nb, end) = b.run_branch(fork, f);
-            b = nb;
-            ends.push(end);
-        }
-        b.join(Layer::Concat, ends)
     }
 
     /// Validates the whole model and computes shapes, parameters and initial weights.

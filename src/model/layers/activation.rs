@@ -9,6 +9,7 @@ use crate::model::Layer;
 use crate::model::spec::{SpecTable, SpecType};
 
 use crate::backend::{ActFn, Op, ops};
+use crate::model::ModelBuilder;
 use crate::model::lower::{Backward, Forward};
 use crate::{Error, Result};
 
@@ -98,6 +99,50 @@ pub(crate) const SPEC: &[SpecType] = &[
     SpecType { name: "swish", fields: &[], read: |_| Ok(Layer::Activation(Activation::Silu)) },
     SpecType { name: "gelu", fields: &[], read: |_| Ok(Layer::Activation(Activation::Gelu)) },
 ];
+
+/// The builder methods of this home's layers.
+impl ModelBuilder {
+    /// `max(x, 0)` element-wise.
+    pub fn relu(self) -> Self {
+        self.layer(Layer::Activation(Activation::Relu))
+    }
+
+    /// `x` for `x > 0`, else `slope * x` (PyTorch's default slope is 0.01; must be finite).
+    pub fn leaky_relu(self, slope: f32) -> Self {
+        self.layer(Layer::Activation(Activation::LeakyRelu { slope }))
+    }
+
+    /// `x` for `x > 0`, else `alpha * (exp(x) - 1)` (PyTorch's default alpha is 1; must be
+    /// finite).
+    pub fn elu(self, alpha: f32) -> Self {
+        self.layer(Layer::Activation(Activation::Elu { alpha }))
+    }
+
+    /// `1 / (1 + exp(-x))` element-wise.
+    pub fn sigmoid(self) -> Self {
+        self.layer(Layer::Activation(Activation::Sigmoid))
+    }
+
+    /// The hyperbolic tangent, element-wise.
+    pub fn tanh(self) -> Self {
+        self.layer(Layer::Activation(Activation::Tanh))
+    }
+
+    /// `x * sigmoid(x)` element-wise.
+    pub fn silu(self) -> Self {
+        self.layer(Layer::Activation(Activation::Silu))
+    }
+
+    /// Same as [`ModelBuilder::silu`].
+    pub fn swish(self) -> Self {
+        self.silu()
+    }
+
+    /// The exact GELU, `x * Phi(x)` (PyTorch's default, not the tanh approximation).
+    pub fn gelu(self) -> Self {
+        self.layer(Layer::Activation(Activation::Gelu))
+    }
+}
 
 impl LayerKind for Activation {
     fn type_name(&self) -> &'static str {

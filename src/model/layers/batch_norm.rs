@@ -11,6 +11,7 @@ use crate::model::spec::{SpecTable, SpecType};
 
 use crate::backend::Op;
 use crate::backend::ops::{self, BnGeom};
+use crate::model::ModelBuilder;
 use crate::model::ParamRole;
 use crate::model::lower::{Backward, Forward, Mode};
 use crate::model::params::ParamDecl;
@@ -82,6 +83,19 @@ pub(crate) const SPEC: &[SpecType] = &[SpecType {
         }))
     },
 }];
+
+/// The builder methods of this home's layers.
+impl ModelBuilder {
+    /// Batch normalisation with PyTorch's defaults (eps 1e-5, momentum 0.1, affine).
+    pub fn batch_norm(self) -> Self {
+        self.layer(Layer::BatchNorm(BatchNorm::default()))
+    }
+
+    /// Batch normalisation with options: `batch_norm_with(BatchNorm::new().momentum(0.01))`.
+    pub fn batch_norm_with(self, bn: BatchNorm) -> Self {
+        self.layer(Layer::BatchNorm(bn))
+    }
+}
 
 impl LayerKind for BatchNorm {
     fn type_name(&self) -> &'static str {

@@ -10,6 +10,7 @@ use super::LayerKind;
 use crate::backend::Op;
 use crate::backend::ops::{self, ConvGeom};
 use crate::model::Layer;
+use crate::model::ModelBuilder;
 use crate::model::ParamRole;
 use crate::model::lower::{Backward, Forward};
 use crate::model::params::ParamDecl;
@@ -194,6 +195,19 @@ pub(crate) const SPEC: &[SpecType] = &[SpecType {
         }))
     },
 }];
+
+/// The builder methods of this home's layers.
+impl ModelBuilder {
+    /// `out_channels` filters of `kernel x kernel`, stride 1, no padding, with bias.
+    pub fn conv2d(self, out_channels: usize, kernel: usize) -> Self {
+        self.layer(Layer::Conv2d(Conv2d::new(out_channels, kernel)))
+    }
+
+    /// A convolution with options: `conv2d_with(Conv2d::new(64, 3).stride(2).padding(1))`.
+    pub fn conv2d_with(self, conv: Conv2d) -> Self {
+        self.layer(Layer::Conv2d(conv))
+    }
+}
 
 impl LayerKind for Conv2d {
     fn type_name(&self) -> &'static str {

@@ -23,6 +23,7 @@ use crate::model::spec::{SpecTable, SpecType};
 
 use crate::backend::Op;
 use crate::backend::ops::{self, ConvGeom};
+use crate::model::ModelBuilder;
 use crate::model::ParamRole;
 use crate::model::lower::{Backward, Forward};
 use crate::model::params::ParamDecl;
@@ -200,6 +201,21 @@ pub(crate) const SPEC: &[SpecType] = &[SpecType {
         }))
     },
 }];
+
+/// The builder methods of this home's layers.
+impl ModelBuilder {
+    /// A transposed convolution (`nn.ConvTranspose2d`): `out_channels` filters of
+    /// `kernel x kernel`, stride 1, no padding, with bias.
+    pub fn conv_transpose2d(self, out_channels: usize, kernel: usize) -> Self {
+        self.layer(Layer::ConvTranspose2d(ConvTranspose2d::new(out_channels, kernel)))
+    }
+
+    /// A transposed convolution with options:
+    /// `conv_transpose2d_with(ConvTranspose2d::new(32, 3).stride(2).padding(1).output_padding(1))`.
+    pub fn conv_transpose2d_with(self, conv: ConvTranspose2d) -> Self {
+        self.layer(Layer::ConvTranspose2d(conv))
+    }
+}
 
 impl LayerKind for ConvTranspose2d {
     fn type_name(&self) -> &'static str {

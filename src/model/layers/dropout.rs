@@ -6,6 +6,7 @@ use crate::backend::{Op, ops};
 
 use super::LayerKind;
 use crate::model::Layer;
+use crate::model::ModelBuilder;
 use crate::model::lower::{Backward, Forward, Mode};
 use crate::model::spec::{SpecTable, SpecType};
 use crate::{Error, Result};
@@ -18,6 +19,15 @@ pub(crate) struct Dropout {
 /// Its spec-file type.
 pub(crate) const SPEC: &[SpecType] =
     &[SpecType { name: "dropout", fields: &["rate"], read: |f| Ok(Layer::Dropout { rate: f.float("rate")? }) }];
+
+/// The builder methods of this home's layers.
+impl ModelBuilder {
+    /// In training, zeroes each value with probability `rate` (in `[0, 1)`) and scales the
+    /// rest by `1 / (1 - rate)`; the identity in evaluation.
+    pub fn dropout(self, rate: f32) -> Self {
+        self.layer(Layer::Dropout { rate })
+    }
+}
 
 impl LayerKind for Dropout {
     fn type_name(&self) -> &'static str {

@@ -21,6 +21,7 @@ use crate::model::spec::{SpecTable, SpecType};
 
 use crate::backend::Op;
 use crate::backend::ops::{self, GnGeom};
+use crate::model::ModelBuilder;
 use crate::model::ParamRole;
 use crate::model::lower::{Backward, Forward};
 use crate::model::params::ParamDecl;
@@ -75,6 +76,19 @@ pub(crate) const SPEC: &[SpecType] = &[SpecType {
         }))
     },
 }];
+
+/// The builder methods of this home's layers.
+impl ModelBuilder {
+    /// Group normalisation with `groups` groups and PyTorch's defaults (eps 1e-5, affine).
+    pub fn group_norm(self, groups: usize) -> Self {
+        self.layer(Layer::GroupNorm(GroupNorm::new(groups)))
+    }
+
+    /// Group normalisation with options: `group_norm_with(GroupNorm::new(8).eps(1e-6))`.
+    pub fn group_norm_with(self, gn: GroupNorm) -> Self {
+        self.layer(Layer::GroupNorm(gn))
+    }
+}
 
 impl LayerKind for GroupNorm {
     fn type_name(&self) -> &'static str {

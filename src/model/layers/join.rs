@@ -6,6 +6,7 @@ use super::LayerKind;
 use crate::backend::{GradOut, Op, ops};
 use crate::model::lower::{Backward, Forward};
 use crate::model::shape::dims_str;
+use crate::model::{Branch, Layer, ModelBuilder};
 use crate::{Error, Result};
 
 /// Add's shape rule: two or more inputs of one shape, which is the output's.
@@ -105,6 +106,41 @@ pub(crate) struct Add;
 
 /// Concat's kind (no spec type: `concat` blocks make it).
 pub(crate) struct Concat;
+
+/// The builder methods of this home's layers.
+impl ModelBuilder {
+    /// A residual block with an identity shortcut: `y = main(x) + x`.
+    pub fn residual(self, main: impl FnOnce(ModelBuilder) -> ModelBuilder) -> Self {
+        self.residual_with(main, |shortcut| shortcut)
+    }
+
+    /// A residual block with a shortcut path of its own (a projection such as a strided 1x1
+    /// convolution and batch norm): `y = main(x) + shortcut(x)`.
+    pub fn residual_with(
+        self,
+        main: impl FnOnce(ModelBuilder) -> ModelBuilder,
+        shortcut: impl FnOnce(ModelBuilder) -> ModelBuilder,
+    ) -> Self {
+        let fork = self.cursor();
+        let (b, main_end) = self.run_branch(fork, main);
+        let (b, short_end) = b.run_branch(fork, shortcut);
+        b.join(Layer::Add, vec![main_end, short_end])
+    }
+
+    /// Parallel branches from the current layer, concatenated along channels:
+    /// `.concat([branch(|b| b.conv2d(64, 1)), branch(|b| b.max_pool2d_with(..).conv2d(32, 1))])`.
+    pub fn concat<'a>(self, branches: impl IntoIterator<Item = Branch<'a>>) -> Self {
+        let fork = self.cursor();
+        let mut b = self;
+        let mut ends = Vec::new();
+        for Branch(f) in branches {
+            let (nb, end) = b.run_branch(fork, f);
+            b = nb;
+            ends.push(end);
+        }
+        b.join(Layer::Concat, ends)
+    }
+}
 
 impl LayerKind for Add {
     fn type_name(&self) -> &'static str {

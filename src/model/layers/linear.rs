@@ -10,6 +10,7 @@ use crate::model::spec::{Fields, SpecTable, SpecType};
 
 use crate::Result;
 use crate::backend::{Op, ops};
+use crate::model::ModelBuilder;
 use crate::model::ParamRole;
 use crate::model::lower::{Backward, Forward};
 use crate::model::params::ParamDecl;
@@ -47,6 +48,24 @@ pub(crate) const SPEC: &[SpecType] = &[
     SpecType { name: "dense", fields: &["out_features", "bias"], read: read_spec },
     SpecType { name: "linear", fields: &["out_features", "bias"], read: read_spec },
 ];
+
+/// The builder methods of this home's layers.
+impl ModelBuilder {
+    /// A fully connected layer with bias; flattens its input itself.
+    pub fn dense(self, out_features: usize) -> Self {
+        self.layer(Layer::Linear(Linear::new(out_features)))
+    }
+
+    /// Same as [`ModelBuilder::dense`], under PyTorch's name.
+    pub fn linear(self, out_features: usize) -> Self {
+        self.dense(out_features)
+    }
+
+    /// A fully connected layer with options: `dense_with(Linear::new(10).bias(false))`.
+    pub fn dense_with(self, linear: Linear) -> Self {
+        self.layer(Layer::Linear(linear))
+    }
+}
 
 impl LayerKind for Linear {
     fn type_name(&self) -> &'static str {

@@ -9,6 +9,7 @@ use crate::model::Layer;
 use crate::model::spec::{Fields, SpecTable, SpecType};
 
 use crate::backend::{Op, PoolGeom, ops};
+use crate::model::ModelBuilder;
 use crate::model::lower::{Backward, Forward};
 use crate::model::shape::{bounded, need_4d, positive, window_out};
 use crate::{Error, Result};
@@ -239,6 +240,34 @@ fn write_window(p: &Pool2d, t: &mut SpecTable) {
     t.pair("kernel", p.kernel);
     t.pair("stride", p.stride);
     t.pair("padding", p.padding);
+}
+
+/// The builder methods of this home's layers.
+impl ModelBuilder {
+    /// Max pooling with a `kernel x kernel` window and stride equal to the kernel.
+    pub fn max_pool2d(self, kernel: usize) -> Self {
+        self.layer(Layer::MaxPool2d(Pool2d::new(kernel)))
+    }
+
+    /// Max pooling with options: `max_pool2d_with(Pool2d::new(3).stride(2).padding(1))`.
+    pub fn max_pool2d_with(self, pool: Pool2d) -> Self {
+        self.layer(Layer::MaxPool2d(pool))
+    }
+
+    /// Average pooling with a `kernel x kernel` window and stride equal to the kernel.
+    pub fn avg_pool2d(self, kernel: usize) -> Self {
+        self.layer(Layer::AvgPool2d(Pool2d::new(kernel)))
+    }
+
+    /// Average pooling with options (stride, padding, `count_include_pad`).
+    pub fn avg_pool2d_with(self, pool: Pool2d) -> Self {
+        self.layer(Layer::AvgPool2d(pool))
+    }
+
+    /// Mean over height and width: `[batch, C, H, W] -> [batch, C]`.
+    pub fn global_avg_pool(self) -> Self {
+        self.layer(Layer::GlobalAvgPool)
+    }
 }
 
 impl LayerKind for Max<'_> {

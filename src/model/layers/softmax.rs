@@ -5,6 +5,7 @@ use crate::backend::{Op, ops};
 
 use super::LayerKind;
 use crate::model::Layer;
+use crate::model::ModelBuilder;
 use crate::model::lower::{Backward, Forward};
 use crate::model::spec::{SpecTable, SpecType};
 use crate::{Error, Result};
@@ -32,6 +33,14 @@ pub(crate) const SPEC: &[SpecType] = &[SpecType {
         Ok(Layer::Softmax { axis })
     },
 }];
+
+/// The builder methods of this home's layers.
+impl ModelBuilder {
+    /// Softmax along `axis` of the full tensor (1 for `[batch, classes]`; -1 for the last axis).
+    pub fn softmax(self, axis: isize) -> Self {
+        self.layer(Layer::Softmax { axis })
+    }
+}
 
 impl LayerKind for Softmax {
     fn type_name(&self) -> &'static str {

@@ -3,6 +3,7 @@
 
 use super::LayerKind;
 use crate::model::Layer;
+use crate::model::ModelBuilder;
 use crate::model::lower::{Backward, Forward};
 use crate::model::shape::dims_str;
 use crate::model::spec::{SpecTable, SpecType};
@@ -19,6 +20,19 @@ pub(crate) const SPEC: &[SpecType] = &[
     SpecType { name: "flatten", fields: &[], read: |_| Ok(Layer::Flatten) },
     SpecType { name: "reshape", fields: &["shape"], read: |f| Ok(Layer::Reshape(f.sizes("shape", 1)?)) },
 ];
+
+/// The builder methods of this home's layers.
+impl ModelBuilder {
+    /// Flattens each sample: `[batch, ...] -> [batch, product]`.
+    pub fn flatten(self) -> Self {
+        self.layer(Layer::Flatten)
+    }
+
+    /// Reshapes each sample to `shape` (same number of values).
+    pub fn reshape(self, shape: &[usize]) -> Self {
+        self.layer(Layer::Reshape(shape.to_vec()))
+    }
+}
 
 impl LayerKind for Flatten {
     fn type_name(&self) -> &'static str {
