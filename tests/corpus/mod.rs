@@ -95,9 +95,29 @@ pub fn cases() -> Vec<Case> {
         }),
         case("conv_transpose2d_pointwise", || img(2, 4, 3, 3).conv_transpose2d(5, 1)),
         // Output padding at or above the stride (allowed below the dilation): cuDNN cannot
-        // describe it, so the CUDA backend refuses it with an error and this case is CPU only.
-        gradcheck_only("conv_transpose2d_output_padding_past_stride", 1e-5, || {
+        // describe it, so the CUDA backend runs the uncropped transposed convolution and crops it
+        // (backend/cuda/conv_transpose2d.rs); output padding beyond the padding leaves rows that
+        // only the bias reaches.
+        case("conv_transpose2d_output_padding_past_stride", || {
             img(2, 2, 3, 3).conv_transpose2d_with(ConvTranspose2d::new(3, 2).dilation(3).padding(1).output_padding(2))
+        }),
+        case("conv_transpose2d_output_padding_past_stride_dilation2", || {
+            img(2, 3, 4, 3).conv_transpose2d_with(ConvTranspose2d::new(4, 3).dilation(2).padding(1).output_padding(1))
+        }),
+        case("conv_transpose2d_output_padding_past_stride_strided_groups", || {
+            img(2, 4, 3, 4)
+                .conv_transpose2d_with(ConvTranspose2d::new(4, 2).stride(2).dilation(3).output_padding(2).groups(2))
+        }),
+        case("conv_transpose2d_output_padding_past_stride_one_axis_no_bias", || {
+            img(2, 2, 4, 4).conv_transpose2d_with(
+                ConvTranspose2d::new(3, 3).dilation_hw(2, 1).padding(1).output_padding_hw(1, 0).bias(false),
+            )
+        }),
+        case("conv_transpose2d_output_padding_past_stride_decoder", || {
+            img(2, 2, 6, 6)
+                .conv2d_with(Conv2d::new(3, 3).padding(1))
+                .relu()
+                .conv_transpose2d_with(ConvTranspose2d::new(2, 3).dilation(2).padding(2).output_padding(1))
         }),
         case("conv_transpose2d_decoder", || {
             img(2, 2, 8, 8)

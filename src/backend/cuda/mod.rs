@@ -64,6 +64,7 @@ pub use nvrtc::default_cache_dir;
 const MODULES: &[&nvrtc::ModuleSrc] = &[
     &activation::MODULE,
     &batch_norm::MODULE,
+    &conv_transpose2d::MODULE,
     &dropout::MODULE,
     &group_norm::MODULE,
     &join::MODULE,
