@@ -212,7 +212,7 @@ fn predictions_and_evaluation_replay_graphs() {
     };
     let id = e.step_plan(&desc).unwrap();
     e.set_input(id, x.data()).unwrap();
-    e.set_target(id, &[0.0, 1.0, 2.0, 3.0]).unwrap();
+    e.set_labels(id, &[0, 1, 2, 3]).unwrap();
     e.set_sums(Sums::Eval, None).unwrap();
     for _ in 0..3 {
         e.run(id).unwrap();

@@ -4,7 +4,7 @@
 
 use kiln::backend::cpu::CpuBackend;
 use kiln::backend::ops::{self, hyper, stats};
-use kiln::backend::{Backend, CudaOptions, LossFn, Op, OptParam, OptRule, Scoring};
+use kiln::backend::{Backend, CudaOptions, DType, HostSlice, LossFn, Op, OptParam, OptRule, Scoring};
 use kiln::data::synthetic::tutorial_images;
 use kiln::model::Model;
 use kiln::rng::Rng;
@@ -59,6 +59,8 @@ fn every_loss_matches_the_cpu() {
             })
             .collect()
     };
+    // Class labels travel as u32; the table keeps them as f32 here and `run_loss_on` writes
+    // them into a u32 buffer for the losses that take class targets.
     let classes: Vec<f32> = (0..n).map(|i| (i * 7 % c) as f32).collect();
     let binary: Vec<f32> = (0..n * c).map(|i| (i % 3 == 0) as u8 as f32).collect();
     let values = random(n * c, 3, -2.0, 2.0);
@@ -74,25 +76,42 @@ fn every_loss_matches_the_cpu() {
         (LossFn::Huber { delta: 0.7 }, Scoring::None, &logits, &values),
     ];
     for (f, scoring, pred, target) in cases {
-        let init = vec![pred.clone(), target.clone(), vec![0.0; stats::LEN], vec![0.0; n * c]];
-        let build = |b: &[kiln::backend::BufId], _| {
-            vec![Op::Loss(ops::Loss {
-                f,
-                scoring,
-                n,
-                c,
-                pred: b[0],
-                target: b[1],
-                stats: b[2],
-                dpred: Some(b[3]),
-                grad_scale: 0.5,
-            })]
-        };
-        let want = run_on(&mut cpu, &init, &build, 2);
-        let got = run_on(&mut gpu, &init, &build, 2);
-        assert!(within(&want[2], &got[2], 1e-6), "{f:?} stats: cpu {:?} gpu {:?}", want[2], got[2]);
-        assert!(within(&want[3], &got[3], 1e-6), "{f:?} gradient: {}", rel_err(&want[3], &got[3]));
+        let want = run_loss_on(&mut cpu, (f, scoring, n, c), pred, target);
+        let got = run_loss_on(&mut gpu, (f, scoring, n, c), pred, target);
+        assert!(within(&want.0, &got.0, 1e-6), "{f:?} stats: cpu {:?} gpu {:?}", want.0, got.0);
+        assert!(within(&want.1, &got.1, 1e-6), "{f:?} gradient: {}", rel_err(&want.1, &got.1));
     }
+}
+
+/// Runs one loss op twice (the sums accumulate) on a backend and returns the stats and the
+/// prediction gradient. Targets of a loss with class targets go into a u32 buffer.
+fn run_loss_on(
+    b: &mut dyn Backend,
+    (f, scoring, n, c): (LossFn, Scoring, usize, usize),
+    pred: &[f32],
+    target: &[f32],
+) -> (Vec<f32>, Vec<f32>) {
+    let buf = |b: &mut dyn Backend, v: &[f32]| {
+        let id = b.alloc(v.len(), DType::F32).unwrap();
+        b.write(id, v).unwrap();
+        id
+    };
+    let p = buf(b, pred);
+    let t = if f.class_targets() {
+        let labels: Vec<u32> = target.iter().map(|&y| y as u32).collect();
+        let id = b.alloc(n, DType::U32).unwrap();
+        b.write_host(id, HostSlice::U32(&labels)).unwrap();
+        id
+    } else {
+        buf(b, target)
+    };
+    let st = buf(b, &[0.0; stats::LEN]);
+    let d = buf(b, &vec![0.0; n * c]);
+    let op = Op::Loss(ops::Loss { f, scoring, n, c, pred: p, target: t, stats: st, dpred: Some(d), grad_scale: 0.5 });
+    for _ in 0..2 {
+        b.run(std::slice::from_ref(&op)).unwrap();
+    }
+    (b.read(st).unwrap(), b.read(d).unwrap())
 }
 
 fn every_optimizer_and_clipping_matches_the_cpu() {

@@ -51,7 +51,7 @@ fn a_step_plan_holds_the_whole_step_and_its_memory_by_role() {
     assert_eq!(r.of(BufRole::OptimizerState), trainable * 4, "SGD keeps one momentum buffer");
     assert_eq!(r.of(BufRole::Gradient), trainable * 4 + p.bytes_of(BufRole::Gradient));
     assert_eq!(r.of(BufRole::Activation), p.bytes_of(BufRole::Activation));
-    assert_eq!(r.of(BufRole::Input), (4 * 3 * 32 * 32 + 4 * 10) * 4, "input and targets");
+    assert_eq!(r.of(BufRole::Input), 4 * 3 * 32 * 32 * 4 + 4 * 4, "the f32 input and one u32 label per sample");
     assert_eq!(r.of(BufRole::Saved), 0, "no layer of this model saves anything for backward");
     assert!(r.of(BufRole::Scalar) > 0 && r.of(BufRole::Workspace) > 0);
     let text = r.to_string();
@@ -122,4 +122,68 @@ fn planned_buffers_carry_their_dtype_and_memory_is_counted_from_it() {
     let text = r.to_string();
     assert!(text.lines().any(|l| l.contains("activations") && l.ends_with("bfloat16, float32")), "{text}");
     assert!(text.lines().any(|l| l.contains("saved for backward") && l.ends_with("float64")), "{text}");
+}
+
+/// Class targets are a u32 buffer of one label per sample, end to end: planned with that dtype,
+/// written with `set_labels` (checked against the number of classes), read by the loss op as
+/// labels; value targets stay f32. The wrong setter, a label out of range, or an f32 buffer
+/// handed to a class-target loss is an error naming what is wrong, never a panic.
+#[test]
+fn class_labels_are_u32_end_to_end_and_checked() {
+    use kiln::backend::ops::{self, stats};
+    use kiln::backend::{Backend, DType, HostSlice, Op};
+    let m = ModelBuilder::new(&[3, 4]).dense(5).build().unwrap();
+    let mut e = Executor::new(&m, CpuBackend::<f32>::new(Some(1)).unwrap()).unwrap();
+    let sgd = OptRule::Sgd { dampening: 0.0, nesterov: false, weight_decay: 0.0 };
+    e.init_training(Some(sgd), 0.0).unwrap();
+    let id = e.step_plan(&step(3, Mode::Eval, false, None)).unwrap();
+    let t = e.plan_info(id).target.unwrap();
+    let planned = e.plan_info(id).buffers.iter().find(|b| b.id == t).unwrap().clone();
+    assert_eq!((planned.dtype, planned.len, planned.label.as_str()), (DType::U32, 3, "labels"));
+    assert_eq!(e.backend().dtype(t), DType::U32);
+    e.set_input(id, &[0.1; 12]).unwrap();
+    let err = e.set_labels(id, &[0, 5, 1]).unwrap_err().to_string();
+    assert!(err.contains("sample 1") && err.contains("class 5") && err.contains("5 outputs"), "{err}");
+    let err = e.set_target(id, &[0.0, 1.0, 2.0]).unwrap_err().to_string();
+    assert!(err.contains("set_labels"), "{err}");
+    e.set_labels(id, &[4, 0]).unwrap(); // a short batch is padded with class 0
+    e.set_labels(id, &[4, 0, 2]).unwrap();
+    e.set_sums(Sums::Eval, None).unwrap();
+    e.run(id).unwrap();
+    assert!(e.figures(Sums::Eval, false).unwrap().loss.is_finite());
+
+    // Value targets (MSE) keep an f32 buffer of the output's shape.
+    let mut d = step(3, Mode::Eval, false, None);
+    (d.loss, d.scoring) = (LossFn::MeanSquaredError, Scoring::None);
+    let v = e.step_plan(&d).unwrap();
+    let tv = e.plan_info(v).target.unwrap();
+    assert_eq!((e.backend().dtype(tv), e.backend().len(tv)), (DType::F32, 15));
+    assert!(e.set_labels(v, &[0, 1, 2]).unwrap_err().to_string().contains("set_target"));
+
+    // The backend seam: a class-target loss refuses an f32 target buffer and names a label out
+    // of range written past the executor.
+    let mut b = CpuBackend::<f32>::new(Some(1)).unwrap();
+    let buf = |b: &mut CpuBackend<f32>, len: usize, dtype: DType| b.alloc(len, dtype).unwrap();
+    let (pred, st) = (buf(&mut b, 6, DType::F32), buf(&mut b, stats::LEN, DType::F32));
+    let (f32_target, labels) = (buf(&mut b, 2, DType::F32), buf(&mut b, 2, DType::U32));
+    let op = |target| {
+        Op::Loss(ops::Loss {
+            f: LossFn::SoftmaxCrossEntropy { label_smoothing: 0.0, class_targets: true },
+            scoring: Scoring::ArgMax { top_k: 1 },
+            n: 2,
+            c: 3,
+            pred,
+            target,
+            stats: st,
+            dpred: None,
+            grad_scale: 1.0,
+        })
+    };
+    let err = b.run(&[op(f32_target)]).unwrap_err().to_string();
+    assert!(err.contains("uint32") && err.contains("float32"), "{err}");
+    b.write_host(labels, HostSlice::U32(&[2, 3])).unwrap();
+    let err = b.run(&[op(labels)]).unwrap_err().to_string();
+    assert!(err.contains("sample 1") && err.contains("class 3") && err.contains("3 outputs"), "{err}");
+    b.write_host(labels, HostSlice::U32(&[2, 1])).unwrap();
+    b.run(&[op(labels)]).unwrap();
 }

@@ -132,8 +132,17 @@ fn run_loss(f: LossFn, pred: &[f64], target: &[f64]) -> Vec<f64> {
     let mut b = CpuBackend::<f64>::new(Some(1)).unwrap();
     let p = b.alloc(n * c, kiln::backend::DType::F32).unwrap();
     b.write_f64(p, pred).unwrap();
-    let t = b.alloc(target.len(), kiln::backend::DType::F32).unwrap();
-    b.write_f64(t, target).unwrap();
+    // Class targets travel as u32 labels, other targets as values.
+    let t = if f.class_targets() {
+        let t = b.alloc(target.len(), kiln::backend::DType::U32).unwrap();
+        let labels: Vec<u32> = target.iter().map(|&y| y as u32).collect();
+        b.write_host(t, kiln::backend::HostSlice::U32(&labels)).unwrap();
+        t
+    } else {
+        let t = b.alloc(target.len(), kiln::backend::DType::F32).unwrap();
+        b.write_f64(t, target).unwrap();
+        t
+    };
     let st = b.alloc(stats::LEN, kiln::backend::DType::F32).unwrap();
     let d = b.alloc(n * c, kiln::backend::DType::F32).unwrap();
     let op = Op::Loss(ops::Loss {

@@ -35,16 +35,17 @@ use crate::Result;
 /// Writes an op's buffer table once, as both [`OpDesc::each_buf`] and [`OpDesc::each_buf_mut`].
 /// Used inside `impl OpDesc for Descriptor`: `buffer_table!(|o, f| { ... })` where `o` is the
 /// descriptor, `f(buf, len, access)` reports one buffer and `r!(o.field)` borrows a field as
-/// `&` in the first method and as `&mut` in the second. `R`, `W`, `RW` are the [`Access`]es,
-/// `grad_access(accumulate)` the access of a [`GradOut`].
+/// `&` in the first method and as `&mut` in the second. `R`, `W`, `RW` are the [`Usage`]s of
+/// buffers of the computing dtype, `R_U32` of class labels read as `u32`, and
+/// `grad_access(accumulate)` the usage of a [`GradOut`].
 macro_rules! buffer_table {
     (|$o:ident, $f:ident| $body:block) => {
         buffer_table!(@with |$o, $f| $body $);
     };
     (@with |$o:ident, $f:ident| $body:block $d:tt) => {
-        fn each_buf(&self, $f: &mut impl FnMut(&$crate::backend::ops::BufId, usize, $crate::backend::ops::Access)) {
+        fn each_buf(&self, $f: &mut impl FnMut(&$crate::backend::ops::BufId, usize, $crate::backend::ops::Usage)) {
             #[allow(unused_imports)]
-            use $crate::backend::ops::{Access::{Read as R, ReadWrite as RW, Write as W}, grad_access};
+            use $crate::backend::ops::usage::{R, R_U32, RW, W, grad_access};
             #[allow(unused_macros)]
             macro_rules! r {
                 ($d e:expr) => {
@@ -57,10 +58,10 @@ macro_rules! buffer_table {
 
         fn each_buf_mut(
             &mut self,
-            $f: &mut impl FnMut(&mut $crate::backend::ops::BufId, usize, $crate::backend::ops::Access),
+            $f: &mut impl FnMut(&mut $crate::backend::ops::BufId, usize, $crate::backend::ops::Usage),
         ) {
             #[allow(unused_imports)]
-            use $crate::backend::ops::{Access::{Read as R, ReadWrite as RW, Write as W}, grad_access};
+            use $crate::backend::ops::usage::{R, R_U32, RW, W, grad_access};
             #[allow(unused_macros)]
             macro_rules! r {
                 ($d e:expr) => {
@@ -86,8 +87,8 @@ mod pool;
 mod tensor;
 
 pub use activation::{Act, ActBackward, ActFn, Dropout, DropoutBackward, Softmax, SoftmaxBackward};
-pub(crate) use buffers::grad_access;
-pub use buffers::{Access, BufUse};
+pub(crate) use buffers::usage;
+pub use buffers::{Access, BufUse, Usage};
 pub use conv::{Conv2d, Conv2dBackward, ConvGeom};
 pub use conv_transpose::{ConvTranspose2d, ConvTranspose2dBackward};
 pub(crate) use layout::cuda_layouts;
@@ -123,14 +124,14 @@ pub trait OpDesc {
     /// A short name for logs and profiles (`conv2d`, `batch_norm_backward`).
     const NAME: &'static str;
 
-    /// Calls `f(buffer, values touched from its start, access)` for every buffer the op names
+    /// Calls `f(buffer, values touched from its start, usage)` for every buffer the op names
     /// (inputs, outputs, saved tensors, gradients, state), in a fixed order. Written with
     /// `buffer_table!`, which also makes [`each_buf_mut`](OpDesc::each_buf_mut).
-    fn each_buf(&self, f: &mut impl FnMut(&BufId, usize, Access));
+    fn each_buf(&self, f: &mut impl FnMut(&BufId, usize, Usage));
 
     /// The same table as [`each_buf`](OpDesc::each_buf), with the ids mutable (the planner
     /// renames virtual buffers to real ones through it).
-    fn each_buf_mut(&mut self, f: &mut impl FnMut(&mut BufId, usize, Access));
+    fn each_buf_mut(&mut self, f: &mut impl FnMut(&mut BufId, usize, Usage));
 
     /// A short description of the op's shapes, for debug logs.
     fn shapes(&self) -> String;
@@ -229,15 +230,15 @@ macro_rules! define_ops {
                 }
             }
 
-            /// Calls `f(buffer, len, access)` on every buffer the op names ([`OpDesc::each_buf`]).
-            pub(crate) fn each_buf(&self, f: &mut impl FnMut(&BufId, usize, Access)) {
+            /// Calls `f(buffer, len, usage)` on every buffer the op names ([`OpDesc::each_buf`]).
+            pub(crate) fn each_buf(&self, f: &mut impl FnMut(&BufId, usize, Usage)) {
                 match self {
                     $(Op::$name(o) => o.each_buf(f),)*
                 }
             }
 
-            /// Calls `f(buffer, len, access)` with mutable ids ([`OpDesc::each_buf_mut`]).
-            pub(crate) fn each_buf_mut(&mut self, f: &mut impl FnMut(&mut BufId, usize, Access)) {
+            /// Calls `f(buffer, len, usage)` with mutable ids ([`OpDesc::each_buf_mut`]).
+            pub(crate) fn each_buf_mut(&mut self, f: &mut impl FnMut(&mut BufId, usize, Usage)) {
                 match self {
                     $(Op::$name(o) => o.each_buf_mut(f),)*
                 }

@@ -12,7 +12,7 @@ use super::compile::Lowering;
 use super::plan::{BufRole, Mode, Plan, PlanOptions, PlannedBuffer};
 use super::{Executor, Key, PlanId};
 use crate::backend::ops::{self, guard, hyper, stats};
-use crate::backend::{Backend, BufId, CounterId, DType, LossFn, Op, OptParam, OptRule, Scoring};
+use crate::backend::{Backend, BufId, CounterId, DType, HostSlice, LossFn, Op, OptParam, OptRule, Scoring};
 use crate::dist::{Communicator, bucket};
 use crate::model::Model;
 use crate::{Error, Result};
@@ -355,14 +355,18 @@ impl<B: Backend> Executor<B> {
         };
         let net = self.compile(low)?;
         let out_len: usize = self.model.nodes().last().expect("a model has nodes").shape.iter().product();
-        let target = self.backend.alloc(desc.batch * out_len, DType::F32)?;
+        // Class targets are one u32 label per sample; other targets are values shaped like
+        // the output.
+        let (target_len, target_dtype) =
+            if desc.loss.class_targets() { (desc.batch, DType::U32) } else { (desc.batch * out_len, DType::F32) };
+        let target = self.backend.alloc(target_len, target_dtype)?;
         let mut plan = self.plans[net.0].clone();
         plan.buffers.push(PlannedBuffer {
             id: target,
-            len: desc.batch * out_len,
-            dtype: DType::F32,
+            len: target_len,
+            dtype: target_dtype,
             role: BufRole::Input,
-            label: "target".into(),
+            label: if target_dtype == DType::U32 { "labels" } else { "target" }.into(),
         });
         plan.target = Some(target);
         let grads: Vec<(BufId, usize)> =
@@ -371,21 +375,54 @@ impl<B: Backend> Executor<B> {
         Ok(self.add_plan(Key::Step(desc.clone()), plan))
     }
 
-    /// Writes a step plan's targets: class indices (as `f32`, the first `batch` values) or
-    /// values (the whole buffer).
-    pub fn set_target(&mut self, id: PlanId, targets: &[f32]) -> Result<()> {
+    /// The target buffer of a step plan, checked to hold `dtype`; its length.
+    fn target_of(&self, id: PlanId, dtype: DType) -> Result<(BufId, usize)> {
         let t = self.plans[id.0].target.ok_or_else(|| Error::State("this plan has no loss".into()))?;
-        let full = self.backend.len(t);
-        if targets.len() == full {
-            return self.backend.write(t, targets);
+        match self.backend.dtype(t) {
+            d if d == dtype => Ok((t, self.backend.len(t))),
+            DType::U32 => Err(Error::State("this plan's loss takes class labels: use Executor::set_labels".into())),
+            _ => Err(Error::State("this plan's loss takes target values: use Executor::set_target".into())),
         }
+    }
+
+    /// Writes a step plan's target values (losses without class targets): up to the whole
+    /// buffer, `batch` times the output's values; a shorter batch is padded with zeros.
+    pub fn set_target(&mut self, id: PlanId, targets: &[f32]) -> Result<()> {
+        let (t, full) = self.target_of(id, DType::F32)?;
         if targets.len() > full {
             return Err(Error::shape("targets", format!("at most {full} values"), targets.len()));
+        }
+        if targets.len() == full {
+            return self.backend.write(t, targets);
         }
         let mut padded = Vec::with_capacity(full);
         padded.extend_from_slice(targets);
         padded.resize(full, 0.0);
         self.backend.write(t, &padded)
+    }
+
+    /// Writes a step plan's class labels (losses with class targets): up to `batch` labels,
+    /// each below the model's number of outputs (an error names the first that is not); a
+    /// shorter batch is padded with class 0.
+    pub fn set_labels(&mut self, id: PlanId, labels: &[u32]) -> Result<()> {
+        let (t, full) = self.target_of(id, DType::U32)?;
+        if labels.len() > full {
+            return Err(Error::shape("labels", format!("at most {full} values"), labels.len()));
+        }
+        let classes: usize = self.model.nodes().last().expect("a model has nodes").shape.iter().product();
+        if let Some((sample, y)) = labels.iter().enumerate().find(|(_, y)| **y as usize >= classes) {
+            return Err(Error::Label {
+                sample,
+                reason: format!("class {y} is out of range: the model has {classes} outputs (classes 0..{classes})"),
+            });
+        }
+        if labels.len() == full {
+            return self.backend.write_host(t, HostSlice::U32(labels));
+        }
+        let mut padded = Vec::with_capacity(full);
+        padded.extend_from_slice(labels);
+        padded.resize(full, 0);
+        self.backend.write_host(t, HostSlice::U32(&padded))
     }
 
     /// Runs a step plan's whole op list, as one unit the backend may replay (a CUDA graph).

@@ -7,6 +7,7 @@ use std::collections::VecDeque;
 use serde::{Deserialize, Serialize};
 
 use super::config::ScheduleUnit;
+use super::loss::BatchTargets;
 use super::metrics::StepResult;
 use super::trainer::{StepKind, Trainer};
 use crate::Result;
@@ -155,7 +156,7 @@ impl Trainer {
         inputs: &Tensor,
         f: LossFn,
         scoring: Scoring,
-        tv: &[f32],
+        tv: &BatchTargets,
     ) -> Result<()> {
         let n = inputs.shape()[0];
         let plan = self.step_plan(n, StepKind::Accumulate, f, scoring)?;

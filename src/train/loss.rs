@@ -162,7 +162,7 @@ impl Loss {
         out: &[usize],
         problem_is_classification: bool,
         top_k: usize,
-    ) -> Result<(LossFn, Scoring, Vec<f32>)> {
+    ) -> Result<(LossFn, Scoring, BatchTargets)> {
         let c: usize = out.iter().product();
         if targets.len() != n {
             return Err(Error::shape("targets", format!("{n} samples (one per input)"), targets.len()));
@@ -175,23 +175,35 @@ impl Loss {
             )),
             (Loss::SparseCrossEntropy, Targets::Classes(cl)) => {
                 check_classes(cl, c)?;
-                Ok((LossFn::SoftmaxCrossEntropy { label_smoothing: 0.0, class_targets: true }, argmax, to_f32(cl)))
+                Ok((
+                    LossFn::SoftmaxCrossEntropy { label_smoothing: 0.0, class_targets: true },
+                    argmax,
+                    BatchTargets::Labels(cl.to_vec()),
+                ))
             }
             (Loss::CrossEntropy { label_smoothing }, Targets::Classes(cl)) => {
                 check_classes(cl, c)?;
-                Ok((LossFn::SoftmaxCrossEntropy { label_smoothing, class_targets: true }, argmax, to_f32(cl)))
+                Ok((
+                    LossFn::SoftmaxCrossEntropy { label_smoothing, class_targets: true },
+                    argmax,
+                    BatchTargets::Labels(cl.to_vec()),
+                ))
             }
             (Loss::CrossEntropy { label_smoothing }, Targets::Values(t)) => {
                 let v = check_values(t, n, out, |x| x >= 0.0, "a probability (>= 0)")?;
-                Ok((LossFn::SoftmaxCrossEntropy { label_smoothing, class_targets: false }, argmax, v))
+                Ok((
+                    LossFn::SoftmaxCrossEntropy { label_smoothing, class_targets: false },
+                    argmax,
+                    BatchTargets::Values(v),
+                ))
             }
             (Loss::CategoricalCrossEntropy, Targets::Classes(cl)) => {
                 check_classes(cl, c)?;
-                Ok((LossFn::CategoricalCrossEntropy { class_targets: true }, argmax, to_f32(cl)))
+                Ok((LossFn::CategoricalCrossEntropy { class_targets: true }, argmax, BatchTargets::Labels(cl.to_vec())))
             }
             (Loss::CategoricalCrossEntropy, Targets::Values(t)) => {
                 let v = check_values(t, n, out, |x| x >= 0.0, "a probability (>= 0)")?;
-                Ok((LossFn::CategoricalCrossEntropy { class_targets: false }, argmax, v))
+                Ok((LossFn::CategoricalCrossEntropy { class_targets: false }, argmax, BatchTargets::Values(v)))
             }
             (Loss::BinaryCrossEntropy | Loss::BinaryCrossEntropyWithLogits, targets) => {
                 let f = if matches!(self, Loss::BinaryCrossEntropy) {
@@ -227,7 +239,7 @@ impl Loss {
                     }
                     Targets::Values(t) => check_values(t, n, out, |x| (0.0..=1.0).contains(&x), "in [0, 1]")?,
                 };
-                Ok((f, scoring, v))
+                Ok((f, scoring, BatchTargets::Values(v)))
             }
             (Loss::MeanSquaredError | Loss::MeanAbsoluteError | Loss::Huber { .. }, Targets::Classes(_)) => {
                 Err(Error::config("loss", format!("{} takes value targets shaped like the output", self.name())))
@@ -239,10 +251,20 @@ impl Loss {
                     Loss::Huber { delta } => LossFn::Huber { delta },
                     _ => unreachable!(),
                 };
-                Ok((f, Scoring::None, check_values(t, n, out, |_| true, "finite")?))
+                Ok((f, Scoring::None, BatchTargets::Values(check_values(t, n, out, |_| true, "finite")?)))
             }
         }
     }
+}
+
+/// A batch's targets as the step plan takes them: class labels (`u32`) for losses with class
+/// targets, values otherwise.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum BatchTargets {
+    /// One class label per sample, checked to be below the number of classes.
+    Labels(Vec<u32>),
+    /// Values shaped like the output (0/1 labels of a binary loss become values).
+    Values(Vec<f32>),
 }
 
 fn to_f32(cl: &[u32]) -> Vec<f32> {

@@ -2,7 +2,7 @@
 
 use super::config::{GradClip, NonFinite, Optimizer, Problem, ScheduleUnit, TrainerConfig, opt_rule};
 use super::lbfgs::{LbfgsConfig, LbfgsState};
-use super::loss::{Loss, Targets};
+use super::loss::{BatchTargets, Loss, Targets};
 use super::metrics::{History, StepResult};
 use super::schedule::Scheduler;
 use crate::dist::{Communicator, DataParallel, DistEnv, TcpCommunicator};
@@ -287,9 +287,12 @@ impl Trainer {
     }
 
     /// Feeds a step plan its batch.
-    pub(super) fn feed(&mut self, plan: PlanId, inputs: &Tensor, targets: &[f32]) -> Result<()> {
+    pub(super) fn feed(&mut self, plan: PlanId, inputs: &Tensor, targets: &BatchTargets) -> Result<()> {
         self.exec.set_input(plan, inputs.data())?;
-        self.exec.set_target(plan, targets)
+        match targets {
+            BatchTargets::Labels(l) => self.exec.set_labels(plan, l),
+            BatchTargets::Values(v) => self.exec.set_target(plan, v),
+        }
     }
 
     /// Queues one training step on a batch (up to the configured batch size; a smaller last

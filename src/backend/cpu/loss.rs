@@ -3,12 +3,27 @@
 
 use super::CpuBackend;
 use super::float::Float;
-use crate::Result;
-use crate::backend::ops::{self, LossFn, RunOp, Scoring, stats};
+use crate::backend::HostVec;
+use crate::backend::ops::{self, BufId, LossFn, RunOp, Scoring, stats};
+use crate::{Error, Result};
+
+/// A loss op's targets as the kernel reads them.
+#[derive(Clone, Copy)]
+pub enum Targets<'a, T> {
+    /// One class label per sample (each below the number of classes).
+    Labels(&'a [u32]),
+    /// Values shaped like the predictions.
+    Values(&'a [T]),
+}
 
 /// Writes the batch's loss and scores into `st` and adds them to its sums; writes the gradient
-/// of the mean loss (times `scale`) into `dpred` when given.
-pub fn loss<T: Float>(o: &ops::Loss, pred: &[T], target: &[T], st: &mut [T], mut dpred: Option<&mut [T]>) {
+/// of the mean loss (times `scale`) into `dpred` when given. Labels must be below `o.c` (the
+/// op checks them first).
+pub fn loss<T: Float>(o: &ops::Loss, pred: &[T], targets: Targets<T>, st: &mut [T], mut dpred: Option<&mut [T]>) {
+    let (labels, target): (&[u32], &[T]) = match targets {
+        Targets::Labels(l) => (l, &[]),
+        Targets::Values(v) => (&[], v),
+    };
     let ops::Loss { f, scoring, n, c, grad_scale: scale, .. } = *o;
     let scale = scale as f64;
     let mut total = 0.0f64;
@@ -21,7 +36,7 @@ pub fn loss<T: Float>(o: &ops::Loss, pred: &[T], target: &[T], st: &mut [T], mut
             LossFn::SoftmaxCrossEntropy { label_smoothing, class_targets } => {
                 let eps = label_smoothing as f64;
                 let q: Vec<f64> = if class_targets {
-                    let y = target[i].to_usize();
+                    let y = labels[i] as usize;
                     (0..c).map(|j| (1.0 - eps) * (j == y) as u8 as f64 + eps / c as f64).collect()
                 } else {
                     target[i * c..(i + 1) * c].iter().map(|t| t.to_f64() * (1.0 - eps) + eps / c as f64).collect()
@@ -37,11 +52,8 @@ pub fn loss<T: Float>(o: &ops::Loss, pred: &[T], target: &[T], st: &mut [T], mut
             }
             LossFn::CategoricalCrossEntropy { class_targets } => {
                 for j in 0..c {
-                    let t = if class_targets {
-                        (target[i].to_usize() == j) as u8 as f64
-                    } else {
-                        target[i * c + j].to_f64()
-                    };
+                    let t =
+                        if class_targets { (labels[i] as usize == j) as u8 as f64 } else { target[i * c + j].to_f64() };
                     let p = z[j].clamp(1e-7, 1.0 - 1e-7);
                     total -= t * p.ln();
                     let inside = z[j] > 1e-7 && z[j] < 1.0 - 1e-7;
@@ -109,7 +121,7 @@ pub fn loss<T: Float>(o: &ops::Loss, pred: &[T], target: &[T], st: &mut [T], mut
         LossFn::SoftmaxCrossEntropy { .. } | LossFn::CategoricalCrossEntropy { .. } => total / nf,
         _ => total / all,
     };
-    let (correct, correct_k, scored) = score(scoring, f, n, c, pred, target);
+    let (correct, correct_k, scored) = score(scoring, n, c, pred, targets);
     st[stats::LOSS] = T::from_f64(mean);
     st[stats::CORRECT] = T::from_usize(correct);
     st[stats::CORRECT_K] = T::from_usize(correct_k);
@@ -121,19 +133,19 @@ pub fn loss<T: Float>(o: &ops::Loss, pred: &[T], target: &[T], st: &mut [T], mut
 }
 
 /// `(correct, correct within top k, predictions scored)`.
-fn score<T: Float>(scoring: Scoring, f: LossFn, n: usize, c: usize, pred: &[T], target: &[T]) -> (usize, usize, usize) {
-    let class_targets = matches!(
-        f,
-        LossFn::SoftmaxCrossEntropy { class_targets: true, .. }
-            | LossFn::CategoricalCrossEntropy { class_targets: true }
-    );
+fn score<T: Float>(scoring: Scoring, n: usize, c: usize, pred: &[T], targets: Targets<T>) -> (usize, usize, usize) {
+    let (labels, target): (&[u32], &[T]) = match targets {
+        Targets::Labels(l) => (l, &[]),
+        Targets::Values(v) => (&[], v),
+    };
+    let class_targets = matches!(targets, Targets::Labels(_));
     match scoring {
         Scoring::None => (0, 0, 0),
         Scoring::ArgMax { top_k } => {
             let (mut correct, mut correct_k) = (0, 0);
             for i in 0..n {
                 let row = &pred[i * c..(i + 1) * c];
-                let label = if class_targets { target[i].to_usize() } else { argmax(&target[i * c..(i + 1) * c]) };
+                let label = if class_targets { labels[i] as usize } else { argmax(&target[i * c..(i + 1) * c]) };
                 if argmax(row) == label {
                     correct += 1;
                 }
@@ -164,16 +176,38 @@ fn argmax<T: Float>(row: &[T]) -> usize {
     best
 }
 
+/// The first `n` labels of a class-target buffer (validation saw a `u32` buffer, which the
+/// backend holds in `other`).
+fn labels(other: &[Option<HostVec>], target: BufId, n: usize) -> Result<&[u32]> {
+    match &other[target.0] {
+        Some(HostVec::U32(l)) => Ok(&l[..n]),
+        _ => Err(Error::State(format!("loss op: target buffer {} holds no u32 labels", target.0))),
+    }
+}
+
 impl<T: Float> RunOp<ops::Loss> for CpuBackend<T> {
     fn run_op(&mut self, o: &ops::Loss) -> Result<()> {
-        let ops::Loss { pred, target, stats, dpred, .. } = o;
-        let mut sv = self.take(*stats);
+        let ops::Loss { pred, target, stats, dpred, n, c, .. } = *o;
+        if o.f.class_targets() {
+            let bad = labels(&self.other, target, n)?.iter().enumerate().find(|(_, y)| **y as usize >= c);
+            if let Some((sample, y)) = bad {
+                return Err(Error::Label {
+                    sample,
+                    reason: format!("class {y} is out of range: the model has {c} outputs (classes 0..{c})"),
+                });
+            }
+        }
+        let mut sv = self.take(stats);
         let mut dv = dpred.map(|d| self.take(d));
         let b = &self.bufs;
-        loss(o, &b[pred.0], &b[target.0], &mut sv, dv.as_deref_mut());
-        self.put(*stats, sv);
+        let targets = match o.f.class_targets() {
+            true => Targets::Labels(labels(&self.other, target, n)?),
+            false => Targets::Values(&b[target.0]),
+        };
+        loss(o, &b[pred.0], targets, &mut sv, dv.as_deref_mut());
+        self.put(stats, sv);
         if let (Some(d), Some(v)) = (dpred, dv) {
-            self.put(*d, v);
+            self.put(d, v);
         }
         Ok(())
     }

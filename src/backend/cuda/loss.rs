@@ -13,7 +13,7 @@ use crate::backend::ops::{LossFn, Scoring};
 const THREADS: u32 = 256;
 
 kernels! {
-    loss_forward_backward(f: int, p: float, class_targets: int, scoring: int, top_k: int, logits: int, n: i64, c: i64, pred: (const float*), target: (const float*), stats: (float*), dpred: (float*), scale: float);
+    loss_forward_backward(f: int, p: float, scoring: int, top_k: int, logits: int, n: i64, c: i64, pred: (const float*), target: (const float*), labels: (const unsigned*), stats: (float*), dpred: (float*), scale: float);
 }
 
 pub(super) const MODULE: ModuleSrc = ModuleSrc {
@@ -26,18 +26,28 @@ __device__ __forceinline__ double clampd(double v, double lo, double hi) { retur
 // f: 0 softmax cross-entropy (p = label smoothing), 1 binary cross-entropy, 2 binary
 // cross-entropy on logits, 3 categorical cross-entropy, 4 MSE, 5 MAE, 6 Huber (p = delta).
 // scoring: 0 none, 1 arg-max with top_k, 2 binary (threshold 0 for logits, 0.5 otherwise).
-extern "C" __global__ void loss_forward_backward(int f, float p, int class_targets, int scoring, int top_k,
-                                                 int logits, i64 n, i64 c, const float* pred, const float* target,
-                                                 float* stats, float* dpred, float scale) {
+// Class targets come as `labels` (one per sample, u32), other targets as `target` (n x c); the
+// pointer not in use is null. A label >= c (the executor refuses those before they reach the
+// device) makes the loss NaN, which the non-finite check reports, instead of a read out of range.
+extern "C" __global__ void loss_forward_backward(int f, float p, int scoring, int top_k, int logits, i64 n,
+                                                 i64 c, const float* pred, const float* target,
+                                                 const unsigned* labels, float* stats, float* dpred,
+                                                 float scale) {
     __shared__ double sh[256];
     double total = 0.0, correct = 0.0, correct_k = 0.0;
     const double nf = (double)n, all = (double)(n * c), sc = (double)scale;
+    const bool class_targets = labels != nullptr;
     for (i64 i = threadIdx.x; i < n; i += blockDim.x) {
         const float* z = pred + i * c;
-        const float* t = target + i * c;
+        const float* t = class_targets ? nullptr : target + i * c;
+        if (class_targets && (i64)labels[i] >= c) {
+            total = NAN;
+            if (dpred) for (i64 j = 0; j < c; j++) dpred[i * c + j] = NAN;
+            continue;
+        }
         if (f == 0) {
             double eps = (double)p, m = -INFINITY, se = 0.0, qsum = 0.0;
-            i64 y = class_targets ? (i64)target[i] : -1;
+            i64 y = class_targets ? (i64)labels[i] : -1;
             for (i64 j = 0; j < c; j++) m = fmax(m, (double)z[j]);
             for (i64 j = 0; j < c; j++) se += exp((double)z[j] - m);
             double lse = m + log(se);
@@ -50,7 +60,7 @@ extern "C" __global__ void loss_forward_backward(int f, float p, int class_targe
             }
         } else if (f == 3) {
             for (i64 j = 0; j < c; j++) {
-                double tv = class_targets ? (double)((i64)target[i] == j) : (double)t[j];
+                double tv = class_targets ? (double)((i64)labels[i] == j) : (double)t[j];
                 double pv = clampd((double)z[j], 1e-7, 1.0 - 1e-7);
                 total -= tv * log(pv);
                 bool inside = (double)z[j] > 1e-7 && (double)z[j] < 1.0 - 1e-7;
@@ -89,7 +99,7 @@ extern "C" __global__ void loss_forward_backward(int f, float p, int class_targe
         if (scoring == 1) {
             i64 label = 0;
             if (class_targets) {
-                label = (i64)target[i];
+                label = (i64)labels[i];
             } else {
                 for (i64 j = 1; j < c; j++) if (t[j] > t[label]) label = j;
             }
@@ -139,17 +149,18 @@ impl RunOp<ops::Loss> for CudaBackend {
             Scoring::ArgMax { top_k } => (1, top_k, false),
             Scoring::Binary { logits } => (2, 0, logits),
         };
+        let (values, labels) = if class_targets { (0, self.ptr(target)) } else { (self.ptr(target), 0) };
         let args = loss_forward_backward {
             f: code,
             p,
-            class_targets: class_targets as i32,
             scoring: sc,
             top_k: top_k as i32,
             logits: logits as i32,
             n,
             c,
             pred: self.ptr(pred),
-            target: self.ptr(target),
+            target: values,
+            labels,
             stats: self.ptr(stats),
             dpred: self.opt_ptr(dpred),
             scale: grad_scale,

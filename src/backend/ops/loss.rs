@@ -4,7 +4,7 @@ use super::{BufId, OpDesc, stats};
 
 /// A loss function on the model output `pred` (`n` samples of `c` values) and the targets.
 ///
-/// Targets are class indices (`n` values) for [`LossFn::SoftmaxCrossEntropy`] with
+/// Targets are class indices (`n` values, a `u32` buffer) for the cross-entropies with
 /// `class_targets`, else values with the shape of `pred`. Every loss is averaged as PyTorch's
 /// `reduction="mean"` does: over samples for the cross-entropies, over all elements otherwise.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -84,7 +84,8 @@ pub struct Loss {
     pub c: usize,
     /// Predictions.
     pub pred: BufId,
-    /// Targets (class indices or values).
+    /// Targets: class labels (`n` values of dtype `u32`, each below `c`) when the loss takes
+    /// class targets ([`LossFn::class_targets`]), else `n * c` values of the computing dtype.
     pub target: BufId,
     /// Statistics (layout: [`stats`](super::stats)).
     pub stats: BufId,
@@ -97,9 +98,12 @@ pub struct Loss {
 impl OpDesc for Loss {
     const NAME: &'static str = "loss";
     buffer_table!(|o, f| {
-        let targets = if o.f.class_targets() { o.n } else { o.n * o.c };
         f(r!(o.pred), o.n * o.c, R);
-        f(r!(o.target), targets, R);
+        if o.f.class_targets() {
+            f(r!(o.target), o.n, R_U32);
+        } else {
+            f(r!(o.target), o.n * o.c, R);
+        }
         f(r!(o.stats), stats::LEN, RW);
         if let Some(d) = r!(o.dpred) {
             f(d, o.n * o.c, W);
