@@ -13,14 +13,14 @@
 //!
 //! # The registry: adding an op
 //!
-//! An op is one descriptor struct and one line in [`for_each_op!`]. The struct (in
+//! An op is one descriptor struct and one line in `for_each_op!`. The struct (in
 //! `ops/<family>.rs`) implements [`OpDesc`]: its name, its buffer table (written once with
 //! `buffer_table!`, which makes both the `&` and the `&mut` visitor) and a shape summary. The
 //! list line generates the [`Op`] variant and every `match` over ops: [`Op::name`],
 //! [`Op::each_buffer`], [`Op::visit_bufs`], [`Op::shapes`], [`Op::validate`] and the dispatch to
-//! a backend ([`Op::run_on`]).
+//! a backend (`Op::run_on`).
 //!
-//! A backend executes an op by implementing [`RunOp<Descriptor>`](RunOp) for itself, next to
+//! A backend executes an op by implementing `RunOp<Descriptor>` for itself, next to
 //! the op's kernels (`cpu/conv2d.rs` has `impl RunOp<ops::Conv2d> for CpuBackend<T>`,
 //! `cuda/conv2d.rs` has `impl RunOp<ops::Conv2d> for CudaBackend`). Its `run` then calls
 //! `op.run_on(self)`, which compiles only when the backend implements `RunOp` for every op in

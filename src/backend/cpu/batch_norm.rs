@@ -238,34 +238,15 @@ impl<T: Float> RunOp<ops::BatchNormInfer> for CpuBackend<T> {
 
 impl<T: Float> RunOp<ops::BatchNormBackward> for CpuBackend<T> {
     fn run_op(&mut self, o: &ops::BatchNormBackward) -> Result<()> {
-        let ops::BatchNormBackward { g, x, gamma, mean, invstd, dy, dx, dgamma, dbeta, sync } = o;
-        let comm = match sync {
-            true => Some(super::group(&mut self.comm, ops::BatchNormBackward::NAME)?),
-            false => None,
-        };
-        let mut take = |d: &ops::GradOut| (std::mem::take(&mut self.bufs[d.buf.0]), d.accumulate);
-        let mut dxv = dx.as_ref().map(&mut take);
-        let mut dgv = dgamma.as_ref().map(&mut take);
-        let mut dbv = dbeta.as_ref().map(&mut take);
-        let b = &self.bufs;
-        let r = backward(
-            g,
-            &b[x.0],
-            gamma.map(|i| b[i.0].as_slice()),
-            (&b[mean.0], &b[invstd.0]),
-            &b[dy.0],
-            [
-                dxv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
-                dgv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
-                dbv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
-            ],
-            comm,
-        );
-        for (d, v) in [(dx, dxv), (dgamma, dgv), (dbeta, dbv)] {
-            if let (Some(d), Some((v, _))) = (d, v) {
-                self.put(d.buf, v);
-            }
-        }
-        r
+        let ops::BatchNormBackward { g, x, gamma, mean, invstd, dy, dx, dgamma, dbeta, sync } = *o;
+        self.with_grads([dx, dgamma, dbeta], |b, grads| {
+            let comm = match sync {
+                true => Some(super::group(&mut b.comm, ops::BatchNormBackward::NAME)?),
+                false => None,
+            };
+            let bufs = &b.bufs;
+            let gamma = gamma.map(|i| bufs[i.0].as_slice());
+            backward(&g, &bufs[x.0], gamma, (&bufs[mean.0], &bufs[invstd.0]), &bufs[dy.0], grads, comm)
+        })
     }
 }

@@ -441,32 +441,11 @@ impl<T: Float> RunOp<ops::Conv2d> for CpuBackend<T> {
 
 impl<T: Float> RunOp<ops::Conv2dBackward> for CpuBackend<T> {
     fn run_op(&mut self, o: &ops::Conv2dBackward) -> Result<()> {
-        let ops::Conv2dBackward { g, x, w, dy, dx, dw, db } = o;
-        let threads = self.threads;
-        let mut dxv = dx.map(|d| self.take_grad(d));
-        let mut dwv = self.take_grad(*dw);
-        let mut dbv = db.map(|d| self.take_grad(d));
-        let bufs = &self.bufs;
-        backward(
-            g,
-            &bufs[x.0],
-            &bufs[w.0],
-            &bufs[dy.0],
-            (
-                dxv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
-                (&mut dwv.0, dwv.1),
-                dbv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
-            ),
-            &mut self.scratch,
-            threads,
-        );
-        if let (Some(d), Some((v, _))) = (dx, dxv) {
-            self.put(d.buf, v);
-        }
-        self.put(dw.buf, dwv.0);
-        if let (Some(d), Some((v, _))) = (db, dbv) {
-            self.put(d.buf, v);
-        }
+        let ops::Conv2dBackward { g, x, w, dy, dx, dw, db } = *o;
+        self.with_weight_grads((dx, dw, db), |b, grads| {
+            let bufs = &b.bufs;
+            backward(&g, &bufs[x.0], &bufs[w.0], &bufs[dy.0], grads, &mut b.scratch, b.threads)
+        });
         Ok(())
     }
 }

@@ -63,31 +63,11 @@ impl<T: Float> RunOp<ops::Linear> for CpuBackend<T> {
 
 impl<T: Float> RunOp<ops::LinearBackward> for CpuBackend<T> {
     fn run_op(&mut self, o: &ops::LinearBackward) -> Result<()> {
-        let ops::LinearBackward { m, k, n, x, w, dy, dx, dw, db } = o;
-        let threads = self.threads;
-        let mut dxv = dx.map(|d| self.take_grad(d));
-        let mut dwv = self.take_grad(*dw);
-        let mut dbv = db.map(|d| self.take_grad(d));
-        let bufs = &self.bufs;
-        backward(
-            (*m, *k, *n),
-            &bufs[x.0],
-            &bufs[w.0],
-            &bufs[dy.0],
-            (
-                dxv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
-                (&mut dwv.0, dwv.1),
-                dbv.as_mut().map(|(v, a)| (v.as_mut_slice(), *a)),
-            ),
-            threads,
-        );
-        if let (Some(d), Some((v, _))) = (dx, dxv) {
-            self.put(d.buf, v);
-        }
-        self.put(dw.buf, dwv.0);
-        if let (Some(d), Some((v, _))) = (db, dbv) {
-            self.put(d.buf, v);
-        }
+        let ops::LinearBackward { m, k, n, x, w, dy, dx, dw, db } = *o;
+        self.with_weight_grads((dx, dw, db), |b, grads| {
+            let bufs = &b.bufs;
+            backward((m, k, n), &bufs[x.0], &bufs[w.0], &bufs[dy.0], grads, b.threads)
+        });
         Ok(())
     }
 }

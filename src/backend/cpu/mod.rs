@@ -205,6 +205,37 @@ impl<T: Float> CpuBackend<T> {
     fn take_grad(&mut self, g: GradOut) -> (Vec<T>, bool) {
         (self.take(g.buf), g.accumulate)
     }
+
+    /// Runs `f` with the gradient outputs `grads` taken out of the buffer table (so that `f`
+    /// reads the op's inputs through the backend while writing them), then puts them back:
+    /// the frame of every backward op. `None`: a gradient not wanted.
+    fn with_grads<const N: usize, R>(
+        &mut self,
+        grads: [Option<GradOut>; N],
+        f: impl FnOnce(&mut Self, [Option<Grad<'_, T>>; N]) -> R,
+    ) -> R {
+        let mut taken = grads.map(|g| g.map(|g| self.take_grad(g)));
+        let r = f(self, taken.each_mut().map(|t| t.as_mut().map(|(v, acc)| (v.as_mut_slice(), *acc))));
+        for (g, t) in grads.into_iter().zip(taken) {
+            if let (Some(g), Some((v, _))) = (g, t) {
+                self.put(g.buf, v);
+            }
+        }
+        r
+    }
+
+    /// [`with_grads`](Self::with_grads) for a weighted op: input gradient (where wanted),
+    /// weight gradient, bias gradient (where the op has one).
+    fn with_weight_grads<R>(
+        &mut self,
+        (dx, dw, db): (Option<GradOut>, GradOut, Option<GradOut>),
+        f: impl FnOnce(&mut Self, WeightGrads<'_, T>) -> R,
+    ) -> R {
+        let (mut w, acc) = self.take_grad(dw);
+        let r = self.with_grads([dx, db], |b, [dx, db]| f(b, (dx, (&mut w, acc), db)));
+        self.put(dw.buf, w);
+        r
+    }
 }
 
 impl<T: Float> Backend for CpuBackend<T> {
