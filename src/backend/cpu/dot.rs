@@ -22,8 +22,21 @@ unsafe fn tile<const L: usize, const FMA: bool>(
     ldb: usize,
     k: usize,
 ) -> [[f32; 4]; 4] {
-    let mut acc = [[[0f32; L]; 4]; 4];
     let full = k / L * L;
+    #[cfg(target_arch = "x86_64")]
+    if FMA && L == 16 {
+        // SAFETY: `block_avx512` (the only caller with L = 16 and FMA) runs where AVX-512 was
+        // detected; the reads are the caller's promise.
+        let acc = unsafe { lanes_avx512(a, lda, b, ldb, full) };
+        return unsafe { finish(&acc, a, lda, b, ldb, (full, k)) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if FMA && L == 8 {
+        // SAFETY: as above, for `block_avx2`.
+        let acc = unsafe { lanes_avx2(a, lda, b, ldb, full) };
+        return unsafe { finish(&acc, a, lda, b, ldb, (full, k)) };
+    }
+    let mut acc = [[[0f32; L]; 4]; 4];
     let mut p = 0;
     while p < full {
         // SAFETY: p + L <= k, so every read stays within the rows.
@@ -41,6 +54,24 @@ unsafe fn tile<const L: usize, const FMA: bool>(
         }
         p += L;
     }
+    // SAFETY: the caller's promise.
+    unsafe { finish(&acc, a, lda, b, ldb, (full, k)) }
+}
+
+/// The tile's dot products: each accumulator's lanes summed in order, then the values
+/// `full..k` that did not fill a vector.
+///
+/// # Safety
+/// As [`tile`].
+#[inline(always)]
+unsafe fn finish<const M: usize>(
+    acc: &[[[f32; M]; 4]; 4],
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    (full, k): (usize, usize),
+) -> [[f32; 4]; 4] {
     let mut out = [[0f32; 4]; 4];
     for i in 0..4 {
         for j in 0..4 {
@@ -50,6 +81,111 @@ unsafe fn tile<const L: usize, const FMA: bool>(
                 s += unsafe { *a.add(i * lda + q) * *b.add(j * ldb + q) };
             }
             out[i][j] = s;
+        }
+    }
+    out
+}
+
+// The AVX-512 and AVX2 accumulations are written with intrinsics: written as arrays of lanes
+// (as `tile` does for other targets), LLVM kept the sixteen accumulators in registers at one
+// commit and stored all of them to the stack on every iteration at the next (same source, a
+// 15-19% slower CPU step; BENCHMARKS.md). Each lane gets the same fused multiply-adds in the same
+// order as the portable loop, so the results are bit for bit the same.
+
+/// Sixteen AVX-512 accumulators of the 4x4 tile over `a`/`b`'s first `full` values (a multiple
+/// of 16), returned as lanes.
+///
+/// # Safety
+/// AVX-512F and FMA must be available; the reads are as [`tile`]'s.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn lanes_avx512(a: *const f32, lda: usize, b: *const f32, ldb: usize, full: usize) -> [[[f32; 16]; 4]; 4] {
+    use std::arch::x86_64::{_mm512_fmadd_ps, _mm512_loadu_ps, _mm512_setzero_ps, _mm512_storeu_ps};
+    let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+    let mut p = 0;
+    while p < full {
+        // SAFETY: p + 16 <= full <= the rows' length, as the caller promises.
+        let (a0, a1, a2, a3) = unsafe {
+            (
+                _mm512_loadu_ps(a.add(p)),
+                _mm512_loadu_ps(a.add(lda + p)),
+                _mm512_loadu_ps(a.add(2 * lda + p)),
+                _mm512_loadu_ps(a.add(3 * lda + p)),
+            )
+        };
+        let av = [a0, a1, a2, a3];
+        // SAFETY: as above, for b.
+        let (b0, b1, b2, b3) = unsafe {
+            (
+                _mm512_loadu_ps(b.add(p)),
+                _mm512_loadu_ps(b.add(ldb + p)),
+                _mm512_loadu_ps(b.add(2 * ldb + p)),
+                _mm512_loadu_ps(b.add(3 * ldb + p)),
+            )
+        };
+        let bv = [b0, b1, b2, b3];
+        for i in 0..4 {
+            for j in 0..4 {
+                acc[i][j] = _mm512_fmadd_ps(av[i], bv[j], acc[i][j]);
+            }
+        }
+        p += 16;
+    }
+    let mut out = [[[0f32; 16]; 4]; 4];
+    for i in 0..4 {
+        for j in 0..4 {
+            // SAFETY: 16 values fit the lane array.
+            unsafe { _mm512_storeu_ps(out[i][j].as_mut_ptr(), acc[i][j]) };
+        }
+    }
+    out
+}
+
+/// As [`lanes_avx512`] with AVX2 vectors of 8 (`full` a multiple of 8).
+///
+/// # Safety
+/// AVX2 and FMA must be available; the reads are as [`tile`]'s.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn lanes_avx2(a: *const f32, lda: usize, b: *const f32, ldb: usize, full: usize) -> [[[f32; 8]; 4]; 4] {
+    use std::arch::x86_64::{_mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps, _mm256_storeu_ps};
+    let mut acc = [[_mm256_setzero_ps(); 4]; 4];
+    let mut p = 0;
+    while p < full {
+        // SAFETY: p + 8 <= full <= the rows' length, as the caller promises.
+        let (a0, a1, a2, a3) = unsafe {
+            (
+                _mm256_loadu_ps(a.add(p)),
+                _mm256_loadu_ps(a.add(lda + p)),
+                _mm256_loadu_ps(a.add(2 * lda + p)),
+                _mm256_loadu_ps(a.add(3 * lda + p)),
+            )
+        };
+        let av = [a0, a1, a2, a3];
+        // SAFETY: as above, for b.
+        let (b0, b1, b2, b3) = unsafe {
+            (
+                _mm256_loadu_ps(b.add(p)),
+                _mm256_loadu_ps(b.add(ldb + p)),
+                _mm256_loadu_ps(b.add(2 * ldb + p)),
+                _mm256_loadu_ps(b.add(3 * ldb + p)),
+            )
+        };
+        let bv = [b0, b1, b2, b3];
+        for i in 0..4 {
+            for j in 0..4 {
+                acc[i][j] = _mm256_fmadd_ps(av[i], bv[j], acc[i][j]);
+            }
+        }
+        p += 8;
+    }
+    let mut out = [[[0f32; 8]; 4]; 4];
+    for i in 0..4 {
+        for j in 0..4 {
+            // SAFETY: 8 values fit the lane array.
+            unsafe { _mm256_storeu_ps(out[i][j].as_mut_ptr(), acc[i][j]) };
         }
     }
     out
@@ -212,6 +348,67 @@ mod tests {
                 for j in 0..n {
                     let want: f32 = 1.0 + (0..k).map(|p| a[i * k + p] * b[j * k + p]).sum::<f32>();
                     assert_eq!(c[i * n + j], want, "({m},{n},{k}) at ({i},{j})");
+                }
+            }
+        }
+    }
+
+    /// The value `tile::<L, true>` must give for one output: lane `l` accumulates
+    /// `a[p] * b[p]` (fused) for `p = l, l + L, ...` below the last whole vector, the lanes are
+    /// summed in order, then the remaining products are added one by one.
+    fn lane_order_dot(a: &[f32], b: &[f32], lanes: usize, k0: usize, kc: usize) -> f32 {
+        let full = kc / lanes * lanes;
+        let mut acc = vec![0f32; lanes];
+        for p in (0..full).step_by(lanes) {
+            for (l, v) in acc.iter_mut().enumerate() {
+                *v = a[k0 + p + l].mul_add(b[k0 + p + l], *v);
+            }
+        }
+        let mut s: f32 = acc.iter().sum();
+        for q in full..kc {
+            s += a[k0 + q] * b[k0 + q];
+        }
+        s
+    }
+
+    /// The intrinsic AVX-512 and AVX2 paths are bit for bit the portable lane order (values
+    /// with many significant bits, so any other summation order shows).
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn simd_paths_keep_the_lane_order() {
+        let (m, nb, k) = (6, 7, 2 * KC + 37);
+        let mut r = crate::rng::Rng::new(5);
+        let a: Vec<f32> = (0..m * k).map(|_| r.normal()).collect();
+        let b: Vec<f32> = (0..nb * k).map(|_| r.normal()).collect();
+        type Block = unsafe fn((usize, usize), Rows<'_>, Rows<'_>, usize, Out);
+        let mut paths: Vec<(usize, Block)> = Vec::new();
+        if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma") {
+            paths.push((16, block_avx512));
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            paths.push((8, block_avx2));
+        }
+        assert!(!paths.is_empty(), "this x86-64 CPU has neither AVX-512 nor AVX2 with FMA");
+        for (lanes, f) in paths {
+            let mut c = vec![0f32; m * nb];
+            let out = Out { ptr: c.as_mut_ptr(), ld: nb };
+            // SAFETY: the features were detected; `c` holds m x nb values at stride nb.
+            unsafe { f((m, k), Rows { v: &a, ld: k }, Rows { v: &b, ld: k }, nb, out) };
+            for i in 0..m {
+                for j in 0..nb {
+                    let (ar, br) = (&a[i * k..][..k], &b[j * k..][..k]);
+                    // Blocks of KC add into the output one after another.
+                    let want = (0..k).step_by(KC).fold(0f32, |acc, k0| {
+                        let kc = KC.min(k - k0);
+                        // Rows past the last whole 4x4 tile use the plain dot product.
+                        let tiled = i < m / 4 * 4 && j < nb / 4 * 4;
+                        acc + if tiled {
+                            lane_order_dot(ar, br, lanes, k0, kc)
+                        } else {
+                            ar[k0..k0 + kc].iter().zip(&br[k0..k0 + kc]).map(|(x, y)| x * y).sum::<f32>()
+                        }
+                    });
+                    assert_eq!(c[i * nb + j].to_bits(), want.to_bits(), "{lanes} lanes at ({i},{j})");
                 }
             }
         }
