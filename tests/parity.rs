@@ -6,7 +6,7 @@
 //! second training plan that accumulates parameter gradients over two steps checks the
 //! accumulate paths (cuDNN and cuBLASLt with beta = 1, the epilogue fallbacks).
 //!
-//! One test per backend and case, named `BACKEND::CASE` (`cargo test --test parity cuda::resnet18`).
+//! One test per backend and case, named `BACKEND::CASE` (`cargo test --test parity cuda::resnet18_silu`).
 //! A backend that cannot be opened here (no GPU) reports its tests as ignored, with the reason;
 //! with `KILN_REQUIRE_GPU=1` they fail instead.
 

@@ -228,7 +228,7 @@ pub fn cases() -> Vec<Case> {
         // Whole models.
         gradcheck_only("mixed_model_biased", 5e-5, || mixed(Conv2d::new(4, 3).padding(1))),
         bn_case("mixed_model", || mixed(no_bias(4, 3).padding(1))),
-        parity_only("resnet18", || zoo::resnet18(4, 10)),
+        parity_only("resnet18_silu", || resnet18_silu(4)),
         parity_only("simple_cnn", || zoo::simple_cnn(4)),
         parity_only("advanced_cnn", || zoo::advanced_cnn(4)),
         parity_only("multiscale_cnn", || zoo::multiscale_cnn(4)),
@@ -236,6 +236,44 @@ pub fn cases() -> Vec<Case> {
         parity_only("cifar_cnn", || zoo::cifar_cnn(4)),
         parity_only("inception_block", || zoo::inception_block(2, 10)),
     ]
+}
+
+/// `zoo::resnet18`'s layers (CIFAR stem, four stages of two basic blocks, 3x3 convolutions
+/// without bias, batch norm, projections on the strided blocks) with SiLU in place of ReLU.
+///
+/// Why not the zoo model itself: its gradients are not a continuous function of the rounding.
+/// Batch norm centres every pre-activation on zero, so some lie within f32 rounding of it, and
+/// a ReLU mask bit that flips between two f32 computations (or between f32 and f64) moves the
+/// whole channel's gradient through the following batch norms' backward. On the CPU, ReLU
+/// ResNet-18's f32 gradients are up to 2.8e-2 (batch 8) and 3.5e-2 (batch 4) of their largest
+/// value away from the same computation in f64, and a parity run once failed on the H200 with
+/// the input gradient 8.9e-3 away while every layer's own case passed. With SiLU the f32 error
+/// is 5.4e-6 at batch 4 and 8, so a 1e-4 tolerance measures the kernels, not a coin flip.
+/// ReLU's kernels are covered by the smaller cases, and the ReLU model's forward by the other
+/// zoo models.
+fn resnet18_silu(batch: usize) -> ModelBuilder {
+    let mut b = img(batch, 3, 32, 32).conv2d_with(no_bias(64, 3).padding(1)).batch_norm().silu();
+    let mut inp = 64;
+    for (stage, width) in [64usize, 128, 256, 512].into_iter().enumerate() {
+        for block in 0..2 {
+            let stride = if stage > 0 && block == 0 { 2 } else { 1 };
+            let main = move |m: ModelBuilder| {
+                m.conv2d_with(no_bias(width, 3).stride(stride).padding(1))
+                    .batch_norm()
+                    .silu()
+                    .conv2d_with(no_bias(width, 3).padding(1))
+                    .batch_norm()
+            };
+            b = if stride != 1 || inp != width {
+                b.residual_with(main, move |s| s.conv2d_with(no_bias(width, 1).stride(stride)).batch_norm())
+            } else {
+                b.residual(main)
+            };
+            b = b.silu();
+            inp = width;
+        }
+    }
+    b.global_avg_pool().dense(10)
 }
 
 fn mixed(first: Conv2d) -> ModelBuilder {
