@@ -8,7 +8,8 @@
 //!
 //! One test per backend and case, named `BACKEND::CASE` (`cargo test --test parity cuda::resnet18_silu`).
 //! A backend that cannot be opened here (no GPU) reports its tests as ignored, with the reason;
-//! with `KILN_REQUIRE_GPU=1` they fail instead.
+//! with `KILN_REQUIRE_GPU=1` they fail instead. A backend may also leave the large cases out
+//! where they would be too slow (wgpu on a CPU Vulkan driver), reported as ignored with why.
 
 use std::sync::{Arc, OnceLock};
 
@@ -100,15 +101,17 @@ fn main() {
         let missing: Arc<OnceLock<Option<String>>> = Arc::new(OnceLock::new());
         for case in corpus::cases().into_iter().filter(|c| c.parity) {
             let (missing, open, tol) = (missing.clone(), backend.open, backend.tol);
+            let (skip_large, large) = (backend.skip_large, case.gradcheck.is_none());
             let name = format!("{}::{}", backend.name, case.name);
             let label = name.clone();
             let probe = move || {
-                missing
+                let why = missing
                     .get_or_init(|| match open() {
                         Err(e) if !require_gpu() => Some(format!("{label}: backend unusable here: {e}")),
                         _ => None,
                     })
-                    .clone()
+                    .clone();
+                if why.is_some() || !large { why } else { skip_large() }
             };
             trials.push(gpu_trial_when(&name, probe, move || {
                 let gpu = open().unwrap_or_else(|e| panic!("the backend is unusable: {e}"));

@@ -6,7 +6,9 @@
 //! - [`cuda::CudaBackend`]: cuDNN convolutions, cuBLASLt dense layers, NVRTC-compiled kernels for
 //!   the rest, CUDA graphs for repeated op lists. Compiled in every build; the CUDA libraries are
 //!   loaded at run time, so a machine without them gets an error at creation, never a panic.
-//! - [`Device`]: which of the two to create (`Device::Auto` takes the GPU when one is usable).
+//! - `wgpu::WgpuBackend` (cargo feature `wgpu`): WGSL compute shaders through wgpu (Vulkan,
+//!   Metal, DX12; verified on Vulkan).
+//! - [`Device`]: which one to create (`Device::Auto` takes a GPU when one is usable).
 
 mod collective;
 pub mod cpu;
@@ -14,6 +16,8 @@ pub mod cuda;
 mod device;
 mod dtype;
 pub mod ops;
+#[cfg(feature = "wgpu")]
+pub mod wgpu;
 
 pub use collective::Communicator;
 pub use cuda::{CudaBackend, CudaOptions};

@@ -298,13 +298,40 @@ pub struct BackendUnderTest {
     pub open: fn() -> kiln::Result<Box<dyn Backend>>,
     /// Largest difference allowed, relative to the reference tensor's largest magnitude.
     pub tol: f64,
+    /// Why the large cases (those without a finite-difference check: whole models, `*_larger`)
+    /// are not run on this backend here, reported as their reason to be ignored; `None` runs them.
+    pub skip_large: fn() -> Option<String>,
 }
 
 /// Every backend the corpus runs on. A new backend adds one line here.
 pub fn backends() -> Vec<BackendUnderTest> {
-    vec![BackendUnderTest {
+    #[allow(unused_mut)]
+    let mut all = vec![BackendUnderTest {
         name: "cuda",
         open: || Ok(Box::new(kiln::backend::CudaBackend::new(0)?) as Box<dyn Backend>),
         tol: 1e-4,
-    }]
+        skip_large: || None,
+    }];
+    #[cfg(feature = "wgpu")]
+    all.push(BackendUnderTest {
+        name: "wgpu",
+        open: || Ok(Box::new(kiln::backend::wgpu::WgpuBackend::new(0)?) as Box<dyn Backend>),
+        tol: 1e-4,
+        skip_large: wgpu_skip_large,
+    });
+    all
+}
+
+/// On a CPU Vulkan driver (Mesa's lavapipe, what CI has) a whole model takes minutes per case:
+/// the large cases run on wgpu GPU adapters, or anywhere with `KILN_WGPU_LARGE=1`.
+#[cfg(feature = "wgpu")]
+fn wgpu_skip_large() -> Option<String> {
+    static WHY: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    WHY.get_or_init(|| {
+        let adapter = kiln::backend::wgpu::WgpuBackend::new(0).ok()?.adapter();
+        let forced = std::env::var("KILN_WGPU_LARGE").is_ok_and(|v| v == "1");
+        (!adapter.is_gpu && !forced)
+            .then(|| format!("large case on {}, a CPU driver (KILN_WGPU_LARGE=1 runs it)", adapter.name))
+    })
+    .clone()
 }

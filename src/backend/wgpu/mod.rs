@@ -1,0 +1,505 @@
+//! The portable GPU backend: every op as a WGSL compute shader run through wgpu, so one code path
+//! reaches Vulkan, Metal and DX12 (built with the `wgpu` cargo feature). Verified on Vulkan only:
+//! Mesa's lavapipe (a CPU Vulkan driver, what CI runs) and the NVIDIA driver.
+//!
+//! - Buffers: one wgpu storage buffer per plan buffer, `f32` or `u32` (ops compute in `f32`).
+//! - Ops: [`record`] turns an op list into a list of dispatches (pipeline, bind group, workgroup
+//!   counts) and buffer copies; the kernels live by op family (`gemm`, `elementwise`, `norm`,
+//!   `pool`, `loss`, `optim`), one Rust function per op, each with its WGSL.
+//! - `run_cached`: the dispatch list of a plan's step (pipelines, bind groups, the parameters of
+//!   every dispatch) is built once per key and kept; each step encodes it into one command
+//!   buffer and submits it once (wgpu command buffers cannot be resubmitted, so re-encoding the
+//!   kept list is wgpu's analogue of replaying a CUDA graph). Nothing is read back unless asked.
+//! - Counters (dropout steps, optimizer steps) live in device buffers and are advanced by
+//!   kernels, so a resubmitted step needs nothing from the host.
+//! - Determinism: no atomics; every reduction has a fixed assignment of values to threads and a
+//!   fixed tree order, so results are identical run to run.
+//!
+//! Not done here: data-parallel groups (`AllReduce`, synchronised batch norm are refused with an
+//! error naming the op), subgroup operations and `shader-f16`.
+//!
+//! `KILN_DEBUG=1` prints the adapter when the backend opens, and runs every op as its own
+//! submission, waited for, printing its name, shapes and time (as the CPU backend does).
+
+/// The entry point of a one-dimensional kernel (256 threads per workgroup), opening its body with
+/// `i`, the invocation's flat index (see `record`'s conventions).
+macro_rules! main1d {
+    () => {
+        "@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) li: u32) {
+    let i = gid(wg, nwg, li);
+"
+    };
+}
+
+/// The entry point of a kernel with one 256-thread workgroup per reduced group (a channel, a
+/// sample): `grp` is the group, `li` the thread; `SH` holds 256 partial sums.
+macro_rules! main_reduce {
+    () => {
+        "var<workgroup> SH: array<f32, 256>;
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) li: u32) {
+    let grp = wg.x + wg.y * nwg.x;
+"
+    };
+}
+
+/// A function `reduce(v, li) -> f32` for [`main_reduce`] kernels: the workgroup's sum of `v`, the
+/// same tree every run (every thread of the workgroup must call it).
+const REDUCE: &str = r#"
+fn reduce(v: f32, li: u32) -> f32 {
+    workgroupBarrier();
+    SH[li] = v;
+    workgroupBarrier();
+    for (var s = 128u; s > 0u; s = s >> 1u) {
+        if (li < s) { SH[li] = SH[li] + SH[li + s]; }
+        workgroupBarrier();
+    }
+    let r = SH[0];
+    workgroupBarrier();
+    return r;
+}
+"#;
+
+/// The registry's `RunOp` impls of the recorder, one line per op, each calling the op's function
+/// in the file that invokes it: `runs! { Act => act, ActBackward => act_backward }`.
+macro_rules! runs {
+    ($($op:ident => $f:ident),* $(,)?) => {
+        $(
+            impl crate::backend::ops::RunOp<crate::backend::ops::$op> for super::record::Recorder<'_> {
+                fn run_op(&mut self, o: &crate::backend::ops::$op) -> crate::Result<()> {
+                    $f(self, o)
+                }
+            }
+        )*
+    };
+}
+
+mod elementwise;
+mod gemm;
+mod loss;
+mod norm;
+mod optim;
+mod pool;
+mod record;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::ops::{BufId, CounterId, Op};
+use super::{Backend, DType, HostSlice, HostVec};
+use crate::{Error, Result};
+use record::{Kernel, Recorded, Recorder};
+
+/// The longest a read or `synchronize` waits for the device.
+const WAIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// One plan buffer on the device.
+struct Slot {
+    buf: wgpu::Buffer,
+    len: usize,
+    dtype: DType,
+}
+
+/// What an adapter is, in the words `Device::Auto` and the tests use.
+#[derive(Clone, Debug)]
+pub struct AdapterSummary {
+    /// The adapter's name (`NVIDIA H200`, `llvmpipe (LLVM 15.0.6, 256 bits)`).
+    pub name: String,
+    /// wgpu's backend (Vulkan, Metal, Dx12).
+    pub backend: String,
+    /// Whether it is a real GPU (discrete, integrated or virtual) rather than a CPU driver such
+    /// as lavapipe.
+    pub is_gpu: bool,
+}
+
+/// The wgpu backend (see the module docs).
+pub struct WgpuBackend {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    bufs: Vec<Option<Slot>>,
+    counters: Vec<wgpu::Buffer>,
+    pipelines: HashMap<&'static str, wgpu::ComputePipeline>,
+    cached: HashMap<u64, Recorded>,
+    /// Validation and device errors reported by wgpu since they were last taken.
+    errors: Arc<Mutex<Vec<String>>>,
+    bytes: u64,
+    peak: u64,
+    max_binding: u64,
+    debug: bool,
+}
+
+fn instance() -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = wgpu::Backends::PRIMARY;
+    wgpu::Instance::new(desc)
+}
+
+fn summary(a: &wgpu::Adapter) -> AdapterSummary {
+    let i = a.get_info();
+    AdapterSummary {
+        name: i.name.clone(),
+        backend: format!("{:?}", i.backend),
+        is_gpu: matches!(
+            i.device_type,
+            wgpu::DeviceType::DiscreteGpu | wgpu::DeviceType::IntegratedGpu | wgpu::DeviceType::VirtualGpu
+        ),
+    }
+}
+
+/// Every adapter wgpu finds (Vulkan, Metal, DX12), in the order `Device::Wgpu(i)` numbers them.
+pub fn adapters() -> Vec<AdapterSummary> {
+    pollster::block_on(instance().enumerate_adapters(wgpu::Backends::PRIMARY)).iter().map(summary).collect()
+}
+
+fn device_error(ordinal: usize, reason: impl Into<String>) -> Error {
+    Error::Device { device: format!("wgpu:{ordinal}"), reason: reason.into() }
+}
+
+impl WgpuBackend {
+    /// Opens adapter `ordinal` of [`adapters`]; an error when there is no such adapter (no
+    /// Vulkan/Metal/DX12 driver) or its device cannot be created.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let list = pollster::block_on(instance().enumerate_adapters(wgpu::Backends::PRIMARY));
+        if list.is_empty() {
+            return Err(device_error(
+                ordinal,
+                "no wgpu adapter (no Vulkan, Metal or DX12 driver found; on Linux install a Vulkan \
+                 driver, e.g. Debian's mesa-vulkan-drivers)",
+            ));
+        }
+        let Some(adapter) = list.into_iter().nth(ordinal) else {
+            return Err(device_error(ordinal, "no such adapter"));
+        };
+        Self::with_adapter(ordinal, adapter)
+    }
+
+    /// Opens the first adapter that is a real GPU (not a CPU driver such as lavapipe), for
+    /// `Device::Auto`; an error saying what was found when there is none.
+    pub fn first_gpu() -> Result<Self> {
+        let list = pollster::block_on(instance().enumerate_adapters(wgpu::Backends::PRIMARY));
+        let names: Vec<String> = list.iter().map(|a| summary(a).name).collect();
+        match list.into_iter().enumerate().find(|(_, a)| summary(a).is_gpu) {
+            Some((i, a)) => Self::with_adapter(i, a),
+            None if names.is_empty() => Err(device_error(0, "no wgpu adapter")),
+            None => Err(device_error(0, format!("no wgpu GPU adapter (only CPU drivers: {})", names.join(", ")))),
+        }
+    }
+
+    fn with_adapter(ordinal: usize, adapter: wgpu::Adapter) -> Result<Self> {
+        let info = adapter.get_info();
+        let limits = adapter.limits();
+        let need = 10;
+        if limits.max_storage_buffers_per_shader_stage < need {
+            return Err(device_error(
+                ordinal,
+                format!(
+                    "{} allows {} storage buffers per shader, kiln's kernels need {need}",
+                    info.name, limits.max_storage_buffers_per_shader_stage
+                ),
+            ));
+        }
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("kiln"),
+            required_features: wgpu::Features::empty(),
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::default(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| device_error(ordinal, format!("{}: cannot create the device: {e}", info.name)))?;
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let sink = errors.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            sink.lock().unwrap_or_else(|p| p.into_inner()).push(e.to_string());
+        }));
+        let debug = std::env::var("KILN_DEBUG").is_ok_and(|v| v == "1");
+        if debug {
+            eprintln!("[kiln wgpu] {} ({:?}, {:?}, driver {})", info.name, info.backend, info.device_type, info.driver);
+        }
+        Ok(WgpuBackend {
+            device,
+            queue,
+            info,
+            bufs: Vec::new(),
+            counters: Vec::new(),
+            pipelines: HashMap::new(),
+            cached: HashMap::new(),
+            errors,
+            bytes: 0,
+            peak: 0,
+            max_binding: limits.max_storage_buffer_binding_size.min(limits.max_buffer_size),
+            debug,
+        })
+    }
+
+    /// The adapter this backend runs on.
+    pub fn adapter(&self) -> AdapterSummary {
+        AdapterSummary {
+            name: self.info.name.clone(),
+            backend: format!("{:?}", self.info.backend),
+            is_gpu: !matches!(self.info.device_type, wgpu::DeviceType::Cpu | wgpu::DeviceType::Other),
+        }
+    }
+
+    /// The errors wgpu reported since the last call, as one `Error` (none: `Ok`).
+    fn take_errors(&self, what: &str) -> Result<()> {
+        let mut e = self.errors.lock().unwrap_or_else(|p| p.into_inner());
+        if e.is_empty() {
+            return Ok(());
+        }
+        let all = e.drain(..).collect::<Vec<_>>().join("; ");
+        Err(Error::DeviceCall { call: format!("wgpu {what}"), status: all })
+    }
+
+    fn slot(&self, id: BufId) -> Result<&Slot> {
+        self.bufs
+            .get(id.0)
+            .and_then(|s| s.as_ref())
+            .ok_or_else(|| Error::State(format!("wgpu: buffer {} does not exist (freed?)", id.0)))
+    }
+
+    /// The pipeline of `k`, compiled on first use.
+    fn pipeline(&mut self, k: &Kernel) -> Result<wgpu::ComputePipeline> {
+        if let Some(p) = self.pipelines.get(k.name) {
+            return Ok(p.clone());
+        }
+        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(k.name),
+            source: wgpu::ShaderSource::Wgsl(k.source().into()),
+        });
+        let p = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(k.name),
+            layout: None,
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        self.take_errors(&format!("shader {}", k.name))?;
+        self.pipelines.insert(k.name, p.clone());
+        Ok(p)
+    }
+
+    fn storage(&self, bytes: u64, label: &str) -> wgpu::Buffer {
+        use wgpu::BufferUsages as U;
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes.max(4).next_multiple_of(4),
+            usage: U::STORAGE | U::COPY_SRC | U::COPY_DST,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// Copies `bytes` bytes of `src` to the host, waiting for queued work.
+    fn read_bytes(&self, src: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
+        let size = bytes.max(4).next_multiple_of(4);
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("kiln read"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        enc.copy_buffer_to_buffer(src, 0, &staging, 0, size);
+        self.queue.submit([enc.finish()]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait()?;
+        self.take_errors("read")?;
+        rx.recv()
+            .map_err(|_| Error::DeviceCall { call: "wgpu map_async".into(), status: "no answer".into() })?
+            .map_err(|e| Error::DeviceCall { call: "wgpu map_async".into(), status: e.to_string() })?;
+        let out = {
+            let view = staging
+                .get_mapped_range(..)
+                .map_err(|e| Error::DeviceCall { call: "wgpu get_mapped_range".into(), status: e.to_string() })?;
+            view[..bytes as usize].to_vec()
+        };
+        staging.unmap();
+        Ok(out)
+    }
+
+    /// Waits for queued work, at most [`WAIT_LIMIT`]: a device that never finishes (a driver
+    /// stuck in a shader) is an error, not a hang.
+    fn wait(&self) -> Result<()> {
+        let poll = wgpu::PollType::Wait { submission_index: None, timeout: Some(WAIT_LIMIT) };
+        match self.device.poll(poll) {
+            Ok(_) => Ok(()),
+            Err(wgpu::PollError::Timeout) => Err(Error::DeviceCall {
+                call: "wgpu poll".into(),
+                status: format!("{} did not finish its queued work within {} s", self.info.name, WAIT_LIMIT.as_secs()),
+            }),
+            Err(e) => Err(Error::DeviceCall { call: "wgpu poll".into(), status: e.to_string() }),
+        }
+    }
+
+    /// Validates, records and submits `ops` (from the cache under `key` when given); with
+    /// `KILN_DEBUG=1` one op at a time, timed.
+    fn submit(&mut self, key: Option<u64>, ops: &[Op]) -> Result<()> {
+        if self.debug {
+            for op in ops {
+                let t = std::time::Instant::now();
+                self.submit_list(None, std::slice::from_ref(op))?;
+                self.synchronize()?;
+                let ms = t.elapsed().as_secs_f64() * 1e3;
+                eprintln!("[kiln wgpu] {:<22} {:<48} {ms:>9.3} ms", op.name(), op.shapes());
+            }
+            return Ok(());
+        }
+        self.submit_list(key, ops)
+    }
+
+    fn submit_list(&mut self, key: Option<u64>, ops: &[Op]) -> Result<()> {
+        let recorded = match key.and_then(|k| self.cached.remove(&k)) {
+            Some(r) => r,
+            None => {
+                for op in ops {
+                    let info = |b: BufId| self.bufs.get(b.0).and_then(|s| s.as_ref()).map(|s| (s.len, s.dtype));
+                    op.validate(info, |d| d == DType::F32)?;
+                }
+                let mut rec = Recorder::new(self);
+                for op in ops {
+                    rec.op(op)?;
+                }
+                let r = rec.finish();
+                self.take_errors("recording")?;
+                r
+            }
+        };
+        let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("kiln step") });
+        recorded.encode(&mut enc);
+        self.queue.submit([enc.finish()]);
+        self.take_errors("submit")?;
+        if let Some(k) = key {
+            self.cached.insert(k, recorded);
+        }
+        Ok(())
+    }
+}
+
+/// Host values as little-endian bytes.
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn u32_bytes(v: &[u32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+impl Backend for WgpuBackend {
+    fn describe(&self) -> String {
+        format!("wgpu {} ({:?}, {:?})", self.info.name, self.info.backend, self.info.device_type)
+    }
+
+    fn alloc(&mut self, len: usize, dtype: DType) -> Result<BufId> {
+        if !matches!(dtype, DType::F32 | DType::U32) {
+            return Err(Error::State(format!("the wgpu backend holds float32 and uint32 buffers, not {dtype}")));
+        }
+        let bytes = dtype.bytes(len)? as u64;
+        if bytes > self.max_binding {
+            return Err(Error::OutOfMemory { model: String::new(), batch: 0, needed: bytes, free: self.max_binding });
+        }
+        let buf = self.storage(bytes, "kiln buffer");
+        // New wgpu buffers are zeroed, as the seam promises.
+        self.take_errors("alloc")?;
+        self.bytes += bytes;
+        self.peak = self.peak.max(self.bytes);
+        self.bufs.push(Some(Slot { buf, len, dtype }));
+        Ok(BufId(self.bufs.len() - 1))
+    }
+
+    fn len(&self, buf: BufId) -> usize {
+        self.slot(buf).map(|s| s.len).unwrap_or(0)
+    }
+
+    fn dtype(&self, buf: BufId) -> DType {
+        self.slot(buf).map(|s| s.dtype).unwrap_or(DType::F32)
+    }
+
+    fn computes(&self, dtype: DType) -> bool {
+        dtype == DType::F32
+    }
+
+    fn free(&mut self, buf: BufId) -> Result<()> {
+        if let Some(s) = self.bufs.get_mut(buf.0).and_then(|s| s.take()) {
+            self.bytes -= (s.len * s.dtype.size()) as u64;
+            s.buf.destroy();
+        }
+        self.cached.clear();
+        Ok(())
+    }
+
+    fn write_host(&mut self, buf: BufId, data: HostSlice<'_>) -> Result<()> {
+        let slot = self.slot(buf)?;
+        if slot.len != data.len() {
+            return Err(Error::shape("buffer write", slot.len, data.len()));
+        }
+        let bytes = match slot.dtype {
+            DType::F32 => match data {
+                HostSlice::F32(v) => f32_bytes(v),
+                other => f32_bytes(&other.convert(DType::F32)?.into_f32()?),
+            },
+            _ => match data.convert(DType::U32)? {
+                HostVec::U32(v) => u32_bytes(&v),
+                other => return Err(Error::State(format!("wgpu: cannot write {} into uint32", other.dtype()))),
+            },
+        };
+        if !bytes.is_empty() {
+            self.queue.write_buffer(&slot.buf, 0, &bytes);
+        }
+        self.take_errors("write")
+    }
+
+    fn read_host(&mut self, buf: BufId, dtype: DType) -> Result<HostVec> {
+        let slot = self.slot(buf)?;
+        let (len, own) = (slot.len, slot.dtype);
+        let raw = self.read_bytes(&slot.buf, (len * 4) as u64)?;
+        let words = raw.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]);
+        let host = match own {
+            DType::F32 => HostVec::F32(words.map(f32::from_le_bytes).collect()),
+            _ => HostVec::U32(words.map(u32::from_le_bytes).collect()),
+        };
+        host.as_slice().convert(dtype)
+    }
+
+    fn new_counter(&mut self) -> Result<CounterId> {
+        let b = self.storage(8, "kiln counter");
+        self.counters.push(b);
+        Ok(CounterId(self.counters.len() - 1))
+    }
+
+    fn counter(&mut self, id: CounterId) -> Result<u64> {
+        let b = self.counters.get(id.0).ok_or_else(|| Error::State(format!("wgpu: no counter {}", id.0)))?;
+        let raw = self.read_bytes(b, 8)?;
+        Ok(u64::from_le_bytes(raw[..8].try_into().expect("8 bytes read")))
+    }
+
+    fn set_counter(&mut self, id: CounterId, value: u64) -> Result<()> {
+        let b = self.counters.get(id.0).ok_or_else(|| Error::State(format!("wgpu: no counter {}", id.0)))?;
+        self.queue.write_buffer(b, 0, &value.to_le_bytes());
+        self.take_errors("set_counter")
+    }
+
+    fn run(&mut self, ops: &[Op]) -> Result<()> {
+        self.submit(None, ops)
+    }
+
+    fn run_cached(&mut self, key: u64, ops: &[Op]) -> Result<()> {
+        self.submit(Some(key), ops)
+    }
+
+    fn synchronize(&mut self) -> Result<()> {
+        self.wait()?;
+        self.take_errors("synchronize")
+    }
+
+    fn peak_memory(&self) -> Option<u64> {
+        Some(self.peak)
+    }
+}

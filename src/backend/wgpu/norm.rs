@@ -1,0 +1,387 @@
+//! Batch norm, group norm and per-channel sums on wgpu (the formulas of
+//! `backend/cpu/{batch_norm,group_norm}.rs`, in f32).
+//!
+//! Every reduction runs one 256-thread workgroup per reduced set (a channel, or a sample's
+//! group): thread `t` sums the set's values `t, t + 256, ...` in order, then the workgroup adds
+//! the 256 partial sums in a fixed tree (`REDUCE`). The statistics use two passes (the mean,
+//! then the squared deviations from it), as the CPU does. Batch norm and group norm share the
+//! kernels: a set's values and a value's statistics are found by strides given as parameters.
+
+use super::REDUCE;
+use super::record::{Bind, Kernel, Recorder, f, grid, u, unsupported};
+use crate::Result;
+use crate::backend::ops::{self, GradOut};
+
+/// Workgroup counts for one workgroup per set.
+fn per_set(sets: usize) -> Result<[u32; 3]> {
+    let x = sets.clamp(1, 65535);
+    Ok([u(x)?, u(sets.div_ceil(x))?, 1])
+}
+
+/// Set `grp`'s value `e`: `X[grp * P[3] + (e / P[1]) * P[2] + e % P[1]]` (`P[0]` values).
+const SET_INDEX: &str = "
+fn set_index(grp: u32, e: u32) -> u32 { return grp * P[3] + (e / P[1]) * P[2] + e % P[1]; }
+";
+
+/// `P`: count, inner, stride, base, eps, has running, momentum, sets.
+static NORM_STATS: Kernel = Kernel {
+    name: "norm_stats",
+    parts: &[
+        REDUCE,
+        SET_INDEX,
+        concat!(
+            "@group(0) @binding(0) var<storage, read> P: array<u32>;
+@group(0) @binding(1) var<storage, read> X: array<f32>;
+@group(0) @binding(2) var<storage, read_write> MEAN: array<f32>;
+@group(0) @binding(3) var<storage, read_write> INVSTD: array<f32>;
+@group(0) @binding(4) var<storage, read_write> RM: array<f32>;
+@group(0) @binding(5) var<storage, read_write> RV: array<f32>;
+",
+            main_reduce!(),
+            "    let live = grp < P[7];
+    let count = P[0];
+    var s = 0.0;
+    if (live) { for (var e = li; e < count; e += 256u) { s = s + X[set_index(grp, e)]; } }
+    let mu = reduce(s, li) / f32(count);
+    var q = 0.0;
+    if (live) { for (var e = li; e < count; e += 256u) { let d = X[set_index(grp, e)] - mu; q = q + d * d; } }
+    let v = reduce(q, li) / f32(count);
+    if (live && li == 0u) {
+        MEAN[grp] = mu;
+        INVSTD[grp] = 1.0 / sqrt(v + pf(P[4]));
+        if (P[5] != 0u) {
+            let m = pf(P[6]);
+            let n = f32(count);
+            let unbias = select(1.0, n / (n - 1.0), count > 1u);
+            RM[grp] = (1.0 - m) * RM[grp] + m * mu;
+            RV[grp] = (1.0 - m) * RV[grp] + m * v * unbias;
+        }
+    }
+}"
+        ),
+    ],
+};
+
+/// `y = x * scale + shift` with the value's channel `(i / hw) % c` and statistics index
+/// `(i / P[3]) % P[4]`. `P`: len, hw, c, stat div, stat mod, has gamma, has beta, mode
+/// (0: batch statistics `S1` = mean, `S2` = invstd; 1: running `S1` = mean, `S2` = variance), eps.
+static NORM_APPLY: Kernel = Kernel {
+    name: "norm_apply",
+    parts: &[concat!(
+        "@group(0) @binding(0) var<storage, read> P: array<u32>;
+@group(0) @binding(1) var<storage, read> X: array<f32>;
+@group(0) @binding(2) var<storage, read> GAMMA: array<f32>;
+@group(0) @binding(3) var<storage, read> BETA: array<f32>;
+@group(0) @binding(4) var<storage, read> S1: array<f32>;
+@group(0) @binding(5) var<storage, read> S2: array<f32>;
+@group(0) @binding(6) var<storage, read_write> Y: array<f32>;
+",
+        main1d!(),
+        "    if (i >= P[0]) { return; }
+    let ch = (i / P[1]) % P[2];
+    let st = (i / P[3]) % P[4];
+    var gm = 1.0;
+    if (P[5] != 0u) { gm = GAMMA[ch]; }
+    var bt = 0.0;
+    if (P[6] != 0u) { bt = BETA[ch]; }
+    var scale = 0.0;
+    if (P[7] == 0u) { scale = gm * S2[st]; } else { scale = gm / sqrt(S2[st] + pf(P[8])); }
+    let shift = bt - S1[st] * scale;
+    Y[i] = X[i] * scale + shift;
+}"
+    )],
+};
+
+/// Per channel: `sum(dy)` and `sum(dy * xhat)` over samples and positions, into `SUMS` and
+/// (where wanted) the beta and gamma gradients. `P`: n * hw, hw, c, stat div, stat mod,
+/// has dgamma, accumulate dgamma, has dbeta, accumulate dbeta.
+static NORM_PARAM_SUMS: Kernel = Kernel {
+    name: "norm_param_sums",
+    parts: &[
+        REDUCE,
+        concat!(
+            "@group(0) @binding(0) var<storage, read> P: array<u32>;
+@group(0) @binding(1) var<storage, read> X: array<f32>;
+@group(0) @binding(2) var<storage, read> MEAN: array<f32>;
+@group(0) @binding(3) var<storage, read> INVSTD: array<f32>;
+@group(0) @binding(4) var<storage, read> DY: array<f32>;
+@group(0) @binding(5) var<storage, read_write> SUMS: array<f32>;
+@group(0) @binding(6) var<storage, read_write> DGAMMA: array<f32>;
+@group(0) @binding(7) var<storage, read_write> DBETA: array<f32>;
+",
+            main_reduce!(),
+            "    let ch = grp;
+    let live = ch < P[2];
+    var a = 0.0;
+    var b = 0.0;
+    if (live) {
+        for (var e = li; e < P[0]; e += 256u) {
+            let idx = ((e / P[1]) * P[2] + ch) * P[1] + e % P[1];
+            let st = (idx / P[3]) % P[4];
+            let d = DY[idx];
+            a = a + d;
+            b = b + d * ((X[idx] - MEAN[st]) * INVSTD[st]);
+        }
+    }
+    let sdy = reduce(a, li);
+    let sdyx = reduce(b, li);
+    if (live && li == 0u) {
+        SUMS[2u * ch] = sdy;
+        SUMS[2u * ch + 1u] = sdyx;
+        if (P[5] != 0u) { DGAMMA[ch] = select(sdyx, DGAMMA[ch] + sdyx, P[6] != 0u); }
+        if (P[7] != 0u) { DBETA[ch] = select(sdy, DBETA[ch] + sdy, P[8] != 0u); }
+    }
+}"
+        ),
+    ],
+};
+
+/// Batch norm's input gradient from the per-channel sums. `P`: len, hw, c, has gamma,
+/// accumulate, count (f32).
+static BN_DX: Kernel = Kernel {
+    name: "bn_dx",
+    parts: &[concat!(
+        "@group(0) @binding(0) var<storage, read> P: array<u32>;
+@group(0) @binding(1) var<storage, read> X: array<f32>;
+@group(0) @binding(2) var<storage, read> GAMMA: array<f32>;
+@group(0) @binding(3) var<storage, read> MEAN: array<f32>;
+@group(0) @binding(4) var<storage, read> INVSTD: array<f32>;
+@group(0) @binding(5) var<storage, read> DY: array<f32>;
+@group(0) @binding(6) var<storage, read> SUMS: array<f32>;
+@group(0) @binding(7) var<storage, read_write> DX: array<f32>;
+",
+        main1d!(),
+        "    if (i >= P[0]) { return; }
+    let ch = (i / P[1]) % P[2];
+    var gm = 1.0;
+    if (P[3] != 0u) { gm = GAMMA[ch]; }
+    let is = INVSTD[ch];
+    let count = pf(P[5]);
+    let xhat = (X[i] - MEAN[ch]) * is;
+    let v = gm * is / count * (count * DY[i] - SUMS[2u * ch] - xhat * SUMS[2u * ch + 1u]);
+    if (P[4] != 0u) { DX[i] = DX[i] + v; } else { DX[i] = v; }
+}"
+    )],
+};
+
+/// Group norm's input gradient, one workgroup per (sample, group) of `P[0]` contiguous values.
+/// `P`: len, hw, channels per group, groups, has gamma, accumulate, sets.
+static GN_DX: Kernel = Kernel {
+    name: "gn_dx",
+    parts: &[
+        REDUCE,
+        concat!(
+            "@group(0) @binding(0) var<storage, read> P: array<u32>;
+@group(0) @binding(1) var<storage, read> X: array<f32>;
+@group(0) @binding(2) var<storage, read> GAMMA: array<f32>;
+@group(0) @binding(3) var<storage, read> MEAN: array<f32>;
+@group(0) @binding(4) var<storage, read> INVSTD: array<f32>;
+@group(0) @binding(5) var<storage, read> DY: array<f32>;
+@group(0) @binding(6) var<storage, read_write> DX: array<f32>;
+",
+            main_reduce!(),
+            "    let live = grp < P[6];
+    let len = P[0];
+    let c0 = (grp % P[3]) * P[2];
+    var mu = 0.0;
+    var is = 0.0;
+    if (live) { mu = MEAN[grp]; is = INVSTD[grp]; }
+    var a = 0.0;
+    var b = 0.0;
+    if (live) {
+        for (var e = li; e < len; e += 256u) {
+            var gm = 1.0;
+            if (P[4] != 0u) { gm = GAMMA[c0 + e / P[1]]; }
+            let d = DY[grp * len + e] * gm;
+            a = a + d;
+            b = b + d * ((X[grp * len + e] - mu) * is);
+        }
+    }
+    let sd = reduce(a, li);
+    let sdx = reduce(b, li);
+    if (live) {
+        let m = f32(len);
+        for (var e = li; e < len; e += 256u) {
+            var gm = 1.0;
+            if (P[4] != 0u) { gm = GAMMA[c0 + e / P[1]]; }
+            let j = grp * len + e;
+            let d = DY[j] * gm;
+            let v = is / m * (m * d - sd - (X[j] - mu) * is * sdx);
+            if (P[5] != 0u) { DX[j] = DX[j] + v; } else { DX[j] = v; }
+        }
+    }
+}"
+        ),
+    ],
+};
+
+/// Per channel of an `[n, c, hw]` tensor: the sum over samples and positions. `P`: n * hw, hw,
+/// c, accumulate.
+static CHANNEL_SUM: Kernel = Kernel {
+    name: "channel_sum",
+    parts: &[
+        REDUCE,
+        concat!(
+            "@group(0) @binding(0) var<storage, read> P: array<u32>;
+@group(0) @binding(1) var<storage, read> X: array<f32>;
+@group(0) @binding(2) var<storage, read_write> OUT: array<f32>;
+",
+            main_reduce!(),
+            "    let live = grp < P[2];
+    var s = 0.0;
+    if (live) {
+        for (var e = li; e < P[0]; e += 256u) {
+            s = s + X[((e / P[1]) * P[2] + grp) * P[1] + e % P[1]];
+        }
+    }
+    let t = reduce(s, li);
+    if (live && li == 0u) {
+        if (P[3] != 0u) { OUT[grp] = OUT[grp] + t; } else { OUT[grp] = t; }
+    }
+}"
+        ),
+    ],
+};
+
+/// `out[c] (+)= sum over n and hw of x[n, c, hw]`.
+pub(super) fn channel_sum(r: &mut Recorder, (n, c, hw): (usize, usize, usize), x: Bind, out: GradOut) -> Result<()> {
+    let params = [u(n * hw)?, u(hw)?, u(c)?, out.accumulate as u32];
+    r.dispatch(&CHANNEL_SUM, &params, (&[x], &[Bind::Buf(out.buf)]), per_set(c)?)
+}
+
+fn opt(r: &mut Recorder, b: Option<ops::BufId>) -> Bind {
+    match b {
+        Some(b) => Bind::Buf(b),
+        None => r.scratch(1),
+    }
+}
+
+/// The stats kernel's parameters, sets and statistics layout for batch norm and group norm.
+struct Layout {
+    /// count, inner, stride, base of the stats kernel.
+    set: [usize; 4],
+    sets: usize,
+    /// Statistics index `(i / div) % modulo` of value `i`.
+    div: usize,
+    modulo: usize,
+}
+
+fn bn_layout(g: &ops::BnGeom) -> Layout {
+    Layout { set: [g.n * g.hw, g.hw, g.c * g.hw, g.hw], sets: g.c, div: g.hw, modulo: g.c }
+}
+
+fn gn_layout(g: &ops::GnGeom) -> Layout {
+    let len = g.c / g.groups * g.hw;
+    Layout { set: [len, len, 0, len], sets: g.n * g.groups, div: len, modulo: g.n * g.groups }
+}
+
+/// Statistics, then the normalisation (the train forward of both norms).
+fn normalise(
+    r: &mut Recorder,
+    (l, hw, c, eps): (&Layout, usize, usize, f32),
+    (x, gamma, beta, y): (ops::BufId, Option<ops::BufId>, Option<ops::BufId>, ops::BufId),
+    (mean, invstd): (ops::BufId, ops::BufId),
+    running: Option<(ops::BufId, ops::BufId, f32)>,
+) -> Result<()> {
+    let (rm, rv, momentum) = match running {
+        Some((a, b, m)) => (Bind::Buf(a), Bind::Buf(b), m),
+        None => (r.scratch(1), r.scratch(1), 0.0),
+    };
+    let [count, inner, stride, base] = l.set;
+    let params =
+        [u(count)?, u(inner)?, u(stride)?, u(base)?, f(eps), running.is_some() as u32, f(momentum), u(l.sets)?];
+    let writes = [Bind::Buf(mean), Bind::Buf(invstd), rm, rv];
+    r.dispatch(&NORM_STATS, &params, (&[Bind::Buf(x)], &writes), per_set(l.sets)?)?;
+    let len = count * l.sets;
+    let params = [u(len)?, u(hw)?, u(c)?, u(l.div)?, u(l.modulo)?, gamma.is_some() as u32, beta.is_some() as u32, 0, 0];
+    let reads = [Bind::Buf(x), opt(r, gamma), opt(r, beta), Bind::Buf(mean), Bind::Buf(invstd)];
+    r.dispatch(&NORM_APPLY, &params, (&reads, &[Bind::Buf(y)]), grid(len))
+}
+
+fn batch_norm_train(r: &mut Recorder, o: &ops::BatchNormTrain) -> Result<()> {
+    if o.sync {
+        return Err(unsupported(o, "synchronised batch norm needs a data-parallel group"));
+    }
+    let g = &o.g;
+    normalise(r, (&bn_layout(g), g.hw, g.c, g.eps), (o.x, o.gamma, o.beta, o.y), (o.mean, o.invstd), o.running)
+}
+
+fn batch_norm_infer(r: &mut Recorder, o: &ops::BatchNormInfer) -> Result<()> {
+    let g = &o.g;
+    let len = g.n * g.c * g.hw;
+    let params =
+        [u(len)?, u(g.hw)?, u(g.c)?, u(g.hw)?, u(g.c)?, o.gamma.is_some() as u32, o.beta.is_some() as u32, 1, f(g.eps)];
+    let reads = [Bind::Buf(o.x), opt(r, o.gamma), opt(r, o.beta), Bind::Buf(o.running_mean), Bind::Buf(o.running_var)];
+    r.dispatch(&NORM_APPLY, &params, (&reads, &[Bind::Buf(o.y)]), grid(len))
+}
+
+/// The parameter-gradient sums of both norms; returns the per-channel sums buffer.
+fn param_sums(
+    r: &mut Recorder,
+    (l, n, c, hw): (&Layout, usize, usize, usize),
+    (x, mean, invstd, dy): (ops::BufId, ops::BufId, ops::BufId, ops::BufId),
+    (dgamma, dbeta): (Option<GradOut>, Option<GradOut>),
+) -> Result<Bind> {
+    let sums = r.scratch(2 * c);
+    let flag = |d: Option<GradOut>| (d.is_some() as u32, d.is_some_and(|d| d.accumulate) as u32);
+    let ((hg, ag), (hb, ab)) = (flag(dgamma), flag(dbeta));
+    let params = [u(n * hw)?, u(hw)?, u(c)?, u(l.div)?, u(l.modulo)?, hg, ag, hb, ab];
+    let reads = [Bind::Buf(x), Bind::Buf(mean), Bind::Buf(invstd), Bind::Buf(dy)];
+    let writes = [sums.clone(), opt(r, dgamma.map(|d| d.buf)), opt(r, dbeta.map(|d| d.buf))];
+    r.dispatch(&NORM_PARAM_SUMS, &params, (&reads, &writes), per_set(c)?)?;
+    Ok(sums)
+}
+
+fn batch_norm_backward(r: &mut Recorder, o: &ops::BatchNormBackward) -> Result<()> {
+    if o.sync {
+        return Err(unsupported(o, "synchronised batch norm needs a data-parallel group"));
+    }
+    let g = &o.g;
+    let l = bn_layout(g);
+    let sums = param_sums(r, (&l, g.n, g.c, g.hw), (o.x, o.mean, o.invstd, o.dy), (o.dgamma, o.dbeta))?;
+    if let Some(dx) = o.dx {
+        let len = g.n * g.c * g.hw;
+        let params =
+            [u(len)?, u(g.hw)?, u(g.c)?, o.gamma.is_some() as u32, dx.accumulate as u32, f((g.n * g.hw) as f32)];
+        let gamma = opt(r, o.gamma);
+        let reads = [Bind::Buf(o.x), gamma, Bind::Buf(o.mean), Bind::Buf(o.invstd), Bind::Buf(o.dy), sums];
+        r.dispatch(&BN_DX, &params, (&reads, &[Bind::Buf(dx.buf)]), grid(len))?;
+    }
+    Ok(())
+}
+
+fn group_norm(r: &mut Recorder, o: &ops::GroupNorm) -> Result<()> {
+    let g = &o.g;
+    normalise(r, (&gn_layout(g), g.hw, g.c, g.eps), (o.x, o.gamma, o.beta, o.y), (o.mean, o.invstd), None)
+}
+
+fn group_norm_backward(r: &mut Recorder, o: &ops::GroupNormBackward) -> Result<()> {
+    let g = &o.g;
+    let l = gn_layout(g);
+    if o.dgamma.is_some() || o.dbeta.is_some() {
+        param_sums(r, (&l, g.n, g.c, g.hw), (o.x, o.mean, o.invstd, o.dy), (o.dgamma, o.dbeta))?;
+    }
+    if let Some(dx) = o.dx {
+        let params = [
+            u(l.set[0])?,
+            u(g.hw)?,
+            u(g.c / g.groups)?,
+            u(g.groups)?,
+            o.gamma.is_some() as u32,
+            dx.accumulate as u32,
+            u(l.sets)?,
+        ];
+        let gamma = opt(r, o.gamma);
+        let reads = [Bind::Buf(o.x), gamma, Bind::Buf(o.mean), Bind::Buf(o.invstd), Bind::Buf(o.dy)];
+        r.dispatch(&GN_DX, &params, (&reads, &[Bind::Buf(dx.buf)]), per_set(l.sets)?)?;
+    }
+    Ok(())
+}
+
+runs! {
+    BatchNormTrain => batch_norm_train,
+    BatchNormInfer => batch_norm_infer,
+    BatchNormBackward => batch_norm_backward,
+    GroupNorm => group_norm,
+    GroupNormBackward => group_norm_backward,
+}

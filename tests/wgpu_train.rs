@@ -1,0 +1,366 @@
+//! Training on the wgpu backend against the CPU reference: every loss, every optimizer with
+//! clipping, the finite-step guard, ten training steps of the seed CNNs through the trainer, and
+//! steps that are identical run to run. Layer forward and gradient parity is tests/parity.rs's
+//! (`wgpu::CASE`).
+//!
+//! Ignored where this build has no `wgpu` feature or wgpu finds no adapter (see wgpu_common);
+//! CI runs them on Mesa's lavapipe, so sizes stay small, and the two larger models run only on
+//! GPU adapters (or with `KILN_WGPU_LARGE=1`).
+
+use kiln::backend::cpu::CpuBackend;
+use kiln::backend::ops::{self, guard, stats};
+use kiln::backend::{Backend, BufId, CounterId, DType, Device, HostSlice, LossFn, Op, OptParam, OptRule, Scoring};
+use kiln::data::synthetic::tutorial_images;
+use kiln::model::Model;
+use kiln::rng::Rng;
+use kiln::tensor::Tensor;
+use kiln::train::{GradClip, Optimizer, Trainer, TrainerConfig};
+use kiln::zoo;
+
+mod cuda_common;
+mod wgpu_common;
+use cuda_common::{rel_err, within};
+use wgpu_common::{run_trials, wgpu, wgpu_large_trial, wgpu_trial};
+
+fn random(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
+    let mut r = Rng::new(seed);
+    (0..n).map(|_| r.uniform_range(lo, hi)).collect()
+}
+
+/// Runs `ops` (built against buffers filled with `init`) `times` times as one cached step (a new
+/// key each call: a key names one op list) and returns every buffer.
+fn run_on(
+    b: &mut dyn Backend,
+    init: &[Vec<f32>],
+    build: &dyn Fn(&[BufId], CounterId) -> Vec<Op>,
+    times: usize,
+) -> Vec<Vec<f32>> {
+    let ids: Vec<_> = init
+        .iter()
+        .map(|v| {
+            let id = b.alloc(v.len(), DType::F32).unwrap();
+            b.write(id, v).unwrap();
+            id
+        })
+        .collect();
+    let counter = b.new_counter().unwrap();
+    let ops = build(&ids, counter);
+    static KEY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let key = KEY.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    for _ in 0..times {
+        b.run_cached(key, &ops).unwrap();
+    }
+    ids.iter().map(|&i| b.read(i).unwrap()).collect()
+}
+
+fn every_loss_matches_the_cpu() {
+    let mut gpu = wgpu();
+    let mut cpu = CpuBackend::<f32>::new(Some(2)).unwrap();
+    let (n, c) = (37, 5);
+    let logits = random(n * c, 1, -3.0, 3.0);
+    let probs: Vec<f32> = logits.iter().map(|x| 1.0 / (1.0 + (-x).exp())).collect();
+    let soft: Vec<f32> = random(n * c, 2, 0.0, 1.0)
+        .chunks(c)
+        .flat_map(|r| {
+            let s: f32 = r.iter().sum();
+            r.iter().map(move |x| x / s).collect::<Vec<_>>()
+        })
+        .collect();
+    let classes: Vec<f32> = (0..n).map(|i| (i * 7 % c) as f32).collect();
+    let binary: Vec<f32> = (0..n * c).map(|i| (i % 3 == 0) as u8 as f32).collect();
+    let values = random(n * c, 3, -2.0, 2.0);
+    let top = Scoring::ArgMax { top_k: 2 };
+    let cases: Vec<(LossFn, Scoring, &Vec<f32>, &Vec<f32>)> = vec![
+        (LossFn::SoftmaxCrossEntropy { label_smoothing: 0.0, class_targets: true }, top, &logits, &classes),
+        (LossFn::SoftmaxCrossEntropy { label_smoothing: 0.1, class_targets: false }, top, &logits, &soft),
+        (LossFn::BinaryCrossEntropy, Scoring::Binary { logits: false }, &probs, &binary),
+        (LossFn::BinaryCrossEntropyWithLogits, Scoring::Binary { logits: true }, &logits, &binary),
+        (LossFn::CategoricalCrossEntropy { class_targets: true }, top, &probs, &classes),
+        (LossFn::CategoricalCrossEntropy { class_targets: false }, top, &probs, &soft),
+        (LossFn::MeanSquaredError, Scoring::None, &logits, &values),
+        (LossFn::MeanAbsoluteError, Scoring::None, &logits, &values),
+        (LossFn::Huber { delta: 0.7 }, Scoring::None, &logits, &values),
+    ];
+    for (f, scoring, pred, target) in cases {
+        let want = run_loss_on(&mut cpu, (f, scoring, n, c), pred, target);
+        let got = run_loss_on(&mut *gpu, (f, scoring, n, c), pred, target);
+        assert!(within(&want.0, &got.0, 1e-5), "{f:?} stats: cpu {:?} wgpu {:?}", want.0, got.0);
+        assert!(within(&want.1, &got.1, 1e-5), "{f:?} gradient: {}", rel_err(&want.1, &got.1));
+    }
+}
+
+/// Runs one loss op twice (the sums accumulate) and returns the stats and the prediction
+/// gradient. Targets of a loss with class targets go into a u32 buffer.
+fn run_loss_on(
+    b: &mut dyn Backend,
+    (f, scoring, n, c): (LossFn, Scoring, usize, usize),
+    pred: &[f32],
+    target: &[f32],
+) -> (Vec<f32>, Vec<f32>) {
+    let buf = |b: &mut dyn Backend, v: &[f32]| {
+        let id = b.alloc(v.len(), DType::F32).unwrap();
+        b.write(id, v).unwrap();
+        id
+    };
+    let p = buf(b, pred);
+    let t = if f.class_targets() {
+        let labels: Vec<u32> = target.iter().map(|&y| y as u32).collect();
+        let id = b.alloc(n, DType::U32).unwrap();
+        b.write_host(id, HostSlice::U32(&labels)).unwrap();
+        id
+    } else {
+        buf(b, target)
+    };
+    let st = buf(b, &[0.0; stats::LEN]);
+    let d = buf(b, &vec![0.0; n * c]);
+    let op = Op::Loss(ops::Loss { f, scoring, n, c, pred: p, target: t, stats: st, dpred: Some(d), grad_scale: 0.5 });
+    for _ in 0..2 {
+        b.run(std::slice::from_ref(&op)).unwrap();
+    }
+    (b.read(st).unwrap(), b.read(d).unwrap())
+}
+
+fn every_optimizer_and_clipping_matches_the_cpu() {
+    let mut gpu = wgpu();
+    let mut cpu = CpuBackend::<f32>::new(Some(2)).unwrap();
+    let rules = [
+        OptRule::Sgd { dampening: 0.1, nesterov: false, weight_decay: 0.01 },
+        OptRule::Sgd { dampening: 0.0, nesterov: true, weight_decay: 0.0 },
+        OptRule::Adam { beta2: 0.999, eps: 1e-8, weight_decay: 0.01, decoupled: false, amsgrad: true },
+        OptRule::Adam { beta2: 0.99, eps: 1e-8, weight_decay: 0.01, decoupled: true, amsgrad: false },
+        OptRule::RmsProp { alpha: 0.99, eps: 1e-8, weight_decay: 0.01, centered: true },
+        OptRule::RmsProp { alpha: 0.9, eps: 1e-8, weight_decay: 0.0, centered: false },
+        OptRule::Adagrad { lr_decay: 0.01, eps: 1e-10, weight_decay: 0.01 },
+        OptRule::Adadelta { rho: 0.9, eps: 1e-6, weight_decay: 0.01 },
+        OptRule::NAdam { beta2: 0.999, eps: 1e-8, weight_decay: 0.01, momentum_decay: 4e-3 },
+    ];
+    let len = 5_000;
+    for (k, rule) in rules.iter().enumerate() {
+        let mut init = vec![random(len, 10 + k as u64, -1.0, 1.0), random(len, 20 + k as u64, -1.0, 1.0)];
+        init.extend((0..rule.state_tensors()).map(|_| vec![0.0; len]));
+        init.push(vec![0.05, 0.9]); // hyper: lr, momentum/beta1
+        init.push(vec![1.0]); // scalars
+        init.push(vec![0.0]); // clip norm out
+        let s = rule.state_tensors();
+        let build = |b: &[BufId], step| {
+            let p = OptParam { len, value: b[0], grad: b[1], state: b[2..2 + s].to_vec() };
+            vec![
+                Op::ClipGradNorm(ops::ClipGradNorm { grads: vec![(b[1], len)], max_norm: 20.0, norm: b[4 + s] }),
+                Op::ClipGradValue(ops::ClipGradValue { grads: vec![(b[1], len)], clip: 0.9 }),
+                Op::OptimizerStep(ops::OptimizerStep {
+                    rule: *rule,
+                    hyper: b[2 + s],
+                    step,
+                    scalars: b[3 + s],
+                    params: vec![p],
+                    guard: None,
+                }),
+            ]
+        };
+        let want = run_on(&mut cpu, &init, &build, 3);
+        let got = run_on(&mut *gpu, &init, &build, 3);
+        for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+            assert!(within(w, g, 1e-5), "{rule:?} buffer {i}: relative error {}", rel_err(w, g));
+        }
+    }
+}
+
+/// A step whose gradient holds a NaN (then one holding an infinity) is found by `CheckFinite`
+/// and skipped by the optimizer: weights, state and step counter stay; the guard says what the
+/// CPU's says.
+fn the_finite_check_skips_bad_steps_as_the_cpu_does() {
+    let mut gpu = wgpu();
+    let mut cpu = CpuBackend::<f32>::new(Some(2)).unwrap();
+    let len = 3000;
+    let rule = OptRule::Adam { beta2: 0.999, eps: 1e-8, weight_decay: 0.0, decoupled: false, amsgrad: false };
+    for bad in [f32::NAN, f32::INFINITY, 1.0] {
+        let mut grad = random(len, 3, -1.0, 1.0);
+        grad[1234] = bad;
+        let mut st = vec![0.0; stats::LEN];
+        st[stats::LOSS] = 0.5;
+        let init = vec![
+            random(len, 4, -1.0, 1.0),
+            grad,
+            vec![0.0; len],
+            vec![0.0; len],
+            vec![1e-3, 0.9],
+            vec![1.0],
+            st,
+            vec![0.0; guard::LEN],
+        ];
+        let build = |b: &[BufId], step| {
+            vec![
+                Op::CheckFinite(ops::CheckFinite { stats: b[6], grads: vec![(b[1], len)], guard: b[7], sticky: false }),
+                Op::OptimizerStep(ops::OptimizerStep {
+                    rule,
+                    hyper: b[4],
+                    step,
+                    scalars: b[5],
+                    params: vec![OptParam { len, value: b[0], grad: b[1], state: vec![b[2], b[3]] }],
+                    guard: Some(b[7]),
+                }),
+            ]
+        };
+        let want = run_on(&mut cpu, &init, &build, 2);
+        let got = run_on(&mut *gpu, &init, &build, 2);
+        let g = &got[7];
+        assert_eq!(want[7][..guard::NORM], g[..guard::NORM], "guard with {bad}");
+        assert_eq!(want[7][guard::CHECKED], g[guard::CHECKED], "guard with {bad}");
+        if bad.is_finite() {
+            assert!(within(&want[7], g, 1e-5), "guard norm: cpu {:?} wgpu {:?}", want[7], g);
+            assert!(within(&want[0], &got[0], 1e-5), "weights after good steps: {}", rel_err(&want[0], &got[0]));
+        } else {
+            assert_eq!(g[guard::SKIP], 1.0, "a step with {bad} is skipped");
+            assert_eq!(got[0], init[0], "weights untouched by skipped steps ({bad})");
+            assert!(g[guard::NORM].is_nan() == bad.is_nan(), "guard norm {} for {bad}", g[guard::NORM]);
+        }
+    }
+}
+
+/// The parameters of two trained models within `tol`, norm-wise over the whole model and
+/// within 20 x `tol` per tensor (tests/cuda_train.rs's measure).
+fn compare_params(a: &Model, b: &Model, tol: f64) {
+    let (mut diff2, mut norm2) = (0.0, 0.0);
+    for (spec, (va, vb)) in a.params().iter().zip(a.param_values().iter().zip(b.param_values())) {
+        let d: f64 = va.iter().zip(vb).map(|(p, q)| ((p - q) as f64).powi(2)).sum();
+        let n: f64 = va.iter().map(|p| (*p as f64).powi(2)).sum();
+        let rel = (d / n.max(1e-24)).sqrt();
+        assert!(rel <= 20.0 * tol, "{}: relative error {rel}", spec.name);
+        diff2 += d;
+        norm2 += n;
+    }
+    let rel = (diff2 / norm2).sqrt();
+    println!("all parameters: relative error {rel:.2e}");
+    assert!(rel <= tol, "parameters: relative error {rel}");
+}
+
+/// Ten SGD-with-momentum steps (dropout, clipping and the finite check on) of a seed CNN on the
+/// CPU and on wgpu: the losses within 1e-4 relative at every step, the parameters within 1e-4.
+fn ten_steps_match_the_cpu(name: &str, model: Model, shape: [usize; 4]) {
+    let [n, c, h, w] = shape;
+    let (x, y) = tutorial_images(n, c, h, w, 10, &mut Rng::new(5));
+    let cfg = |device| TrainerConfig {
+        batch_size: n,
+        device,
+        learning_rate: 0.01,
+        optimizer: Optimizer::sgd(0.9),
+        grad_clip: Some(GradClip::Norm(5.0)),
+        ..Default::default()
+    };
+    let mut cpu = Trainer::new(&model, cfg(Device::Cpu)).unwrap();
+    let mut dev = Trainer::with_backend(&model, cfg(Device::Wgpu(0)), wgpu()).unwrap();
+    for step in 0..10 {
+        let (a, b) = (cpu.train_batch(&x, &y).unwrap(), dev.train_batch(&x, &y).unwrap());
+        println!("{name} step {step}: loss cpu {} wgpu {}", a.loss, b.loss);
+        assert!(
+            (a.loss - b.loss).abs() <= 1e-4 * a.loss.abs().max(1.0),
+            "{name} step {step}: {} vs {}",
+            a.loss,
+            b.loss
+        );
+    }
+    compare_params(cpu.model().unwrap(), dev.model().unwrap(), 1e-4);
+}
+
+fn ten_steps_of_the_simple_cnn_match_the_cpu() {
+    ten_steps_match_the_cpu("simple_cnn", zoo::simple_cnn(2).seed(3).build().unwrap(), [2, 3, 32, 32]);
+}
+
+fn ten_steps_of_the_mnist_cnn_match_the_cpu() {
+    ten_steps_match_the_cpu("mnist_cnn", zoo::mnist_cnn(2).seed(3).build().unwrap(), [2, 1, 28, 28]);
+}
+
+fn ten_steps_of_the_multiscale_cnn_match_the_cpu() {
+    ten_steps_match_the_cpu("multiscale_cnn", zoo::multiscale_cnn(2).seed(3).build().unwrap(), [2, 3, 32, 32]);
+}
+
+/// Ten Adam steps of the CIFAR CNN (the seed's tutorial network), as tests/cuda_train.rs runs on
+/// CUDA: Adam amplifies rounding differences in tiny gradients, so 1% on the losses and 1e-3 on
+/// the parameters.
+fn ten_adam_steps_of_the_cifar_cnn_match_the_cpu() {
+    let model = zoo::cifar_cnn(2).seed(3).build().unwrap();
+    let (x, y) = tutorial_images(2, 3, 32, 32, 10, &mut Rng::new(5));
+    let cfg = |device| TrainerConfig { batch_size: 2, device, learning_rate: 1e-4, ..Default::default() };
+    let mut cpu = Trainer::new(&model, cfg(Device::Cpu)).unwrap();
+    let mut dev = Trainer::with_backend(&model, cfg(Device::Wgpu(0)), wgpu()).unwrap();
+    for step in 0..10 {
+        let (a, b) = (cpu.train_batch(&x, &y).unwrap(), dev.train_batch(&x, &y).unwrap());
+        assert!((a.loss - b.loss).abs() <= 1e-2 * a.loss.abs().max(1.0), "step {step}: loss {} vs {}", a.loss, b.loss);
+    }
+    compare_params(cpu.model().unwrap(), dev.model().unwrap(), 1e-3);
+}
+
+/// Two backends training the same model (batch norm, dropout, NAdam, a clip) end bit-identical:
+/// no reduction depends on timing.
+fn training_steps_are_identical_run_to_run() {
+    let model = kiln::model::ModelBuilder::new(&[8, 3, 12, 12])
+        .conv2d(8, 3)
+        .batch_norm()
+        .relu()
+        .max_pool2d(2)
+        .dropout(0.2)
+        .dense(10)
+        .seed(2)
+        .build()
+        .unwrap();
+    let cfg = TrainerConfig {
+        batch_size: 8,
+        optimizer: Optimizer::nadam(),
+        grad_clip: Some(GradClip::Norm(0.5)),
+        ..Default::default()
+    };
+    let mut a = Trainer::with_backend(&model, cfg.clone(), wgpu()).unwrap();
+    let mut b = Trainer::with_backend(&model, cfg, wgpu()).unwrap();
+    let x = Tensor::new(&[8, 3, 12, 12], random(8 * 432, 8, -1.0, 1.0)).unwrap();
+    let y: Vec<u32> = (0..8).map(|i| i % 10).collect();
+    for _ in 0..6 {
+        a.train_step(&x, &y).unwrap();
+        b.train_step(&x, &y).unwrap();
+    }
+    let (ma, mb) = (a.model().unwrap().clone(), b.model().unwrap().clone());
+    for (spec, (va, vb)) in ma.params().iter().zip(ma.param_values().iter().zip(mb.param_values())) {
+        assert!(va.iter().zip(vb).all(|(p, q)| p.to_bits() == q.to_bits()), "{} differs", spec.name);
+    }
+    assert_eq!(a.take_epoch_metrics().unwrap(), b.take_epoch_metrics().unwrap());
+}
+
+/// What the backend does not run is an error naming the op, never a wrong result.
+fn unsupported_ops_are_errors_naming_them() {
+    let mut gpu = wgpu();
+    let buf = gpu.alloc(4, DType::F32).unwrap();
+    let e = gpu.run(&[Op::AllReduce(ops::AllReduce { bufs: vec![(buf, 4)], mean: true })]).unwrap_err().to_string();
+    assert!(e.contains("all_reduce") && e.contains("wgpu"), "{e}");
+    let e = gpu.alloc(4, DType::BF16).unwrap_err().to_string();
+    assert!(e.contains("bfloat16"), "{e}");
+    assert!(gpu.write(buf, &[1.0; 3]).is_err(), "a short write");
+    let copy = |len| Op::GradInto(ops::GradInto { len, src: buf, dst: ops::GradOut { buf, accumulate: true } });
+    assert!(gpu.run(&[copy(5)]).is_err(), "an op reading past a buffer");
+}
+
+fn main() {
+    let mut trials = vec![
+        wgpu_trial("every_loss_matches_the_cpu", every_loss_matches_the_cpu),
+        wgpu_trial("every_optimizer_and_clipping_matches_the_cpu", every_optimizer_and_clipping_matches_the_cpu),
+        wgpu_trial(
+            "the_finite_check_skips_bad_steps_as_the_cpu_does",
+            the_finite_check_skips_bad_steps_as_the_cpu_does,
+        ),
+        wgpu_trial("ten_steps_of_the_simple_cnn_match_the_cpu", ten_steps_of_the_simple_cnn_match_the_cpu),
+        wgpu_trial("ten_steps_of_the_mnist_cnn_match_the_cpu", ten_steps_of_the_mnist_cnn_match_the_cpu),
+        wgpu_large_trial(
+            "ten_steps_of_the_multiscale_cnn_match_the_cpu",
+            ten_steps_of_the_multiscale_cnn_match_the_cpu,
+        ),
+        wgpu_large_trial(
+            "ten_adam_steps_of_the_cifar_cnn_match_the_cpu",
+            ten_adam_steps_of_the_cifar_cnn_match_the_cpu,
+        ),
+        wgpu_trial("training_steps_are_identical_run_to_run", training_steps_are_identical_run_to_run),
+        wgpu_trial("unsupported_ops_are_errors_naming_them", unsupported_ops_are_errors_naming_them),
+    ];
+    trials.push(libtest_mimic::Trial::test("device_names_parse", || {
+        assert_eq!("wgpu:1".parse::<Device>().map_err(|e| e.to_string())?, Device::Wgpu(1));
+        Ok(())
+    }));
+    run_trials(trials)
+}
