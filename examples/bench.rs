@@ -5,8 +5,11 @@
 //! device memory. f32, TF32 off (as the baseline's `eager` and `graph` modes).
 //!
 //!     cargo run --release --example bench -- [--models simple,resnet18] [--batches 8,64] [--eager]
-//!         [--nondeterministic] [--device cpu]
+//!         [--nondeterministic] [--no-finite-check] [--device cpu]
 //!
+//! `--no-finite-check` turns off the per-step check of the loss and gradient norm
+//! (`TrainerConfig::non_finite = NonFinite::Ignore`; on by default since it was added), to compare
+//! with builds from before it.
 //! `--nondeterministic` lets cuDNN use its atomic-accumulating algorithms when faster, as
 //! PyTorch's `cudnn.benchmark` (the baseline's setting) does; kiln's default is deterministic.
 //!
@@ -19,7 +22,7 @@ use std::time::Instant;
 use kiln::backend::Device;
 use kiln::rng::Rng;
 use kiln::tensor::Tensor;
-use kiln::train::{Trainer, TrainerConfig};
+use kiln::train::{NonFinite, Trainer, TrainerConfig};
 use kiln::zoo;
 
 fn arg(name: &str) -> Option<String> {
@@ -45,6 +48,8 @@ fn main() -> anyhow::Result<()> {
         unsafe { std::env::set_var("KILN_EAGER", "1") };
     }
     let nondet = std::env::args().any(|a| a == "--nondeterministic");
+    let non_finite =
+        if std::env::args().any(|a| a == "--no-finite-check") { NonFinite::Ignore } else { NonFinite::default() };
     let mode = match (eager, nondet) {
         (true, false) => "kiln_eager",
         (true, true) => "kiln_eager_nondet",
@@ -63,7 +68,8 @@ fn main() -> anyhow::Result<()> {
                 other => anyhow::bail!("unknown model {other}"),
             };
             let model = builder.seed(0).build()?;
-            let config = TrainerConfig { batch_size: batch, device, deterministic: !nondet, ..Default::default() };
+            let config =
+                TrainerConfig { batch_size: batch, device, deterministic: !nondet, non_finite, ..Default::default() };
             let mut t = match Trainer::new(&model, config) {
                 Ok(t) => t,
                 Err(e) => {
