@@ -132,10 +132,16 @@ pub struct WgpuBackend {
     debug: bool,
 }
 
-fn instance() -> wgpu::Instance {
-    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
-    desc.backends = wgpu::Backends::PRIMARY;
-    wgpu::Instance::new(desc)
+/// The process's one wgpu instance. Each backend opens its own device, but they share the
+/// instance: on the NVIDIA Vulkan driver, a process that created and dropped a few dozen instances
+/// (a test binary opening a backend per test) found no adapter on the next one.
+fn instance() -> &'static wgpu::Instance {
+    static INSTANCE: std::sync::OnceLock<wgpu::Instance> = std::sync::OnceLock::new();
+    INSTANCE.get_or_init(|| {
+        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+        desc.backends = wgpu::Backends::PRIMARY;
+        wgpu::Instance::new(desc)
+    })
 }
 
 fn summary(a: &wgpu::Adapter) -> AdapterSummary {
