@@ -16,6 +16,7 @@
 
 use std::collections::HashSet;
 
+use super::checkpoint::Segments;
 use super::plan::{BufRole, Mode, ParamBuffers, Plan, PlanOptions, PlannedBuffer};
 use crate::backend::{Backend, BufId, CounterId, DType, Op};
 use crate::model::lower::{self, Backward, Buffers, Forward};
@@ -24,9 +25,9 @@ use crate::rng::mix_seed;
 use crate::{Error, Result};
 
 /// Virtual ids of the plan's buffer table start here, far above any real id.
-const PLANNED: usize = usize::MAX / 2;
+pub(super) const PLANNED: usize = usize::MAX / 2;
 /// Virtual ids of gradients before they are given a (reused) table entry.
-const GRADIENT: usize = PLANNED + usize::MAX / 4;
+pub(super) const GRADIENT: usize = PLANNED + usize::MAX / 4;
 
 /// Everything the network part of a plan depends on besides the model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -64,7 +65,7 @@ pub(super) struct Table {
 }
 
 impl Table {
-    fn new_buffer(&mut self, len: usize, dtype: DType, role: BufRole, label: String) -> BufId {
+    pub(super) fn new_buffer(&mut self, len: usize, dtype: DType, role: BufRole, label: String) -> BufId {
         let id = BufId(PLANNED + self.buffers.len());
         self.buffers.push(PlannedBuffer { id, len, dtype, role, label });
         id
@@ -81,7 +82,11 @@ impl Buffers for Table {
 }
 
 /// The buffers of parameter `role` of node `i`.
-fn node_params(model: &Model, params: &[ParamBuffers], i: usize) -> Vec<(crate::model::ParamRole, ParamBuffers)> {
+pub(super) fn node_params(
+    model: &Model,
+    params: &[ParamBuffers],
+    i: usize,
+) -> Vec<(crate::model::ParamRole, ParamBuffers)> {
     model.params().iter().zip(params).filter(|(s, _)| s.node == i).map(|(s, p)| (s.role, *p)).collect()
 }
 
@@ -107,6 +112,8 @@ pub(super) fn network(
     let mut forward_nodes = Vec::new();
     // What backward needs from forward, per node.
     let mut saved: Vec<Vec<BufId>> = vec![Vec::new(); nodes.len()];
+    // Checkpointed segments (training): their forward writes pooled buffers (exec/checkpoint.rs).
+    let mut segments = Segments::new(model, params, counters, low);
     for (i, node) in nodes.iter().enumerate() {
         if let Layer::Input = node.layer {
             let len = batch * node.shape.iter().product::<usize>();
@@ -121,9 +128,10 @@ pub(super) fn network(
             sync_batch_norm: low.sync_batch_norm,
             update_running_stats: low.update_running_stats,
             dropout: counters[i].map(|c| (low.dropout_seed_of(i), c)),
+            recompute: false,
             inputs: node.inputs.iter().map(|&j| out[j]).collect(),
             params: node_params(model, params, i).into_iter().map(|(r, p)| (r, p.value)).collect(),
-            bufs: table,
+            bufs: segments.buffers(i, table),
             ops: &mut forward,
             output: None,
             saved: Vec::new(),
@@ -131,6 +139,7 @@ pub(super) fn network(
         lower::forward(&mut cx)?;
         let y = cx.output.expect("a layer's lowering sets its output");
         saved[i] = cx.saved;
+        segments.forward_done(i, y);
         out.push(y);
         forward_nodes.resize(forward.len(), i);
     }
@@ -152,8 +161,9 @@ pub(super) fn network(
         buffers: Vec::new(),
     };
     if low.mode == Mode::Train {
-        backward(model, params, low, table, &mut plan, &saved)?;
+        backward(model, params, low, table, &mut plan, &saved, &mut segments)?;
     }
+    segments.assign(table, &mut plan);
     Ok(plan)
 }
 
@@ -164,6 +174,7 @@ fn backward(
     table: &mut Table,
     plan: &mut Plan,
     saved: &[Vec<BufId>],
+    segments: &mut Segments,
 ) -> Result<()> {
     let nodes = model.nodes();
     let batch = plan.batch;
@@ -207,15 +218,17 @@ fn backward(
     for i in (1..nodes.len()).rev() {
         let Some(dy) = grad[i] else { continue };
         let node = &nodes[i];
+        // Recomputed values inside a checkpointed segment (its forward is re-emitted first).
+        let operands = segments.operands(i, out, saved, &mut ops, &mut owners)?;
         let mut cx = Backward {
             node,
             in_shapes: node.inputs.iter().map(|&j| nodes[j].shape.as_slice()).collect(),
             batch,
             sync_batch_norm: low.sync_batch_norm,
-            inputs: node.inputs.iter().map(|&j| out[j]).collect(),
-            output: out[i],
+            inputs: operands.inputs,
+            output: operands.output,
             dy,
-            saved: &saved[i],
+            saved: &operands.saved,
             input_grads: node.inputs.iter().map(|&j| grad[j]).collect(),
             written: &mut written,
             params: node_params(model, params, i).into_iter().map(|(r, p)| (r, p.value, p.grad)).collect(),

@@ -16,6 +16,7 @@
 //! assert_eq!(y.shape(), &[2, 2]);
 //! ```
 
+mod checkpoint;
 mod compile;
 pub mod plan;
 mod profile;

@@ -61,6 +61,8 @@ pub struct ModelBuilder {
     last_added: Option<usize>,
     seed: u64,
     error: Option<Error>,
+    /// Node ranges of the `checkpoint` blocks so far (`model/checkpoint.rs`).
+    checkpoints: Vec<std::ops::Range<usize>>,
 }
 
 impl ModelBuilder {
@@ -74,6 +76,7 @@ impl ModelBuilder {
             last_added: None,
             seed: 0,
             error: None,
+            checkpoints: Vec::new(),
         }
     }
 
@@ -131,6 +134,17 @@ impl ModelBuilder {
         (b, end)
     }
 
+    /// How many nodes the builder holds (the input included): where a block's first node goes.
+    pub(in crate::model) fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Records a gradient-checkpointed segment: the nodes `segment` (`model/checkpoint.rs`).
+    pub(in crate::model) fn add_checkpoint(mut self, segment: std::ops::Range<usize>) -> Self {
+        self.checkpoints.push(segment);
+        self
+    }
+
     /// Appends a layer that joins the outputs of the nodes `inputs` (residual, concat).
     pub(in crate::model) fn join(mut self, layer: Layer, inputs: Vec<usize>) -> Self {
         self.nodes.push(Pending { name: None, layer, inputs });
@@ -140,7 +154,7 @@ impl ModelBuilder {
     }
 
     /// Validates the whole model and computes shapes, parameters and initial weights.
-    pub fn build(self) -> Result<Model> {
+    pub fn build(mut self) -> Result<Model> {
         if let Some(e) = self.error {
             return Err(e);
         }
@@ -157,6 +171,7 @@ impl ModelBuilder {
             return Err(Error::Model("the model has no layers".into()));
         }
         let names = assign_names(&self.nodes)?;
+        let checkpoints = std::mem::take(&mut self.checkpoints);
         let mut nodes: Vec<Node> = Vec::with_capacity(self.nodes.len());
         for (i, (p, name)) in self.nodes.into_iter().zip(names).enumerate() {
             let shape = if i == 0 {
@@ -170,7 +185,7 @@ impl ModelBuilder {
             }
             nodes.push(Node { name, layer: p.layer, inputs: p.inputs, shape });
         }
-        Model::from_nodes(nodes, self.input_shape[0], self.seed)
+        Model::from_nodes(nodes, self.input_shape[0], self.seed)?.with_checkpoints(checkpoints)
     }
 }
 

@@ -50,6 +50,11 @@ pub struct Forward<'a> {
     pub update_running_stats: bool,
     /// Seed and counter of this node's dropout mask stream (dropout layers only).
     pub dropout: Option<(u64, CounterId)>,
+    /// This is a recomputation in backward of a checkpointed segment (`ModelBuilder::checkpoint`):
+    /// the layer must compute exactly what its forward computed and change no state (dropout
+    /// draws the forward's mask again without advancing its counter; batch norm leaves its
+    /// running statistics alone, `update_running_stats` is off).
+    pub recompute: bool,
     pub(crate) inputs: Vec<BufId>,
     pub(crate) params: Vec<(ParamRole, BufId)>,
     pub(crate) bufs: &'a mut dyn Buffers,

@@ -3,6 +3,7 @@
 //! summary table. Nothing here knows about devices.
 
 mod builder;
+mod checkpoint;
 mod layers;
 pub mod lower;
 mod params;
@@ -46,6 +47,9 @@ pub struct Model {
     values: Vec<Vec<f32>>,
     batch: usize,
     seed: u64,
+    /// Gradient-checkpointed segments: node ranges, in order, none nested (see
+    /// [`ModelBuilder::checkpoint`]).
+    checkpoints: Vec<std::ops::Range<usize>>,
 }
 
 impl Model {
@@ -90,7 +94,7 @@ impl Model {
                 params::init_param(p, &nodes[p.node].layer, seed, k).map_err(|e| Error::layer(&nodes[p.node].name, e))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Model { nodes, params, values, batch, seed })
+        Ok(Model { nodes, params, values, batch, seed, checkpoints: Vec::new() })
     }
 
     /// The layers, input node first, output node last.

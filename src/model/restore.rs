@@ -91,6 +91,6 @@ impl Model {
         seed: u64,
     ) -> Model {
         debug_assert!(params.iter().zip(&values).all(|(p, v)| p.len() == v.len()));
-        Model { nodes, params, values, batch, seed }
+        Model { nodes, params, values, batch, seed, checkpoints: Vec::new() }
     }
 }

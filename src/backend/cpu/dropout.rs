@@ -41,9 +41,13 @@ pub fn backward<T: Float>(mask: &[T], dy: &[T], dx: (&mut [T], bool)) {
 
 impl<T: Float> RunOp<ops::Dropout> for CpuBackend<T> {
     fn run_op(&mut self, o: &ops::Dropout) -> Result<()> {
-        let ops::Dropout { rate, len, seed, counter, x, y, mask } = o;
-        let step = self.counters[counter.0];
-        self.counters[counter.0] += 1;
+        let ops::Dropout { rate, len, seed, counter, replay, x, y, mask } = o;
+        let step = if *replay {
+            self.counters[counter.0].wrapping_sub(1)
+        } else {
+            self.counters[counter.0] += 1;
+            self.counters[counter.0] - 1
+        };
         let mut yv = self.take(*y);
         let mut mv = self.take(*mask);
         forward(*rate, *seed, step, &self.bufs[x.0][..*len], &mut yv[..*len], &mut mv[..*len]);

@@ -4,7 +4,9 @@
 //! element `e` of block `b` (elements `4b .. 4b+4`) is kept iff its uniform `u >= rate`, at
 //! execution number `step` of the layer, keyed by the layer's seed. The step is read from the
 //! layer's counter in device memory and a one-thread kernel increments it after the mask is
-//! drawn, so a replayed CUDA graph draws a new mask every step with no host involvement.
+//! drawn, so a replayed CUDA graph draws a new mask every step with no host involvement. A
+//! replay (`ops::Dropout::replay`, a checkpointed segment recomputed in backward) reads the
+//! counter minus one and does not increment it: the forward's mask again.
 //!
 //! `philox_test` exists for the unit test that compares this Philox with the Rust one.
 
@@ -15,7 +17,7 @@ use crate::backend::ops::RunOp;
 use crate::{Error, Result};
 
 kernels! {
-    dropout_forward(x: (const float*), y: (float*), mask: (float*), n: i64, rate: float, scale: float, seed: u64, counter: (const u64*));
+    dropout_forward(x: (const float*), y: (float*), mask: (float*), n: i64, rate: float, scale: float, seed: u64, counter: (const u64*), back: u64);
     dropout_backward(mask: (const float*), dy: (const float*), dx: (float*), n: i64, acc: int);
     counter_increment(counter: (u64*));
     philox_test(cin: (const unsigned*), cout: (unsigned*), n: i64, k0: unsigned, k1: unsigned);
@@ -43,8 +45,8 @@ __device__ __forceinline__ uint4 philox4x32(uint4 c, uint2 k) {
 __device__ __forceinline__ float unit_(unsigned x) { return (float)(x >> 8) * (1.0f / 16777216.0f); }
 
 extern "C" __global__ void dropout_forward(const float* x, float* y, float* mask, i64 n, float rate, float scale,
-                                           u64 seed, const u64* counter) {
-    u64 step = *counter;
+                                           u64 seed, const u64* counter, u64 back) {
+    u64 step = *counter - back;
     uint2 key = make_uint2((unsigned)seed, (unsigned)(seed >> 32));
     GRID_LOOP(b, (n + 3) / 4) {
         uint4 r = philox4x32(make_uint4((unsigned)b, (unsigned)((u64)b >> 32), (unsigned)step, (unsigned)(step >> 32)), key);
@@ -79,7 +81,7 @@ extern "C" __global__ void philox_test(const unsigned* cin, unsigned* cout, i64 
 
 impl RunOp<ops::Dropout> for CudaBackend {
     fn run_op(&mut self, o: &ops::Dropout) -> Result<()> {
-        let ops::Dropout { rate, len, seed, counter, x, y, mask, .. } = *o;
+        let ops::Dropout { rate, len, seed, counter, replay, x, y, mask } = *o;
         // The scale exactly as the CPU computes it (in f32).
         let scale = 1.0f32 / (1.0 - rate);
         let ctr = self.mem.counter_ptr(counter.0)?;
@@ -92,8 +94,13 @@ impl RunOp<ops::Dropout> for CudaBackend {
             scale,
             seed,
             counter: ctr,
+            back: replay as u64,
         };
         self.launch_elems(len.div_ceil(4), &args)?;
+        if replay {
+            // The recomputation of a checkpointed segment: the forward's mask, the counter kept.
+            return Ok(());
+        }
         self.launch_blocks(1, 1, 0, &counter_increment { counter: ctr })
     }
 }

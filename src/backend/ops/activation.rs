@@ -86,7 +86,10 @@ pub struct SoftmaxBackward {
 }
 
 /// `mask = (u >= rate) / (1 - rate)`, `y = x * mask`, where `u` is the Philox uniform for
-/// (`seed`, the counter's value, element index); the counter then advances by one.
+/// (`seed`, the counter's value, element index); the counter then advances by one. A replay
+/// (the recomputation of a checkpointed segment in backward) draws with the counter's value
+/// minus one, the step of the forward that ran last, and leaves the counter as it is: the same
+/// mask again.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Dropout {
     /// Probability of dropping a value.
@@ -95,8 +98,10 @@ pub struct Dropout {
     pub len: usize,
     /// Seed of the Philox stream.
     pub seed: u64,
-    /// Counter giving the step (advanced by the op).
+    /// Counter giving the step (advanced by the op unless it replays).
     pub counter: CounterId,
+    /// Draw the mask of the counter's previous step again, without advancing it.
+    pub replay: bool,
     /// Input.
     pub x: BufId,
     /// Output.

@@ -59,7 +59,9 @@ impl LayerKind for Dropout {
         let len = cx.numel();
         let mask = cx.save(len, "mask");
         let (seed, counter) = cx.dropout.expect("dropout counter");
-        cx.push(Op::Dropout(ops::Dropout { rate, len, seed, counter, x, y, mask }));
+        // A recomputation (a checkpointed segment in backward) draws the forward's mask again.
+        let replay = cx.recompute;
+        cx.push(Op::Dropout(ops::Dropout { rate, len, seed, counter, replay, x, y, mask }));
         Ok(())
     }
     /// Lowering of the backward pass: one [`Op::DropoutBackward`] through the saved mask.
