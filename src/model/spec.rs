@@ -35,6 +35,10 @@
 //! layers = [{ type = "max_pool2d", kernel = 3, stride = 1, padding = 1 }]
 //!
 //! [[layers]]
+//! type = "checkpoint"     # recomputed in backward instead of kept (gradient checkpointing)
+//! layers = [{ type = "conv2d", out_channels = 16, kernel = 3, padding = 1 }, { type = "relu" }]
+//!
+//! [[layers]]
 //! type = "dense"
 //! out_features = 10
 //! ```
@@ -47,7 +51,8 @@
 //! `group_norm` (`groups`, `eps` 1e-5, `affine` true), `conv_transpose2d` (`out_channels`,
 //! `kernel`, `stride` 1, `padding` 0, `output_padding` 0, `dilation` 1, `groups` 1, `bias` true),
 //! `max_pool2d`/`avg_pool2d` (`kernel`, `stride` = kernel, `padding` 0, `count_include_pad`),
-//! `global_avg_pool`, `residual` (`main`, `shortcut`), `concat` (`branches`).
+//! `global_avg_pool`, `residual` (`main`, `shortcut`), `concat` (`branches`), `checkpoint`
+//! (`layers`: a run of layers whose activations backward recomputes, `ModelBuilder::checkpoint`).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -87,6 +92,13 @@ pub enum SpecItem {
         join: Layer,
         /// Each branch's items.
         branches: Vec<Vec<SpecItem>>,
+        /// 1-based line of the block's table.
+        line: usize,
+    },
+    /// A gradient-checkpointed run of items (`ModelBuilder::checkpoint`).
+    Checkpoint {
+        /// The items inside, in order (at least one).
+        items: Vec<SpecItem>,
         /// 1-based line of the block's table.
         line: usize,
     },
@@ -282,7 +294,7 @@ pub(crate) struct SpecType {
 /// Every layer type of a spec, its blocks last, for messages.
 fn layer_types() -> String {
     let mut names: Vec<&str> = SPEC_TYPES.iter().flat_map(|t| t.iter().map(|t| t.name)).collect();
-    names.extend(["residual", "concat"]);
+    names.extend(["residual", "concat", "checkpoint"]);
     names.join(", ")
 }
 
@@ -295,6 +307,7 @@ fn fields_of(ty: &str) -> Option<&'static [&'static str]> {
     match ty {
         "residual" => Some(&["main", "shortcut"]),
         "concat" => Some(&["branches"]),
+        "checkpoint" => Some(&["layers"]),
         _ => spec_type(ty).map(|t| t.fields),
     }
 }
@@ -340,8 +353,16 @@ fn parse_item(ctx: &Ctx, v: &Value, where_: &str) -> Result<SpecItem> {
         f.finish(known)?;
         f.used = saved;
     }
-    let name = f.name()?;
     let line = ctx.line(at);
+    if ty == "checkpoint" {
+        let items = f.required("layers", |s, v, _| parse_items(ctx, v, &format!("{}.layers", s.what)))?;
+        f.finish(&["layers"])?;
+        if items.is_empty() {
+            return Err(ctx.err(at, where_, "a checkpoint block needs at least one layer in `layers`"));
+        }
+        return Ok(SpecItem::Checkpoint { items, line });
+    }
+    let name = f.name()?;
     match ty.as_str() {
         "residual" => {
             let main = f.required("main", |s, v, _| parse_items(ctx, v, &format!("{}.main", s.what)))?;
@@ -467,6 +488,7 @@ impl ModelSpec {
                         branches.iter().for_each(|b| flatten(b, out));
                         out.push((join.type_name(), name.clone(), *line));
                     }
+                    SpecItem::Checkpoint { items, .. } => flatten(items, out),
                 }
             }
         }
@@ -506,6 +528,7 @@ fn add_items(mut b: ModelBuilder, items: &[SpecItem]) -> ModelBuilder {
                     None => b,
                 }
             }
+            SpecItem::Checkpoint { items, .. } => b.checkpoint(|c| add_items(c, items)),
             SpecItem::Block { name, join, branches, .. } => {
                 let b = match join {
                     Layer::Add if branches.len() == 2 => {
@@ -615,8 +638,9 @@ impl Writer<'_> {
         }
         c
     }
-    /// The items from after `stop` to `end` (inclusive), following predecessors back.
-    fn items(&self, end: usize, stop: usize) -> Result<Vec<toml::Value>> {
+    /// The items from after `stop` to `end` (inclusive), following predecessors back; `inside`:
+    /// the checkpoint segment being written (its end is not a new checkpoint block).
+    fn items(&self, end: usize, stop: usize, inside: Option<usize>) -> Result<Vec<toml::Value>> {
         let nodes = self.model.nodes();
         let mut out = Vec::new();
         let mut x = end;
@@ -626,10 +650,26 @@ impl Writer<'_> {
             }
             let node = &nodes[x];
             let mut t;
+            let segment = self.model.checkpoints().iter().position(|s| s.end == x + 1);
+            if let Some(s) = segment.filter(|&s| inside != Some(s)) {
+                // A checkpoint block: the segment's items, back to what precedes its first layer.
+                let first = self.model.checkpoints()[s].start;
+                let before = self.pred(first);
+                let layers = self.items(x, before, Some(s))?;
+                if layers.len() > x + 1 - first {
+                    return Err(Error::Model("a checkpoint segment is not a run of layers and blocks".into()));
+                }
+                t = toml::Table::new();
+                t.insert("type".into(), toml::Value::String("checkpoint".into()));
+                t.insert("layers".into(), toml::Value::Array(layers));
+                out.push(toml::Value::Table(t));
+                x = before;
+                continue;
+            }
             if let Some(&fork) = self.forks.get(&x) {
                 t = toml::Table::new();
                 let branches: Vec<Vec<toml::Value>> =
-                    node.inputs.iter().map(|&e| self.items(e, fork)).collect::<Result<_>>()?;
+                    node.inputs.iter().map(|&e| self.items(e, fork, inside)).collect::<Result<_>>()?;
                 match node.layer {
                     Layer::Add if branches.len() == 2 => {
                         t.insert("type".into(), toml::Value::String("residual".into()));
@@ -685,7 +725,7 @@ impl Model {
                 w.forks.insert(i, fork);
             }
         }
-        let items = w.items(nodes.len() - 1, 0)?;
+        let items = w.items(nodes.len() - 1, 0, None)?;
         let mut doc = toml::Table::new();
         doc.insert("input".into(), toml::Value::Array(nodes[0].shape.iter().map(|&d| int(d)).collect()));
         doc.insert("batch".into(), int(self.batch_size()));
@@ -711,6 +751,7 @@ mod tests {
         let text = model.to_spec().unwrap();
         let back = ModelSpec::parse(&text, "roundtrip.toml").unwrap().build(None).unwrap();
         assert_eq!(back.nodes(), model.nodes(), "{text}");
+        assert_eq!(back.checkpoints(), model.checkpoints(), "{text}");
         assert_eq!(back.param_values(), model.param_values());
     }
 
@@ -733,6 +774,17 @@ mod tests {
             .build()
             .unwrap();
         roundtrip(&ct);
+        let ck = crate::model::ModelBuilder::new(&[2, 4, 8, 8])
+            .checkpoint(|b| b.conv2d(4, 1).batch_norm().residual(|m| m.conv2d(4, 1).relu()))
+            .relu()
+            .checkpoint(|b| b.concat([crate::model::branch(|x| x.conv2d(2, 1)), crate::model::branch(|x| x)]))
+            .flatten()
+            .checkpoint(|b| b.dropout(0.5))
+            .dense(3)
+            .build()
+            .unwrap();
+        assert_eq!(ck.checkpoints().len(), 3);
+        roundtrip(&ck);
     }
 
     #[test]
@@ -748,7 +800,10 @@ mod tests {
         let m = ModelSpec::parse(&text, "doc.toml").unwrap().build(None).unwrap();
         assert_eq!(m.output_shape(), vec![64, 10]);
         assert!(m.node("conv1").is_some());
-        assert!(matches!(m.nodes()[m.nodes().len() - 2].layer, Layer::Concat));
+        assert!(matches!(m.nodes()[m.nodes().len() - 4].layer, Layer::Concat));
+        assert_eq!(m.checkpoints().len(), 1);
+        let e = err("input = [4]\n[[layers]]\ntype = \"checkpoint\"\nlayers = []\n");
+        assert!(e.contains("line 2") && e.contains("a checkpoint block needs at least one layer"), "{e}");
     }
 
     fn err(text: &str) -> String {

@@ -223,10 +223,13 @@ static DROPOUT: Kernel = Kernel {
 @group(0) @binding(4) var<storage, read_write> MASK: array<f32>;
 ",
             main1d!(),
-            "    // P: len, seed lo, seed hi, rate, scale; one thread per block of four values.
+            "    // P: len, seed lo, seed hi, rate, scale, back (1: a replay draws the previous step's
+    // mask); one thread per block of four values.
     let len = P[0];
     if (i * 4u >= len) { return; }
-    let r = philox(vec4<u32>(i, 0u, STEP[0], STEP[1]), vec2<u32>(P[1], P[2]));
+    let lo = STEP[0] - P[5];
+    let hi = STEP[1] - select(0u, 1u, STEP[0] < P[5]);
+    let r = philox(vec4<u32>(i, 0u, lo, hi), vec2<u32>(P[1], P[2]));
     let rate = pf(P[3]);
     let scale = pf(P[4]);
     for (var e = 0u; e < 4u; e++) {
@@ -258,9 +261,13 @@ fn main() {
 
 fn dropout(r: &mut Recorder, o: &ops::Dropout) -> Result<()> {
     let scale = 1.0f32 / (1.0 - o.rate);
-    let params = [u(o.len)?, o.seed as u32, (o.seed >> 32) as u32, f(o.rate), f(scale)];
+    let params = [u(o.len)?, o.seed as u32, (o.seed >> 32) as u32, f(o.rate), f(scale), o.replay as u32];
     let reads = [Bind::Buf(o.x), Bind::Counter(o.counter)];
     r.dispatch(&DROPOUT, &params, (&reads, &[Bind::Buf(o.y), Bind::Buf(o.mask)]), grid(o.len.div_ceil(4)))?;
+    if o.replay {
+        // The recomputation of a checkpointed segment: the forward's mask, the counter kept.
+        return Ok(());
+    }
     r.dispatch(&COUNTER_ADD, &[1], (&[], &[Bind::Counter(o.counter)]), [1, 1, 1])
 }
 
