@@ -13,33 +13,39 @@
 //! same every run. Bias gradients are per-channel sums (`norm::channel_sum`).
 
 use super::norm::channel_sum;
-use super::record::{Bind, Kernel, Recorder, u};
+use super::record::{Bind, Kernel, Recorder, grid, u};
 use crate::Result;
 use crate::backend::ops::{self, ConvGeom, GradOut};
 
 /// The core; the variant before it defines `load_a(z, r, k)`, `load_b(z, k, c)`,
-/// `c_index(z, r, c)` and `bias_index(z, r, c)`. `P`: M, N, K, accumulate, has bias, then the
-/// variant's parameters from `P[5]`.
+/// `c_index(z, r, c)` and `bias_index(z, r, c)`. `P`: M, N, K, accumulate, has bias, slices of K,
+/// slice depth, batches, then the variant's parameters from `P[8]`. Workgroup z is
+/// `slice * batches + batch`. With one slice the core stores into C; with several (a deep product
+/// over few output tiles, such as a weight gradient summed over a whole batch) each slice writes
+/// its partial product to `PART`, and `CORE_SUM` adds the slices in order.
 const CORE: &str = r#"
 var<workgroup> As: array<f32, 1024>;
 var<workgroup> Bs: array<f32, 1024>;
 @compute @workgroup_size(16, 16, 1)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
         @builtin(local_invocation_index) li: u32) {
-    let M = P[0]; let N = P[1]; let K = P[2]; let z = wg.z;
+    let M = P[0]; let N = P[1]; let K = P[2];
+    let slices = P[5]; let batches = P[7];
+    let slice = wg.z / batches; let z = wg.z % batches;
+    let kbeg = slice * P[6]; let kend = min(K, kbeg + P[6]);
     let row0 = wg.y * 64u; let col0 = wg.x * 64u;
     var acc: array<vec4<f32>, 4>;
     for (var i = 0u; i < 4u; i++) { acc[i] = vec4<f32>(0.0); }
-    for (var k0 = 0u; k0 < K; k0 += 16u) {
+    for (var k0 = kbeg; k0 < kend; k0 += 16u) {
         for (var t = 0u; t < 4u; t++) {
             let idx = li + t * 256u;
             let ra = idx / 16u; let ka = idx % 16u;
             var a = 0.0;
-            if (row0 + ra < M && k0 + ka < K) { a = load_a(z, row0 + ra, k0 + ka); }
+            if (row0 + ra < M && k0 + ka < kend) { a = load_a(z, row0 + ra, k0 + ka); }
             As[ka * 64u + ra] = a;
             let kb = idx / 64u; let cb = idx % 64u;
             var b = 0.0;
-            if (k0 + kb < K && col0 + cb < N) { b = load_b(z, k0 + kb, col0 + cb); }
+            if (k0 + kb < kend && col0 + cb < N) { b = load_b(z, k0 + kb, col0 + cb); }
             Bs[kb * 64u + cb] = b;
         }
         workgroupBarrier();
@@ -60,9 +66,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
             let c = col0 + lid.x * 4u + j;
             if (r < M && c < N) {
                 var v = acc[i][j];
-                if (P[4] != 0u) { v = v + BIAS[bias_index(z, r, c)]; }
-                let o = c_index(z, r, c);
-                if (P[3] != 0u) { C[o] = C[o] + v; } else { C[o] = v; }
+                if (slices > 1u) {
+                    PART[((slice * batches + z) * M + r) * N + c] = v;
+                } else {
+                    if (P[4] != 0u) { v = v + BIAS[bias_index(z, r, c)]; }
+                    let o = c_index(z, r, c);
+                    if (P[3] != 0u) { C[o] = C[o] + v; } else { C[o] = v; }
+                }
             }
         }
     }
@@ -74,35 +84,53 @@ const BINDINGS: &str = "@group(0) @binding(0) var<storage, read> P: array<u32>;
 @group(0) @binding(2) var<storage, read> B: array<f32>;
 @group(0) @binding(3) var<storage, read> BIAS: array<f32>;
 @group(0) @binding(4) var<storage, read_write> C: array<f32>;
+@group(0) @binding(5) var<storage, read_write> PART: array<f32>;
 ";
 
-/// `P[5..9]`: A's row and depth strides, B's depth and column strides; bias per column.
+/// Adds the slices' partial products in order and stores them as the core does (bias,
+/// accumulate), one thread per output value of every batch.
+const CORE_SUM: &str = concat!(
+    main1d!(),
+    "    let M = P[0]; let N = P[1]; let slices = P[5]; let batches = P[7];
+    if (i >= batches * M * N) { return; }
+    let z = i / (M * N); let r = (i % (M * N)) / N; let c = i % N;
+    var v = 0.0;
+    for (var s = 0u; s < slices; s++) { v = v + PART[((s * batches + z) * M + r) * N + c]; }
+    if (P[4] != 0u) { v = v + BIAS[bias_index(z, r, c)]; }
+    let o = c_index(z, r, c);
+    if (P[3] != 0u) { C[o] = C[o] + v; } else { C[o] = v; }
+    // Keeps A and B in the layout the recorder binds (it is derived from the shader).
+    if (M == 0xffffffffu) { C[0] = A[0] + B[0]; }
+}"
+);
+
+/// `P[8..12]`: A's row and depth strides, B's depth and column strides; bias per column.
 const STRIDED: &str = "
-fn load_a(z: u32, r: u32, k: u32) -> f32 { return A[r * P[5] + k * P[6]]; }
-fn load_b(z: u32, k: u32, c: u32) -> f32 { return B[k * P[7] + c * P[8]]; }
+fn load_a(z: u32, r: u32, k: u32) -> f32 { return A[r * P[8] + k * P[9]]; }
+fn load_b(z: u32, k: u32, c: u32) -> f32 { return B[k * P[10] + c * P[11]]; }
 fn c_index(z: u32, r: u32, c: u32) -> u32 { return r * P[1] + c; }
 fn bias_index(z: u32, r: u32, c: u32) -> u32 { return c; }
 ";
 
-/// The convolution geometry from `P[5]`: n, c, h, w, k, kh, kw, sh, sw, ph, pw, dh, dw, groups,
+/// The convolution geometry from `P[8]`: n, c, h, w, k, kh, kw, sh, sw, ph, pw, dh, dw, groups,
 /// oh, ow; and `im2col_b`, the value of B (an NCHW input) under filter tap `(i, j)` of output
 /// position `p`, zero in the padding.
 const CONV_GEOM: &str = "
-fn g_c() -> u32 { return P[6]; }
-fn g_h() -> u32 { return P[7]; }
-fn g_w() -> u32 { return P[8]; }
-fn g_k() -> u32 { return P[9]; }
-fn g_kh() -> u32 { return P[10]; }
-fn g_kw() -> u32 { return P[11]; }
-fn g_groups() -> u32 { return P[18]; }
-fn g_oh() -> u32 { return P[19]; }
-fn g_ow() -> u32 { return P[20]; }
-fn g_cg() -> u32 { return P[6] / P[18]; }
-fn g_kg() -> u32 { return P[9] / P[18]; }
+fn g_c() -> u32 { return P[9]; }
+fn g_h() -> u32 { return P[10]; }
+fn g_w() -> u32 { return P[11]; }
+fn g_k() -> u32 { return P[12]; }
+fn g_kh() -> u32 { return P[13]; }
+fn g_kw() -> u32 { return P[14]; }
+fn g_groups() -> u32 { return P[21]; }
+fn g_oh() -> u32 { return P[22]; }
+fn g_ow() -> u32 { return P[23]; }
+fn g_cg() -> u32 { return P[9] / P[21]; }
+fn g_kg() -> u32 { return P[12] / P[21]; }
 fn im2col_b(nn: u32, ch: u32, i: u32, j: u32, p: u32) -> f32 {
     let oy = p / g_ow(); let ox = p % g_ow();
-    let iy = i32(oy * P[12] + i * P[16]) - i32(P[14]);
-    let ix = i32(ox * P[13] + j * P[17]) - i32(P[15]);
+    let iy = i32(oy * P[15] + i * P[19]) - i32(P[17]);
+    let ix = i32(ox * P[16] + j * P[20]) - i32(P[18]);
     if (iy < 0 || ix < 0 || iy >= i32(g_h()) || ix >= i32(g_w())) { return 0.0; }
     return B[((nn * g_c() + ch) * g_h() + u32(iy)) * g_w() + u32(ix)];
 }
@@ -135,11 +163,11 @@ fn load_b(z: u32, k: u32, c: u32) -> f32 {
     let khw = g_kh() * g_kw();
     let ko = k / khw; let tap = k % khw;
     let i = tap / g_kw(); let j = tap % g_kw();
-    let ty = i32(c / g_w() + P[14]) - i32(i * P[16]);
-    let tx = i32(c % g_w() + P[15]) - i32(j * P[17]);
+    let ty = i32(c / g_w() + P[17]) - i32(i * P[19]);
+    let tx = i32(c % g_w() + P[18]) - i32(j * P[20]);
     if (ty < 0 || tx < 0) { return 0.0; }
-    if (u32(ty) % P[12] != 0u || u32(tx) % P[13] != 0u) { return 0.0; }
-    let oy = u32(ty) / P[12]; let ox = u32(tx) / P[13];
+    if (u32(ty) % P[15] != 0u || u32(tx) % P[16] != 0u) { return 0.0; }
+    let oy = u32(ty) / P[15]; let ox = u32(tx) / P[16];
     if (oy >= g_oh() || ox >= g_ow()) { return 0.0; }
     let nn = z / g_groups();
     return B[((nn * g_k() + (z % g_groups()) * g_kg() + ko) * g_oh() + oy) * g_ow() + ox];
@@ -166,10 +194,36 @@ fn c_index(z: u32, r: u32, c: u32) -> u32 { return (z * g_kg() + r) * P[1] + c; 
 fn bias_index(z: u32, r: u32, c: u32) -> u32 { return 0u; }
 ";
 
-static GEMM_STRIDED: Kernel = Kernel { name: "gemm_strided", parts: &[BINDINGS, STRIDED, CORE] };
-static GEMM_CONV_FWD: Kernel = Kernel { name: "gemm_conv_fwd", parts: &[BINDINGS, CONV_GEOM, CONV_FWD, CORE] };
-static GEMM_CONV_DGRAD: Kernel = Kernel { name: "gemm_conv_dgrad", parts: &[BINDINGS, CONV_GEOM, CONV_DGRAD, CORE] };
-static GEMM_CONV_WGRAD: Kernel = Kernel { name: "gemm_conv_wgrad", parts: &[BINDINGS, CONV_GEOM, CONV_WGRAD, CORE] };
+/// A GEMM variant: its core kernel and its slice-sum kernel.
+struct Gemm {
+    core: Kernel,
+    sum: Kernel,
+}
+
+static GEMM_STRIDED: Gemm = Gemm {
+    core: Kernel { name: "gemm_strided", parts: &[BINDINGS, STRIDED, CORE] },
+    sum: Kernel { name: "gemm_strided_sum", parts: &[BINDINGS, STRIDED, CORE_SUM] },
+};
+static GEMM_CONV_FWD: Gemm = Gemm {
+    core: Kernel { name: "gemm_conv_fwd", parts: &[BINDINGS, CONV_GEOM, CONV_FWD, CORE] },
+    sum: Kernel { name: "gemm_conv_fwd_sum", parts: &[BINDINGS, CONV_GEOM, CONV_FWD, CORE_SUM] },
+};
+static GEMM_CONV_DGRAD: Gemm = Gemm {
+    core: Kernel { name: "gemm_conv_dgrad", parts: &[BINDINGS, CONV_GEOM, CONV_DGRAD, CORE] },
+    sum: Kernel { name: "gemm_conv_dgrad_sum", parts: &[BINDINGS, CONV_GEOM, CONV_DGRAD, CORE_SUM] },
+};
+static GEMM_CONV_WGRAD: Gemm = Gemm {
+    core: Kernel { name: "gemm_conv_wgrad", parts: &[BINDINGS, CONV_GEOM, CONV_WGRAD, CORE] },
+    sum: Kernel { name: "gemm_conv_wgrad_sum", parts: &[BINDINGS, CONV_GEOM, CONV_WGRAD, CORE_SUM] },
+};
+
+/// Slices of the depth `k` for a launch of `tiles` workgroups: enough to fill about 256
+/// workgroups, each slice at least 256 deep (a multiple of 16). Returns (slices, depth of one).
+fn split_k(tiles: usize, k: usize) -> (usize, usize) {
+    let want = (256 / tiles.max(1)).min(k / 256).clamp(1, 64);
+    let depth = k.div_ceil(want).next_multiple_of(16);
+    (k.div_ceil(depth).max(1), depth)
+}
 
 /// One GEMM launch: `m x n` outputs over depth `k`, `batches` of them.
 struct Shape {
@@ -187,16 +241,26 @@ struct Operands {
     c: GradOut,
 }
 
-fn launch(r: &mut Recorder, kernel: &Kernel, s: Shape, o: Operands, extra: &[u32]) -> Result<()> {
+fn launch(r: &mut Recorder, gemm: &Gemm, s: Shape, o: Operands, extra: &[u32]) -> Result<()> {
     let has_bias = o.bias.is_some();
     let bias = match o.bias {
         Some(b) => b,
         None => r.scratch(1),
     };
-    let mut params = vec![u(s.m)?, u(s.n)?, u(s.k)?, o.c.accumulate as u32, has_bias as u32];
+    let tiles = s.n.div_ceil(64) * s.m.div_ceil(64) * s.batches;
+    let (slices, depth) = split_k(tiles, s.k);
+    let part = r.scratch(if slices > 1 { slices * s.batches * s.m * s.n } else { 1 });
+    let mut params =
+        vec![u(s.m)?, u(s.n)?, u(s.k)?, o.c.accumulate as u32, has_bias as u32, u(slices)?, u(depth)?, u(s.batches)?];
     params.extend_from_slice(extra);
-    let groups = [u(s.n.div_ceil(64))?, u(s.m.div_ceil(64))?, u(s.batches)?];
-    r.dispatch(kernel, &params, (&[o.a, o.b, bias], &[Bind::Buf(o.c.buf)]), groups)
+    let groups = [u(s.n.div_ceil(64))?, u(s.m.div_ceil(64))?, u(slices * s.batches)?];
+    let reads = [o.a, o.b, bias];
+    let writes = [Bind::Buf(o.c.buf), part];
+    r.dispatch(&gemm.core, &params, (&reads, &writes), groups)?;
+    if slices > 1 {
+        r.dispatch(&gemm.sum, &params, (&reads, &writes), grid(s.batches * s.m * s.n))?;
+    }
+    Ok(())
 }
 
 fn set(buf: ops::BufId) -> GradOut {
