@@ -2,10 +2,13 @@
 //! tutorial's simple, multi-scale, MNIST and CIFAR CNNs and ResNet-18 (CIFAR stem), at batch 8,
 //! 64 and 256, the median milliseconds per whole training step (batch upload from pinned host
 //! memory, forward, loss, backward, Adam update; one CUDA graph), images per second and peak
-//! device memory. f32, TF32 off (as the baseline's `eager` and `graph` modes).
+//! device memory. f32, TF32 off (as the baseline's `eager` and `graph` modes) by default;
+//! `--precision bf16` trains in bf16 mixed precision (`Precision::Bf16Mixed`: convolutions and
+//! dense layers on bf16 tensor cores, the rest f32), to set beside the baseline's `amp_bf16`,
+//! `compile_amp` and `compile_graph_amp` modes (the mode column gets `_bf16`).
 //!
 //!     cargo run --release --example bench -- [--models simple,resnet18] [--batches 8,64] [--eager]
-//!         [--nondeterministic] [--no-finite-check] [--device cpu]
+//!         [--nondeterministic] [--no-finite-check] [--precision f32|bf16] [--device cpu]
 //!
 //! `--no-finite-check` turns off the per-step check of the loss and gradient norm
 //! (`TrainerConfig::non_finite = NonFinite::Ignore`; on by default since it was added), to compare
@@ -22,7 +25,7 @@ use std::time::Instant;
 use kiln::backend::Device;
 use kiln::rng::Rng;
 use kiln::tensor::Tensor;
-use kiln::train::{NonFinite, Trainer, TrainerConfig};
+use kiln::train::{NonFinite, Precision, Trainer, TrainerConfig};
 use kiln::zoo;
 
 fn arg(name: &str) -> Option<String> {
@@ -50,12 +53,17 @@ fn main() -> anyhow::Result<()> {
     let nondet = std::env::args().any(|a| a == "--nondeterministic");
     let non_finite =
         if std::env::args().any(|a| a == "--no-finite-check") { NonFinite::Ignore } else { NonFinite::default() };
-    let mode = match (eager, nondet) {
-        (true, false) => "kiln_eager",
-        (true, true) => "kiln_eager_nondet",
-        (false, false) => "kiln_graph",
-        (false, true) => "kiln_graph_nondet",
+    let precision = match arg("--precision").as_deref() {
+        None | Some("f32") => Precision::F32,
+        Some("bf16") => Precision::Bf16Mixed,
+        Some(other) => anyhow::bail!("--precision {other}: expected f32 or bf16"),
     };
+    let mode = format!(
+        "kiln_{}{}{}",
+        if eager { "eager" } else { "graph" },
+        if nondet { "_nondet" } else { "" },
+        if precision == Precision::Bf16Mixed { "_bf16" } else { "" }
+    );
     println!("model,batch,mode,ms_per_step,images_per_s,peak_mib");
     for name in &models {
         for &batch in &batches {
@@ -68,8 +76,14 @@ fn main() -> anyhow::Result<()> {
                 other => anyhow::bail!("unknown model {other}"),
             };
             let model = builder.seed(0).build()?;
-            let config =
-                TrainerConfig { batch_size: batch, device, deterministic: !nondet, non_finite, ..Default::default() };
+            let config = TrainerConfig {
+                batch_size: batch,
+                device,
+                deterministic: !nondet,
+                non_finite,
+                precision,
+                ..Default::default()
+            };
             let mut t = match Trainer::new(&model, config) {
                 Ok(t) => t,
                 Err(e) => {

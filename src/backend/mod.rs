@@ -53,6 +53,13 @@ pub trait Backend: Send {
     /// `CpuBackend<f64>` (the reference) also `f64`, and its `f32` buffers are held in `f64`.
     fn computes(&self, dtype: DType) -> bool;
 
+    /// Whether convolutions and matrix products take inputs of `dtype` (accumulating in f32,
+    /// results f32 or `dtype`), as mixed precision needs: bf16 on CUDA; none by default.
+    fn computes_products_in(&self, dtype: DType) -> bool {
+        let _ = dtype;
+        false
+    }
+
     /// Releases a buffer's memory (after a plan failed part-way); the id must not be used again.
     fn free(&mut self, buf: BufId) -> Result<()>;
 
@@ -178,6 +185,9 @@ impl Backend for Box<dyn Backend> {
     }
     fn computes(&self, dtype: DType) -> bool {
         (**self).computes(dtype)
+    }
+    fn computes_products_in(&self, dtype: DType) -> bool {
+        (**self).computes_products_in(dtype)
     }
     fn write_host(&mut self, buf: BufId, data: HostSlice<'_>) -> Result<()> {
         (**self).write_host(buf, data)

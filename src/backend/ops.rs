@@ -7,7 +7,7 @@
 //! tensor each contribute to its gradient, or when parameter gradients accumulate over batches).
 //!
 //! This file holds the buffer handles and the op registry; the descriptors live by family in
-//! `ops/` (`conv`, `linear`, `activation`, `norm`, `pool`, `tensor`, `loss`, `optim`), the
+//! `ops/` (`conv`, `linear`, `activation`, `norm`, `pool`, `tensor`, `loss`, `optim`, `cast`), the
 //! device-buffer layouts in `ops/layout.rs`, and the validation built on every op's buffer table
 //! in `ops/buffers.rs`. All of them are re-exported here, so paths stay `backend::ops::Name`.
 //!
@@ -76,6 +76,7 @@ macro_rules! buffer_table {
 
 mod activation;
 mod buffers;
+mod cast;
 mod conv;
 mod conv_transpose;
 mod layout;
@@ -89,6 +90,7 @@ mod tensor;
 pub use activation::{Act, ActBackward, ActFn, Dropout, DropoutBackward, Softmax, SoftmaxBackward};
 pub(crate) use buffers::usage;
 pub use buffers::{Access, BufUse, Usage};
+pub use cast::{Cast, CastBias};
 pub use conv::{Conv2d, Conv2dBackward, ConvGeom};
 pub use conv_transpose::{ConvTranspose2d, ConvTranspose2dBackward};
 pub(crate) use layout::cuda_layouts;
@@ -187,6 +189,7 @@ macro_rules! for_each_op {
             AllReduce,
             CheckFinite,
             OptimizerStep,
+            Cast,
         }
     };
 }

@@ -16,6 +16,7 @@
 
 use std::collections::HashSet;
 
+use super::Precision;
 use super::checkpoint::Segments;
 use super::plan::{BufRole, Mode, ParamBuffers, Plan, PlanOptions, PlannedBuffer};
 use crate::backend::{Backend, BufId, CounterId, DType, Op};
@@ -48,6 +49,9 @@ pub struct Lowering {
     /// Batch norm in training updates its running statistics (off for a forward pass that
     /// must change nothing).
     pub update_running_stats: bool,
+    /// Number format: with [`Precision::Bf16Mixed`], convolutions and matrix products run in
+    /// bf16 between casts (see `exec/autocast.rs`).
+    pub precision: Precision,
 }
 
 impl Lowering {
@@ -162,6 +166,9 @@ pub(super) fn network(
     };
     if low.mode == Mode::Train {
         backward(model, params, low, table, &mut plan, &saved, &mut segments)?;
+    }
+    if low.precision == Precision::Bf16Mixed {
+        super::autocast::bf16(&mut plan, table);
     }
     segments.assign(table, &mut plan);
     Ok(plan)

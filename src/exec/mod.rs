@@ -16,6 +16,7 @@
 //! assert_eq!(y.shape(), &[2, 2]);
 //! ```
 
+mod autocast;
 mod checkpoint;
 mod compile;
 pub mod plan;
@@ -127,6 +128,7 @@ impl<B: Backend> Executor<B> {
             rank: 0,
             sync_batch_norm: false,
             update_running_stats: true,
+            precision: Precision::F32,
         }
     }
 
@@ -143,6 +145,7 @@ impl<B: Backend> Executor<B> {
         if let Some(i) = self.keys.iter().position(|k| *k == Key::Network(low)) {
             return Ok(PlanId(i));
         }
+        self.check_precision(low.precision)?;
         let mut table = compile::Table::default();
         let mut p = compile::network(&self.model, &self.params, &self.counters, &low, &mut table)?;
         let needed: u64 = table.buffers.iter().map(|b| b.bytes() as u64).sum();

@@ -41,13 +41,30 @@ pub struct Parallel {
     pub bucket_bytes: usize,
 }
 
-/// Number format of a plan's buffers and arithmetic. f32 is the only one today; the field is
-/// where mixed precision will be asked for.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+/// Number format of a plan's arithmetic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Precision {
     /// Everything in f32.
     #[default]
     F32,
+    /// Mixed precision with bf16, as PyTorch's `autocast(dtype=torch.bfloat16)`: convolutions
+    /// and matrix products take bf16 inputs on tensor cores and accumulate in f32; parameters
+    /// (the master weights), their gradients, the optimizer's state, batch-norm statistics,
+    /// softmax, losses and every other op stay f32. The compiler puts a cast to bf16 before
+    /// each such op and a widening after it (`exec/autocast.rs`); about 1e-2 relative error
+    /// against f32 (bf16 keeps 8 significant bits). Transposed convolutions stay f32 for now.
+    /// Needs a backend that computes in bf16 (CUDA); others refuse it, naming `precision`.
+    Bf16Mixed,
+}
+
+impl Precision {
+    /// The name used in configurations and on the command line (`f32`, `bf16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16Mixed => "bf16",
+        }
+    }
 }
 
 /// Values in a metric sums buffer ([`Executor::sums`]).
@@ -329,6 +346,22 @@ impl<B: Backend> Executor<B> {
         Ok(())
     }
 
+    /// Whether this executor's backend can run plans of `precision`: an error naming the field
+    /// `precision` where it cannot (bf16 mixed precision on a backend that computes in f32
+    /// only, such as the CPU).
+    pub fn check_precision(&self, precision: Precision) -> Result<()> {
+        if precision == Precision::Bf16Mixed && !self.backend.computes_products_in(DType::BF16) {
+            return Err(Error::config(
+                "precision",
+                format!(
+                    "bf16 mixed precision needs a backend whose convolutions and matrix products take bf16 (CUDA); {} computes in f32 only: use Precision::F32",
+                    self.backend.describe()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     fn training(&self) -> Result<&Training> {
         self.training.as_ref().ok_or_else(|| Error::State("call Executor::init_training before a step plan".into()))
     }
@@ -352,6 +385,7 @@ impl<B: Backend> Executor<B> {
             rank: parallel.map_or(0, |p| p.rank),
             sync_batch_norm: parallel.is_some_and(|p| p.sync_batch_norm),
             update_running_stats: true,
+            precision: desc.precision,
         };
         let net = self.compile(low)?;
         let out_len: usize = self.model.nodes().last().expect("a model has nodes").shape.iter().product();

@@ -7,7 +7,7 @@ use super::loss::Loss;
 use super::schedule::{Schedule, Warmup};
 use crate::backend::Device;
 use crate::dist::DataParallel;
-use crate::exec::OptRule;
+use crate::exec::{OptRule, Precision};
 use crate::{Error, Result};
 
 /// What the model predicts.
@@ -266,6 +266,12 @@ pub struct TrainerConfig {
     /// Let the GPU use TF32 tensor cores for convolutions and dense layers (faster, about 1e-3
     /// relative error); off by default, so results match the f32 CPU reference.
     pub tf32: bool,
+    /// Number format of the training step (default f32): [`Precision::Bf16Mixed`] runs
+    /// convolutions and dense layers in bf16 on tensor cores with f32 accumulation, keeping f32
+    /// weights, gradients, optimizer state, batch-norm statistics and losses (CUDA only; an
+    /// error naming `precision` elsewhere).
+    #[serde(default)]
+    pub precision: Precision,
     /// Use only cuDNN algorithms that give the same bits every run (the default), so a run is
     /// reproducible and a replayed CUDA graph equals an eager run. `false` also allows faster
     /// algorithms that accumulate with atomics, as PyTorch's `cudnn.benchmark` does.
@@ -300,6 +306,7 @@ impl Default for TrainerConfig {
             device: Device::Auto,
             threads: None,
             tf32: false,
+            precision: Precision::F32,
             deterministic: true,
             non_finite: NonFinite::Error,
             seed: 0,

@@ -20,7 +20,7 @@ mod trainer;
 
 pub use crate::backend::Device;
 /// The mode [`Trainer::predict_with`] takes.
-pub use crate::exec::Mode;
+pub use crate::exec::{Mode, Precision};
 pub use callbacks::{Callback, Control, EarlyStopping, Logger, Monitor, format_log};
 pub use config::{GradClip, NonFinite, Optimizer, Problem, ScheduleUnit, TrainerConfig};
 pub use loss::{Loss, Targets};

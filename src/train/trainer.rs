@@ -6,7 +6,7 @@ use super::loss::{BatchTargets, Loss, Targets};
 use super::metrics::{History, StepResult};
 use super::schedule::Scheduler;
 use crate::dist::{Communicator, DataParallel, DistEnv, TcpCommunicator};
-use crate::exec::{AnyBackend, Clip, Executor, LossFn, Mode, Parallel, PlanId, Precision, Scoring};
+use crate::exec::{AnyBackend, Clip, Executor, LossFn, Mode, Parallel, PlanId, Scoring};
 use crate::exec::{StepDesc, Sums};
 use crate::model::Model;
 use crate::tensor::Tensor;
@@ -176,6 +176,7 @@ impl Trainer {
         let out_shape = model.nodes().last().expect("a built model has layers").shape.clone();
         config.loss.check_output(&out_shape)?;
         let mut exec = Executor::with_seed(model, backend, config.seed)?;
+        exec.check_precision(config.precision)?;
         let initial = match config.optimizer {
             Optimizer::Adagrad { initial_accumulator_value, .. } => initial_accumulator_value,
             _ => 0.0,
@@ -276,7 +277,7 @@ impl Trainer {
                 GradClip::Value(v) => Clip::Value(v),
             }),
             parallel,
-            precision: Precision::F32,
+            precision: self.config.precision,
             check_finite: match self.config.non_finite {
                 NonFinite::Error => Some(true),
                 NonFinite::Skip => Some(false),

@@ -17,6 +17,7 @@
 
 mod activation;
 mod batch_norm;
+mod cast;
 mod collective;
 mod conv2d;
 mod conv_transpose2d;

@@ -22,8 +22,8 @@ use cudarc::driver::sys::CUdeviceptr;
 
 use super::CudaBackend;
 use crate::backend::ops;
-use crate::backend::ops::ConvGeom;
 use crate::backend::ops::RunOp;
+use crate::backend::ops::{BufId, ConvGeom};
 use crate::backend::{DType, HostVec};
 use crate::{Error, Result};
 
@@ -78,6 +78,8 @@ pub(super) struct Chosen {
     algo: Algo,
     pub(super) memory: usize,
     math: sys::cudnnMathType_t,
+    /// The geometry's bf16 descriptors (mixed precision), not its f32 ones.
+    bf16: bool,
 }
 
 /// Descriptors and chosen algorithms of one convolution geometry.
@@ -104,7 +106,7 @@ impl Drop for ConvEntry {
 /// The cuDNN state of a backend.
 pub(crate) struct Cudnn {
     handle: sys::cudnnHandle_t,
-    convs: HashMap<[usize; 16], ConvEntry>,
+    convs: HashMap<[usize; 17], ConvEntry>,
     /// The shared workspace: device pointer and size in bytes.
     workspace: (CUdeviceptr, usize),
     tf32: bool,
@@ -149,8 +151,9 @@ impl Drop for Cudnn {
     }
 }
 
-fn key(g: &ConvGeom) -> [usize; 16] {
-    [g.n, g.c, g.h, g.w, g.k, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.groups, g.oh, g.ow]
+/// A geometry and its data type (bf16 under mixed precision, else f32).
+fn key(g: &ConvGeom, bf16: bool) -> [usize; 17] {
+    [g.n, g.c, g.h, g.w, g.k, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.groups, g.oh, g.ow, bf16 as usize]
 }
 
 fn int(v: usize, what: &str) -> Result<i32> {
@@ -158,7 +161,9 @@ fn int(v: usize, what: &str) -> Result<i32> {
 }
 
 /// Creates the descriptors of a geometry and checks cuDNN's output size against the plan's.
-fn describe(g: &ConvGeom) -> Result<ConvEntry> {
+/// With `bf16`, input, filter and output are bf16 and the convolution computes in f32
+/// (cuDNN's `PSEUDO_BFLOAT16_CONFIG`: tensor cores, f32 accumulation).
+fn describe(g: &ConvGeom, bf16: bool) -> Result<ConvEntry> {
     let mut e = ConvEntry {
         x: std::ptr::null_mut(),
         y: std::ptr::null_mut(),
@@ -168,6 +173,7 @@ fn describe(g: &ConvGeom) -> Result<ConvEntry> {
     };
     use sys::cudnnDataType_t::CUDNN_DATA_FLOAT as F32;
     use sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW as NCHW;
+    let data = if bf16 { sys::cudnnDataType_t::CUDNN_DATA_BFLOAT16 } else { F32 };
     // SAFETY: out-pointers into `e`, whose Drop destroys whatever was created if a later call
     // fails (destroying a null descriptor is a no-op error that is ignored).
     unsafe {
@@ -176,11 +182,11 @@ fn describe(g: &ConvGeom) -> Result<ConvEntry> {
         dnn!(cudnnCreateFilterDescriptor(&mut e.w))?;
         dnn!(cudnnCreateConvolutionDescriptor(&mut e.conv))?;
         let (n, c, h, w) = (int(g.n, "batch")?, int(g.c, "channels")?, int(g.h, "height")?, int(g.w, "width")?);
-        dnn!(cudnnSetTensor4dDescriptor(e.x, NCHW, F32, n, c, h, w))?;
+        dnn!(cudnnSetTensor4dDescriptor(e.x, NCHW, data, n, c, h, w))?;
         dnn!(cudnnSetTensor4dDescriptor(
             e.y,
             NCHW,
-            F32,
+            data,
             n,
             int(g.k, "filters")?,
             int(g.oh, "out")?,
@@ -188,7 +194,7 @@ fn describe(g: &ConvGeom) -> Result<ConvEntry> {
         ))?;
         dnn!(cudnnSetFilter4dDescriptor(
             e.w,
-            F32,
+            data,
             NCHW,
             int(g.k, "filters")?,
             int(g.c / g.groups, "channels")?,
@@ -262,7 +268,7 @@ fn pick(cands: &[Candidate], tf32: bool, exact: bool, workspace: usize, determin
 /// backend (another trainer, a test beside another) reuses them, so it computes exactly what
 /// the first does and skips the search. cuDNN's timing-based choice could otherwise differ
 /// between two searches of the same shape.
-type PickKey = ([usize; 16], u8, bool, bool, bool);
+type PickKey = ([usize; 17], u8, bool, bool, bool);
 static PICKS: std::sync::Mutex<Option<HashMap<PickKey, Chosen>>> = std::sync::Mutex::new(None);
 
 fn remembered(k: PickKey) -> Option<Chosen> {
@@ -322,15 +328,21 @@ fn transform_tolerance(dir: Dir) -> f64 {
 }
 
 impl CudaBackend {
-    fn math(&self) -> sys::cudnnMathType_t {
-        if self.dnn.tf32 { sys::cudnnMathType_t::CUDNN_DEFAULT_MATH } else { sys::cudnnMathType_t::CUDNN_FMA_MATH }
+    /// The math the search offers: tensor cores for bf16 data and under TF32, FMA (true f32)
+    /// otherwise.
+    fn math(&self, bf16: bool) -> sys::cudnnMathType_t {
+        if self.dnn.tf32 || bf16 {
+            sys::cudnnMathType_t::CUDNN_DEFAULT_MATH
+        } else {
+            sys::cudnnMathType_t::CUDNN_FMA_MATH
+        }
     }
 
     /// The entry of a geometry, created on first use.
-    fn conv_entry(&mut self, g: &ConvGeom) -> Result<&mut ConvEntry> {
-        match self.dnn.convs.entry(key(g)) {
+    fn conv_entry(&mut self, g: &ConvGeom, bf16: bool) -> Result<&mut ConvEntry> {
+        match self.dnn.convs.entry(key(g, bf16)) {
             std::collections::hash_map::Entry::Occupied(o) => Ok(o.into_mut()),
-            std::collections::hash_map::Entry::Vacant(v) => Ok(v.insert(describe(g)?)),
+            std::collections::hash_map::Entry::Vacant(v) => Ok(v.insert(describe(g, bf16)?)),
         }
     }
 
@@ -355,7 +367,7 @@ impl CudaBackend {
         (out, beta): (CUdeviceptr, f32),
         ws: (CUdeviceptr, usize),
     ) -> Result<()> {
-        let e = self.dnn.convs.get(&key(g)).ok_or_else(|| Error::State("convolution not described".into()))?;
+        let e = self.dnn.convs.get(&key(g, c.bf16)).ok_or_else(|| Error::State("convolution not described".into()))?;
         let (h, one) = (self.dnn.handle, 1.0f32);
         let (alpha, beta) = (&one as *const f32 as *const c_void, &beta as *const f32 as *const c_void);
         let (a, b, out, w) = (a as *const c_void, b as *const c_void, out as *mut c_void, ws.0 as *mut c_void);
@@ -379,14 +391,20 @@ impl CudaBackend {
         }
     }
 
-    /// The algorithm of one direction, searched for on first use (warm-up only).
+    /// The algorithm of one direction of an f32 convolution, searched for on first use
+    /// (warm-up only).
     pub(super) fn conv_algo(&mut self, g: &ConvGeom, dir: Dir, a: CUdeviceptr, b: CUdeviceptr) -> Result<Chosen> {
-        if let Some(c) = self.conv_entry(g)?.chosen[dir as usize] {
+        self.conv_algo_as(g, false, dir, a, b)
+    }
+
+    /// [`CudaBackend::conv_algo`] for f32 data or, with `bf16`, bf16 data.
+    fn conv_algo_as(&mut self, g: &ConvGeom, bf16: bool, dir: Dir, a: CUdeviceptr, b: CUdeviceptr) -> Result<Chosen> {
+        if let Some(c) = self.conv_entry(g, bf16)?.chosen[dir as usize] {
             return Ok(c);
         }
-        let pick_key = (key(g), dir as u8, self.dnn.tf32, self.dnn.deterministic, self.dnn.exact_only);
+        let pick_key = (key(g, bf16), dir as u8, self.dnn.tf32, self.dnn.deterministic, self.dnn.exact_only);
         if let Some(c) = remembered(pick_key) {
-            self.conv_entry(g)?.chosen[dir as usize] = Some(c);
+            self.conv_entry(g, bf16)?.chosen[dir as usize] = Some(c);
             return Ok(c);
         }
         if self.mem.capturing {
@@ -394,7 +412,8 @@ impl CudaBackend {
                 "cuDNN algorithm search ({dir:?}) during CUDA graph capture: the warm-up run did not cover this convolution"
             )));
         }
-        let out_bytes = DType::F32.size()
+        let dtype = if bf16 { DType::BF16 } else { DType::F32 };
+        let out_bytes = dtype.size()
             * match dir {
                 Dir::Forward => g.output_len(),
                 Dir::BackwardData => g.input_len(),
@@ -407,29 +426,32 @@ impl CudaBackend {
             for bytes in [out_bytes, out_bytes, ws_bytes] {
                 temps.push(self.mem.alloc(&self.gpu, bytes)?);
             }
-            self.conv_search(g, dir, a, b, (temps[0], temps[1]), (temps[2], ws_bytes))
+            self.conv_search(g, bf16, dir, (a, b), (temps[0], temps[1]), (temps[2], ws_bytes))
         })();
         for t in temps {
             self.mem.free_now(&self.gpu, t)?;
         }
         let c = r?;
-        self.conv_entry(g)?.chosen[dir as usize] = Some(c);
+        self.conv_entry(g, bf16)?.chosen[dir as usize] = Some(c);
         remember(pick_key, c);
         Ok(c)
     }
 
     /// Times every algorithm (`cudnnFind*AlgorithmEx`) and chooses one; see the module docs.
+    /// bf16 data (mixed precision) is treated as TF32 is: any math type, the fastest algorithm
+    /// (deterministic first), no check against an exact one, whose own bf16 rounding of the
+    /// output would be all the check could see.
     fn conv_search(
         &mut self,
         g: &ConvGeom,
+        bf16: bool,
         dir: Dir,
-        a: CUdeviceptr,
-        b: CUdeviceptr,
+        (a, b): (CUdeviceptr, CUdeviceptr),
         scratch: (CUdeviceptr, CUdeviceptr),
         ws: (CUdeviceptr, usize),
     ) -> Result<Chosen> {
-        let (tf32, math, handle) = (self.dnn.tf32, self.math(), self.dnn.handle);
-        let e = self.conv_entry(g)?;
+        let (tf32, math, handle) = (self.dnn.tf32 || bf16, self.math(bf16), self.dnn.handle);
+        let e = self.conv_entry(g, bf16)?;
         let (xd, yd, wd, cd) = (e.x, e.y, e.w, e.conv);
         let (ap, bp, s, w) = (a as *const c_void, b as *const c_void, scratch.0 as *mut c_void, ws.0 as *mut c_void);
         let mut n = 0;
@@ -497,7 +519,7 @@ impl CudaBackend {
                 }
             }
         };
-        let chosen = |i: usize| Chosen { algo: cands[i].algo, memory: cands[i].memory, math: cands[i].math };
+        let chosen = |i: usize| Chosen { algo: cands[i].algo, memory: cands[i].memory, math: cands[i].math, bf16 };
         let det = self.dnn.deterministic;
         let exact = pick(&cands, tf32, !tf32, ws.1, det);
         let fastest = pick(&cands, tf32, false, ws.1, det);
@@ -538,7 +560,7 @@ impl CudaBackend {
             }
         };
         if self.debug {
-            eprintln!("[kiln cuda] cudnn {dir:?} {:?}: {} {note}", key(g), cands[choice].text);
+            eprintln!("[kiln cuda] cudnn {dir:?} {:?}: {} {note}", key(g, bf16), cands[choice].text);
             for c in &cands {
                 eprintln!("[kiln cuda]     candidate {}", c.text);
             }
@@ -547,13 +569,36 @@ impl CudaBackend {
     }
 }
 
+impl CudaBackend {
+    /// Whether a convolution's data buffers are all bf16 (mixed precision) or all f32; any
+    /// other mixture is an error naming the op's buffers. A bf16 convolution's bias and bias
+    /// gradient stay f32 (`bias` lists them), and its bias is added where its output is widened
+    /// (the cast after it), not by the convolution.
+    fn conv_dtype(&self, op: &str, data: &[BufId], bias: (Option<BufId>, bool)) -> Result<bool> {
+        let types: Vec<DType> = data.iter().map(|&b| self.dtype_of(b)).collect();
+        let bf16 = types[0] == DType::BF16;
+        let want = if bf16 { DType::BF16 } else { DType::F32 };
+        let bias_ok = bias.0.is_none_or(|b| self.dtype_of(b) == DType::F32) && !(bf16 && bias.1);
+        if types.iter().all(|&t| t == want) && bias_ok {
+            return Ok(bf16);
+        }
+        let list: Vec<String> = data.iter().zip(&types).map(|(b, t)| format!("buffer {} {t}", b.0)).collect();
+        Err(Error::State(format!(
+            "{op}: operands must be all f32 or all bf16 with an f32 bias gradient (a bf16 output takes its bias in the cast that widens it); got {}{}",
+            list.join(", "),
+            bias.0.map(|b| format!(", bias buffer {} {}", b.0, self.dtype_of(b))).unwrap_or_default()
+        )))
+    }
+}
+
 impl RunOp<ops::Conv2d> for CudaBackend {
     fn run_op(&mut self, o: &ops::Conv2d) -> Result<()> {
         let ops::Conv2d { x, w, b, y, .. } = *o;
         let g = &o.g;
+        let bf16 = self.conv_dtype("conv2d", &[x, w, y], (b, b.is_some()))?;
         let _lock = cudnn_lock();
         let (xp, wp, yp) = (self.ptr(x), self.ptr(w), self.ptr(y));
-        let c = self.conv_algo(g, Dir::Forward, xp, wp)?;
+        let c = self.conv_algo_as(g, bf16, Dir::Forward, xp, wp)?;
         let ws = self.conv_workspace(c.memory)?;
         self.conv_run(g, c, (xp, wp), (yp, 0.0), ws)?;
         if let Some(b) = b {
@@ -567,19 +612,24 @@ impl RunOp<ops::Conv2dBackward> for CudaBackend {
     fn run_op(&mut self, o: &ops::Conv2dBackward) -> Result<()> {
         let ops::Conv2dBackward { x, w, dy, dx, dw, db, .. } = *o;
         let g = &o.g;
+        let mut data = vec![x, w, dy, dw.buf];
+        data.extend(dx.map(|d| d.buf));
+        let bf16 = self.conv_dtype("conv2d_backward", &data, (db.map(|d| d.buf), false))?;
         let _lock = cudnn_lock();
         let (xp, wp, dyp) = (self.ptr(x), self.ptr(w), self.ptr(dy));
         let beta = |acc: bool| if acc { 1.0f32 } else { 0.0f32 };
         if let Some(dx) = dx {
-            let c = self.conv_algo(g, Dir::BackwardData, wp, dyp)?;
+            let c = self.conv_algo_as(g, bf16, Dir::BackwardData, wp, dyp)?;
             let ws = self.conv_workspace(c.memory)?;
             self.conv_run(g, c, (wp, dyp), (self.ptr(dx.buf), beta(dx.accumulate)), ws)?;
         }
-        let c = self.conv_algo(g, Dir::BackwardFilter, xp, dyp)?;
+        let c = self.conv_algo_as(g, bf16, Dir::BackwardFilter, xp, dyp)?;
         let ws = self.conv_workspace(c.memory)?;
         self.conv_run(g, c, (xp, dyp), (self.ptr(dw.buf), beta(dw.accumulate)), ws)?;
-        if let Some(db) = db {
-            self.channel_sum(dy, db, g.n, g.k, g.oh * g.ow)?;
+        match db {
+            Some(db) if bf16 => self.channel_sum_bf16(dy, db, g.n, g.k, g.oh * g.ow)?,
+            Some(db) => self.channel_sum(dy, db, g.n, g.k, g.oh * g.ow)?,
+            None => {}
         }
         Ok(())
     }

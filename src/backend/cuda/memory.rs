@@ -105,10 +105,18 @@ impl DeviceMemory {
             return Err(oom());
         }
         super::driver::check_cu("cuMemAlloc_v2", r)?;
-        // Zero it on the stream, so the zeros are ordered before any later use of the buffer.
-        // Every allocation is a multiple of 4 bytes (f32, u64 counters, workspaces rounded up).
+        // Zero it on the stream, so the zeros are ordered before any later use of the buffer:
+        // by 32-bit words, or by bytes where the size is not a multiple of 4 (an odd number of
+        // bf16 values; a word count rounded up would write past the allocation and is refused).
         // SAFETY: `p` is a fresh allocation of `bytes` bytes.
-        if let Err(e) = unsafe { drv!(cuMemsetD32Async(p, 0, bytes.div_ceil(4), gpu.stream)) } {
+        let zeroed = unsafe {
+            if bytes % 4 == 0 {
+                drv!(cuMemsetD32Async(p, 0, bytes / 4, gpu.stream))
+            } else {
+                drv!(cuMemsetD8Async(p, 0, bytes, gpu.stream))
+            }
+        };
+        if let Err(e) = zeroed {
             // SAFETY: `p` was allocated above and is not referenced anywhere else.
             unsafe {
                 let _ = drv!(cuMemFree_v2(p));

@@ -26,6 +26,7 @@
 mod nvrtc;
 mod activation;
 mod batch_norm;
+mod cast;
 mod conv2d;
 mod conv_transpose2d;
 mod driver;
@@ -64,6 +65,7 @@ pub use nvrtc::default_cache_dir;
 const MODULES: &[&nvrtc::ModuleSrc] = &[
     &activation::MODULE,
     &batch_norm::MODULE,
+    &cast::MODULE,
     &conv_transpose2d::MODULE,
     &dropout::MODULE,
     &group_norm::MODULE,
@@ -259,7 +261,9 @@ impl CudaBackend {
 
     /// Queues one op.
     fn exec(&mut self, op: &Op) -> Result<()> {
-        op.validate(|b| self.bufs.get(b.0).map(|x| (x.1, x.2)), |d| d == DType::F32)?;
+        // bf16 only where mixed precision puts it (each such op checks its own dtypes).
+        let bf16 = op.takes_bf16();
+        op.validate(|b| self.bufs.get(b.0).map(|x| (x.1, x.2)), |d| d == DType::F32 || (bf16 && d == DType::BF16))?;
         if self.coll.is_some() {
             self.join_for(op)?;
         }
@@ -343,6 +347,11 @@ impl Backend for CudaBackend {
 
     fn computes(&self, dtype: DType) -> bool {
         dtype == DType::F32
+    }
+
+    /// bf16: cuDNN convolutions and cuBLASLt products on tensor cores, f32 accumulation.
+    fn computes_products_in(&self, dtype: DType) -> bool {
+        dtype == DType::BF16
     }
 
     fn free(&mut self, buf: BufId) -> Result<()> {

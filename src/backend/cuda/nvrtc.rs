@@ -79,6 +79,12 @@ macro_rules! c_type {
     ((u64*)) => {
         "u64*"
     };
+    ((const u16*)) => {
+        "const u16*"
+    };
+    ((u16*)) => {
+        "u16*"
+    };
     ((const u64*)) => {
         "const u64*"
     };

@@ -125,8 +125,11 @@ pub struct TrainArgs {
     /// Device: auto (a GPU when usable, else the CPU), cpu, cuda, cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Precision: f32, or tf32 (on CUDA, convolutions and dense layers round their inputs to
-    /// TF32 on the tensor cores, as PyTorch's `allow_tf32`; about 1e-3 relative).
+    /// Precision: f32; tf32 (on CUDA, convolutions and dense layers round their inputs to
+    /// TF32 on the tensor cores, as PyTorch's `allow_tf32`; about 1e-3 relative); or bf16
+    /// (mixed precision on CUDA, as PyTorch's autocast: convolutions and dense layers in bf16
+    /// with f32 accumulation, weights, optimizer state, batch norm and losses in f32; about
+    /// 1e-2 relative).
     #[arg(long, default_value = "f32")]
     pub precision: String,
     /// Seed of the weights, the data order and augmentation.

@@ -21,8 +21,8 @@ use kiln::metrics::Evaluation;
 use kiln::report::Report;
 use kiln::tensor::Tensor;
 use kiln::train::{
-    Callback, Control, EpochLog, Monitor, Optimizer, Progress, ProgressStyle, Schedule, ScheduleUnit, Trainer,
-    TrainerConfig,
+    Callback, Control, EpochLog, Monitor, Optimizer, Precision, Progress, ProgressStyle, Schedule, ScheduleUnit,
+    Trainer, TrainerConfig,
 };
 use serde::{Deserialize, Serialize};
 
@@ -46,7 +46,8 @@ pub struct RunConfig {
     pub schedule: String,
     pub augment: String,
     pub device: String,
-    /// f32, or tf32 (CUDA's TF32 tensor-core mode for convolutions and dense layers).
+    /// f32, tf32 (CUDA's TF32 tensor-core mode for convolutions and dense layers) or bf16
+    /// (mixed precision: those layers in bf16 with f32 accumulation, everything else f32).
     #[serde(default = "f32_name")]
     pub precision: String,
     pub seed: u64,
@@ -56,16 +57,17 @@ fn f32_name() -> String {
     "f32".into()
 }
 
-/// Whether `--precision` asks for TF32 (and is a precision kiln has).
-fn tf32(precision: &str, device: &str) -> Result<bool, String> {
+/// What `--precision` asks for: TF32 (a CUDA backend option) and the step's number format.
+fn precision(precision: &str, device: &str) -> Result<(bool, Precision), String> {
     match precision {
-        "f32" => Ok(false),
-        "tf32" if device == "cpu" => Err(
-            "--precision tf32: TF32 is a mode of NVIDIA tensor cores; on --device cpu kiln computes in f32 (use --precision f32)"
-                .into(),
-        ),
-        "tf32" => Ok(true),
-        other => Err(format!("--precision {other}: expected f32 or tf32")),
+        "f32" => Ok((false, Precision::F32)),
+        "tf32" | "bf16" if device == "cpu" => Err(format!(
+            "--precision {precision}: {} is a mode of NVIDIA tensor cores; on --device cpu kiln computes in f32 (use --precision f32)",
+            precision.to_uppercase()
+        )),
+        "tf32" => Ok((true, Precision::F32)),
+        "bf16" => Ok((false, Precision::Bf16Mixed)),
+        other => Err(format!("--precision {other}: expected f32, tf32 or bf16")),
     }
 }
 
@@ -208,7 +210,7 @@ pub fn train(a: TrainArgs) -> CmdResult {
     let cfg = resolve(&a)?;
     let dir = a.runs.join(&cfg.name);
     let device: Device = cfg.device.parse().map_err(|e: kiln::Error| format!("--device: {e}"))?;
-    let tf32 = tf32(&cfg.precision, &cfg.device)?;
+    let (tf32, precision) = precision(&cfg.precision, &cfg.device)?;
     let src = DataSource::parse(&cfg.data)?;
     let recipe = data::recipe(&src.kind);
     let loaded = data::load(&src, cfg.val_split, cfg.seed, cfg.image_size)?;
@@ -258,6 +260,7 @@ pub fn train(a: TrainArgs) -> CmdResult {
             schedule_unit: ScheduleUnit::Batch,
             device,
             tf32,
+            precision,
             seed: cfg.seed,
             ..Default::default()
         };
