@@ -110,7 +110,7 @@ impl DeviceMemory {
         // bf16 values; a word count rounded up would write past the allocation and is refused).
         // SAFETY: `p` is a fresh allocation of `bytes` bytes.
         let zeroed = unsafe {
-            if bytes % 4 == 0 {
+            if bytes.is_multiple_of(4) {
                 drv!(cuMemsetD32Async(p, 0, bytes / 4, gpu.stream))
             } else {
                 drv!(cuMemsetD8Async(p, 0, bytes, gpu.stream))
