@@ -346,6 +346,19 @@ fn grad_into(r: &mut Recorder, o: &ops::GradInto) -> Result<()> {
     }
 }
 
+/// The cast of mixed precision ([`ops::Cast`]). This backend holds f32 buffers only (its
+/// validation refuses bf16 ones, and `exec` plans bf16 only for backends whose products take
+/// it), so a cast that reaches it is f32 to f32: a copy or an accumulation, as [`grad_into`].
+/// The bias a widening cast adds to a bf16 convolution's output never occurs here: refused.
+fn cast(r: &mut Recorder, o: &ops::Cast) -> Result<()> {
+    if o.bias.is_some() {
+        return Err(crate::Error::State(
+            "cast with a bias: the wgpu backend computes in f32 only (no mixed precision)".into(),
+        ));
+    }
+    grad_into(r, &ops::GradInto { len: o.len, src: o.src, dst: o.dst })
+}
+
 static FILL: Kernel = Kernel {
     name: "fill",
     parts: &[concat!(
@@ -429,6 +442,7 @@ runs! {
     DropoutBackward => dropout_backward,
     Add => add,
     GradInto => grad_into,
+    Cast => cast,
     Fill => fill,
     Concat => concat,
     ConcatBackward => concat_backward,
