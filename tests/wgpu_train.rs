@@ -337,6 +337,30 @@ fn unsupported_ops_are_errors_naming_them() {
     assert!(gpu.run(&[copy(5)]).is_err(), "an op reading past a buffer");
 }
 
+/// Gradient checkpointing (`ModelBuilder::checkpoint`): the same model with its batch norm and
+/// dropout layers in checkpointed segments trains bit-identically on the device (the recomputed
+/// dropout masks replay the forward's; counters and running statistics as without).
+fn checkpointed_training_is_bit_identical() {
+    let build = |ck: bool| {
+        let seg = |b: kiln::model::ModelBuilder| b.conv2d(4, 3).batch_norm().relu().dropout(0.3);
+        let b = kiln::model::ModelBuilder::new(&[2, 3, 8, 8]).seed(3);
+        let b = if ck { b.checkpoint(seg) } else { seg(b) };
+        b.flatten().dense(10).build().unwrap()
+    };
+    let (x, y) = tutorial_images(2, 3, 8, 8, 10, &mut Rng::new(5));
+    let cfg = || TrainerConfig { batch_size: 2, device: Device::Wgpu(0), learning_rate: 1e-2, ..Default::default() };
+    let mut a = Trainer::with_backend(&build(false), cfg(), wgpu()).unwrap();
+    let mut b = Trainer::with_backend(&build(true), cfg(), wgpu()).unwrap();
+    for step in 0..3 {
+        let (ra, rb) = (a.train_batch(&x, &y).unwrap(), b.train_batch(&x, &y).unwrap());
+        assert_eq!(ra.loss.to_bits(), rb.loss.to_bits(), "step {step}");
+        assert_eq!(a.gradients().unwrap(), b.gradients().unwrap(), "step {step}");
+    }
+    let (ma, mb) = (a.model().unwrap().clone(), b.model().unwrap().clone());
+    assert_eq!(ma.param_values(), mb.param_values());
+    assert_eq!(a.executor().dropout_steps().unwrap(), b.executor().dropout_steps().unwrap());
+}
+
 fn main() {
     let mut trials = vec![
         wgpu_trial("every_loss_matches_the_cpu", every_loss_matches_the_cpu),
@@ -357,6 +381,7 @@ fn main() {
         ),
         wgpu_trial("training_steps_are_identical_run_to_run", training_steps_are_identical_run_to_run),
         wgpu_trial("unsupported_ops_are_errors_naming_them", unsupported_ops_are_errors_naming_them),
+        wgpu_trial("checkpointed_training_is_bit_identical", checkpointed_training_is_bit_identical),
     ];
     trials.push(libtest_mimic::Trial::test("device_names_parse", || {
         assert_eq!("wgpu:1".parse::<Device>().map_err(|e| e.to_string())?, Device::Wgpu(1));
