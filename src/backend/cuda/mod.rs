@@ -40,6 +40,8 @@ mod linear;
 mod loader;
 mod loss;
 mod memory;
+#[macro_use]
+mod multi_tensor;
 mod nccl;
 mod optimizer;
 mod pool2d;
@@ -134,6 +136,9 @@ pub struct CudaBackend {
     /// accumulator): grown in eager runs, never during capture; a grown one keeps its
     /// predecessor alive, as a captured graph may point at it.
     op_scratch: (sys::CUdeviceptr, usize),
+    /// The device tables of multi-tensor launches (optimizer, clipping, non-finite check),
+    /// made in warm-up runs and kept for the graphs that point at them.
+    mt_tables: multi_tensor::MtTables,
     nvrtc_version: (i32, i32),
     tf32: bool,
     eager: bool,
@@ -192,6 +197,7 @@ impl CudaBackend {
             mem,
             compiles: compiler.compiles,
             op_scratch: (0, 0),
+            mt_tables: Default::default(),
             nvrtc_version: compiler.version,
             tf32: options.tf32,
             eager: options.eager.unwrap_or_else(|| env_flag("KILN_EAGER")),

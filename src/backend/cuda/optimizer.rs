@@ -3,39 +3,47 @@
 //! come from the device `hyper` buffer and the step number from a device counter, so a replayed
 //! CUDA graph uses whatever the trainer wrote before the launch: schedules reach the GPU.
 //!
-//! One small kernel advances the step counter (and NAdam's momentum product), then one launch
-//! per parameter tensor updates it. Clipping by norm sums squares in f64: a fixed number of
-//! blocks per tensor writes partial sums to fixed slots, one block adds the slots in order (no
-//! atomics, so the result is the same every run), then every gradient is scaled by PyTorch's
-//! coefficient.
+//! Every op here is a multi-tensor launch (`multi_tensor.rs`, as PyTorch's fused optimizers):
+//! one small kernel advances the step counter (and NAdam's momentum product), then one launch
+//! updates every parameter, one block per chunk of 8192 values. Clipping by norm and the
+//! non-finite check sum squares in f64: one launch writes each chunk's partial sum to its own
+//! slot, one block adds the slots in a fixed order (no atomics, so the result is the same every
+//! run); clipping then scales every gradient by PyTorch's coefficient in one more launch.
 
 use super::CudaBackend;
+use super::multi_tensor::{MT_CHUNK, MtTable};
 use super::nvrtc::ModuleSrc;
 use crate::Result;
 use crate::backend::ops;
 use crate::backend::ops::OptRule;
 use crate::backend::ops::RunOp;
 
+/// Threads per block of the multi-tensor and reduction kernels (the reductions' shared arrays
+/// hold 256 values).
+const MT_THREADS: u32 = 256;
+
 kernels! {
     opt_begin(step: (u64*), scalars: (float*), hyper: (const float*), md: float, guard: (const float*));
-    opt_sgd(w: (float*), g: (const float*), buf: (float*), n: i64, hyper: (const float*), step: (const u64*), damp: float, nesterov: int, wd: float, guard: (const float*));
-    opt_adam(w: (float*), g: (const float*), m: (float*), v: (float*), vmax: (float*), n: i64, hyper: (const float*), step: (const u64*), beta2: float, eps: float, wd: float, decoupled: int, guard: (const float*));
-    opt_rmsprop(w: (float*), g: (const float*), sq: (float*), buf: (float*), ga: (float*), n: i64, hyper: (const float*), alpha: float, eps: float, wd: float, guard: (const float*));
-    opt_adagrad(w: (float*), g: (const float*), sum: (float*), n: i64, hyper: (const float*), step: (const u64*), lr_decay: float, eps: float, wd: float, guard: (const float*));
-    opt_adadelta(w: (float*), g: (const float*), sq: (float*), acc: (float*), n: i64, hyper: (const float*), rho: float, eps: float, wd: float, guard: (const float*));
-    opt_nadam(w: (float*), g: (const float*), m: (float*), v: (float*), n: i64, hyper: (const float*), step: (const u64*), scalars: (const float*), beta2: float, eps: float, wd: float, md: float, guard: (const float*));
-    sumsq_partial(g: (const float*), n: i64, slots: (double*));
-    sum_slots(slots: (const double*), count: i64, acc: (double*));
-    clip_scale(g: (float*), n: i64, acc: (const double*), max_norm: float, norm_out: (float*));
-    clip_value(g: (float*), n: i64, clip: float);
-    check_finite(stats: (const float*), acc: (const double*), g: (float*), sticky: int);
+    opt_sgd(tab: (const u64*), chunks: (const u64*), chunk: i64, hyper: (const float*), step: (const u64*), damp: float, nesterov: int, wd: float, guard: (const float*));
+    opt_adam(tab: (const u64*), chunks: (const u64*), chunk: i64, hyper: (const float*), step: (const u64*), beta2: float, eps: float, wd: float, decoupled: int, guard: (const float*));
+    opt_rmsprop(tab: (const u64*), chunks: (const u64*), chunk: i64, hyper: (const float*), alpha: float, eps: float, wd: float, guard: (const float*));
+    opt_adagrad(tab: (const u64*), chunks: (const u64*), chunk: i64, hyper: (const float*), step: (const u64*), lr_decay: float, eps: float, wd: float, guard: (const float*));
+    opt_adadelta(tab: (const u64*), chunks: (const u64*), chunk: i64, hyper: (const float*), rho: float, eps: float, wd: float, guard: (const float*));
+    opt_nadam(tab: (const u64*), chunks: (const u64*), chunk: i64, hyper: (const float*), step: (const u64*), scalars: (const float*), beta2: float, eps: float, wd: float, md: float, guard: (const float*));
+    mt_sumsq(tab: (const u64*), chunks: (const u64*), chunk: i64, slots: (double*));
+    sum_slots(slots: (const double*), count: i64, acc: (double*), norm_out: (float*));
+    mt_clip_scale(tab: (const u64*), chunks: (const u64*), chunk: i64, acc: (const double*), max_norm: float);
+    mt_clip_value(tab: (const u64*), chunks: (const u64*), chunk: i64, clip: float);
+    check_finite(stats: (const float*), slots: (const double*), count: i64, g: (float*), sticky: int);
 }
 
 pub(super) const MODULE: ModuleSrc = ModuleSrc {
     name: "optimizer",
     kernels: KERNELS,
     prototypes,
-    source: r#"
+    source: concat!(
+        mt_prelude!(),
+        r#"
 // Whether a CheckFinite guard says this step's update is skipped (no guard: never).
 #define SKIPPED(guard) ((guard) != 0 && (guard)[GUARD_SKIP] != 0.f)
 
@@ -55,12 +63,19 @@ extern "C" __global__ void opt_begin(u64* step, float* scalars, const float* hyp
     }
 }
 
-extern "C" __global__ void opt_sgd(float* w, const float* g, float* buf, i64 n, const float* hyper,
+// Each update kernel below runs one block per chunk of a multi-tensor table (multi_tensor.rs)
+// whose records are (w, g, state 0, state 1, state 2, len); the arithmetic per value is the CPU
+// reference's (backend/cpu/optimizer.rs), and the scalar coefficients are computed by every
+// thread from the same inputs, so every block agrees on them bit for bit.
+
+extern "C" __global__ void opt_sgd(const u64* tab, const u64* chunks, i64 chunk, const float* hyper,
                                    const u64* step, float damp, int nesterov, float wd, const float* guard) {
     if (SKIPPED(guard)) return;
+    MtChunk c = mt_chunk(tab, chunks, chunk);
+    float* w = MT_PTR(c, 0, float); const float* g = MT_PTR(c, 1, const float); float* buf = MT_PTR(c, 2, float);
     float lr = hyper[HYPER_LR], mu = hyper[HYPER_MOMENTUM];
     int first = *step == 1;
-    GRID_LOOP(i, n) {
+    MT_LOOP(i, c) {
         float d = g[i];
         if (wd != 0.f) d = d + wd * w[i];
         if (mu != 0.f) {
@@ -71,16 +86,19 @@ extern "C" __global__ void opt_sgd(float* w, const float* g, float* buf, i64 n, 
     }
 }
 
-extern "C" __global__ void opt_adam(float* w, const float* g, float* m, float* v, float* vmax, i64 n,
-                                    const float* hyper, const u64* step, float beta2, float eps, float wd,
-                                    int decoupled, const float* guard) {
+extern "C" __global__ void opt_adam(const u64* tab, const u64* chunks, i64 chunk, const float* hyper,
+                                    const u64* step, float beta2, float eps, float wd, int decoupled,
+                                    const float* guard) {
     if (SKIPPED(guard)) return;
+    MtChunk c = mt_chunk(tab, chunks, chunk);
+    float* w = MT_PTR(c, 0, float); const float* g = MT_PTR(c, 1, const float);
+    float* m = MT_PTR(c, 2, float); float* v = MT_PTR(c, 3, float); float* vmax = MT_PTR(c, 4, float);
     double t = (double)*step, lr = (double)hyper[HYPER_LR], b1 = (double)hyper[HYPER_MOMENTUM];
     float step_size = (float)(lr / (1.0 - pow(b1, t)));
     float bc2_sqrt = (float)sqrt(1.0 - pow((double)beta2, t));
     float one_m_b1 = (float)(1.0 - b1), one_m_b2 = 1.f - beta2;
     float decay = (float)(1.0 - lr * (double)wd);
-    GRID_LOOP(i, n) {
+    MT_LOOP(i, c) {
         float gi = g[i];
         if (wd != 0.f) {
             if (decoupled) w[i] *= decay; else gi = gi + wd * w[i];
@@ -98,11 +116,14 @@ extern "C" __global__ void opt_adam(float* w, const float* g, float* m, float* v
     }
 }
 
-extern "C" __global__ void opt_rmsprop(float* w, const float* g, float* sq, float* buf, float* ga, i64 n,
-                                       const float* hyper, float alpha, float eps, float wd, const float* guard) {
+extern "C" __global__ void opt_rmsprop(const u64* tab, const u64* chunks, i64 chunk, const float* hyper,
+                                       float alpha, float eps, float wd, const float* guard) {
     if (SKIPPED(guard)) return;
+    MtChunk c = mt_chunk(tab, chunks, chunk);
+    float* w = MT_PTR(c, 0, float); const float* g = MT_PTR(c, 1, const float);
+    float* sq = MT_PTR(c, 2, float); float* buf = MT_PTR(c, 3, float); float* ga = MT_PTR(c, 4, float);
     float lr = hyper[HYPER_LR], mu = hyper[HYPER_MOMENTUM], one_m_a = 1.f - alpha;
-    GRID_LOOP(i, n) {
+    MT_LOOP(i, c) {
         float gi = g[i];
         if (wd != 0.f) gi = gi + wd * w[i];
         sq[i] = sq[i] * alpha + one_m_a * gi * gi;
@@ -122,11 +143,13 @@ extern "C" __global__ void opt_rmsprop(float* w, const float* g, float* sq, floa
     }
 }
 
-extern "C" __global__ void opt_adagrad(float* w, const float* g, float* sum, i64 n, const float* hyper,
+extern "C" __global__ void opt_adagrad(const u64* tab, const u64* chunks, i64 chunk, const float* hyper,
                                        const u64* step, float lr_decay, float eps, float wd, const float* guard) {
     if (SKIPPED(guard)) return;
+    MtChunk c = mt_chunk(tab, chunks, chunk);
+    float* w = MT_PTR(c, 0, float); const float* g = MT_PTR(c, 1, const float); float* sum = MT_PTR(c, 2, float);
     float clr = (float)((double)hyper[HYPER_LR] / (1.0 + ((double)*step - 1.0) * (double)lr_decay));
-    GRID_LOOP(i, n) {
+    MT_LOOP(i, c) {
         float gi = g[i];
         if (wd != 0.f) gi = gi + wd * w[i];
         sum[i] += gi * gi;
@@ -135,11 +158,14 @@ extern "C" __global__ void opt_adagrad(float* w, const float* g, float* sum, i64
     }
 }
 
-extern "C" __global__ void opt_adadelta(float* w, const float* g, float* sq, float* acc, i64 n,
-                                        const float* hyper, float rho, float eps, float wd, const float* guard) {
+extern "C" __global__ void opt_adadelta(const u64* tab, const u64* chunks, i64 chunk, const float* hyper,
+                                        float rho, float eps, float wd, const float* guard) {
     if (SKIPPED(guard)) return;
+    MtChunk c = mt_chunk(tab, chunks, chunk);
+    float* w = MT_PTR(c, 0, float); const float* g = MT_PTR(c, 1, const float);
+    float* sq = MT_PTR(c, 2, float); float* acc = MT_PTR(c, 3, float);
     float lr = hyper[HYPER_LR], one_m_r = 1.f - rho;
-    GRID_LOOP(i, n) {
+    MT_LOOP(i, c) {
         float gi = g[i];
         if (wd != 0.f) gi = gi + wd * w[i];
         sq[i] = sq[i] * rho + one_m_r * gi * gi;
@@ -150,10 +176,13 @@ extern "C" __global__ void opt_adadelta(float* w, const float* g, float* sq, flo
     }
 }
 
-extern "C" __global__ void opt_nadam(float* w, const float* g, float* m, float* v, i64 n, const float* hyper,
+extern "C" __global__ void opt_nadam(const u64* tab, const u64* chunks, i64 chunk, const float* hyper,
                                      const u64* step, const float* scalars, float beta2, float eps, float wd,
                                      float md, const float* guard) {
     if (SKIPPED(guard)) return;
+    MtChunk c = mt_chunk(tab, chunks, chunk);
+    float* w = MT_PTR(c, 0, float); const float* g = MT_PTR(c, 1, const float);
+    float* m = MT_PTR(c, 2, float); float* v = MT_PTR(c, 3, float);
     double t = (double)*step, lr = (double)hyper[HYPER_LR], b1 = (double)hyper[HYPER_MOMENTUM];
     double mu = b1 * (1.0 - 0.5 * pow(0.96, t * (double)md));
     double mu_next = b1 * (1.0 - 0.5 * pow(0.96, (t + 1.0) * (double)md));
@@ -162,7 +191,7 @@ extern "C" __global__ void opt_nadam(float* w, const float* g, float* m, float* 
     float c_avg = (float)(-lr * mu_next / (1.0 - mu_product * mu_next));
     float one_m_b1 = (float)(1.0 - b1), one_m_b2 = 1.f - beta2;
     float bc2 = (float)(1.0 - pow((double)beta2, t));
-    GRID_LOOP(i, n) {
+    MT_LOOP(i, c) {
         float gi = g[i];
         if (wd != 0.f) gi = gi + wd * w[i];
         m[i] = lerpf_(m[i], gi, one_m_b1);
@@ -173,38 +202,58 @@ extern "C" __global__ void opt_nadam(float* w, const float* g, float* m, float* 
     }
 }
 
-// slots[blockIdx.x] = this block's share of the sum of squares of g.
-extern "C" __global__ void sumsq_partial(const float* g, i64 n, double* slots) {
+// slots[blockIdx.x] = the sum of squares of this block's chunk (records: (g, ..., len)).
+extern "C" __global__ void mt_sumsq(const u64* tab, const u64* chunks, i64 chunk, double* slots) {
     __shared__ double sh[256];
+    MtChunk c = mt_chunk(tab, chunks, chunk);
+    const float* g = MT_PTR(c, 0, const float);
     double s = 0.0;
-    GRID_LOOP(i, n) s += (double)g[i] * (double)g[i];
+    MT_LOOP(i, c) s += (double)g[i] * (double)g[i];
     s = block_sum(s, sh);
     if (threadIdx.x == 0) slots[blockIdx.x] = s;
 }
 
-// *acc = sum of count slots, in a fixed order (one block).
-extern "C" __global__ void sum_slots(const double* slots, i64 count, double* acc) {
+// The sum of count slots in a fixed order (one block of 256 threads); every thread gets it.
+__device__ double sum_slots_fixed(const double* slots, i64 count) {
     __shared__ double sh[256];
     double s = 0.0;
     for (i64 i = threadIdx.x; i < count; i += blockDim.x) s += slots[i];
-    s = block_sum(s, sh);
-    if (threadIdx.x == 0) *acc = s;
+    return block_sum(s, sh);
 }
 
-// g *= min(max_norm / (sqrt(acc) + 1e-6), 1); the first launch also writes the norm.
-extern "C" __global__ void clip_scale(float* g, i64 n, const double* acc, float max_norm, float* norm_out) {
+// *acc = sum of count slots, in a fixed order (one block); norm_out (if given) = sqrt(*acc).
+extern "C" __global__ void sum_slots(const double* slots, i64 count, double* acc, float* norm_out) {
+    double s = sum_slots_fixed(slots, count);
+    if (threadIdx.x == 0) {
+        *acc = s;
+        if (norm_out) *norm_out = (float)sqrt(s);
+    }
+}
+
+// g *= min(max_norm / (sqrt(acc) + 1e-6), 1) over every chunk of the table.
+extern "C" __global__ void mt_clip_scale(const u64* tab, const u64* chunks, i64 chunk, const double* acc,
+                                         float max_norm) {
+    MtChunk c = mt_chunk(tab, chunks, chunk);
+    float* g = MT_PTR(c, 0, float);
     double norm = sqrt(*acc);
     double coef = (double)max_norm / (norm + 1e-6);
     float cf = (float)(coef < 1.0 ? coef : 1.0);
-    if (norm_out && blockIdx.x == 0 && threadIdx.x == 0) *norm_out = (float)norm;
-    GRID_LOOP(i, n) g[i] *= cf;
+    MT_LOOP(i, c) g[i] *= cf;
 }
 
-// The guard update of CheckFinite (one thread), as the CPU backend's check_finite.
-extern "C" __global__ void check_finite(const float* stats, const double* acc, float* g, int sticky) {
+extern "C" __global__ void mt_clip_value(const u64* tab, const u64* chunks, i64 chunk, float clip) {
+    MtChunk c = mt_chunk(tab, chunks, chunk);
+    float* g = MT_PTR(c, 0, float);
+    MT_LOOP(i, c) g[i] = g[i] < -clip ? -clip : (g[i] > clip ? clip : g[i]);
+}
+
+// The guard update of CheckFinite, as the CPU backend's check_finite: one block of 256 threads
+// adds the count partial sums of squares in a fixed order, then one thread updates the guard.
+extern "C" __global__ void check_finite(const float* stats, const double* slots, i64 count, float* g, int sticky) {
+    double sumsq = sum_slots_fixed(slots, count);
     if (threadIdx.x != 0 || blockIdx.x != 0) return;
     float loss = stats[STATS_LOSS];
-    double norm = sqrt(*acc);
+    double norm = sqrt(sumsq);
     int bad_loss = !isfinite(loss);
     int bad_norm = !isfinite((float)norm);
     int bad = bad_loss || bad_norm;
@@ -219,17 +268,14 @@ extern "C" __global__ void check_finite(const float* stats, const double* acc, f
     g[GUARD_CHECKED] += 1.f;
     g[GUARD_SKIP] = (bad || stuck) ? 1.f : 0.f;
 }
-
-extern "C" __global__ void clip_value(float* g, i64 n, float clip) {
-    GRID_LOOP(i, n) g[i] = g[i] < -clip ? -clip : (g[i] > clip ? clip : g[i]);
-}
-"#,
+"#
+    ),
 };
 
 impl RunOp<ops::OptimizerStep> for CudaBackend {
+    /// One kernel for the step counter, then one multi-tensor launch over every parameter.
     fn run_op(&mut self, o: &ops::OptimizerStep) -> Result<()> {
         let ops::OptimizerStep { rule, hyper, step, scalars, .. } = *o;
-        let params = &o.params;
         let step_ptr = self.mem.counter_ptr(step.0)?;
         let (h, sc) = (self.ptr(hyper), self.ptr(scalars));
         let guard = o.guard.map(|g| self.ptr(g)).unwrap_or(0);
@@ -237,150 +283,132 @@ impl RunOp<ops::OptimizerStep> for CudaBackend {
             OptRule::NAdam { momentum_decay, .. } => momentum_decay,
             _ => -1.0,
         };
+        // Records: the parameter, its gradient and its state tensors (as many as the rule keeps,
+        // at most three: checked by the op).
+        let addrs: Vec<Vec<u64>> =
+            o.params.iter().map(|p| [p.value, p.grad].iter().chain(&p.state).map(|&b| self.ptr(b)).collect()).collect();
+        let tensors: Vec<(&[u64], usize)> = addrs.iter().zip(&o.params).map(|(a, p)| (&a[..], p.len)).collect();
+        let t = self.mt_table(&tensors)?;
+        let (tab, chunks, chunk) = (t.tab, t.chunks, MT_CHUNK);
         self.launch_blocks(1, 32, 0, &opt_begin { step: step_ptr, scalars: sc, hyper: h, md, guard })?;
-        for p in params {
-            let (w, g, n) = (self.ptr(p.value), self.ptr(p.grad), p.len);
-            let st = |k: usize| p.state.get(k).map(|&b| self.ptr(b)).unwrap_or(0);
-            match rule {
-                OptRule::Sgd { dampening, nesterov, weight_decay } => {
-                    let k = opt_sgd {
-                        w,
-                        g,
-                        buf: st(0),
-                        n,
-                        hyper: h,
-                        step: step_ptr,
-                        damp: dampening,
-                        nesterov: nesterov as i32,
-                        wd: weight_decay,
-                        guard,
-                    };
-                    self.launch_elems(n, &k)?
-                }
-                OptRule::Adam { beta2, eps, weight_decay, decoupled, .. } => {
-                    let k = opt_adam {
-                        w,
-                        g,
-                        m: st(0),
-                        v: st(1),
-                        vmax: st(2),
-                        n,
-                        hyper: h,
-                        step: step_ptr,
-                        beta2,
-                        eps,
-                        wd: weight_decay,
-                        decoupled: decoupled as i32,
-                        guard,
-                    };
-                    self.launch_elems(n, &k)?
-                }
-                OptRule::RmsProp { alpha, eps, weight_decay, .. } => {
-                    let k = opt_rmsprop {
-                        w,
-                        g,
-                        sq: st(0),
-                        buf: st(1),
-                        ga: st(2),
-                        n,
-                        hyper: h,
-                        alpha,
-                        eps,
-                        wd: weight_decay,
-                        guard,
-                    };
-                    self.launch_elems(n, &k)?
-                }
-                OptRule::Adagrad { lr_decay, eps, weight_decay } => {
-                    let k = opt_adagrad {
-                        w,
-                        g,
-                        sum: st(0),
-                        n,
-                        hyper: h,
-                        step: step_ptr,
-                        lr_decay,
-                        eps,
-                        wd: weight_decay,
-                        guard,
-                    };
-                    self.launch_elems(n, &k)?
-                }
-                OptRule::Adadelta { rho, eps, weight_decay } => {
-                    let k =
-                        opt_adadelta { w, g, sq: st(0), acc: st(1), n, hyper: h, rho, eps, wd: weight_decay, guard };
-                    self.launch_elems(n, &k)?
-                }
-                OptRule::NAdam { beta2, eps, weight_decay, momentum_decay } => {
-                    let k = opt_nadam {
-                        w,
-                        g,
-                        m: st(0),
-                        v: st(1),
-                        n,
-                        hyper: h,
-                        step: step_ptr,
-                        scalars: sc,
-                        beta2,
-                        eps,
-                        wd: weight_decay,
-                        md: momentum_decay,
-                        guard,
-                    };
-                    self.launch_elems(n, &k)?
-                }
+        let grid = t.count as u32;
+        match rule {
+            OptRule::Sgd { dampening, nesterov, weight_decay } => {
+                let k = opt_sgd {
+                    tab,
+                    chunks,
+                    chunk,
+                    hyper: h,
+                    step: step_ptr,
+                    damp: dampening,
+                    nesterov: nesterov as i32,
+                    wd: weight_decay,
+                    guard,
+                };
+                self.launch_blocks(grid, MT_THREADS, 0, &k)
+            }
+            OptRule::Adam { beta2, eps, weight_decay, decoupled, .. } => {
+                let k = opt_adam {
+                    tab,
+                    chunks,
+                    chunk,
+                    hyper: h,
+                    step: step_ptr,
+                    beta2,
+                    eps,
+                    wd: weight_decay,
+                    decoupled: decoupled as i32,
+                    guard,
+                };
+                self.launch_blocks(grid, MT_THREADS, 0, &k)
+            }
+            OptRule::RmsProp { alpha, eps, weight_decay, .. } => {
+                let k = opt_rmsprop { tab, chunks, chunk, hyper: h, alpha, eps, wd: weight_decay, guard };
+                self.launch_blocks(grid, MT_THREADS, 0, &k)
+            }
+            OptRule::Adagrad { lr_decay, eps, weight_decay } => {
+                let k = opt_adagrad {
+                    tab,
+                    chunks,
+                    chunk,
+                    hyper: h,
+                    step: step_ptr,
+                    lr_decay,
+                    eps,
+                    wd: weight_decay,
+                    guard,
+                };
+                self.launch_blocks(grid, MT_THREADS, 0, &k)
+            }
+            OptRule::Adadelta { rho, eps, weight_decay } => {
+                let k = opt_adadelta { tab, chunks, chunk, hyper: h, rho, eps, wd: weight_decay, guard };
+                self.launch_blocks(grid, MT_THREADS, 0, &k)
+            }
+            OptRule::NAdam { beta2, eps, weight_decay, momentum_decay } => {
+                let k = opt_nadam {
+                    tab,
+                    chunks,
+                    chunk,
+                    hyper: h,
+                    step: step_ptr,
+                    scalars: sc,
+                    beta2,
+                    eps,
+                    wd: weight_decay,
+                    md: momentum_decay,
+                    guard,
+                };
+                self.launch_blocks(grid, MT_THREADS, 0, &k)
             }
         }
-        Ok(())
+    }
+}
+
+impl CudaBackend {
+    /// The squares of every value of `grads` summed in f64 into one slot per chunk of their
+    /// table (one launch); returns the table and the slots' address. The scratch holds the
+    /// total first (8 bytes), then the slots.
+    fn sumsq_slots(&mut self, grads: &[(ops::BufId, usize)]) -> Result<(MtTable, u64, u64)> {
+        let t = self.mt_grads(grads)?;
+        let acc = self.op_scratch(8 * (1 + t.count))?;
+        let slots = acc + 8;
+        let args = mt_sumsq { tab: t.tab, chunks: t.chunks, chunk: MT_CHUNK, slots };
+        self.launch_blocks(t.count as u32, MT_THREADS, 0, &args)?;
+        Ok((t, acc, slots))
     }
 }
 
 impl RunOp<ops::CheckFinite> for CudaBackend {
-    /// [`ops::CheckFinite`]: the global norm as for clipping (fixed-order f64 sums), then one
-    /// thread updates the guard; nothing is read back.
+    /// [`ops::CheckFinite`]: the squares of all gradients summed by one multi-tensor launch
+    /// into fixed slots, then one block adds the slots in a fixed order and updates the guard;
+    /// nothing is read back.
     fn run_op(&mut self, o: &ops::CheckFinite) -> Result<()> {
         let ops::CheckFinite { ref grads, stats, guard, sticky } = *o;
-        const SLOTS: usize = 256;
-        let acc = self.op_scratch(8 * (1 + SLOTS * grads.len().max(1)))?;
-        let slots = acc + 8;
-        for (k, &(g, n)) in grads.iter().enumerate() {
-            let args = sumsq_partial { g: self.ptr(g), n, slots: slots + (8 * SLOTS * k) as u64 };
-            self.launch_blocks(SLOTS as u32, 256, 0, &args)?;
-        }
-        let count = SLOTS * grads.len();
-        self.launch_blocks(1, 256, 0, &sum_slots { slots, count, acc })?;
-        let args = check_finite { stats: self.ptr(stats), acc, g: self.ptr(guard), sticky: sticky as i32 };
-        self.launch_blocks(1, 32, 0, &args)
+        let (t, _, slots) = self.sumsq_slots(grads)?;
+        let args =
+            check_finite { stats: self.ptr(stats), slots, count: t.count, g: self.ptr(guard), sticky: sticky as i32 };
+        self.launch_blocks(1, MT_THREADS, 0, &args)
     }
 }
 
 impl RunOp<ops::ClipGradNorm> for CudaBackend {
+    /// The global norm as for [`ops::CheckFinite`] (one launch, then the fixed-order total,
+    /// which also writes the norm), then one multi-tensor launch scales every gradient.
     fn run_op(&mut self, o: &ops::ClipGradNorm) -> Result<()> {
         let ops::ClipGradNorm { ref grads, max_norm, norm } = *o;
-        // Scratch: the total, then SLOTS partial sums per tensor.
-        const SLOTS: usize = 256;
-        let acc = self.op_scratch(8 * (1 + SLOTS * grads.len()))?;
-        let slots = acc + 8;
-        for (k, &(g, n)) in grads.iter().enumerate() {
-            let args = sumsq_partial { g: self.ptr(g), n, slots: slots + (8 * SLOTS * k) as u64 };
-            self.launch_blocks(SLOTS as u32, 256, 0, &args)?;
-        }
-        let count = SLOTS * grads.len();
-        self.launch_blocks(1, 256, 0, &sum_slots { slots, count, acc })?;
-        for (k, &(g, n)) in grads.iter().enumerate() {
-            let out = if k == 0 { self.ptr(norm) } else { 0 };
-            self.launch_elems(n, &clip_scale { g: self.ptr(g), n, acc, max_norm, norm_out: out })?;
-        }
-        Ok(())
+        let (t, acc, slots) = self.sumsq_slots(grads)?;
+        let total = sum_slots { slots, count: t.count, acc, norm_out: self.ptr(norm) };
+        self.launch_blocks(1, MT_THREADS, 0, &total)?;
+        let scale = mt_clip_scale { tab: t.tab, chunks: t.chunks, chunk: MT_CHUNK, acc, max_norm };
+        self.launch_blocks(t.count as u32, MT_THREADS, 0, &scale)
     }
 }
 
 impl RunOp<ops::ClipGradValue> for CudaBackend {
     fn run_op(&mut self, o: &ops::ClipGradValue) -> Result<()> {
         let ops::ClipGradValue { ref grads, clip } = *o;
-        for &(g, n) in grads {
-            self.launch_elems(n, &clip_value { g: self.ptr(g), n, clip })?;
-        }
-        Ok(())
+        let t = self.mt_grads(grads)?;
+        let args = mt_clip_value { tab: t.tab, chunks: t.chunks, chunk: MT_CHUNK, clip };
+        self.launch_blocks(t.count as u32, MT_THREADS, 0, &args)
     }
 }
