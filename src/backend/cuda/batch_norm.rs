@@ -5,7 +5,9 @@
 //! Each channel's `n * hw` values are split over several blocks (by samples), so that even a
 //! layer with few channels fills the GPU: a first kernel writes each block's f64 partial sums, a
 //! second reduces them per channel in a fixed order (results identical run to run, no atomics)
-//! and computes the statistics, a third applies them element-wise. Statistics come from f64 sums
+//! and computes the statistics, a third applies them element-wise. The partial-sum and
+//! element-wise kernels keep four loads in flight per thread and step each value's channel
+//! instead of dividing for it (see the kernels' comment; NOTES.md has the reason). Statistics come from f64 sums
 //! of `x` and `x^2` (one pass); in f64 the cancellation in `E[x^2] - mean^2` costs nothing at
 //! f32 precision.
 //!
@@ -48,8 +50,38 @@ pub(super) const MODULE: ModuleSrc = ModuleSrc {
     kernels: KERNELS,
     prototypes,
     source: r#"
+// The element-wise kernels below are grid-stride loops that handle ILP values per thread and
+// iteration, loading all of them before using any, so that each warp has ILP loads in flight
+// instead of one (at one load in flight per warp the H200 reaches only a fraction of its
+// bandwidth); each value's channel comes from a ChanWalk instead of a 64-bit division. The
+// arithmetic per value and, in bn_partial, the order of the additions are what they were with
+// one value per iteration, so the results are the same bits.
+#define ILP 4
+
+// Where a grid-stride loop over an [n, c, hw] tensor is: the value's offset j in its row and its
+// channel ch, advanced by the loop's stride without dividing. A step adds the stride's offset
+// (carrying one row when it passes hw) and its whole rows mod c; ch + dch + carry < 2c, so one
+// subtraction brings the channel back into range.
+struct ChanWalk { int j, ch, dj, dch, hw, c; };
+__device__ __forceinline__ ChanWalk chan_walk(i64 i0, i64 stride, i64 hw, i64 c) {
+    ChanWalk w;
+    w.hw = (int)hw; w.c = (int)c;
+    w.j = (int)(i0 % hw); w.ch = (int)((i0 / hw) % c);
+    w.dj = (int)(stride % hw); w.dch = (int)((stride / hw) % c);
+    return w;
+}
+__device__ __forceinline__ void chan_next(ChanWalk& w) {
+    w.j += w.dj;
+    int carry = w.j >= w.hw;
+    if (carry) w.j -= w.hw;
+    w.ch += w.dch + carry;
+    if (w.ch >= w.c) w.ch -= w.c;
+}
+
 // Block (s, ch) sums f(x) and g(x) over samples [s*per, min(n, (s+1)*per)) of channel ch:
-// mode 0: x and x^2 (forward); mode 1: dy and dy * (x - mean) * invstd (backward).
+// mode 0: x and x^2 (forward); mode 1: dy and dy * (x - mean) * invstd (backward). Thread t
+// adds values t, t + blockDim.x, ... of the segment in that order (ILP loads at a time); the
+// value's row and offset are stepped, not divided out.
 extern "C" __global__ void bn_partial(const float* x, const float* dy, const float* mean, const float* invstd,
                                       double* part, i64 n, i64 c, i64 hw, i64 per, int mode) {
     __shared__ double sh[256];
@@ -58,16 +90,32 @@ extern "C" __global__ void bn_partial(const float* x, const float* dy, const flo
     double mu = mode ? (double)mean[ch] : 0.0, is = mode ? (double)invstd[ch] : 0.0;
     double a = 0.0, b = 0.0;
     i64 total = (n1 - n0) * hw;
-    for (i64 u = threadIdx.x; u < total; u += blockDim.x) {
-        i64 i = ((n0 + u / hw) * c + ch) * hw + u % hw;
-        double v = (double)x[i];
-        if (mode == 0) {
-            a += v;
-            b += v * v;
-        } else {
-            double d = (double)dy[i];
-            a += d;
-            b += d * (v - mu) * is;
+    i64 drow = blockDim.x / hw, dj = blockDim.x % hw;
+    i64 row = n0 + threadIdx.x / hw, j = threadIdx.x % hw;
+    for (i64 u = threadIdx.x; u < total; u += ILP * blockDim.x) {
+        float xv[ILP], dv[ILP];
+#pragma unroll
+        for (int k = 0; k < ILP; k++) {
+            int ok = u + k * blockDim.x < total;
+            i64 i = (row * c + ch) * hw + j;
+            xv[k] = ok ? x[i] : 0.f;
+            dv[k] = ok && mode ? dy[i] : 0.f;
+            j += dj;
+            row += drow;
+            if (j >= hw) { j -= hw; row++; }
+        }
+#pragma unroll
+        for (int k = 0; k < ILP; k++) {
+            if (u + k * blockDim.x >= total) break;
+            double v = (double)xv[k];
+            if (mode == 0) {
+                a += v;
+                b += v * v;
+            } else {
+                double d = (double)dv[k];
+                a += d;
+                b += d * (v - mu) * is;
+            }
         }
     }
     a = block_sum(a, sh);
@@ -118,21 +166,52 @@ extern "C" __global__ void bn_finalize(const double* part, int segs, const doubl
 }
 
 extern "C" __global__ void bn_apply(const float* x, const float* coef, float* y, i64 total, i64 c, i64 hw) {
-    GRID_LOOP(i, total) {
-        i64 ch = (i / hw) % c;
-        y[i] = x[i] * coef[2 * ch] + coef[2 * ch + 1];
+    i64 i0 = (i64)blockIdx.x * blockDim.x + threadIdx.x, stride = (i64)gridDim.x * blockDim.x;
+    ChanWalk w = chan_walk(i0, stride, hw, c);
+    for (i64 i = i0; i < total; i += ILP * stride) {
+        float v[ILP];
+        int ch[ILP];
+#pragma unroll
+        for (int k = 0; k < ILP; k++) {
+            i64 at = i + k * stride;
+            ch[k] = w.ch;
+            chan_next(w);
+            v[k] = at < total ? x[at] : 0.f;
+        }
+#pragma unroll
+        for (int k = 0; k < ILP; k++) {
+            i64 at = i + k * stride;
+            if (at < total) y[at] = v[k] * coef[2 * ch[k]] + coef[2 * ch[k] + 1];
+        }
     }
 }
 
 extern "C" __global__ void bn_infer_forward(const float* x, const float* gamma, const float* beta, const float* rmean,
                                             const float* rvar, float* y, i64 n, i64 c, i64 hw, float eps) {
-    GRID_LOOP(i, n * c * hw) {
-        i64 ch = (i / hw) % c;
-        float g = gamma ? gamma[ch] : 1.f;
-        float b = beta ? beta[ch] : 0.f;
-        float scale = g / sqrtf(rvar[ch] + eps);
-        float shift = b - rmean[ch] * scale;
-        y[i] = x[i] * scale + shift;
+    i64 total = n * c * hw;
+    i64 i0 = (i64)blockIdx.x * blockDim.x + threadIdx.x, stride = (i64)gridDim.x * blockDim.x;
+    ChanWalk w = chan_walk(i0, stride, hw, c);
+    for (i64 i = i0; i < total; i += ILP * stride) {
+        float v[ILP];
+        int chs[ILP];
+#pragma unroll
+        for (int k = 0; k < ILP; k++) {
+            i64 at = i + k * stride;
+            chs[k] = w.ch;
+            chan_next(w);
+            v[k] = at < total ? x[at] : 0.f;
+        }
+#pragma unroll
+        for (int k = 0; k < ILP; k++) {
+            i64 at = i + k * stride;
+            if (at >= total) break;
+            int ch = chs[k];
+            float g = gamma ? gamma[ch] : 1.f;
+            float b = beta ? beta[ch] : 0.f;
+            float scale = g / sqrtf(rvar[ch] + eps);
+            float shift = b - rmean[ch] * scale;
+            y[at] = v[k] * scale + shift;
+        }
     }
 }
 
@@ -159,12 +238,29 @@ extern "C" __global__ void bn_apply_grad(const float* x, const float* gamma, con
                                          const float* dy, const double* sums, float* dx, i64 total, i64 c, i64 hw,
                                          int acc) {
     double count = sums[2 * c];
-    GRID_LOOP(i, total) {
-        i64 ch = (i / hw) % c;
-        double is = (double)invstd[ch];
-        double k = (gamma ? (double)gamma[ch] : 1.0) * is / count;
-        double xhat = ((double)x[i] - (double)mean[ch]) * is;
-        store(&dx[i], (float)(k * (count * (double)dy[i] - sums[2 * ch] - xhat * sums[2 * ch + 1])), acc);
+    i64 i0 = (i64)blockIdx.x * blockDim.x + threadIdx.x, stride = (i64)gridDim.x * blockDim.x;
+    ChanWalk w = chan_walk(i0, stride, hw, c);
+    for (i64 i = i0; i < total; i += ILP * stride) {
+        float xv[ILP], dv[ILP];
+        int chs[ILP];
+#pragma unroll
+        for (int k = 0; k < ILP; k++) {
+            i64 at = i + k * stride;
+            chs[k] = w.ch;
+            chan_next(w);
+            xv[k] = at < total ? x[at] : 0.f;
+            dv[k] = at < total ? dy[at] : 0.f;
+        }
+#pragma unroll
+        for (int k = 0; k < ILP; k++) {
+            i64 at = i + k * stride;
+            if (at >= total) break;
+            int ch = chs[k];
+            double is = (double)invstd[ch];
+            double kk = (gamma ? (double)gamma[ch] : 1.0) * is / count;
+            double xhat = ((double)xv[k] - (double)mean[ch]) * is;
+            store(&dx[at], (float)(kk * (count * (double)dv[k] - sums[2 * ch] - xhat * sums[2 * ch + 1])), acc);
+        }
     }
 }
 "#,
