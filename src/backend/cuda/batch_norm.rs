@@ -3,17 +3,20 @@
 //! or synchronised over a data-parallel group (the op's `sync`), by the same kernels.
 //!
 //! Each channel's `n * hw` values are split over several blocks (by samples), so that even a
-//! layer with few channels fills the GPU: a first kernel writes each block's f64 partial sums, a
-//! second reduces them per channel in a fixed order (results identical run to run, no atomics)
-//! and computes the statistics, a third applies them element-wise. The partial-sum and
-//! element-wise kernels keep four loads in flight per thread and step each value's channel
-//! instead of dividing for it (see the kernels' comment; NOTES.md has the reason). Statistics come from f64 sums
-//! of `x` and `x^2` (one pass); in f64 the cancellation in `E[x^2] - mean^2` costs nothing at
-//! f32 precision.
+//! layer with few channels fills the GPU: each block writes its f64 partial sums to its own
+//! slot, and the last block of the launch to finish (found with one atomic counter,
+//! `last_block`) reduces them per channel in a fixed order and computes the statistics
+//! (`bn_stats`; backward `bn_stats_grad`), so results are identical run to run whichever block
+//! is last; a second kernel applies them element-wise. The partial-sum and element-wise kernels
+//! keep four loads in flight per thread and step each value's channel instead of dividing for
+//! it (see the kernels' comment; NOTES.md has the reason). Statistics come from f64 sums of `x`
+//! and `x^2` (one pass); in f64 the cancellation in `E[x^2] - mean^2` costs nothing at f32
+//! precision.
 //!
-//! Synchronised batch norm differs in one step only: the per-channel totals (with this rank's
-//! sample count after them) are written to scratch by `bn_totals` and summed over the group by
-//! NCCL (f64, on NCCL's stream, the compute stream waiting for it) before the statistics are
+//! Synchronised batch norm differs in one step only (its forward pass takes three launches for
+//! what `bn_stats` does in one: `bn_partial`, `bn_totals`, `bn_finalize`): the per-channel
+//! totals (with this rank's sample count after them) are written to scratch and summed over the
+//! group by NCCL (f64, on NCCL's stream, the compute stream waiting for it) before the statistics are
 //! finished from them: in the forward pass the sums of `x` and `x^2`, in the backward pass the
 //! sums of `dy` and `dy * xhat` (for `dx`; `dgamma` and `dbeta` stay local, as the gradient
 //! all-reduce averages them). A group of one computes what plain batch norm computes.
@@ -40,6 +43,8 @@ kernels! {
     bn_partial(x: (const float*), dy: (const float*), mean: (const float*), invstd: (const float*), part: (double*), n: i64, c: i64, hw: i64, per: i64, mode: int);
     bn_totals(part: (const double*), segs: int, totals: (double*), dgamma: (float*), dbeta: (float*), acc_dgamma: int, acc_dbeta: int, c: i64, count: double);
     bn_finalize(part: (const double*), segs: int, totals: (const double*), mean: (float*), invstd: (float*), rmean: (float*), rvar: (float*), gamma: (const float*), beta: (const float*), coef: (float*), c: i64, m: i64, eps: float, momentum: float);
+    bn_stats(x: (const float*), part: (double*), n: i64, c: i64, hw: i64, per: i64, done: (unsigned*), mean: (float*), invstd: (float*), rmean: (float*), rvar: (float*), gamma: (const float*), beta: (const float*), coef: (float*), eps: float, momentum: float);
+    bn_stats_grad(x: (const float*), dy: (const float*), mean: (const float*), invstd: (const float*), part: (double*), n: i64, c: i64, hw: i64, per: i64, done: (unsigned*), totals: (double*), dgamma: (float*), dbeta: (float*), acc_dgamma: int, acc_dbeta: int);
     bn_apply(x: (const float*), coef: (const float*), y: (float*), total: i64, c: i64, hw: i64);
     bn_infer_forward(x: (const float*), gamma: (const float*), beta: (const float*), rmean: (const float*), rvar: (const float*), y: (float*), n: i64, c: i64, hw: i64, eps: float);
     bn_apply_grad(x: (const float*), gamma: (const float*), mean: (const float*), invstd: (const float*), dy: (const float*), sums: (const double*), dx: (float*), total: i64, c: i64, hw: i64, acc: int);
@@ -82,8 +87,8 @@ __device__ __forceinline__ void chan_next(ChanWalk& w) {
 // mode 0: x and x^2 (forward); mode 1: dy and dy * (x - mean) * invstd (backward). Thread t
 // adds values t, t + blockDim.x, ... of the segment in that order (ILP loads at a time); the
 // value's row and offset are stepped, not divided out.
-extern "C" __global__ void bn_partial(const float* x, const float* dy, const float* mean, const float* invstd,
-                                      double* part, i64 n, i64 c, i64 hw, i64 per, int mode) {
+__device__ void bn_block_sums(const float* x, const float* dy, const float* mean, const float* invstd,
+                              double* part, i64 n, i64 c, i64 hw, i64 per, int mode) {
     __shared__ double sh[256];
     i64 ch = blockIdx.y, s = blockIdx.x, segs = gridDim.x;
     i64 n0 = s * per, n1 = n0 + per < n ? n0 + per : n;
@@ -126,18 +131,43 @@ extern "C" __global__ void bn_partial(const float* x, const float* dy, const flo
     }
 }
 
+extern "C" __global__ void bn_partial(const float* x, const float* dy, const float* mean, const float* invstd,
+                                      double* part, i64 n, i64 c, i64 hw, i64 per, int mode) {
+    bn_block_sums(x, dy, mean, invstd, part, n, c, hw, per, mode);
+}
+
+// Whether this block is the last of its grid to get here, every other block's writes before
+// its call then visible to it (the threadFenceReduction pattern: fence, then count on `done`).
+// The last block sets `done` back to 0 for the next launch (kernels on the stream run one after
+// another, so one counter serves them all). Every thread of the block gets the answer.
+__device__ bool last_block(unsigned* done) {
+    __shared__ int last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned blocks = gridDim.x * gridDim.y;
+        last = atomicAdd(done, 1u) == blocks - 1;
+        if (last) *done = 0;
+    }
+    __syncthreads();
+    if (last) __threadfence();
+    return last != 0;
+}
+
 // Per channel: mean, invstd, the running statistics, and the affine coefficients coef[2ch] =
 // gamma * invstd, coef[2ch + 1] = beta - mean * gamma * invstd (f32, as the CPU computes them).
 // The sums of x and x^2 and their count: with segs > 0 summed here from this device's partial
 // sums (plain batch norm, count m); with segs == 0 read from totals (the group's, after the
 // all-reduce: totals[2ch], totals[2ch + 1], count totals[2c]).
-extern "C" __global__ void bn_finalize(const double* part, int segs, const double* totals, float* mean,
-                                       float* invstd, float* rmean, float* rvar, const float* gamma,
-                                       const float* beta, float* coef, i64 c, i64 m, float eps, float momentum) {
-    GRID_LOOP(ch, c) {
+// (Partial sums are read with __ldcg, past the L1 cache: in bn_stats they were written by
+// other blocks of the same launch.)
+__device__ void bn_finalize_ch(i64 ch, const double* part, int segs, const double* totals, float* mean,
+                               float* invstd, float* rmean, float* rvar, const float* gamma, const float* beta,
+                               float* coef, i64 c, i64 m, float eps, float momentum) {
+    {
         double a = 0.0, b = 0.0, count;
         if (segs > 0) {
-            for (int s = 0; s < segs; s++) { a += part[(ch * segs + s) * 2]; b += part[(ch * segs + s) * 2 + 1]; }
+            for (int s = 0; s < segs; s++) { a += __ldcg(&part[(ch * segs + s) * 2]); b += __ldcg(&part[(ch * segs + s) * 2 + 1]); }
             count = (double)m;
         } else {
             a = totals[2 * ch];
@@ -163,6 +193,23 @@ extern "C" __global__ void bn_finalize(const double* part, int segs, const doubl
         coef[2 * ch] = sc;
         coef[2 * ch + 1] = bt - meanf * sc;
     }
+}
+
+extern "C" __global__ void bn_finalize(const double* part, int segs, const double* totals, float* mean,
+                                       float* invstd, float* rmean, float* rvar, const float* gamma,
+                                       const float* beta, float* coef, i64 c, i64 m, float eps, float momentum) {
+    GRID_LOOP(ch, c) bn_finalize_ch(ch, part, segs, totals, mean, invstd, rmean, rvar, gamma, beta, coef, c, m, eps, momentum);
+}
+
+// Plain batch norm's forward statistics in one launch: bn_partial's sums (mode 0), then the last
+// block to finish finalizes every channel as bn_finalize does (same additions, same order).
+extern "C" __global__ void bn_stats(const float* x, double* part, i64 n, i64 c, i64 hw, i64 per, unsigned* done,
+                                    float* mean, float* invstd, float* rmean, float* rvar, const float* gamma,
+                                    const float* beta, float* coef, float eps, float momentum) {
+    bn_block_sums(x, 0, 0, 0, part, n, c, hw, per, 0);
+    if (!last_block(done)) return;
+    for (i64 ch = threadIdx.x; ch < c; ch += blockDim.x)
+        bn_finalize_ch(ch, part, gridDim.x, 0, mean, invstd, rmean, rvar, gamma, beta, coef, c, n * hw, eps, momentum);
 }
 
 extern "C" __global__ void bn_apply(const float* x, const float* coef, float* y, i64 total, i64 c, i64 hw) {
@@ -218,17 +265,32 @@ extern "C" __global__ void bn_infer_forward(const float* x, const float* gamma, 
 // Per channel: the sums over segments of the partial sums, into totals[2ch], totals[2ch + 1],
 // and this device's count into totals[2c]. In the backward pass (mode 1 partials) also dbeta =
 // sum(dy) and dgamma = sum(dy * xhat), where wanted; the totals are kept for bn_apply_grad.
+__device__ void bn_totals_ch(i64 ch, const double* part, int segs, double* totals, float* dgamma, float* dbeta,
+                             int acc_dgamma, int acc_dbeta) {
+    double a = 0.0, b = 0.0;
+    for (int s = 0; s < segs; s++) { a += __ldcg(&part[(ch * segs + s) * 2]); b += __ldcg(&part[(ch * segs + s) * 2 + 1]); }
+    totals[2 * ch] = a;
+    totals[2 * ch + 1] = b;
+    if (dbeta) store(&dbeta[ch], (float)a, acc_dbeta);
+    if (dgamma) store(&dgamma[ch], (float)b, acc_dgamma);
+}
+
 extern "C" __global__ void bn_totals(const double* part, int segs, double* totals, float* dgamma, float* dbeta,
                                      int acc_dgamma, int acc_dbeta, i64 c, double count) {
-    GRID_LOOP(ch, c) {
-        double a = 0.0, b = 0.0;
-        for (int s = 0; s < segs; s++) { a += part[(ch * segs + s) * 2]; b += part[(ch * segs + s) * 2 + 1]; }
-        totals[2 * ch] = a;
-        totals[2 * ch + 1] = b;
-        if (dbeta) store(&dbeta[ch], (float)a, acc_dbeta);
-        if (dgamma) store(&dgamma[ch], (float)b, acc_dgamma);
-    }
+    GRID_LOOP(ch, c) bn_totals_ch(ch, part, segs, totals, dgamma, dbeta, acc_dgamma, acc_dbeta);
     if (blockIdx.x == 0 && threadIdx.x == 0) totals[2 * c] = count;
+}
+
+// The backward pass's sums in one launch: bn_partial's (mode 1), then the last block to finish
+// writes the totals, the count, dgamma and dbeta as bn_totals does (same additions and order).
+extern "C" __global__ void bn_stats_grad(const float* x, const float* dy, const float* mean, const float* invstd,
+                                         double* part, i64 n, i64 c, i64 hw, i64 per, unsigned* done, double* totals,
+                                         float* dgamma, float* dbeta, int acc_dgamma, int acc_dbeta) {
+    bn_block_sums(x, dy, mean, invstd, part, n, c, hw, per, 1);
+    if (!last_block(done)) return;
+    for (i64 ch = threadIdx.x; ch < c; ch += blockDim.x)
+        bn_totals_ch(ch, part, gridDim.x, totals, dgamma, dbeta, acc_dgamma, acc_dbeta);
+    if (threadIdx.x == 0) totals[2 * c] = (double)(n * hw);
 }
 
 // dx = gamma * invstd / M * (M * dy - sum(dy) - xhat * sum(dy * xhat)), with the sums and the
@@ -279,39 +341,58 @@ impl RunOp<ops::BatchNormTrain> for CudaBackend {
         let totals = scratch + part_bytes as u64;
         let coef = totals + totals_bytes as u64;
         let xp = self.ptr(x);
-        let part =
-            bn_partial { x: xp, dy: 0, mean: 0, invstd: 0, part: scratch, n: g.n, c: g.c, hw: g.hw, per, mode: 0 };
-        self.launch_grid((segs as u32, g.c as u32), BN_THREADS, &part)?;
-        // Plain batch norm finishes the statistics from the partial sums directly; synchronised
-        // batch norm from the group's totals.
-        let mut from = (scratch, segs as i32);
-        if sync {
-            let count = (g.n * g.hw) as f64;
-            self.launch_bn_totals(scratch, segs, totals, (None, None), g.c, count)?;
-            self.sum_f64_now(totals, 2 * g.c + 1)?;
-            from = (0, 0);
-        }
         let (rm, rv, momentum) = match running {
             Some((m, v, mo)) => (self.ptr(m), self.ptr(v), mo),
             None => (0, 0, 0.0),
         };
-        let fin = bn_finalize {
-            part: from.0,
-            segs: from.1,
-            totals,
-            mean: self.ptr(mean),
-            invstd: self.ptr(invstd),
-            rmean: rm,
-            rvar: rv,
-            gamma: self.opt_ptr(gamma),
-            beta: self.opt_ptr(beta),
-            coef,
-            c: g.c,
-            m: g.n * g.hw,
-            eps: g.eps,
-            momentum,
-        };
-        self.launch_elems(g.c, &fin)?;
+        let (mean, invstd, gamma, beta) = (self.ptr(mean), self.ptr(invstd), self.opt_ptr(gamma), self.opt_ptr(beta));
+        let grid = (segs as u32, g.c as u32);
+        if !sync {
+            // Plain batch norm: partial sums and statistics in one launch.
+            let stats = bn_stats {
+                x: xp,
+                part: scratch,
+                n: g.n,
+                c: g.c,
+                hw: g.hw,
+                per,
+                done: self.bn_done,
+                mean,
+                invstd,
+                rmean: rm,
+                rvar: rv,
+                gamma,
+                beta,
+                coef,
+                eps: g.eps,
+                momentum,
+            };
+            self.launch_grid(grid, BN_THREADS, &stats)?;
+        } else {
+            // Synchronised: this device's totals, summed over the group, then the statistics.
+            let part =
+                bn_partial { x: xp, dy: 0, mean: 0, invstd: 0, part: scratch, n: g.n, c: g.c, hw: g.hw, per, mode: 0 };
+            self.launch_grid(grid, BN_THREADS, &part)?;
+            self.launch_bn_totals(scratch, segs, totals, g.c, (g.n * g.hw) as f64)?;
+            self.sum_f64_now(totals, 2 * g.c + 1)?;
+            let fin = bn_finalize {
+                part: 0,
+                segs: 0,
+                totals,
+                mean,
+                invstd,
+                rmean: rm,
+                rvar: rv,
+                gamma,
+                beta,
+                coef,
+                c: g.c,
+                m: g.n * g.hw,
+                eps: g.eps,
+                momentum,
+            };
+            self.launch_elems(g.c, &fin)?;
+        }
         let total = g.n * g.c * g.hw;
         let apply = bn_apply { x: xp, coef, y: self.ptr(y), total, c: g.c, hw: g.hw };
         self.launch_elems(total, &apply)
@@ -319,31 +400,11 @@ impl RunOp<ops::BatchNormTrain> for CudaBackend {
 }
 
 impl CudaBackend {
-    /// Launches `bn_totals`: per-channel totals of the partial sums (and the count) into
-    /// `totals`, and `dgamma`/`dbeta` where given.
-    fn launch_bn_totals(
-        &mut self,
-        part: u64,
-        segs: usize,
-        totals: u64,
-        (dgamma, dbeta): (Option<GradOut>, Option<GradOut>),
-        c: usize,
-        count: f64,
-    ) -> Result<()> {
-        let grad = |o: Option<GradOut>| o.map(|d| (self.ptr(d.buf), d.accumulate as i32)).unwrap_or((0, 0));
-        let (dgp, dga) = grad(dgamma);
-        let (dbp, dba) = grad(dbeta);
-        let args = bn_totals {
-            part,
-            segs: segs as i32,
-            totals,
-            dgamma: dgp,
-            dbeta: dbp,
-            acc_dgamma: dga,
-            acc_dbeta: dba,
-            c,
-            count,
-        };
+    /// Launches `bn_totals` for the forward pass of synchronised batch norm: per-channel totals
+    /// of the partial sums (and the count) into `totals`.
+    fn launch_bn_totals(&mut self, part: u64, segs: usize, totals: u64, c: usize, count: f64) -> Result<()> {
+        let args =
+            bn_totals { part, segs: segs as i32, totals, dgamma: 0, dbeta: 0, acc_dgamma: 0, acc_dbeta: 0, c, count };
         self.launch_elems(c, &args)
     }
 }
@@ -378,11 +439,27 @@ impl RunOp<ops::BatchNormBackward> for CudaBackend {
         let scratch = self.op_scratch(part_bytes + (2 * g.c + 1) * 8)?;
         let sums = scratch + part_bytes as u64;
         let (xp, mp, ip, dyp) = (self.ptr(x), self.ptr(mean), self.ptr(invstd), self.ptr(dy));
-        let part =
-            bn_partial { x: xp, dy: dyp, mean: mp, invstd: ip, part: scratch, n: g.n, c: g.c, hw: g.hw, per, mode: 1 };
-        self.launch_grid((segs as u32, g.c as u32), BN_THREADS, &part)?;
-        // This device's sums, and from them its own dgamma and dbeta.
-        self.launch_bn_totals(scratch, segs, sums, (dgamma, dbeta), g.c, (g.n * g.hw) as f64)?;
+        // This device's sums (and count), and from them its own dgamma and dbeta, in one launch.
+        let grad = |o: Option<GradOut>| o.map(|d| (self.ptr(d.buf), d.accumulate as i32)).unwrap_or((0, 0));
+        let ((dgp, dga), (dbp, dba)) = (grad(dgamma), grad(dbeta));
+        let stats = bn_stats_grad {
+            x: xp,
+            dy: dyp,
+            mean: mp,
+            invstd: ip,
+            part: scratch,
+            n: g.n,
+            c: g.c,
+            hw: g.hw,
+            per,
+            done: self.bn_done,
+            totals: sums,
+            dgamma: dgp,
+            dbeta: dbp,
+            acc_dgamma: dga,
+            acc_dbeta: dba,
+        };
+        self.launch_grid((segs as u32, g.c as u32), BN_THREADS, &stats)?;
         let Some(d) = dx else { return Ok(()) };
         if sync {
             self.sum_f64_now(sums, 2 * g.c + 1)?;

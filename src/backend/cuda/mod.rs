@@ -139,6 +139,9 @@ pub struct CudaBackend {
     /// The device tables of multi-tensor launches (optimizer, clipping, non-finite check),
     /// made in warm-up runs and kept for the graphs that point at them.
     mt_tables: multi_tensor::MtTables,
+    /// The counter of blocks done that batch norm's one-launch statistics use to find their
+    /// last block (`batch_norm.rs`): zero between launches.
+    bn_done: sys::CUdeviceptr,
     nvrtc_version: (i32, i32),
     tf32: bool,
     eager: bool,
@@ -185,6 +188,7 @@ impl CudaBackend {
         let dnn = conv2d::Cudnn::new(gpu.stream, options.tf32, !options.nondeterministic, options.exact)
             .map_err(|e| unusable("cuDNN", e))?;
         let ws = mem.alloc(&gpu, linear::LT_WORKSPACE)?;
+        let bn_done = mem.alloc(&gpu, 256)?;
         let lt = linear::Lt::new(ws, options.tf32).map_err(|e| unusable("cuBLASLt", e))?;
         Ok(CudaBackend {
             graphs: HashMap::new(),
@@ -198,6 +202,7 @@ impl CudaBackend {
             compiles: compiler.compiles,
             op_scratch: (0, 0),
             mt_tables: Default::default(),
+            bn_done,
             nvrtc_version: compiler.version,
             tf32: options.tf32,
             eager: options.eager.unwrap_or_else(|| env_flag("KILN_EAGER")),

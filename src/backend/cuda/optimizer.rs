@@ -202,13 +202,21 @@ extern "C" __global__ void opt_nadam(const u64* tab, const u64* chunks, i64 chun
     }
 }
 
-// slots[blockIdx.x] = the sum of squares of this block's chunk (records: (g, ..., len)).
+// slots[blockIdx.x] = the sum of squares of this block's chunk (records: (g, ..., len)). Each
+// thread loads four values before adding any (one load in flight per warp would leave most of
+// the bandwidth unused), then adds them in order.
 extern "C" __global__ void mt_sumsq(const u64* tab, const u64* chunks, i64 chunk, double* slots) {
     __shared__ double sh[256];
     MtChunk c = mt_chunk(tab, chunks, chunk);
     const float* g = MT_PTR(c, 0, const float);
     double s = 0.0;
-    MT_LOOP(i, c) s += (double)g[i] * (double)g[i];
+    for (i64 i = c.start + threadIdx.x; i < c.end; i += 4 * blockDim.x) {
+        float v[4];
+#pragma unroll
+        for (int k = 0; k < 4; k++) v[k] = i + k * blockDim.x < c.end ? g[i + k * blockDim.x] : 0.f;
+#pragma unroll
+        for (int k = 0; k < 4; k++) s += (double)v[k] * (double)v[k];
+    }
     s = block_sum(s, sh);
     if (threadIdx.x == 0) slots[blockIdx.x] = s;
 }
