@@ -4,11 +4,15 @@
 //! optimizer rule with weight decay, both clippings and the finite-step guard; a set updated in
 //! one launch against each of its tensors updated alone (bit for bit: a tensor's chunks do not
 //! depend on its set); CUDA graph replay against eager runs (bit for bit); and NaN, infinity and
-//! an f32-overflowing norm injected into one gradient of a set. Reported ignored without a GPU
-//! (failing instead under `KILN_REQUIRE_GPU=1`), through tests/cuda_common's harness.
+//! an f32-overflowing norm injected into one gradient of a set. Also batch norm's kernels (each
+//! channel over several blocks, the last block of a launch finishing the statistics) on shapes
+//! with hundreds of blocks, more channels than a block has threads, and odd sizes, against the
+//! CPU and bit for bit run to run. Reported ignored without a GPU (failing instead under
+//! `KILN_REQUIRE_GPU=1`), through tests/cuda_common's harness.
 
 use kiln::backend::cpu::CpuBackend;
 use kiln::backend::ops::{self, guard, stats};
+use kiln::backend::ops::{BnGeom, GradOut};
 use kiln::backend::{Backend, BufId, CounterId, DType, Op, OptParam, OptRule};
 use kiln::rng::Rng;
 
@@ -311,8 +315,95 @@ fn the_non_finite_check_over_a_set_finds_nan_inf_and_overflow() {
     }
 }
 
+/// Batch norm forward (training, running statistics) then backward with every gradient, the
+/// parameter gradients accumulated, on one backend: returns every buffer after `times` runs
+/// (as CUDA graph replays with `cached`).
+fn batch_norm_on(b: &mut dyn Backend, g: BnGeom, seed: u64, (times, cached): (usize, bool)) -> Vec<Vec<f32>> {
+    let (m, c) = (g.n * g.c * g.hw, g.c);
+    let init = [
+        random(m, seed, -1.0, 3.0),     // x
+        random(m, seed + 1, -1.0, 1.0), // dy
+        random(c, seed + 2, 0.5, 1.5),  // gamma
+        random(c, seed + 3, -0.5, 0.5), // beta
+        vec![0.0; m],                   // y
+        vec![0.0; c],                   // mean
+        vec![0.0; c],                   // invstd
+        vec![0.0; c],                   // running mean
+        vec![1.0; c],                   // running var
+        vec![0.0; m],                   // dx
+        random(c, seed + 4, -0.1, 0.1), // dgamma (accumulated into)
+        vec![0.0; c],                   // dbeta
+    ];
+    let id: Vec<BufId> = init
+        .iter()
+        .map(|v| {
+            let i = b.alloc(v.len(), DType::F32).unwrap();
+            b.write(i, v).unwrap();
+            i
+        })
+        .collect();
+    let ops = vec![
+        Op::BatchNormTrain(ops::BatchNormTrain {
+            g,
+            x: id[0],
+            gamma: Some(id[2]),
+            beta: Some(id[3]),
+            y: id[4],
+            mean: id[5],
+            invstd: id[6],
+            running: Some((id[7], id[8], 0.1)),
+            sync: false,
+        }),
+        Op::BatchNormBackward(ops::BatchNormBackward {
+            g,
+            x: id[0],
+            gamma: Some(id[2]),
+            mean: id[5],
+            invstd: id[6],
+            dy: id[1],
+            dx: Some(GradOut { buf: id[9], accumulate: false }),
+            dgamma: Some(GradOut { buf: id[10], accumulate: true }),
+            dbeta: Some(GradOut { buf: id[11], accumulate: false }),
+            sync: false,
+        }),
+    ];
+    for _ in 0..times {
+        if cached { b.run_cached(0xb17, &ops).unwrap() } else { b.run(&ops).unwrap() }
+    }
+    id.iter().map(|&i| b.read(i).unwrap()).collect()
+}
+
+fn batch_norm_over_many_blocks_matches_the_cpu_and_repeats_bit_for_bit() {
+    let shapes = [
+        (64, 7, 33),  // one sample per block: 448 blocks
+        (300, 3, 5),  // two samples per block
+        (9, 700, 1),  // after a dense layer: more channels than threads in the last block
+        (2, 5, 1031), // long rows
+        (1, 1, 1),
+        (256, 64, 64), // ResNet-18's first stage at batch 256, a quarter of its width
+    ];
+    let names =
+        ["x", "dy", "gamma", "beta", "y", "mean", "invstd", "running mean", "running var", "dx", "dgamma", "dbeta"];
+    let mut cpu = CpuBackend::<f32>::new(Some(2)).unwrap();
+    let (mut eager, mut graph) = (cuda(), cuda());
+    for (k, &(n, c, hw)) in shapes.iter().enumerate() {
+        let g = BnGeom { n, c, hw, eps: 1e-5 };
+        // Three runs: the running statistics and dgamma accumulate over them.
+        let want = batch_norm_on(&mut cpu, g, 50 + k as u64, (3, false));
+        let got = batch_norm_on(&mut eager, g, 50 + k as u64, (3, false));
+        let replayed = batch_norm_on(&mut graph, g, 50 + k as u64, (3, true));
+        for (i, (w, v)) in want.iter().zip(&got).enumerate() {
+            assert!(within(w, v, 1e-5), "{n}x{c}x{hw}: {}: relative error {}", names[i], rel_err(w, v));
+        }
+        assert!(bits(&got) == bits(&replayed), "{n}x{c}x{hw}: graph replays differ from eager runs");
+        let again = batch_norm_on(&mut eager, g, 50 + k as u64, (3, false));
+        assert!(bits(&got) == bits(&again), "{n}x{c}x{hw}: two eager runs differ");
+    }
+}
+
 tests! {
     gpu: [
+        batch_norm_over_many_blocks_matches_the_cpu_and_repeats_bit_for_bit,
         every_optimizer_over_odd_tensor_sets_matches_the_cpu_and_replays_bit_for_bit,
         a_set_in_one_launch_equals_each_tensor_alone,
         the_non_finite_check_over_a_set_finds_nan_inf_and_overflow,
