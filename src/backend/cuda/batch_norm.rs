@@ -54,7 +54,9 @@ pub(super) const MODULE: ModuleSrc = ModuleSrc {
     name: "batch_norm",
     kernels: KERNELS,
     prototypes,
-    source: r#"
+    source: concat!(
+        mt_prelude!(),
+        r#"
 // The element-wise kernels below are grid-stride loops that handle ILP values per thread and
 // iteration, loading all of them before using any, so that each warp has ILP loads in flight
 // instead of one (at one load in flight per warp the H200 reaches only a fraction of its
@@ -136,23 +138,6 @@ extern "C" __global__ void bn_partial(const float* x, const float* dy, const flo
     bn_block_sums(x, dy, mean, invstd, part, n, c, hw, per, mode);
 }
 
-// Whether this block is the last of its grid to get here, every other block's writes before
-// its call then visible to it (the threadFenceReduction pattern: fence, then count on `done`).
-// The last block sets `done` back to 0 for the next launch (kernels on the stream run one after
-// another, so one counter serves them all). Every thread of the block gets the answer.
-__device__ bool last_block(unsigned* done) {
-    __shared__ int last;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        unsigned blocks = gridDim.x * gridDim.y;
-        last = atomicAdd(done, 1u) == blocks - 1;
-        if (last) *done = 0;
-    }
-    __syncthreads();
-    if (last) __threadfence();
-    return last != 0;
-}
 
 // Per channel: mean, invstd, the running statistics, and the affine coefficients coef[2ch] =
 // gamma * invstd, coef[2ch + 1] = beta - mean * gamma * invstd (f32, as the CPU computes them).
@@ -325,7 +310,8 @@ extern "C" __global__ void bn_apply_grad(const float* x, const float* gamma, con
         }
     }
 }
-"#,
+"#
+    ),
 };
 
 impl RunOp<ops::BatchNormTrain> for CudaBackend {
@@ -356,7 +342,7 @@ impl RunOp<ops::BatchNormTrain> for CudaBackend {
                 c: g.c,
                 hw: g.hw,
                 per,
-                done: self.bn_done,
+                done: self.done,
                 mean,
                 invstd,
                 rmean: rm,
@@ -452,7 +438,7 @@ impl RunOp<ops::BatchNormBackward> for CudaBackend {
             c: g.c,
             hw: g.hw,
             per,
-            done: self.bn_done,
+            done: self.done,
             totals: sums,
             dgamma: dgp,
             dbeta: dbp,

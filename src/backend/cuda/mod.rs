@@ -24,6 +24,9 @@
 
 #[macro_use]
 mod nvrtc;
+// Before the kernel modules: its `mt_prelude!` goes into their sources.
+#[macro_use]
+mod multi_tensor;
 mod activation;
 mod batch_norm;
 mod cast;
@@ -40,8 +43,6 @@ mod linear;
 mod loader;
 mod loss;
 mod memory;
-#[macro_use]
-mod multi_tensor;
 mod nccl;
 mod optimizer;
 mod pool2d;
@@ -139,9 +140,10 @@ pub struct CudaBackend {
     /// The device tables of multi-tensor launches (optimizer, clipping, non-finite check),
     /// made in warm-up runs and kept for the graphs that point at them.
     mt_tables: multi_tensor::MtTables,
-    /// The counter of blocks done that batch norm's one-launch statistics use to find their
-    /// last block (`batch_norm.rs`): zero between launches.
-    bn_done: sys::CUdeviceptr,
+    /// The count of finished blocks with which a kernel finds its last block (`last_block` in
+    /// `multi_tensor.rs`: batch norm's statistics, the optimizer's step counter, the norm of
+    /// clipping and the non-finite check): zero between launches.
+    done: sys::CUdeviceptr,
     nvrtc_version: (i32, i32),
     tf32: bool,
     eager: bool,
@@ -188,7 +190,7 @@ impl CudaBackend {
         let dnn = conv2d::Cudnn::new(gpu.stream, options.tf32, !options.nondeterministic, options.exact)
             .map_err(|e| unusable("cuDNN", e))?;
         let ws = mem.alloc(&gpu, linear::LT_WORKSPACE)?;
-        let bn_done = mem.alloc(&gpu, 256)?;
+        let done = mem.alloc(&gpu, 256)?;
         let lt = linear::Lt::new(ws, options.tf32).map_err(|e| unusable("cuBLASLt", e))?;
         Ok(CudaBackend {
             graphs: HashMap::new(),
@@ -202,7 +204,7 @@ impl CudaBackend {
             compiles: compiler.compiles,
             op_scratch: (0, 0),
             mt_tables: Default::default(),
-            bn_done,
+            done,
             nvrtc_version: compiler.version,
             tf32: options.tf32,
             eager: options.eager.unwrap_or_else(|| env_flag("KILN_EAGER")),

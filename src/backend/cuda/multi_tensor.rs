@@ -34,8 +34,8 @@ pub(super) const MT_PTRS: usize = 5;
 /// u64 slots per record: the addresses, then the length.
 const MT_REC: usize = MT_PTRS + 1;
 
-/// The device side, as a string literal for `concat!` in a module's source: `mt_chunk` and the
-/// loop over a chunk's values.
+/// The device side, as a string literal for `concat!` in a module's source: `mt_chunk`, the
+/// loop over a chunk's values, and `last_block` (also used by batch norm).
 macro_rules! mt_prelude {
     () => {
         r#"
@@ -54,6 +54,26 @@ __device__ __forceinline__ MtChunk mt_chunk(const u64* tab, const u64* chunks, i
 // Address k of this block's record, as a T* (null where the tensor has none).
 #define MT_PTR(m, k, T) ((T*)(m).rec[k])
 #define MT_LOOP(i, m) for (i64 i = (m).start + threadIdx.x; i < (m).end; i += blockDim.x)
+
+// Whether this block is the last of its grid to get here, every other block's writes before
+// its call then visible to it (the threadFenceReduction pattern: fence, then count on `done`).
+// The last block sets `done` back to 0 for the next launch (kernels on the stream run one after
+// another, so one counter serves them all: CudaBackend::done). Every thread of the block must
+// call it; every thread gets the answer. Values other blocks wrote are read with __ldcg (past
+// the L1 cache).
+__device__ bool last_block(unsigned* done) {
+    __shared__ int last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned blocks = gridDim.x * gridDim.y;
+        last = atomicAdd(done, 1u) == blocks - 1;
+        if (last) *done = 0;
+    }
+    __syncthreads();
+    if (last) __threadfence();
+    return last != 0;
+}
 "#
     };
 }
