@@ -31,10 +31,10 @@
 
 use std::sync::{Arc, OnceLock};
 
-use half::bf16;
+use half::{bf16, f16};
 use kiln::backend::cpu::CpuBackend;
-use kiln::backend::ops::{self, Cast, CastBias, GradOut, Op};
-use kiln::backend::{Backend, CudaOptions, DType, Device, HostSlice};
+use kiln::backend::ops::{self, Cast, CastBias, CastPermute, GradOut, MemoryFormat, Op};
+use kiln::backend::{Backend, BufId, ConvGeom, CudaOptions, DType, Device, HostSlice, HostVec};
 use kiln::exec::{Executor, Lowering, Mode, PlanOptions, Precision};
 use kiln::model::{Model, ModelBuilder};
 use kiln::rng::Rng;
@@ -167,15 +167,46 @@ fn corpus_case(name: &str, builder: ModelBuilder) {
     );
 }
 
-/// The cast op: f32 to bf16 as the `half` crate rounds (nearest even; NaN, infinities,
-/// subnormals and overflow included), bf16 to f32 exactly, with a per-channel bias and
-/// accumulation.
+/// f32 to `half` and back as the `half` crate converts (the reference for the GPU's casts).
+fn round_trip(half: DType, v: f32) -> f32 {
+    match half {
+        DType::BF16 => bf16::from_f32(v).to_f32(),
+        _ => f16::from_f32(v).to_f32(),
+    }
+}
+
+/// The bits of `half` values read back from the GPU, and the `half` crate's bits of `v`.
+fn bits(got: &HostVec, half: DType, v: &[f32]) -> (Vec<u16>, Vec<u16>) {
+    match (got.as_slice(), half) {
+        (HostSlice::BF16(g), DType::BF16) => {
+            (g.iter().map(|x| x.to_bits()).collect(), v.iter().map(|&x| bf16::from_f32(x).to_bits()).collect())
+        }
+        (HostSlice::F16(g), DType::F16) => {
+            (g.iter().map(|x| x.to_bits()).collect(), v.iter().map(|&x| f16::from_f32(x).to_bits()).collect())
+        }
+        (g, _) => panic!("read a {half} buffer as {}", g.dtype()),
+    }
+}
+
+fn is_nan_bits(half: DType, b: u16) -> bool {
+    match half {
+        DType::BF16 => bf16::from_bits(b).is_nan(),
+        _ => f16::from_bits(b).is_nan(),
+    }
+}
+
+/// The cast op in bf16 and f16: f32 to half as the `half` crate rounds (nearest even; NaN,
+/// infinities, subnormals and overflow included), half to f32 exactly, with a per-channel bias
+/// and accumulation.
 fn cast_matches_half_bit_for_bit() {
     let mut gpu = cuda();
     let mut v = random(4099, 7);
     v.iter_mut().step_by(3).for_each(|x| *x *= 1e30);
     v.iter_mut().skip(1).step_by(5).for_each(|x| *x *= 1e-39);
-    v[..8].copy_from_slice(&[
+    // f16's range: overflow, its subnormals and the rounding of its 11 bits.
+    v.iter_mut().skip(2).step_by(7).for_each(|x| *x *= 7e4);
+    v.iter_mut().skip(4).step_by(11).for_each(|x| *x *= 1e-6);
+    v[..10].copy_from_slice(&[
         f32::NAN,
         f32::INFINITY,
         -f32::INFINITY,
@@ -184,45 +215,208 @@ fn cast_matches_half_bit_for_bit() {
         1.0 + 1.0 / 256.0,
         1.0 + 3.0 / 256.0,
         2.0f32.powi(-133),
+        1.0 + 1.0 / 2048.0,
+        65520.0,
     ]);
     let n = v.len();
-    let (src, mid, dst, bias) = (
-        gpu.alloc(n, DType::F32).unwrap(),
-        gpu.alloc(n, DType::BF16).unwrap(),
-        gpu.alloc(n, DType::F32).unwrap(),
-        gpu.alloc(3, DType::F32).unwrap(),
-    );
-    gpu.write(src, &v).unwrap();
-    gpu.write(bias, &[0.5, -2.0, 8.0]).unwrap();
-    let acc = random(n, 8);
-    gpu.write(dst, &acc).unwrap();
-    let over = |buf, accumulate| GradOut { buf, accumulate };
-    gpu.run(&[Op::Cast(Cast { len: n, src, dst: over(mid, false), bias: None })]).unwrap();
-    let got = gpu.read_host(mid, DType::BF16).unwrap();
-    let want: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
-    let HostSlice::BF16(g) = got.as_slice() else { panic!("read a bf16 buffer as bf16") };
-    for (i, (a, b)) in want.iter().zip(g).enumerate() {
-        assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "value {i} ({}): half {a} GPU {b}", v[i]);
-    }
-    // Widened, with a bias per channel of 4 values and added to what dst held.
-    let b = CastBias { buf: bias, channels: 3, inner: 4 };
-    gpu.run(&[Op::Cast(Cast { len: n, src: mid, dst: over(dst, true), bias: Some(b) })]).unwrap();
-    let out = gpu.read(dst).unwrap();
-    for i in 0..n {
-        let e = acc[i] + (want[i].to_f32() + [0.5, -2.0, 8.0][(i / 4) % 3]);
-        assert!(
-            e.to_bits() == out[i].to_bits() || (e.is_nan() && out[i].is_nan()),
-            "value {i}: want {e} got {}",
-            out[i]
+    for half in [DType::BF16, DType::F16] {
+        let (src, mid, dst, bias) = (
+            gpu.alloc(n, DType::F32).unwrap(),
+            gpu.alloc(n, half).unwrap(),
+            gpu.alloc(n, DType::F32).unwrap(),
+            gpu.alloc(3, DType::F32).unwrap(),
         );
+        gpu.write(src, &v).unwrap();
+        gpu.write(bias, &[0.5, -2.0, 8.0]).unwrap();
+        let acc = random(n, 8);
+        gpu.write(dst, &acc).unwrap();
+        let over = |buf, accumulate| GradOut { buf, accumulate };
+        gpu.run(&[Op::Cast(Cast { len: n, src, dst: over(mid, false), bias: None, permute: None })]).unwrap();
+        let (g, want) = bits(&gpu.read_host(mid, half).unwrap(), half, &v);
+        for (i, (&a, &b)) in want.iter().zip(&g).enumerate() {
+            assert!(
+                a == b || (is_nan_bits(half, a) && is_nan_bits(half, b)),
+                "{half} value {i} ({}): half {a:#06x} GPU {b:#06x}",
+                v[i]
+            );
+        }
+        // Widened, with a bias per channel of 4 values and added to what dst held.
+        let b = CastBias { buf: bias, channels: 3, inner: 4 };
+        gpu.run(&[Op::Cast(Cast { len: n, src: mid, dst: over(dst, true), bias: Some(b), permute: None })]).unwrap();
+        let out = gpu.read(dst).unwrap();
+        for i in 0..n {
+            let e = acc[i] + (round_trip(half, v[i]) + [0.5, -2.0, 8.0][(i / 4) % 3]);
+            assert!(
+                e.to_bits() == out[i].to_bits() || (e.is_nan() && out[i].is_nan()),
+                "{half} value {i}: want {e} got {}",
+                out[i]
+            );
+        }
+        // A cast the GPU does not do (f32 to half with a bias) is an error, not a wrong result.
+        let bad = Op::Cast(Cast { len: n, src, dst: over(mid, false), bias: Some(b), permute: None });
+        let e = gpu.run(&[bad]).unwrap_err().to_string();
+        assert!(e.contains("cast") && e.contains("bias"), "{e}");
+        // An f32 op given a half buffer is refused by validation.
+        let relu = Op::Act(ops::Act { f: kiln::backend::ActFn::Relu, len: n, x: mid, y: dst });
+        assert!(gpu.run(&[relu]).is_err(), "an f32 op read a {half} buffer");
+        for buf in [src, mid, dst, bias] {
+            gpu.free(buf).unwrap();
+        }
     }
-    // A cast the GPU does not do (f32 to bf16 with a bias) is an error, not a wrong result.
-    let bad = Op::Cast(Cast { len: n, src, dst: over(mid, false), bias: Some(b) });
-    let e = gpu.run(&[bad]).unwrap_err().to_string();
-    assert!(e.contains("cast") && e.contains("bias"), "{e}");
-    // An f32 op given a bf16 buffer is refused by validation.
-    let relu = Op::Act(ops::Act { f: kiln::backend::ActFn::Relu, len: n, x: mid, y: dst });
-    assert!(gpu.run(&[relu]).is_err(), "an f32 op read a bf16 buffer");
+}
+
+/// The permuting casts (NCHW f32 -> NHWC half, and NHWC half -> NCHW f32 with a bias,
+/// accumulating) against the CPU's cast of the same values rounded by the `half` crate, bit for
+/// bit, on shapes that leave partial tiles (the GPU transposes 32x32 tiles) and on a filter.
+fn permuting_casts_match_the_cpu() {
+    let mut gpu = cuda();
+    let mut cpu = CpuBackend::<f32>::new(Some(2)).unwrap();
+    for half in [DType::BF16, DType::F16] {
+        for (n, c, hw) in [(3, 5, 7 * 9), (2, 64, 33 * 33), (16, 3, 3 * 3), (1, 40, 1000)] {
+            let len = n * c * hw;
+            let x = random(len, 21);
+            let acc = random(len, 22);
+            let bias_v = random(c, 23);
+            let rounded: Vec<f32> = x.iter().map(|&v| round_trip(half, v)).collect();
+            let to_last = CastPermute { n, c, hw, to: MemoryFormat::Nhwc };
+            let to_first = CastPermute { to: MemoryFormat::Nchw, ..to_last };
+            let over = |buf, accumulate| GradOut { buf, accumulate };
+            // The GPU: x -> half NHWC -> f32 NCHW + bias, accumulated.
+            let (gx, gh, gy, gb) = (
+                gpu.alloc(len, DType::F32).unwrap(),
+                gpu.alloc(len, half).unwrap(),
+                gpu.alloc(len, DType::F32).unwrap(),
+                gpu.alloc(c, DType::F32).unwrap(),
+            );
+            gpu.write(gx, &x).unwrap();
+            gpu.write(gy, &acc).unwrap();
+            gpu.write(gb, &bias_v).unwrap();
+            let bias = Some(CastBias { buf: gb, channels: c, inner: hw });
+            gpu.run(&[Op::Cast(Cast { len, src: gx, dst: over(gh, false), bias: None, permute: Some(to_last) })])
+                .unwrap();
+            let nhwc = gpu.read_host(gh, half).unwrap().into_f32().unwrap();
+            gpu.run(&[Op::Cast(Cast { len, src: gh, dst: over(gy, true), bias, permute: Some(to_first) })]).unwrap();
+            let back = gpu.read(gy).unwrap();
+            // The CPU on the rounded values: the same two casts in f32.
+            let (cx, ch, cy, cb) = (
+                cpu.alloc(len, DType::F32).unwrap(),
+                cpu.alloc(len, DType::F32).unwrap(),
+                cpu.alloc(len, DType::F32).unwrap(),
+                cpu.alloc(c, DType::F32).unwrap(),
+            );
+            cpu.write(cx, &rounded).unwrap();
+            cpu.write(cy, &acc).unwrap();
+            cpu.write(cb, &bias_v).unwrap();
+            let bias = Some(CastBias { buf: cb, channels: c, inner: hw });
+            cpu.run(&[
+                Op::Cast(Cast { len, src: cx, dst: over(ch, false), bias: None, permute: Some(to_last) }),
+                Op::Cast(Cast { len, src: ch, dst: over(cy, true), bias, permute: Some(to_first) }),
+            ])
+            .unwrap();
+            let (want_nhwc, want) = (cpu.read(ch).unwrap(), cpu.read(cy).unwrap());
+            let same = |a: &[f32], b: &[f32]| a.iter().zip(b).position(|(p, q)| p.to_bits() != q.to_bits());
+            assert_eq!(same(&want_nhwc, &nhwc), None, "{half} {n}x{c}x{hw} to NHWC");
+            assert_eq!(same(&want, &back), None, "{half} {n}x{c}x{hw} back to NCHW");
+            for b in [gx, gh, gy, gb] {
+                gpu.free(b).unwrap();
+            }
+        }
+    }
+    println!("permuting casts: bf16 and f16, four shapes, bit-identical to the CPU's");
+}
+
+/// One channels-last convolution in bf16 and f16, forward and backward, as mixed precision
+/// runs it (casts that permute, cuDNN in NHWC, casts back), against the CPU's f32 NCHW
+/// convolution: within [`TOL`]. Covers grouped, strided, dilated and 1x1 filters, a one-channel
+/// input (cast without permuting) and accumulating gradients.
+fn nhwc_convolutions_match_the_cpu_in_bf16_and_f16() {
+    use MemoryFormat::{Nchw, Nhwc};
+    let geoms = [
+        // n, c, h, w, k, kernel, stride, pad, dilation, groups
+        (4, 16, 12, 12, 24, 3, 1, 1, 1, 1),
+        (3, 8, 11, 9, 16, 3, 2, 1, 1, 2),
+        (2, 32, 8, 8, 64, 1, 1, 0, 1, 1),
+        (2, 1, 10, 10, 8, 5, 1, 2, 1, 1),
+        (2, 12, 9, 9, 12, 3, 1, 2, 2, 12),
+    ];
+    for half in [DType::BF16, DType::F16] {
+        let mut gpu = cuda();
+        for &(n, c, h, w, k, r, s, p, d, groups) in &geoms {
+            let (oh, ow) = ((h + 2 * p - d * (r - 1) - 1) / s + 1, (w + 2 * p - d * (r - 1) - 1) / s + 1);
+            let g = ConvGeom { n, c, h, w, k, kh: r, kw: r, sh: s, sw: s, ph: p, pw: p, dh: d, dw: d, groups, oh, ow };
+            let (cg, taps) = (c / groups, r * r);
+            let perm = |n, c, hw, to| (c > 1 && hw > 1).then_some(CastPermute { n, c, hw, to });
+            let (xv, wv, bv, dyv) =
+                (random(g.input_len(), 31), random(g.weight_len(), 32), random(k, 33), random(g.output_len(), 34));
+            let (dx0, dw0, db0) = (random(g.input_len(), 35), random(g.weight_len(), 36), random(k, 37));
+            // The CPU: y = conv(x, w) + b; dx, dw, db accumulated into dx0, dw0, db0.
+            let mut cpu = CpuBackend::<f32>::new(Some(2)).unwrap();
+            let bufs = |b: &mut dyn Backend, dt: DType, vals: &[&[f32]]| -> Vec<BufId> {
+                vals.iter()
+                    .map(|v| {
+                        let id = b.alloc(v.len(), dt).unwrap();
+                        b.write(id, v).unwrap();
+                        id
+                    })
+                    .collect()
+            };
+            let f = bufs(&mut cpu, DType::F32, &[&xv, &wv, &bv, &dyv, &dx0, &dw0, &db0, &vec![0.0; g.output_len()]]);
+            let acc = |buf| Some(GradOut { buf, accumulate: true });
+            cpu.run(&[
+                Op::Conv2d(ops::Conv2d { g, format: Nchw, x: f[0], w: f[1], b: Some(f[2]), y: f[7] }),
+                Op::Conv2dBackward(ops::Conv2dBackward {
+                    g,
+                    format: Nchw,
+                    x: f[0],
+                    w: f[1],
+                    dy: f[3],
+                    dx: acc(f[4]),
+                    dw: GradOut { buf: f[5], accumulate: true },
+                    db: acc(f[6]),
+                }),
+            ])
+            .unwrap();
+            let want: Vec<Vec<f32>> = [7, 4, 5, 6].iter().map(|&i| cpu.read(f[i]).unwrap()).collect();
+            // The GPU: f32 buffers as above, half scratch, the casts of exec/autocast.rs.
+            let f = bufs(&mut gpu, DType::F32, &[&xv, &wv, &bv, &dyv, &dx0, &dw0, &db0, &vec![0.0; g.output_len()]]);
+            let hx = gpu.alloc(g.input_len(), half).unwrap();
+            let hw_ = gpu.alloc(g.weight_len(), half).unwrap();
+            let hy = gpu.alloc(g.output_len(), half).unwrap();
+            let hdx = gpu.alloc(g.input_len(), half).unwrap();
+            let hdw = gpu.alloc(g.weight_len(), half).unwrap();
+            let over = |buf| GradOut { buf, accumulate: false };
+            let cast = |len, src, dst: GradOut, bias, permute| Op::Cast(Cast { len, src, dst, bias, permute });
+            let x_in = perm(n, c, h * w, Nhwc);
+            let w_in = perm(k, cg, taps, Nhwc);
+            let bias = Some(CastBias { buf: f[2], channels: k, inner: oh * ow });
+            gpu.run(&[
+                cast(g.input_len(), f[0], over(hx), None, x_in),
+                cast(g.weight_len(), f[1], over(hw_), None, w_in),
+                Op::Conv2d(ops::Conv2d { g, format: Nhwc, x: hx, w: hw_, b: None, y: hy }),
+                cast(g.output_len(), hy, over(f[7]), bias, perm(n, k, oh * ow, Nchw)),
+                cast(g.output_len(), f[3], over(hy), None, perm(n, k, oh * ow, Nhwc)),
+                Op::Conv2dBackward(ops::Conv2dBackward {
+                    g,
+                    format: Nhwc,
+                    x: hx,
+                    w: hw_,
+                    dy: hy,
+                    dx: Some(over(hdx)),
+                    dw: over(hdw),
+                    db: acc(f[6]),
+                }),
+                cast(g.input_len(), hdx, GradOut { buf: f[4], accumulate: true }, None, perm(n, c, h * w, Nchw)),
+                cast(g.weight_len(), hdw, GradOut { buf: f[5], accumulate: true }, None, perm(k, cg, taps, Nchw)),
+            ])
+            .unwrap();
+            for ((what, i), r) in ["y", "dx", "dw", "db"].iter().zip([7, 4, 5, 6]).zip(&want) {
+                let got = gpu.read(f[i]).unwrap();
+                let err = rel_err(r, &got);
+                println!("{half} nhwc conv {:?} {what}: max rel err {err:.2e}", (n, c, h, w, k, r, s, p, d, groups));
+                assert!(within(r, &got, TOL), "{half} {g:?} {what}: {err:.2e} from the CPU's f32");
+            }
+        }
+    }
 }
 
 /// Ten SGD (momentum 0.9) steps of `model` in bf16 against the same ten in f32, both on the
@@ -340,6 +534,8 @@ fn require_gpu() -> bool {
 fn main() {
     let mut trials = vec![
         gpu_trial("cast_matches_half_bit_for_bit", cast_matches_half_bit_for_bit),
+        gpu_trial("permuting_casts_match_the_cpu", permuting_casts_match_the_cpu),
+        gpu_trial("nhwc_convolutions_match_the_cpu_in_bf16_and_f16", nhwc_convolutions_match_the_cpu_in_bf16_and_f16),
         gpu_trial("ten_steps_of_the_seed_cnns_stay_close_to_f32", ten_steps_of_the_seed_cnns_stay_close_to_f32),
         gpu_trial("graph_replay_equals_eager_in_bf16", graph_replay_equals_eager_in_bf16),
         gpu_trial("bf16_scratch_is_planned_workspace", bf16_scratch_is_planned_workspace),

@@ -42,6 +42,12 @@ impl DType {
         matches!(self, DType::F32 | DType::F64 | DType::BF16 | DType::F16)
     }
 
+    /// Whether this is a half-precision float that mixed precision computes products in
+    /// (bf16, f16).
+    pub fn is_half(self) -> bool {
+        matches!(self, DType::BF16 | DType::F16)
+    }
+
     /// The name PyTorch gives it (`float32`, `bfloat16`, `int64`, ...).
     pub fn name(self) -> &'static str {
         match self {

@@ -54,7 +54,7 @@ pub trait Backend: Send {
     fn computes(&self, dtype: DType) -> bool;
 
     /// Whether convolutions and matrix products take inputs of `dtype` (accumulating in f32,
-    /// results f32 or `dtype`), as mixed precision needs: bf16 on CUDA; none by default.
+    /// results f32 or `dtype`), as mixed precision needs: bf16 and f16 on CUDA; none by default.
     fn computes_products_in(&self, dtype: DType) -> bool {
         let _ = dtype;
         false

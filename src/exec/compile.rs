@@ -167,8 +167,8 @@ pub(super) fn network(
     if low.mode == Mode::Train {
         backward(model, params, low, table, &mut plan, &saved, &mut segments)?;
     }
-    if low.precision == Precision::Bf16Mixed {
-        super::autocast::bf16(&mut plan, table);
+    if let Some(half) = super::autocast::half_dtype(low.precision) {
+        super::autocast::mixed(&mut plan, table, half);
     }
     segments.assign(table, &mut plan);
     Ok(plan)

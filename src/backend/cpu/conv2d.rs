@@ -427,9 +427,19 @@ pub(super) fn reduce_into<'a, T: Float>(dst: (&mut [T], bool), parts: impl Itera
     }
 }
 
+/// The CPU's convolutions are channels-first; channels-last ones come only from mixed precision,
+/// which is not planned here.
+fn nchw_only(op: &str, format: ops::MemoryFormat) -> Result<()> {
+    match format {
+        ops::MemoryFormat::Nchw => Ok(()),
+        f => Err(crate::Error::State(format!("{op} in {}: the CPU backend's convolutions are NCHW only", f.name()))),
+    }
+}
+
 impl<T: Float> RunOp<ops::Conv2d> for CpuBackend<T> {
     fn run_op(&mut self, o: &ops::Conv2d) -> Result<()> {
-        let ops::Conv2d { g, x, w, b, y } = o;
+        let ops::Conv2d { g, format, x, w, b, y } = o;
+        nchw_only("conv2d", *format)?;
         let threads = self.threads;
         let mut yv = self.take(*y);
         let bufs = &self.bufs;
@@ -441,7 +451,8 @@ impl<T: Float> RunOp<ops::Conv2d> for CpuBackend<T> {
 
 impl<T: Float> RunOp<ops::Conv2dBackward> for CpuBackend<T> {
     fn run_op(&mut self, o: &ops::Conv2dBackward) -> Result<()> {
-        let ops::Conv2dBackward { g, x, w, dy, dx, dw, db } = *o;
+        let ops::Conv2dBackward { g, format, x, w, dy, dx, dw, db } = *o;
+        nchw_only("conv2d_backward", format)?;
         self.with_weight_grads((dx, dw, db), |b, grads| {
             let bufs = &b.bufs;
             backward(&g, &bufs[x.0], &bufs[w.0], &bufs[dy.0], grads, &mut b.scratch, b.threads)

@@ -1,23 +1,36 @@
-//! Mixed precision on the GPU: the cast op ([`ops::Cast`], f32 <-> bf16, with a convolution's
-//! bias fused into the widening of its output) and the two bias-gradient reductions over a bf16
-//! output gradient (per channel for convolutions, per column for dense layers), as `join.rs`'s
-//! f32 ones. bf16 values travel as their 16 bits (`u16`): NVRTC has no headers here, so the
-//! conversions are written out (round to nearest even, NaN kept quiet, as `__float2bfloat16_rn`).
+//! Mixed precision on the GPU: the cast op ([`ops::Cast`], f32 <-> bf16 or f16, with a
+//! convolution's bias fused into the widening of its output, and the change between NCHW and
+//! NHWC made in the same pass) and the two bias-gradient reductions over a half-precision
+//! output gradient (per channel for convolutions, in either memory order; per column for dense
+//! layers), as `join.rs`'s f32 ones. Half values travel as their 16 bits (`u16`): NVRTC has no
+//! headers here, so bf16 conversions are written out (round to nearest even, NaN kept quiet, as
+//! `__float2bfloat16_rn`) and f16 ones are PTX's `cvt.rn.f16.f32` / `cvt.f32.f16` (what
+//! `__float2half_rn` compiles to). Kernels take the half type as a number (`kind`: 1 bf16, 2
+//! f16; 0 f32 where either side may be f32), a uniform branch in a memory-bound loop.
+//!
+//! The permuting cast is a tiled transpose: each image (or filter) is a `[rows, cols]` matrix
+//! written as `[cols, rows]`, through a 32x33 shared tile so that both the reads and the writes
+//! of a warp are contiguous.
 
 use super::CudaBackend;
 use super::nvrtc::ModuleSrc;
 use crate::backend::DType;
-use crate::backend::ops::{self, BufId, GradOut, RunOp};
+use crate::backend::ops::{self, BufId, GradOut, MemoryFormat, RunOp};
 use crate::{Error, Result};
 
 /// Threads per block of the per-channel reduction (as `join.rs`).
 const SUM_THREADS: u32 = 256;
 
+/// Side of the permuting cast's square tile (the kernel's `TILE`).
+const TILE: usize = 32;
+
 kernels! {
-    cast_f32_bf16(src: (const float*), dst: (u16*), n: i64);
-    cast_bf16_f32(src: (const u16*), dst: (float*), n: i64, acc: int, bias: (const float*), k: i64, hw: i64);
-    channel_sum_bf16(dy: (const u16*), db: (float*), n: i64, k: i64, hw: i64, acc: int);
-    column_sum_bf16(dy: (const u16*), db: (float*), m: i64, n: i64, acc: int);
+    cast_to_half(src: (const float*), dst: (u16*), n: i64, kind: int);
+    cast_from_half(src: (const u16*), dst: (float*), n: i64, acc: int, bias: (const float*), k: i64, hw: i64, kind: int);
+    cast_permute(src: (const void*), dst: (void*), nb: i64, rows: i64, cols: i64, skind: int, dkind: int, acc: int,
+        bias: (const float*), bk: i64, binner: i64, bias_src: int);
+    channel_sum_half(dy: (const u16*), db: (float*), n: i64, k: i64, hw: i64, acc: int, kind: int, nhwc: int);
+    column_sum_half(dy: (const u16*), db: (float*), m: i64, n: i64, acc: int, kind: int);
 }
 
 pub(super) const MODULE: ModuleSrc = ModuleSrc {
@@ -26,6 +39,7 @@ pub(super) const MODULE: ModuleSrc = ModuleSrc {
     prototypes,
     source: r#"
 typedef unsigned short u16;
+#define TILE 32
 
 __device__ __forceinline__ u16 to_bf16(float f) {
     unsigned u = __float_as_uint(f);
@@ -36,50 +50,126 @@ __device__ __forceinline__ u16 to_bf16(float f) {
 
 __device__ __forceinline__ float from_bf16(u16 h) { return __uint_as_float(((unsigned)h) << 16); }
 
-// dst = bf16(src), four values a thread (every buffer starts 256-byte aligned), then the tail.
-extern "C" __global__ void cast_f32_bf16(const float* src, u16* dst, i64 n) {
+__device__ __forceinline__ u16 to_f16(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+__device__ __forceinline__ float from_f16(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+// kind: 1 bf16, 2 f16.
+__device__ __forceinline__ u16 to_half(float f, int kind) { return kind == 2 ? to_f16(f) : to_bf16(f); }
+__device__ __forceinline__ float from_half(u16 h, int kind) { return kind == 2 ? from_f16(h) : from_bf16(h); }
+
+// kind: 0 f32, else a half type.
+__device__ __forceinline__ float load_any(const void* p, i64 i, int kind) {
+    return kind == 0 ? ((const float*)p)[i] : from_half(((const u16*)p)[i], kind);
+}
+__device__ __forceinline__ void put_any(void* p, i64 i, float v, int kind, int acc) {
+    if (kind == 0) store(&((float*)p)[i], v, acc);
+    else ((u16*)p)[i] = to_half(v, kind);
+}
+
+// dst = half(src), four values a thread (every buffer starts 256-byte aligned), then the tail.
+extern "C" __global__ void cast_to_half(const float* src, u16* dst, i64 n, int kind) {
     i64 n4 = n / 4;
     const float4* s4 = (const float4*)src;
     uint2* d4 = (uint2*)dst;
     GRID_LOOP(i, n4) {
         float4 v = s4[i];
         uint2 o;
-        o.x = (unsigned)to_bf16(v.x) | ((unsigned)to_bf16(v.y) << 16);
-        o.y = (unsigned)to_bf16(v.z) | ((unsigned)to_bf16(v.w) << 16);
+        o.x = (unsigned)to_half(v.x, kind) | ((unsigned)to_half(v.y, kind) << 16);
+        o.y = (unsigned)to_half(v.z, kind) | ((unsigned)to_half(v.w, kind) << 16);
         d4[i] = o;
     }
-    GRID_LOOP(j, n - n4 * 4) dst[n4 * 4 + j] = to_bf16(src[n4 * 4 + j]);
+    GRID_LOOP(j, n - n4 * 4) dst[n4 * 4 + j] = to_half(src[n4 * 4 + j], kind);
 }
 
 // dst (=|+=) f32(src) (+ bias[(i / hw) % k] where bias is not null).
-extern "C" __global__ void cast_bf16_f32(const u16* src, float* dst, i64 n, int acc, const float* bias, i64 k, i64 hw) {
+extern "C" __global__ void cast_from_half(const u16* src, float* dst, i64 n, int acc, const float* bias, i64 k, i64 hw, int kind) {
     GRID_LOOP(i, n) {
-        float v = from_bf16(src[i]);
+        float v = from_half(src[i], kind);
         if (bias) v += bias[(i / hw) % k];
         store(&dst[i], v, acc);
     }
 }
 
-// One block per channel: db[ch] (=|+=) sum over n and hw of dy[n, ch, hw], in f64.
-extern "C" __global__ void channel_sum_bf16(const u16* dy, float* db, i64 n, i64 k, i64 hw, int acc) {
+// nb matrices src [rows, cols] -> dst [cols, rows], converting from skind to dkind (dst
+// accumulates where acc, f32 only), plus bias[(i / binner) % bk] where bias is not null, i the
+// index on the channels-first side (the source's where bias_src, else the destination's).
+// 256 threads: a 32x32 tile read row by row (8 rows a pass) and written column by column.
+extern "C" __global__ void cast_permute(const void* src, void* dst, i64 nb, i64 rows, i64 cols, int skind, int dkind,
+                                        int acc, const float* bias, i64 bk, i64 binner, int bias_src) {
+    __shared__ float tile[TILE][TILE + 1];
+    i64 tr = (rows + TILE - 1) / TILE, tc = (cols + TILE - 1) / TILE;
+    int tx = threadIdx.x % TILE, ty = threadIdx.x / TILE, step = blockDim.x / TILE;
+    for (i64 t = blockIdx.x; t < nb * tr * tc; t += gridDim.x) {
+        i64 b = t / (tr * tc), rem = t % (tr * tc);
+        i64 r0 = (rem / tc) * TILE, c0 = (rem % tc) * TILE, base = b * rows * cols;
+        for (int j = ty; j < TILE; j += step) {
+            i64 r = r0 + j, c = c0 + tx;
+            if (r < rows && c < cols) tile[j][tx] = load_any(src, base + r * cols + c, skind);
+        }
+        __syncthreads();
+        for (int j = ty; j < TILE; j += step) {
+            i64 c = c0 + j, r = r0 + tx;
+            if (r < rows && c < cols) {
+                float v = tile[tx][j];
+                i64 d = base + c * rows + r;
+                if (bias) v += bias[((bias_src ? base + r * cols + c : d) / binner) % bk];
+                put_any(dst, d, v, dkind, acc);
+            }
+        }
+        __syncthreads();
+    }
+}
+
+// One block per channel: db[ch] (=|+=) sum over n and hw of dy (NCHW, or NHWC where nhwc), in f64.
+extern "C" __global__ void channel_sum_half(const u16* dy, float* db, i64 n, i64 k, i64 hw, int acc, int kind, int nhwc) {
     extern __shared__ double sh[];
     i64 ch = blockIdx.x;
     double s = 0.0;
-    for (i64 t = threadIdx.x; t < n * hw; t += blockDim.x) s += (double)from_bf16(dy[((t / hw) * k + ch) * hw + t % hw]);
+    for (i64 t = threadIdx.x; t < n * hw; t += blockDim.x) {
+        i64 i = nhwc ? t * k + ch : ((t / hw) * k + ch) * hw + t % hw;
+        s += (double)from_half(dy[i], kind);
+    }
     s = block_sum(s, sh);
     if (threadIdx.x == 0) store(&db[ch], (float)s, acc);
 }
 
 // One thread per column: db[j] (=|+=) sum over m rows of dy[m, n], in f64.
-extern "C" __global__ void column_sum_bf16(const u16* dy, float* db, i64 m, i64 n, int acc) {
+extern "C" __global__ void column_sum_half(const u16* dy, float* db, i64 m, i64 n, int acc, int kind) {
     GRID_LOOP(j, n) {
         double s = 0.0;
-        for (i64 r = 0; r < m; r++) s += (double)from_bf16(dy[r * n + j]);
+        for (i64 r = 0; r < m; r++) s += (double)from_half(dy[r * n + j], kind);
         store(&db[j], (float)s, acc);
     }
 }
 "#,
 };
+
+/// The kernels' number for a dtype: 0 f32, 1 bf16, 2 f16; `None` for the others.
+pub(super) fn kind(d: DType) -> Option<i32> {
+    match d {
+        DType::F32 => Some(0),
+        DType::BF16 => Some(1),
+        DType::F16 => Some(2),
+        _ => None,
+    }
+}
+
+/// The kernels' number of a half dtype (1 bf16, 2 f16), or an error naming `what`.
+fn half_kind(d: DType, what: &str) -> Result<i32> {
+    match kind(d) {
+        Some(k) if k > 0 => Ok(k),
+        _ => Err(Error::State(format!("{what}: {d} where bfloat16 or float16 is expected"))),
+    }
+}
 
 impl CudaBackend {
     /// The dtype a buffer was allocated with.
@@ -90,49 +180,94 @@ impl CudaBackend {
 
 impl RunOp<ops::Cast> for CudaBackend {
     fn run_op(&mut self, o: &ops::Cast) -> Result<()> {
-        let ops::Cast { len, src, dst, bias } = *o;
-        match (self.dtype_of(src), self.dtype_of(dst.buf)) {
-            (DType::F32, DType::BF16) if !dst.accumulate && bias.is_none() => {
-                let args = cast_f32_bf16 { src: self.ptr(src), dst: self.ptr(dst.buf), n: len };
-                // Four values a thread.
-                self.launch_elems(len.div_ceil(4), &args)
-            }
-            (DType::BF16, DType::F32) => {
-                let (b, k, hw) = bias.map_or((0, 1, 1), |c| (self.ptr(c.buf), c.channels, c.inner));
-                let args = cast_bf16_f32 {
-                    src: self.ptr(src),
-                    dst: self.ptr(dst.buf),
-                    n: len,
-                    acc: dst.accumulate as i32,
-                    bias: b,
-                    k,
-                    hw,
-                };
-                self.launch_elems(len, &args)
-            }
-            (from, to) => Err(Error::State(format!(
-                "cast of buffer {} ({from}) into buffer {} ({to}){}{}: the GPU casts f32 to bf16 (overwriting, no bias) and bf16 to f32",
+        let ops::Cast { len, src, dst, bias, permute } = *o;
+        let (from, to) = (self.dtype_of(src), self.dtype_of(dst.buf));
+        let narrowing = from == DType::F32 && to.is_half() && !dst.accumulate && bias.is_none();
+        let widening = from.is_half() && to == DType::F32;
+        if !narrowing && !widening {
+            return Err(Error::State(format!(
+                "cast of buffer {} ({from}) into buffer {} ({to}){}{}: the GPU casts f32 to bf16 or f16 (overwriting, no bias) and bf16 or f16 to f32",
                 src.0,
                 dst.buf.0,
                 if dst.accumulate { ", accumulating" } else { "" },
                 if bias.is_some() { ", with a bias" } else { "" },
-            ))),
+            )));
         }
+        let (sk, dk) = (kind(from).unwrap_or(0), kind(to).unwrap_or(0));
+        let (b, k, hw) = bias.map_or((0, 1, 1), |c| (self.ptr(c.buf), c.channels, c.inner));
+        if let Some(p) = permute {
+            // to NHWC: src [n, c, hw] rows c; to NCHW: src [n, hw, c] rows hw.
+            let (rows, cols) = match p.to {
+                MemoryFormat::Nhwc => (p.c, p.hw),
+                MemoryFormat::Nchw => (p.hw, p.c),
+            };
+            let args = cast_permute {
+                src: self.ptr(src),
+                dst: self.ptr(dst.buf),
+                nb: p.n,
+                rows,
+                cols,
+                skind: sk,
+                dkind: dk,
+                acc: dst.accumulate as i32,
+                bias: b,
+                bk: k,
+                binner: hw,
+                bias_src: (p.to == MemoryFormat::Nhwc) as i32,
+            };
+            let tiles = p.n * rows.div_ceil(TILE) * cols.div_ceil(TILE);
+            let grid = tiles.min(self.gpu.sm_count as usize * 16) as u32;
+            return self.launch_blocks(grid, 256, 0, &args);
+        }
+        if narrowing {
+            let args = cast_to_half { src: self.ptr(src), dst: self.ptr(dst.buf), n: len, kind: dk };
+            // Four values a thread.
+            return self.launch_elems(len.div_ceil(4), &args);
+        }
+        let args = cast_from_half {
+            src: self.ptr(src),
+            dst: self.ptr(dst.buf),
+            n: len,
+            acc: dst.accumulate as i32,
+            bias: b,
+            k,
+            hw,
+            kind: sk,
+        };
+        self.launch_elems(len, &args)
     }
 }
 
 impl CudaBackend {
-    /// `db[k] (+)= sum over n, hw of dy[n, k, hw]` for a bf16 `dy` (a convolution's bias
-    /// gradient under mixed precision).
-    pub(super) fn channel_sum_bf16(&mut self, dy: BufId, db: GradOut, n: usize, k: usize, hw: usize) -> Result<()> {
-        let args = channel_sum_bf16 { dy: self.ptr(dy), db: self.ptr(db.buf), n, k, hw, acc: db.accumulate as i32 };
+    /// `db[k] (+)= sum over n, hw of dy` for a half-precision `dy` in `format` (a
+    /// convolution's bias gradient under mixed precision).
+    pub(super) fn channel_sum_half(
+        &mut self,
+        dy: BufId,
+        db: GradOut,
+        (n, k, hw): (usize, usize, usize),
+        format: MemoryFormat,
+    ) -> Result<()> {
+        let kind = half_kind(self.dtype_of(dy), "convolution bias gradient")?;
+        let nhwc = (format == MemoryFormat::Nhwc) as i32;
+        let args = channel_sum_half {
+            dy: self.ptr(dy),
+            db: self.ptr(db.buf),
+            n,
+            k,
+            hw,
+            acc: db.accumulate as i32,
+            kind,
+            nhwc,
+        };
         self.launch_blocks(k as u32, SUM_THREADS, SUM_THREADS * 8, &args)
     }
 
-    /// `db[j] (+)= sum over rows of dy[m, n]` for a bf16 `dy` (a dense layer's bias gradient
-    /// under mixed precision).
-    pub(super) fn column_sum_bf16(&mut self, dy: BufId, db: GradOut, m: usize, n: usize) -> Result<()> {
-        let args = column_sum_bf16 { dy: self.ptr(dy), db: self.ptr(db.buf), m, n, acc: db.accumulate as i32 };
+    /// `db[j] (+)= sum over rows of dy[m, n]` for a half-precision `dy` (a dense layer's bias
+    /// gradient under mixed precision).
+    pub(super) fn column_sum_half(&mut self, dy: BufId, db: GradOut, m: usize, n: usize) -> Result<()> {
+        let kind = half_kind(self.dtype_of(dy), "dense bias gradient")?;
+        let args = column_sum_half { dy: self.ptr(dy), db: self.ptr(db.buf), m, n, acc: db.accumulate as i32, kind };
         self.launch_elems(n, &args)
     }
 }

@@ -23,7 +23,7 @@ use cudarc::driver::sys::CUdeviceptr;
 use super::CudaBackend;
 use crate::backend::ops;
 use crate::backend::ops::RunOp;
-use crate::backend::ops::{BufId, ConvGeom};
+use crate::backend::ops::{BufId, ConvGeom, MemoryFormat};
 use crate::backend::{DType, HostVec};
 use crate::{Error, Result};
 
@@ -78,8 +78,25 @@ pub(super) struct Chosen {
     algo: Algo,
     pub(super) memory: usize,
     math: sys::cudnnMathType_t,
-    /// The geometry's bf16 descriptors (mixed precision), not its f32 ones.
-    bf16: bool,
+    /// Which of the geometry's descriptors: f32 NCHW, or mixed precision's half types.
+    data: ConvData,
+}
+
+/// The data type and memory order of a convolution's tensors (f32 NCHW unless mixed precision
+/// put it in bf16 or f16, NHWC); its compute type is f32 either way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) struct ConvData {
+    pub dtype: DType,
+    pub format: MemoryFormat,
+}
+
+impl ConvData {
+    /// f32, channels first: every convolution outside mixed precision.
+    pub const F32: ConvData = ConvData { dtype: DType::F32, format: MemoryFormat::Nchw };
+
+    fn half(self) -> bool {
+        self.dtype.is_half()
+    }
 }
 
 /// Descriptors and chosen algorithms of one convolution geometry.
@@ -106,7 +123,7 @@ impl Drop for ConvEntry {
 /// The cuDNN state of a backend.
 pub(crate) struct Cudnn {
     handle: sys::cudnnHandle_t,
-    convs: HashMap<[usize; 17], ConvEntry>,
+    convs: HashMap<Key, ConvEntry>,
     /// The shared workspace: device pointer and size in bytes.
     workspace: (CUdeviceptr, usize),
     tf32: bool,
@@ -151,9 +168,11 @@ impl Drop for Cudnn {
     }
 }
 
-/// A geometry and its data type (bf16 under mixed precision, else f32).
-fn key(g: &ConvGeom, bf16: bool) -> [usize; 17] {
-    [g.n, g.c, g.h, g.w, g.k, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.groups, g.oh, g.ow, bf16 as usize]
+/// A geometry with its data type and memory order.
+type Key = ([usize; 16], ConvData);
+
+fn key(g: &ConvGeom, data: ConvData) -> Key {
+    ([g.n, g.c, g.h, g.w, g.k, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.groups, g.oh, g.ow], data)
 }
 
 fn int(v: usize, what: &str) -> Result<i32> {
@@ -161,9 +180,12 @@ fn int(v: usize, what: &str) -> Result<i32> {
 }
 
 /// Creates the descriptors of a geometry and checks cuDNN's output size against the plan's.
-/// With `bf16`, input, filter and output are bf16 and the convolution computes in f32
-/// (cuDNN's `PSEUDO_BFLOAT16_CONFIG`: tensor cores, f32 accumulation).
-fn describe(g: &ConvGeom, bf16: bool) -> Result<ConvEntry> {
+/// With a half `data.dtype`, input, filter and output are bf16 or f16 and the convolution
+/// computes in f32 (cuDNN's `PSEUDO_BFLOAT16_CONFIG` / `PSEUDO_HALF_CONFIG`: tensor cores, f32
+/// accumulation); with `data.format` NHWC, activations are `[n, h, w, c]` and the filter
+/// `[k, kh, kw, c / groups]` (the dimensions are still given in NCHW order; the format says how
+/// they lie in memory).
+fn describe(g: &ConvGeom, data: ConvData) -> Result<ConvEntry> {
     let mut e = ConvEntry {
         x: std::ptr::null_mut(),
         y: std::ptr::null_mut(),
@@ -172,8 +194,16 @@ fn describe(g: &ConvGeom, bf16: bool) -> Result<ConvEntry> {
         chosen: [None; 3],
     };
     use sys::cudnnDataType_t::CUDNN_DATA_FLOAT as F32;
-    use sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW as NCHW;
-    let data = if bf16 { sys::cudnnDataType_t::CUDNN_DATA_BFLOAT16 } else { F32 };
+    let format = match data.format {
+        MemoryFormat::Nchw => sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+        MemoryFormat::Nhwc => sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC,
+    };
+    let data = match data.dtype {
+        DType::F32 => F32,
+        DType::BF16 => sys::cudnnDataType_t::CUDNN_DATA_BFLOAT16,
+        DType::F16 => sys::cudnnDataType_t::CUDNN_DATA_HALF,
+        d => return Err(Error::State(format!("cuDNN convolution of {d} data: f32, bf16 or f16 expected"))),
+    };
     // SAFETY: out-pointers into `e`, whose Drop destroys whatever was created if a later call
     // fails (destroying a null descriptor is a no-op error that is ignored).
     unsafe {
@@ -182,10 +212,10 @@ fn describe(g: &ConvGeom, bf16: bool) -> Result<ConvEntry> {
         dnn!(cudnnCreateFilterDescriptor(&mut e.w))?;
         dnn!(cudnnCreateConvolutionDescriptor(&mut e.conv))?;
         let (n, c, h, w) = (int(g.n, "batch")?, int(g.c, "channels")?, int(g.h, "height")?, int(g.w, "width")?);
-        dnn!(cudnnSetTensor4dDescriptor(e.x, NCHW, data, n, c, h, w))?;
+        dnn!(cudnnSetTensor4dDescriptor(e.x, format, data, n, c, h, w))?;
         dnn!(cudnnSetTensor4dDescriptor(
             e.y,
-            NCHW,
+            format,
             data,
             n,
             int(g.k, "filters")?,
@@ -195,7 +225,7 @@ fn describe(g: &ConvGeom, bf16: bool) -> Result<ConvEntry> {
         dnn!(cudnnSetFilter4dDescriptor(
             e.w,
             data,
-            NCHW,
+            format,
             int(g.k, "filters")?,
             int(g.c / g.groups, "channels")?,
             int(g.kh, "kernel")?,
@@ -268,7 +298,7 @@ fn pick(cands: &[Candidate], tf32: bool, exact: bool, workspace: usize, determin
 /// backend (another trainer, a test beside another) reuses them, so it computes exactly what
 /// the first does and skips the search. cuDNN's timing-based choice could otherwise differ
 /// between two searches of the same shape.
-type PickKey = ([usize; 17], u8, bool, bool, bool);
+type PickKey = (Key, u8, bool, bool, bool);
 static PICKS: std::sync::Mutex<Option<HashMap<PickKey, Chosen>>> = std::sync::Mutex::new(None);
 
 fn remembered(k: PickKey) -> Option<Chosen> {
@@ -328,10 +358,12 @@ fn transform_tolerance(dir: Dir) -> f64 {
 }
 
 impl CudaBackend {
-    /// The math the search offers: tensor cores for bf16 data and under TF32, FMA (true f32)
-    /// otherwise.
-    fn math(&self, bf16: bool) -> sys::cudnnMathType_t {
-        if self.dnn.tf32 || bf16 {
+    /// The math the search offers: tensor cores for half data (`TENSOR_OP_MATH`) and under
+    /// TF32 (`DEFAULT_MATH`), FMA (true f32) otherwise.
+    fn math(&self, data: ConvData) -> sys::cudnnMathType_t {
+        if data.half() {
+            sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
+        } else if self.dnn.tf32 {
             sys::cudnnMathType_t::CUDNN_DEFAULT_MATH
         } else {
             sys::cudnnMathType_t::CUDNN_FMA_MATH
@@ -339,10 +371,10 @@ impl CudaBackend {
     }
 
     /// The entry of a geometry, created on first use.
-    fn conv_entry(&mut self, g: &ConvGeom, bf16: bool) -> Result<&mut ConvEntry> {
-        match self.dnn.convs.entry(key(g, bf16)) {
+    fn conv_entry(&mut self, g: &ConvGeom, data: ConvData) -> Result<&mut ConvEntry> {
+        match self.dnn.convs.entry(key(g, data)) {
             std::collections::hash_map::Entry::Occupied(o) => Ok(o.into_mut()),
-            std::collections::hash_map::Entry::Vacant(v) => Ok(v.insert(describe(g, bf16)?)),
+            std::collections::hash_map::Entry::Vacant(v) => Ok(v.insert(describe(g, data)?)),
         }
     }
 
@@ -367,7 +399,7 @@ impl CudaBackend {
         (out, beta): (CUdeviceptr, f32),
         ws: (CUdeviceptr, usize),
     ) -> Result<()> {
-        let e = self.dnn.convs.get(&key(g, c.bf16)).ok_or_else(|| Error::State("convolution not described".into()))?;
+        let e = self.dnn.convs.get(&key(g, c.data)).ok_or_else(|| Error::State("convolution not described".into()))?;
         let (h, one) = (self.dnn.handle, 1.0f32);
         let (alpha, beta) = (&one as *const f32 as *const c_void, &beta as *const f32 as *const c_void);
         let (a, b, out, w) = (a as *const c_void, b as *const c_void, out as *mut c_void, ws.0 as *mut c_void);
@@ -394,17 +426,24 @@ impl CudaBackend {
     /// The algorithm of one direction of an f32 convolution, searched for on first use
     /// (warm-up only).
     pub(super) fn conv_algo(&mut self, g: &ConvGeom, dir: Dir, a: CUdeviceptr, b: CUdeviceptr) -> Result<Chosen> {
-        self.conv_algo_as(g, false, dir, a, b)
+        self.conv_algo_as(g, ConvData::F32, dir, a, b)
     }
 
-    /// [`CudaBackend::conv_algo`] for f32 data or, with `bf16`, bf16 data.
-    fn conv_algo_as(&mut self, g: &ConvGeom, bf16: bool, dir: Dir, a: CUdeviceptr, b: CUdeviceptr) -> Result<Chosen> {
-        if let Some(c) = self.conv_entry(g, bf16)?.chosen[dir as usize] {
+    /// [`CudaBackend::conv_algo`] for data of any type and order.
+    fn conv_algo_as(
+        &mut self,
+        g: &ConvGeom,
+        data: ConvData,
+        dir: Dir,
+        a: CUdeviceptr,
+        b: CUdeviceptr,
+    ) -> Result<Chosen> {
+        if let Some(c) = self.conv_entry(g, data)?.chosen[dir as usize] {
             return Ok(c);
         }
-        let pick_key = (key(g, bf16), dir as u8, self.dnn.tf32, self.dnn.deterministic, self.dnn.exact_only);
+        let pick_key = (key(g, data), dir as u8, self.dnn.tf32, self.dnn.deterministic, self.dnn.exact_only);
         if let Some(c) = remembered(pick_key) {
-            self.conv_entry(g, bf16)?.chosen[dir as usize] = Some(c);
+            self.conv_entry(g, data)?.chosen[dir as usize] = Some(c);
             return Ok(c);
         }
         if self.mem.capturing {
@@ -412,8 +451,7 @@ impl CudaBackend {
                 "cuDNN algorithm search ({dir:?}) during CUDA graph capture: the warm-up run did not cover this convolution"
             )));
         }
-        let dtype = if bf16 { DType::BF16 } else { DType::F32 };
-        let out_bytes = dtype.size()
+        let out_bytes = data.dtype.size()
             * match dir {
                 Dir::Forward => g.output_len(),
                 Dir::BackwardData => g.input_len(),
@@ -426,32 +464,32 @@ impl CudaBackend {
             for bytes in [out_bytes, out_bytes, ws_bytes] {
                 temps.push(self.mem.alloc(&self.gpu, bytes)?);
             }
-            self.conv_search(g, bf16, dir, (a, b), (temps[0], temps[1]), (temps[2], ws_bytes))
+            self.conv_search(g, data, dir, (a, b), (temps[0], temps[1]), (temps[2], ws_bytes))
         })();
         for t in temps {
             self.mem.free_now(&self.gpu, t)?;
         }
         let c = r?;
-        self.conv_entry(g, bf16)?.chosen[dir as usize] = Some(c);
+        self.conv_entry(g, data)?.chosen[dir as usize] = Some(c);
         remember(pick_key, c);
         Ok(c)
     }
 
     /// Times every algorithm (`cudnnFind*AlgorithmEx`) and chooses one; see the module docs.
-    /// bf16 data (mixed precision) is treated as TF32 is: any math type, the fastest algorithm
-    /// (deterministic first), no check against an exact one, whose own bf16 rounding of the
+    /// Half data (mixed precision) is treated as TF32 is: any math type, the fastest algorithm
+    /// (deterministic first), no check against an exact one, whose own half rounding of the
     /// output would be all the check could see.
     fn conv_search(
         &mut self,
         g: &ConvGeom,
-        bf16: bool,
+        data: ConvData,
         dir: Dir,
         (a, b): (CUdeviceptr, CUdeviceptr),
         scratch: (CUdeviceptr, CUdeviceptr),
         ws: (CUdeviceptr, usize),
     ) -> Result<Chosen> {
-        let (tf32, math, handle) = (self.dnn.tf32 || bf16, self.math(bf16), self.dnn.handle);
-        let e = self.conv_entry(g, bf16)?;
+        let (tf32, math, handle) = (self.dnn.tf32 || data.half(), self.math(data), self.dnn.handle);
+        let e = self.conv_entry(g, data)?;
         let (xd, yd, wd, cd) = (e.x, e.y, e.w, e.conv);
         let (ap, bp, s, w) = (a as *const c_void, b as *const c_void, scratch.0 as *mut c_void, ws.0 as *mut c_void);
         let mut n = 0;
@@ -519,7 +557,7 @@ impl CudaBackend {
                 }
             }
         };
-        let chosen = |i: usize| Chosen { algo: cands[i].algo, memory: cands[i].memory, math: cands[i].math, bf16 };
+        let chosen = |i: usize| Chosen { algo: cands[i].algo, memory: cands[i].memory, math: cands[i].math, data };
         let det = self.dnn.deterministic;
         let exact = pick(&cands, tf32, !tf32, ws.1, det);
         let fastest = pick(&cands, tf32, false, ws.1, det);
@@ -560,7 +598,7 @@ impl CudaBackend {
             }
         };
         if self.debug {
-            eprintln!("[kiln cuda] cudnn {dir:?} {:?}: {} {note}", key(g, bf16), cands[choice].text);
+            eprintln!("[kiln cuda] cudnn {dir:?} {:?}: {} {note}", key(g, data), cands[choice].text);
             for c in &cands {
                 eprintln!("[kiln cuda]     candidate {}", c.text);
             }
@@ -570,21 +608,29 @@ impl CudaBackend {
 }
 
 impl CudaBackend {
-    /// Whether a convolution's data buffers are all bf16 (mixed precision) or all f32; any
-    /// other mixture is an error naming the op's buffers. A bf16 convolution's bias and bias
-    /// gradient stay f32 (`bias` lists them), and its bias is added where its output is widened
-    /// (the cast after it), not by the convolution.
-    fn conv_dtype(&self, op: &str, data: &[BufId], bias: (Option<BufId>, bool)) -> Result<bool> {
+    /// The data type and order of a convolution's data buffers: all f32 (channels first), or
+    /// all one half type (mixed precision, in `format`); any other mixture is an error naming
+    /// the op's buffers. A half convolution's bias and bias gradient stay f32 (`bias` lists
+    /// them), and its bias is added where its output is widened (the cast after it), not by the
+    /// convolution.
+    fn conv_data(
+        &self,
+        op: &str,
+        format: MemoryFormat,
+        data: &[BufId],
+        bias: (Option<BufId>, bool),
+    ) -> Result<ConvData> {
         let types: Vec<DType> = data.iter().map(|&b| self.dtype_of(b)).collect();
-        let bf16 = types[0] == DType::BF16;
-        let want = if bf16 { DType::BF16 } else { DType::F32 };
-        let bias_ok = bias.0.is_none_or(|b| self.dtype_of(b) == DType::F32) && !(bf16 && bias.1);
-        if types.iter().all(|&t| t == want) && bias_ok {
-            return Ok(bf16);
+        let want = if types[0].is_half() { types[0] } else { DType::F32 };
+        let bias_ok = bias.0.is_none_or(|b| self.dtype_of(b) == DType::F32) && !(want.is_half() && bias.1);
+        let format_ok = want.is_half() || format == MemoryFormat::Nchw;
+        if types.iter().all(|&t| t == want) && bias_ok && format_ok {
+            return Ok(ConvData { dtype: want, format });
         }
         let list: Vec<String> = data.iter().zip(&types).map(|(b, t)| format!("buffer {} {t}", b.0)).collect();
         Err(Error::State(format!(
-            "{op}: operands must be all f32 or all bf16 with an f32 bias gradient (a bf16 output takes its bias in the cast that widens it); got {}{}",
+            "{op} ({}): operands must be all f32 (channels first) or all bf16 or all f16 with an f32 bias gradient (a half output takes its bias in the cast that widens it); got {}{}",
+            format.name(),
             list.join(", "),
             bias.0.map(|b| format!(", bias buffer {} {}", b.0, self.dtype_of(b))).unwrap_or_default()
         )))
@@ -593,12 +639,12 @@ impl CudaBackend {
 
 impl RunOp<ops::Conv2d> for CudaBackend {
     fn run_op(&mut self, o: &ops::Conv2d) -> Result<()> {
-        let ops::Conv2d { x, w, b, y, .. } = *o;
+        let ops::Conv2d { x, w, b, y, format, .. } = *o;
         let g = &o.g;
-        let bf16 = self.conv_dtype("conv2d", &[x, w, y], (b, b.is_some()))?;
+        let data = self.conv_data("conv2d", format, &[x, w, y], (b, b.is_some()))?;
         let _lock = cudnn_lock();
         let (xp, wp, yp) = (self.ptr(x), self.ptr(w), self.ptr(y));
-        let c = self.conv_algo_as(g, bf16, Dir::Forward, xp, wp)?;
+        let c = self.conv_algo_as(g, data, Dir::Forward, xp, wp)?;
         let ws = self.conv_workspace(c.memory)?;
         self.conv_run(g, c, (xp, wp), (yp, 0.0), ws)?;
         if let Some(b) = b {
@@ -610,24 +656,24 @@ impl RunOp<ops::Conv2d> for CudaBackend {
 
 impl RunOp<ops::Conv2dBackward> for CudaBackend {
     fn run_op(&mut self, o: &ops::Conv2dBackward) -> Result<()> {
-        let ops::Conv2dBackward { x, w, dy, dx, dw, db, .. } = *o;
+        let ops::Conv2dBackward { x, w, dy, dx, dw, db, format, .. } = *o;
         let g = &o.g;
-        let mut data = vec![x, w, dy, dw.buf];
-        data.extend(dx.map(|d| d.buf));
-        let bf16 = self.conv_dtype("conv2d_backward", &data, (db.map(|d| d.buf), false))?;
+        let mut bufs = vec![x, w, dy, dw.buf];
+        bufs.extend(dx.map(|d| d.buf));
+        let data = self.conv_data("conv2d_backward", format, &bufs, (db.map(|d| d.buf), false))?;
         let _lock = cudnn_lock();
         let (xp, wp, dyp) = (self.ptr(x), self.ptr(w), self.ptr(dy));
         let beta = |acc: bool| if acc { 1.0f32 } else { 0.0f32 };
         if let Some(dx) = dx {
-            let c = self.conv_algo_as(g, bf16, Dir::BackwardData, wp, dyp)?;
+            let c = self.conv_algo_as(g, data, Dir::BackwardData, wp, dyp)?;
             let ws = self.conv_workspace(c.memory)?;
             self.conv_run(g, c, (wp, dyp), (self.ptr(dx.buf), beta(dx.accumulate)), ws)?;
         }
-        let c = self.conv_algo_as(g, bf16, Dir::BackwardFilter, xp, dyp)?;
+        let c = self.conv_algo_as(g, data, Dir::BackwardFilter, xp, dyp)?;
         let ws = self.conv_workspace(c.memory)?;
         self.conv_run(g, c, (xp, dyp), (self.ptr(dw.buf), beta(dw.accumulate)), ws)?;
         match db {
-            Some(db) if bf16 => self.channel_sum_bf16(dy, db, g.n, g.k, g.oh * g.ow)?,
+            Some(db) if data.half() => self.channel_sum_half(dy, db, (g.n, g.k, g.oh * g.ow), format)?,
             Some(db) => self.channel_sum(dy, db, g.n, g.k, g.oh * g.ow)?,
             None => {}
         }

@@ -19,9 +19,10 @@
 //! (`CUBLAS_COMPUTE_32F_FAST_TF32`). The algorithm of each product shape is chosen once by
 //! cuBLASLt's heuristic and cached, so eager and replayed runs use the same one.
 //!
-//! Mixed precision (bf16 `x`, `w` and `dy`, from the casts `exec` puts before the op): A and B
-//! are bf16, D (and C) stay f32 with f32 compute, so outputs, accumulation into gradients and
-//! the bias epilogue are f32 as before. The bias gradient is then summed from the bf16 `dy`
+//! Mixed precision (bf16 or f16 `x`, `w` and `dy`, from the casts `exec` puts before the op):
+//! A and B are half, D (and C) stay f32 with f32 compute, so outputs, accumulation into
+//! gradients and the bias epilogue are f32 as before. The bias gradient is then summed from the
+//! half `dy`
 //! (`cast.rs`), not in the `BGRADB` epilogue.
 
 use std::collections::HashMap;
@@ -75,8 +76,8 @@ struct Gemm {
     ldd: usize,
     epilogue: u32,
     accumulate: bool,
-    /// A and B are bf16 (mixed precision); D is f32 either way.
-    bf16: bool,
+    /// The type of A and B: f32, or bf16 or f16 (mixed precision); D is f32 either way.
+    ab: DType,
 }
 
 /// The cuBLASLt state of a backend.
@@ -149,9 +150,13 @@ fn descs(gm: &Gemm, compute: sys::cublasComputeType_t, bias: CUdeviceptr) -> Res
     let mut d =
         Descs { op: std::ptr::null_mut(), a: std::ptr::null_mut(), b: std::ptr::null_mut(), d: std::ptr::null_mut() };
     let f32t = sys::cudaDataType_t::CUDA_R_32F;
-    let ab = if gm.bf16 { sys::cudaDataType_t::CUDA_R_16BF } else { f32t };
-    // TF32 is a mode of f32 inputs; bf16 inputs take the plain f32 compute type.
-    let compute = if gm.bf16 { sys::cublasComputeType_t::CUBLAS_COMPUTE_32F } else { compute };
+    let ab = match gm.ab {
+        DType::BF16 => sys::cudaDataType_t::CUDA_R_16BF,
+        DType::F16 => sys::cudaDataType_t::CUDA_R_16F,
+        _ => f32t,
+    };
+    // TF32 is a mode of f32 inputs; half inputs take the plain f32 compute type.
+    let compute = if gm.ab.is_half() { sys::cublasComputeType_t::CUBLAS_COMPUTE_32F } else { compute };
     let (ar, ac) = if gm.trans_a { (gm.k, gm.m) } else { (gm.m, gm.k) };
     let (br, bc) = if gm.trans_b { (gm.n, gm.k) } else { (gm.k, gm.n) };
     use sys::cublasLtMatmulDescAttributes_t as A;
@@ -262,20 +267,20 @@ impl CudaBackend {
 }
 
 impl CudaBackend {
-    /// Whether a dense op's inputs (`x`, `w`, and `dy` in backward) are all bf16 (mixed
-    /// precision) or all f32, with every output, bias and gradient f32; an error naming the
-    /// buffers otherwise.
-    fn linear_dtype(&self, op: &str, inputs: &[BufId], outputs: &[BufId]) -> Result<bool> {
-        let bf16 = self.dtype_of(inputs[0]) == DType::BF16;
-        let want = if bf16 { DType::BF16 } else { DType::F32 };
+    /// The dtype of a dense op's inputs (`x`, `w`, and `dy` in backward): all f32, or all bf16
+    /// or all f16 (mixed precision), with every output, bias and gradient f32; an error naming
+    /// the buffers otherwise.
+    fn linear_dtype(&self, op: &str, inputs: &[BufId], outputs: &[BufId]) -> Result<DType> {
+        let first = self.dtype_of(inputs[0]);
+        let want = if first.is_half() { first } else { DType::F32 };
         if inputs.iter().all(|&b| self.dtype_of(b) == want) && outputs.iter().all(|&b| self.dtype_of(b) == DType::F32) {
-            return Ok(bf16);
+            return Ok(want);
         }
         let list = |bs: &[BufId]| {
             bs.iter().map(|b| format!("buffer {} {}", b.0, self.dtype_of(*b))).collect::<Vec<_>>().join(", ")
         };
         Err(Error::State(format!(
-            "{op}: inputs must be all f32 or all bf16 and outputs f32; got inputs {}, outputs {}",
+            "{op}: inputs must be all f32, all bf16 or all f16 and outputs f32; got inputs {}, outputs {}",
             list(inputs),
             list(outputs)
         )))
@@ -287,7 +292,7 @@ impl RunOp<ops::Linear> for CudaBackend {
         let ops::Linear { m, k, n, x, w, b, y, .. } = *o;
         let mut outputs = vec![y];
         outputs.extend(b);
-        let bf16 = self.linear_dtype("linear", &[x, w], &outputs)?;
+        let ab = self.linear_dtype("linear", &[x, w], &outputs)?;
         let gm = Gemm {
             trans_a: true,
             trans_b: false,
@@ -299,7 +304,7 @@ impl RunOp<ops::Linear> for CudaBackend {
             ldd: n,
             epilogue: if b.is_some() { EPI_BIAS } else { EPI_DEFAULT },
             accumulate: false,
-            bf16,
+            ab,
         };
         let (xp, wp, yp, bp) = (self.ptr(x), self.ptr(w), self.ptr(y), self.opt_ptr(b));
         if self.gemm(gm, wp, xp, yp, bp)? {
@@ -323,7 +328,7 @@ impl RunOp<ops::LinearBackward> for CudaBackend {
         let mut outputs = vec![dw.buf];
         outputs.extend(dx.map(|d| d.buf));
         outputs.extend(db.map(|d| d.buf));
-        let bf16 = self.linear_dtype("linear_backward", &[x, w, dy], &outputs)?;
+        let ab = self.linear_dtype("linear_backward", &[x, w, dy], &outputs)?;
         let (xp, wp, dyp) = (self.ptr(x), self.ptr(w), self.ptr(dy));
         if let Some(dx) = dx {
             let gm = Gemm {
@@ -337,7 +342,7 @@ impl RunOp<ops::LinearBackward> for CudaBackend {
                 ldd: k,
                 epilogue: EPI_DEFAULT,
                 accumulate: dx.accumulate,
-                bf16,
+                ab,
             };
             if !self.gemm(gm, wp, dyp, self.ptr(dx.buf), 0)? {
                 return Err(no_algo(&gm));
@@ -354,12 +359,12 @@ impl RunOp<ops::LinearBackward> for CudaBackend {
             ldd: k,
             epilogue: EPI_DEFAULT,
             accumulate: dw.accumulate,
-            bf16,
+            ab,
         };
         let dwp = self.ptr(dw.buf);
         if let Some(db) = db
             && !db.accumulate
-            && !bf16
+            && !ab.is_half()
             && self.gemm(Gemm { epilogue: EPI_BGRADB, ..gm }, xp, dyp, dwp, self.ptr(db.buf))?
         {
             return Ok(());
@@ -368,7 +373,7 @@ impl RunOp<ops::LinearBackward> for CudaBackend {
             return Err(no_algo(&gm));
         }
         match db {
-            Some(db) if bf16 => self.column_sum_bf16(dy, db, m, n)?,
+            Some(db) if ab.is_half() => self.column_sum_half(dy, db, m, n)?,
             Some(db) => self.column_sum(dy, db, m, n)?,
             None => {}
         }

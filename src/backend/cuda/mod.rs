@@ -274,9 +274,9 @@ impl CudaBackend {
 
     /// Queues one op.
     fn exec(&mut self, op: &Op) -> Result<()> {
-        // bf16 only where mixed precision puts it (each such op checks its own dtypes).
-        let bf16 = op.takes_bf16();
-        op.validate(|b| self.bufs.get(b.0).map(|x| (x.1, x.2)), |d| d == DType::F32 || (bf16 && d == DType::BF16))?;
+        // bf16 and f16 only where mixed precision puts them (each such op checks its own dtypes).
+        let half = op.takes_half();
+        op.validate(|b| self.bufs.get(b.0).map(|x| (x.1, x.2)), |d| d == DType::F32 || (half && d.is_half()))?;
         if self.coll.is_some() {
             self.join_for(op)?;
         }
@@ -362,9 +362,9 @@ impl Backend for CudaBackend {
         dtype == DType::F32
     }
 
-    /// bf16: cuDNN convolutions and cuBLASLt products on tensor cores, f32 accumulation.
+    /// bf16 and f16: cuDNN convolutions and cuBLASLt products on tensor cores, f32 accumulation.
     fn computes_products_in(&self, dtype: DType) -> bool {
-        dtype == DType::BF16
+        dtype.is_half()
     }
 
     fn free(&mut self, buf: BufId) -> Result<()> {

@@ -88,6 +88,12 @@ macro_rules! c_type {
     ((const u64*)) => {
         "const u64*"
     };
+    ((const void*)) => {
+        "const void*"
+    };
+    ((void*)) => {
+        "void*"
+    };
 }
 
 /// The Rust type a launcher takes for a kernel argument type of [`kernels!`]: `i64` (sizes and

@@ -59,11 +59,38 @@ impl ConvGeom {
     }
 }
 
+/// The order in memory of a convolution's activations (input, output and their gradients)
+/// and filter, as PyTorch's `torch.memory_format`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum MemoryFormat {
+    /// Channels first: activations `[n, c, h, w]`, filter `[k, c / groups, kh, kw]`. kiln's
+    /// user-facing layout and PyTorch's default; every backend runs it.
+    #[default]
+    Nchw,
+    /// Channels last: activations `[n, h, w, c]`, filter `[k, kh, kw, c / groups]` (cuDNN's
+    /// NHWC filter layout), what tensor cores read without transposing. Only mixed precision
+    /// plans it (`exec/autocast.rs`, between casts that permute), on a backend whose
+    /// convolutions take half-precision data (CUDA); the others refuse it.
+    Nhwc,
+}
+
+impl MemoryFormat {
+    /// `nchw` or `nhwc`.
+    pub fn name(self) -> &'static str {
+        match self {
+            MemoryFormat::Nchw => "nchw",
+            MemoryFormat::Nhwc => "nhwc",
+        }
+    }
+}
+
 /// `y = conv(x, w) + b`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Conv2d {
     /// Geometry.
     pub g: ConvGeom,
+    /// Memory order of `x`, `w` and `y` (the bias is a plain vector).
+    pub format: MemoryFormat,
     /// Input.
     pub x: BufId,
     /// Weight.
@@ -79,6 +106,8 @@ pub struct Conv2d {
 pub struct Conv2dBackward {
     /// Geometry.
     pub g: ConvGeom,
+    /// Memory order of `x`, `w`, `dy`, `dx` and `dw`.
+    pub format: MemoryFormat,
     /// Input.
     pub x: BufId,
     /// Weight.
@@ -104,6 +133,13 @@ impl ConvGeom {
     }
 }
 
+fn describe(g: &ConvGeom, format: MemoryFormat) -> String {
+    match format {
+        MemoryFormat::Nchw => g.describe(),
+        MemoryFormat::Nhwc => format!("{} nhwc", g.describe()),
+    }
+}
+
 impl OpDesc for Conv2d {
     const NAME: &'static str = "conv2d";
     buffer_table!(|o, f| {
@@ -115,7 +151,7 @@ impl OpDesc for Conv2d {
         f(r!(o.y), o.g.output_len(), W);
     });
     fn shapes(&self) -> String {
-        self.g.describe()
+        describe(&self.g, self.format)
     }
 }
 
@@ -134,6 +170,6 @@ impl OpDesc for Conv2dBackward {
         }
     });
     fn shapes(&self) -> String {
-        self.g.describe()
+        describe(&self.g, self.format)
     }
 }

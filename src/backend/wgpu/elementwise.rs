@@ -349,12 +349,14 @@ fn grad_into(r: &mut Recorder, o: &ops::GradInto) -> Result<()> {
 /// The cast of mixed precision ([`ops::Cast`]). This backend holds f32 buffers only (its
 /// validation refuses bf16 ones, and `exec` plans bf16 only for backends whose products take
 /// it), so a cast that reaches it is f32 to f32: a copy or an accumulation, as [`grad_into`].
-/// The bias a widening cast adds to a bf16 convolution's output never occurs here: refused.
+/// The bias a widening cast adds to a half-precision convolution's output and the change of
+/// memory order around a channels-last one never occur here: refused.
 fn cast(r: &mut Recorder, o: &ops::Cast) -> Result<()> {
-    if o.bias.is_some() {
-        return Err(crate::Error::State(
-            "cast with a bias: the wgpu backend computes in f32 only (no mixed precision)".into(),
-        ));
+    if o.bias.is_some() || o.permute.is_some() {
+        let what = if o.bias.is_some() { "a bias" } else { "a change of memory order" };
+        return Err(crate::Error::State(format!(
+            "cast with {what}: the wgpu backend computes in f32 only (no mixed precision)"
+        )));
     }
     grad_into(r, &ops::GradInto { len: o.len, src: o.src, dst: o.dst })
 }

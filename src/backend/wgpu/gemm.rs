@@ -317,11 +317,22 @@ fn conv_wgrad(r: &mut Recorder, g: &ConvGeom, (dy, x): (Bind, Bind), dw: GradOut
     launch(r, &GEMM_CONV_WGRAD, shape, Operands { a: dy, b: x, bias: None, c: dw }, &geom(g)?)
 }
 
+/// This backend's convolutions are channels-first (channels-last ones come only from mixed
+/// precision, which is not planned here).
+fn nchw_only(op: &str, format: ops::MemoryFormat) -> Result<()> {
+    match format {
+        ops::MemoryFormat::Nchw => Ok(()),
+        f => Err(crate::Error::State(format!("{op} in {}: the wgpu backend's convolutions are NCHW only", f.name()))),
+    }
+}
+
 fn conv2d(r: &mut Recorder, o: &ops::Conv2d) -> Result<()> {
+    nchw_only("conv2d", o.format)?;
     conv_fwd(r, &o.g, (Bind::Buf(o.x), Bind::Buf(o.w), o.b.map(Bind::Buf)), set(o.y))
 }
 
 fn conv2d_backward(r: &mut Recorder, o: &ops::Conv2dBackward) -> Result<()> {
+    nchw_only("conv2d_backward", o.format)?;
     let g = &o.g;
     if let Some(dx) = o.dx {
         conv_dgrad(r, g, (Bind::Buf(o.dy), Bind::Buf(o.w), None), dx)?;

@@ -283,7 +283,7 @@ impl LayerKind for Conv2d {
         let (x, y) = (cx.input(0), cx.output());
         let w = cx.param(ParamRole::Weight).expect("conv weight");
         let b = if self.bias { cx.param(ParamRole::Bias) } else { None };
-        cx.push(Op::Conv2d(ops::Conv2d { g, x, w, b, y }));
+        cx.push(Op::Conv2d(ops::Conv2d { g, format: ops::MemoryFormat::Nchw, x, w, b, y }));
         Ok(())
     }
     /// Lowering of the backward pass: one [`Op::Conv2dBackward`] (data, weight and bias gradients).
@@ -294,7 +294,8 @@ impl LayerKind for Conv2d {
         let dx = cx.dx(0);
         let dw = cx.param_grad(ParamRole::Weight).expect("conv weight gradient");
         let db = cx.param_grad(ParamRole::Bias);
-        cx.push(Op::Conv2dBackward(ops::Conv2dBackward { g, x, w, dy, dx, dw, db }));
+        let format = ops::MemoryFormat::Nchw;
+        cx.push(Op::Conv2dBackward(ops::Conv2dBackward { g, format, x, w, dy, dx, dw, db }));
         Ok(())
     }
     fn write_spec(&self, t: &mut SpecTable) {
