@@ -1,7 +1,7 @@
 //! Times a training step's kernels on the GPU: per-op times of one eager forward+backward, the
 //! whole step eager and as a replayed CUDA graph, and peak device memory.
 //!
-//!     cargo run --release --example cuda_profile -- [resnet18|simple|multiscale|mnist|cifar] [batch] [steps]
+//!     cargo run --release --example cuda_profile -- [resnet18|simple|multiscale|mnist|cifar] [batch] [steps] [f32|bf16]
 //!
 //! Numbers are medians over `steps` steps (default 50) after two warm-up steps; each op's time
 //! comes from device events around it, with the op waiting for the one before (so the sum of op
@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use kiln::backend::{Backend, CudaBackend, Op};
-use kiln::exec::{Executor, Mode, PlanOptions};
+use kiln::exec::{Executor, Lowering, Mode, PlanOptions, Precision};
 use kiln::rng::Rng;
 use kiln::zoo;
 
@@ -26,6 +26,11 @@ fn main() -> Result<()> {
     let which = args.first().map(String::as_str).unwrap_or("resnet18");
     let batch: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(64);
     let steps: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(50);
+    let precision = match args.get(3).map(String::as_str) {
+        None | Some("f32") => Precision::F32,
+        Some("bf16") => Precision::Bf16Mixed,
+        Some(other) => bail!("precision {other}: expected f32 or bf16"),
+    };
     let builder = match which {
         "resnet18" => zoo::resnet18(batch, 10),
         "simple" => zoo::simple_cnn(batch),
@@ -38,7 +43,8 @@ fn main() -> Result<()> {
     let backend = CudaBackend::new(0).context("opening the GPU")?;
     println!("{}", backend.describe());
     let mut e = Executor::new(&model, backend)?;
-    let p = e.plan(batch, Mode::Train, PlanOptions::default())?;
+    let low = Lowering { options: PlanOptions::default(), precision, ..e.lowering(batch, Mode::Train) };
+    let p = e.plan_for(low)?;
     let info = e.plan_info(p).clone();
     let mut r = Rng::new(3);
     let x: Vec<f32> = (0..e.backend().len(info.input)).map(|_| r.uniform_range(-1.0, 1.0)).collect();
@@ -68,7 +74,12 @@ fn main() -> Result<()> {
         e.1 += t;
     }
     let total: f64 = per_op.iter().sum();
-    println!("\n{which} batch {batch}: {} forward + {} backward ops", info.forward.len(), info.backward.len());
+    println!(
+        "\n{which} batch {batch} {}: {} forward + {} backward ops",
+        precision.name(),
+        info.forward.len(),
+        info.backward.len()
+    );
     println!("{:<22} {:>5} {:>10} {:>7}", "op", "count", "ms", "share");
     let mut rows: Vec<_> = by_name.into_iter().collect();
     rows.sort_by(|a, b| b.1.1.total_cmp(&a.1.1));

@@ -15,7 +15,9 @@
 //! issue 11) leaves room for the layers after it. Each test prints the errors it measured.
 //! Measured on the H200 (2026-11-29, one run): every single-layer case, batch and group norm,
 //! pooling, softmax, dropout, the residual and concat joins and the mixed model within 2.0e-3
-//! to 9.0e-3 (batch norm's the largest).
+//! to 9.0e-3 (batch norm's the largest); the same range again with channels-last convolutions
+//! (device run of 13:15 UTC, max 9.04e-3). One NHWC convolution alone: bf16 1.0e-3 to 4.4e-3,
+//! f16 1.5e-4 to 4.5e-4 (its 11 significant bits).
 //!
 //! Two kinds of case are held to less, each for a stated reason:
 //! - [`KINKED`]: models whose gradients pass through many ReLU or max-pooling decisions taken
@@ -53,7 +55,9 @@ const TOL: f64 = 1e-2;
 /// 5e-3, doubled for batch norm over 4 samples; see the module documentation); the first run on
 /// the H200 (device run 6 of 2026-11-29) measured 3.0e-2 to 4.16e-2 on nearly every gradient of
 /// the 20 layers, the input gradient 3.22e-2, so the error of a deep bf16 network is about 4e-2
-/// and the bound keeps a 1.4x margin over the largest measured value.
+/// and the bound keeps a 1.4x margin over the largest measured value. With channels-last
+/// convolutions (other cuDNN kernels, other summation orders) the next run measured 4.48e-2
+/// (a batch-norm weight gradient, accumulated; 2026-11-29 13:15 UTC): within the bound.
 const DEEP_TOL: f64 = 6e-2;
 
 /// Cases whose gradients hinge on ReLU or max-pooling decisions (see the module
@@ -409,11 +413,11 @@ fn nhwc_convolutions_match_the_cpu_in_bf16_and_f16() {
                 cast(g.weight_len(), hdw, GradOut { buf: f[5], accumulate: true }, None, perm(k, cg, taps, Nchw)),
             ])
             .unwrap();
-            for ((what, i), r) in ["y", "dx", "dw", "db"].iter().zip([7, 4, 5, 6]).zip(&want) {
+            for ((what, i), reference) in ["y", "dx", "dw", "db"].iter().zip([7, 4, 5, 6]).zip(&want) {
                 let got = gpu.read(f[i]).unwrap();
-                let err = rel_err(r, &got);
+                let err = rel_err(reference, &got);
                 println!("{half} nhwc conv {:?} {what}: max rel err {err:.2e}", (n, c, h, w, k, r, s, p, d, groups));
-                assert!(within(r, &got, TOL), "{half} {g:?} {what}: {err:.2e} from the CPU's f32");
+                assert!(within(reference, &got, TOL), "{half} {g:?} {what}: {err:.2e} from the CPU's f32");
             }
         }
     }

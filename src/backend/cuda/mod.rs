@@ -290,7 +290,9 @@ impl CudaBackend {
             let ran = ops.iter().try_for_each(|op| self.exec(op));
             return ran.and(self.join_collectives());
         }
-        let times = self.profile(ops);
+        // The caller holds the submission lock (`run`): time without taking it again (a
+        // std mutex is not re-entrant; taking it here hung every eager run under KILN_DEBUG=1).
+        let times = self.time_ops(ops);
         let joined = self.join_collectives();
         for (op, ms) in ops.iter().zip(times?) {
             eprintln!("[kiln cuda] {:<20} {:<48} {ms:>9.3} ms", op.name(), op.shapes());
@@ -309,6 +311,19 @@ impl CudaBackend {
             Some(c) => c.nccl.watch_after(self.gpu.stream),
             None => Ok(()),
         }
+    }
+
+    /// [`Backend::profile`]'s work, for a caller that holds the submission lock and has bound
+    /// the context.
+    fn time_ops(&mut self, ops: &[Op]) -> Result<Vec<f64>> {
+        let marks = (0..=ops.len()).map(|_| Event::new(true)).collect::<Result<Vec<_>>>()?;
+        marks[0].record(self.gpu.stream)?;
+        for (op, end) in ops.iter().zip(&marks[1..]) {
+            self.exec(op)?;
+            end.record(self.gpu.stream)?;
+        }
+        marks[ops.len()].wait()?;
+        marks.windows(2).map(|w| w[1].since(&w[0])).collect()
     }
 
     /// A buffer's address, length and dtype, or an error naming a buffer that does not exist.
@@ -452,14 +467,7 @@ impl Backend for CudaBackend {
     fn profile(&mut self, ops: &[Op]) -> Result<Vec<f64>> {
         let _turn = submit_lock();
         self.gpu.bind()?;
-        let marks = (0..=ops.len()).map(|_| Event::new(true)).collect::<Result<Vec<_>>>()?;
-        marks[0].record(self.gpu.stream)?;
-        for (op, end) in ops.iter().zip(&marks[1..]) {
-            self.exec(op)?;
-            end.record(self.gpu.stream)?;
-        }
-        marks[ops.len()].wait()?;
-        marks.windows(2).map(|w| w[1].since(&w[0])).collect()
+        self.time_ops(ops)
     }
 
     fn replays_graphs(&self) -> bool {
