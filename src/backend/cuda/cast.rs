@@ -29,7 +29,9 @@ kernels! {
     cast_from_half(src: (const u16*), dst: (float*), n: i64, acc: int, bias: (const float*), k: i64, hw: i64, kind: int);
     cast_permute(src: (const void*), dst: (void*), nb: i64, rows: i64, cols: i64, skind: int, dkind: int, acc: int,
         bias: (const float*), bk: i64, binner: i64, bias_src: int);
-    channel_sum_half(dy: (const u16*), db: (float*), n: i64, k: i64, hw: i64, acc: int, kind: int, nhwc: int);
+    channel_sum_half(dy: (const u16*), db: (float*), n: i64, k: i64, hw: i64, acc: int, kind: int);
+    channel_partials_nhwc(dy: (const u16*), part: (double*), rows: i64, k: i64, per: i64, kind: int);
+    channel_partials_sum(part: (const double*), db: (float*), segs: i64, k: i64, acc: int);
     column_sum_half(dy: (const u16*), db: (float*), m: i64, n: i64, acc: int, kind: int);
 }
 
@@ -129,17 +131,44 @@ extern "C" __global__ void cast_permute(const void* src, void* dst, i64 nb, i64 
     }
 }
 
-// One block per channel: db[ch] (=|+=) sum over n and hw of dy (NCHW, or NHWC where nhwc), in f64.
-extern "C" __global__ void channel_sum_half(const u16* dy, float* db, i64 n, i64 k, i64 hw, int acc, int kind, int nhwc) {
+// One block per channel: db[ch] (=|+=) sum over n and hw of an NCHW dy, in f64.
+extern "C" __global__ void channel_sum_half(const u16* dy, float* db, i64 n, i64 k, i64 hw, int acc, int kind) {
     extern __shared__ double sh[];
     i64 ch = blockIdx.x;
     double s = 0.0;
-    for (i64 t = threadIdx.x; t < n * hw; t += blockDim.x) {
-        i64 i = nhwc ? t * k + ch : ((t / hw) * k + ch) * hw + t % hw;
-        s += (double)from_half(dy[i], kind);
-    }
+    for (i64 t = threadIdx.x; t < n * hw; t += blockDim.x) s += (double)from_half(dy[((t / hw) * k + ch) * hw + t % hw], kind);
     s = block_sum(s, sh);
     if (threadIdx.x == 0) store(&db[ch], (float)s, acc);
+}
+
+// An NHWC dy is a [rows, k] matrix (rows = n * hw). First pass: block b sums the 32 channels of
+// group b % groups over the rows of segment b / groups ([s * per, (s + 1) * per)), 256 threads as
+// 32 channels by 8 row lanes (a warp reads 32 neighbouring channels of one row), the lanes added
+// in a fixed order; part[s * k + ch] in f64.
+extern "C" __global__ void channel_partials_nhwc(const u16* dy, double* part, i64 rows, i64 k, i64 per, int kind) {
+    __shared__ double sh[8][33];
+    int tx = threadIdx.x % 32, ty = threadIdx.x / 32;
+    i64 groups = (k + 31) / 32;
+    i64 g = blockIdx.x % groups, s = blockIdx.x / groups, ch = g * 32 + tx;
+    i64 r0 = s * per, r1 = r0 + per < rows ? r0 + per : rows;
+    double t = 0.0;
+    if (ch < k) for (i64 r = r0 + ty; r < r1; r += 8) t += (double)from_half(dy[r * k + ch], kind);
+    sh[ty][tx] = t;
+    __syncthreads();
+    if (ty == 0 && ch < k) {
+        double u = 0.0;
+        for (int j = 0; j < 8; j++) u += sh[j][tx];
+        part[s * k + ch] = u;
+    }
+}
+
+// Second pass: db[ch] (=|+=) the segments' partial sums, added in segment order (deterministic).
+extern "C" __global__ void channel_partials_sum(const double* part, float* db, i64 segs, i64 k, int acc) {
+    GRID_LOOP(ch, k) {
+        double u = 0.0;
+        for (i64 s = 0; s < segs; s++) u += part[s * k + ch];
+        store(&db[ch], (float)u, acc);
+    }
 }
 
 // One thread per column: db[j] (=|+=) sum over m rows of dy[m, n], in f64.
@@ -240,7 +269,12 @@ impl RunOp<ops::Cast> for CudaBackend {
 
 impl CudaBackend {
     /// `db[k] (+)= sum over n, hw of dy` for a half-precision `dy` in `format` (a
-    /// convolution's bias gradient under mixed precision).
+    /// convolution's bias gradient under mixed precision). Channels-first: one block per channel
+    /// (as `join.rs`). Channels-last: that would read 2 bytes out of every `2 k`, so the rows
+    /// are split into segments summed by blocks of 32 neighbouring channels each, into f64
+    /// partial sums in the convolutions' shared workspace (free between cuDNN calls, work on
+    /// the stream being serialised), then added per channel in segment order: deterministic, as
+    /// the segmentation depends on the shape and the GPU's multiprocessor count only.
     pub(super) fn channel_sum_half(
         &mut self,
         dy: BufId,
@@ -249,18 +283,21 @@ impl CudaBackend {
         format: MemoryFormat,
     ) -> Result<()> {
         let kind = half_kind(self.dtype_of(dy), "convolution bias gradient")?;
-        let nhwc = (format == MemoryFormat::Nhwc) as i32;
-        let args = channel_sum_half {
-            dy: self.ptr(dy),
-            db: self.ptr(db.buf),
-            n,
-            k,
-            hw,
-            acc: db.accumulate as i32,
-            kind,
-            nhwc,
-        };
-        self.launch_blocks(k as u32, SUM_THREADS, SUM_THREADS * 8, &args)
+        let acc = db.accumulate as i32;
+        if format == MemoryFormat::Nchw {
+            let args = channel_sum_half { dy: self.ptr(dy), db: self.ptr(db.buf), n, k, hw, acc, kind };
+            return self.launch_blocks(k as u32, SUM_THREADS, SUM_THREADS * 8, &args);
+        }
+        let (rows, groups) = (n * hw, k.div_ceil(32));
+        // About four blocks per multiprocessor, each over at least 64 rows.
+        let want = (4 * self.gpu.sm_count as usize).div_ceil(groups).clamp(1, rows.div_ceil(64).max(1));
+        let per = rows.div_ceil(want).max(1);
+        let segs = rows.div_ceil(per).max(1);
+        let (part, _) = self.conv_workspace(segs * k * size_of::<f64>())?;
+        let args = channel_partials_nhwc { dy: self.ptr(dy), part, rows, k, per, kind };
+        self.launch_blocks((groups * segs) as u32, SUM_THREADS, 0, &args)?;
+        let args = channel_partials_sum { part, db: self.ptr(db.buf), segs, k, acc };
+        self.launch_elems(k, &args)
     }
 
     /// `db[j] (+)= sum over rows of dy[m, n]` for a half-precision `dy` (a dense layer's bias
