@@ -209,6 +209,7 @@ fn predictions_and_evaluation_replay_graphs() {
         parallel: None,
         precision: Precision::F32,
         check_finite: None,
+        loss_scaling: None,
     };
     let id = e.step_plan(&desc).unwrap();
     e.set_input(id, x.data()).unwrap();

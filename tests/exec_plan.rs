@@ -20,6 +20,7 @@ fn step(batch: usize, mode: Mode, update: bool, clip: Option<Clip>) -> StepDesc 
         parallel: None,
         precision: Precision::F32,
         check_finite: None,
+        loss_scaling: None,
     }
 }
 

@@ -60,6 +60,13 @@ pub trait Backend: Send {
         false
     }
 
+    /// Whether f32 convolutions and matrix products run on TF32 tensor cores: `Some(on)` on a
+    /// backend that has the mode (CUDA, set when it is made), `None` where there is no such
+    /// mode (CPU, wgpu: f32 arithmetic always).
+    fn tf32(&self) -> Option<bool> {
+        None
+    }
+
     /// Releases a buffer's memory (after a plan failed part-way); the id must not be used again.
     fn free(&mut self, buf: BufId) -> Result<()>;
 
@@ -188,6 +195,9 @@ impl Backend for Box<dyn Backend> {
     }
     fn computes_products_in(&self, dtype: DType) -> bool {
         (**self).computes_products_in(dtype)
+    }
+    fn tf32(&self) -> Option<bool> {
+        (**self).tf32()
     }
     fn write_host(&mut self, buf: BufId, data: HostSlice<'_>) -> Result<()> {
         (**self).write_host(buf, data)

@@ -7,9 +7,9 @@
 //! tensor each contribute to its gradient, or when parameter gradients accumulate over batches).
 //!
 //! This file holds the buffer handles and the op registry; the descriptors live by family in
-//! `ops/` (`conv`, `linear`, `activation`, `norm`, `pool`, `tensor`, `loss`, `optim`, `cast`), the
-//! device-buffer layouts in `ops/layout.rs`, and the validation built on every op's buffer table
-//! in `ops/buffers.rs`. All of them are re-exported here, so paths stay `backend::ops::Name`.
+//! `ops/` (`conv`, `linear`, `activation`, `norm`, `pool`, `tensor`, `loss`, `optim`, `cast`,
+//! `loss_scale`), the device-buffer layouts in `ops/layout.rs`, and the validation built on every
+//! op's buffer table in `ops/buffers.rs`. All of them are re-exported here, so paths stay `backend::ops::Name`.
 //!
 //! # The registry: adding an op
 //!
@@ -82,6 +82,7 @@ mod conv_transpose;
 mod layout;
 mod linear;
 mod loss;
+mod loss_scale;
 mod norm;
 mod optim;
 mod pool;
@@ -94,9 +95,10 @@ pub use cast::{Cast, CastBias, CastPermute};
 pub use conv::{Conv2d, Conv2dBackward, ConvGeom, MemoryFormat};
 pub use conv_transpose::{ConvTranspose2d, ConvTranspose2dBackward};
 pub(crate) use layout::cuda_layouts;
-pub use layout::{guard, hyper, stats};
+pub use layout::{guard, hyper, scaler, stats};
 pub use linear::{Linear, LinearBackward};
 pub use loss::{Loss, LossFn, Scoring};
+pub use loss_scale::{ScaleLoss, UnscaleGrads};
 pub use norm::{BatchNormBackward, BatchNormInfer, BatchNormTrain, BnGeom, GnGeom, GroupNorm, GroupNormBackward};
 pub use optim::{AllReduce, CheckFinite, ClipGradNorm, ClipGradValue, OptParam, OptRule, OptimizerStep};
 pub use pool::{AvgPool, AvgPoolBackward, MaxPool, MaxPoolBackward, PoolGeom};
@@ -190,6 +192,8 @@ macro_rules! for_each_op {
             CheckFinite,
             OptimizerStep,
             Cast,
+            ScaleLoss,
+            UnscaleGrads,
         }
     };
 }

@@ -21,6 +21,7 @@ mod checkpoint;
 mod compile;
 pub mod plan;
 mod profile;
+mod scaler;
 mod step;
 
 /// The vocabulary of a step description: loss functions, scoring and update rules are the
@@ -29,6 +30,7 @@ pub use crate::backend::{LossFn, OptRule, Scoring};
 pub use compile::Lowering;
 pub use plan::{BufRole, MemoryReport, Mode, ParamBuffers, Plan, PlanOptions, PlannedBuffer};
 pub use profile::{LayerProfile, Profile};
+pub use scaler::{GradScaler, ScalerState};
 pub use step::{Clip, Figures, GuardState, OptimizerSnapshot, Parallel, Precision, SUMS_LEN, StepDesc, Sums};
 
 /// A backend chosen at run time ([`crate::backend::Device::open`]).

@@ -10,6 +10,7 @@
 
 use super::compile::Lowering;
 use super::plan::{BufRole, Mode, Plan, PlanOptions, PlannedBuffer};
+use super::scaler::GradScaler;
 use super::{Executor, Key, PlanId};
 use crate::backend::ops::{self, guard, hyper, stats};
 use crate::backend::{Backend, BufId, CounterId, DType, HostSlice, LossFn, Op, OptParam, OptRule, Scoring};
@@ -47,6 +48,14 @@ pub enum Precision {
     /// Everything in f32.
     #[default]
     F32,
+    /// f32 storage and arithmetic, with convolutions and matrix products on TF32 tensor cores
+    /// (inputs rounded to 10 mantissa bits, f32 accumulation), as PyTorch's
+    /// `torch.backends.cudnn.allow_tf32` and `torch.backends.cuda.matmul.allow_tf32`: about
+    /// 1e-3 relative error against f32. The plan is the f32 plan; the CUDA backend selects
+    /// TF32 math in cuDNN and cuBLASLt (`CudaOptions::tf32`, which the trainer sets for this
+    /// precision). Backends without TF32 (CPU, wgpu) compute in f32, as PyTorch's flags do
+    /// nothing there; the trainer says so once on stderr.
+    Tf32,
     /// Mixed precision with bf16, as PyTorch's `autocast(dtype=torch.bfloat16)`: convolutions
     /// and matrix products take bf16 inputs on tensor cores and accumulate in f32; parameters
     /// (the master weights), their gradients, the optimizer's state, batch-norm statistics,
@@ -58,10 +67,11 @@ pub enum Precision {
 }
 
 impl Precision {
-    /// The name used in configurations and on the command line (`f32`, `bf16`).
+    /// The name used in configurations and on the command line (`f32`, `tf32`, `bf16`).
     pub fn name(self) -> &'static str {
         match self {
             Precision::F32 => "f32",
+            Precision::Tf32 => "tf32",
             Precision::Bf16Mixed => "bf16",
         }
     }
@@ -111,6 +121,11 @@ pub struct StepDesc {
     /// check, `Some(sticky)` to skip a non-finite step's update (and, with `sticky`, every
     /// later one until [`Executor::clear_guard`]).
     pub check_finite: Option<bool>,
+    /// Dynamic loss scaling (see `exec/scaler.rs`): training steps multiply the loss gradient
+    /// by the scale; update steps divide the gradients by it before clipping, skip the update
+    /// when they hold inf or NaN, and adapt the scale. With it, [`StepDesc::check_finite`]
+    /// checks the loss only (overflowing gradients are the scaler's to handle).
+    pub loss_scaling: Option<GradScaler>,
 }
 
 /// The buffers every step plan of an executor shares.
@@ -128,6 +143,8 @@ pub struct Training {
     pub clip_norm: BufId,
     /// What the non-finite checks found (see [`guard`]).
     pub guard: BufId,
+    /// The loss scaler's state (see [`ops::scaler`]).
+    pub scaler: BufId,
 }
 
 /// The optimizer's device state.
@@ -157,6 +174,10 @@ impl Training {
         let eval_stats = backend.alloc(stats::LEN, DType::F32)?;
         let clip_norm = backend.alloc(1, DType::F32)?;
         let guard = backend.alloc(guard::LEN, DType::F32)?;
+        let scaler = backend.alloc(ops::scaler::LEN, DType::F32)?;
+        let mut s = [0.0f32; ops::scaler::LEN];
+        s[ops::scaler::SCALE] = GradScaler::default().init_scale;
+        backend.write(scaler, &s)?;
         let optimizer = match rule {
             None => None,
             Some(rule) => {
@@ -179,7 +200,7 @@ impl Training {
                 Some(OptimizerState { rule, step, scalars, params: ps })
             }
         };
-        Ok(Training { optimizer, hyper, train_stats, eval_stats, clip_norm, guard })
+        Ok(Training { optimizer, hyper, train_stats, eval_stats, clip_norm, guard, scaler })
     }
 
     /// The buffers of this state by role, for memory reports.
@@ -189,6 +210,7 @@ impl Training {
             (BufRole::Scalar, DType::F32, 2 * stats::LEN),
             (BufRole::Workspace, DType::F32, 1),
             (BufRole::Scalar, DType::F32, guard::LEN),
+            (BufRole::Scalar, DType::F32, ops::scaler::LEN),
         ];
         if let Some(o) = &self.optimizer {
             v.push((BufRole::Scalar, DType::F32, 1));
@@ -237,6 +259,9 @@ pub(super) fn assemble(
         dpred: if desc.mode == Mode::Train { dpred } else { None },
         grad_scale: 1.0 / k as f32,
     }));
+    if let (Mode::Train, Some(_), Some(dpred)) = (desc.mode, desc.loss_scaling, dpred) {
+        ops.push(super::scaler::scale_loss(dpred, desc.batch * out_len, training.scaler));
+    }
     if desc.mode == Mode::Eval {
         return ops;
     }
@@ -256,13 +281,19 @@ pub(super) fn assemble(
     {
         // Before clipping, as PyTorch's GradScaler unscales and checks before clip_grad_*_:
         // clipping by value would turn an infinite gradient finite.
+        // With loss scaling, the check looks at the loss alone and the scaler at the gradients
+        // (after it, so the skip it sets is or-ed into the check's).
         if let Some(sticky) = desc.check_finite {
             ops.push(Op::CheckFinite(ops::CheckFinite {
                 stats: training.sums(desc.sums),
-                grads: grads.to_vec(),
+                grads: if desc.loss_scaling.is_some() { Vec::new() } else { grads.to_vec() },
                 guard: training.guard,
                 sticky,
             }));
+        }
+        if let Some(s) = &desc.loss_scaling {
+            let checked = desc.check_finite.is_some();
+            ops.push(super::scaler::unscale(s, grads, training.scaler, training.guard, checked));
         }
         match desc.clip {
             Some(Clip::Norm(max_norm)) => ops.push(Op::ClipGradNorm(ops::ClipGradNorm {
@@ -279,7 +310,7 @@ pub(super) fn assemble(
             step: opt.step,
             scalars: opt.scalars,
             params: opt.params.clone(),
-            guard: desc.check_finite.map(|_| training.guard),
+            guard: (desc.check_finite.is_some() || desc.loss_scaling.is_some()).then_some(training.guard),
         }));
     }
     ops
@@ -348,7 +379,8 @@ impl<B: Backend> Executor<B> {
 
     /// Whether this executor's backend can run plans of `precision`: an error naming the field
     /// `precision` where it cannot (bf16 mixed precision on a backend that computes in f32
-    /// only, such as the CPU).
+    /// only, such as the CPU; TF32 on a CUDA backend made with TF32 off). TF32 on a backend
+    /// without the mode (CPU, wgpu) is accepted: it computes in f32, as PyTorch's flags do.
     pub fn check_precision(&self, precision: Precision) -> Result<()> {
         if precision == Precision::Bf16Mixed && !self.backend.computes_products_in(DType::BF16) {
             return Err(Error::config(
@@ -359,10 +391,19 @@ impl<B: Backend> Executor<B> {
                 ),
             ));
         }
+        if precision == Precision::Tf32 && self.backend.tf32() == Some(false) {
+            return Err(Error::config(
+                "precision",
+                format!(
+                    "TF32 needs the CUDA backend made with TF32 on (CudaOptions {{ tf32: true, .. }}, which Trainer::new sets for Precision::Tf32); {} has it off",
+                    self.backend.describe()
+                ),
+            ));
+        }
         Ok(())
     }
 
-    fn training(&self) -> Result<&Training> {
+    pub(super) fn training(&self) -> Result<&Training> {
         self.training.as_ref().ok_or_else(|| Error::State("call Executor::init_training before a step plan".into()))
     }
 

@@ -7,7 +7,7 @@ use super::loss::Loss;
 use super::schedule::{Schedule, Warmup};
 use crate::backend::Device;
 use crate::dist::DataParallel;
-use crate::exec::{OptRule, Precision};
+use crate::exec::{GradScaler, OptRule, Precision};
 use crate::{Error, Result};
 
 /// What the model predicts.
@@ -215,6 +215,27 @@ pub enum NonFinite {
     Ignore,
 }
 
+/// Dynamic loss scaling ([`TrainerConfig::loss_scaling`]), as PyTorch's `torch.amp.GradScaler`:
+/// the loss gradient is multiplied by a scale so that small gradients survive in reduced
+/// precision; before clipping and the update the gradients are divided by it again, a step
+/// whose gradients hold inf or NaN is skipped (weights and optimizer state, its step counter
+/// included, untouched) and counted, and the scale adapts (see [`GradScaler`]). All on the
+/// device, with nothing read back per step. The state is in checkpoints
+/// ([`crate::train::Trainer::scaler_state`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub enum LossScaling {
+    /// Scaling with PyTorch's defaults where the precision needs it, none otherwise (the
+    /// default). None of f32, TF32 and bf16 needs it: bf16 has f32's range.
+    #[default]
+    Auto,
+    /// No scaling.
+    Off,
+    /// Dynamic scaling with these settings, in any precision and on every backend (with f32,
+    /// as PyTorch allows it, the scaled step computes what the unscaled one does as long as
+    /// nothing overflows: the scale is a power of two).
+    Dynamic(GradScaler),
+}
+
 /// When the learning-rate schedule advances.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ScheduleUnit {
@@ -272,6 +293,9 @@ pub struct TrainerConfig {
     /// error naming `precision` elsewhere).
     #[serde(default)]
     pub precision: Precision,
+    /// Dynamic loss scaling (default [`LossScaling::Auto`]: where the precision needs it).
+    #[serde(default)]
+    pub loss_scaling: LossScaling,
     /// Use only cuDNN algorithms that give the same bits every run (the default), so a run is
     /// reproducible and a replayed CUDA graph equals an eager run. `false` also allows faster
     /// algorithms that accumulate with atomics, as PyTorch's `cudnn.benchmark` does.
@@ -307,6 +331,7 @@ impl Default for TrainerConfig {
             threads: None,
             tf32: false,
             precision: Precision::F32,
+            loss_scaling: LossScaling::Auto,
             deterministic: true,
             non_finite: NonFinite::Error,
             seed: 0,
@@ -392,6 +417,16 @@ fn schedule_fits_f32(s: &Schedule) -> Result<()> {
 }
 
 impl TrainerConfig {
+    /// The loss scaler's settings when [`TrainerConfig::loss_scaling`] resolves to scaling
+    /// (`Auto`: where [`TrainerConfig::precision`] needs it), else `None`.
+    pub fn grad_scaler(&self) -> Option<GradScaler> {
+        match self.loss_scaling {
+            LossScaling::Auto => needs_loss_scaling(self.precision).then(GradScaler::default),
+            LossScaling::Off => None,
+            LossScaling::Dynamic(s) => Some(s),
+        }
+    }
+
     /// Checks every field; the error names the field and says why.
     pub fn validate(&self) -> Result<()> {
         if self.batch_size == 0 {
@@ -462,7 +497,16 @@ impl TrainerConfig {
                 if self.grad_clip.is_some() {
                     return Err(Error::config("grad_clip", "is not applied by L-BFGS; leave it unset"));
                 }
+                if self.grad_scaler().is_some() {
+                    return Err(Error::config(
+                        "loss_scaling",
+                        "L-BFGS runs on the host with its own line of evaluations; use LossScaling::Off",
+                    ));
+                }
             }
+        }
+        if let LossScaling::Dynamic(s) = &self.loss_scaling {
+            s.validate("loss_scaling")?;
         }
         match self.grad_clip {
             Some(GradClip::Norm(v)) => positive("grad_clip", v)?,
@@ -511,6 +555,14 @@ impl TrainerConfig {
             )),
             _ => Ok(()),
         }
+    }
+}
+
+/// Whether `precision` trains with loss scaling under [`LossScaling::Auto`]: only formats with
+/// f16's narrow range need it, and none of the current ones has it.
+fn needs_loss_scaling(precision: Precision) -> bool {
+    match precision {
+        Precision::F32 | Precision::Tf32 | Precision::Bf16Mixed => false,
     }
 }
 

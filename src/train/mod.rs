@@ -19,10 +19,12 @@ mod state;
 mod trainer;
 
 pub use crate::backend::Device;
+/// Loss scaling's settings and state ([`LossScaling`], [`Trainer::scaler_state`]).
+pub use crate::exec::{GradScaler, ScalerState};
 /// The mode [`Trainer::predict_with`] takes.
 pub use crate::exec::{Mode, Precision};
 pub use callbacks::{Callback, Control, EarlyStopping, Logger, Monitor, format_log};
-pub use config::{GradClip, NonFinite, Optimizer, Problem, ScheduleUnit, TrainerConfig};
+pub use config::{GradClip, LossScaling, NonFinite, Optimizer, Problem, ScheduleUnit, TrainerConfig};
 pub use loss::{Loss, Targets};
 pub use metrics::{EpochLog, History, Metrics, StepResult};
 pub use progress::{Progress, ProgressStyle};

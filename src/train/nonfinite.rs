@@ -1,20 +1,32 @@
 //! Non-finite steps, as the trainer reports them: the device guard that the step's
 //! `CheckFinite` op fills (see [`crate::exec`]) read back and turned into
-//! [`Error::NonFinite`] naming the step, or counted ([`NonFinite::Skip`]).
+//! [`Error::NonFinite`] naming the step, or counted ([`NonFinite::Skip`]); and the loss
+//! scaler's state, which counts the steps it skipped.
 
 use super::config::{NonFinite, opt_rule};
 use super::loss::Loss;
 use super::trainer::Trainer;
+use crate::exec::ScalerState;
 use crate::{Error, Result};
 
 impl Trainer {
     /// Steps whose update was skipped because their loss or gradient norm was not finite
     /// ([`NonFinite::Skip`]; under [`NonFinite::Error`], those not yet reported). One device read.
+    /// With loss scaling, the steps its scaler skipped are counted in [`Trainer::scaler_state`].
     pub fn skipped_steps(&mut self) -> Result<u64> {
         if opt_rule(&self.config.optimizer).is_none() {
             return Ok(0);
         }
         Ok(self.exec.guard()?.bad_steps)
+    }
+
+    /// The loss scaler's scale, good steps in a row and skipped steps, when the config scales
+    /// the loss ([`crate::train::LossScaling`]); `None` otherwise. One device read.
+    pub fn scaler_state(&mut self) -> Result<Option<ScalerState>> {
+        if self.config.grad_scaler().is_none() {
+            return Ok(None);
+        }
+        self.exec.scaler_state().map(Some)
     }
 
     /// Under [`NonFinite::Error`], the first step found non-finite since the last report, as

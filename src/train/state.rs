@@ -8,8 +8,9 @@
 //!   part of this state;
 //! - [`TrainerMeta`] (serialisable): the resolved config, the schedule's state, epochs, optimizer
 //!   steps, batches done in the open epoch, micro-batches of a gradient accumulation in progress,
-//!   the metric history, the optimizer's step counter, and each dropout layer's execution counter
-//!   (a dropout mask is a pure function of the model seed, the layer and that counter);
+//!   the metric history, the optimizer's step counter, each dropout layer's execution counter
+//!   (a dropout mask is a pure function of the model seed, the layer and that counter), and
+//!   with loss scaling the scaler's scale, good-step count and skipped count;
 //! - tensors: the optimizer's moments per parameter, its scalar state (NAdam's momentum
 //!   product), gradients summed so far by an unfinished accumulation, the open epoch's metric
 //!   sums, and L-BFGS's history;
@@ -31,7 +32,7 @@ use super::lbfgs::LbfgsState;
 use super::metrics::History;
 use super::schedule::Scheduler;
 use super::trainer::Trainer;
-use crate::exec::{OptimizerSnapshot, SUMS_LEN, Sums};
+use crate::exec::{OptimizerSnapshot, SUMS_LEN, ScalerState, Sums};
 use crate::model::{Layer, Model};
 use crate::{Error, Result};
 
@@ -66,6 +67,10 @@ pub struct TrainerMeta {
     pub lbfgs_iterations: usize,
     /// L-BFGS loss and gradient evaluations so far (the `func_evals` of PyTorch's state).
     pub lbfgs_evaluations: usize,
+    /// The loss scaler's state, when the config scales the loss
+    /// ([`TrainerConfig::grad_scaler`]); absent from states written before loss scaling.
+    #[serde(default)]
+    pub scaler: Option<ScalerState>,
 }
 
 /// One state tensor's values.
@@ -214,6 +219,12 @@ impl TrainerState {
         if counts.iter().any(|&c| c > MAX_COUNT) || m.dropout_steps.iter().any(|(_, c)| *c > MAX_COUNT) {
             return Err(bad(format!("a step or epoch count exceeds {MAX_COUNT}")));
         }
+        match (m.config.grad_scaler(), &m.scaler) {
+            (Some(_), Some(s)) => s.validate("trainer state: scaler").map_err(|e| bad(e.to_string()))?,
+            (None, None) => {}
+            (Some(_), None) => return Err(bad("the config scales the loss but the state has no scaler state")),
+            (None, Some(_)) => return Err(bad("the state has a scaler state but the config does not scale the loss")),
+        }
         if m.micro_batches >= m.config.grad_accumulation {
             return Err(bad(format!(
                 "{} micro-batches pending with grad_accumulation = {}",
@@ -316,6 +327,7 @@ impl Trainer {
             tensors.insert("lbfgs.scalars".into(), StateTensor::F64(vec![l.t, l.h_diag, l.prev_loss]));
         }
         let dropout_steps = self.exec.dropout_steps()?;
+        let scaler = self.scaler_state()?;
         let meta = TrainerMeta {
             config: self.config.clone(),
             scheduler: self.scheduler.clone(),
@@ -329,6 +341,7 @@ impl Trainer {
             dropout_steps,
             lbfgs_iterations: self.lbfgs.n_iter,
             lbfgs_evaluations: self.lbfgs.func_evals,
+            scaler,
         };
         Ok(TrainerState { meta, tensors })
     }
@@ -394,6 +407,9 @@ impl Trainer {
             t.lbfgs = l;
         }
         t.exec.set_dropout_steps(&meta.dropout_steps)?;
+        if let Some(s) = meta.scaler {
+            t.exec.set_scaler_state(s)?;
+        }
         t.scheduler = meta.scheduler;
         t.epoch = meta.epochs_done;
         t.batch_in_epoch = meta.batches_in_epoch;

@@ -7,7 +7,7 @@ use super::metrics::{History, StepResult};
 use super::schedule::Scheduler;
 use crate::dist::{Communicator, DataParallel, DistEnv, TcpCommunicator};
 use crate::exec::{AnyBackend, Clip, Executor, LossFn, Mode, Parallel, PlanId, Scoring};
-use crate::exec::{StepDesc, Sums};
+use crate::exec::{Precision, StepDesc, Sums};
 use crate::model::Model;
 use crate::tensor::Tensor;
 use crate::{Error, Result};
@@ -96,12 +96,22 @@ fn open_device(config: &TrainerConfig, local_rank: Option<usize>) -> Result<AnyB
         (Some(l), Some(dp)) => Some(dp.device_for(l)?),
         _ => None,
     };
-    let (backend, notice) = config.device.open_for_training(config.threads, config.tf32, config.deterministic, gpu)?;
+    let tf32 = config.tf32 || config.precision == Precision::Tf32;
+    let (backend, notice) = config.device.open_for_training(config.threads, tf32, config.deterministic, gpu)?;
     if let Some(n) = notice {
         // One Once for the whole process, shared with `Device::open`.
         crate::backend::print_notice_once(&n);
     }
     Ok(backend)
+}
+
+/// Says once per process that [`Precision::Tf32`] computes in f32 on `device` (a backend
+/// without TF32: the CPU, wgpu), as PyTorch's TF32 flags do nothing there.
+fn print_tf32_notice(device: &str) {
+    static NOTICE: std::sync::Once = std::sync::Once::new();
+    NOTICE.call_once(|| {
+        eprintln!("kiln: precision tf32 is a mode of NVIDIA tensor cores; {device} computes in f32 (the same results as Precision::F32)")
+    });
 }
 
 impl Trainer {
@@ -170,7 +180,9 @@ impl Trainer {
     }
 
     /// As [`Trainer::new`], on a backend the caller made (ignoring `config.device`, `threads`
-    /// and `tf32`), for example a [`crate::backend::CudaBackend`] with options of its own.
+    /// and `tf32`), for example a [`crate::backend::CudaBackend`] with options of its own
+    /// ([`Precision::Tf32`] then needs one made with TF32 on: an error naming `precision`
+    /// otherwise).
     pub fn with_backend(model: &Model, config: TrainerConfig, backend: AnyBackend) -> Result<Trainer> {
         config.validate()?;
         let out_shape = model.nodes().last().expect("a built model has layers").shape.clone();
@@ -182,6 +194,12 @@ impl Trainer {
             _ => 0.0,
         };
         exec.init_training(opt_rule(&config.optimizer), initial)?;
+        if let Some(s) = config.grad_scaler() {
+            exec.set_scaler_state(s.initial_state())?;
+        }
+        if config.precision == Precision::Tf32 && exec.backend().tf32().is_none() {
+            print_tf32_notice(&exec.describe());
+        }
         let scheduler = Scheduler::new(config.learning_rate, config.schedule.clone(), config.warmup);
         Ok(Trainer {
             exec,
@@ -278,6 +296,8 @@ impl Trainer {
             }),
             parallel,
             precision: self.config.precision,
+            // Gradients asked for are the true ones: not scaled.
+            loss_scaling: if kind == StepKind::Gradients { None } else { self.config.grad_scaler() },
             check_finite: match self.config.non_finite {
                 NonFinite::Error => Some(true),
                 NonFinite::Skip => Some(false),

@@ -28,6 +28,7 @@ mod group_norm;
 mod join;
 mod linear;
 mod loss;
+mod loss_scale;
 mod matmul;
 mod optimizer;
 mod pool2d;

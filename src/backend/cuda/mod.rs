@@ -42,6 +42,7 @@ pub mod kernel_check;
 mod linear;
 mod loader;
 mod loss;
+mod loss_scale;
 mod memory;
 mod nccl;
 mod optimizer;
@@ -74,6 +75,7 @@ const MODULES: &[&nvrtc::ModuleSrc] = &[
     &group_norm::MODULE,
     &join::MODULE,
     &loss::MODULE,
+    &loss_scale::MODULE,
     &optimizer::MODULE,
     &pool2d::MODULE,
     &softmax::MODULE,
@@ -375,6 +377,11 @@ impl Backend for CudaBackend {
 
     fn computes(&self, dtype: DType) -> bool {
         dtype == DType::F32
+    }
+
+    /// TF32 as [`CudaOptions::tf32`] set it.
+    fn tf32(&self) -> Option<bool> {
+        Some(self.tf32)
     }
 
     /// bf16 and f16: cuDNN convolutions and cuBLASLt products on tensor cores, f32 accumulation.

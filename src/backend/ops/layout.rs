@@ -69,10 +69,28 @@ layout! {
     }
 }
 
+layout! {
+    /// Layout of the loss scaler's state buffer ([`ScaleLoss`](super::ScaleLoss),
+    /// [`UnscaleGrads`](super::UnscaleGrads)): PyTorch's `GradScaler` state plus a count of the
+    /// steps it skipped (counts are exact up to 2^24).
+    scaler, "SCALER" {
+        /// The current loss scale (PyTorch's `_scale`, an f32 as there).
+        SCALE = 0;
+        /// Good steps in a row since the scale last changed (PyTorch's `_growth_tracker`).
+        GOOD_STEPS = 1;
+        /// Steps skipped because their gradients held inf or NaN.
+        SKIPPED = 2;
+        /// 1 while the current step's gradients were found to hold inf or NaN (0 between steps).
+        FOUND_INF = 3;
+        /// Number of values in the buffer.
+        LEN = 4;
+    }
+}
+
 /// Every buffer layout shared with the CUDA kernels, as C `#define`s ([`stats`], [`hyper`],
-/// [`guard`]).
+/// [`guard`], [`scaler`]).
 pub(crate) fn cuda_layouts() -> String {
-    stats::c_defines() + &hyper::c_defines() + &guard::c_defines()
+    stats::c_defines() + &hyper::c_defines() + &guard::c_defines() + &scaler::c_defines()
 }
 
 layout! {

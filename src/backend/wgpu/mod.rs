@@ -80,6 +80,7 @@ macro_rules! runs {
 mod elementwise;
 mod gemm;
 mod loss;
+mod loss_scale;
 mod norm;
 mod optim;
 mod pool;

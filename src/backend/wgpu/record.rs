@@ -48,11 +48,11 @@ fn is_finite(x: f32) -> bool {
 }
 "#;
 
-/// The small buffers' layouts (`ops::stats`, `ops::guard`, `ops::hyper`) as WGSL constants
+/// The small buffers' layouts (`ops::stats`, `ops::guard`, `ops::hyper`, `ops::scaler`) as WGSL constants
 /// (`STATS_LOSS`, `GUARD_SKIP`, `HYPER_LR`, ...), from the Rust constants: defined once.
 fn layouts() -> String {
-    use crate::backend::ops::{guard, hyper, stats};
-    let all: [(&str, usize); 17] = [
+    use crate::backend::ops::{guard, hyper, scaler, stats};
+    let all: [(&str, usize); 21] = [
         ("STATS_LOSS", stats::LOSS),
         ("STATS_CORRECT", stats::CORRECT),
         ("STATS_CORRECT_K", stats::CORRECT_K),
@@ -70,6 +70,10 @@ fn layouts() -> String {
         ("GUARD_CHECKED", guard::CHECKED),
         ("HYPER_LR", hyper::LR),
         ("HYPER_MOMENTUM", hyper::MOMENTUM),
+        ("SCALER_SCALE", scaler::SCALE),
+        ("SCALER_GOOD_STEPS", scaler::GOOD_STEPS),
+        ("SCALER_SKIPPED", scaler::SKIPPED),
+        ("SCALER_FOUND_INF", scaler::FOUND_INF),
     ];
     all.iter().map(|(name, v)| format!("const {name}: u32 = {v}u;\n")).collect()
 }
