@@ -3,12 +3,14 @@
 //! 64 and 256, the median milliseconds per whole training step (batch upload from pinned host
 //! memory, forward, loss, backward, Adam update; one CUDA graph), images per second and peak
 //! device memory. f32, TF32 off (as the baseline's `eager` and `graph` modes) by default;
+//! `--precision tf32` lets convolutions and dense layers use TF32 tensor cores
+//! (`Precision::Tf32`, beside the baseline's `eager_tf32`; the mode column gets `_tf32`);
 //! `--precision bf16` trains in bf16 mixed precision (`Precision::Bf16Mixed`: convolutions and
 //! dense layers on bf16 tensor cores, the rest f32), to set beside the baseline's `amp_bf16`,
 //! `compile_amp` and `compile_graph_amp` modes (the mode column gets `_bf16`).
 //!
 //!     cargo run --release --example bench -- [--models simple,resnet18] [--batches 8,64] [--eager]
-//!         [--nondeterministic] [--no-finite-check] [--precision f32|bf16] [--device cpu]
+//!         [--nondeterministic] [--no-finite-check] [--precision f32|tf32|bf16] [--device cpu]
 //!
 //! `--no-finite-check` turns off the per-step check of the loss and gradient norm
 //! (`TrainerConfig::non_finite = NonFinite::Ignore`; on by default since it was added), to compare
@@ -55,14 +57,19 @@ fn main() -> anyhow::Result<()> {
         if std::env::args().any(|a| a == "--no-finite-check") { NonFinite::Ignore } else { NonFinite::default() };
     let precision = match arg("--precision").as_deref() {
         None | Some("f32") => Precision::F32,
+        Some("tf32") => Precision::Tf32,
         Some("bf16") => Precision::Bf16Mixed,
-        Some(other) => anyhow::bail!("--precision {other}: expected f32 or bf16"),
+        Some(other) => anyhow::bail!("--precision {other}: expected f32, tf32 or bf16"),
     };
     let mode = format!(
         "kiln_{}{}{}",
         if eager { "eager" } else { "graph" },
         if nondet { "_nondet" } else { "" },
-        if precision == Precision::Bf16Mixed { "_bf16" } else { "" }
+        match precision {
+            Precision::F32 => "",
+            Precision::Tf32 => "_tf32",
+            Precision::Bf16Mixed => "_bf16",
+        }
     );
     println!("model,batch,mode,ms_per_step,images_per_s,peak_mib");
     for name in &models {

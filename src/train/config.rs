@@ -286,6 +286,7 @@ pub struct TrainerConfig {
     pub threads: Option<usize>,
     /// Let the GPU use TF32 tensor cores for convolutions and dense layers (faster, about 1e-3
     /// relative error); off by default, so results match the f32 CPU reference.
+    /// [`Precision::Tf32`] turns it on too.
     pub tf32: bool,
     /// Number format of the training step (default f32): [`Precision::Bf16Mixed`] runs
     /// convolutions and dense layers in bf16 on tensor cores with f32 accumulation, keeping f32

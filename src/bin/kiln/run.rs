@@ -57,16 +57,18 @@ fn f32_name() -> String {
     "f32".into()
 }
 
-/// What `--precision` asks for: TF32 (a CUDA backend option) and the step's number format.
-fn precision(precision: &str, device: &str) -> Result<(bool, Precision), String> {
+/// The step's number format `--precision` asks for. The library accepts TF32 on the CPU (as
+/// PyTorch's flags, it computes in f32 there, with a notice); asked for together with
+/// `--device cpu` it is refused here, as a contradiction in the command.
+fn precision(precision: &str, device: &str) -> Result<Precision, String> {
     match precision {
-        "f32" => Ok((false, Precision::F32)),
+        "f32" => Ok(Precision::F32),
         "tf32" | "bf16" if device == "cpu" => Err(format!(
             "--precision {precision}: {} is a mode of NVIDIA tensor cores; on --device cpu kiln computes in f32 (use --precision f32)",
             precision.to_uppercase()
         )),
-        "tf32" => Ok((true, Precision::F32)),
-        "bf16" => Ok((false, Precision::Bf16Mixed)),
+        "tf32" => Ok(Precision::Tf32),
+        "bf16" => Ok(Precision::Bf16Mixed),
         other => Err(format!("--precision {other}: expected f32, tf32 or bf16")),
     }
 }
@@ -210,7 +212,7 @@ pub fn train(a: TrainArgs) -> CmdResult {
     let cfg = resolve(&a)?;
     let dir = a.runs.join(&cfg.name);
     let device: Device = cfg.device.parse().map_err(|e: kiln::Error| format!("--device: {e}"))?;
-    let (tf32, precision) = precision(&cfg.precision, &cfg.device)?;
+    let precision = precision(&cfg.precision, &cfg.device)?;
     let src = DataSource::parse(&cfg.data)?;
     let recipe = data::recipe(&src.kind);
     let loaded = data::load(&src, cfg.val_split, cfg.seed, cfg.image_size)?;
@@ -259,7 +261,6 @@ pub fn train(a: TrainArgs) -> CmdResult {
             schedule: schedule(&cfg.schedule, cfg.lr, steps)?,
             schedule_unit: ScheduleUnit::Batch,
             device,
-            tf32,
             precision,
             seed: cfg.seed,
             ..Default::default()
