@@ -208,8 +208,8 @@ fn tf32_differs_from_f32_by_tf32_s_error() {
     let mut t = Trainer::new(&model, cfg(Precision::Tf32)).unwrap();
     assert_eq!(f.executor().backend().tf32(), Some(false));
     assert_eq!(t.executor().backend().tf32(), Some(true));
-    let x = Tensor::new(&[8, 16, 16, 16], (0..8 * 4096).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect())
-        .unwrap();
+    let x =
+        Tensor::new(&[8, 16, 16, 16], (0..8 * 4096).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect()).unwrap();
     let y: Vec<u32> = (0..8).map(|i| i % 10).collect();
     f.compute_gradients(&x, &y[..]).unwrap();
     t.compute_gradients(&x, &y[..]).unwrap();
@@ -233,7 +233,7 @@ fn a_backend_made_without_tf32_refuses_it() {
     assert!(e.contains("precision") && e.contains("TF32"), "{e}");
 }
 
-cuda_common::tests! {
+tests! {
     gpu: [
         scaled_f32_steps_equal_unscaled_inside_the_graph,
         a_nan_step_is_skipped_and_halves_the_scale_inside_the_graph,

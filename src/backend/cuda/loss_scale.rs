@@ -2,16 +2,18 @@
 //! formulas (`backend/cpu/loss_scale.rs`, PyTorch's `GradScaler`) operation for operation. The
 //! scale is read from its device buffer by every kernel and the found-inf flag is written
 //! there, so a replayed CUDA graph scales, skips and adapts the scale with nothing read back.
-//! Several threads may set the flag in one step; they all write 1.
+//! Every gradient is unscaled by one multi-tensor launch (`multi_tensor.rs`); several threads
+//! may set the flag in one step, and they all write 1.
 
 use super::CudaBackend;
+use super::multi_tensor::MT_CHUNK;
 use super::nvrtc::ModuleSrc;
 use crate::Result;
 use crate::backend::ops::{self, RunOp};
 
 kernels! {
     scale_loss(g: (float*), n: i64, s: (const float*));
-    unscale_grads(g: (float*), n: i64, s: (float*));
+    mt_unscale_grads(tab: (const u64*), chunks: (const u64*), chunk: i64, s: (float*));
     scaler_update(s: (float*), guard: (float*), growth: float, backoff: float, interval: i64, merge: int);
 }
 
@@ -19,18 +21,23 @@ pub(super) const MODULE: ModuleSrc = ModuleSrc {
     name: "loss_scale",
     kernels: KERNELS,
     prototypes,
-    source: r#"
+    source: concat!(
+        mt_prelude!(),
+        r#"
 // g *= scale.
 extern "C" __global__ void scale_loss(float* g, i64 n, const float* s) {
     float k = s[SCALER_SCALE];
     GRID_LOOP(i, n) g[i] = g[i] * k;
 }
 
-// g *= 1 / scale (the reciprocal in f64, as PyTorch); inf or NaN in g sets the found flag.
-extern "C" __global__ void unscale_grads(float* g, i64 n, float* s) {
+// Every gradient of the table (address 0 of each record) *= 1 / scale (the reciprocal in f64,
+// as PyTorch); inf or NaN in one sets the found flag.
+extern "C" __global__ void mt_unscale_grads(const u64* tab, const u64* chunks, i64 chunk, float* s) {
+    MtChunk c = mt_chunk(tab, chunks, chunk);
+    float* g = MT_PTR(c, 0, float);
     float inv = (float)(1.0 / (double)s[SCALER_SCALE]);
     int found = 0;
-    GRID_LOOP(i, n) {
+    MT_LOOP(i, c) {
         float v = g[i];
         found |= !isfinite(v);
         g[i] = v * inv;
@@ -60,7 +67,8 @@ extern "C" __global__ void scaler_update(float* s, float* guard, float growth, f
     int keep = merge && guard[GUARD_SKIP] != 0.f;
     guard[GUARD_SKIP] = (found || keep) ? 1.f : 0.f;
 }
-"#,
+"#
+    ),
 };
 
 impl RunOp<ops::ScaleLoss> for CudaBackend {
@@ -70,12 +78,13 @@ impl RunOp<ops::ScaleLoss> for CudaBackend {
 }
 
 impl RunOp<ops::UnscaleGrads> for CudaBackend {
-    /// One launch per gradient tensor, then one thread updates the scale and the guard.
+    /// One multi-tensor launch over every gradient, then one thread updates the scale and
+    /// the guard.
     fn run_op(&mut self, o: &ops::UnscaleGrads) -> Result<()> {
         let s = self.ptr(o.scale);
-        for &(g, n) in &o.grads {
-            self.launch_elems(n, &unscale_grads { g: self.ptr(g), n, s })?;
-        }
+        let t = self.mt_grads(&o.grads)?;
+        let args = mt_unscale_grads { tab: t.tab, chunks: t.chunks, chunk: MT_CHUNK, s };
+        self.launch_blocks(t.count as u32, 256, 0, &args)?;
         let args = scaler_update {
             s,
             guard: self.ptr(o.guard),
