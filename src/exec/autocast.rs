@@ -49,7 +49,7 @@ use crate::backend::{BufId, DType};
 /// [`mixed`]); `None` where it computes everything in f32.
 pub(super) fn half_dtype(p: Precision) -> Option<DType> {
     match p {
-        Precision::F32 => None,
+        Precision::F32 | Precision::Tf32 => None,
         Precision::Bf16Mixed => Some(DType::BF16),
     }
 }
