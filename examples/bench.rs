@@ -7,10 +7,11 @@
 //! (`Precision::Tf32`, beside the baseline's `eager_tf32`; the mode column gets `_tf32`);
 //! `--precision bf16` trains in bf16 mixed precision (`Precision::Bf16Mixed`: convolutions and
 //! dense layers on bf16 tensor cores, the rest f32), to set beside the baseline's `amp_bf16`,
-//! `compile_amp` and `compile_graph_amp` modes (the mode column gets `_bf16`).
+//! `compile_amp` and `compile_graph_amp` modes (the mode column gets `_bf16`); `--precision f16`
+//! the same in f16 with dynamic loss scaling (`Precision::F16Mixed`, `_f16`).
 //!
 //!     cargo run --release --example bench -- [--models simple,resnet18] [--batches 8,64] [--eager]
-//!         [--nondeterministic] [--no-finite-check] [--precision f32|tf32|bf16] [--device cpu]
+//!         [--nondeterministic] [--no-finite-check] [--precision f32|tf32|bf16|f16] [--device cpu]
 //!
 //! `--no-finite-check` turns off the per-step check of the loss and gradient norm
 //! (`TrainerConfig::non_finite = NonFinite::Ignore`; on by default since it was added), to compare
@@ -59,7 +60,8 @@ fn main() -> anyhow::Result<()> {
         None | Some("f32") => Precision::F32,
         Some("tf32") => Precision::Tf32,
         Some("bf16") => Precision::Bf16Mixed,
-        Some(other) => anyhow::bail!("--precision {other}: expected f32, tf32 or bf16"),
+        Some("f16") => Precision::F16Mixed,
+        Some(other) => anyhow::bail!("--precision {other}: expected f32, tf32, bf16 or f16"),
     };
     let mode = format!(
         "kiln_{}{}{}",
@@ -69,6 +71,7 @@ fn main() -> anyhow::Result<()> {
             Precision::F32 => "",
             Precision::Tf32 => "_tf32",
             Precision::Bf16Mixed => "_bf16",
+            Precision::F16Mixed => "_f16",
         }
     );
     println!("model,batch,mode,ms_per_step,images_per_s,peak_mib");

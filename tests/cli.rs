@@ -261,7 +261,7 @@ fn bad_input_names_the_flag_file_or_line() {
     fails(&dir, &["train", "--schedule", "nope", "--epochs", "1"], &["--schedule nope"]);
     fails(&dir, &["train", "--augment", "nope", "--epochs", "1"], &["--augment nope"]);
     fails(&dir, &["train", "--device", "tpu"], &["--device", "tpu"]);
-    fails(&dir, &["train", "--precision", "fp8", "--epochs", "1"], &["--precision fp8", "f32, tf32 or bf16"]);
+    fails(&dir, &["train", "--precision", "fp8", "--epochs", "1"], &["--precision fp8", "f32, tf32, bf16 or f16"]);
     fails(&dir, &["train", "--precision", "bf16", "--device", "cpu"], &["--precision bf16", "--device cpu"]);
     fails(&dir, &["train", "--precision", "tf32", "--device", "cpu"], &["--precision tf32", "--device cpu"]);
     fails(&dir, &["train", "--epochs", "abc"], &["--epochs"]);

@@ -2,8 +2,8 @@
 //! what the unscaled one does; a step with inf/NaN gradients is skipped (weights and optimizer
 //! state, Adam's step counter included, untouched), counted, and halves the scale; the scale
 //! doubles after `growth_interval` good steps; the scaler's state is in checkpoints and a
-//! resumed run continues bit for bit. Also: `Precision::Tf32` on the CPU is f32. Tiny models,
-//! a few steps each (CI time).
+//! resumed run continues bit for bit. Also: `Precision::Tf32` on the CPU is f32, and
+//! `Precision::F16Mixed` is refused there. Tiny models, a few steps each (CI time).
 
 use std::collections::BTreeMap;
 
@@ -256,9 +256,27 @@ fn bad_scaler_settings_name_the_field() {
 fn pytorch_s_defaults() {
     let s = GradScaler::default();
     assert_eq!((s.init_scale, s.growth_factor, s.backoff_factor, s.growth_interval), (65536.0, 2.0, 0.5, 2000));
-    // Auto scales no precision the CPU runs.
+    // Auto scales f16 mixed precision only, with PyTorch's defaults.
     let mut t = Trainer::new(&model(), config(LossScaling::Auto)).unwrap();
     assert_eq!(t.scaler_state().unwrap(), None);
+    for p in [Precision::F32, Precision::Tf32, Precision::Bf16Mixed, Precision::F16Mixed] {
+        let c = TrainerConfig { precision: p, ..config(LossScaling::Auto) };
+        assert_eq!(c.grad_scaler(), (p == Precision::F16Mixed).then(GradScaler::default), "{p:?}");
+        let off = TrainerConfig { loss_scaling: LossScaling::Off, ..c };
+        assert_eq!(off.grad_scaler(), None);
+    }
+}
+
+#[test]
+fn the_cpu_refuses_f16_naming_the_field() {
+    let cfg = TrainerConfig { precision: Precision::F16Mixed, ..config(LossScaling::Auto) };
+    match Trainer::new(&model(), cfg) {
+        Err(Error::Config { field, reason }) => {
+            assert_eq!(field, "precision");
+            assert!(reason.contains("f16") && reason.contains("Precision::F32"), "{reason}");
+        }
+        other => panic!("expected a config error, got {:?}", other.err()),
+    }
 }
 
 #[test]

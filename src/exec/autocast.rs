@@ -51,6 +51,7 @@ pub(super) fn half_dtype(p: Precision) -> Option<DType> {
     match p {
         Precision::F32 | Precision::Tf32 => None,
         Precision::Bf16Mixed => Some(DType::BF16),
+        Precision::F16Mixed => Some(DType::F16),
     }
 }
 

@@ -64,15 +64,22 @@ pub enum Precision {
     /// against f32 (bf16 keeps 8 significant bits). Transposed convolutions stay f32 for now.
     /// Needs a backend that computes in bf16 (CUDA); others refuse it, naming `precision`.
     Bf16Mixed,
+    /// Mixed precision with f16, as PyTorch's `autocast(dtype=torch.float16)`: the same pass
+    /// as [`Precision::Bf16Mixed`] with f16 operands (11 significant bits, about 1e-3 relative
+    /// per product, but a range that ends at 65504), so training needs loss scaling, which
+    /// `LossScaling::Auto` turns on for it (PyTorch's `GradScaler`). Needs a backend whose
+    /// products take f16 (CUDA); others refuse it, naming `precision`.
+    F16Mixed,
 }
 
 impl Precision {
-    /// The name used in configurations and on the command line (`f32`, `tf32`, `bf16`).
+    /// The name used in configurations and on the command line (`f32`, `tf32`, `bf16`, `f16`).
     pub fn name(self) -> &'static str {
         match self {
             Precision::F32 => "f32",
             Precision::Tf32 => "tf32",
             Precision::Bf16Mixed => "bf16",
+            Precision::F16Mixed => "f16",
         }
     }
 }
@@ -382,11 +389,15 @@ impl<B: Backend> Executor<B> {
     /// only, such as the CPU; TF32 on a CUDA backend made with TF32 off). TF32 on a backend
     /// without the mode (CPU, wgpu) is accepted: it computes in f32, as PyTorch's flags do.
     pub fn check_precision(&self, precision: Precision) -> Result<()> {
-        if precision == Precision::Bf16Mixed && !self.backend.computes_products_in(DType::BF16) {
+        if let Some(half) = super::autocast::half_dtype(precision)
+            && !self.backend.computes_products_in(half)
+        {
             return Err(Error::config(
                 "precision",
                 format!(
-                    "bf16 mixed precision needs a backend whose convolutions and matrix products take bf16 (CUDA); {} computes in f32 only: use Precision::F32",
+                    "{} mixed precision needs a backend whose convolutions and matrix products take {} (CUDA); {} computes in f32 only: use Precision::F32",
+                    precision.name(),
+                    precision.name(),
                     self.backend.describe()
                 ),
             ));

@@ -224,8 +224,8 @@ pub enum NonFinite {
 /// ([`crate::train::Trainer::scaler_state`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub enum LossScaling {
-    /// Scaling with PyTorch's defaults where the precision needs it, none otherwise (the
-    /// default). None of f32, TF32 and bf16 needs it: bf16 has f32's range.
+    /// Scaling with PyTorch's defaults where the precision needs it ([`Precision::F16Mixed`]),
+    /// none otherwise (the default): f32, TF32 and bf16 have f32's range.
     #[default]
     Auto,
     /// No scaling.
@@ -291,7 +291,8 @@ pub struct TrainerConfig {
     /// Number format of the training step (default f32): [`Precision::Bf16Mixed`] runs
     /// convolutions and dense layers in bf16 on tensor cores with f32 accumulation, keeping f32
     /// weights, gradients, optimizer state, batch-norm statistics and losses (CUDA only; an
-    /// error naming `precision` elsewhere).
+    /// error naming `precision` elsewhere); [`Precision::F16Mixed`] the same in f16, with loss
+    /// scaling; [`Precision::Tf32`] TF32 tensor cores for f32 convolutions and dense layers.
     #[serde(default)]
     pub precision: Precision,
     /// Dynamic loss scaling (default [`LossScaling::Auto`]: where the precision needs it).
@@ -559,10 +560,11 @@ impl TrainerConfig {
     }
 }
 
-/// Whether `precision` trains with loss scaling under [`LossScaling::Auto`]: only formats with
-/// f16's narrow range need it, and none of the current ones has it.
+/// Whether `precision` trains with loss scaling under [`LossScaling::Auto`]: f16, whose range
+/// ends at 65504 and whose smallest normal is 6e-5 (bf16 has f32's range).
 fn needs_loss_scaling(precision: Precision) -> bool {
     match precision {
+        Precision::F16Mixed => true,
         Precision::F32 | Precision::Tf32 | Precision::Bf16Mixed => false,
     }
 }

@@ -129,7 +129,8 @@ pub struct TrainArgs {
     /// TF32 on the tensor cores, as PyTorch's `allow_tf32`; about 1e-3 relative); or bf16
     /// (mixed precision on CUDA, as PyTorch's autocast: convolutions and dense layers in bf16
     /// with f32 accumulation, weights, optimizer state, batch norm and losses in f32; about
-    /// 1e-2 relative).
+    /// 1e-2 relative); or f16 (the same in f16, with dynamic loss scaling as PyTorch's
+    /// GradScaler).
     #[arg(long, default_value = "f32")]
     pub precision: String,
     /// Seed of the weights, the data order and augmentation.

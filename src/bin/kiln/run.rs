@@ -46,8 +46,9 @@ pub struct RunConfig {
     pub schedule: String,
     pub augment: String,
     pub device: String,
-    /// f32, tf32 (CUDA's TF32 tensor-core mode for convolutions and dense layers) or bf16
-    /// (mixed precision: those layers in bf16 with f32 accumulation, everything else f32).
+    /// f32, tf32 (CUDA's TF32 tensor-core mode for convolutions and dense layers), bf16 (mixed
+    /// precision: those layers in bf16 with f32 accumulation, everything else f32) or f16 (the
+    /// same in f16, with dynamic loss scaling).
     #[serde(default = "f32_name")]
     pub precision: String,
     pub seed: u64,
@@ -63,13 +64,14 @@ fn f32_name() -> String {
 fn precision(precision: &str, device: &str) -> Result<Precision, String> {
     match precision {
         "f32" => Ok(Precision::F32),
-        "tf32" | "bf16" if device == "cpu" => Err(format!(
+        "tf32" | "bf16" | "f16" if device == "cpu" => Err(format!(
             "--precision {precision}: {} is a mode of NVIDIA tensor cores; on --device cpu kiln computes in f32 (use --precision f32)",
             precision.to_uppercase()
         )),
         "tf32" => Ok(Precision::Tf32),
         "bf16" => Ok(Precision::Bf16Mixed),
-        other => Err(format!("--precision {other}: expected f32, tf32 or bf16")),
+        "f16" => Ok(Precision::F16Mixed),
+        other => Err(format!("--precision {other}: expected f32, tf32, bf16 or f16")),
     }
 }
 
