@@ -20,6 +20,11 @@
 //!
 //! `KILN_DEBUG=1` prints the adapter when the backend opens, and runs every op as its own
 //! submission, waited for, printing its name, shapes and time (as the CPU backend does).
+//! `KILN_WGPU_PROFILE=1` (where the adapter has timestamp queries) times every cached step op by
+//! op on the device (each op in compute passes of its own, a timestamp at either end, the step
+//! waited for) and prints each step's per-op medians and the sums by op kind when the backend is
+//! dropped; `Backend::profile` (`kiln profile --device wgpu`) uses the same timestamps. NOTES.md
+//! holds the measurements and what was predicted for them.
 
 /// The entry point of a one-dimensional kernel (256 threads per workgroup), opening its body with
 /// `i`, the invocation's flat index (see `record`'s conventions).
@@ -131,6 +136,19 @@ pub struct WgpuBackend {
     peak: u64,
     max_binding: u64,
     debug: bool,
+    /// Whether the device writes timestamps at compute-pass boundaries (`TIMESTAMP_QUERY`).
+    timestamps: bool,
+    /// `KILN_WGPU_PROFILE=1` (with timestamps): each cached step timed op by op, printed at drop.
+    profile_log: Option<HashMap<u64, StepLog>>,
+}
+
+/// The per-op device times of one cached step, over the steps run under `KILN_WGPU_PROFILE=1`.
+struct StepLog {
+    names: Vec<String>,
+    /// `times[op][run]`, milliseconds.
+    times: Vec<Vec<f64>>,
+    /// Host milliseconds to encode and submit each run.
+    encode: Vec<f64>,
 }
 
 /// The process's one wgpu instance. Each backend opens its own device, but they share the
@@ -209,9 +227,10 @@ impl WgpuBackend {
                 ),
             ));
         }
+        let timestamps = adapter.features().contains(wgpu::Features::TIMESTAMP_QUERY);
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("kiln"),
-            required_features: wgpu::Features::empty(),
+            required_features: if timestamps { wgpu::Features::TIMESTAMP_QUERY } else { wgpu::Features::empty() },
             required_limits: limits.clone(),
             experimental_features: wgpu::ExperimentalFeatures::default(),
             memory_hints: wgpu::MemoryHints::Performance,
@@ -227,6 +246,10 @@ impl WgpuBackend {
         if debug {
             eprintln!("[kiln wgpu] {} ({:?}, {:?}, driver {})", info.name, info.backend, info.device_type, info.driver);
         }
+        let profiling = std::env::var("KILN_WGPU_PROFILE").is_ok_and(|v| v == "1");
+        if profiling && !timestamps {
+            eprintln!("[kiln wgpu] KILN_WGPU_PROFILE=1 ignored: {} offers no timestamp queries", info.name);
+        }
         Ok(WgpuBackend {
             device,
             queue,
@@ -240,6 +263,8 @@ impl WgpuBackend {
             peak: 0,
             max_binding: limits.max_storage_buffer_binding_size.min(limits.max_buffer_size),
             debug,
+            timestamps,
+            profile_log: (profiling && timestamps).then(HashMap::new),
         })
     }
 
@@ -362,31 +387,131 @@ impl WgpuBackend {
         self.submit_list(key, ops)
     }
 
+    /// The recorded form of `ops`: from the cache under `key`, or validated and recorded.
+    fn recorded(&mut self, key: Option<u64>, ops: &[Op]) -> Result<Recorded> {
+        if let Some(r) = key.and_then(|k| self.cached.remove(&k)) {
+            return Ok(r);
+        }
+        for op in ops {
+            let info = |b: BufId| self.bufs.get(b.0).and_then(|s| s.as_ref()).map(|s| (s.len, s.dtype));
+            op.validate(info, |d| d == DType::F32)?;
+        }
+        let mut rec = Recorder::new(self);
+        for op in ops {
+            rec.op(op)?;
+        }
+        let r = rec.finish();
+        self.take_errors("recording")?;
+        Ok(r)
+    }
+
     fn submit_list(&mut self, key: Option<u64>, ops: &[Op]) -> Result<()> {
-        let recorded = match key.and_then(|k| self.cached.remove(&k)) {
-            Some(r) => r,
-            None => {
-                for op in ops {
-                    let info = |b: BufId| self.bufs.get(b.0).and_then(|s| s.as_ref()).map(|s| (s.len, s.dtype));
-                    op.validate(info, |d| d == DType::F32)?;
+        let recorded = self.recorded(key, ops)?;
+        match (key, self.profile_log.is_some()) {
+            (Some(k), true) => {
+                let t = std::time::Instant::now();
+                let times = self.timed(&recorded)?;
+                let log = self.profile_log.get_or_insert_with(HashMap::new);
+                let entry = log.entry(k).or_insert_with(|| StepLog {
+                    names: recorded.op_names().map(String::from).collect(),
+                    times: vec![Vec::new(); times.len()],
+                    encode: Vec::new(),
+                });
+                entry.encode.push(t.elapsed().as_secs_f64() * 1e3 - times.iter().sum::<f64>());
+                for (all, t) in entry.times.iter_mut().zip(times) {
+                    all.push(t);
                 }
-                let mut rec = Recorder::new(self);
-                for op in ops {
-                    rec.op(op)?;
-                }
-                let r = rec.finish();
-                self.take_errors("recording")?;
-                r
             }
-        };
-        let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("kiln step") });
-        recorded.encode(&mut enc);
-        self.queue.submit([enc.finish()]);
-        self.take_errors("submit")?;
+            _ => {
+                let mut enc =
+                    self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("kiln step") });
+                recorded.encode(&mut enc);
+                self.queue.submit([enc.finish()]);
+                self.take_errors("submit")?;
+            }
+        }
         if let Some(k) = key {
             self.cached.insert(k, recorded);
         }
         Ok(())
+    }
+
+    /// Runs `recorded` once with a timestamp pair around each op and waits: each op's device
+    /// time in milliseconds.
+    fn timed(&mut self, recorded: &Recorded) -> Result<Vec<f64>> {
+        let n = recorded.op_names().count();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        if 2 * n > wgpu::QUERY_SET_MAX_QUERIES as usize {
+            return Err(Error::State(format!(
+                "wgpu: cannot time {n} ops in one list (at most {})",
+                wgpu::QUERY_SET_MAX_QUERIES / 2
+            )));
+        }
+        let queries = self.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("kiln profile"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2 * n as u32,
+        });
+        let bytes = (16 * n) as u64;
+        let resolve = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("kiln timestamps"),
+            size: bytes,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("kiln timed") });
+        recorded.encode_timed(&mut enc, &queries, &resolve);
+        self.queue.submit([enc.finish()]);
+        self.take_errors("timed submit")?;
+        let raw = self.read_bytes(&resolve, bytes)?;
+        let ticks: Vec<u64> = raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+        let ns = self.queue.get_timestamp_period() as f64;
+        Ok(ticks.chunks_exact(2).map(|p| p[1].saturating_sub(p[0]) as f64 * ns / 1e6).collect())
+    }
+}
+
+/// The median of `v` (0 for none).
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+impl Drop for WgpuBackend {
+    /// Prints what `KILN_WGPU_PROFILE=1` measured: per cached step, each op's median device time
+    /// and the sums by op kind.
+    fn drop(&mut self) {
+        let Some(log) = self.profile_log.take() else { return };
+        for (key, l) in log {
+            let runs = l.encode.len();
+            let per_op: Vec<f64> = l.times.iter().map(|t| median(t)).collect();
+            let total: f64 = per_op.iter().sum();
+            eprintln!(
+                "[kiln wgpu profile] {} step {key}: {runs} runs, {} ops, device {total:.3} ms per step (sum of op \
+                 medians), host encode+wait overhead {:.3} ms (median)",
+                self.info.name,
+                per_op.len(),
+                median(&l.encode)
+            );
+            let mut kinds: Vec<(String, f64, usize)> = Vec::new();
+            for (name, ms) in l.names.iter().zip(&per_op) {
+                eprintln!("[kiln wgpu profile]   {ms:>9.4} ms  {name}");
+                let kind = name.split_whitespace().next().unwrap_or("").to_string();
+                match kinds.iter_mut().find(|(k, _, _)| *k == kind) {
+                    Some(e) => {
+                        e.1 += ms;
+                        e.2 += 1;
+                    }
+                    None => kinds.push((kind, *ms, 1)),
+                }
+            }
+            kinds.sort_by(|a, b| b.1.total_cmp(&a.1));
+            for (kind, ms, count) in kinds {
+                eprintln!("[kiln wgpu profile] by kind {kind:<24} {ms:>9.4} ms ({count} ops, {:.1}%)", 100.0 * ms / total.max(1e-12));
+            }
+        }
     }
 }
 
@@ -504,6 +629,24 @@ impl Backend for WgpuBackend {
     fn synchronize(&mut self) -> Result<()> {
         self.wait()?;
         self.take_errors("synchronize")
+    }
+
+    /// Each op's device time from timestamp queries around it (one list, one submission), where
+    /// the adapter has them; otherwise host times around one submission per op.
+    fn profile(&mut self, ops: &[Op]) -> Result<Vec<f64>> {
+        if !self.timestamps {
+            let mut times = Vec::with_capacity(ops.len());
+            self.synchronize()?;
+            for op in ops {
+                let t = std::time::Instant::now();
+                self.submit_list(None, std::slice::from_ref(op))?;
+                self.synchronize()?;
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            return Ok(times);
+        }
+        let recorded = self.recorded(None, ops)?;
+        self.timed(&recorded)
     }
 
     fn peak_memory(&self) -> Option<u64> {

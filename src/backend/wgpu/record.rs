@@ -104,31 +104,74 @@ enum Step {
 /// A recorded op list, ready to be encoded into a command buffer (again and again).
 pub(super) struct Recorded {
     steps: Vec<Step>,
+    /// Each op's steps, `steps[ops[i].0..ops[i].1]`, and its name and shapes (for profiles).
+    ops: Vec<(usize, usize, String)>,
 }
 
 impl Recorded {
     /// Encodes the steps: consecutive dispatches share one compute pass (wgpu orders their
     /// buffer accesses), copies go between passes.
     pub fn encode(&self, enc: &mut wgpu::CommandEncoder) {
-        let mut i = 0;
-        while i < self.steps.len() {
-            match &self.steps[i] {
-                Step::Copy { src, dst, bytes } => {
-                    enc.copy_buffer_to_buffer(src, 0, dst, 0, *bytes);
+        encode_steps(enc, &self.steps, None);
+    }
+
+    /// The ops recorded, with their names and shapes.
+    pub fn op_names(&self) -> impl Iterator<Item = &str> {
+        self.ops.iter().map(|(_, _, n)| n.as_str())
+    }
+
+    /// Encodes the steps with each op in passes of its own, timestamps `2 i` and `2 i + 1` of
+    /// `queries` written at the start of op `i`'s first pass and the end of its last (an op
+    /// with no dispatch gets an empty pass), then resolves the `2 * ops` timestamps into
+    /// `resolve`.
+    pub fn encode_timed(&self, enc: &mut wgpu::CommandEncoder, queries: &wgpu::QuerySet, resolve: &wgpu::Buffer) {
+        for (i, (a, b, _)) in self.ops.iter().enumerate() {
+            encode_steps(enc, &self.steps[*a..*b], Some((queries, 2 * i as u32)));
+        }
+        enc.resolve_query_set(queries, 0..2 * self.ops.len() as u32, resolve, 0);
+    }
+}
+
+/// Encodes `steps` (dispatch runs as passes, copies between); with `timed`, the first pass
+/// writes timestamp `at` at its start and the last `at + 1` at its end.
+fn encode_steps(enc: &mut wgpu::CommandEncoder, steps: &[Step], timed: Option<(&wgpu::QuerySet, u32)>) {
+    let last_run = steps.iter().rposition(|s| matches!(s, Step::Dispatch { .. }));
+    let writes = |first: bool, last: bool| {
+        timed.map(|(query_set, at)| wgpu::ComputePassTimestampWrites {
+            query_set,
+            beginning_of_pass_write_index: first.then_some(at),
+            end_of_pass_write_index: last.then_some(at + 1),
+        })
+    };
+    let mut first = true;
+    let mut i = 0;
+    while i < steps.len() {
+        match &steps[i] {
+            Step::Copy { src, dst, bytes } => {
+                enc.copy_buffer_to_buffer(src, 0, dst, 0, *bytes);
+                i += 1;
+            }
+            Step::Dispatch { .. } => {
+                let start = i;
+                while matches!(steps.get(i), Some(Step::Dispatch { .. })) {
                     i += 1;
                 }
-                Step::Dispatch { .. } => {
-                    let mut pass =
-                        enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
-                    while let Some(Step::Dispatch { pipeline, bind, groups }) = self.steps.get(i) {
+                let last = last_run.is_some_and(|l| l < i && l >= start);
+                let desc = wgpu::ComputePassDescriptor { label: None, timestamp_writes: writes(first, last) };
+                let mut pass = enc.begin_compute_pass(&desc);
+                for step in &steps[start..i] {
+                    if let Step::Dispatch { pipeline, bind, groups } = step {
                         pass.set_pipeline(pipeline);
                         pass.set_bind_group(0, bind, &[]);
                         pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
-                        i += 1;
                     }
                 }
+                first = false;
             }
         }
+    }
+    if last_run.is_none() && timed.is_some() {
+        let _ = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: writes(true, true) });
     }
 }
 
@@ -137,20 +180,24 @@ impl Recorded {
 pub(super) struct Recorder<'a> {
     be: &'a mut WgpuBackend,
     steps: Vec<Step>,
+    ops: Vec<(usize, usize, String)>,
 }
 
 impl<'a> Recorder<'a> {
     pub fn new(be: &'a mut WgpuBackend) -> Self {
-        Recorder { be, steps: Vec::new() }
+        Recorder { be, steps: Vec::new(), ops: Vec::new() }
     }
 
     pub fn finish(self) -> Recorded {
-        Recorded { steps: self.steps }
+        Recorded { steps: self.steps, ops: self.ops }
     }
 
     /// Records one op (through the registry: each op's `RunOp` impl sits in its family's file).
     pub fn op(&mut self, op: &Op) -> Result<()> {
-        op.run_on(self)
+        let start = self.steps.len();
+        op.run_on(self)?;
+        self.ops.push((start, self.steps.len(), format!("{:<22} {}", op.name(), op.shapes())));
+        Ok(())
     }
 
     fn resolve(&self, b: &Bind) -> Result<wgpu::Buffer> {
