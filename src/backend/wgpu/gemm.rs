@@ -1,65 +1,108 @@
 //! Matrix products on wgpu: one tiled GEMM core (64x64 output tiles, 16x16 threads of 4x4
-//! outputs, 16-deep slices of A and B staged in workgroup memory) and four ways of feeding it:
+//! outputs, 16-deep slices of A and B staged in workgroup memory as rows of `vec4`, so the inner
+//! loop reads one `vec4` of A and one of B per 16 multiply-adds) and four ways of feeding it:
 //!
 //! - `strided`: A and B addressed by strides, for the dense layer's three products;
 //! - `conv_fwd`: implicit GEMM, `Y[k, p] = W[k, r] * im2col(X)[r, p]` per image and group;
-//! - `conv_dgrad`: `dX[c, q] = W^T[c, (k, tap)] * dY[(k, tap), q]`, gathering for each input
+//! - `conv_dgrad`: `dX[c, q] = W^T[c, (tap, k)] * dY[(tap, k), q]`, gathering for each input
 //!   pixel the outputs its taps reach (no scatter, no atomics);
 //! - `conv_wgrad`: `dW[k, r] = dY[k, (n, p)] * im2col(X)[(n, p), r]` per group.
 //!
+//! Address arithmetic stays out of the inner loops: each thread loads the same rows of A and the
+//! same columns (or depths) of B on every slice, so a variant splits an address into a part fixed
+//! per row or column (`a_row`, `b_col`, computed once, with the divisions) and a depth state
+//! (`a_k`, `b_k`) that `a_next`/`b_next` advance by 16 with additions and compares. The
+//! convolutions order their depth tap-major (`(tap, channel)`), so a 16-deep slice crosses at
+//! most one tap boundary when there are 16 or more channels.
+//!
 //! A transposed convolution is the adjoint of a convolution (`ops/conv_transpose.rs`): its
 //! forward is `conv_dgrad`, its input gradient `conv_fwd`, its weight gradient `conv_wgrad` with
-//! the two tensors swapped. Each output value is one thread's fixed-order sum, so results are the
-//! same every run. Bias gradients are per-channel sums (`norm::channel_sum`).
+//! the two tensors swapped. Each output value is one thread's fixed-order sum (or, split over
+//! depth, fixed slices added in order), so results are the same every run. Bias gradients are
+//! per-channel sums (`norm::channel_sum`).
 
 use super::norm::channel_sum;
 use super::record::{Bind, Kernel, Recorder, grid, u};
 use crate::Result;
 use crate::backend::ops::{self, ConvGeom, GradOut};
 
-/// The core; the variant before it defines `load_a(z, r, k)`, `load_b(z, k, c)`,
-/// `c_index(z, r, c)` and `bias_index(z, r, c)`. `P`: M, N, K, accumulate, has bias, slices of K,
-/// slice depth, batches, then the variant's parameters from `P[8]`. Workgroup z is
-/// `slice * batches + batch`. With one slice the core stores into C; with several (a deep product
-/// over few output tiles, such as a weight gradient summed over a whole batch) each slice writes
-/// its partial product to `PART`, and `CORE_SUM` adds the slices in order.
+/// The core. The variant before it defines `B_KFAST` (whether B's tile is loaded with
+/// consecutive threads along the depth, where B is contiguous in depth, rather than along
+/// columns), the types `ARow`, `AK`, `BCol`, `BK` and `a_row(z, r)`, `a_k(z, k)`, `a_next(s)`,
+/// `a_val(z, row, s)` (and the same for B with columns), `c_index(z, r, c)` and
+/// `bias_index(z, r, c)`. `P`: M, N, K, accumulate, has bias, slices of K, slice depth, batches,
+/// then the variant's parameters from `P[8]`. Workgroup z is `slice * batches + batch`. With one
+/// slice the core stores into C; with several (a deep product over few output tiles, such as a
+/// weight gradient summed over a whole batch) each slice writes its partial product to `PART`,
+/// and `CORE_SUM` adds the slices in order.
+///
+/// Tiles: `As[k * 17 + r / 4][r % 4]` (rows padded to 17 `vec4` against bank conflicts when
+/// threads store along the depth), `Bs` likewise with columns. Thread `li` loads A's rows
+/// `li / 16 + 16 t` at depth `li % 16`, and B's columns `li % 64` at depths `li / 64 + 4 t`
+/// (or, with `B_KFAST`, columns `li / 16 + 16 t` at depth `li % 16`), for `t` in 0..4.
 const CORE: &str = r#"
-var<workgroup> As: array<f32, 1024>;
-var<workgroup> Bs: array<f32, 1024>;
+var<workgroup> As: array<vec4<f32>, 272>;
+var<workgroup> Bs: array<vec4<f32>, 272>;
 @compute @workgroup_size(16, 16, 1)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
         @builtin(local_invocation_index) li: u32) {
-    let M = P[0]; let N = P[1]; let K = P[2];
-    let slices = P[5]; let batches = P[7];
+    let M = P[0]; let N = P[1];
+    let batches = P[7];
     let slice = wg.z / batches; let z = wg.z % batches;
-    let kbeg = slice * P[6]; let kend = min(K, kbeg + P[6]);
+    let kbeg = slice * P[6]; let kend = min(P[2], kbeg + P[6]);
     let row0 = wg.y * 64u; let col0 = wg.x * 64u;
+    let ka = li % 16u;
+    let ra0 = li / 16u;
+    var arow: array<ARow, 4>;
+    for (var t = 0u; t < 4u; t++) { arow[t] = a_row(z, min(row0 + ra0 + 16u * t, M - 1u)); }
+    var ak = a_k(z, kbeg + ka);
+    var bcol: array<BCol, 4>;
+    var bk: array<BK, 4>;
+    if (B_KFAST) {
+        for (var t = 0u; t < 4u; t++) { bcol[t] = b_col(z, min(col0 + ra0 + 16u * t, N - 1u)); }
+        bk[0] = b_k(z, kbeg + ka);
+    } else {
+        bcol[0] = b_col(z, min(col0 + li % 64u, N - 1u));
+        for (var t = 0u; t < 4u; t++) { bk[t] = b_k(z, kbeg + li / 64u + 4u * t); }
+    }
     var acc: array<vec4<f32>, 4>;
     for (var i = 0u; i < 4u; i++) { acc[i] = vec4<f32>(0.0); }
     for (var k0 = kbeg; k0 < kend; k0 += 16u) {
+        let kin = k0 + ka < kend;
         for (var t = 0u; t < 4u; t++) {
-            let idx = li + t * 256u;
-            let ra = idx / 16u; let ka = idx % 16u;
+            let ra = ra0 + 16u * t;
             var a = 0.0;
-            if (row0 + ra < M && k0 + ka < kend) { a = load_a(z, row0 + ra, k0 + ka); }
-            As[ka * 64u + ra] = a;
-            let kb = idx / 64u; let cb = idx % 64u;
-            var b = 0.0;
-            if (k0 + kb < kend && col0 + cb < N) { b = load_b(z, k0 + kb, col0 + cb); }
-            Bs[kb * 64u + cb] = b;
+            if (kin && row0 + ra < M) { a = a_val(z, arow[t], ak); }
+            As[ka * 17u + ra / 4u][ra % 4u] = a;
+            if (B_KFAST) {
+                var b = 0.0;
+                if (kin && col0 + ra < N) { b = b_val(z, bcol[t], bk[0]); }
+                Bs[ka * 17u + ra / 4u][ra % 4u] = b;
+            } else {
+                let cb = li % 64u; let kb = li / 64u + 4u * t;
+                var b = 0.0;
+                if (k0 + kb < kend && col0 + cb < N) { b = b_val(z, bcol[0], bk[t]); }
+                Bs[kb * 17u + cb / 4u][cb % 4u] = b;
+            }
+        }
+        ak = a_next(ak);
+        if (B_KFAST) {
+            bk[0] = b_next(bk[0]);
+        } else {
+            for (var t = 0u; t < 4u; t++) { bk[t] = b_next(bk[t]); }
         }
         workgroupBarrier();
         for (var k = 0u; k < 16u; k++) {
-            let ab = k * 64u + lid.y * 4u;
-            let bb = k * 64u + lid.x * 4u;
-            let bv = vec4<f32>(Bs[bb], Bs[bb + 1u], Bs[bb + 2u], Bs[bb + 3u]);
-            acc[0] = fma(vec4<f32>(As[ab]), bv, acc[0]);
-            acc[1] = fma(vec4<f32>(As[ab + 1u]), bv, acc[1]);
-            acc[2] = fma(vec4<f32>(As[ab + 2u]), bv, acc[2]);
-            acc[3] = fma(vec4<f32>(As[ab + 3u]), bv, acc[3]);
+            let av = As[k * 17u + lid.y];
+            let bv = Bs[k * 17u + lid.x];
+            acc[0] = fma(vec4<f32>(av.x), bv, acc[0]);
+            acc[1] = fma(vec4<f32>(av.y), bv, acc[1]);
+            acc[2] = fma(vec4<f32>(av.z), bv, acc[2]);
+            acc[3] = fma(vec4<f32>(av.w), bv, acc[3]);
         }
         workgroupBarrier();
     }
+    let slices = P[5];
     for (var i = 0u; i < 4u; i++) {
         let r = row0 + lid.y * 4u + i;
         for (var j = 0u; j < 4u; j++) {
@@ -104,17 +147,26 @@ const CORE_SUM: &str = concat!(
 }"
 );
 
-/// `P[8..12]`: A's row and depth strides, B's depth and column strides; bias per column.
+/// `P[8..12]`: A's row and depth strides, B's depth and column strides; bias per column. A row
+/// or column part is its offset, a depth state the depth's offset.
 const STRIDED: &str = "
-fn load_a(z: u32, r: u32, k: u32) -> f32 { return A[r * P[8] + k * P[9]]; }
-fn load_b(z: u32, k: u32, c: u32) -> f32 { return B[k * P[10] + c * P[11]]; }
+alias ARow = u32; alias AK = u32; alias BCol = u32; alias BK = u32;
+fn a_row(z: u32, r: u32) -> u32 { return r * P[8]; }
+fn a_k(z: u32, k: u32) -> u32 { return k * P[9]; }
+fn a_next(s: u32) -> u32 { return s + 16u * P[9]; }
+fn a_val(z: u32, row: u32, s: u32) -> f32 { return A[row + s]; }
+fn b_col(z: u32, c: u32) -> u32 { return c * P[11]; }
+fn b_k(z: u32, k: u32) -> u32 { return k * P[10]; }
+fn b_next(s: u32) -> u32 { return s + 16u * P[10]; }
+fn b_val(z: u32, col: u32, s: u32) -> f32 { return B[col + s]; }
 fn c_index(z: u32, r: u32, c: u32) -> u32 { return r * P[1] + c; }
 fn bias_index(z: u32, r: u32, c: u32) -> u32 { return c; }
 ";
 
 /// The convolution geometry from `P[8]`: n, c, h, w, k, kh, kw, sh, sw, ph, pw, dh, dw, groups,
-/// oh, ow; and `im2col_b`, the value of B (an NCHW input) under filter tap `(i, j)` of output
-/// position `p`, zero in the padding.
+/// oh, ow; `Pix`, a pixel's part of an address (a channel base and a padded position); and the
+/// tap-major depth `k = (i * kw + j) * inner + ch` as the state `(ch, i, j)`: `kd` splits it
+/// (divisions, once per thread), `kd_next` advances it by 16.
 const CONV_GEOM: &str = "
 fn g_c() -> u32 { return P[9]; }
 fn g_h() -> u32 { return P[10]; }
@@ -127,24 +179,47 @@ fn g_oh() -> u32 { return P[22]; }
 fn g_ow() -> u32 { return P[23]; }
 fn g_cg() -> u32 { return P[9] / P[21]; }
 fn g_kg() -> u32 { return P[12] / P[21]; }
-fn im2col_b(nn: u32, ch: u32, i: u32, j: u32, p: u32) -> f32 {
-    let oy = p / g_ow(); let ox = p % g_ow();
-    let iy = i32(oy * P[15] + i * P[19]) - i32(P[17]);
-    let ix = i32(ox * P[16] + j * P[20]) - i32(P[18]);
-    if (iy < 0 || ix < 0 || iy >= i32(g_h()) || ix >= i32(g_w())) { return 0.0; }
-    return B[((nn * g_c() + ch) * g_h() + u32(iy)) * g_w() + u32(ix)];
+struct Pix { base: u32, y: i32, x: i32 }
+fn kd(k: u32, inner: u32) -> vec3<u32> {
+    let tap = k / inner;
+    return vec3<u32>(k - tap * inner, tap / g_kw(), tap % g_kw());
+}
+fn kd_next(s: vec3<u32>, inner: u32) -> vec3<u32> {
+    var r = s;
+    r.x = r.x + 16u;
+    loop {
+        if (r.x < inner) { break; }
+        r.x = r.x - inner;
+        r.z = r.z + 1u;
+        if (r.z == g_kw()) { r.z = 0u; r.y = r.y + 1u; }
+    }
+    return r;
 }
 ";
 
-/// Batch `z` = image * groups + group; A = W, B = X, C = Y, bias per output channel.
+/// Batch `z` = image * groups + group; A = W (row: the filter's base), B = X under the im2col
+/// view (column: output pixel p's image-and-group base and top-left input position), C = Y,
+/// bias per output channel. Depth `(tap, input channel)`.
 const CONV_FWD: &str = "
-fn load_a(z: u32, r: u32, k: u32) -> f32 {
-    return A[((z % g_groups()) * g_kg() + r) * P[2] + k];
+const B_KFAST: bool = false;
+alias ARow = u32; alias AK = vec3<u32>; alias BCol = Pix; alias BK = vec3<u32>;
+fn a_row(z: u32, r: u32) -> u32 { return ((z % g_groups()) * g_kg() + r) * P[2]; }
+fn a_k(z: u32, k: u32) -> vec3<u32> { return kd(k, g_cg()); }
+fn a_next(s: vec3<u32>) -> vec3<u32> { return kd_next(s, g_cg()); }
+fn a_val(z: u32, row: u32, s: vec3<u32>) -> f32 {
+    return A[row + s.x * g_kh() * g_kw() + s.y * g_kw() + s.z];
 }
-fn load_b(z: u32, k: u32, c: u32) -> f32 {
-    let khw = g_kh() * g_kw();
-    let tap = k % khw;
-    return im2col_b(z / g_groups(), (z % g_groups()) * g_cg() + k / khw, tap / g_kw(), tap % g_kw(), c);
+fn b_col(z: u32, p: u32) -> Pix {
+    let oy = p / g_ow(); let ox = p % g_ow();
+    let base = ((z / g_groups()) * g_c() + (z % g_groups()) * g_cg()) * g_h() * g_w();
+    return Pix(base, i32(oy * P[15]) - i32(P[17]), i32(ox * P[16]) - i32(P[18]));
+}
+fn b_k(z: u32, k: u32) -> vec3<u32> { return kd(k, g_cg()); }
+fn b_next(s: vec3<u32>) -> vec3<u32> { return kd_next(s, g_cg()); }
+fn b_val(z: u32, c: Pix, s: vec3<u32>) -> f32 {
+    let iy = c.y + i32(s.y * P[19]); let ix = c.x + i32(s.z * P[20]);
+    if (iy < 0 || ix < 0 || iy >= i32(g_h()) || ix >= i32(g_w())) { return 0.0; }
+    return B[c.base + (s.x * g_h() + u32(iy)) * g_w() + u32(ix)];
 }
 fn c_index(z: u32, r: u32, c: u32) -> u32 {
     return ((z / g_groups()) * g_k() + (z % g_groups()) * g_kg() + r) * g_oh() * g_ow() + c;
@@ -152,25 +227,38 @@ fn c_index(z: u32, r: u32, c: u32) -> u32 {
 fn bias_index(z: u32, r: u32, c: u32) -> u32 { return (z % g_groups()) * g_kg() + r; }
 ";
 
-/// Batch `z` = image * groups + group; A = W, B = dY (output-shaped), C = dX (input-shaped),
-/// bias per input channel (a transposed convolution's forward).
+/// Batch `z` = image * groups + group; A = W (row: input channel r's filters), B = dY
+/// (output-shaped; column: input pixel q's image-and-group base and padded position), C = dX
+/// (input-shaped), bias per input channel (a transposed convolution's forward). Depth
+/// `(tap, output channel)`: tap `(i, j)` of output `(oy, ox)` reads input
+/// `(oy * sh + i * dh - ph, ...)`, so pixel q gets the outputs whose stride divides its offset.
 const CONV_DGRAD: &str = "
-fn load_a(z: u32, r: u32, k: u32) -> f32 {
-    let khw = g_kh() * g_kw();
-    return A[(((z % g_groups()) * g_kg() + k / khw) * g_cg() + r) * khw + k % khw];
+const B_KFAST: bool = false;
+alias ARow = u32; alias AK = vec3<u32>; alias BCol = Pix; alias BK = vec3<u32>;
+fn a_row(z: u32, r: u32) -> u32 {
+    return ((z % g_groups()) * g_kg() * g_cg() + r) * g_kh() * g_kw();
 }
-fn load_b(z: u32, k: u32, c: u32) -> f32 {
-    let khw = g_kh() * g_kw();
-    let ko = k / khw; let tap = k % khw;
-    let i = tap / g_kw(); let j = tap % g_kw();
-    let ty = i32(c / g_w() + P[17]) - i32(i * P[19]);
-    let tx = i32(c % g_w() + P[18]) - i32(j * P[20]);
+fn a_k(z: u32, k: u32) -> vec3<u32> { return kd(k, g_kg()); }
+fn a_next(s: vec3<u32>) -> vec3<u32> { return kd_next(s, g_kg()); }
+fn a_val(z: u32, row: u32, s: vec3<u32>) -> f32 {
+    return A[row + s.x * g_cg() * g_kh() * g_kw() + s.y * g_kw() + s.z];
+}
+fn b_col(z: u32, q: u32) -> Pix {
+    let base = ((z / g_groups()) * g_k() + (z % g_groups()) * g_kg()) * g_oh() * g_ow();
+    return Pix(base, i32(q / g_w() + P[17]), i32(q % g_w() + P[18]));
+}
+fn b_k(z: u32, k: u32) -> vec3<u32> { return kd(k, g_kg()); }
+fn b_next(s: vec3<u32>) -> vec3<u32> { return kd_next(s, g_kg()); }
+fn b_val(z: u32, c: Pix, s: vec3<u32>) -> f32 {
+    let ty = c.y - i32(s.y * P[19]); let tx = c.x - i32(s.z * P[20]);
     if (ty < 0 || tx < 0) { return 0.0; }
-    if (u32(ty) % P[15] != 0u || u32(tx) % P[16] != 0u) { return 0.0; }
-    let oy = u32(ty) / P[15]; let ox = u32(tx) / P[16];
+    var oy = u32(ty); var ox = u32(tx);
+    if (P[15] != 1u || P[16] != 1u) {
+        if (oy % P[15] != 0u || ox % P[16] != 0u) { return 0.0; }
+        oy = oy / P[15]; ox = ox / P[16];
+    }
     if (oy >= g_oh() || ox >= g_ow()) { return 0.0; }
-    let nn = z / g_groups();
-    return B[((nn * g_k() + (z % g_groups()) * g_kg() + ko) * g_oh() + oy) * g_ow() + ox];
+    return B[c.base + (s.x * g_oh() + oy) * g_ow() + ox];
 }
 fn c_index(z: u32, r: u32, c: u32) -> u32 {
     return ((z / g_groups()) * g_c() + (z % g_groups()) * g_cg() + r) * g_h() * g_w() + c;
@@ -178,17 +266,50 @@ fn c_index(z: u32, r: u32, c: u32) -> u32 {
 fn bias_index(z: u32, r: u32, c: u32) -> u32 { return (z % g_groups()) * g_cg() + r; }
 ";
 
-/// Batch `z` = group; A = dY (output-shaped), B = X (input-shaped), C = dW.
+/// Batch `z` = group; A = dY (output-shaped; row: output channel r's base), B = X under the
+/// im2col view (column `ch * kh * kw + tap`, the weight's layout: the channel's base and the
+/// tap's offset), C = dW. Depth `(image, output pixel)`, contiguous in both A and B, so B is
+/// loaded along the depth; A's state is `(n, p)`, B's `(n, oy, ox)`.
 const CONV_WGRAD: &str = "
-fn load_a(z: u32, r: u32, k: u32) -> f32 {
+const B_KFAST: bool = true;
+alias ARow = u32; alias AK = vec2<u32>; alias BCol = Pix; alias BK = vec3<u32>;
+fn a_row(z: u32, r: u32) -> u32 { return (z * g_kg() + r) * g_oh() * g_ow(); }
+fn a_k(z: u32, k: u32) -> vec2<u32> { let ohw = g_oh() * g_ow(); return vec2<u32>(k / ohw, k % ohw); }
+fn a_next(s: vec2<u32>) -> vec2<u32> {
     let ohw = g_oh() * g_ow();
-    return A[((k / ohw) * g_k() + z * g_kg() + r) * ohw + k % ohw];
+    var r = s;
+    r.y = r.y + 16u;
+    loop { if (r.y < ohw) { break; } r.y = r.y - ohw; r.x = r.x + 1u; }
+    return r;
 }
-fn load_b(z: u32, k: u32, c: u32) -> f32 {
-    let ohw = g_oh() * g_ow();
+fn a_val(z: u32, row: u32, s: vec2<u32>) -> f32 { return A[row + s.x * g_k() * g_oh() * g_ow() + s.y]; }
+fn b_col(z: u32, c: u32) -> Pix {
     let khw = g_kh() * g_kw();
-    let tap = c % khw;
-    return im2col_b(k / ohw, z * g_cg() + c / khw, tap / g_kw(), tap % g_kw(), k % ohw);
+    let ch = c / khw; let tap = c % khw;
+    let i = tap / g_kw(); let j = tap % g_kw();
+    let base = (z * g_cg() + ch) * g_h() * g_w();
+    return Pix(base, i32(i * P[19]) - i32(P[17]), i32(j * P[20]) - i32(P[18]));
+}
+fn b_k(z: u32, k: u32) -> vec3<u32> {
+    let ohw = g_oh() * g_ow();
+    let p = k % ohw;
+    return vec3<u32>(k / ohw, p / g_ow(), p % g_ow());
+}
+fn b_next(s: vec3<u32>) -> vec3<u32> {
+    var r = s;
+    r.z = r.z + 16u;
+    loop {
+        if (r.z < g_ow()) { break; }
+        r.z = r.z - g_ow();
+        r.y = r.y + 1u;
+        if (r.y == g_oh()) { r.y = 0u; r.x = r.x + 1u; }
+    }
+    return r;
+}
+fn b_val(z: u32, c: Pix, s: vec3<u32>) -> f32 {
+    let iy = i32(s.y * P[15]) + c.y; let ix = i32(s.z * P[16]) + c.x;
+    if (iy < 0 || ix < 0 || iy >= i32(g_h()) || ix >= i32(g_w())) { return 0.0; }
+    return B[s.x * g_c() * g_h() * g_w() + c.base + u32(iy) * g_w() + u32(ix)];
 }
 fn c_index(z: u32, r: u32, c: u32) -> u32 { return (z * g_kg() + r) * P[1] + c; }
 fn bias_index(z: u32, r: u32, c: u32) -> u32 { return 0u; }
@@ -200,9 +321,17 @@ struct Gemm {
     sum: Kernel,
 }
 
+/// B's tile loaded along columns (contiguous columns) or along the depth.
+const COLS: &str = "const B_KFAST: bool = false;\n";
+const DEPTH: &str = "const B_KFAST: bool = true;\n";
+
 static GEMM_STRIDED: Gemm = Gemm {
-    core: Kernel { name: "gemm_strided", parts: &[BINDINGS, STRIDED, CORE] },
-    sum: Kernel { name: "gemm_strided_sum", parts: &[BINDINGS, STRIDED, CORE_SUM] },
+    core: Kernel { name: "gemm_strided", parts: &[BINDINGS, COLS, STRIDED, CORE] },
+    sum: Kernel { name: "gemm_strided_sum", parts: &[BINDINGS, COLS, STRIDED, CORE_SUM] },
+};
+static GEMM_STRIDED_DEPTH: Gemm = Gemm {
+    core: Kernel { name: "gemm_strided_depth", parts: &[BINDINGS, DEPTH, STRIDED, CORE] },
+    sum: Kernel { name: "gemm_strided_depth_sum", parts: &[BINDINGS, DEPTH, STRIDED, CORE_SUM] },
 };
 static GEMM_CONV_FWD: Gemm = Gemm {
     core: Kernel { name: "gemm_conv_fwd", parts: &[BINDINGS, CONV_GEOM, CONV_FWD, CORE] },
@@ -217,10 +346,11 @@ static GEMM_CONV_WGRAD: Gemm = Gemm {
     sum: Kernel { name: "gemm_conv_wgrad_sum", parts: &[BINDINGS, CONV_GEOM, CONV_WGRAD, CORE_SUM] },
 };
 
-/// Slices of the depth `k` for a launch of `tiles` workgroups: enough to fill about 256
-/// workgroups, each slice at least 256 deep (a multiple of 16). Returns (slices, depth of one).
+/// Slices of the depth `k` for a launch of `tiles` workgroups: enough to fill about 512
+/// workgroups (an H200 holds ~4 of these per SM, 132 SMs), each slice at least 256 deep (a
+/// multiple of 16). Returns (slices, depth of one).
 fn split_k(tiles: usize, k: usize) -> (usize, usize) {
-    let want = (256 / tiles.max(1)).min(k / 256).clamp(1, 64);
+    let want = (512 / tiles.max(1)).min(k / 256).clamp(1, 64);
     let depth = k.div_ceil(want).next_multiple_of(16);
     (k.div_ceil(depth).max(1), depth)
 }
@@ -270,7 +400,8 @@ fn set(buf: ops::BufId) -> GradOut {
 fn linear(r: &mut Recorder, o: &ops::Linear) -> Result<()> {
     let (m, k, n) = (o.m, o.k, o.n);
     let operands = Operands { a: Bind::Buf(o.x), b: Bind::Buf(o.w), bias: o.b.map(Bind::Buf), c: set(o.y) };
-    launch(r, &GEMM_STRIDED, Shape { m, n, k, batches: 1 }, operands, &[u(k)?, 1, 1, u(k)?])
+    // B = w^T: contiguous along the depth.
+    launch(r, &GEMM_STRIDED_DEPTH, Shape { m, n, k, batches: 1 }, operands, &[u(k)?, 1, 1, u(k)?])
 }
 
 fn linear_backward(r: &mut Recorder, o: &ops::LinearBackward) -> Result<()> {
