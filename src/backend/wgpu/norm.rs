@@ -215,38 +215,88 @@ static GN_DX: Kernel = Kernel {
     ],
 };
 
-/// Per channel of an `[n, c, hw]` tensor: the sum over samples and positions. `P`: n * hw, hw,
-/// c, accumulate.
+/// Per channel of an `[n, c, hw]` tensor: the sum over samples and positions, in `P[4]`
+/// segments of `P[5]` values (a multiple of 256) per channel, so a few channels of many values
+/// still fill the GPU: workgroup `(ch, seg)` (channel `x + y * width`, segment `z`) sums its segment in a fixed order (thread `t` takes
+/// values `t, t + 256, ...`, then the tree of `REDUCE`); with one segment it stores the channel's
+/// sum, with several its partial sum in `PART[ch * segs + seg]` for [`CHANNEL_SUM_FINAL`].
+/// Positions are stepped without a division per value. `P`: n * hw, hw, c, accumulate, segs,
+/// segment length.
 static CHANNEL_SUM: Kernel = Kernel {
     name: "channel_sum",
     parts: &[
         REDUCE,
-        concat!(
-            "@group(0) @binding(0) var<storage, read> P: array<u32>;
+        "@group(0) @binding(0) var<storage, read> P: array<u32>;
 @group(0) @binding(1) var<storage, read> X: array<f32>;
 @group(0) @binding(2) var<storage, read_write> OUT: array<f32>;
-",
-            main_reduce!(),
-            "    let live = grp < P[2];
+@group(0) @binding(3) var<storage, read_write> PART: array<f32>;
+var<workgroup> SH: array<f32, 256>;
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) li: u32) {
+    let ch = wg.x + wg.y * nwg.x; let seg = wg.z;
+    let count = P[0]; let hw = P[1]; let c = P[2]; let segs = P[4];
+    let start = seg * P[5];
+    var end = min(count, start + P[5]);
+    if (ch >= c) { end = 0u; }
+    let q = 256u / hw; let rem = 256u % hw;
+    var e = start + li;
+    var n = e / hw; var p = e % hw;
     var s = 0.0;
-    if (live) {
-        for (var e = li; e < P[0]; e += 256u) {
-            s = s + X[((e / P[1]) * P[2] + grp) * P[1] + e % P[1]];
-        }
+    for (; e < end; e += 256u) {
+        s = s + X[(n * c + ch) * hw + p];
+        n += q; p += rem;
+        if (p >= hw) { p -= hw; n += 1u; }
     }
     let t = reduce(s, li);
-    if (live && li == 0u) {
-        if (P[3] != 0u) { OUT[grp] = OUT[grp] + t; } else { OUT[grp] = t; }
+    if (li == 0u && ch < c) {
+        if (segs > 1u) {
+            PART[ch * segs + seg] = t;
+        } else if (P[3] != 0u) { OUT[ch] = OUT[ch] + t; } else { OUT[ch] = t; }
     }
-}"
-        ),
+}",
     ],
 };
 
+/// The channels' sums from [`CHANNEL_SUM`]'s segments, added in order, one thread per channel.
+static CHANNEL_SUM_FINAL: Kernel = Kernel {
+    name: "channel_sum_final",
+    parts: &[concat!(
+        "@group(0) @binding(0) var<storage, read> P: array<u32>;
+@group(0) @binding(1) var<storage, read> PART: array<f32>;
+@group(0) @binding(2) var<storage, read_write> OUT: array<f32>;
+",
+        main1d!(),
+        "    if (i >= P[2]) { return; }
+    let segs = P[4];
+    var t = 0.0;
+    for (var s = 0u; s < segs; s++) { t = t + PART[i * segs + s]; }
+    if (P[3] != 0u) { OUT[i] = OUT[i] + t; } else { OUT[i] = t; }
+}"
+    )],
+};
+
+/// Segments per channel for [`CHANNEL_SUM`]: about 512 workgroups in all, each at least 4096
+/// values. Returns (segments, segment length).
+fn channel_segments(c: usize, count: usize) -> (usize, usize) {
+    let want = 512usize.div_ceil(c.max(1)).min(count / 4096).max(1);
+    let len = count.div_ceil(want).next_multiple_of(256).max(256);
+    (count.div_ceil(len).max(1), len)
+}
+
 /// `out[c] (+)= sum over n and hw of x[n, c, hw]`.
 pub(super) fn channel_sum(r: &mut Recorder, (n, c, hw): (usize, usize, usize), x: Bind, out: GradOut) -> Result<()> {
-    let params = [u(n * hw)?, u(hw)?, u(c)?, out.accumulate as u32];
-    r.dispatch(&CHANNEL_SUM, &params, (&[x], &[Bind::Buf(out.buf)]), per_set(c)?)
+    let count = n * hw;
+    let (segs, len) = channel_segments(c, count);
+    let params = [u(count)?, u(hw)?, u(c)?, out.accumulate as u32, u(segs)?, u(len)?];
+    let part = r.scratch(if segs > 1 { c * segs } else { 1 });
+    let [gx, gy, _] = per_set(c)?;
+    let groups = [gx, gy, u(segs)?];
+    r.dispatch(&CHANNEL_SUM, &params, (&[x], &[Bind::Buf(out.buf), part.clone()]), groups)?;
+    if segs > 1 {
+        r.dispatch(&CHANNEL_SUM_FINAL, &params, (&[part], &[Bind::Buf(out.buf)]), grid(c))?;
+    }
+    Ok(())
 }
 
 fn opt(r: &mut Recorder, b: Option<ops::BufId>) -> Bind {

@@ -35,11 +35,11 @@ fn main() {
 }"],
 };
 
-/// One parameter tensor's update. `P`: len, rule (0 SGD, 1 Adam, 2 RMSprop, 3 Adagrad,
-/// 4 Adadelta, 5 NAdam), has guard, then the rule's constants from `P[3]`.
-static OPT_UPDATE: Kernel = Kernel {
-    name: "opt_update",
-    parts: &[concat!(
+/// One parameter tensor's update. `RULE` (a constant pasted before: 0 SGD, 1 Adam, 2 RMSprop,
+/// 3 Adagrad, 4 Adadelta, 5 NAdam) selects the code at compile time, one pipeline per rule, so no
+/// rule pays for another's registers. `P`: len, rule, has guard, then the rule's constants from
+/// `P[3]`.
+const OPT_UPDATE: &str = concat!(
         "@group(0) @binding(0) var<storage, read> P: array<u32>;
 @group(0) @binding(1) var<storage, read> G: array<f32>;
 @group(0) @binding(2) var<storage, read> HYPER: array<f32>;
@@ -62,7 +62,7 @@ fn lerp_(a: f32, b: f32, w: f32) -> f32 {
     let t = f32(STEP[0]) + f32(STEP[1]) * 4294967296.0;
     var g = G[i];
     var w = W[i];
-    switch P[1] {
+    switch RULE {
         case 0u: {
             let damp = pf(P[3]); let nesterov = P[4] != 0u; let wd = pf(P[5]);
             var d = g;
@@ -148,8 +148,17 @@ fn lerp_(a: f32, b: f32, w: f32) -> f32 {
     }
     W[i] = w;
 }"#
-    )],
-};
+);
+
+/// [`OPT_UPDATE`] for each rule, by its code.
+static OPT_UPDATES: [Kernel; 6] = [
+    Kernel { name: "opt_update_sgd", parts: &["const RULE: u32 = 0u;\n", OPT_UPDATE] },
+    Kernel { name: "opt_update_adam", parts: &["const RULE: u32 = 1u;\n", OPT_UPDATE] },
+    Kernel { name: "opt_update_rmsprop", parts: &["const RULE: u32 = 2u;\n", OPT_UPDATE] },
+    Kernel { name: "opt_update_adagrad", parts: &["const RULE: u32 = 3u;\n", OPT_UPDATE] },
+    Kernel { name: "opt_update_adadelta", parts: &["const RULE: u32 = 4u;\n", OPT_UPDATE] },
+    Kernel { name: "opt_update_nadam", parts: &["const RULE: u32 = 5u;\n", OPT_UPDATE] },
+];
 
 /// The rule's code and constants (`P[3..]` of `opt_update`), and whether it is NAdam with its
 /// momentum decay.
@@ -194,7 +203,7 @@ fn optimizer_step(r: &mut Recorder, o: &ops::OptimizerStep) -> Result<()> {
         while writes.len() < 4 {
             writes.push(r.scratch(1));
         }
-        r.dispatch(&OPT_UPDATE, &params, (&reads, &writes), grid(p.len))?;
+        r.dispatch(&OPT_UPDATES[code as usize], &params, (&reads, &writes), grid(p.len))?;
     }
     Ok(())
 }
@@ -278,9 +287,11 @@ fn main(@builtin(local_invocation_index) li: u32) {
     ],
 };
 
-/// Values per workgroup of [`NORM_PARTIAL`] (at most 256 workgroups per tensor).
-fn chunk(len: usize) -> usize {
-    len.div_ceil(256).max(16384)
+/// Values per workgroup of [`NORM_PARTIAL`]: 16 per thread, so a large tensor spreads over
+/// thousands of workgroups (the whole GPU) rather than a few long serial loops; the final merge
+/// reads one slot per workgroup.
+fn chunk(_len: usize) -> usize {
+    4096
 }
 
 /// The global L2 norm of `grads` into `norm[0]`.
