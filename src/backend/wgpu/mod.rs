@@ -509,7 +509,10 @@ impl Drop for WgpuBackend {
             }
             kinds.sort_by(|a, b| b.1.total_cmp(&a.1));
             for (kind, ms, count) in kinds {
-                eprintln!("[kiln wgpu profile] by kind {kind:<24} {ms:>9.4} ms ({count} ops, {:.1}%)", 100.0 * ms / total.max(1e-12));
+                eprintln!(
+                    "[kiln wgpu profile] by kind {kind:<24} {ms:>9.4} ms ({count} ops, {:.1}%)",
+                    100.0 * ms / total.max(1e-12)
+                );
             }
         }
     }

@@ -40,7 +40,7 @@ fn main() {
 /// rule pays for another's registers. `P`: len, rule, has guard, then the rule's constants from
 /// `P[3]`.
 const OPT_UPDATE: &str = concat!(
-        "@group(0) @binding(0) var<storage, read> P: array<u32>;
+    "@group(0) @binding(0) var<storage, read> P: array<u32>;
 @group(0) @binding(1) var<storage, read> G: array<f32>;
 @group(0) @binding(2) var<storage, read> HYPER: array<f32>;
 @group(0) @binding(3) var<storage, read> STEP: array<u32>;
@@ -55,8 +55,8 @@ fn lerp_(a: f32, b: f32, w: f32) -> f32 {
     return b - (b - a) * (1.0 - w);
 }
 ",
-        main1d!(),
-        r#"    if (i >= P[0]) { return; }
+    main1d!(),
+    r#"    if (i >= P[0]) { return; }
     if (P[2] != 0u && GUARD[GUARD_SKIP] != 0.0) { return; }
     let lr = HYPER[HYPER_LR]; let mom = HYPER[HYPER_MOMENTUM];
     let t = f32(STEP[0]) + f32(STEP[1]) * 4294967296.0;

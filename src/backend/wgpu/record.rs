@@ -171,7 +171,8 @@ fn encode_steps(enc: &mut wgpu::CommandEncoder, steps: &[Step], timed: Option<(&
         }
     }
     if last_run.is_none() && timed.is_some() {
-        let _ = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: writes(true, true) });
+        let _ =
+            enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: writes(true, true) });
     }
 }
 
