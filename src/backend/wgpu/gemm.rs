@@ -40,9 +40,44 @@ use crate::backend::ops::{self, ConvGeom, GradOut};
 /// threads store along the depth), `Bs` likewise with columns. Thread `li` loads A's rows
 /// `li / 16 + 16 t` at depth `li % 16`, and B's columns `li % 64` at depths `li / 64 + 4 t`
 /// (or, with `B_KFAST`, columns `li / 16 + 16 t` at depth `li % 16`), for `t` in 0..4.
+///
+/// Written out by hand for each `t` and each output row: no function-scope array is indexed by
+/// a loop variable. The first version kept the accumulators, row parts and depth states in
+/// arrays indexed in loops; on the H200's Vulkan driver that ran at ~1.8 TFLOP/s whatever the
+/// loaders did (device run of 2026-11-29, NOTES.md), which is what arrays demoted to local
+/// memory cost: wgpu bounds every loop with a counter, so the driver cannot unroll them.
 const CORE: &str = r#"
 var<workgroup> As: array<vec4<f32>, 272>;
 var<workgroup> Bs: array<vec4<f32>, 272>;
+fn stage_a(z: u32, ok: bool, ka: u32, ra: u32, row: ARow, s: AK) {
+    var v = 0.0;
+    if (ok) { v = a_val(z, row, s); }
+    As[ka * 17u + ra / 4u][ra % 4u] = v;
+}
+fn stage_b(z: u32, ok: bool, kb: u32, cb: u32, col: BCol, s: BK) {
+    var v = 0.0;
+    if (ok) { v = b_val(z, col, s); }
+    Bs[kb * 17u + cb / 4u][cb % 4u] = v;
+}
+fn store1(z: u32, slice: u32, r: u32, c: u32, value: f32) {
+    let M = P[0]; let N = P[1];
+    if (c >= N) { return; }
+    var v = value;
+    if (P[5] > 1u) {
+        PART[((slice * P[7] + z) * M + r) * N + c] = v;
+    } else {
+        if (P[4] != 0u) { v = v + BIAS[bias_index(z, r, c)]; }
+        let o = c_index(z, r, c);
+        if (P[3] != 0u) { C[o] = C[o] + v; } else { C[o] = v; }
+    }
+}
+fn store_row(z: u32, slice: u32, r: u32, c: u32, v: vec4<f32>) {
+    if (r >= P[0]) { return; }
+    store1(z, slice, r, c, v.x);
+    store1(z, slice, r, c + 1u, v.y);
+    store1(z, slice, r, c + 2u, v.z);
+    store1(z, slice, r, c + 3u, v.w);
+}
 @compute @workgroup_size(16, 16, 1)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
         @builtin(local_invocation_index) li: u32) {
@@ -53,72 +88,72 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
     let row0 = wg.y * 64u; let col0 = wg.x * 64u;
     let ka = li % 16u;
     let ra0 = li / 16u;
-    var arow: array<ARow, 4>;
-    for (var t = 0u; t < 4u; t++) { arow[t] = a_row(z, min(row0 + ra0 + 16u * t, M - 1u)); }
+    let ar0 = a_row(z, min(row0 + ra0, M - 1u));
+    let ar1 = a_row(z, min(row0 + ra0 + 16u, M - 1u));
+    let ar2 = a_row(z, min(row0 + ra0 + 32u, M - 1u));
+    let ar3 = a_row(z, min(row0 + ra0 + 48u, M - 1u));
     var ak = a_k(z, kbeg + ka);
-    var bcol: array<BCol, 4>;
-    var bk: array<BK, 4>;
+    let cb = li % 64u; let kb0 = li / 64u;
+    var bc0: BCol; var bc1: BCol; var bc2: BCol; var bc3: BCol;
+    var bk0: BK; var bk1: BK; var bk2: BK; var bk3: BK;
     if (B_KFAST) {
-        for (var t = 0u; t < 4u; t++) { bcol[t] = b_col(z, min(col0 + ra0 + 16u * t, N - 1u)); }
-        bk[0] = b_k(z, kbeg + ka);
+        bc0 = b_col(z, min(col0 + ra0, N - 1u));
+        bc1 = b_col(z, min(col0 + ra0 + 16u, N - 1u));
+        bc2 = b_col(z, min(col0 + ra0 + 32u, N - 1u));
+        bc3 = b_col(z, min(col0 + ra0 + 48u, N - 1u));
+        bk0 = b_k(z, kbeg + ka);
     } else {
-        bcol[0] = b_col(z, min(col0 + li % 64u, N - 1u));
-        for (var t = 0u; t < 4u; t++) { bk[t] = b_k(z, kbeg + li / 64u + 4u * t); }
+        bc0 = b_col(z, min(col0 + cb, N - 1u));
+        bk0 = b_k(z, kbeg + kb0);
+        bk1 = b_k(z, kbeg + kb0 + 4u);
+        bk2 = b_k(z, kbeg + kb0 + 8u);
+        bk3 = b_k(z, kbeg + kb0 + 12u);
     }
-    var acc: array<vec4<f32>, 4>;
-    for (var i = 0u; i < 4u; i++) { acc[i] = vec4<f32>(0.0); }
+    var acc0 = vec4<f32>(0.0); var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0); var acc3 = vec4<f32>(0.0);
     for (var k0 = kbeg; k0 < kend; k0 += 16u) {
         let kin = k0 + ka < kend;
-        for (var t = 0u; t < 4u; t++) {
-            let ra = ra0 + 16u * t;
-            var a = 0.0;
-            if (kin && row0 + ra < M) { a = a_val(z, arow[t], ak); }
-            As[ka * 17u + ra / 4u][ra % 4u] = a;
-            if (B_KFAST) {
-                var b = 0.0;
-                if (kin && col0 + ra < N) { b = b_val(z, bcol[t], bk[0]); }
-                Bs[ka * 17u + ra / 4u][ra % 4u] = b;
-            } else {
-                let cb = li % 64u; let kb = li / 64u + 4u * t;
-                var b = 0.0;
-                if (k0 + kb < kend && col0 + cb < N) { b = b_val(z, bcol[0], bk[t]); }
-                Bs[kb * 17u + cb / 4u][cb % 4u] = b;
-            }
-        }
+        stage_a(z, kin && row0 + ra0 < M, ka, ra0, ar0, ak);
+        stage_a(z, kin && row0 + ra0 + 16u < M, ka, ra0 + 16u, ar1, ak);
+        stage_a(z, kin && row0 + ra0 + 32u < M, ka, ra0 + 32u, ar2, ak);
+        stage_a(z, kin && row0 + ra0 + 48u < M, ka, ra0 + 48u, ar3, ak);
         ak = a_next(ak);
         if (B_KFAST) {
-            bk[0] = b_next(bk[0]);
+            stage_b(z, kin && col0 + ra0 < N, ka, ra0, bc0, bk0);
+            stage_b(z, kin && col0 + ra0 + 16u < N, ka, ra0 + 16u, bc1, bk0);
+            stage_b(z, kin && col0 + ra0 + 32u < N, ka, ra0 + 32u, bc2, bk0);
+            stage_b(z, kin && col0 + ra0 + 48u < N, ka, ra0 + 48u, bc3, bk0);
+            bk0 = b_next(bk0);
         } else {
-            for (var t = 0u; t < 4u; t++) { bk[t] = b_next(bk[t]); }
+            let cin = col0 + cb < N;
+            stage_b(z, cin && k0 + kb0 < kend, kb0, cb, bc0, bk0);
+            stage_b(z, cin && k0 + kb0 + 4u < kend, kb0 + 4u, cb, bc0, bk1);
+            stage_b(z, cin && k0 + kb0 + 8u < kend, kb0 + 8u, cb, bc0, bk2);
+            stage_b(z, cin && k0 + kb0 + 12u < kend, kb0 + 12u, cb, bc0, bk3);
+            bk0 = b_next(bk0); bk1 = b_next(bk1); bk2 = b_next(bk2); bk3 = b_next(bk3);
         }
         workgroupBarrier();
-        for (var k = 0u; k < 16u; k++) {
-            let av = As[k * 17u + lid.y];
-            let bv = Bs[k * 17u + lid.x];
-            acc[0] = fma(vec4<f32>(av.x), bv, acc[0]);
-            acc[1] = fma(vec4<f32>(av.y), bv, acc[1]);
-            acc[2] = fma(vec4<f32>(av.z), bv, acc[2]);
-            acc[3] = fma(vec4<f32>(av.w), bv, acc[3]);
+        for (var k = 0u; k < 16u; k += 4u) {
+            var av = As[k * 17u + lid.y]; var bv = Bs[k * 17u + lid.x];
+            acc0 = fma(vec4<f32>(av.x), bv, acc0); acc1 = fma(vec4<f32>(av.y), bv, acc1);
+            acc2 = fma(vec4<f32>(av.z), bv, acc2); acc3 = fma(vec4<f32>(av.w), bv, acc3);
+            av = As[(k + 1u) * 17u + lid.y]; bv = Bs[(k + 1u) * 17u + lid.x];
+            acc0 = fma(vec4<f32>(av.x), bv, acc0); acc1 = fma(vec4<f32>(av.y), bv, acc1);
+            acc2 = fma(vec4<f32>(av.z), bv, acc2); acc3 = fma(vec4<f32>(av.w), bv, acc3);
+            av = As[(k + 2u) * 17u + lid.y]; bv = Bs[(k + 2u) * 17u + lid.x];
+            acc0 = fma(vec4<f32>(av.x), bv, acc0); acc1 = fma(vec4<f32>(av.y), bv, acc1);
+            acc2 = fma(vec4<f32>(av.z), bv, acc2); acc3 = fma(vec4<f32>(av.w), bv, acc3);
+            av = As[(k + 3u) * 17u + lid.y]; bv = Bs[(k + 3u) * 17u + lid.x];
+            acc0 = fma(vec4<f32>(av.x), bv, acc0); acc1 = fma(vec4<f32>(av.y), bv, acc1);
+            acc2 = fma(vec4<f32>(av.z), bv, acc2); acc3 = fma(vec4<f32>(av.w), bv, acc3);
         }
         workgroupBarrier();
     }
-    let slices = P[5];
-    for (var i = 0u; i < 4u; i++) {
-        let r = row0 + lid.y * 4u + i;
-        for (var j = 0u; j < 4u; j++) {
-            let c = col0 + lid.x * 4u + j;
-            if (r < M && c < N) {
-                var v = acc[i][j];
-                if (slices > 1u) {
-                    PART[((slice * batches + z) * M + r) * N + c] = v;
-                } else {
-                    if (P[4] != 0u) { v = v + BIAS[bias_index(z, r, c)]; }
-                    let o = c_index(z, r, c);
-                    if (P[3] != 0u) { C[o] = C[o] + v; } else { C[o] = v; }
-                }
-            }
-        }
-    }
+    let r0 = row0 + lid.y * 4u; let c0 = col0 + lid.x * 4u;
+    store_row(z, slice, r0, c0, acc0);
+    store_row(z, slice, r0 + 1u, c0, acc1);
+    store_row(z, slice, r0 + 2u, c0, acc2);
+    store_row(z, slice, r0 + 3u, c0, acc3);
 }
 "#;
 

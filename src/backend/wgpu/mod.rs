@@ -299,10 +299,17 @@ impl WgpuBackend {
         if let Some(p) = self.pipelines.get(k.name) {
             return Ok(p.clone());
         }
-        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some(k.name),
-            source: wgpu::ShaderSource::Wgsl(k.source().into()),
-        });
+        let desc =
+            wgpu::ShaderModuleDescriptor { label: Some(k.name), source: wgpu::ShaderSource::Wgsl(k.source().into()) };
+        // wgpu bounds every shader loop with a hidden counter unless told the loops end; the
+        // counter keeps drivers from unrolling them (the GEMM's 16-deep inner loop above all).
+        // Bounds checks on every access and guarded integer division stay on.
+        let mut checks = wgpu::ShaderRuntimeChecks::checked();
+        checks.force_loop_bounding = false;
+        // SAFETY: every loop in kiln's WGSL ends: `for` loops run to a bound given as a
+        // parameter with a positive step, and the few `loop`s (the GEMM's depth states) subtract
+        // a positive size (channels, output width or pixels of a validated op) until below it.
+        let module = unsafe { self.device.create_shader_module_trusted(desc, checks) };
         let p = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(k.name),
             layout: None,
