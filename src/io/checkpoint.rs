@@ -9,8 +9,10 @@
 //! - in `__metadata__`: `kiln.model`, the architecture as JSON (input shape, seed, the layers
 //!   with their options), so [`Model::load`] needs none of the code that built the model;
 //!   `format: pt`; `kiln.format_version`; `kiln.checksum` (see `safetensors.rs`);
-//! - for a checkpoint, `kiln.trainer` (the [`TrainerMeta`] as JSON) and the trainer's state
-//!   tensors under `trainer/{name}` ([`TrainerState`]);
+//! - for a checkpoint, `kiln.trainer` (the [`TrainerMeta`] as JSON, with the loss scaler's
+//!   scale, good steps and skipped steps when the run scales its loss: `scaler`, absent from
+//!   older files, which still load) and the trainer's state tensors under `trainer/{name}`
+//!   ([`TrainerState`]);
 //! - the caller's own string pairs, if it gave any ([`Model::save_with_metadata`], read back by
 //!   [`Model::load_with_metadata`] or [`Model::load_metadata`]): class names, preprocessing, a
 //!   dataset's name. Keys starting with `kiln.` and the key `format` are kiln's and refused there.
