@@ -2,7 +2,7 @@
 //! image batch, train with Adam for up to 20 epochs and print the "Epoch | Loss | Trend | Status"
 //! table, stopping early once the loss falls below 0.1.
 //!
-//!     cargo run --release --example cnn_tutorial
+//!     cargo run --release --example cnn_tutorial [-- --device cpu|cuda|wgpu|auto]
 //!
 //! As in the tutorial, each "epoch" is one training step on the same batch of 8 images. Twenty
 //! Adam steps at 1e-3 are just enough for this task: the loss ends between 0.04 and 0.8
@@ -12,6 +12,7 @@
 
 use std::time::Instant;
 
+use kiln::backend::Device;
 use kiln::data::synthetic::tutorial_images;
 use kiln::model::{Model, ModelBuilder};
 use kiln::rng::Rng;
@@ -53,7 +54,7 @@ fn build_simple_cnn(batch: usize, height: usize, width: usize, channels: usize, 
 }
 
 /// Step 4: Adam at 1e-3 with sparse cross-entropy, as the tutorial configures it.
-fn setup_trainer(model: &Model, batch: usize) -> kiln::Result<Trainer> {
+fn setup_trainer(model: &Model, batch: usize, device: Device) -> kiln::Result<Trainer> {
     println!("⚙️ Configuring CNN Training Setup");
     let config = TrainerConfig {
         batch_size: batch,
@@ -62,6 +63,7 @@ fn setup_trainer(model: &Model, batch: usize) -> kiln::Result<Trainer> {
         problem: Problem::Classification,
         loss: Loss::SparseCrossEntropy,
         seed: SEED,
+        device,
         ..Default::default()
     };
     let trainer = Trainer::new(model, config)?;
@@ -104,7 +106,13 @@ fn main() -> kiln::Result<()> {
     let (batch, height, width, channels, classes, epochs) = (8, 32, 32, 3, 10, 20);
 
     let model = build_simple_cnn(batch, height, width, channels, classes)?;
-    let mut trainer = setup_trainer(&model, batch)?;
+    // `--device NAME` (default auto: CUDA, then a wgpu GPU, then the CPU); the losses agree on all.
+    let args: Vec<String> = std::env::args().collect();
+    let device = match args.iter().position(|a| a == "--device").and_then(|i| args.get(i + 1)) {
+        Some(name) => name.parse()?,
+        None => Device::Auto,
+    };
+    let mut trainer = setup_trainer(&model, batch, device)?;
     println!("🎨 Generating Synthetic Image Dataset");
     let (inputs, labels) = tutorial_images(batch, channels, height, width, classes, &mut rng);
     println!("   ✅ Generated {batch} images of {channels}x{height}x{width}");

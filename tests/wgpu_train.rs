@@ -404,6 +404,38 @@ fn checkpointed_training_is_bit_identical() {
     assert_eq!(a.executor().dropout_steps().unwrap(), b.executor().dropout_steps().unwrap());
 }
 
+/// The seed's tutorial 1 as examples/cnn_tutorial.rs runs it (simple CNN, batch 8, seed 4, Adam at
+/// 1e-3, sparse cross-entropy, twenty one-batch "epochs" stopping once the loss is below 0.1) on
+/// the CPU and on wgpu: the same loss at every epoch (1e-3 relative: twenty Adam steps amplify
+/// rounding) and the same early stop, at the epoch the example documents (17).
+fn the_tutorial_reaches_the_cpu_loss() {
+    const SEED: u64 = 4;
+    let model = zoo::simple_cnn(8).seed(SEED).build().unwrap();
+    let (x, y) = tutorial_images(8, 3, 32, 32, 10, &mut Rng::new(SEED));
+    let cfg = |device| TrainerConfig {
+        batch_size: 8,
+        device,
+        learning_rate: 1e-3,
+        optimizer: Optimizer::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, amsgrad: false },
+        seed: SEED,
+        ..Default::default()
+    };
+    let mut cpu = Trainer::new(&model, cfg(Device::Cpu)).unwrap();
+    let mut dev = Trainer::with_backend(&model, cfg(Device::Wgpu(0)), wgpu()).unwrap();
+    let mut stop = None;
+    for epoch in 1..=20 {
+        let (a, b) = (cpu.train_batch(&x, &y).unwrap().loss, dev.train_batch(&x, &y).unwrap().loss);
+        println!("tutorial epoch {epoch}: loss cpu {a:.6} wgpu {b:.6}");
+        assert!((a - b).abs() <= 1e-3 * a.abs().max(0.1), "epoch {epoch}: loss cpu {a} wgpu {b}");
+        assert_eq!(a < 0.1, b < 0.1, "epoch {epoch}: one stops, the other does not ({a} vs {b})");
+        if a < 0.1 {
+            stop = Some(epoch);
+            break;
+        }
+    }
+    assert_eq!(stop, Some(17), "the tutorial's early stop moved");
+}
+
 fn main() {
     let mut trials = vec![
         wgpu_trial("every_loss_matches_the_cpu", every_loss_matches_the_cpu),
@@ -426,6 +458,7 @@ fn main() {
         wgpu_trial("training_steps_are_identical_run_to_run", training_steps_are_identical_run_to_run),
         wgpu_trial("unsupported_ops_are_errors_naming_them", unsupported_ops_are_errors_naming_them),
         wgpu_trial("checkpointed_training_is_bit_identical", checkpointed_training_is_bit_identical),
+        wgpu_trial("the_tutorial_reaches_the_cpu_loss", the_tutorial_reaches_the_cpu_loss),
     ];
     trials.push(libtest_mimic::Trial::test("device_names_parse", || {
         assert_eq!("wgpu:1".parse::<Device>().map_err(|e| e.to_string())?, Device::Wgpu(1));
