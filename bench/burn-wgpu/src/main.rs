@@ -191,7 +191,12 @@ fn arg(name: &str) -> Option<String> {
 }
 
 /// Trains `model` with Adam for warm-up + 5x20 steps; returns the median ms per step.
-fn time_model<M: Module>(mut model: M, forward: impl Fn(&M, Tensor<4>) -> Tensor<2>, shape: [usize; 4], device: &Device) -> f64 {
+fn time_model<M: Module>(
+    mut model: M,
+    forward: impl Fn(&M, Tensor<4>) -> Tensor<2>,
+    shape: [usize; 4],
+    device: &Device,
+) -> f64 {
     let mut optim = AdamConfig::new().init();
     let loss_fn = CrossEntropyLossConfig::new().init(device);
     let x = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), device);
