@@ -29,7 +29,9 @@ use kiln::zoo;
 
 mod corpus;
 mod cuda_common;
+mod half_common;
 use cuda_common::{cuda, cuda_with, gpu_trial, gpu_trial_when, plain_trial, rel_err, run_trials, within};
+use half_common::{pass, random};
 
 /// f16 mixed precision against the f32 reference: see the module documentation.
 const TOL: f64 = 1e-2;
@@ -53,58 +55,6 @@ const KINKED: &[&str] = &[
 
 /// A sum that batch norm nearly cancels (see tests/cuda_bf16.rs).
 const CANCELLING: &[(&str, &str)] = &[("residual_projection", "conv2d_1.bias.grad")];
-
-fn random(n: usize, seed: u64) -> Vec<f32> {
-    let mut r = Rng::new(seed);
-    (0..n).map(|_| r.uniform_range(-1.0, 1.0)).collect()
-}
-
-fn plan<B: Backend>(
-    e: &mut Executor<B>,
-    batch: usize,
-    mode: Mode,
-    options: PlanOptions,
-    p: Precision,
-) -> kiln::exec::PlanId {
-    let low = Lowering { options, precision: p, ..e.lowering(batch, mode) };
-    e.plan_for(low).unwrap()
-}
-
-/// Every tensor a training pass produces after `steps` forward+backward passes, then the
-/// evaluation output (as tests/cuda_bf16.rs).
-fn pass<B: Backend>(
-    e: &mut Executor<B>,
-    model: &Model,
-    opts: PlanOptions,
-    steps: usize,
-    p: Precision,
-) -> Vec<(String, Vec<f32>)> {
-    let batch = model.batch_size();
-    let id = plan(e, batch, Mode::Train, opts, p);
-    let x = random(e.backend().len(e.plan_info(id).input), 11);
-    let r = random(e.backend().len(e.plan_info(id).output), 99);
-    for _ in 0..steps {
-        e.set_input(id, &x).unwrap();
-        e.forward(id).unwrap();
-        e.set_output_grad(id, &r).unwrap();
-        e.backward(id).unwrap();
-    }
-    let mut out = vec![("output".to_string(), e.read_output(id).unwrap())];
-    if opts.input_grad {
-        out.push(("input.grad".into(), e.read_input_grad(id).unwrap()));
-    }
-    for spec in model.params() {
-        if spec.trainable {
-            out.push((format!("{}.grad", spec.name), e.read_param_grad(&spec.name).unwrap()));
-        }
-        out.push((spec.name.clone(), e.read_param(&spec.name).unwrap()));
-    }
-    let pe = plan(e, batch, Mode::Eval, PlanOptions::default(), p);
-    e.set_input(pe, &x).unwrap();
-    e.forward(pe).unwrap();
-    out.push(("eval output".into(), e.read_output(pe).unwrap()));
-    out
-}
 
 /// One corpus case in f16 on the GPU against f32 on the CPU, plain and with parameter
 /// gradients accumulated over two passes.
