@@ -2,7 +2,10 @@
 //! reaches Vulkan, Metal and DX12 (built with the `wgpu` cargo feature). Verified on Vulkan only:
 //! Mesa's lavapipe (a CPU Vulkan driver, what CI runs) and the NVIDIA driver.
 //!
-//! - Buffers: one wgpu storage buffer per plan buffer, `f32` or `u32` (ops compute in `f32`).
+//! - Buffers (`memory`): `f32` or `u32` (ops compute in `f32`), each a range of one large wgpu
+//!   buffer that holds every buffer allocated before the next use (the parameters, training
+//!   state and first plan of an executor share one), bound at aligned offsets. Host writes go
+//!   through a ring of mapped staging buffers, copied at the start of the next submission.
 //! - Ops: [`record`] turns an op list into a list of dispatches (pipeline, bind group, workgroup
 //!   counts) and buffer copies; the kernels live by op family (`gemm`, `elementwise`, `norm`,
 //!   `pool`, `loss`, `optim`), one Rust function per op, each with its WGSL.
@@ -10,6 +13,8 @@
 //!   every dispatch) is built once per key and kept; each step encodes it into one command
 //!   buffer and submits it once (wgpu command buffers cannot be resubmitted, so re-encoding the
 //!   kept list is wgpu's analogue of replaying a CUDA graph). Nothing is read back unless asked.
+//!   Each recorded list holds its dispatches' parameters and its scratch in two buffers of its
+//!   own.
 //! - Counters (dropout steps, optimizer steps) live in device buffers and are advanced by
 //!   kernels, so a resubmitted step needs nothing from the host.
 //! - Determinism: no atomics; every reduction has a fixed assignment of values to threads and a
@@ -86,6 +91,7 @@ mod elementwise;
 mod gemm;
 mod loss;
 mod loss_scale;
+mod memory;
 mod norm;
 mod optim;
 mod pool;
@@ -102,13 +108,6 @@ use record::{Kernel, Recorded, Recorder};
 /// The longest a read or `synchronize` waits for the device.
 const WAIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(300);
 
-/// One plan buffer on the device.
-struct Slot {
-    buf: wgpu::Buffer,
-    len: usize,
-    dtype: DType,
-}
-
 /// What an adapter is, in the words `Device::Auto` and the tests use.
 #[derive(Clone, Debug)]
 pub struct AdapterSummary {
@@ -121,20 +120,41 @@ pub struct AdapterSummary {
     pub is_gpu: bool,
 }
 
+/// The wgpu backend's memory ([`WgpuBackend::memory`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WgpuMemory {
+    /// wgpu buffers holding the plan buffers (one per batch of allocations made before a use;
+    /// more only where the adapter's `max_buffer_size` splits one).
+    pub chunks: usize,
+    /// Bytes those buffers hold.
+    pub arena_bytes: u64,
+    /// The largest plan buffer the adapter can bind, in bytes (larger ones are refused).
+    pub max_buffer_bytes: u64,
+    /// Bytes of the staging ring's mapped buffers (host-visible memory).
+    pub staging_bytes: u64,
+    /// Host writes copied through the staging ring so far.
+    pub uploads: u64,
+    /// Of those, writes that waited for the device to release a stage.
+    pub waits: u64,
+}
+
 /// The wgpu backend (see the module docs).
 pub struct WgpuBackend {
     device: wgpu::Device,
     queue: wgpu::Queue,
     info: wgpu::AdapterInfo,
-    bufs: Vec<Option<Slot>>,
+    /// Every plan buffer, as ranges of a few large wgpu buffers (see `memory`).
+    arena: memory::Arena,
+    /// Host writes go through it to the device (see `memory`).
+    ring: memory::Ring,
     counters: Vec<wgpu::Buffer>,
     pipelines: HashMap<&'static str, wgpu::ComputePipeline>,
     cached: HashMap<u64, Recorded>,
     /// Validation and device errors reported by wgpu since they were last taken.
     errors: Arc<Mutex<Vec<String>>>,
-    bytes: u64,
+    /// Most bytes of device memory held at once: the arena's chunks and the recorded lists'
+    /// own buffers (parameters, scratch).
     peak: u64,
-    max_binding: u64,
     debug: bool,
     /// Whether the device writes timestamps at compute-pass boundaries (`TIMESTAMP_QUERY`).
     timestamps: bool,
@@ -254,14 +274,13 @@ impl WgpuBackend {
             device,
             queue,
             info,
-            bufs: Vec::new(),
+            arena: memory::Arena::new(&limits),
+            ring: memory::Ring::new(),
             counters: Vec::new(),
             pipelines: HashMap::new(),
             cached: HashMap::new(),
             errors,
-            bytes: 0,
             peak: 0,
-            max_binding: limits.max_storage_buffer_binding_size.min(limits.max_buffer_size),
             debug,
             timestamps,
             profile_log: (profiling && timestamps).then(HashMap::new),
@@ -287,11 +306,58 @@ impl WgpuBackend {
         Err(Error::DeviceCall { call: format!("wgpu {what}"), status: all })
     }
 
-    fn slot(&self, id: BufId) -> Result<&Slot> {
-        self.bufs
-            .get(id.0)
-            .and_then(|s| s.as_ref())
-            .ok_or_else(|| Error::State(format!("wgpu: buffer {} does not exist (freed?)", id.0)))
+    fn slot(&self, id: BufId) -> Result<&memory::Slot> {
+        self.arena.slot(id.0)
+    }
+
+    /// How the backend's memory is laid out now and how host writes went (for tests and
+    /// reports).
+    pub fn memory(&self) -> WgpuMemory {
+        WgpuMemory {
+            chunks: self.arena.chunks(),
+            arena_bytes: self.arena.current(),
+            max_buffer_bytes: self.arena.max_binding(),
+            staging_bytes: self.ring.bytes(),
+            uploads: self.ring.uploads,
+            waits: self.ring.waits,
+        }
+    }
+
+    /// Creates the arena chunks of buffers allocated since the last use (see `memory`).
+    fn materialize(&mut self) -> Result<()> {
+        if self.arena.materialize(&self.device)? {
+            self.take_errors("allocating the arena")?;
+            self.note_peak(0);
+        }
+        Ok(())
+    }
+
+    /// Notes the memory held now (`extra`: a recorded list not in the cache) for the peak.
+    fn note_peak(&mut self, extra: u64) {
+        let lists: u64 = self.cached.values().map(|r| r.bytes()).sum();
+        self.peak = self.peak.max(self.arena.current() + lists + extra);
+    }
+
+    /// Submits the staging ring's pending copies on their own, where there are any.
+    fn flush_uploads(&mut self) {
+        if !self.ring.pending() {
+            return;
+        }
+        let mut enc =
+            self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("kiln upload") });
+        let taken = self.ring.take(&mut enc);
+        let si = self.queue.submit([enc.finish()]);
+        self.ring.submitted(taken, si);
+    }
+
+    /// Encodes with `encode` after the staging ring's pending copies, into one command buffer,
+    /// and submits it.
+    fn submit_encoded(&mut self, label: &str, encode: impl FnOnce(&mut wgpu::CommandEncoder)) {
+        let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) });
+        let taken = self.ring.take(&mut enc);
+        encode(&mut enc);
+        let si = self.queue.submit([enc.finish()]);
+        self.ring.submitted(taken, si);
     }
 
     /// The pipeline of `k`, compiled on first use.
@@ -299,8 +365,12 @@ impl WgpuBackend {
         if let Some(p) = self.pipelines.get(k.name) {
             return Ok(p.clone());
         }
+        // Every storage binding is declared read-write: plan buffers are ranges of one wgpu
+        // buffer, and wgpu tracks usage per buffer, so a dispatch that binds one range read-only
+        // and another read-write would be refused as a usage conflict.
+        let source = k.source().replace("var<storage, read>", "var<storage, read_write>");
         let desc =
-            wgpu::ShaderModuleDescriptor { label: Some(k.name), source: wgpu::ShaderSource::Wgsl(k.source().into()) };
+            wgpu::ShaderModuleDescriptor { label: Some(k.name), source: wgpu::ShaderSource::Wgsl(source.into()) };
         // wgpu bounds every shader loop with a hidden counter unless told the loops end; the
         // counter keeps drivers from unrolling them (the GEMM's 16-deep inner loop above all).
         // Bounds checks on every access and guarded integer division stay on.
@@ -333,8 +403,8 @@ impl WgpuBackend {
         })
     }
 
-    /// Copies `bytes` bytes of `src` to the host, waiting for queued work.
-    fn read_bytes(&self, src: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
+    /// Copies `bytes` bytes of `src` from `offset` to the host, waiting for queued work.
+    fn read_bytes(&mut self, src: &wgpu::Buffer, offset: u64, bytes: u64) -> Result<Vec<u8>> {
         let size = bytes.max(4).next_multiple_of(4);
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("kiln read"),
@@ -342,9 +412,7 @@ impl WgpuBackend {
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
-        enc.copy_buffer_to_buffer(src, 0, &staging, 0, size);
-        self.queue.submit([enc.finish()]);
+        self.submit_encoded("kiln read", |enc| enc.copy_buffer_to_buffer(src, offset, &staging, 0, size));
         let (tx, rx) = std::sync::mpsc::channel();
         staging.map_async(wgpu::MapMode::Read, .., move |r| {
             let _ = tx.send(r);
@@ -399,16 +467,18 @@ impl WgpuBackend {
         if let Some(r) = key.and_then(|k| self.cached.remove(&k)) {
             return Ok(r);
         }
+        self.materialize()?;
         for op in ops {
-            let info = |b: BufId| self.bufs.get(b.0).and_then(|s| s.as_ref()).map(|s| (s.len, s.dtype));
+            let info = |b: BufId| self.arena.slot(b.0).ok().map(|s| (s.len, s.dtype));
             op.validate(info, |d| d == DType::F32)?;
         }
         let mut rec = Recorder::new(self);
         for op in ops {
             rec.op(op)?;
         }
-        let r = rec.finish();
+        let r = rec.finish()?;
         self.take_errors("recording")?;
+        self.note_peak(r.bytes());
         Ok(r)
     }
 
@@ -430,10 +500,7 @@ impl WgpuBackend {
                 }
             }
             _ => {
-                let mut enc =
-                    self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("kiln step") });
-                recorded.encode(&mut enc);
-                self.queue.submit([enc.finish()]);
+                self.submit_encoded("kiln step", |enc| recorded.encode(enc));
                 self.take_errors("submit")?;
             }
         }
@@ -468,11 +535,9 @@ impl WgpuBackend {
             usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
             mapped_at_creation: false,
         });
-        let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("kiln timed") });
-        recorded.encode_timed(&mut enc, &queries, &resolve);
-        self.queue.submit([enc.finish()]);
+        self.submit_encoded("kiln timed", |enc| recorded.encode_timed(enc, &queries, &resolve));
         self.take_errors("timed submit")?;
-        let raw = self.read_bytes(&resolve, bytes)?;
+        let raw = self.read_bytes(&resolve, 0, bytes)?;
         let ticks: Vec<u64> = raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
         let ns = self.queue.get_timestamp_period() as f64;
         Ok(ticks.chunks_exact(2).map(|p| p[1].saturating_sub(p[0]) as f64 * ns / 1e6).collect())
@@ -539,21 +604,13 @@ impl Backend for WgpuBackend {
         format!("wgpu {} ({:?}, {:?})", self.info.name, self.info.backend, self.info.device_type)
     }
 
+    /// Places the buffer in the arena (see `memory`): its memory is created, zeroed, with the
+    /// other buffers allocated before the next use.
     fn alloc(&mut self, len: usize, dtype: DType) -> Result<BufId> {
         if !matches!(dtype, DType::F32 | DType::U32) {
             return Err(Error::State(format!("the wgpu backend holds float32 and uint32 buffers, not {dtype}")));
         }
-        let bytes = dtype.bytes(len)? as u64;
-        if bytes > self.max_binding {
-            return Err(Error::OutOfMemory { model: String::new(), batch: 0, needed: bytes, free: self.max_binding });
-        }
-        let buf = self.storage(bytes, "kiln buffer");
-        // New wgpu buffers are zeroed, as the seam promises.
-        self.take_errors("alloc")?;
-        self.bytes += bytes;
-        self.peak = self.peak.max(self.bytes);
-        self.bufs.push(Some(Slot { buf, len, dtype }));
-        Ok(BufId(self.bufs.len() - 1))
+        Ok(BufId(self.arena.alloc(len, dtype)?))
     }
 
     fn len(&self, buf: BufId) -> usize {
@@ -569,10 +626,7 @@ impl Backend for WgpuBackend {
     }
 
     fn free(&mut self, buf: BufId) -> Result<()> {
-        if let Some(s) = self.bufs.get_mut(buf.0).and_then(|s| s.take()) {
-            self.bytes -= (s.len * s.dtype.size()) as u64;
-            s.buf.destroy();
-        }
+        self.arena.free(buf.0);
         self.cached.clear();
         Ok(())
     }
@@ -592,16 +646,23 @@ impl Backend for WgpuBackend {
                 other => return Err(Error::State(format!("wgpu: cannot write {} into uint32", other.dtype()))),
             },
         };
-        if !bytes.is_empty() {
-            self.queue.write_buffer(&slot.buf, 0, &bytes);
+        if bytes.is_empty() {
+            return Ok(());
         }
+        if !self.arena.materialized(slot) {
+            return self.arena.write_pending(buf.0, bytes);
+        }
+        let (dst, offset) = (self.arena.buffer(slot)?.clone(), slot.offset);
+        self.ring.write(&self.device, &self.queue, WAIT_LIMIT, (&dst, offset), &bytes)?;
         self.take_errors("write")
     }
 
     fn read_host(&mut self, buf: BufId, dtype: DType) -> Result<HostVec> {
+        self.materialize()?;
         let slot = self.slot(buf)?;
-        let (len, own) = (slot.len, slot.dtype);
-        let raw = self.read_bytes(&slot.buf, (len * 4) as u64)?;
+        let (len, own, offset) = (slot.len, slot.dtype, slot.offset);
+        let src = self.arena.buffer(slot)?.clone();
+        let raw = self.read_bytes(&src, offset, (len * 4) as u64)?;
         let words = raw.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]);
         let host = match own {
             DType::F32 => HostVec::F32(words.map(f32::from_le_bytes).collect()),
@@ -617,8 +678,8 @@ impl Backend for WgpuBackend {
     }
 
     fn counter(&mut self, id: CounterId) -> Result<u64> {
-        let b = self.counters.get(id.0).ok_or_else(|| Error::State(format!("wgpu: no counter {}", id.0)))?;
-        let raw = self.read_bytes(b, 8)?;
+        let b = self.counters.get(id.0).ok_or_else(|| Error::State(format!("wgpu: no counter {}", id.0)))?.clone();
+        let raw = self.read_bytes(&b, 0, 8)?;
         Ok(u64::from_le_bytes(raw[..8].try_into().expect("8 bytes read")))
     }
 
@@ -637,6 +698,7 @@ impl Backend for WgpuBackend {
     }
 
     fn synchronize(&mut self) -> Result<()> {
+        self.flush_uploads();
         self.wait()?;
         self.take_errors("synchronize")
     }

@@ -92,13 +92,34 @@ pub(super) enum Bind {
     Buf(BufId),
     /// A counter's 8 bytes (two u32 words, low first).
     Counter(CounterId),
-    /// A buffer owned by the recorded list (partial sums, placeholders).
-    Raw(wgpu::Buffer),
+    /// A range of the recorded list's own scratch buffer (partial sums, placeholders), from
+    /// [`Recorder::scratch`].
+    Scratch(usize),
+}
+
+/// Where a binding or a copy's end lies while recording (the list's own buffers are created by
+/// [`Recorder::finish`]).
+#[derive(Clone)]
+enum Range {
+    /// A plan buffer: a range of an arena chunk (its index tells copies within one chunk).
+    Arena { chunk: usize, buf: wgpu::Buffer, offset: u64, size: u64 },
+    /// A whole buffer (a counter).
+    Whole(wgpu::Buffer),
+    /// A range of the list's scratch buffer.
+    Scratch { offset: u64, size: u64 },
+    /// A dispatch's parameters: a range of the list's parameter buffer.
+    Params { offset: u64, size: u64 },
+}
+
+/// A step while recording.
+enum Draft {
+    Dispatch { pipeline: wgpu::ComputePipeline, ranges: Vec<Range>, groups: [u32; 3], name: &'static str },
+    Copy { src: Range, dst: Range, bytes: u64 },
 }
 
 enum Step {
     Dispatch { pipeline: wgpu::ComputePipeline, bind: wgpu::BindGroup, groups: [u32; 3] },
-    Copy { src: wgpu::Buffer, dst: wgpu::Buffer, bytes: u64 },
+    Copy { src: (wgpu::Buffer, u64), dst: (wgpu::Buffer, u64), bytes: u64 },
 }
 
 /// A recorded op list, ready to be encoded into a command buffer (again and again).
@@ -106,6 +127,8 @@ pub(super) struct Recorded {
     steps: Vec<Step>,
     /// Each op's steps, `steps[ops[i].0..ops[i].1]`, and its name and shapes (for profiles).
     ops: Vec<(usize, usize, String)>,
+    /// Bytes of the list's own device buffers (parameters and scratch).
+    bytes: u64,
 }
 
 impl Recorded {
@@ -113,6 +136,11 @@ impl Recorded {
     /// buffer accesses), copies go between passes.
     pub fn encode(&self, enc: &mut wgpu::CommandEncoder) {
         encode_steps(enc, &self.steps, None);
+    }
+
+    /// Bytes of device memory the list holds itself (its parameters and scratch).
+    pub fn bytes(&self) -> u64 {
+        self.bytes
     }
 
     /// The ops recorded, with their names and shapes.
@@ -148,7 +176,7 @@ fn encode_steps(enc: &mut wgpu::CommandEncoder, steps: &[Step], timed: Option<(&
     while i < steps.len() {
         match &steps[i] {
             Step::Copy { src, dst, bytes } => {
-                enc.copy_buffer_to_buffer(src, 0, dst, 0, *bytes);
+                enc.copy_buffer_to_buffer(&src.0, src.1, &dst.0, dst.1, *bytes);
                 i += 1;
             }
             Step::Dispatch { .. } => {
@@ -176,50 +204,161 @@ fn encode_steps(enc: &mut wgpu::CommandEncoder, steps: &[Step], timed: Option<(&
     }
 }
 
+/// `D = S` over `P[0]` 32-bit words: a copy between two ranges of one buffer (two plan buffers
+/// of one arena chunk), which `copy_buffer_to_buffer` refuses.
+static COPY_WORDS: Kernel = Kernel {
+    name: "copy_words",
+    parts: &[concat!(
+        "@group(0) @binding(0) var<storage, read> P: array<u32>;
+@group(0) @binding(1) var<storage, read> S: array<u32>;
+@group(0) @binding(2) var<storage, read_write> D: array<u32>;
+",
+        main1d!(),
+        "    if (i >= P[0]) { return; }
+    D[i] = S[i];
+}"
+    )],
+};
+
 /// Builds a [`Recorded`] list op by op: each op's function (in its family's file) calls
-/// [`Recorder::dispatch`] and [`Recorder::copy`].
+/// [`Recorder::dispatch`] and [`Recorder::copy`]. The list's own memory, every dispatch's
+/// parameters and every scratch range, is laid out while recording and allocated by
+/// [`Recorder::finish`] as two buffers (parameters, scratch), at offsets aligned for binding.
 pub(super) struct Recorder<'a> {
     be: &'a mut WgpuBackend,
-    steps: Vec<Step>,
+    drafts: Vec<Draft>,
     ops: Vec<(usize, usize, String)>,
+    /// Every dispatch's parameters, each at an aligned offset.
+    params: Vec<u8>,
+    /// Scratch ranges (offset, bytes) and the end of the last.
+    scratch: Vec<(u64, u64)>,
+    scratch_end: u64,
+    align: u64,
 }
 
 impl<'a> Recorder<'a> {
     pub fn new(be: &'a mut WgpuBackend) -> Self {
-        Recorder { be, steps: Vec::new(), ops: Vec::new() }
+        let align = be.arena.align();
+        Recorder {
+            be,
+            drafts: Vec::new(),
+            ops: Vec::new(),
+            params: Vec::new(),
+            scratch: Vec::new(),
+            scratch_end: 0,
+            align,
+        }
     }
 
-    pub fn finish(self) -> Recorded {
-        Recorded { steps: self.steps, ops: self.ops }
+    /// Creates the list's parameter and scratch buffers and every bind group.
+    pub fn finish(self) -> Result<Recorded> {
+        use wgpu::BufferUsages as U;
+        let be = self.be;
+        let params = (!self.params.is_empty()).then(|| {
+            be.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("kiln parameters"),
+                contents: &self.params,
+                usage: U::STORAGE,
+            })
+        });
+        let scratch_bytes = self.scratch_end.next_multiple_of(4);
+        let scratch = (scratch_bytes > 0).then(|| {
+            be.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("kiln scratch"),
+                size: scratch_bytes,
+                usage: U::STORAGE | U::COPY_SRC | U::COPY_DST,
+                mapped_at_creation: false,
+            })
+        });
+        be.take_errors("recording: the list's buffers")?;
+        let missing = || Error::State("wgpu: a recorded range has no buffer".into());
+        let place = |r: &Range| -> Result<(wgpu::Buffer, u64, Option<u64>)> {
+            Ok(match r {
+                Range::Arena { buf, offset, size, .. } => (buf.clone(), *offset, Some(*size)),
+                Range::Whole(b) => (b.clone(), 0, None),
+                Range::Scratch { offset, size } => (scratch.clone().ok_or_else(missing)?, *offset, Some(*size)),
+                Range::Params { offset, size } => (params.clone().ok_or_else(missing)?, *offset, Some(*size)),
+            })
+        };
+        let mut steps = Vec::with_capacity(self.drafts.len());
+        for d in &self.drafts {
+            steps.push(match d {
+                Draft::Copy { src, dst, bytes } => {
+                    let (s, so, _) = place(src)?;
+                    let (t, to, _) = place(dst)?;
+                    Step::Copy { src: (s, so), dst: (t, to), bytes: *bytes }
+                }
+                Draft::Dispatch { pipeline, ranges, groups, name } => {
+                    let placed = ranges.iter().map(place).collect::<Result<Vec<_>>>()?;
+                    let entries: Vec<wgpu::BindGroupEntry> = placed
+                        .iter()
+                        .enumerate()
+                        .map(|(i, (buffer, offset, size))| wgpu::BindGroupEntry {
+                            binding: i as u32,
+                            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                                buffer,
+                                offset: *offset,
+                                size: size.and_then(wgpu::BufferSize::new),
+                            }),
+                        })
+                        .collect();
+                    let layout = pipeline.get_bind_group_layout(0);
+                    let bind = be.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                        label: Some(name),
+                        layout: &layout,
+                        entries: &entries,
+                    });
+                    be.take_errors(&format!("binding {name}"))?;
+                    Step::Dispatch { pipeline: pipeline.clone(), bind, groups: *groups }
+                }
+            });
+        }
+        Ok(Recorded { steps, ops: self.ops, bytes: self.params.len() as u64 + scratch_bytes })
     }
 
     /// Records one op (through the registry: each op's `RunOp` impl sits in its family's file).
     pub fn op(&mut self, op: &Op) -> Result<()> {
-        let start = self.steps.len();
+        let start = self.drafts.len();
         op.run_on(self)?;
-        self.ops.push((start, self.steps.len(), format!("{:<22} {}", op.name(), op.shapes())));
+        self.ops.push((start, self.drafts.len(), format!("{:<22} {}", op.name(), op.shapes())));
         Ok(())
     }
 
-    fn resolve(&self, b: &Bind) -> Result<wgpu::Buffer> {
+    fn range(&self, b: &Bind) -> Result<Range> {
         Ok(match b {
-            Bind::Buf(id) => self.be.slot(*id)?.buf.clone(),
-            Bind::Counter(c) => {
-                self.be.counters.get(c.0).ok_or_else(|| Error::State(format!("wgpu: no counter {}", c.0)))?.clone()
+            Bind::Buf(id) => {
+                let slot = self.be.arena.slot(id.0)?;
+                let buf = self.be.arena.buffer(slot)?.clone();
+                Range::Arena { chunk: slot.chunk, buf, offset: slot.offset, size: slot.bytes() }
             }
-            Bind::Raw(b) => b.clone(),
+            Bind::Counter(c) => Range::Whole(
+                self.be.counters.get(c.0).ok_or_else(|| Error::State(format!("wgpu: no counter {}", c.0)))?.clone(),
+            ),
+            Bind::Scratch(i) => {
+                let (offset, size) =
+                    *self.scratch.get(*i).ok_or_else(|| Error::State(format!("wgpu: no scratch range {i}")))?;
+                Range::Scratch { offset, size }
+            }
         })
     }
 
-    /// A new device buffer of `len` f32 values owned by the recorded list (scratch, partial
-    /// sums, the placeholder bound where an optional buffer is absent).
+    /// A scratch range of `len` f32 values owned by the recorded list (scratch, partial sums,
+    /// the placeholder bound where an optional buffer is absent); zeros until first written.
     pub fn scratch(&mut self, len: usize) -> Bind {
-        Bind::Raw(self.be.storage((len * 4) as u64, "kiln scratch"))
+        Bind::Scratch(self.scratch_range(((len * 4) as u64).max(4)))
+    }
+
+    /// Lays out a scratch range of `size` bytes; returns its index.
+    fn scratch_range(&mut self, size: u64) -> usize {
+        let offset = self.scratch_end.next_multiple_of(self.align);
+        self.scratch.push((offset, size));
+        self.scratch_end = offset + size;
+        self.scratch.len() - 1
     }
 
     /// Records a dispatch of `k` over `groups` workgroups with `params` at binding 0, `reads`
     /// next and `writes` last. A read that is also written by the same dispatch is copied to a
-    /// scratch buffer first (a storage buffer cannot be bound both read-only and read-write).
+    /// scratch range first (the kernel's two bindings must not alias).
     pub fn dispatch(
         &mut self,
         k: &Kernel,
@@ -228,56 +367,65 @@ impl<'a> Recorder<'a> {
         groups: [u32; 3],
     ) -> Result<()> {
         let pipeline = self.be.pipeline(k)?;
-        let contents: Vec<u8> =
-            if params.is_empty() { vec![0; 4] } else { params.iter().flat_map(|p| p.to_le_bytes()).collect() };
-        let pbuf = self.be.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some(k.name),
-            contents: &contents,
-            usage: wgpu::BufferUsages::STORAGE,
-        });
+        let offset = (self.params.len() as u64).next_multiple_of(self.align);
+        self.params.resize(offset as usize, 0);
+        if params.is_empty() {
+            self.params.extend([0; 4]);
+        } else {
+            self.params.extend(params.iter().flat_map(|p| p.to_le_bytes()));
+        }
+        let mut ranges = vec![Range::Params { offset, size: self.params.len() as u64 - offset }];
         let written: Vec<BufId> =
             writes.iter().filter_map(|b| if let Bind::Buf(id) = b { Some(*id) } else { None }).collect();
-        let mut bufs = vec![pbuf];
         for r in reads {
-            let b = self.resolve(r)?;
-            match r {
-                Bind::Buf(id) if written.contains(id) => {
-                    let bytes = b.size();
-                    let copy = self.be.storage(bytes, "kiln alias copy");
-                    self.steps.push(Step::Copy { src: b, dst: copy.clone(), bytes });
-                    bufs.push(copy);
+            let range = self.range(r)?;
+            match (r, &range) {
+                (Bind::Buf(id), Range::Arena { size, .. }) if written.contains(id) => {
+                    let bytes = *size;
+                    let i = self.scratch_range(bytes);
+                    let (offset, size) = self.scratch[i];
+                    let copy = Range::Scratch { offset, size };
+                    self.drafts.push(Draft::Copy { src: range, dst: copy.clone(), bytes });
+                    ranges.push(copy);
                 }
-                _ => bufs.push(b),
+                _ => ranges.push(range),
             }
         }
         for w in writes {
-            bufs.push(self.resolve(w)?);
+            ranges.push(self.range(w)?);
         }
-        let layout = pipeline.get_bind_group_layout(0);
-        let entries: Vec<wgpu::BindGroupEntry> = bufs
-            .iter()
-            .enumerate()
-            .map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32, resource: b.as_entire_binding() })
-            .collect();
-        let bind = self.be.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(k.name),
-            layout: &layout,
-            entries: &entries,
-        });
-        self.be.take_errors(&format!("binding {}", k.name))?;
         if groups.iter().all(|&g| g > 0) {
-            self.steps.push(Step::Dispatch { pipeline, bind, groups });
+            self.drafts.push(Draft::Dispatch { pipeline, ranges, groups, name: k.name });
         }
         Ok(())
     }
 
-    /// Records a copy of the first `len` f32 values of `src` into `dst`.
+    /// Records a copy of the first `len` 32-bit values of `src` into `dst`: a buffer copy, or
+    /// a kernel where both lie in one wgpu buffer (two plan buffers of one arena chunk).
     pub fn copy(&mut self, src: &Bind, dst: &Bind, len: usize) -> Result<()> {
         if len == 0 {
             return Ok(());
         }
-        let (src, dst) = (self.resolve(src)?, self.resolve(dst)?);
-        self.steps.push(Step::Copy { src, dst, bytes: (len * 4) as u64 });
+        if let (Bind::Buf(a), Bind::Buf(b)) = (src, dst)
+            && a == b
+        {
+            return Ok(());
+        }
+        let (s, d) = (self.range(src)?, self.range(dst)?);
+        let same = match (&s, &d) {
+            (Range::Arena { chunk: a, .. }, Range::Arena { chunk: b, .. }) => a == b,
+            (Range::Scratch { .. }, Range::Scratch { .. }) => true,
+            _ => false,
+        };
+        if same {
+            return self.dispatch(
+                &COPY_WORDS,
+                &[u(len)?],
+                (std::slice::from_ref(src), std::slice::from_ref(dst)),
+                grid(len),
+            );
+        }
+        self.drafts.push(Draft::Copy { src: s, dst: d, bytes: (len * 4) as u64 });
         Ok(())
     }
 }
