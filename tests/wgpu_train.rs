@@ -436,6 +436,154 @@ fn the_tutorial_reaches_the_cpu_loss() {
     assert_eq!(stop, Some(17), "the tutorial's early stop moved");
 }
 
+/// The backend itself (not boxed), for its memory figures.
+#[cfg(feature = "wgpu")]
+fn wgpu_direct() -> kiln::backend::wgpu::WgpuBackend {
+    kiln::backend::wgpu::WgpuBackend::new(wgpu_common::adapter())
+        .unwrap_or_else(|e| panic!("the wgpu backend is unusable: {e}"))
+}
+
+/// Plan buffers are ranges of one wgpu buffer (the arena): buffers of awkward lengths, f32 and
+/// u32 side by side, written before the arena exists (kept on the host, copied in when it is
+/// made) and after (through the staging ring), read back bit for bit; copies and sums between
+/// them (within one arena a kernel, between two a buffer copy) as the host computes them; a
+/// freed buffer leaves its neighbours intact.
+#[cfg(feature = "wgpu")]
+fn arena_buffers_of_awkward_lengths_read_back() {
+    let mut gpu = wgpu_direct();
+    let lens = [1usize, 3, 5, 7, 63, 64, 65, 0, 255, 257, 1000, 4099, 2];
+    let dtype = |i: usize| if i % 3 == 2 { DType::U32 } else { DType::F32 };
+    let floats = |i: usize| random(lens[i], 100 + i as u64, -5.0, 5.0);
+    let words = |i: usize| (0..lens[i] as u32).map(|k| k.wrapping_mul(2_654_435_761) ^ i as u32).collect::<Vec<_>>();
+    let ids: Vec<BufId> = (0..lens.len()).map(|i| gpu.alloc(lens[i], dtype(i)).unwrap()).collect();
+    let write = |gpu: &mut dyn Backend, i: usize| match dtype(i) {
+        DType::F32 => gpu.write(ids[i], &floats(i)).unwrap(),
+        _ => gpu.write_host(ids[i], HostSlice::U32(&words(i))).unwrap(),
+    };
+    let check = |gpu: &mut dyn Backend, i: usize| match gpu.read_host(ids[i], dtype(i)).unwrap() {
+        kiln::backend::HostVec::F32(v) => {
+            let want = floats(i);
+            assert!(v.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()) && v.len() == want.len(), "buffer {i}")
+        }
+        kiln::backend::HostVec::U32(v) => assert_eq!(v, words(i), "buffer {i}"),
+        other => panic!("buffer {i} came back as {}", other.dtype()),
+    };
+    for i in (0..lens.len()).step_by(2) {
+        write(&mut gpu, i);
+    }
+    assert_eq!(gpu.memory().chunks, 0, "nothing is created before the first use");
+    check(&mut gpu, 0);
+    assert_eq!(gpu.memory().chunks, 1, "{} buffers, one arena", lens.len());
+    for i in (1..lens.len()).step_by(2) {
+        write(&mut gpu, i);
+    }
+    for i in 0..lens.len() {
+        check(&mut gpu, i);
+    }
+    // A second arena, and copies within one and between two.
+    let n = 1000;
+    let (a, b, c, d) = (
+        gpu.alloc(n, DType::F32).unwrap(),
+        gpu.alloc(n, DType::F32).unwrap(),
+        gpu.alloc(n, DType::F32).unwrap(),
+        gpu.alloc(n, DType::F32).unwrap(),
+    );
+    let (va, vc) = (random(n, 7, -1.0, 1.0), random(n, 8, -1.0, 1.0));
+    gpu.write(a, &va).unwrap();
+    gpu.write(c, &vc).unwrap();
+    let into =
+        |src, buf, accumulate| Op::GradInto(ops::GradInto { len: n, src, dst: ops::GradOut { buf, accumulate } });
+    assert_eq!(lens[10], n);
+    gpu.run(&[into(a, b, false), into(a, c, true), into(ids[10], d, false)]).unwrap();
+    assert_eq!(gpu.memory().chunks, 2);
+    assert_eq!(gpu.read(b).unwrap(), va, "a copy within one arena");
+    let sum: Vec<f32> = vc.iter().zip(&va).map(|(x, y)| x + y).collect();
+    assert_eq!(gpu.read(c).unwrap(), sum, "a sum within one arena");
+    assert_eq!(gpu.read(d).unwrap(), floats(10), "a copy between arenas");
+    gpu.free(ids[9]).unwrap();
+    for i in [8, 10, 11] {
+        check(&mut gpu, i);
+    }
+    let m = gpu.memory();
+    let peak = gpu.peak_memory().unwrap();
+    assert!(peak >= m.arena_bytes && m.arena_bytes >= (4 * n * 4 + 4 * 4099) as u64, "peak {peak}, {m:?}");
+}
+
+/// Host writes go through the staging ring and steps queue without waiting: twelve steps, each
+/// on a new batch of 1.2 MB (more than a stage's first size) and a small write beside it, some
+/// with the batch written twice before the step (the second write must win), nothing read until
+/// the end; the device's running sum is the host's, bit for bit.
+#[cfg(feature = "wgpu")]
+fn batches_in_flight_through_the_staging_ring() {
+    let mut gpu = wgpu_direct();
+    let n = 300_000;
+    let (x, acc, small) =
+        (gpu.alloc(n, DType::F32).unwrap(), gpu.alloc(n, DType::F32).unwrap(), gpu.alloc(5, DType::F32).unwrap());
+    let ops = [Op::GradInto(ops::GradInto { len: n, src: x, dst: ops::GradOut { buf: acc, accumulate: true } })];
+    assert_eq!(gpu.read(small).unwrap(), vec![0.0; 5], "new buffers are zeros");
+    let mut want = vec![0.0f32; n];
+    for k in 0..12u64 {
+        if k % 4 == 3 {
+            gpu.write(x, &random(n, 999, -9.0, 9.0)).unwrap();
+        }
+        let v = random(n, 200 + k, -1.0, 1.0);
+        gpu.write(x, &v).unwrap();
+        gpu.write(small, &[k as f32; 5]).unwrap();
+        want.iter_mut().zip(&v).for_each(|(w, a)| *w += a);
+        gpu.run_cached(0x5eed, &ops).unwrap();
+    }
+    let got = gpu.read(acc).unwrap();
+    let bad = got.iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits());
+    assert!(bad.is_none(), "value {bad:?}: {} vs {}", got[bad.unwrap_or(0)], want[bad.unwrap_or(0)]);
+    assert_eq!(gpu.read(small).unwrap(), vec![11.0; 5]);
+    let m = gpu.memory();
+    println!("{m:?}");
+    assert_eq!(m.chunks, 1);
+    assert_eq!(m.uploads, 12 * 2 + 3, "every write through the ring");
+    assert!(m.staging_bytes <= 4 * (4 << 20), "the ring grew past its stages: {m:?}");
+}
+
+/// A buffer larger than the adapter can bind, or than memory can address, is an error (out of
+/// memory, with the sizes), not a panic, and the backend goes on working.
+#[cfg(feature = "wgpu")]
+fn allocations_above_the_adapter_limits_are_errors() {
+    let mut gpu = wgpu_direct();
+    let max = gpu.memory().max_buffer_bytes;
+    let e = gpu.alloc((max / 4 + 1) as usize, DType::F32).unwrap_err();
+    assert!(matches!(e, kiln::Error::OutOfMemory { .. }), "{e}");
+    assert!(gpu.alloc(usize::MAX / 2, DType::F32).is_err());
+    let b = gpu.alloc(3, DType::F32).unwrap();
+    gpu.write(b, &[1.0, 2.0, 3.0]).unwrap();
+    assert_eq!(gpu.read(b).unwrap(), vec![1.0, 2.0, 3.0]);
+}
+
+/// Eight training steps queued on eight different batches with nothing read in between (the
+/// batches and targets pass through the staging ring while earlier steps run): the epoch's mean
+/// loss and the parameters as on the CPU.
+fn queued_steps_on_new_batches_match_the_cpu() {
+    let model = zoo::simple_cnn(4).seed(6).build().unwrap();
+    let cfg = |device| TrainerConfig {
+        batch_size: 4,
+        device,
+        learning_rate: 0.01,
+        optimizer: Optimizer::sgd(0.9),
+        ..Default::default()
+    };
+    let mut cpu = Trainer::new(&model, cfg(Device::Cpu)).unwrap();
+    let mut dev = Trainer::with_backend(&model, cfg(Device::Wgpu(0)), wgpu()).unwrap();
+    let mut rng = Rng::new(11);
+    for _ in 0..8 {
+        let (x, y) = tutorial_images(4, 3, 32, 32, 10, &mut rng);
+        cpu.train_step(&x, &y).unwrap();
+        dev.train_step(&x, &y).unwrap();
+    }
+    let (a, b) = (cpu.take_epoch_metrics().unwrap(), dev.take_epoch_metrics().unwrap());
+    println!("eight queued steps: mean loss cpu {} wgpu {}", a.loss, b.loss);
+    assert_eq!(a.samples, b.samples);
+    assert!((a.loss - b.loss).abs() <= 1e-4 * a.loss.abs().max(1.0), "{} vs {}", a.loss, b.loss);
+    compare_params(cpu.model().unwrap(), dev.model().unwrap(), 1e-4);
+}
+
 fn main() {
     let mut trials = vec![
         wgpu_trial("every_loss_matches_the_cpu", every_loss_matches_the_cpu),
@@ -459,7 +607,14 @@ fn main() {
         wgpu_trial("unsupported_ops_are_errors_naming_them", unsupported_ops_are_errors_naming_them),
         wgpu_trial("checkpointed_training_is_bit_identical", checkpointed_training_is_bit_identical),
         wgpu_trial("the_tutorial_reaches_the_cpu_loss", the_tutorial_reaches_the_cpu_loss),
+        wgpu_trial("queued_steps_on_new_batches_match_the_cpu", queued_steps_on_new_batches_match_the_cpu),
     ];
+    #[cfg(feature = "wgpu")]
+    trials.extend([
+        wgpu_trial("arena_buffers_of_awkward_lengths_read_back", arena_buffers_of_awkward_lengths_read_back),
+        wgpu_trial("batches_in_flight_through_the_staging_ring", batches_in_flight_through_the_staging_ring),
+        wgpu_trial("allocations_above_the_adapter_limits_are_errors", allocations_above_the_adapter_limits_are_errors),
+    ]);
     trials.push(libtest_mimic::Trial::test("device_names_parse", || {
         assert_eq!("wgpu:1".parse::<Device>().map_err(|e| e.to_string())?, Device::Wgpu(1));
         Ok(())
