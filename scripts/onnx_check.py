@@ -1,7 +1,7 @@
 """Checks kiln's ONNX exports with the ONNX checker and ONNX Runtime (issue 12).
 
 Writes every zoo model and the layer corpus of tests/onnx/export.rs (opsets 13, 18 and 20) through
-`cargo test --test onnx -- --ignored write_exports_for_onnxruntime`, then for each file:
+`cargo test -p kiln-onnx-tests --test onnx -- --ignored write_exports_for_onnxruntime`, then for each file:
 `onnx.checker.check_model(full_check=True)`, and ONNX Runtime (CPU) on the same inputs as kiln at
 batch sizes 1 and 7, within |ort - kiln| <= 1e-5 * max(1, |kiln|). Exits non-zero on any failure.
 
@@ -24,7 +24,7 @@ import onnxruntime as ort
 def main():
     out = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="kiln-onnx-check-")
     env = dict(os.environ, KILN_ONNX_CHECK_DIR=out)
-    subprocess.run(["cargo", "test", "--test", "onnx", "--", "--ignored", "--exact",
+    subprocess.run(["cargo", "test", "-p", "kiln-onnx-tests", "--test", "onnx", "--", "--ignored", "--exact",
                     "export::write_exports_for_onnxruntime"], check=True, env=env)
     files = sorted(glob.glob(os.path.join(out, "*.onnx")))
     failures = 0

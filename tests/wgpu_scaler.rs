@@ -2,7 +2,7 @@
 //! checks it on the CPU: a scaled f32 run equals the unscaled one bit for bit, the scale grows
 //! after `growth_interval` good steps, and a NaN step is skipped (weights untouched) and
 //! halves the scale. Ignored without the `wgpu` feature or an adapter (tests/wgpu_common);
-//! `cargo test --features wgpu --test wgpu_scaler` runs it (on lavapipe: 0.5 s).
+//! `cargo test --test wgpu_scaler` runs it (on lavapipe: 0.5 s).
 
 mod wgpu_common;
 

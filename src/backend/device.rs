@@ -107,7 +107,9 @@ fn open_wgpu(i: usize) -> Result<Box<dyn Backend>> {
 fn open_wgpu(i: usize) -> Result<Box<dyn Backend>> {
     Err(Error::Device {
         device: format!("wgpu:{i}"),
-        reason: "this kiln was built without the `wgpu` cargo feature (cargo build --features wgpu)".into(),
+        reason:
+            "this kiln was built without the `wgpu` cargo feature (it is on by default; drop --no-default-features)"
+                .into(),
     })
 }
 

@@ -10,7 +10,7 @@ use kiln::tensor::Tensor;
 use kiln::train::{Device, Optimizer, Trainer, TrainerConfig};
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/onnx")
 }
 
 #[derive(serde::Deserialize)]

@@ -8,8 +8,13 @@
 //!
 //! Tolerance: `|kiln - reference| <= 1e-5 * max(1, |reference|)` for every output value.
 
+// This file is the test target of the package in tests/onnx (Cargo.toml there says why it is a
+// package of its own); its modules sit beside it.
+#[path = "export.rs"]
 mod export;
+#[path = "hostile.rs"]
 mod hostile;
+#[path = "import.rs"]
 mod import;
 
 use kiln::backend::cpu::CpuBackend;
