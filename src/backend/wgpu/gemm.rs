@@ -1,17 +1,21 @@
-//! Matrix products on wgpu: one tiled GEMM core (64x64 output tiles, 16x16 threads of 4x4
-//! outputs, 16-deep slices of A and B staged in workgroup memory as rows of `vec4`, so the inner
-//! loop reads one `vec4` of A and one of B per 16 multiply-adds) and four ways of feeding it:
+//! Matrix products on wgpu: one tiled GEMM core, generated for several workgroup tiles (64x64
+//! to 128x128 outputs, 4x4 to 8x8 per thread, 16-deep slices of A and B staged in workgroup
+//! memory as rows of `vec4`, the next slice loaded into registers while the current one is
+//! multiplied), the tile and the depth split chosen per shape (`plan`), and four ways of feeding
+//! it:
 //!
 //! - `strided`: A and B addressed by strides, for the dense layer's three products;
-//! - `conv_fwd`: implicit GEMM, `Y[k, p] = W[k, r] * im2col(X)[r, p]` per image and group;
-//! - `conv_dgrad`: `dX[c, q] = W^T[c, (tap, k)] * dY[(tap, k), q]`, gathering for each input
-//!   pixel the outputs its taps reach (no scatter, no atomics);
+//! - `conv_fwd`: implicit GEMM, `Y[k, (n, p)] = W[k, r] * im2col(X)[r, (n, p)]` per group, the
+//!   batch's images side by side in the columns;
+//! - `conv_dgrad`: `dX[c, (n, q)] = W^T[c, (tap, k)] * dY[(tap, k), (n, q)]`, gathering for each
+//!   input pixel the outputs its taps reach (no scatter, no atomics);
 //! - `conv_wgrad`: `dW[k, r] = dY[k, (n, p)] * im2col(X)[(n, p), r]` per group.
 //!
 //! Address arithmetic stays out of the inner loops: each thread loads the same rows of A and the
 //! same columns (or depths) of B on every slice, so a variant splits an address into a part fixed
 //! per row or column (`a_row`, `b_col`, computed once, with the divisions) and a depth state
-//! (`a_k`, `b_k`) that `a_next`/`b_next` advance by 16 with additions and compares. The
+//! (`a_k`, `b_k`) that `a_next`/`b_next` advance by 16 with additions and compares; C's index is
+//! a row part plus a column part (`c_row`, `c_col`), each computed once per thread. The
 //! convolutions order their depth tap-major (`(tap, channel)`), so a 16-deep slice crosses at
 //! most one tap boundary when there are 16 or more channels.
 //!
@@ -26,40 +30,42 @@ use super::record::{Bind, Kernel, Recorder, grid, u};
 use crate::Result;
 use crate::backend::ops::{self, ConvGeom, GradOut};
 
-/// The core. The variant before it defines `B_KFAST` (whether B's tile is loaded with
-/// consecutive threads along the depth, where B is contiguous in depth, rather than along
-/// columns), the types `ARow`, `AK`, `BCol`, `BK` and `a_row(z, r)`, `a_k(z, k)`, `a_next(s)`,
-/// `a_val(z, row, s)` (and the same for B with columns), `c_index(z, r, c)` and
-/// `bias_index(z, r, c)`. `P`: M, N, K, accumulate, has bias, slices of K, slice depth, batches,
-/// then the variant's parameters from `P[8]`. Workgroup z is `slice * batches + batch`. With one
-/// slice the core stores into C; with several (a deep product over few output tiles, such as a
-/// weight gradient summed over a whole batch) each slice writes its partial product to `PART`,
-/// and `CORE_SUM` adds the slices in order.
-///
-/// Tiles: `As[k * 17 + r / 4][r % 4]` (rows padded to 17 `vec4` against bank conflicts when
-/// threads store along the depth), `Bs` likewise with columns. Thread `li` loads A's rows
-/// `li / 16 + 16 t` at depth `li % 16`, and B's columns `li % 64` at depths `li / 64 + 4 t`
-/// (or, with `B_KFAST`, columns `li / 16 + 16 t` at depth `li % 16`), for `t` in 0..4.
-///
-/// Written out by hand for each `t` and each output row: no function-scope array is indexed by
-/// a loop variable. The first version kept the accumulators, row parts and depth states in
-/// arrays indexed in loops; on the H200's Vulkan driver that ran at ~1.8 TFLOP/s whatever the
-/// loaders did (device run of 2026-11-29, NOTES.md), which is what arrays demoted to local
-/// memory cost: wgpu bounds every loop with a counter, so the driver cannot unroll them.
-const CORE: &str = r#"
-var<workgroup> As: array<vec4<f32>, 272>;
-var<workgroup> Bs: array<vec4<f32>, 272>;
-fn stage_a(z: u32, ok: bool, ka: u32, ra: u32, row: ARow, s: AK) {
-    var v = 0.0;
-    if (ok) { v = a_val(z, row, s); }
-    As[ka * 17u + ra / 4u][ra % 4u] = v;
+/// A workgroup's tile of the output: 256 threads as `wy` rows by `256 / wy` columns, each thread
+/// `tm` x `tn` outputs (4 or 8 each), so `wy * tm` rows by `(256 / wy) * tn` columns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Tile {
+    pub wy: u32,
+    pub tm: u32,
+    pub tn: u32,
 }
-fn stage_b(z: u32, ok: bool, kb: u32, cb: u32, col: BCol, s: BK) {
-    var v = 0.0;
-    if (ok) { v = b_val(z, col, s); }
-    Bs[kb * 17u + cb / 4u][cb % 4u] = v;
+
+impl Tile {
+    fn wx(self) -> u32 {
+        256 / self.wy
+    }
+    fn bm(self) -> usize {
+        (self.wy * self.tm) as usize
+    }
+    fn bn(self) -> usize {
+        (self.wx() * self.tn) as usize
+    }
 }
-fn store1(z: u32, slice: u32, r: u32, c: u32, value: f32) {
+
+/// The tiles the core is generated for: 64x64 (4x4 per thread), 128x64, 64x128, 128x128 (8x8 per
+/// thread) and 32x128 (for 32-row products, which waste half of a 64-row tile).
+pub(super) const TILES: [Tile; 5] = [
+    Tile { wy: 16, tm: 4, tn: 4 },
+    Tile { wy: 16, tm: 8, tn: 4 },
+    Tile { wy: 16, tm: 4, tn: 8 },
+    Tile { wy: 16, tm: 8, tn: 8 },
+    Tile { wy: 8, tm: 4, tn: 4 },
+];
+
+/// Stores of the core: one value, or a row's four, into C (bias, accumulate) or, with several
+/// slices of the depth, into `PART`. `cr` and `cc` are the row's and the column's parts of C's
+/// index (`c_row`, `c_col`), computed once per row and per column.
+const STORES: &str = "
+fn store1(z: u32, slice: u32, r: u32, c: u32, cr: u32, cc: u32, value: f32) {
     let M = P[0]; let N = P[1];
     if (c >= N) { return; }
     var v = value;
@@ -67,95 +73,192 @@ fn store1(z: u32, slice: u32, r: u32, c: u32, value: f32) {
         PART[((slice * P[7] + z) * M + r) * N + c] = v;
     } else {
         if (P[4] != 0u) { v = v + BIAS[bias_index(z, r, c)]; }
-        let o = c_index(z, r, c);
+        let o = cr + cc;
         if (P[3] != 0u) { C[o] = C[o] + v; } else { C[o] = v; }
     }
 }
-fn store_row(z: u32, slice: u32, r: u32, c: u32, v: vec4<f32>) {
+fn store4(z: u32, slice: u32, r: u32, c: u32, cc: vec4<u32>, v: vec4<f32>) {
     if (r >= P[0]) { return; }
-    store1(z, slice, r, c, v.x);
-    store1(z, slice, r, c + 1u, v.y);
-    store1(z, slice, r, c + 2u, v.z);
-    store1(z, slice, r, c + 3u, v.w);
+    let cr = c_row(z, r);
+    store1(z, slice, r, c, cr, cc.x, v.x);
+    store1(z, slice, r, c + 1u, cr, cc.y, v.y);
+    store1(z, slice, r, c + 2u, cr, cc.z, v.z);
+    store1(z, slice, r, c + 3u, cr, cc.w, v.w);
 }
-@compute @workgroup_size(16, 16, 1)
-fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+";
+
+/// The GEMM core for tile `t`, written out as straight-line WGSL (see [`core`]); `kfast`: B's
+/// tile is loaded with consecutive threads along the depth (where B is contiguous in depth)
+/// rather than along columns.
+///
+/// The variant before it defines the types `ARow`, `AK`, `BCol`, `BK` and `a_row(z, r)`,
+/// `a_k(z, k)`, `a_next(s)`, `a_val(z, row, s)` (and the same for B with columns), `c_row(z, r)`,
+/// `c_col(z, c)` (C's index is their sum) and `bias_index(z, r, c)`. `P`: M, N, K, accumulate,
+/// has bias, slices of K, slice depth, batches, then the variant's parameters from `P[8]`.
+/// Workgroup z is `slice * batches + batch`. With one slice the core stores into C; with
+/// several (a deep product over few output tiles, such as a weight gradient summed over a whole
+/// batch) each slice writes its partial product to `PART`, and `CORE_SUM` adds the slices in
+/// order.
+///
+/// Tiles in workgroup memory: `As[k * SA + r / 4][r % 4]` (SA = rows / 4 + 1: padded against
+/// bank conflicts when threads store along the depth), `Bs` likewise with columns. Thread `li`
+/// loads A's rows `li / 16 + 16 t` at depth `li % 16`; B's columns `li % 64 + 64 u` at depths
+/// `li / 64 + 4 t` (or, `kfast`, columns `li / 16 + 16 t` at depth `li % 16`). The next slice's
+/// values are loaded into registers while the current slice is multiplied (register
+/// prefetch), then stored to workgroup memory. A thread's outputs are rows `4 (y + g wy) + i`
+/// and columns `4 (x + h wx) + j` (groups of four rows and columns spread across the tile, so
+/// the `vec4` reads of a warp from workgroup memory do not conflict).
+///
+/// Everything per thread is a plain variable: no function-scope array is indexed anywhere. An
+/// earlier core that kept accumulators and states in arrays indexed in loops ran at ~1.8
+/// TFLOP/s on the H200's Vulkan driver (NOTES.md, round 2): arrays demoted to local memory.
+fn core(t: Tile, kfast: bool) -> String {
+    use std::fmt::Write;
+    let (wy, wx, tm, tn) = (t.wy, t.wx(), t.tm, t.tn);
+    let (bm, bn) = (t.bm(), t.bn());
+    let (gm, gn) = (tm / 4, tn / 4);
+    let (sa, sb) = (bm / 4 + 1, bn / 4 + 1);
+    let na = bm / 16;
+    let nbv = bn / 16;
+    let nc = bn / 64;
+    let mut s = String::new();
+    let _ = writeln!(s, "var<workgroup> As: array<vec4<f32>, {}>;", 16 * sa);
+    let _ = writeln!(s, "var<workgroup> Bs: array<vec4<f32>, {}>;", 16 * sb);
+    s += STORES;
+    let _ = writeln!(s, "@compute @workgroup_size({wx}, {wy}, 1)");
+    s += "fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
         @builtin(local_invocation_index) li: u32) {
     let M = P[0]; let N = P[1];
     let batches = P[7];
     let slice = wg.z / batches; let z = wg.z % batches;
     let kbeg = slice * P[6]; let kend = min(P[2], kbeg + P[6]);
-    let row0 = wg.y * 64u; let col0 = wg.x * 64u;
-    let ka = li % 16u;
-    let ra0 = li / 16u;
-    let ar0 = a_row(z, min(row0 + ra0, M - 1u));
-    let ar1 = a_row(z, min(row0 + ra0 + 16u, M - 1u));
-    let ar2 = a_row(z, min(row0 + ra0 + 32u, M - 1u));
-    let ar3 = a_row(z, min(row0 + ra0 + 48u, M - 1u));
-    var ak = a_k(z, kbeg + ka);
-    let cb = li % 64u; let kb0 = li / 64u;
-    var bc0: BCol; var bc1: BCol; var bc2: BCol; var bc3: BCol;
-    var bk0: BK; var bk1: BK; var bk2: BK; var bk3: BK;
-    if (B_KFAST) {
-        bc0 = b_col(z, min(col0 + ra0, N - 1u));
-        bc1 = b_col(z, min(col0 + ra0 + 16u, N - 1u));
-        bc2 = b_col(z, min(col0 + ra0 + 32u, N - 1u));
-        bc3 = b_col(z, min(col0 + ra0 + 48u, N - 1u));
-        bk0 = b_k(z, kbeg + ka);
+    let ka = li % 16u; let ra = li / 16u;
+";
+    let _ = writeln!(s, "    let row0 = wg.y * {bm}u; let col0 = wg.x * {bn}u;");
+    for i in 0..na {
+        let o = 16 * i;
+        let _ =
+            writeln!(s, "    let ar{i} = a_row(z, min(row0 + ra + {o}u, M - 1u)); let aok{i} = row0 + ra + {o}u < M;");
+    }
+    s += "    var ak = a_k(z, kbeg + ka);\n";
+    if kfast {
+        for i in 0..nbv {
+            let o = 16 * i;
+            let _ = writeln!(
+                s,
+                "    let bc{i} = b_col(z, min(col0 + ra + {o}u, N - 1u)); let bok{i} = col0 + ra + {o}u < N;"
+            );
+        }
+        s += "    var bk = b_k(z, kbeg + ka);\n";
     } else {
-        bc0 = b_col(z, min(col0 + cb, N - 1u));
-        bk0 = b_k(z, kbeg + kb0);
-        bk1 = b_k(z, kbeg + kb0 + 4u);
-        bk2 = b_k(z, kbeg + kb0 + 8u);
-        bk3 = b_k(z, kbeg + kb0 + 12u);
+        s += "    let cb = li % 64u; let kb = li / 64u;\n";
+        for u in 0..nc {
+            let o = 64 * u;
+            let _ = writeln!(
+                s,
+                "    let bc{u} = b_col(z, min(col0 + cb + {o}u, N - 1u)); let bok{u} = col0 + cb + {o}u < N;"
+            );
+        }
+        for i in 0..4 {
+            let _ = writeln!(s, "    var bk{i} = b_k(z, kbeg + kb + {}u);", 4 * i);
+        }
     }
-    var acc0 = vec4<f32>(0.0); var acc1 = vec4<f32>(0.0);
-    var acc2 = vec4<f32>(0.0); var acc3 = vec4<f32>(0.0);
-    for (var k0 = kbeg; k0 < kend; k0 += 16u) {
-        let kin = k0 + ka < kend;
-        stage_a(z, kin && row0 + ra0 < M, ka, ra0, ar0, ak);
-        stage_a(z, kin && row0 + ra0 + 16u < M, ka, ra0 + 16u, ar1, ak);
-        stage_a(z, kin && row0 + ra0 + 32u < M, ka, ra0 + 32u, ar2, ak);
-        stage_a(z, kin && row0 + ra0 + 48u < M, ka, ra0 + 48u, ar3, ak);
-        ak = a_next(ak);
-        if (B_KFAST) {
-            stage_b(z, kin && col0 + ra0 < N, ka, ra0, bc0, bk0);
-            stage_b(z, kin && col0 + ra0 + 16u < N, ka, ra0 + 16u, bc1, bk0);
-            stage_b(z, kin && col0 + ra0 + 32u < N, ka, ra0 + 32u, bc2, bk0);
-            stage_b(z, kin && col0 + ra0 + 48u < N, ka, ra0 + 48u, bc3, bk0);
-            bk0 = b_next(bk0);
+    for i in 0..na {
+        let _ = writeln!(s, "    var va{i} = 0.0;");
+    }
+    for i in 0..nbv {
+        let _ = writeln!(s, "    var vb{i} = 0.0;");
+    }
+    // Loads the slice starting at depth `k` into the registers.
+    let load = |s: &mut String, k: &str| {
+        let _ = writeln!(s, "    {{ let kin = {k} + ka < kend;");
+        for i in 0..na {
+            let _ = writeln!(s, "    va{i} = 0.0; if (kin && aok{i}) {{ va{i} = a_val(z, ar{i}, ak); }}");
+        }
+        if kfast {
+            for i in 0..nbv {
+                let _ = writeln!(s, "    vb{i} = 0.0; if (kin && bok{i}) {{ vb{i} = b_val(z, bc{i}, bk); }}");
+            }
         } else {
-            let cin = col0 + cb < N;
-            stage_b(z, cin && k0 + kb0 < kend, kb0, cb, bc0, bk0);
-            stage_b(z, cin && k0 + kb0 + 4u < kend, kb0 + 4u, cb, bc0, bk1);
-            stage_b(z, cin && k0 + kb0 + 8u < kend, kb0 + 8u, cb, bc0, bk2);
-            stage_b(z, cin && k0 + kb0 + 12u < kend, kb0 + 12u, cb, bc0, bk3);
-            bk0 = b_next(bk0); bk1 = b_next(bk1); bk2 = b_next(bk2); bk3 = b_next(bk3);
+            for d in 0..4 {
+                let _ = writeln!(s, "    let kok{d} = {k} + kb + {}u < kend;", 4 * d);
+                for u in 0..nc {
+                    let v = u * 4 + d;
+                    let _ = writeln!(s, "    vb{v} = 0.0; if (bok{u} && kok{d}) {{ vb{v} = b_val(z, bc{u}, bk{d}); }}");
+                }
+            }
         }
-        workgroupBarrier();
-        for (var k = 0u; k < 16u; k += 4u) {
-            var av = As[k * 17u + lid.y]; var bv = Bs[k * 17u + lid.x];
-            acc0 = fma(vec4<f32>(av.x), bv, acc0); acc1 = fma(vec4<f32>(av.y), bv, acc1);
-            acc2 = fma(vec4<f32>(av.z), bv, acc2); acc3 = fma(vec4<f32>(av.w), bv, acc3);
-            av = As[(k + 1u) * 17u + lid.y]; bv = Bs[(k + 1u) * 17u + lid.x];
-            acc0 = fma(vec4<f32>(av.x), bv, acc0); acc1 = fma(vec4<f32>(av.y), bv, acc1);
-            acc2 = fma(vec4<f32>(av.z), bv, acc2); acc3 = fma(vec4<f32>(av.w), bv, acc3);
-            av = As[(k + 2u) * 17u + lid.y]; bv = Bs[(k + 2u) * 17u + lid.x];
-            acc0 = fma(vec4<f32>(av.x), bv, acc0); acc1 = fma(vec4<f32>(av.y), bv, acc1);
-            acc2 = fma(vec4<f32>(av.z), bv, acc2); acc3 = fma(vec4<f32>(av.w), bv, acc3);
-            av = As[(k + 3u) * 17u + lid.y]; bv = Bs[(k + 3u) * 17u + lid.x];
-            acc0 = fma(vec4<f32>(av.x), bv, acc0); acc1 = fma(vec4<f32>(av.y), bv, acc1);
-            acc2 = fma(vec4<f32>(av.z), bv, acc2); acc3 = fma(vec4<f32>(av.w), bv, acc3);
+        s.push_str("    }\n");
+    };
+    load(&mut s, "kbeg");
+    for i in 0..tm {
+        for j in 0..gn {
+            let _ = writeln!(s, "    var acc{i}_{j} = vec4<f32>(0.0);");
         }
-        workgroupBarrier();
     }
-    let r0 = row0 + lid.y * 4u; let c0 = col0 + lid.x * 4u;
-    store_row(z, slice, r0, c0, acc0);
-    store_row(z, slice, r0 + 1u, c0, acc1);
-    store_row(z, slice, r0 + 2u, c0, acc2);
-    store_row(z, slice, r0 + 3u, c0, acc3);
+    s += "    for (var k0 = kbeg; k0 < kend; k0 += 16u) {\n";
+    for i in 0..na {
+        let _ = writeln!(s, "    As[ka * {sa}u + ra / 4u + {}u][ra % 4u] = va{i};", 4 * i);
+    }
+    if kfast {
+        for i in 0..nbv {
+            let _ = writeln!(s, "    Bs[ka * {sb}u + ra / 4u + {}u][ra % 4u] = vb{i};", 4 * i);
+        }
+    } else {
+        for d in 0..4 {
+            for u in 0..nc {
+                let _ = writeln!(
+                    s,
+                    "    Bs[(kb + {}u) * {sb}u + cb / 4u + {}u][cb % 4u] = vb{};",
+                    4 * d,
+                    16 * u,
+                    u * 4 + d
+                );
+            }
+        }
+    }
+    s += "    workgroupBarrier();\n    if (k0 + 16u < kend) {\n    ak = a_next(ak);\n";
+    if kfast {
+        s += "    bk = b_next(bk);\n";
+    } else {
+        s += "    bk0 = b_next(bk0); bk1 = b_next(bk1); bk2 = b_next(bk2); bk3 = b_next(bk3);\n";
+    }
+    load(&mut s, "k0 + 16u");
+    s += "    }\n    for (var k = 0u; k < 16u; k += 4u) {\n";
+    for kk in 0..4 {
+        let _ = writeln!(s, "    {{ let ko = k + {kk}u;");
+        for g in 0..gm {
+            let _ = writeln!(s, "    let a{g} = As[ko * {sa}u + lid.y + {}u];", g * wy);
+        }
+        for h in 0..gn {
+            let _ = writeln!(s, "    let b{h} = Bs[ko * {sb}u + lid.x + {}u];", h * wx);
+        }
+        for i in 0..tm {
+            let c = ["x", "y", "z", "w"][(i % 4) as usize];
+            for j in 0..gn {
+                let _ = writeln!(s, "    acc{i}_{j} = fma(vec4<f32>(a{}.{c}), b{j}, acc{i}_{j});", i / 4);
+            }
+        }
+        s += "    }\n";
+    }
+    s += "    }\n    workgroupBarrier();\n    }\n";
+    for h in 0..gn {
+        let _ = writeln!(s, "    let c{h} = col0 + 4u * (lid.x + {}u);", h * wx);
+        let _ = writeln!(
+            s,
+            "    let cc{h} = vec4<u32>(c_col(z, min(c{h}, N - 1u)), c_col(z, min(c{h} + 1u, N - 1u)), \
+             c_col(z, min(c{h} + 2u, N - 1u)), c_col(z, min(c{h} + 3u, N - 1u)));"
+        );
+    }
+    for i in 0..tm {
+        let _ = writeln!(s, "    let r{i} = row0 + 4u * (lid.y + {}u) + {}u;", (i / 4) * wy, i % 4);
+        for j in 0..gn {
+            let _ = writeln!(s, "    store4(z, slice, r{i}, c{j}, cc{j}, acc{i}_{j});");
+        }
+    }
+    s += "}\n";
+    s
 }
-"#;
 
 const BINDINGS: &str = "@group(0) @binding(0) var<storage, read> P: array<u32>;
 @group(0) @binding(1) var<storage, read> A: array<f32>;
@@ -168,6 +271,7 @@ const BINDINGS: &str = "@group(0) @binding(0) var<storage, read> P: array<u32>;
 /// Adds the slices' partial products in order and stores them as the core does (bias,
 /// accumulate), one thread per output value of every batch.
 const CORE_SUM: &str = concat!(
+    "fn c_index(z: u32, r: u32, c: u32) -> u32 { return c_row(z, r) + c_col(z, c); }\n",
     main1d!(),
     "    let M = P[0]; let N = P[1]; let slices = P[5]; let batches = P[7];
     if (i >= batches * M * N) { return; }
@@ -194,7 +298,8 @@ fn b_col(z: u32, c: u32) -> u32 { return c * P[11]; }
 fn b_k(z: u32, k: u32) -> u32 { return k * P[10]; }
 fn b_next(s: u32) -> u32 { return s + 16u * P[10]; }
 fn b_val(z: u32, col: u32, s: u32) -> f32 { return B[col + s]; }
-fn c_index(z: u32, r: u32, c: u32) -> u32 { return r * P[1] + c; }
+fn c_row(z: u32, r: u32) -> u32 { return r * P[1]; }
+fn c_col(z: u32, c: u32) -> u32 { return c; }
 fn bias_index(z: u32, r: u32, c: u32) -> u32 { return c; }
 ";
 
@@ -214,6 +319,9 @@ fn g_oh() -> u32 { return P[22]; }
 fn g_ow() -> u32 { return P[23]; }
 fn g_cg() -> u32 { return P[9] / P[21]; }
 fn g_kg() -> u32 { return P[12] / P[21]; }
+// Batch z's group, and the first image of its columns (`P[24]` images side by side per batch).
+fn z_grp(z: u32) -> u32 { return z % P[21]; }
+fn z_img(z: u32) -> u32 { return (z / P[21]) * P[24]; }
 struct Pix { base: u32, y: i32, x: i32 }
 fn kd(k: u32, inner: u32) -> vec3<u32> {
     let tap = k / inner;
@@ -232,21 +340,24 @@ fn kd_next(s: vec3<u32>, inner: u32) -> vec3<u32> {
 }
 ";
 
-/// Batch `z` = image * groups + group; A = W (row: the filter's base), B = X under the im2col
-/// view (column: output pixel p's image-and-group base and top-left input position), C = Y,
-/// bias per output channel. Depth `(tap, input channel)`.
+/// Batch `z` = (images, group); A = W (row: the filter's base), B = X under the im2col view with
+/// the batch's images side by side (column `image * oh * ow + p`: the image-and-group base and
+/// output pixel p's top-left input position), C = Y, bias per output channel. Depth `(tap, input
+/// channel)`. Columns span images so layers with few pixels (ResNet's 4x4 and 8x8 stages) still
+/// fill whole tiles.
 const CONV_FWD: &str = "
-const B_KFAST: bool = false;
 alias ARow = u32; alias AK = vec3<u32>; alias BCol = Pix; alias BK = vec3<u32>;
-fn a_row(z: u32, r: u32) -> u32 { return ((z % g_groups()) * g_kg() + r) * P[2]; }
+fn a_row(z: u32, r: u32) -> u32 { return (z_grp(z) * g_kg() + r) * P[2]; }
 fn a_k(z: u32, k: u32) -> vec3<u32> { return kd(k, g_cg()); }
 fn a_next(s: vec3<u32>) -> vec3<u32> { return kd_next(s, g_cg()); }
 fn a_val(z: u32, row: u32, s: vec3<u32>) -> f32 {
     return A[row + s.x * g_kh() * g_kw() + s.y * g_kw() + s.z];
 }
-fn b_col(z: u32, p: u32) -> Pix {
+fn b_col(z: u32, col: u32) -> Pix {
+    let ohw = g_oh() * g_ow();
+    let img = z_img(z) + col / ohw; let p = col % ohw;
     let oy = p / g_ow(); let ox = p % g_ow();
-    let base = ((z / g_groups()) * g_c() + (z % g_groups()) * g_cg()) * g_h() * g_w();
+    let base = (img * g_c() + z_grp(z) * g_cg()) * g_h() * g_w();
     return Pix(base, i32(oy * P[15]) - i32(P[17]), i32(ox * P[16]) - i32(P[18]));
 }
 fn b_k(z: u32, k: u32) -> vec3<u32> { return kd(k, g_cg()); }
@@ -256,30 +367,33 @@ fn b_val(z: u32, c: Pix, s: vec3<u32>) -> f32 {
     if (iy < 0 || ix < 0 || iy >= i32(g_h()) || ix >= i32(g_w())) { return 0.0; }
     return B[c.base + (s.x * g_h() + u32(iy)) * g_w() + u32(ix)];
 }
-fn c_index(z: u32, r: u32, c: u32) -> u32 {
-    return ((z / g_groups()) * g_k() + (z % g_groups()) * g_kg() + r) * g_oh() * g_ow() + c;
+fn c_row(z: u32, r: u32) -> u32 { return (z_grp(z) * g_kg() + r) * g_oh() * g_ow(); }
+fn c_col(z: u32, c: u32) -> u32 {
+    let ohw = g_oh() * g_ow();
+    return (z_img(z) + c / ohw) * g_k() * ohw + c % ohw;
 }
-fn bias_index(z: u32, r: u32, c: u32) -> u32 { return (z % g_groups()) * g_kg() + r; }
+fn bias_index(z: u32, r: u32, c: u32) -> u32 { return z_grp(z) * g_kg() + r; }
 ";
 
-/// Batch `z` = image * groups + group; A = W (row: input channel r's filters), B = dY
-/// (output-shaped; column: input pixel q's image-and-group base and padded position), C = dX
+/// Batch `z` = (images, group); A = W (row: input channel r's filters), B = dY (output-shaped;
+/// column `image * h * w + q`: the image-and-group base and input pixel q's padded position), C = dX
 /// (input-shaped), bias per input channel (a transposed convolution's forward). Depth
 /// `(tap, output channel)`: tap `(i, j)` of output `(oy, ox)` reads input
 /// `(oy * sh + i * dh - ph, ...)`, so pixel q gets the outputs whose stride divides its offset.
 const CONV_DGRAD: &str = "
-const B_KFAST: bool = false;
 alias ARow = u32; alias AK = vec3<u32>; alias BCol = Pix; alias BK = vec3<u32>;
 fn a_row(z: u32, r: u32) -> u32 {
-    return ((z % g_groups()) * g_kg() * g_cg() + r) * g_kh() * g_kw();
+    return (z_grp(z) * g_kg() * g_cg() + r) * g_kh() * g_kw();
 }
 fn a_k(z: u32, k: u32) -> vec3<u32> { return kd(k, g_kg()); }
 fn a_next(s: vec3<u32>) -> vec3<u32> { return kd_next(s, g_kg()); }
 fn a_val(z: u32, row: u32, s: vec3<u32>) -> f32 {
     return A[row + s.x * g_cg() * g_kh() * g_kw() + s.y * g_kw() + s.z];
 }
-fn b_col(z: u32, q: u32) -> Pix {
-    let base = ((z / g_groups()) * g_k() + (z % g_groups()) * g_kg()) * g_oh() * g_ow();
+fn b_col(z: u32, col: u32) -> Pix {
+    let hw = g_h() * g_w();
+    let img = z_img(z) + col / hw; let q = col % hw;
+    let base = (img * g_k() + z_grp(z) * g_kg()) * g_oh() * g_ow();
     return Pix(base, i32(q / g_w() + P[17]), i32(q % g_w() + P[18]));
 }
 fn b_k(z: u32, k: u32) -> vec3<u32> { return kd(k, g_kg()); }
@@ -295,10 +409,12 @@ fn b_val(z: u32, c: Pix, s: vec3<u32>) -> f32 {
     if (oy >= g_oh() || ox >= g_ow()) { return 0.0; }
     return B[c.base + (s.x * g_oh() + oy) * g_ow() + ox];
 }
-fn c_index(z: u32, r: u32, c: u32) -> u32 {
-    return ((z / g_groups()) * g_c() + (z % g_groups()) * g_cg() + r) * g_h() * g_w() + c;
+fn c_row(z: u32, r: u32) -> u32 { return (z_grp(z) * g_cg() + r) * g_h() * g_w(); }
+fn c_col(z: u32, c: u32) -> u32 {
+    let hw = g_h() * g_w();
+    return (z_img(z) + c / hw) * g_c() * hw + c % hw;
 }
-fn bias_index(z: u32, r: u32, c: u32) -> u32 { return (z % g_groups()) * g_cg() + r; }
+fn bias_index(z: u32, r: u32, c: u32) -> u32 { return z_grp(z) * g_cg() + r; }
 ";
 
 /// Batch `z` = group; A = dY (output-shaped; row: output channel r's base), B = X under the
@@ -306,7 +422,6 @@ fn bias_index(z: u32, r: u32, c: u32) -> u32 { return (z % g_groups()) * g_cg() 
 /// tap's offset), C = dW. Depth `(image, output pixel)`, contiguous in both A and B, so B is
 /// loaded along the depth; A's state is `(n, p)`, B's `(n, oy, ox)`.
 const CONV_WGRAD: &str = "
-const B_KFAST: bool = true;
 alias ARow = u32; alias AK = vec2<u32>; alias BCol = Pix; alias BK = vec3<u32>;
 fn a_row(z: u32, r: u32) -> u32 { return (z * g_kg() + r) * g_oh() * g_ow(); }
 fn a_k(z: u32, k: u32) -> vec2<u32> { let ohw = g_oh() * g_ow(); return vec2<u32>(k / ohw, k % ohw); }
@@ -346,51 +461,98 @@ fn b_val(z: u32, c: Pix, s: vec3<u32>) -> f32 {
     if (iy < 0 || ix < 0 || iy >= i32(g_h()) || ix >= i32(g_w())) { return 0.0; }
     return B[s.x * g_c() * g_h() * g_w() + c.base + u32(iy) * g_w() + u32(ix)];
 }
-fn c_index(z: u32, r: u32, c: u32) -> u32 { return (z * g_kg() + r) * P[1] + c; }
+fn c_row(z: u32, r: u32) -> u32 { return (z * g_kg() + r) * P[1]; }
+fn c_col(z: u32, c: u32) -> u32 { return c; }
 fn bias_index(z: u32, r: u32, c: u32) -> u32 { return 0u; }
 ";
 
-/// A GEMM variant: its core kernel and its slice-sum kernel.
+/// The ways of feeding the core: each one's WGSL (after `BINDINGS`), whether B is loaded along
+/// the depth, and its name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Variant {
+    /// A and B by strides, B loaded along columns.
+    Strided,
+    /// A and B by strides, B loaded along the depth (B = w^T of a dense layer).
+    StridedDepth,
+    ConvFwd,
+    ConvDgrad,
+    ConvWgrad,
+}
+
+const VARIANTS: [Variant; 5] =
+    [Variant::Strided, Variant::StridedDepth, Variant::ConvFwd, Variant::ConvDgrad, Variant::ConvWgrad];
+
+impl Variant {
+    fn name(self) -> &'static str {
+        match self {
+            Variant::Strided => "strided",
+            Variant::StridedDepth => "strided_depth",
+            Variant::ConvFwd => "conv_fwd",
+            Variant::ConvDgrad => "conv_dgrad",
+            Variant::ConvWgrad => "conv_wgrad",
+        }
+    }
+    fn parts(self) -> &'static [&'static str] {
+        match self {
+            Variant::Strided | Variant::StridedDepth => &[BINDINGS, STRIDED],
+            Variant::ConvFwd => &[BINDINGS, CONV_GEOM, CONV_FWD],
+            Variant::ConvDgrad => &[BINDINGS, CONV_GEOM, CONV_DGRAD],
+            Variant::ConvWgrad => &[BINDINGS, CONV_GEOM, CONV_WGRAD],
+        }
+    }
+    fn kfast(self) -> bool {
+        matches!(self, Variant::StridedDepth | Variant::ConvWgrad)
+    }
+}
+
+/// The kernels of every variant: the core for each tile (`cores[tile]`) and the slice sum.
 struct Gemm {
-    core: Kernel,
+    cores: Vec<Kernel>,
     sum: Kernel,
 }
 
-/// B's tile loaded along columns (contiguous columns) or along the depth.
-const COLS: &str = "const B_KFAST: bool = false;\n";
-const DEPTH: &str = "const B_KFAST: bool = true;\n";
+/// Leaks a generated string: the kernels are built once per process and live as long as it.
+fn leak(parts: Vec<&'static str>) -> &'static [&'static str] {
+    Box::leak(parts.into_boxed_slice())
+}
 
-static GEMM_STRIDED: Gemm = Gemm {
-    core: Kernel { name: "gemm_strided", parts: &[BINDINGS, COLS, STRIDED, CORE] },
-    sum: Kernel { name: "gemm_strided_sum", parts: &[BINDINGS, COLS, STRIDED, CORE_SUM] },
-};
-static GEMM_STRIDED_DEPTH: Gemm = Gemm {
-    core: Kernel { name: "gemm_strided_depth", parts: &[BINDINGS, DEPTH, STRIDED, CORE] },
-    sum: Kernel { name: "gemm_strided_depth_sum", parts: &[BINDINGS, DEPTH, STRIDED, CORE_SUM] },
-};
-static GEMM_CONV_FWD: Gemm = Gemm {
-    core: Kernel { name: "gemm_conv_fwd", parts: &[BINDINGS, CONV_GEOM, CONV_FWD, CORE] },
-    sum: Kernel { name: "gemm_conv_fwd_sum", parts: &[BINDINGS, CONV_GEOM, CONV_FWD, CORE_SUM] },
-};
-static GEMM_CONV_DGRAD: Gemm = Gemm {
-    core: Kernel { name: "gemm_conv_dgrad", parts: &[BINDINGS, CONV_GEOM, CONV_DGRAD, CORE] },
-    sum: Kernel { name: "gemm_conv_dgrad_sum", parts: &[BINDINGS, CONV_GEOM, CONV_DGRAD, CORE_SUM] },
-};
-static GEMM_CONV_WGRAD: Gemm = Gemm {
-    core: Kernel { name: "gemm_conv_wgrad", parts: &[BINDINGS, CONV_GEOM, CONV_WGRAD, CORE] },
-    sum: Kernel { name: "gemm_conv_wgrad_sum", parts: &[BINDINGS, CONV_GEOM, CONV_WGRAD, CORE_SUM] },
-};
+/// The kernels of `v`, generated on first use.
+fn kernels(v: Variant) -> &'static Gemm {
+    static ALL: std::sync::OnceLock<Vec<Gemm>> = std::sync::OnceLock::new();
+    let all = ALL.get_or_init(|| {
+        VARIANTS
+            .iter()
+            .map(|&v| {
+                let cores = TILES
+                    .iter()
+                    .map(|&t| {
+                        let name = format!("gemm_{}_{}x{}_{}x{}", v.name(), t.bm(), t.bn(), t.tm, t.tn);
+                        let mut parts = v.parts().to_vec();
+                        parts.push(Box::leak(core(t, v.kfast()).into_boxed_str()));
+                        Kernel { name: Box::leak(name.into_boxed_str()), parts: leak(parts) }
+                    })
+                    .collect();
+                let mut parts = v.parts().to_vec();
+                parts.push(CORE_SUM);
+                let sum =
+                    Kernel { name: Box::leak(format!("gemm_{}_sum", v.name()).into_boxed_str()), parts: leak(parts) };
+                Gemm { cores, sum }
+            })
+            .collect()
+    });
+    &all[VARIANTS.iter().position(|&x| x == v).unwrap_or(0)]
+}
 
-/// Slices of the depth `k` for a launch of `tiles` workgroups: enough to fill about 512
-/// workgroups (an H200 holds ~4 of these per SM, 132 SMs), each slice at least 256 deep (a
-/// multiple of 16). Returns (slices, depth of one).
-fn split_k(tiles: usize, k: usize) -> (usize, usize) {
-    let want = (512 / tiles.max(1)).min(k / 256).clamp(1, 64);
+/// Slices of the depth `k` for a launch of `tiles` workgroups: enough to make about `want`
+/// workgroups, each slice at least 256 deep (a multiple of 16). Returns (slices, depth of one).
+fn split_k(tiles: usize, k: usize, want: usize) -> (usize, usize) {
+    let want = (want / tiles.max(1)).min(k / 256).clamp(1, 64);
     let depth = k.div_ceil(want).next_multiple_of(16);
     (k.div_ceil(depth).max(1), depth)
 }
 
 /// One GEMM launch: `m x n` outputs over depth `k`, `batches` of them.
+#[derive(Clone, Copy, Debug)]
 struct Shape {
     m: usize,
     n: usize,
@@ -406,22 +568,81 @@ struct Operands {
     c: GradOut,
 }
 
-fn launch(r: &mut Recorder, gemm: &Gemm, s: Shape, o: Operands, extra: &[u32]) -> Result<()> {
+/// A launch plan: the tile, the slices of the depth and each slice's depth.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Plan {
+    tile: Tile,
+    slices: usize,
+    depth: usize,
+}
+
+/// The streaming multiprocessors of the GPU the estimates are for (an H200: 132; the plan only
+/// compares tiles, so other GPUs get reasonable, not tuned, choices).
+const SMS: usize = 132;
+
+/// Workgroups of tile `t` one SM holds at once (~4 of the 4x4-per-thread tiles, ~2 of 8x8:
+/// registers), what split-K aims to fill.
+fn resident(t: Tile) -> usize {
+    SMS * if t.tm * t.tn >= 64 { 2 } else { 4 }
+}
+
+/// Multiply-adds per lane and clock relative to the 8x8 tile: fewer outputs per thread read more
+/// workgroup memory and load more per multiply-add.
+fn efficiency(t: Tile) -> f64 {
+    match t.tm * t.tn {
+        64 => 1.0,
+        32 => 0.85,
+        _ => 0.7,
+    }
+}
+
+/// The plan of `s` (or of `forced`'s tile): for each tile, the depth split that fills the GPU
+/// with about [`resident`] workgroups where the tiles alone do not, then the estimated time in
+/// SM clocks: workgroups per SM (rounded up) x a workgroup's padded multiply-adds / (128 lanes x
+/// the tile's efficiency), plus the slice sum's traffic (8 bytes per partial value at ~2800 bytes
+/// per clock for the whole GPU). The least is taken.
+fn plan(s: Shape, forced: Option<Tile>) -> Plan {
+    let cost = |t: Tile| {
+        let tiles = s.n.div_ceil(t.bn()) * s.m.div_ceil(t.bm()) * s.batches;
+        let (slices, depth) = split_k(tiles, s.k, resident(t));
+        let per_sm = (tiles * slices).div_ceil(SMS) as f64;
+        let mut clocks = per_sm * (t.bm() * t.bn() * depth) as f64 / (128.0 * efficiency(t));
+        if slices > 1 {
+            clocks += 8.0 * (slices * s.batches * s.m * s.n) as f64 / 2800.0;
+        }
+        (clocks, Plan { tile: t, slices, depth })
+    };
+    if let Some(t) = forced {
+        return cost(t).1;
+    }
+    let mut best = cost(TILES[0]);
+    for &t in &TILES[1..] {
+        let c = cost(t);
+        if c.0 < best.0 {
+            best = c;
+        }
+    }
+    best.1
+}
+
+fn launch(r: &mut Recorder, v: Variant, s: Shape, o: Operands, extra: &[u32]) -> Result<()> {
     let has_bias = o.bias.is_some();
     let bias = match o.bias {
         Some(b) => b,
         None => r.scratch(1),
     };
-    let tiles = s.n.div_ceil(64) * s.m.div_ceil(64) * s.batches;
-    let (slices, depth) = split_k(tiles, s.k);
+    let p = plan(s, r.choice().gemm_tile);
+    let (t, slices, depth) = (p.tile, p.slices, p.depth);
+    let gemm = kernels(v);
+    let core = &gemm.cores[TILES.iter().position(|&x| x == t).unwrap_or(0)];
     let part = r.scratch(if slices > 1 { slices * s.batches * s.m * s.n } else { 1 });
     let mut params =
         vec![u(s.m)?, u(s.n)?, u(s.k)?, o.c.accumulate as u32, has_bias as u32, u(slices)?, u(depth)?, u(s.batches)?];
     params.extend_from_slice(extra);
-    let groups = [u(s.n.div_ceil(64))?, u(s.m.div_ceil(64))?, u(slices * s.batches)?];
+    let groups = [u(s.n.div_ceil(t.bn()))?, u(s.m.div_ceil(t.bm()))?, u(slices * s.batches)?];
     let reads = [o.a, o.b, bias];
     let writes = [Bind::Buf(o.c.buf), part];
-    r.dispatch(&gemm.core, &params, (&reads, &writes), groups)?;
+    r.dispatch(core, &params, (&reads, &writes), groups)?;
     if slices > 1 {
         r.dispatch(&gemm.sum, &params, (&reads, &writes), grid(s.batches * s.m * s.n))?;
     }
@@ -436,7 +657,7 @@ fn linear(r: &mut Recorder, o: &ops::Linear) -> Result<()> {
     let (m, k, n) = (o.m, o.k, o.n);
     let operands = Operands { a: Bind::Buf(o.x), b: Bind::Buf(o.w), bias: o.b.map(Bind::Buf), c: set(o.y) };
     // B = w^T: contiguous along the depth.
-    launch(r, &GEMM_STRIDED_DEPTH, Shape { m, n, k, batches: 1 }, operands, &[u(k)?, 1, 1, u(k)?])
+    launch(r, Variant::StridedDepth, Shape { m, n, k, batches: 1 }, operands, &[u(k)?, 1, 1, u(k)?])
 }
 
 fn linear_backward(r: &mut Recorder, o: &ops::LinearBackward) -> Result<()> {
@@ -444,43 +665,54 @@ fn linear_backward(r: &mut Recorder, o: &ops::LinearBackward) -> Result<()> {
     if let Some(dx) = o.dx {
         // dx[m, k] = dy[m, n] * w[n, k]
         let operands = Operands { a: Bind::Buf(o.dy), b: Bind::Buf(o.w), bias: None, c: dx };
-        launch(r, &GEMM_STRIDED, Shape { m, n: k, k: n, batches: 1 }, operands, &[u(n)?, 1, u(k)?, 1])?;
+        launch(r, Variant::Strided, Shape { m, n: k, k: n, batches: 1 }, operands, &[u(n)?, 1, u(k)?, 1])?;
     }
     // dw[n, k] = dy^T[n, m] * x[m, k]
     let operands = Operands { a: Bind::Buf(o.dy), b: Bind::Buf(o.x), bias: None, c: o.dw };
-    launch(r, &GEMM_STRIDED, Shape { m: n, n: k, k: m, batches: 1 }, operands, &[1, u(n)?, u(k)?, 1])?;
+    launch(r, Variant::Strided, Shape { m: n, n: k, k: m, batches: 1 }, operands, &[1, u(n)?, u(k)?, 1])?;
     if let Some(db) = o.db {
         channel_sum(r, (m, n, 1), Bind::Buf(o.dy), db)?;
     }
     Ok(())
 }
 
-fn geom(g: &ConvGeom) -> Result<Vec<u32>> {
-    [g.n, g.c, g.h, g.w, g.k, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.groups, g.oh, g.ow]
+/// The geometry parameters (`P[8..24]`) and `P[24]`, the images side by side in one batch of the
+/// product.
+fn geom(g: &ConvGeom, images: usize) -> Result<Vec<u32>> {
+    [g.n, g.c, g.h, g.w, g.k, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.groups, g.oh, g.ow, images]
         .iter()
         .map(|&v| u(v))
         .collect()
 }
 
+/// Images side by side in the columns of one product over `pixels` per image: all of them,
+/// unless the columns would pass the 65535 workgroups a dispatch dimension allows (then one
+/// image per batch of the launch).
+fn images_per_product(n: usize, pixels: usize) -> usize {
+    if (n * pixels).div_ceil(64) <= 65535 { n } else { 1 }
+}
+
 /// `y = conv(x, w) (+ b)` into `y`.
 fn conv_fwd(r: &mut Recorder, g: &ConvGeom, (x, w, b): (Bind, Bind, Option<Bind>), y: GradOut) -> Result<()> {
     let (cg, kg) = (g.c / g.groups, g.k / g.groups);
-    let shape = Shape { m: kg, n: g.oh * g.ow, k: cg * g.kh * g.kw, batches: g.n * g.groups };
-    launch(r, &GEMM_CONV_FWD, shape, Operands { a: w, b: x, bias: b, c: y }, &geom(g)?)
+    let images = images_per_product(g.n, g.oh * g.ow);
+    let shape = Shape { m: kg, n: images * g.oh * g.ow, k: cg * g.kh * g.kw, batches: g.n / images * g.groups };
+    launch(r, Variant::ConvFwd, shape, Operands { a: w, b: x, bias: b, c: y }, &geom(g, images)?)
 }
 
 /// The input-shaped product `dx = conv^T(dy, w) (+ b)`.
 fn conv_dgrad(r: &mut Recorder, g: &ConvGeom, (dy, w, b): (Bind, Bind, Option<Bind>), dx: GradOut) -> Result<()> {
     let (cg, kg) = (g.c / g.groups, g.k / g.groups);
-    let shape = Shape { m: cg, n: g.h * g.w, k: kg * g.kh * g.kw, batches: g.n * g.groups };
-    launch(r, &GEMM_CONV_DGRAD, shape, Operands { a: w, b: dy, bias: b, c: dx }, &geom(g)?)
+    let images = images_per_product(g.n, g.h * g.w);
+    let shape = Shape { m: cg, n: images * g.h * g.w, k: kg * g.kh * g.kw, batches: g.n / images * g.groups };
+    launch(r, Variant::ConvDgrad, shape, Operands { a: w, b: dy, bias: b, c: dx }, &geom(g, images)?)
 }
 
 /// `dw = dy (output-shaped) x im2col(x) (input-shaped)`.
 fn conv_wgrad(r: &mut Recorder, g: &ConvGeom, (dy, x): (Bind, Bind), dw: GradOut) -> Result<()> {
     let (cg, kg) = (g.c / g.groups, g.k / g.groups);
     let shape = Shape { m: kg, n: cg * g.kh * g.kw, k: g.n * g.oh * g.ow, batches: g.groups };
-    launch(r, &GEMM_CONV_WGRAD, shape, Operands { a: dy, b: x, bias: None, c: dw }, &geom(g)?)
+    launch(r, Variant::ConvWgrad, shape, Operands { a: dy, b: x, bias: None, c: dw }, &geom(g, 1)?)
 }
 
 /// This backend's convolutions are channels-first (channels-last ones come only from mixed

@@ -21,7 +21,8 @@
 //!   fixed tree order, so results are identical run to run.
 //!
 //! Not done here: data-parallel groups (`AllReduce`, synchronised batch norm are refused with an
-//! error naming the op), subgroup operations and `shader-f16`.
+//! error naming the op) and `shader-f16`. Subgroup operations are requested where the adapter has
+//! them and used by the reductions (`tuning` holds the kernel choices tests and tuning can force).
 //!
 //! `KILN_DEBUG=1` prints the adapter when the backend opens, and runs every op as its own
 //! submission, waited for, printing its name, shapes and time (as the CPU backend does).
@@ -96,6 +97,7 @@ mod norm;
 mod optim;
 mod pool;
 mod record;
+mod tuning;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -160,6 +162,9 @@ pub struct WgpuBackend {
     timestamps: bool,
     /// `KILN_WGPU_PROFILE=1` (with timestamps): each cached step timed op by op, printed at drop.
     profile_log: Option<HashMap<u64, StepLog>>,
+    /// Whether the device has subgroup operations (`SUBGROUP`), and the kernel choices in force.
+    has_subgroups: bool,
+    choice: tuning::Choice,
 }
 
 /// The per-op device times of one cached step, over the steps run under `KILN_WGPU_PROFILE=1`.
@@ -248,9 +253,13 @@ impl WgpuBackend {
             ));
         }
         let timestamps = adapter.features().contains(wgpu::Features::TIMESTAMP_QUERY);
+        let has_subgroups = adapter.features().contains(wgpu::Features::SUBGROUP);
+        let mut features = wgpu::Features::empty();
+        features.set(wgpu::Features::TIMESTAMP_QUERY, timestamps);
+        features.set(wgpu::Features::SUBGROUP, has_subgroups);
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("kiln"),
-            required_features: if timestamps { wgpu::Features::TIMESTAMP_QUERY } else { wgpu::Features::empty() },
+            required_features: features,
             required_limits: limits.clone(),
             experimental_features: wgpu::ExperimentalFeatures::default(),
             memory_hints: wgpu::MemoryHints::Performance,
@@ -284,6 +293,8 @@ impl WgpuBackend {
             debug,
             timestamps,
             profile_log: (profiling && timestamps).then(HashMap::new),
+            has_subgroups,
+            choice: tuning::Choice::from_env(has_subgroups)?,
         })
     }
 

@@ -342,6 +342,11 @@ impl<'a> Recorder<'a> {
         })
     }
 
+    /// The kernel choices in force (tile, subgroups).
+    pub fn choice(&self) -> &super::tuning::Choice {
+        &self.be.choice
+    }
+
     /// A scratch range of `len` f32 values owned by the recorded list (scratch, partial sums,
     /// the placeholder bound where an optional buffer is absent); zeros until first written.
     pub fn scratch(&mut self, len: usize) -> Bind {
