@@ -159,13 +159,14 @@ fn running_out_of_memory_is_an_error_and_a_smaller_batch_still_works() {
 #[test]
 fn backward_reuses_gradient_memory() {
     use kiln::exec::BufRole;
-    // ResNet-18 keeps every activation for backward, but the gradients alive at one time are a
-    // few blocks' worth: planned by lifetime they take far less than the activations.
+    // ResNet-18 keeps most activations for backward (those it does not read share buffers),
+    // but the gradients alive at one time are a few blocks' worth: planned by lifetime they
+    // take far less than the activations.
     let m = zoo::resnet18(2, 10).build().unwrap();
     let mut e = Executor::new(&m, cpu(1)).unwrap();
     let p = e.plan(2, Mode::Train, PlanOptions::default()).unwrap();
     let info = e.plan_info(p);
     let (act, grad) = (info.bytes_of(BufRole::Activation), info.bytes_of(BufRole::Gradient));
     println!("resnet18 batch 2: activations {act} bytes, gradients {grad} bytes");
-    assert!(grad * 5 < act, "gradients {grad} bytes vs activations {act} bytes");
+    assert!(grad * 3 < act, "gradients {grad} bytes vs activations {act} bytes");
 }

@@ -188,3 +188,53 @@ fn class_labels_are_u32_end_to_end_and_checked() {
     b.write_host(labels, HostSlice::U32(&[2, 1])).unwrap();
     b.run(&[op(labels)]).unwrap();
 }
+
+/// Activations that backward does not read share buffers by lifetime (exec/compile.rs): a
+/// batch norm's output that only its ReLU reads dies in forward (ReLU's backward reads its
+/// output), so a later activation takes its buffer; activations backward reads
+/// keep their own; an evaluation plan (no backward) needs only a few buffers in turn. What the
+/// shared plans compute is checked by the numerical suites (gradcheck's finite differences,
+/// train_reference's and torch_parity's PyTorch figures), whose models share buffers this way.
+#[test]
+fn activations_dead_before_backward_share_buffers() {
+    use kiln::backend::Op;
+    let m = ModelBuilder::new(&[4, 3, 8, 8])
+        .conv2d_with(kiln::model::Conv2d::new(6, 3).padding(1))
+        .batch_norm()
+        .relu()
+        .conv2d_with(kiln::model::Conv2d::new(6, 3).padding(1))
+        .batch_norm()
+        .relu()
+        .flatten()
+        .dense(5)
+        .seed(3)
+        .build()
+        .unwrap();
+    let mut e = Executor::new(&m, CpuBackend::<f32>::new(Some(1)).unwrap()).unwrap();
+    let id = e.plan(4, Mode::Train, PlanOptions::default()).unwrap();
+    let p = e.plan_info(id).clone();
+    let bn_out: Vec<_> =
+        p.forward.iter().filter_map(|o| if let Op::BatchNormTrain(b) = o { Some(b.y) } else { None }).collect();
+    let bn_in: Vec<_> =
+        p.forward.iter().filter_map(|o| if let Op::BatchNormTrain(b) = o { Some(b.x) } else { None }).collect();
+    assert_eq!(bn_out.len(), 2);
+    // The first batch norm's output dies at the ReLU after it; the next activation written
+    // (the second convolution's output) takes its buffer.
+    let writers = p.forward.iter().filter(|o| o.buffers().iter().any(|u| u.buf == bn_out[0] && u.access.writes()));
+    assert_eq!(writers.count(), 2, "the first batch-norm output's buffer is reused");
+    assert_ne!(bn_in[0], bn_in[1], "batch norm's inputs are read by its backward: one buffer each");
+    for o in &p.backward {
+        if let Op::ActBackward(a) = o {
+            assert_eq!(a.x, a.y, "ReLU's backward reads its output only");
+        }
+    }
+    // Six activations of 4*6*8*8 values (two convolutions, two batch norms, two ReLUs) and the
+    // dense output: one batch-norm buffer is shared.
+    let act = |p: &kiln::exec::Plan| p.bytes_of(BufRole::Activation);
+    assert_eq!(act(&p), (5 * 4 * 6 * 8 * 8 + 4 * 5) * 4);
+
+    // Evaluation: nothing is kept for backward, so the activations take turns in a few buffers.
+    let ev = e.plan(4, Mode::Eval, PlanOptions::default()).unwrap();
+    let pe = e.plan_info(ev).clone();
+    assert!(act(&pe) <= (2 * 4 * 6 * 8 * 8 + 4 * 5) * 4, "{} bytes", act(&pe));
+}

@@ -154,8 +154,10 @@ fn checkpointing_a_resnet_saves_activation_memory() {
     println!("without checkpoints:\n{plain_report}\nwith checkpoints:\n{ck_report}");
     println!("activations + saved: {plain} -> {ck} bytes ({:.0}%)", 100.0 * ck as f64 / plain as f64);
     // Kept: the stem and each block's output; pooled: one block's inside at a time per size
-    // (buffers are shared between tensors of one length).
-    assert!(ck * 10 < plain * 6, "{ck} bytes with checkpoints against {plain} without");
+    // (buffers are shared between tensors of one length). The plain plan already lets the
+    // activations backward does not read share buffers (exec/compile.rs), so the saving is
+    // what checkpointing adds to that (was 40% against a plan without sharing).
+    assert!(ck * 10 < plain * 8, "{ck} bytes with checkpoints against {plain} without");
     // ResNet-18 with every residual block a segment.
     let r18 = zoo::resnet18(8, 10).build().unwrap();
     let blocks: Vec<std::ops::Range<usize>> = r18

@@ -19,6 +19,7 @@ use std::collections::HashSet;
 use super::Precision;
 use super::checkpoint::Segments;
 use super::plan::{BufRole, Mode, ParamBuffers, Plan, PlanOptions, PlannedBuffer};
+use crate::backend::ops::Access;
 use crate::backend::{Backend, BufId, CounterId, DType, Op};
 use crate::model::lower::{self, Backward, Buffers, Forward};
 use crate::model::{Layer, Model};
@@ -171,7 +172,99 @@ pub(super) fn network(
         super::autocast::mixed(&mut plan, table, half);
     }
     segments.assign(table, &mut plan);
+    share_activations(table, &mut plan);
     Ok(plan)
+}
+
+/// Lets activations share storage by lifetime, as [`backward`] does for gradients: an
+/// activation is live from the op that first writes it to the op that last reads it, over
+/// forward then backward (in training, most are read again by backward and live that long;
+/// the others, such as the output of a batch norm that only a ReLU reads, die within forward),
+/// and one whose whole life comes after another's of the same length and dtype takes that
+/// buffer. Only buffers whose first use overwrites all of them share (never one read before it
+/// is written, which would see the previous holder's values instead of zeros), and never the
+/// plan's input and output, which the caller writes and reads around the op lists. The table
+/// loses the merged entries and the plan's ids are renumbered.
+fn share_activations(table: &mut Table, plan: &mut Plan) {
+    let n = table.buffers.len();
+    let index = |b: BufId| b.0.checked_sub(PLANNED).filter(|&i| i < n);
+    let mut first = vec![usize::MAX; n];
+    let mut last = vec![0usize; n];
+    let mut shares: Vec<bool> = table.buffers.iter().map(|b| b.role == BufRole::Activation).collect();
+    for b in [Some(plan.input), Some(plan.output), plan.output_grad, plan.input_grad].into_iter().flatten() {
+        if let Some(i) = index(b) {
+            shares[i] = false;
+        }
+    }
+    for (k, op) in plan.forward.iter().chain(&plan.backward).enumerate() {
+        op.each_buffer(&mut |u| {
+            let Some(i) = index(u.buf) else { return };
+            if (first[i] == usize::MAX || first[i] == k) && (u.access != Access::Write || u.len < table.buffers[i].len)
+            {
+                shares[i] = false;
+            }
+            first[i] = first[i].min(k);
+            last[i] = last[i].max(k);
+        });
+    }
+    let mut order: Vec<usize> = (0..n).filter(|&i| shares[i] && first[i] != usize::MAX).collect();
+    order.sort_by_key(|&i| first[i]);
+    // For each entry, the entry whose buffer it takes (itself when it keeps its own).
+    let mut holder: Vec<usize> = (0..n).collect();
+    // (holding entry, free after op index)
+    let mut pool: Vec<(usize, usize)> = Vec::new();
+    for i in order {
+        let (len, dtype) = (table.buffers[i].len, table.buffers[i].dtype);
+        let fits = |slot: &&mut (usize, usize)| {
+            let h = &table.buffers[slot.0];
+            h.len == len && h.dtype == dtype && slot.1 < first[i]
+        };
+        match pool.iter_mut().find(fits) {
+            Some(slot) => {
+                holder[i] = slot.0;
+                slot.1 = last[i];
+            }
+            None => pool.push((i, last[i])),
+        }
+    }
+    if holder.iter().enumerate().all(|(i, &h)| i == h) {
+        return;
+    }
+    // Renumber: the kept entries in their order; a merged one takes its holder's new id.
+    let mut new_index = vec![usize::MAX; n];
+    let mut merged = vec![0usize; n];
+    let mut kept = Vec::with_capacity(n);
+    for (i, b) in std::mem::take(&mut table.buffers).into_iter().enumerate() {
+        if holder[i] == i {
+            new_index[i] = kept.len();
+            kept.push(b);
+        } else {
+            merged[holder[i]] += 1;
+        }
+    }
+    for (i, b) in kept.iter_mut().enumerate() {
+        b.id = BufId(PLANNED + i);
+    }
+    for (i, &m) in merged.iter().enumerate() {
+        if m > 0 {
+            let b = &mut kept[new_index[i]];
+            b.label = format!("{} (and {m} more by turns)", b.label);
+        }
+    }
+    table.buffers = kept;
+    let mut map = |b: &mut BufId| {
+        if let Some(i) = index(*b) {
+            *b = BufId(PLANNED + new_index[holder[i]]);
+        }
+    };
+    for op in plan.forward.iter_mut().chain(plan.backward.iter_mut()) {
+        op.visit_bufs(&mut map);
+    }
+    map(&mut plan.input);
+    map(&mut plan.output);
+    plan.output_grad.iter_mut().for_each(&mut map);
+    plan.input_grad.iter_mut().for_each(&mut map);
+    plan.node_outputs.iter_mut().for_each(&mut map);
 }
 
 fn backward(

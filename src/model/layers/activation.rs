@@ -172,10 +172,19 @@ impl LayerKind for Activation {
         cx.push(Op::Act(ops::Act { f: act_fn(self), len: cx.numel(), x, y }));
         Ok(())
     }
-    /// Lowering of the backward pass: one [`Op::ActBackward`] (it reads the input and the output).
+    /// Lowering of the backward pass: one [`Op::ActBackward`] (it reads the input and the
+    /// output). ReLU, sigmoid and tanh have derivatives that are functions of the output alone
+    /// (`y <= 0` exactly where `x <= 0`, NaN included; `y (1 - y)`; `1 - y^2`), so their op names
+    /// the output as the input too: the input is then not kept for backward and its buffer can
+    /// be shared (a batch norm's or a residual sum's output feeding a ReLU; see
+    /// `exec/compile.rs`).
     fn backward(&self, cx: &mut Backward<'_>) -> Result<()> {
         if let Some(dx) = cx.dx(0) {
-            let (x, y, dy) = (cx.input(0), cx.output(), cx.dy());
+            let (y, dy) = (cx.output(), cx.dy());
+            let x = match self {
+                Activation::Relu | Activation::Sigmoid | Activation::Tanh => y,
+                _ => cx.input(0),
+            };
             cx.push(Op::ActBackward(ops::ActBackward { f: act_fn(self), len: cx.numel(), x, y, dy, dx }));
         }
         Ok(())
