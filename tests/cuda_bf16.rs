@@ -37,7 +37,7 @@ use half::{bf16, f16};
 use kiln::backend::cpu::CpuBackend;
 use kiln::backend::ops::{self, Cast, CastBias, CastPermute, GradOut, MemoryFormat, Op};
 use kiln::backend::{Backend, BufId, ConvGeom, CudaOptions, DType, Device, HostSlice, HostVec};
-use kiln::exec::{Executor, Lowering, Mode, PlanOptions, Precision};
+use kiln::exec::{BufRole, Executor, Lowering, Mode, PlanOptions, Precision};
 use kiln::model::{Model, ModelBuilder};
 use kiln::rng::Rng;
 use kiln::tensor::Tensor;
@@ -372,6 +372,120 @@ fn nhwc_convolutions_match_the_cpu_in_bf16_and_f16() {
     }
 }
 
+/// Batch norm (training forward and backward), a smooth activation and a residual sum on half
+/// channels-last activations, as mixed precision runs them between convolutions (batch norm as
+/// `[n * hw, c, 1]` rows, statistics in f64 and f32; the input gradient accumulated in half),
+/// against the CPU's f32 NCHW ops: within [`TOL`], in bf16 and f16. Shapes with fewer and more
+/// than 32 channels (the kernels take 32 channels a block) and few rows.
+fn half_nhwc_batch_norm_and_joins_match_the_cpu() {
+    use MemoryFormat::{Nchw, Nhwc};
+    use ops::{Act, ActBackward, ActFn, Add, BatchNormBackward, BatchNormTrain, BnGeom};
+    for half in [DType::BF16, DType::F16] {
+        let mut gpu = cuda();
+        for (n, c, hw) in [(4, 16, 49), (2, 40, 100), (8, 3, 9), (3, 70, 1)] {
+            let len = n * c * hw;
+            let g = BnGeom { n, c, hw, eps: 1e-5 };
+            let (xv, dzv, dx0) = (random(len, 41), random(len, 42), random(len, 43));
+            let (gv, bv, rmv, rvv) = (random(c, 44), random(c, 45), random(c, 46), vec![1.0; c]);
+            let (dg0, db0) = (random(c, 47), random(c, 48));
+            let mut cpu = CpuBackend::<f32>::new(Some(2)).unwrap();
+            let bufs = |b: &mut dyn Backend, dt: DType, vals: &[&[f32]]| -> Vec<BufId> {
+                vals.iter()
+                    .map(|v| {
+                        let id = b.alloc(v.len(), dt).unwrap();
+                        b.write(id, v).unwrap();
+                        id
+                    })
+                    .collect()
+            };
+            let zeros = vec![0.0; len];
+            let zc = vec![0.0; c];
+            // 0 x, 1 gamma, 2 beta, 3 rmean, 4 rvar, 5 dz, 6 dx, 7 dgamma, 8 dbeta, 9 mean, 10 invstd
+            let vals: [&[f32]; 11] = [&xv, &gv, &bv, &rmv, &rvv, &dzv, &dx0, &dg0, &db0, &zc, &zc];
+            let acc = |buf| Some(GradOut { buf, accumulate: true });
+            let ops_for = |f: &[BufId], g: BnGeom, (y, z, s, dy): (BufId, BufId, BufId, BufId), dz: BufId| {
+                vec![
+                    Op::BatchNormTrain(BatchNormTrain {
+                        g,
+                        x: f[0],
+                        gamma: Some(f[1]),
+                        beta: Some(f[2]),
+                        y,
+                        mean: f[9],
+                        invstd: f[10],
+                        running: Some((f[3], f[4], 0.1)),
+                        sync: false,
+                    }),
+                    Op::Act(Act { f: ActFn::Silu, len, x: y, y: z }),
+                    Op::Add(Add { len, inputs: vec![z, f[0]], y: s }),
+                    Op::ActBackward(ActBackward {
+                        f: ActFn::Silu,
+                        len,
+                        x: y,
+                        y: z,
+                        dy: dz,
+                        dx: GradOut { buf: dy, accumulate: false },
+                    }),
+                    Op::BatchNormBackward(BatchNormBackward {
+                        g,
+                        x: f[0],
+                        gamma: Some(f[1]),
+                        mean: f[9],
+                        invstd: f[10],
+                        dy,
+                        dx: acc(f[6]),
+                        dgamma: acc(f[7]),
+                        dbeta: acc(f[8]),
+                        sync: false,
+                    }),
+                ]
+            };
+            let f = bufs(&mut cpu, DType::F32, &vals);
+            let t = bufs(&mut cpu, DType::F32, &[&zeros, &zeros, &zeros, &zeros]);
+            cpu.run(&ops_for(&f, g, (t[0], t[1], t[2], t[3]), f[5])).unwrap();
+            let want: Vec<Vec<f32>> =
+                [t[2], f[6], f[7], f[8], f[9], f[10], f[3], f[4]].iter().map(|&b| cpu.read(b).unwrap()).collect();
+            // The GPU: x, dz and the accumulated dx narrowed to half NHWC, the ops on half rows,
+            // the sum and dx widened back.
+            let f = bufs(&mut gpu, DType::F32, &vals);
+            let h: Vec<BufId> = (0..7).map(|_| gpu.alloc(len, half).unwrap()).collect();
+            let s32 = gpu.alloc(len, DType::F32).unwrap();
+            let perm = |to| (c > 1 && hw > 1).then_some(CastPermute { n, c, hw, to });
+            let cast = |src, dst, accumulate, to| {
+                Op::Cast(Cast { len, src, dst: GradOut { buf: dst, accumulate }, bias: None, permute: perm(to) })
+            };
+            let rows = BnGeom { n: n * hw, c, hw: 1, eps: 1e-5 };
+            // h: 0 x, 1 y, 2 z, 3 sum, 4 dy, 5 dz, 6 dx
+            let mut hf = f.clone();
+            hf[0] = h[0];
+            hf[6] = h[6];
+            let mut list =
+                vec![cast(f[0], h[0], false, Nhwc), cast(f[5], h[5], false, Nhwc), cast(f[6], h[6], false, Nhwc)];
+            list.extend(ops_for(&hf, rows, (h[1], h[2], h[3], h[4]), h[5]));
+            list.push(cast(h[3], s32, false, Nchw));
+            list.push(cast(h[6], f[6], false, Nchw));
+            gpu.run(&list).unwrap();
+            let got: Vec<Vec<f32>> =
+                [s32, f[6], f[7], f[8], f[9], f[10], f[3], f[4]].iter().map(|&b| gpu.read(b).unwrap()).collect();
+            let names = [
+                "x + silu(bn(x))",
+                "dx (accumulated)",
+                "dgamma",
+                "dbeta",
+                "mean",
+                "invstd",
+                "running mean",
+                "running var",
+            ];
+            for ((what, r), v) in names.iter().zip(&want).zip(&got) {
+                let err = rel_err(r, v);
+                println!("{half} nhwc batch norm {n}x{c}x{hw} {what}: max rel err {err:.2e}");
+                assert!(within(r, v, TOL), "{half} {n}x{c}x{hw} {what}: {err:.2e} from the CPU's f32");
+            }
+        }
+    }
+}
+
 /// Ten SGD (momentum 0.9) steps of `model` in bf16 against the same ten in f32, both on the
 /// GPU: the losses within 2e-2 of each other, and the total change of the parameters (what
 /// the ten updates added up to) within 5e-2 norm-wise. Each step's gradient is within [`TOL`]
@@ -453,16 +567,21 @@ fn graph_replay_equals_eager_in_bf16() {
     println!("bf16 resnet18: 6 graph-replayed steps bit-identical to eager");
 }
 
-/// The plan's memory report shows the bf16 scratch as workspace, and f32 plans have none.
+/// The plan's memory report shows bf16 activations (between convolutions), their gradients and
+/// the bf16 scratch and weight copies as workspace; f32 plans have none.
 fn bf16_scratch_is_planned_workspace() {
-    let model = zoo::cifar_cnn(8).seed(1).build().unwrap();
+    let model = zoo::resnet18(8, 10).seed(1).build().unwrap();
     let mut e = Executor::new(&model, cuda()).unwrap();
     let opts = PlanOptions::default();
     let p16 = plan(&mut e, 8, Mode::Train, opts, Precision::Bf16Mixed);
     let p32 = plan(&mut e, 8, Mode::Train, opts, Precision::F32);
-    let bf16_bufs = |e: &Executor<_>, p| e.plan_info(p).buffers.iter().filter(|b| b.dtype == DType::BF16).count();
-    assert_eq!(bf16_bufs(&e, p32), 0);
-    assert_eq!(bf16_bufs(&e, p16), 5, "inputs, weights, outputs, input and weight gradients");
+    let bf16 = |e: &Executor<_>, p, role| {
+        e.plan_info(p).buffers.iter().filter(|b| b.dtype == DType::BF16 && b.role == role).count()
+    };
+    for role in [BufRole::Activation, BufRole::Gradient, BufRole::Workspace] {
+        assert_eq!(bf16(&e, p32, role), 0);
+        assert!(bf16(&e, p16, role) > 0, "{role:?}");
+    }
     let report = e.memory(p16).to_string();
     assert!(report.contains("bfloat16"), "{report}");
     println!("{report}");
@@ -489,6 +608,7 @@ fn main() {
         gpu_trial("cast_matches_half_bit_for_bit", cast_matches_half_bit_for_bit),
         gpu_trial("permuting_casts_match_the_cpu", permuting_casts_match_the_cpu),
         gpu_trial("nhwc_convolutions_match_the_cpu_in_bf16_and_f16", nhwc_convolutions_match_the_cpu_in_bf16_and_f16),
+        gpu_trial("half_nhwc_batch_norm_and_joins_match_the_cpu", half_nhwc_batch_norm_and_joins_match_the_cpu),
         gpu_trial("ten_steps_of_the_seed_cnns_stay_close_to_f32", ten_steps_of_the_seed_cnns_stay_close_to_f32),
         gpu_trial("graph_replay_equals_eager_in_bf16", graph_replay_equals_eager_in_bf16),
         gpu_trial("bf16_scratch_is_planned_workspace", bf16_scratch_is_planned_workspace),

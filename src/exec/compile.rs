@@ -165,18 +165,20 @@ pub(super) fn network(
         target: None,
         buffers: Vec::new(),
     };
+    let mut grads = Vec::new();
     if low.mode == Mode::Train {
-        backward(model, params, low, table, &mut plan, &saved, &mut segments)?;
+        grads = backward(model, params, low, &mut plan, &saved, &mut segments)?;
     }
     if let Some(half) = super::autocast::half_dtype(low.precision) {
-        super::autocast::mixed(&mut plan, table, half);
+        super::autocast::mixed(&mut plan, table, &mut grads, half);
     }
+    assign_gradients(table, &mut plan, &grads);
     segments.assign(table, &mut plan);
     share_activations(table, &mut plan);
     Ok(plan)
 }
 
-/// Lets activations share storage by lifetime, as [`backward`] does for gradients: an
+/// Lets activations share storage by lifetime, as [`assign_gradients`] does for gradients: an
 /// activation is live from the op that first writes it to the op that last reads it, over
 /// forward then backward (in training, most are read again by backward and live that long;
 /// the others, such as the output of a batch norm that only a ReLU reads, die within forward),
@@ -267,15 +269,29 @@ fn share_activations(table: &mut Table, plan: &mut Plan) {
     plan.node_outputs.iter_mut().for_each(&mut map);
 }
 
+/// An activation gradient of a training plan before it has a table entry: virtual id
+/// `GRADIENT + i` is the `i`-th of [`backward`]'s list.
+pub(super) struct VirtualGrad {
+    /// Values.
+    pub(super) len: usize,
+    /// The table label (`<node>.grad`).
+    pub(super) label: String,
+    /// The activation (a forward buffer) it is the gradient of.
+    pub(super) of: BufId,
+    /// Its dtype: the activation's (f32, unless mixed precision keeps that activation in half).
+    pub(super) dtype: DType,
+}
+
+/// Plans the backward ops over virtual gradient ids (`GRADIENT + i`, the returned list), which
+/// [`assign_gradients`] then gives table entries.
 fn backward(
     model: &Model,
     params: &[ParamBuffers],
     low: &Lowering,
-    table: &mut Table,
     plan: &mut Plan,
     saved: &[Vec<BufId>],
     segments: &mut Segments,
-) -> Result<()> {
+) -> Result<Vec<VirtualGrad>> {
     let nodes = model.nodes();
     let batch = plan.batch;
     let numel = |i: usize| batch * nodes[i].shape.iter().product::<usize>();
@@ -292,7 +308,7 @@ fn backward(
     // The ops are written against gradient ids first; each is given a table entry once the
     // lifetimes are known.
     let mut grad: Vec<Option<BufId>> = vec![None; nodes.len()];
-    let mut virtual_len: Vec<(usize, String)> = Vec::new();
+    let mut virtual_grads: Vec<VirtualGrad> = Vec::new();
     for i in 0..nodes.len() {
         if !needs[i] {
             continue;
@@ -300,14 +316,15 @@ fn backward(
         grad[i] = Some(if lower::is_view(&nodes[i].layer) {
             grad[nodes[i].inputs[0]].expect("view input needs grad")
         } else {
-            virtual_len.push((numel(i), format!("{}.grad", nodes[i].name)));
-            BufId(GRADIENT + virtual_len.len() - 1)
+            let label = format!("{}.grad", nodes[i].name);
+            virtual_grads.push(VirtualGrad { len: numel(i), label, of: out[i], dtype: DType::F32 });
+            BufId(GRADIENT + virtual_grads.len() - 1)
         });
     }
     let last = nodes.len() - 1;
     let Some(dout) = grad[last] else {
         // Nothing to differentiate (no parameters, no input gradient).
-        return Ok(());
+        return Ok(Vec::new());
     };
     plan.output_grad = Some(dout);
     plan.input_grad = grad[0];
@@ -338,9 +355,21 @@ fn backward(
         lower::backward(&mut cx)?;
         owners.resize(ops.len(), i);
     }
-    // Lifetimes of the gradient buffers over `ops`: the output gradient is written before
-    // backward starts (by the loss) and the input gradient is read after it ends.
-    let n_virtual = virtual_len.len();
+    plan.backward = ops;
+    plan.backward_nodes = owners;
+    Ok(virtual_grads)
+}
+
+/// Gives the virtual gradients of `plan`'s backward (`grads`, from [`backward`]) table entries
+/// by lifetime over the backward ops: the output gradient is written before backward starts (by
+/// the loss) and the input gradient is read after it ends; a buffer of the same length and
+/// dtype free over a gradient's whole span is reused.
+fn assign_gradients(table: &mut Table, plan: &mut Plan, grads: &[VirtualGrad]) {
+    if grads.is_empty() {
+        return;
+    }
+    let ops = &mut plan.backward;
+    let n_virtual = grads.len();
     let mut first = vec![usize::MAX; n_virtual];
     let mut last = vec![0usize; n_virtual];
     for (k, op) in ops.iter_mut().enumerate() {
@@ -352,27 +381,28 @@ fn backward(
             }
         });
     }
-    first[dout.0 - GRADIENT] = 0;
+    if let Some(dout) = plan.output_grad {
+        first[dout.0 - GRADIENT] = 0;
+    }
     if let Some(ig) = plan.input_grad {
         last[ig.0 - GRADIENT] = ops.len() + 1;
     }
     let mut order: Vec<usize> = (0..n_virtual).collect();
     order.sort_by_key(|&v| first[v]);
     let mut physical = vec![BufId(0); n_virtual];
-    // (buffer, length, free after op index)
-    let mut pool: Vec<(BufId, usize, usize)> = Vec::new();
+    // (buffer, length, dtype, free after op index)
+    let mut pool: Vec<(BufId, usize, DType, usize)> = Vec::new();
     for v in order {
-        let (len, label) = &virtual_len[v];
-        let reuse = pool.iter().position(|&(_, l, free_after)| l == *len && free_after < first[v]);
+        let g = &grads[v];
+        let reuse = pool.iter().position(|&(_, l, d, free_after)| l == g.len && d == g.dtype && free_after < first[v]);
         physical[v] = match reuse {
             Some(p) => {
-                pool[p].2 = last[v];
+                pool[p].3 = last[v];
                 pool[p].0
             }
             None => {
-                // An activation's gradient has the activation's dtype (f32 until mixed precision).
-                let id = table.new_buffer(*len, DType::F32, BufRole::Gradient, label.clone());
-                pool.push((id, *len, last[v]));
+                let id = table.new_buffer(g.len, g.dtype, BufRole::Gradient, g.label.clone());
+                pool.push((id, g.len, g.dtype, last[v]));
                 id
             }
         };
@@ -382,14 +412,11 @@ fn backward(
             *b = physical[b.0 - GRADIENT];
         }
     };
-    for op in &mut ops {
+    for op in ops.iter_mut() {
         op.visit_bufs(&mut map);
     }
     plan.output_grad.iter_mut().for_each(&mut map);
     plan.input_grad.iter_mut().for_each(&mut map);
-    plan.backward = ops;
-    plan.backward_nodes = owners;
-    Ok(())
 }
 
 /// Allocates every buffer of `table` on `backend` and rewrites `ops` (and `ids`) from virtual

@@ -56,12 +56,14 @@ pub enum Precision {
     /// precision). Backends without TF32 (CPU, wgpu) compute in f32, as PyTorch's flags do
     /// nothing there; the trainer says so once on stderr.
     Tf32,
-    /// Mixed precision with bf16, as PyTorch's `autocast(dtype=torch.bfloat16)`: convolutions
-    /// and matrix products take bf16 inputs on tensor cores and accumulate in f32; parameters
-    /// (the master weights), their gradients, the optimizer's state, batch-norm statistics,
-    /// softmax, losses and every other op stay f32. The compiler puts a cast to bf16 before
-    /// each such op and a widening after it (`exec/autocast.rs`); about 1e-2 relative error
-    /// against f32 (bf16 keeps 8 significant bits). Transposed convolutions stay f32 for now.
+    /// Mixed precision with bf16, as PyTorch's `autocast(dtype=torch.bfloat16)` with
+    /// `channels_last`: convolutions and matrix products take bf16 inputs on tensor cores and
+    /// accumulate in f32, and the activations between convolutions (batch norm, activation
+    /// functions, residual sums, their gradients) stay bf16 channels-last; parameters (the
+    /// master weights), their gradients, the optimizer's state, batch-norm statistics,
+    /// softmax, losses and the ops without bf16 kernels stay f32, with casts where the two
+    /// meet (`exec/autocast.rs`); about 1e-2 relative error against f32 (bf16 keeps 8
+    /// significant bits). Transposed convolutions stay f32 for now.
     /// Needs a backend that computes in bf16 (CUDA); others refuse it, naming `precision`.
     Bf16Mixed,
     /// Mixed precision with f16, as PyTorch's `autocast(dtype=torch.float16)`: the same pass

@@ -1,7 +1,9 @@
 //! Element-wise activations on the GPU, forward and backward: one NVRTC kernel each, with the
 //! function chosen by a code (uniform across the launch, so the switch costs nothing). The
 //! formulas are the CPU backend's (`backend/cpu/activation.rs`), written the same way so the
-//! two agree to a few ulps.
+//! two agree to a few ulps. Each operand may be f32, bf16 or f16 (mixed precision keeps
+//! activations and their gradients in half): values are computed in f32 and rounded once when
+//! stored.
 
 use super::CudaBackend;
 use super::nvrtc::ModuleSrc;
@@ -11,15 +13,17 @@ use crate::backend::ops::ActFn;
 use crate::backend::ops::RunOp;
 
 kernels! {
-    act_forward(f: int, p: float, x: (const float*), y: (float*), n: i64);
-    act_backward(f: int, p: float, x: (const float*), y: (const float*), dy: (const float*), dx: (float*), n: i64, acc: int);
+    act_forward(f: int, p: float, x: (const void*), y: (void*), n: i64, xk: int, yk: int);
+    act_backward(f: int, p: float, x: (const void*), y: (const void*), dy: (const void*), dx: (void*), n: i64, acc: int, xk: int, yk: int, dyk: int, dxk: int);
 }
 
 pub(super) const MODULE: ModuleSrc = ModuleSrc {
     name: "activation",
     kernels: KERNELS,
     prototypes,
-    source: r#"
+    source: concat!(
+        half_prelude!(),
+        r#"
 __device__ __forceinline__ float sigmoid_(float x) {
     if (x >= 0.f) return 1.f / (1.f + expf(-x));
     float e = expf(x);
@@ -58,15 +62,44 @@ __device__ __forceinline__ float dact_(int f, float p, float x, float y) {
     }
 }
 
-extern "C" __global__ void act_forward(int f, float p, const float* x, float* y, i64 n) {
-    GRID_LOOP(i, n) y[i] = act_(f, p, x[i]);
+// Operand kinds (xk, yk, ...): 0 f32, 1 bf16, 2 f16 (half_prelude). Each thread loads ILP
+// values (a grid stride apart) before computing any, so that a warp has ILP loads in flight (as
+// batch_norm.rs's element-wise kernels; the arithmetic per value is the same).
+#define ILP 4
+extern "C" __global__ void act_forward(int f, float p, const void* x, void* y, i64 n, int xk, int yk) {
+    i64 i0 = (i64)blockIdx.x * blockDim.x + threadIdx.x, stride = (i64)gridDim.x * blockDim.x;
+    for (i64 i = i0; i < n; i += ILP * stride) {
+        float v[ILP];
+#pragma unroll
+        for (int k = 0; k < ILP; k++) v[k] = i + k * stride < n ? load_any(x, i + k * stride, xk) : 0.f;
+#pragma unroll
+        for (int k = 0; k < ILP; k++)
+            if (i + k * stride < n) put_any(y, i + k * stride, act_(f, p, v[k]), yk, 0);
+    }
 }
 
-extern "C" __global__ void act_backward(int f, float p, const float* x, const float* y, const float* dy,
-                                        float* dx, i64 n, int acc) {
-    GRID_LOOP(i, n) store(&dx[i], dact_(f, p, x[i], y[i]) * dy[i], acc);
+extern "C" __global__ void act_backward(int f, float p, const void* x, const void* y, const void* dy,
+                                        void* dx, i64 n, int acc, int xk, int yk, int dyk, int dxk) {
+    // Read only what f' needs: x (ReLU, leaky ReLU, ELU, SiLU, GELU), y (ELU, sigmoid, tanh).
+    int need_x = f != 3 && f != 4, need_y = f >= 2 && f <= 4;
+    i64 i0 = (i64)blockIdx.x * blockDim.x + threadIdx.x, stride = (i64)gridDim.x * blockDim.x;
+    for (i64 i = i0; i < n; i += ILP * stride) {
+        float xv[ILP], yv[ILP], dv[ILP];
+#pragma unroll
+        for (int k = 0; k < ILP; k++) {
+            i64 at = i + k * stride;
+            int ok = at < n;
+            xv[k] = ok && need_x ? load_any(x, at, xk) : 0.f;
+            yv[k] = ok && need_y ? load_any(y, at, yk) : 0.f;
+            dv[k] = ok ? load_any(dy, at, dyk) : 0.f;
+        }
+#pragma unroll
+        for (int k = 0; k < ILP; k++)
+            if (i + k * stride < n) put_any(dx, i + k * stride, dact_(f, p, xv[k], yv[k]) * dv[k], dxk, acc);
+    }
 }
-"#,
+"#
+    ),
 };
 
 /// The kernel's code and parameter for an activation.
@@ -86,7 +119,8 @@ impl RunOp<ops::Act> for CudaBackend {
     fn run_op(&mut self, o: &ops::Act) -> Result<()> {
         let ops::Act { f, len, x, y, .. } = *o;
         let (c, p) = code(f);
-        let args = act_forward { f: c, p, x: self.ptr(x), y: self.ptr(y), n: len };
+        let (xk, yk) = (self.kind_of(x, "activation input")?, self.kind_of(y, "activation output")?);
+        let args = act_forward { f: c, p, x: self.ptr(x), y: self.ptr(y), n: len, xk, yk };
         self.launch_elems(len, &args)
     }
 }
@@ -104,6 +138,10 @@ impl RunOp<ops::ActBackward> for CudaBackend {
             dx: self.ptr(dx.buf),
             n: len,
             acc: dx.accumulate as i32,
+            xk: self.kind_of(x, "activation input")?,
+            yk: self.kind_of(y, "activation output")?,
+            dyk: self.kind_of(dy, "activation output gradient")?,
+            dxk: self.kind_of(dx.buf, "activation input gradient")?,
         };
         self.launch_elems(len, &args)
     }

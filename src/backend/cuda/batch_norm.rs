@@ -23,10 +23,10 @@
 
 use super::CudaBackend;
 use super::nvrtc::ModuleSrc;
-use crate::Result;
 use crate::backend::ops;
 use crate::backend::ops::RunOp;
-use crate::backend::ops::{BnGeom, GradOut};
+use crate::backend::ops::{BnGeom, BufId, GradOut};
+use crate::{Error, Result};
 
 /// Threads per block of the partial-sum kernels (a power of two, for the block reduction).
 const BN_THREADS: u32 = 256;
@@ -45,9 +45,12 @@ kernels! {
     bn_finalize(part: (const double*), segs: int, totals: (const double*), mean: (float*), invstd: (float*), rmean: (float*), rvar: (float*), gamma: (const float*), beta: (const float*), coef: (float*), c: i64, m: i64, eps: float, momentum: float);
     bn_stats(x: (const float*), part: (double*), n: i64, c: i64, hw: i64, per: i64, done: (unsigned*), mean: (float*), invstd: (float*), rmean: (float*), rvar: (float*), gamma: (const float*), beta: (const float*), coef: (float*), eps: float, momentum: float);
     bn_stats_grad(x: (const float*), dy: (const float*), mean: (const float*), invstd: (const float*), part: (double*), n: i64, c: i64, hw: i64, per: i64, done: (unsigned*), totals: (double*), dgamma: (float*), dbeta: (float*), acc_dgamma: int, acc_dbeta: int);
-    bn_apply(x: (const float*), coef: (const float*), y: (float*), total: i64, c: i64, hw: i64);
-    bn_infer_forward(x: (const float*), gamma: (const float*), beta: (const float*), rmean: (const float*), rvar: (const float*), y: (float*), n: i64, c: i64, hw: i64, eps: float);
-    bn_apply_grad(x: (const float*), gamma: (const float*), mean: (const float*), invstd: (const float*), dy: (const float*), sums: (const double*), dx: (float*), total: i64, c: i64, hw: i64, acc: int);
+    bn_apply(x: (const void*), coef: (const float*), y: (void*), total: i64, c: i64, hw: i64, xk: int, yk: int);
+    bn_infer_forward(x: (const void*), gamma: (const float*), beta: (const float*), rmean: (const float*), rvar: (const float*), y: (void*), n: i64, c: i64, hw: i64, eps: float, xk: int, yk: int);
+    bn_apply_grad(x: (const void*), gamma: (const float*), mean: (const float*), invstd: (const float*), dy: (const void*), sums: (const double*), dx: (void*), total: i64, c: i64, hw: i64, acc: int, xk: int, dyk: int, dxk: int);
+    bn_rows_partial(x: (const void*), xk: int, part: (double*), rows: i64, c: i64, per: i64, segs: int);
+    bn_rows_stats(x: (const void*), xk: int, part: (double*), rows: i64, c: i64, per: i64, segs: int, done: (unsigned*), mean: (float*), invstd: (float*), rmean: (float*), rvar: (float*), gamma: (const float*), beta: (const float*), coef: (float*), eps: float, momentum: float);
+    bn_rows_stats_grad(x: (const void*), xk: int, dy: (const void*), dyk: int, mean: (const float*), invstd: (const float*), part: (double*), rows: i64, c: i64, per: i64, segs: int, done: (unsigned*), totals: (double*), dgamma: (float*), dbeta: (float*), acc_dgamma: int, acc_dbeta: int);
 }
 
 pub(super) const MODULE: ModuleSrc = ModuleSrc {
@@ -56,6 +59,7 @@ pub(super) const MODULE: ModuleSrc = ModuleSrc {
     prototypes,
     source: concat!(
         mt_prelude!(),
+        half_prelude!(),
         r#"
 // The element-wise kernels below are grid-stride loops that handle ILP values per thread and
 // iteration, loading all of them before using any, so that each warp has ILP loads in flight
@@ -197,7 +201,9 @@ extern "C" __global__ void bn_stats(const float* x, double* part, i64 n, i64 c, 
         bn_finalize_ch(ch, part, gridDim.x, 0, mean, invstd, rmean, rvar, gamma, beta, coef, c, n * hw, eps, momentum);
 }
 
-extern "C" __global__ void bn_apply(const float* x, const float* coef, float* y, i64 total, i64 c, i64 hw) {
+// The element-wise kernels take each operand's kind (xk, yk, ...: 0 f32, 1 bf16, 2 f16; the
+// arithmetic in f32 or f64 as before, a half result rounded once).
+extern "C" __global__ void bn_apply(const void* x, const float* coef, void* y, i64 total, i64 c, i64 hw, int xk, int yk) {
     i64 i0 = (i64)blockIdx.x * blockDim.x + threadIdx.x, stride = (i64)gridDim.x * blockDim.x;
     ChanWalk w = chan_walk(i0, stride, hw, c);
     for (i64 i = i0; i < total; i += ILP * stride) {
@@ -208,18 +214,18 @@ extern "C" __global__ void bn_apply(const float* x, const float* coef, float* y,
             i64 at = i + k * stride;
             ch[k] = w.ch;
             chan_next(w);
-            v[k] = at < total ? x[at] : 0.f;
+            v[k] = at < total ? load_any(x, at, xk) : 0.f;
         }
 #pragma unroll
         for (int k = 0; k < ILP; k++) {
             i64 at = i + k * stride;
-            if (at < total) y[at] = v[k] * coef[2 * ch[k]] + coef[2 * ch[k] + 1];
+            if (at < total) put_any(y, at, v[k] * coef[2 * ch[k]] + coef[2 * ch[k] + 1], yk, 0);
         }
     }
 }
 
-extern "C" __global__ void bn_infer_forward(const float* x, const float* gamma, const float* beta, const float* rmean,
-                                            const float* rvar, float* y, i64 n, i64 c, i64 hw, float eps) {
+extern "C" __global__ void bn_infer_forward(const void* x, const float* gamma, const float* beta, const float* rmean,
+                                            const float* rvar, void* y, i64 n, i64 c, i64 hw, float eps, int xk, int yk) {
     i64 total = n * c * hw;
     i64 i0 = (i64)blockIdx.x * blockDim.x + threadIdx.x, stride = (i64)gridDim.x * blockDim.x;
     ChanWalk w = chan_walk(i0, stride, hw, c);
@@ -231,7 +237,7 @@ extern "C" __global__ void bn_infer_forward(const float* x, const float* gamma, 
             i64 at = i + k * stride;
             chs[k] = w.ch;
             chan_next(w);
-            v[k] = at < total ? x[at] : 0.f;
+            v[k] = at < total ? load_any(x, at, xk) : 0.f;
         }
 #pragma unroll
         for (int k = 0; k < ILP; k++) {
@@ -242,7 +248,7 @@ extern "C" __global__ void bn_infer_forward(const float* x, const float* gamma, 
             float b = beta ? beta[ch] : 0.f;
             float scale = g / sqrtf(rvar[ch] + eps);
             float shift = b - rmean[ch] * scale;
-            y[at] = v[k] * scale + shift;
+            put_any(y, at, v[k] * scale + shift, yk, 0);
         }
     }
 }
@@ -281,9 +287,9 @@ extern "C" __global__ void bn_stats_grad(const float* x, const float* dy, const 
 // dx = gamma * invstd / M * (M * dy - sum(dy) - xhat * sum(dy * xhat)), with the sums and the
 // count M from bn_totals (the group's, for synchronised batch norm): sums[2ch], sums[2ch + 1],
 // M = sums[2c].
-extern "C" __global__ void bn_apply_grad(const float* x, const float* gamma, const float* mean, const float* invstd,
-                                         const float* dy, const double* sums, float* dx, i64 total, i64 c, i64 hw,
-                                         int acc) {
+extern "C" __global__ void bn_apply_grad(const void* x, const float* gamma, const float* mean, const float* invstd,
+                                         const void* dy, const double* sums, void* dx, i64 total, i64 c, i64 hw,
+                                         int acc, int xk, int dyk, int dxk) {
     double count = sums[2 * c];
     i64 i0 = (i64)blockIdx.x * blockDim.x + threadIdx.x, stride = (i64)gridDim.x * blockDim.x;
     ChanWalk w = chan_walk(i0, stride, hw, c);
@@ -295,8 +301,8 @@ extern "C" __global__ void bn_apply_grad(const float* x, const float* gamma, con
             i64 at = i + k * stride;
             chs[k] = w.ch;
             chan_next(w);
-            xv[k] = at < total ? x[at] : 0.f;
-            dv[k] = at < total ? dy[at] : 0.f;
+            xv[k] = at < total ? load_any(x, at, xk) : 0.f;
+            dv[k] = at < total ? load_any(dy, at, dyk) : 0.f;
         }
 #pragma unroll
         for (int k = 0; k < ILP; k++) {
@@ -306,19 +312,135 @@ extern "C" __global__ void bn_apply_grad(const float* x, const float* gamma, con
             double is = (double)invstd[ch];
             double kk = (gamma ? (double)gamma[ch] : 1.0) * is / count;
             double xhat = ((double)xv[k] - (double)mean[ch]) * is;
-            store(&dx[at], (float)(kk * (count * (double)dv[k] - sums[2 * ch] - xhat * sums[2 * ch + 1])), acc);
+            put_any(dx, at, (float)(kk * (count * (double)dv[k] - sums[2 * ch] - xhat * sums[2 * ch + 1])), dxk, acc);
         }
     }
+}
+
+// Channels-last batch norm (hw = 1: x is a [rows, c] matrix, a channel's values a column; what
+// mixed precision's NHWC activations are). One block per group of 32 neighbouring channels and
+// segment of rows ([s * per, min(rows, (s + 1) * per))): 256 threads as 32 channels by 8 row
+// lanes, so a warp reads 32 neighbouring values of one row; lane t adds rows r0 + t, r0 + t + 8,
+// ... in order (ILP loads in flight), the 8 lanes are then added in order, and the block writes
+// part[(ch * segs + s) * 2 + {0, 1}], the layout bn_finalize_ch and bn_totals_ch read. mode 0:
+// x and x^2; mode 1: dy and dy * (x - mean) * invstd. Deterministic: the segmentation depends on
+// the shape and the GPU only.
+__device__ void bn_rows_sums(const void* x, int xk, const void* dy, int dyk, const float* mean, const float* invstd,
+                             double* part, i64 rows, i64 c, i64 per, int segs, int mode) {
+    __shared__ double sa[8][33], sb[8][33];
+    int tx = threadIdx.x % 32, ty = threadIdx.x / 32;
+    i64 groups = (c + 31) / 32;
+    i64 s = blockIdx.x / groups, ch = (blockIdx.x % groups) * 32 + tx;
+    i64 r0 = s * per, r1 = r0 + per < rows ? r0 + per : rows;
+    double a = 0.0, b = 0.0;
+    if (ch < c) {
+        double mu = mode ? (double)mean[ch] : 0.0, is = mode ? (double)invstd[ch] : 0.0;
+        for (i64 r = r0 + ty; r < r1; r += 8 * ILP) {
+            float xv[ILP], dv[ILP];
+#pragma unroll
+            for (int k = 0; k < ILP; k++) {
+                i64 rr = r + 8 * k;
+                int ok = rr < r1;
+                xv[k] = ok ? load_any(x, rr * c + ch, xk) : 0.f;
+                dv[k] = ok && mode ? load_any(dy, rr * c + ch, dyk) : 0.f;
+            }
+#pragma unroll
+            for (int k = 0; k < ILP; k++) {
+                if (r + 8 * k >= r1) break;
+                double v = (double)xv[k];
+                if (mode == 0) {
+                    a += v;
+                    b += v * v;
+                } else {
+                    double d = (double)dv[k];
+                    a += d;
+                    b += d * (v - mu) * is;
+                }
+            }
+        }
+    }
+    sa[ty][tx] = a;
+    sb[ty][tx] = b;
+    __syncthreads();
+    if (ty == 0 && ch < c) {
+        double u = 0.0, v = 0.0;
+        for (int j = 0; j < 8; j++) { u += sa[j][tx]; v += sb[j][tx]; }
+        part[(ch * segs + s) * 2] = u;
+        part[(ch * segs + s) * 2 + 1] = v;
+    }
+}
+
+// The partial sums alone (synchronised batch norm: bn_totals and bn_finalize follow).
+extern "C" __global__ void bn_rows_partial(const void* x, int xk, double* part, i64 rows, i64 c, i64 per, int segs) {
+    bn_rows_sums(x, xk, 0, 0, 0, 0, part, rows, c, per, segs, 0);
+}
+
+// Forward statistics in one launch, as bn_stats: the sums, then the last block finalizes.
+extern "C" __global__ void bn_rows_stats(const void* x, int xk, double* part, i64 rows, i64 c, i64 per, int segs,
+                                         unsigned* done, float* mean, float* invstd, float* rmean, float* rvar,
+                                         const float* gamma, const float* beta, float* coef, float eps, float momentum) {
+    bn_rows_sums(x, xk, 0, 0, 0, 0, part, rows, c, per, segs, 0);
+    if (!last_block(done)) return;
+    for (i64 ch = threadIdx.x; ch < c; ch += blockDim.x)
+        bn_finalize_ch(ch, part, segs, 0, mean, invstd, rmean, rvar, gamma, beta, coef, c, rows, eps, momentum);
+}
+
+// Backward sums in one launch, as bn_stats_grad.
+extern "C" __global__ void bn_rows_stats_grad(const void* x, int xk, const void* dy, int dyk, const float* mean,
+                                              const float* invstd, double* part, i64 rows, i64 c, i64 per, int segs,
+                                              unsigned* done, double* totals, float* dgamma, float* dbeta,
+                                              int acc_dgamma, int acc_dbeta) {
+    bn_rows_sums(x, xk, dy, dyk, mean, invstd, part, rows, c, per, segs, 1);
+    if (!last_block(done)) return;
+    for (i64 ch = threadIdx.x; ch < c; ch += blockDim.x)
+        bn_totals_ch(ch, part, segs, totals, dgamma, dbeta, acc_dgamma, acc_dbeta);
+    if (threadIdx.x == 0) totals[2 * c] = (double)rows;
 }
 "#
     ),
 };
 
+/// How the rows of a channels-last batch norm (`hw = 1`) are split: `(segments, rows per
+/// segment)`, about four blocks per multiprocessor in all (each block takes 32 channels of one
+/// segment), at least 64 rows a segment.
+fn row_segments(g: &BnGeom, sms: usize) -> (usize, usize) {
+    let want = (4 * sms).div_ceil(g.c.div_ceil(32).max(1)).clamp(1, g.n.div_ceil(64).max(1));
+    let per = g.n.div_ceil(want).max(1);
+    (g.n.div_ceil(per).max(1), per)
+}
+
+impl CudaBackend {
+    /// Whether batch norm on `x` runs the channels-last kernels: `x` is half (mixed precision's
+    /// NHWC activations, given as `[n * h * w, c, 1]`). Half data in any other geometry is an
+    /// error naming `op`.
+    fn bn_rows(&self, op: &str, x: BufId, g: &BnGeom) -> Result<bool> {
+        let half = self.dtype_of(x).is_half();
+        if half && g.hw != 1 {
+            return Err(Error::State(format!(
+                "{op}: {} input {}x{}x{}: half-precision batch norm takes channels-last rows ([n * h * w, c, 1])",
+                self.dtype_of(x),
+                g.n,
+                g.c,
+                g.hw
+            )));
+        }
+        Ok(half)
+    }
+
+    /// Blocks of a channels-last partial-sum launch.
+    fn bn_row_blocks(g: &BnGeom, segs: usize) -> u32 {
+        (g.c.div_ceil(32) * segs) as u32
+    }
+}
+
 impl RunOp<ops::BatchNormTrain> for CudaBackend {
     fn run_op(&mut self, o: &ops::BatchNormTrain) -> Result<()> {
         let ops::BatchNormTrain { x, gamma, beta, y, mean, invstd, running, sync, .. } = *o;
         let g = &o.g;
-        let (segs, per) = segments(g, self.gpu.sm_count as usize);
+        let rows = self.bn_rows("batch_norm_train", x, g)?;
+        let (xk, yk) = (self.kind_of(x, "batch norm input")?, self.kind_of(y, "batch norm output")?);
+        let sms = self.gpu.sm_count as usize;
+        let (segs, per) = if rows { row_segments(g, sms) } else { segments(g, sms) };
         // Scratch: partial sums (2 f64 per channel and segment), totals (2 f64 per channel and
         // the count; synchronised only), coefficients (2 f32 per channel).
         let part_bytes = g.c * segs * 16;
@@ -333,7 +455,35 @@ impl RunOp<ops::BatchNormTrain> for CudaBackend {
         };
         let (mean, invstd, gamma, beta) = (self.ptr(mean), self.ptr(invstd), self.opt_ptr(gamma), self.opt_ptr(beta));
         let grid = (segs as u32, g.c as u32);
-        if !sync {
+        if rows {
+            let blocks = Self::bn_row_blocks(g, segs);
+            if !sync {
+                let stats = bn_rows_stats {
+                    x: xp,
+                    xk,
+                    part: scratch,
+                    rows: g.n,
+                    c: g.c,
+                    per,
+                    segs: segs as i32,
+                    done: self.done,
+                    mean,
+                    invstd,
+                    rmean: rm,
+                    rvar: rv,
+                    gamma,
+                    beta,
+                    coef,
+                    eps: g.eps,
+                    momentum,
+                };
+                self.launch_blocks(blocks, BN_THREADS, 0, &stats)?;
+            } else {
+                let part = bn_rows_partial { x: xp, xk, part: scratch, rows: g.n, c: g.c, per, segs: segs as i32 };
+                self.launch_blocks(blocks, BN_THREADS, 0, &part)?;
+                self.bn_sync_finalize(scratch, segs, totals, g, (mean, invstd, rm, rv, gamma, beta, coef), momentum)?;
+            }
+        } else if !sync {
             // Plain batch norm: partial sums and statistics in one launch.
             let stats = bn_stats {
                 x: xp,
@@ -359,33 +509,52 @@ impl RunOp<ops::BatchNormTrain> for CudaBackend {
             let part =
                 bn_partial { x: xp, dy: 0, mean: 0, invstd: 0, part: scratch, n: g.n, c: g.c, hw: g.hw, per, mode: 0 };
             self.launch_grid(grid, BN_THREADS, &part)?;
-            self.launch_bn_totals(scratch, segs, totals, g.c, (g.n * g.hw) as f64)?;
-            self.sum_f64_now(totals, 2 * g.c + 1)?;
-            let fin = bn_finalize {
-                part: 0,
-                segs: 0,
-                totals,
-                mean,
-                invstd,
-                rmean: rm,
-                rvar: rv,
-                gamma,
-                beta,
-                coef,
-                c: g.c,
-                m: g.n * g.hw,
-                eps: g.eps,
-                momentum,
-            };
-            self.launch_elems(g.c, &fin)?;
+            self.bn_sync_finalize(scratch, segs, totals, g, (mean, invstd, rm, rv, gamma, beta, coef), momentum)?;
         }
         let total = g.n * g.c * g.hw;
-        let apply = bn_apply { x: xp, coef, y: self.ptr(y), total, c: g.c, hw: g.hw };
+        let apply = bn_apply { x: xp, coef, y: self.ptr(y), total, c: g.c, hw: g.hw, xk, yk };
         self.launch_elems(total, &apply)
     }
 }
 
+/// Device addresses of batch norm's per-channel outputs: mean, invstd, running mean and
+/// variance (0 where not tracked), gamma, beta (0 where not affine), coefficients.
+type BnStatPtrs = (u64, u64, u64, u64, u64, u64, u64);
+
 impl CudaBackend {
+    /// Synchronised batch norm's forward after this device's partial sums (`segs` per channel
+    /// in `part`): per-channel totals into `totals`, summed over the group, then the
+    /// statistics.
+    fn bn_sync_finalize(
+        &mut self,
+        part: u64,
+        segs: usize,
+        totals: u64,
+        g: &BnGeom,
+        (mean, invstd, rmean, rvar, gamma, beta, coef): BnStatPtrs,
+        momentum: f32,
+    ) -> Result<()> {
+        self.launch_bn_totals(part, segs, totals, g.c, (g.n * g.hw) as f64)?;
+        self.sum_f64_now(totals, 2 * g.c + 1)?;
+        let fin = bn_finalize {
+            part: 0,
+            segs: 0,
+            totals,
+            mean,
+            invstd,
+            rmean,
+            rvar,
+            gamma,
+            beta,
+            coef,
+            c: g.c,
+            m: g.n * g.hw,
+            eps: g.eps,
+            momentum,
+        };
+        self.launch_elems(g.c, &fin)
+    }
+
     /// Launches `bn_totals` for the forward pass of synchronised batch norm: per-channel totals
     /// of the partial sums (and the count) into `totals`.
     fn launch_bn_totals(&mut self, part: u64, segs: usize, totals: u64, c: usize, count: f64) -> Result<()> {
@@ -399,6 +568,8 @@ impl RunOp<ops::BatchNormInfer> for CudaBackend {
     fn run_op(&mut self, o: &ops::BatchNormInfer) -> Result<()> {
         let ops::BatchNormInfer { x, gamma, beta, running_mean, running_var, y, .. } = *o;
         let g = &o.g;
+        self.bn_rows("batch_norm_infer", x, g)?;
+        let (xk, yk) = (self.kind_of(x, "batch norm input")?, self.kind_of(y, "batch norm output")?);
         let args = bn_infer_forward {
             x: self.ptr(x),
             gamma: self.opt_ptr(gamma),
@@ -410,6 +581,8 @@ impl RunOp<ops::BatchNormInfer> for CudaBackend {
             c: g.c,
             hw: g.hw,
             eps: g.eps,
+            xk,
+            yk,
         };
         self.launch_elems(g.n * g.c * g.hw, &args)
     }
@@ -419,7 +592,10 @@ impl RunOp<ops::BatchNormBackward> for CudaBackend {
     fn run_op(&mut self, o: &ops::BatchNormBackward) -> Result<()> {
         let ops::BatchNormBackward { x, gamma, mean, invstd, dy, dx, dgamma, dbeta, sync, .. } = *o;
         let g = &o.g;
-        let (segs, per) = segments(g, self.gpu.sm_count as usize);
+        let rows = self.bn_rows("batch_norm_backward", x, g)?;
+        let (xk, dyk) = (self.kind_of(x, "batch norm input")?, self.kind_of(dy, "batch norm output gradient")?);
+        let sms = self.gpu.sm_count as usize;
+        let (segs, per) = if rows { row_segments(g, sms) } else { segments(g, sms) };
         // Scratch: partial sums, then the totals (2 f64 per channel and the count).
         let part_bytes = g.c * segs * 16;
         let scratch = self.op_scratch(part_bytes + (2 * g.c + 1) * 8)?;
@@ -428,24 +604,30 @@ impl RunOp<ops::BatchNormBackward> for CudaBackend {
         // This device's sums (and count), and from them its own dgamma and dbeta, in one launch.
         let grad = |o: Option<GradOut>| o.map(|d| (self.ptr(d.buf), d.accumulate as i32)).unwrap_or((0, 0));
         let ((dgp, dga), (dbp, dba)) = (grad(dgamma), grad(dbeta));
-        let stats = bn_stats_grad {
-            x: xp,
-            dy: dyp,
-            mean: mp,
-            invstd: ip,
-            part: scratch,
-            n: g.n,
-            c: g.c,
-            hw: g.hw,
-            per,
-            done: self.done,
-            totals: sums,
-            dgamma: dgp,
-            dbeta: dbp,
-            acc_dgamma: dga,
-            acc_dbeta: dba,
-        };
-        self.launch_grid((segs as u32, g.c as u32), BN_THREADS, &stats)?;
+        if rows {
+            let stats = bn_rows_stats_grad {
+                x: xp,
+                xk,
+                dy: dyp,
+                dyk,
+                mean: mp,
+                invstd: ip,
+                part: scratch,
+                rows: g.n,
+                c: g.c,
+                per,
+                segs: segs as i32,
+                done: self.done,
+                totals: sums,
+                dgamma: dgp,
+                dbeta: dbp,
+                acc_dgamma: dga,
+                acc_dbeta: dba,
+            };
+            self.launch_blocks(Self::bn_row_blocks(g, segs), BN_THREADS, 0, &stats)?;
+        } else {
+            self.bn_plain_stats_grad(g, (xp, dyp, mp, ip), (scratch, sums), (segs, per), ((dgp, dga), (dbp, dba)))?;
+        }
         let Some(d) = dx else { return Ok(()) };
         if sync {
             self.sum_f64_now(sums, 2 * g.c + 1)?;
@@ -463,7 +645,44 @@ impl RunOp<ops::BatchNormBackward> for CudaBackend {
             c: g.c,
             hw: g.hw,
             acc: d.accumulate as i32,
+            xk,
+            dyk,
+            dxk: self.kind_of(d.buf, "batch norm input gradient")?,
         };
         self.launch_elems(total, &args)
+    }
+}
+
+/// (dgamma, accumulate), (dbeta, accumulate): device addresses (0 where not wanted).
+type BnParamGrads = ((u64, i32), (u64, i32));
+
+impl CudaBackend {
+    /// The backward sums of channels-first batch norm (and `dgamma`, `dbeta`) in one launch.
+    fn bn_plain_stats_grad(
+        &mut self,
+        g: &BnGeom,
+        (xp, dyp, mp, ip): (u64, u64, u64, u64),
+        (scratch, sums): (u64, u64),
+        (segs, per): (usize, usize),
+        ((dgp, dga), (dbp, dba)): BnParamGrads,
+    ) -> Result<()> {
+        let stats = bn_stats_grad {
+            x: xp,
+            dy: dyp,
+            mean: mp,
+            invstd: ip,
+            part: scratch,
+            n: g.n,
+            c: g.c,
+            hw: g.hw,
+            per,
+            done: self.done,
+            totals: sums,
+            dgamma: dgp,
+            dbeta: dbp,
+            acc_dgamma: dga,
+            acc_dbeta: dba,
+        };
+        self.launch_grid((segs as u32, g.c as u32), BN_THREADS, &stats)
     }
 }

@@ -25,7 +25,8 @@ const SUM_THREADS: u32 = 256;
 const TILE: usize = 32;
 
 kernels! {
-    cast_to_half(src: (const float*), dst: (u16*), n: i64, kind: int);
+    cast_to_half(src: (const float*), dst: (u16*), n: i64, kind: int, acc: int);
+    bias_add_any(y: (void*), b: (const float*), total: i64, k: i64, hw: i64, kind: int, nhwc: int);
     cast_from_half(src: (const u16*), dst: (float*), n: i64, acc: int, bias: (const float*), k: i64, hw: i64, kind: int);
     cast_permute(src: (const void*), dst: (void*), nb: i64, rows: i64, cols: i64, skind: int, dkind: int, acc: int,
         bias: (const float*), bk: i64, binner: i64, bias_src: int);
@@ -35,13 +36,14 @@ kernels! {
     column_sum_half(dy: (const u16*), db: (float*), m: i64, n: i64, acc: int, kind: int);
 }
 
-pub(super) const MODULE: ModuleSrc = ModuleSrc {
-    name: "cast",
-    kernels: KERNELS,
-    prototypes,
-    source: r#"
+/// The half-precision helpers every module with half kernels puts in front of its source (a
+/// string literal for `concat!`): conversions between f32 and bf16 / f16 (`to_half`,
+/// `from_half`, by `kind`: 1 bf16, 2 f16), and `load_any` / `put_any`, which read and write
+/// an element of a buffer of any of the three (`kind` 0: f32).
+macro_rules! half_prelude {
+    () => {
+        r#"
 typedef unsigned short u16;
-#define TILE 32
 
 __device__ __forceinline__ u16 to_bf16(float f) {
     unsigned u = __float_as_uint(f);
@@ -72,24 +74,46 @@ __device__ __forceinline__ float from_half(u16 h, int kind) { return kind == 2 ?
 __device__ __forceinline__ float load_any(const void* p, i64 i, int kind) {
     return kind == 0 ? ((const float*)p)[i] : from_half(((const u16*)p)[i], kind);
 }
+// Stores v (added to what is there where acc; a half sum is rounded once, as PyTorch's).
 __device__ __forceinline__ void put_any(void* p, i64 i, float v, int kind, int acc) {
     if (kind == 0) store(&((float*)p)[i], v, acc);
-    else ((u16*)p)[i] = to_half(v, kind);
+    else ((u16*)p)[i] = to_half(acc ? from_half(((u16*)p)[i], kind) + v : v, kind);
 }
 
-// dst = half(src), four values a thread (every buffer starts 256-byte aligned), then the tail.
-extern "C" __global__ void cast_to_half(const float* src, u16* dst, i64 n, int kind) {
+"#
+    };
+}
+
+pub(super) const MODULE: ModuleSrc = ModuleSrc {
+    name: "cast",
+    kernels: KERNELS,
+    prototypes,
+    source: concat!(
+        half_prelude!(),
+        r#"
+#define TILE 32
+
+// dst = half(src) (dst = half(dst + src) where acc), four values a thread (every buffer starts
+// 256-byte aligned), then the tail.
+extern "C" __global__ void cast_to_half(const float* src, u16* dst, i64 n, int kind, int acc) {
     i64 n4 = n / 4;
     const float4* s4 = (const float4*)src;
     uint2* d4 = (uint2*)dst;
     GRID_LOOP(i, n4) {
         float4 v = s4[i];
+        if (acc) {
+            uint2 d = d4[i];
+            v.x += from_half((u16)(d.x & 0xffffu), kind);
+            v.y += from_half((u16)(d.x >> 16), kind);
+            v.z += from_half((u16)(d.y & 0xffffu), kind);
+            v.w += from_half((u16)(d.y >> 16), kind);
+        }
         uint2 o;
         o.x = (unsigned)to_half(v.x, kind) | ((unsigned)to_half(v.y, kind) << 16);
         o.y = (unsigned)to_half(v.z, kind) | ((unsigned)to_half(v.w, kind) << 16);
         d4[i] = o;
     }
-    GRID_LOOP(j, n - n4 * 4) dst[n4 * 4 + j] = to_half(src[n4 * 4 + j], kind);
+    GRID_LOOP(j, n - n4 * 4) put_any(dst, n4 * 4 + j, src[n4 * 4 + j], kind, acc);
 }
 
 // dst (=|+=) f32(src) (+ bias[(i / hw) % k] where bias is not null).
@@ -179,7 +203,14 @@ extern "C" __global__ void column_sum_half(const u16* dy, float* db, i64 m, i64 
         store(&db[j], (float)s, acc);
     }
 }
-"#,
+
+// y[i] += b[channel of i] over a half or f32 y (kind) in NCHW ([n, k, hw]) or NHWC ([n, hw, k])
+// order (a convolution's bias).
+extern "C" __global__ void bias_add_any(void* y, const float* b, i64 total, i64 k, i64 hw, int kind, int nhwc) {
+    GRID_LOOP(i, total) put_any(y, i, b[nhwc ? i % k : (i / hw) % k], kind, 1);
+}
+"#
+    ),
 };
 
 /// The kernels' number for a dtype: 0 f32, 1 bf16, 2 f16; `None` for the others.
@@ -193,7 +224,7 @@ pub(super) fn kind(d: DType) -> Option<i32> {
 }
 
 /// The kernels' number of a half dtype (1 bf16, 2 f16), or an error naming `what`.
-fn half_kind(d: DType, what: &str) -> Result<i32> {
+pub(super) fn half_kind(d: DType, what: &str) -> Result<i32> {
     match kind(d) {
         Some(k) if k > 0 => Ok(k),
         _ => Err(Error::State(format!("{what}: {d} where bfloat16 or float16 is expected"))),
@@ -205,17 +236,28 @@ impl CudaBackend {
     pub(super) fn dtype_of(&self, b: BufId) -> DType {
         self.bufs[b.0].2
     }
+
+    /// The kernels' number for buffer `b`'s dtype (0 f32, 1 bf16, 2 f16), or an error naming
+    /// `what` (an op's operand) for any other dtype.
+    pub(super) fn kind_of(&self, b: BufId, what: &str) -> Result<i32> {
+        let d = self.dtype_of(b);
+        kind(d)
+            .ok_or_else(|| Error::State(format!("{what}: buffer {} holds {d}, not float32, bfloat16 or float16", b.0)))
+    }
 }
 
 impl RunOp<ops::Cast> for CudaBackend {
     fn run_op(&mut self, o: &ops::Cast) -> Result<()> {
         let ops::Cast { len, src, dst, bias, permute } = *o;
         let (from, to) = (self.dtype_of(src), self.dtype_of(dst.buf));
-        let narrowing = from == DType::F32 && to.is_half() && !dst.accumulate && bias.is_none();
+        let narrowing = from == DType::F32 && to.is_half() && bias.is_none();
         let widening = from.is_half() && to == DType::F32;
-        if !narrowing && !widening {
+        // Half to the same half type: a change of order only (a channels-last activation into
+        // the channels-first order a dense layer reads).
+        let permuting = from.is_half() && to == from && permute.is_some() && bias.is_none();
+        if !narrowing && !widening && !permuting {
             return Err(Error::State(format!(
-                "cast of buffer {} ({from}) into buffer {} ({to}){}{}: the GPU casts f32 to bf16 or f16 (overwriting, no bias) and bf16 or f16 to f32",
+                "cast of buffer {} ({from}) into buffer {} ({to}){}{}: the GPU casts f32 to bf16 or f16 (no bias), bf16 or f16 to f32, and permutes bf16 or f16 (no bias)",
                 src.0,
                 dst.buf.0,
                 if dst.accumulate { ", accumulating" } else { "" },
@@ -249,7 +291,13 @@ impl RunOp<ops::Cast> for CudaBackend {
             return self.launch_blocks(grid, 256, 0, &args);
         }
         if narrowing {
-            let args = cast_to_half { src: self.ptr(src), dst: self.ptr(dst.buf), n: len, kind: dk };
+            let args = cast_to_half {
+                src: self.ptr(src),
+                dst: self.ptr(dst.buf),
+                n: len,
+                kind: dk,
+                acc: dst.accumulate as i32,
+            };
             // Four values a thread.
             return self.launch_elems(len.div_ceil(4), &args);
         }
@@ -298,6 +346,22 @@ impl CudaBackend {
         self.launch_blocks((groups * segs) as u32, SUM_THREADS, 0, &args)?;
         let args = channel_partials_sum { part, db: self.ptr(db.buf), segs, k, acc };
         self.launch_elems(k, &args)
+    }
+
+    /// `y[.., k, ..] += b[k]` over a half-precision `y` of `n` images of `k` channels by `hw`
+    /// positions in `format` (a convolution's bias under mixed precision, where its output
+    /// stays half).
+    pub(super) fn bias_add_half(
+        &mut self,
+        y: BufId,
+        b: BufId,
+        (n, k, hw): (usize, usize, usize),
+        format: MemoryFormat,
+    ) -> Result<()> {
+        let kind = half_kind(self.dtype_of(y), "convolution bias")?;
+        let nhwc = (format == MemoryFormat::Nhwc) as i32;
+        let args = bias_add_any { y: self.ptr(y), b: self.ptr(b), total: n * k * hw, k, hw, kind, nhwc };
+        self.launch_elems(n * k * hw, &args)
     }
 
     /// `db[j] (+)= sum over rows of dy[m, n]` for a half-precision `dy` (a dense layer's bias

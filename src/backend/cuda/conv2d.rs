@@ -611,8 +611,8 @@ impl CudaBackend {
     /// The data type and order of a convolution's data buffers: all f32 (channels first), or
     /// all one half type (mixed precision, in `format`); any other mixture is an error naming
     /// the op's buffers. A half convolution's bias and bias gradient stay f32 (`bias` lists
-    /// them), and its bias is added where its output is widened (the cast after it), not by the
-    /// convolution.
+    /// them); a channels-last half output gets its bias from the convolution (mixed precision
+    /// keeps it half), a channels-first one where it is widened (the cast after it).
     fn conv_data(
         &self,
         op: &str,
@@ -622,14 +622,15 @@ impl CudaBackend {
     ) -> Result<ConvData> {
         let types: Vec<DType> = data.iter().map(|&b| self.dtype_of(b)).collect();
         let want = if types[0].is_half() { types[0] } else { DType::F32 };
-        let bias_ok = bias.0.is_none_or(|b| self.dtype_of(b) == DType::F32) && !(want.is_half() && bias.1);
+        let bias_ok = bias.0.is_none_or(|b| self.dtype_of(b) == DType::F32)
+            && !(want.is_half() && bias.1 && format != MemoryFormat::Nhwc);
         let format_ok = want.is_half() || format == MemoryFormat::Nchw;
         if types.iter().all(|&t| t == want) && bias_ok && format_ok {
             return Ok(ConvData { dtype: want, format });
         }
         let list: Vec<String> = data.iter().zip(&types).map(|(b, t)| format!("buffer {} {t}", b.0)).collect();
         Err(Error::State(format!(
-            "{op} ({}): operands must be all f32 (channels first) or all bf16 or all f16 with an f32 bias gradient (a half output takes its bias in the cast that widens it); got {}{}",
+            "{op} ({}): operands must be all f32 (channels first) or all bf16 or all f16 with an f32 bias (a channels-first half output takes its bias in the cast that widens it); got {}{}",
             format.name(),
             list.join(", "),
             bias.0.map(|b| format!(", bias buffer {} {}", b.0, self.dtype_of(b))).unwrap_or_default()
@@ -647,8 +648,10 @@ impl RunOp<ops::Conv2d> for CudaBackend {
         let c = self.conv_algo_as(g, data, Dir::Forward, xp, wp)?;
         let ws = self.conv_workspace(c.memory)?;
         self.conv_run(g, c, (xp, wp), (yp, 0.0), ws)?;
-        if let Some(b) = b {
-            self.bias_add(y, b, g.n, g.k, g.oh * g.ow)?;
+        match b {
+            Some(b) if data.half() => self.bias_add_half(y, b, (g.n, g.k, g.oh * g.ow), format)?,
+            Some(b) => self.bias_add(y, b, g.n, g.k, g.oh * g.ow)?,
+            None => {}
         }
         Ok(())
     }

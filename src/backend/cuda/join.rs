@@ -5,10 +5,10 @@
 
 use super::CudaBackend;
 use super::nvrtc::ModuleSrc;
-use crate::Result;
 use crate::backend::ops;
 use crate::backend::ops::RunOp;
 use crate::backend::ops::{BufId, GradOut};
+use crate::{Error, Result};
 
 /// Inputs one `add` launch takes; longer sums chain launches that accumulate.
 const ADD_FAN_IN: usize = 8;
@@ -17,9 +17,9 @@ const ADD_FAN_IN: usize = 8;
 const SUM_THREADS: u32 = 256;
 
 kernels! {
-    add_n(y: (float*), n: i64, count: int, acc: int, a0: (const float*), a1: (const float*), a2: (const float*), a3: (const float*), a4: (const float*), a5: (const float*), a6: (const float*), a7: (const float*));
+    add_n(y: (void*), n: i64, count: int, acc: int, a0: (const void*), a1: (const void*), a2: (const void*), a3: (const void*), a4: (const void*), a5: (const void*), a6: (const void*), a7: (const void*), kind: int);
     strided_copy(src: (const float*), dst: (float*), rows: i64, len: i64, src_stride: i64, src_off: i64, dst_stride: i64, dst_off: i64, acc: int);
-    copy_or_add(src: (const float*), dst: (float*), n: i64, acc: int);
+    copy_or_add(src: (const void*), dst: (void*), n: i64, acc: int, kind: int);
     fill(dst: (float*), n: i64, v: float);
     bias_add(y: (float*), b: (const float*), total: i64, k: i64, hw: i64);
     channel_sum(dy: (const float*), db: (float*), n: i64, k: i64, hw: i64, acc: int);
@@ -30,16 +30,36 @@ pub(super) const MODULE: ModuleSrc = ModuleSrc {
     name: "join",
     kernels: KERNELS,
     prototypes,
-    source: r#"
-// y = a0 + a1 + ... (count inputs, added left to right), or y += a0 + ... when acc.
-extern "C" __global__ void add_n(float* y, i64 n, int count, int acc, const float* a0, const float* a1,
-                                 const float* a2, const float* a3, const float* a4, const float* a5,
-                                 const float* a6, const float* a7) {
-    const float* a[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
-    GRID_LOOP(i, n) {
-        float s = acc ? y[i] + a[0][i] : a[0][i];
-        for (int j = 1; j < count; j++) s += a[j][i];
-        y[i] = s;
+    source: concat!(
+        half_prelude!(),
+        r#"
+// y = a0 + a1 + ... (count inputs, added left to right), or y += a0 + ... when acc; y and the
+// inputs all of one kind (0 f32, 1 bf16, 2 f16: the sum in f32, rounded once). Each thread
+// loads ILP values of an input (a grid stride apart) before adding them, as batch_norm.rs's
+// element-wise kernels do (same additions in the same order).
+#define ILP 4
+extern "C" __global__ void add_n(void* y, i64 n, int count, int acc, const void* a0, const void* a1,
+                                 const void* a2, const void* a3, const void* a4, const void* a5,
+                                 const void* a6, const void* a7, int kind) {
+    const void* a[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
+    i64 i0 = (i64)blockIdx.x * blockDim.x + threadIdx.x, stride = (i64)gridDim.x * blockDim.x;
+    for (i64 i = i0; i < n; i += ILP * stride) {
+        float s[ILP];
+#pragma unroll
+        for (int k = 0; k < ILP; k++) {
+            i64 at = i + k * stride;
+            s[k] = at < n ? (acc ? load_any(y, at, kind) + load_any(a[0], at, kind) : load_any(a[0], at, kind)) : 0.f;
+        }
+        for (int j = 1; j < count; j++) {
+            float v[ILP];
+#pragma unroll
+            for (int k = 0; k < ILP; k++) v[k] = i + k * stride < n ? load_any(a[j], i + k * stride, kind) : 0.f;
+#pragma unroll
+            for (int k = 0; k < ILP; k++) s[k] += v[k];
+        }
+#pragma unroll
+        for (int k = 0; k < ILP; k++)
+            if (i + k * stride < n) put_any(y, i + k * stride, s[k], kind, 0);
     }
 }
 
@@ -52,8 +72,17 @@ extern "C" __global__ void strided_copy(const float* src, float* dst, i64 rows, 
     }
 }
 
-extern "C" __global__ void copy_or_add(const float* src, float* dst, i64 n, int acc) {
-    GRID_LOOP(i, n) store(&dst[i], src[i], acc);
+// dst (=|+=) src, both of one kind, ILP values a thread in flight.
+extern "C" __global__ void copy_or_add(const void* src, void* dst, i64 n, int acc, int kind) {
+    i64 i0 = (i64)blockIdx.x * blockDim.x + threadIdx.x, stride = (i64)gridDim.x * blockDim.x;
+    for (i64 i = i0; i < n; i += ILP * stride) {
+        float v[ILP];
+#pragma unroll
+        for (int k = 0; k < ILP; k++) v[k] = i + k * stride < n ? load_any(src, i + k * stride, kind) : 0.f;
+#pragma unroll
+        for (int k = 0; k < ILP; k++)
+            if (i + k * stride < n) put_any(dst, i + k * stride, v[k], kind, acc);
+    }
 }
 
 extern "C" __global__ void fill(float* dst, i64 n, float v) {
@@ -83,13 +112,15 @@ extern "C" __global__ void column_sum(const float* dy, float* db, i64 m, i64 n, 
         store(&db[j], (float)s, acc);
     }
 }
-"#,
+"#
+    ),
 };
 
 impl RunOp<ops::Add> for CudaBackend {
     fn run_op(&mut self, o: &ops::Add) -> Result<()> {
         let ops::Add { len, y, .. } = *o;
         let inputs = &o.inputs;
+        let kind = self.same_kind("add", y, inputs)?;
         for (i, chunk) in inputs.chunks(ADD_FAN_IN).enumerate() {
             let a = |k: usize| chunk.get(k).map(|b| self.ptr(*b)).unwrap_or(0);
             let args = add_n {
@@ -105,6 +136,7 @@ impl RunOp<ops::Add> for CudaBackend {
                 a5: a(5),
                 a6: a(6),
                 a7: a(7),
+                kind,
             };
             self.launch_elems(len, &args)?;
         }
@@ -113,6 +145,22 @@ impl RunOp<ops::Add> for CudaBackend {
 }
 
 impl CudaBackend {
+    /// The kernels' number of the dtype `y` and every buffer of `others` share (f32, bf16 or
+    /// f16); an error naming `op` where they differ.
+    fn same_kind(&self, op: &str, y: BufId, others: &[BufId]) -> Result<i32> {
+        let kind = self.kind_of(y, op)?;
+        match others.iter().find(|&&b| self.dtype_of(b) != self.dtype_of(y)) {
+            None => Ok(kind),
+            Some(&b) => Err(Error::State(format!(
+                "{op}: buffer {} holds {} and buffer {} holds {}: its operands must share one dtype",
+                y.0,
+                self.dtype_of(y),
+                b.0,
+                self.dtype_of(b)
+            ))),
+        }
+    }
+
     /// Copies `rows` rows of `len` values between row-strided layouts (concat and its gradient);
     /// `src` and `dst` are (buffer, row stride, offset).
     pub(super) fn strided_copy(
@@ -175,7 +223,8 @@ impl RunOp<ops::ConcatBackward> for CudaBackend {
 impl RunOp<ops::GradInto> for CudaBackend {
     fn run_op(&mut self, o: &ops::GradInto) -> Result<()> {
         let ops::GradInto { len, src, dst, .. } = *o;
-        let args = copy_or_add { src: self.ptr(src), dst: self.ptr(dst.buf), n: len, acc: dst.accumulate as i32 };
+        let kind = self.same_kind("grad_into", dst.buf, &[src])?;
+        let args = copy_or_add { src: self.ptr(src), dst: self.ptr(dst.buf), n: len, acc: dst.accumulate as i32, kind };
         self.launch_elems(len, &args)
     }
 }

@@ -27,9 +27,11 @@ mod nvrtc;
 // Before the kernel modules: its `mt_prelude!` goes into their sources.
 #[macro_use]
 mod multi_tensor;
+// Before the modules with half kernels: its `half_prelude!` goes into their sources.
+#[macro_use]
+mod cast;
 mod activation;
 mod batch_norm;
-mod cast;
 mod conv2d;
 mod conv_transpose2d;
 mod driver;

@@ -1,8 +1,8 @@
 //! Number-format conversion for mixed precision (`Precision::Bf16Mixed` in `exec`): f32 to a
-//! half-precision dtype (bf16 or f16) before a convolution or matrix product, back to f32 after
-//! it, optionally moving the values between channels-first and channels-last order in the same
-//! pass (tensor cores read NHWC). The compiler inserts these around the ops that run on tensor
-//! cores (`exec/autocast.rs`); no layer lowers to them.
+//! half-precision dtype (bf16 or f16) where an activation enters the half channels-last part of
+//! a plan, back to f32 where it leaves it, optionally moving the values between channels-first
+//! and channels-last order in the same pass (tensor cores read NHWC). The compiler inserts these
+//! (`exec/autocast.rs`); no layer lowers to them.
 
 use super::{BufId, GradOut, MemoryFormat, Op, OpDesc};
 use crate::{Error, Result};
@@ -61,8 +61,9 @@ impl CastPermute {
 /// `dst (=|+=) convert(src) (+ bias)` over `len` values, permuted where `permute` says. The
 /// direction comes from the buffers' dtypes: f32 to bf16 or f16 rounds to nearest even (NaN
 /// stays NaN, overflow goes to infinity, as PyTorch's `.to(torch.bfloat16)` and
-/// `.to(torch.float16)`); bf16 or f16 to f32 is exact. Accumulating and adding a bias need an
-/// f32 destination.
+/// `.to(torch.float16)`); bf16 or f16 to f32 is exact; a half type to itself only permutes.
+/// Accumulating into a half destination adds in f32 and rounds once; a bias needs an f32
+/// destination.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Cast {
     /// Number of values.
@@ -79,12 +80,27 @@ pub struct Cast {
 }
 
 impl Op {
-    /// Whether the op may name half-precision (bf16, f16) buffers: the casts, and the
-    /// convolutions and matrix products that mixed precision runs on tensor cores (their half
-    /// operands come from casts; results, parameters and gradients of parameters stay f32). A
+    /// Whether the op may name half-precision (bf16, f16) buffers: the casts, the convolutions
+    /// and matrix products that mixed precision runs on tensor cores, and the ops it runs on
+    /// half channels-last activations between them (batch norm, element-wise activations,
+    /// sums and gradient copies); parameters, their gradients and statistics stay f32. A
     /// backend that computes in half precision still checks each such op's dtypes itself.
     pub fn takes_half(&self) -> bool {
-        matches!(self, Op::Cast(_) | Op::Conv2d(_) | Op::Conv2dBackward(_) | Op::Linear(_) | Op::LinearBackward(_))
+        matches!(
+            self,
+            Op::Cast(_)
+                | Op::Conv2d(_)
+                | Op::Conv2dBackward(_)
+                | Op::Linear(_)
+                | Op::LinearBackward(_)
+                | Op::BatchNormTrain(_)
+                | Op::BatchNormInfer(_)
+                | Op::BatchNormBackward(_)
+                | Op::Act(_)
+                | Op::ActBackward(_)
+                | Op::Add(_)
+                | Op::GradInto(_)
+        )
     }
 }
 
