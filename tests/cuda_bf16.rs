@@ -59,8 +59,14 @@ const TOL: f64 = 1e-2;
 /// the 20 layers, the input gradient 3.22e-2, so the error of a deep bf16 network is about 4e-2
 /// and the bound keeps a 1.4x margin over the largest measured value. With channels-last
 /// convolutions (other cuDNN kernels, other summation orders) the next run measured 4.48e-2
-/// (a batch-norm weight gradient, accumulated; 2026-11-29 13:15 UTC): within the bound.
-const DEEP_TOL: f64 = 6e-2;
+/// (a batch-norm weight gradient, accumulated; 2026-11-29 13:15 UTC): within the bound. With
+/// every activation and activation gradient rounded to bf16 between layers (the whole-plan
+/// channels-last pass, as PyTorch's autocast with channels_last does) the first H100 run stayed
+/// under 6e-2 and the second measured 6.19e-2 (batch_norm_4.weight.grad and conv2d_18.weight.grad,
+/// 2026-12-07 04:43 UTC; cuDNN's timed algorithm choice differs from run to run): one more
+/// rounding per layer and tensor, about sqrt(2) times the earlier 4.5e-2. The bound is raised to
+/// 8e-2, a 1.3x margin over that.
+const DEEP_TOL: f64 = 8e-2;
 
 /// Cases whose gradients hinge on ReLU or max-pooling decisions (see the module
 /// documentation): forward tensors only.
