@@ -473,7 +473,9 @@ fn arena_buffers_of_awkward_lengths_read_back() {
     }
     assert_eq!(gpu.memory().chunks, 0, "nothing is created before the first use");
     check(&mut gpu, 0);
-    assert_eq!(gpu.memory().chunks, 1, "{} buffers, one arena", lens.len());
+    // One arena, or (KILN_WGPU_ARENA=0) a wgpu buffer per plan buffer.
+    let chunks = if gpu.memory().dedicated { lens.len() } else { 1 };
+    assert_eq!(gpu.memory().chunks, chunks, "{} buffers", lens.len());
     for i in (1..lens.len()).step_by(2) {
         write(&mut gpu, i);
     }
@@ -495,7 +497,7 @@ fn arena_buffers_of_awkward_lengths_read_back() {
         |src, buf, accumulate| Op::GradInto(ops::GradInto { len: n, src, dst: ops::GradOut { buf, accumulate } });
     assert_eq!(lens[10], n);
     gpu.run(&[into(a, b, false), into(a, c, true), into(ids[10], d, false)]).unwrap();
-    assert_eq!(gpu.memory().chunks, 2);
+    assert_eq!(gpu.memory().chunks, if gpu.memory().dedicated { lens.len() + 4 } else { 2 });
     assert_eq!(gpu.read(b).unwrap(), va, "a copy within one arena");
     let sum: Vec<f32> = vc.iter().zip(&va).map(|(x, y)| x + y).collect();
     assert_eq!(gpu.read(c).unwrap(), sum, "a sum within one arena");
@@ -538,7 +540,7 @@ fn batches_in_flight_through_the_staging_ring() {
     assert_eq!(gpu.read(small).unwrap(), vec![11.0; 5]);
     let m = gpu.memory();
     println!("{m:?}");
-    assert_eq!(m.chunks, 1);
+    assert!(if m.dedicated { m.chunks > 1 } else { m.chunks == 1 }, "{m:?}");
     assert_eq!(m.uploads, 12 * 2 + 3, "every write through the ring");
     assert!(m.staging_bytes <= 4 * (4 << 20), "the ring grew past its stages: {m:?}");
 }

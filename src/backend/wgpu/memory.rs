@@ -79,10 +79,13 @@ pub(super) struct Arena {
     max_binding: u64,
     /// Bytes of the chunks that exist now.
     current: u64,
+    /// Each buffer a chunk of its own (`KILN_WGPU_ARENA=0`): then no chunk holds two plan
+    /// buffers and read-only bindings are possible (see [`Arena::dedicated`]).
+    dedicated: bool,
 }
 
 impl Arena {
-    pub fn new(limits: &wgpu::Limits) -> Arena {
+    pub fn new(limits: &wgpu::Limits, dedicated: bool) -> Arena {
         // At least 256 bytes (what WebGPU guarantees and most adapters ask for): each buffer
         // starts a cache line of its own, as a buffer of its own would, and `vec4` arrays and
         // mapped ranges (8 bytes) are aligned wherever the adapter allows less.
@@ -95,10 +98,17 @@ impl Arena {
             max_chunk,
             max_binding: limits.max_storage_buffer_binding_size.min(max_chunk) / 4 * 4,
             current: 0,
+            dedicated,
         }
     }
 
     /// The largest buffer [`Arena::alloc`] accepts, in bytes.
+    /// Whether every plan buffer is a wgpu buffer of its own (no two share a chunk), so that a
+    /// dispatch may bind some read-only and others read-write.
+    pub fn dedicated(&self) -> bool {
+        self.dedicated
+    }
+
     pub fn max_binding(&self) -> u64 {
         self.max_binding
     }
@@ -125,7 +135,8 @@ impl Arena {
         if bytes > self.max_binding {
             return Err(Error::OutOfMemory { model: String::new(), batch: 0, needed: bytes, free: self.max_binding });
         }
-        let open = self.chunks.last().filter(|c| c.open).map(|c| c.size.next_multiple_of(self.align));
+        let open =
+            self.chunks.last().filter(|c| c.open && !self.dedicated).map(|c| c.size.next_multiple_of(self.align));
         let (chunk, offset) = match open {
             Some(at) if at + bytes <= self.max_chunk => (self.chunks.len() - 1, at),
             _ => {

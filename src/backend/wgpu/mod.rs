@@ -138,6 +138,9 @@ pub struct WgpuMemory {
     pub uploads: u64,
     /// Of those, writes that waited for the device to release a stage.
     pub waits: u64,
+    /// Whether every plan buffer is a wgpu buffer of its own (`KILN_WGPU_ARENA=0`: read-only
+    /// bindings), rather than a range of a shared one.
+    pub dedicated: bool,
 }
 
 /// The wgpu backend (see the module docs).
@@ -283,7 +286,7 @@ impl WgpuBackend {
             device,
             queue,
             info,
-            arena: memory::Arena::new(&limits),
+            arena: memory::Arena::new(&limits, std::env::var("KILN_WGPU_ARENA").is_ok_and(|v| v == "0")),
             ring: memory::Ring::new(),
             counters: Vec::new(),
             pipelines: HashMap::new(),
@@ -325,6 +328,7 @@ impl WgpuBackend {
     /// reports).
     pub fn memory(&self) -> WgpuMemory {
         WgpuMemory {
+            dedicated: self.arena.dedicated(),
             chunks: self.arena.chunks(),
             arena_bytes: self.arena.current(),
             max_buffer_bytes: self.arena.max_binding(),
@@ -376,10 +380,16 @@ impl WgpuBackend {
         if let Some(p) = self.pipelines.get(k.name) {
             return Ok(p.clone());
         }
-        // Every storage binding is declared read-write: plan buffers are ranges of one wgpu
-        // buffer, and wgpu tracks usage per buffer, so a dispatch that binds one range read-only
-        // and another read-write would be refused as a usage conflict.
-        let source = k.source().replace("var<storage, read>", "var<storage, read_write>");
+        // With plan buffers as ranges of one wgpu buffer, every storage binding is declared
+        // read-write: wgpu tracks usage per buffer, so a dispatch that binds one range read-only
+        // and another read-write would be refused as a usage conflict. With a buffer each
+        // (`KILN_WGPU_ARENA=0`) the kernels keep their read-only bindings, which NVIDIA's
+        // driver reads through its read-only cache path (NOTES.md, round 5).
+        let source = if self.arena.dedicated() {
+            k.source().to_string()
+        } else {
+            k.source().replace("var<storage, read>", "var<storage, read_write>")
+        };
         let desc =
             wgpu::ShaderModuleDescriptor { label: Some(k.name), source: wgpu::ShaderSource::Wgsl(source.into()) };
         // wgpu bounds every shader loop with a hidden counter unless told the loops end; the

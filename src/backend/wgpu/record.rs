@@ -262,20 +262,33 @@ impl<'a> Recorder<'a> {
             })
         });
         let scratch_bytes = self.scratch_end.next_multiple_of(4);
-        let scratch = (scratch_bytes > 0).then(|| {
+        let new_scratch = |size: u64| {
             be.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("kiln scratch"),
-                size: scratch_bytes,
+                size,
                 usage: U::STORAGE | U::COPY_SRC | U::COPY_DST,
                 mapped_at_creation: false,
             })
-        });
+        };
+        // One buffer for every range, or (read-only bindings, `Arena::dedicated`) one per range,
+        // so that no dispatch binds one buffer both read-only and read-write.
+        let dedicated = be.arena.dedicated();
+        let scratch = (scratch_bytes > 0 && !dedicated).then(|| new_scratch(scratch_bytes));
+        let scratch_each: Vec<(u64, wgpu::Buffer)> = if dedicated {
+            self.scratch.iter().map(|&(offset, size)| (offset, new_scratch(size.next_multiple_of(4)))).collect()
+        } else {
+            Vec::new()
+        };
         be.take_errors("recording: the list's buffers")?;
         let missing = || Error::State("wgpu: a recorded range has no buffer".into());
         let place = |r: &Range| -> Result<(wgpu::Buffer, u64, Option<u64>)> {
             Ok(match r {
                 Range::Arena { buf, offset, size, .. } => (buf.clone(), *offset, Some(*size)),
                 Range::Whole(b) => (b.clone(), 0, None),
+                Range::Scratch { offset, size } if dedicated => {
+                    let i = scratch_each.binary_search_by_key(offset, |s| s.0).map_err(|_| missing())?;
+                    (scratch_each[i].1.clone(), 0, Some(*size))
+                }
                 Range::Scratch { offset, size } => (scratch.clone().ok_or_else(missing)?, *offset, Some(*size)),
                 Range::Params { offset, size } => (params.clone().ok_or_else(missing)?, *offset, Some(*size)),
             })
@@ -419,7 +432,9 @@ impl<'a> Recorder<'a> {
         let (s, d) = (self.range(src)?, self.range(dst)?);
         let same = match (&s, &d) {
             (Range::Arena { chunk: a, .. }, Range::Arena { chunk: b, .. }) => a == b,
-            (Range::Scratch { .. }, Range::Scratch { .. }) => true,
+            (Range::Scratch { offset: a, .. }, Range::Scratch { offset: b, .. }) => {
+                !self.be.arena.dedicated() || a == b
+            }
             _ => false,
         };
         if same {
