@@ -438,19 +438,20 @@ fn the_tutorial_reaches_the_cpu_loss() {
 
 /// The backend itself (not boxed), for its memory figures.
 #[cfg(feature = "wgpu")]
-fn wgpu_direct() -> kiln::backend::wgpu::WgpuBackend {
-    kiln::backend::wgpu::WgpuBackend::new(wgpu_common::adapter())
+fn wgpu_direct(one_arena: bool) -> kiln::backend::wgpu::WgpuBackend {
+    kiln::backend::wgpu::WgpuBackend::with_arena(wgpu_common::adapter(), one_arena)
         .unwrap_or_else(|e| panic!("the wgpu backend is unusable: {e}"))
 }
 
-/// Plan buffers are ranges of one wgpu buffer (the arena): buffers of awkward lengths, f32 and
-/// u32 side by side, written before the arena exists (kept on the host, copied in when it is
-/// made) and after (through the staging ring), read back bit for bit; copies and sums between
-/// them (within one arena a kernel, between two a buffer copy) as the host computes them; a
-/// freed buffer leaves its neighbours intact.
+/// Plan buffers as ranges of one wgpu buffer (`one_arena`) or each a buffer of its own (the
+/// default): buffers of awkward lengths, f32 and u32 side by side, written before the arena
+/// exists (kept on the host, copied in when it is made) and after (through the staging ring),
+/// read back bit for bit; copies and sums between them (within one arena a kernel, between two
+/// a buffer copy) as the host computes them; a freed buffer leaves its neighbours intact.
 #[cfg(feature = "wgpu")]
-fn arena_buffers_of_awkward_lengths_read_back() {
-    let mut gpu = wgpu_direct();
+fn arena_buffers_of_awkward_lengths_read_back(one_arena: bool) {
+    let mut gpu = wgpu_direct(one_arena);
+    assert_eq!(gpu.memory().dedicated, !one_arena);
     let lens = [1usize, 3, 5, 7, 63, 64, 65, 0, 255, 257, 1000, 4099, 2];
     let dtype = |i: usize| if i % 3 == 2 { DType::U32 } else { DType::F32 };
     let floats = |i: usize| random(lens[i], 100 + i as u64, -5.0, 5.0);
@@ -516,8 +517,8 @@ fn arena_buffers_of_awkward_lengths_read_back() {
 /// with the batch written twice before the step (the second write must win), nothing read until
 /// the end; the device's running sum is the host's, bit for bit.
 #[cfg(feature = "wgpu")]
-fn batches_in_flight_through_the_staging_ring() {
-    let mut gpu = wgpu_direct();
+fn batches_in_flight_through_the_staging_ring(one_arena: bool) {
+    let mut gpu = wgpu_direct(one_arena);
     let n = 300_000;
     let (x, acc, small) =
         (gpu.alloc(n, DType::F32).unwrap(), gpu.alloc(n, DType::F32).unwrap(), gpu.alloc(5, DType::F32).unwrap());
@@ -549,7 +550,7 @@ fn batches_in_flight_through_the_staging_ring() {
 /// memory, with the sizes), not a panic, and the backend goes on working.
 #[cfg(feature = "wgpu")]
 fn allocations_above_the_adapter_limits_are_errors() {
-    let mut gpu = wgpu_direct();
+    let mut gpu = wgpu_direct(false);
     let max = gpu.memory().max_buffer_bytes;
     let e = gpu.alloc((max / 4 + 1) as usize, DType::F32).unwrap_err();
     assert!(matches!(e, kiln::Error::OutOfMemory { .. }), "{e}");
@@ -613,8 +614,12 @@ fn main() {
     ];
     #[cfg(feature = "wgpu")]
     trials.extend([
-        wgpu_trial("arena_buffers_of_awkward_lengths_read_back", arena_buffers_of_awkward_lengths_read_back),
-        wgpu_trial("batches_in_flight_through_the_staging_ring", batches_in_flight_through_the_staging_ring),
+        wgpu_trial("buffers_of_awkward_lengths_read_back", || arena_buffers_of_awkward_lengths_read_back(false)),
+        wgpu_trial("arena_buffers_of_awkward_lengths_read_back", || arena_buffers_of_awkward_lengths_read_back(true)),
+        wgpu_trial("batches_in_flight_through_the_staging_ring", || batches_in_flight_through_the_staging_ring(false)),
+        wgpu_trial("arena_batches_in_flight_through_the_staging_ring", || {
+            batches_in_flight_through_the_staging_ring(true)
+        }),
         wgpu_trial("allocations_above_the_adapter_limits_are_errors", allocations_above_the_adapter_limits_are_errors),
     ]);
     trials.push(libtest_mimic::Trial::test("device_names_parse", || {

@@ -16,6 +16,12 @@
 //! it past `max_buffer_size`; one buffer larger than `max_storage_buffer_binding_size` (it could
 //! not be bound) is refused with [`Error::OutOfMemory`] when it is allocated.
 //!
+//! By default (the arena *dedicated*) every buffer is a chunk of its own: the placing, deferred
+//! creation and pending writes are the same, but no two plan buffers share a wgpu buffer, so a
+//! kernel can bind its inputs read-only (with one shared buffer every binding must be read-write,
+//! which NVIDIA's driver reads without its read-only cache path: 1.5-1.8x slower steps, NOTES.md
+//! round 5). wgpu's own allocator still places the buffers in large device-memory blocks.
+//!
 //! Nothing is moved or reused: a chunk is destroyed when its last buffer is freed (after a plan
 //! failed part-way), as the CUDA backend frees nothing while it lives.
 //!
@@ -79,8 +85,8 @@ pub(super) struct Arena {
     max_binding: u64,
     /// Bytes of the chunks that exist now.
     current: u64,
-    /// Each buffer a chunk of its own (`KILN_WGPU_ARENA=0`): then no chunk holds two plan
-    /// buffers and read-only bindings are possible (see [`Arena::dedicated`]).
+    /// Each buffer a chunk of its own (the backend's default; `KILN_WGPU_ARENA=1` turns it
+    /// off): then no chunk holds two plan buffers and read-only bindings are possible.
     dedicated: bool,
 }
 

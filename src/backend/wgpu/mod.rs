@@ -2,10 +2,14 @@
 //! reaches Vulkan, Metal and DX12 (built with the `wgpu` cargo feature). Verified on Vulkan only:
 //! Mesa's lavapipe (a CPU Vulkan driver, what CI runs) and the NVIDIA driver.
 //!
-//! - Buffers (`memory`): `f32` or `u32` (ops compute in `f32`), each a range of one large wgpu
-//!   buffer that holds every buffer allocated before the next use (the parameters, training
-//!   state and first plan of an executor share one), bound at aligned offsets. Host writes go
-//!   through a ring of mapped staging buffers, copied at the start of the next submission.
+//! - Buffers (`memory`): `f32` or `u32` (ops compute in `f32`), each a wgpu buffer of its own
+//!   (wgpu's allocator places them in large device-memory blocks), so kernels bind their inputs
+//!   read-only. [`WgpuBackend::with_arena`] (or `KILN_WGPU_ARENA=1`) makes them ranges of one large
+//!   wgpu buffer instead (every buffer allocated before the next use: the parameters, training
+//!   state and first plan of an executor share one), bound at aligned offsets and all read-write
+//!   (wgpu tracks usage per buffer), which measured 1.5-1.8x slower on NVIDIA's Vulkan driver
+//!   (NOTES.md, round 5). Host writes go through a ring of mapped staging buffers, copied at the
+//!   start of the next submission.
 //! - Ops: [`record`] turns an op list into a list of dispatches (pipeline, bind group, workgroup
 //!   counts) and buffer copies; the kernels live by op family (`gemm`, `elementwise`, `norm`,
 //!   `pool`, `loss`, `optim`), one Rust function per op, each with its WGSL.
@@ -138,8 +142,8 @@ pub struct WgpuMemory {
     pub uploads: u64,
     /// Of those, writes that waited for the device to release a stage.
     pub waits: u64,
-    /// Whether every plan buffer is a wgpu buffer of its own (`KILN_WGPU_ARENA=0`: read-only
-    /// bindings), rather than a range of a shared one.
+    /// Whether every plan buffer is a wgpu buffer of its own (the default: read-only bindings),
+    /// rather than a range of a shared one ([`WgpuBackend::with_arena`]).
     pub dedicated: bool,
 }
 
@@ -216,6 +220,13 @@ impl WgpuBackend {
     /// Opens adapter `ordinal` of [`adapters`]; an error when there is no such adapter (no
     /// Vulkan/Metal/DX12 driver) or its device cannot be created.
     pub fn new(ordinal: usize) -> Result<Self> {
+        Self::with_arena(ordinal, std::env::var("KILN_WGPU_ARENA").is_ok_and(|v| v == "1"))
+    }
+
+    /// [`WgpuBackend::new`], with the plan buffers as ranges of one wgpu buffer (`one_arena`,
+    /// every binding read-write) or each a wgpu buffer of its own (the default: read-only
+    /// bindings where a kernel only reads).
+    pub fn with_arena(ordinal: usize, one_arena: bool) -> Result<Self> {
         let list = pollster::block_on(instance().enumerate_adapters(wgpu::Backends::PRIMARY));
         if list.is_empty() {
             return Err(device_error(
@@ -227,7 +238,7 @@ impl WgpuBackend {
         let Some(adapter) = list.into_iter().nth(ordinal) else {
             return Err(device_error(ordinal, "no such adapter"));
         };
-        Self::with_adapter(ordinal, adapter)
+        Self::with_adapter(ordinal, adapter, one_arena)
     }
 
     /// Opens the first adapter that is a real GPU (not a CPU driver such as lavapipe), for
@@ -236,13 +247,13 @@ impl WgpuBackend {
         let list = pollster::block_on(instance().enumerate_adapters(wgpu::Backends::PRIMARY));
         let names: Vec<String> = list.iter().map(|a| summary(a).name).collect();
         match list.into_iter().enumerate().find(|(_, a)| summary(a).is_gpu) {
-            Some((i, a)) => Self::with_adapter(i, a),
+            Some((i, a)) => Self::with_adapter(i, a, std::env::var("KILN_WGPU_ARENA").is_ok_and(|v| v == "1")),
             None if names.is_empty() => Err(device_error(0, "no wgpu adapter")),
             None => Err(device_error(0, format!("no wgpu GPU adapter (only CPU drivers: {})", names.join(", ")))),
         }
     }
 
-    fn with_adapter(ordinal: usize, adapter: wgpu::Adapter) -> Result<Self> {
+    fn with_adapter(ordinal: usize, adapter: wgpu::Adapter, one_arena: bool) -> Result<Self> {
         let info = adapter.get_info();
         let limits = adapter.limits();
         let need = 10;
@@ -286,7 +297,7 @@ impl WgpuBackend {
             device,
             queue,
             info,
-            arena: memory::Arena::new(&limits, std::env::var("KILN_WGPU_ARENA").is_ok_and(|v| v == "0")),
+            arena: memory::Arena::new(&limits, !one_arena),
             ring: memory::Ring::new(),
             counters: Vec::new(),
             pipelines: HashMap::new(),
@@ -383,7 +394,7 @@ impl WgpuBackend {
         // With plan buffers as ranges of one wgpu buffer, every storage binding is declared
         // read-write: wgpu tracks usage per buffer, so a dispatch that binds one range read-only
         // and another read-write would be refused as a usage conflict. With a buffer each
-        // (`KILN_WGPU_ARENA=0`) the kernels keep their read-only bindings, which NVIDIA's
+        // (the default) the kernels keep their read-only bindings, which NVIDIA's
         // driver reads through its read-only cache path (NOTES.md, round 5).
         let source = if self.arena.dedicated() {
             k.source().to_string()
