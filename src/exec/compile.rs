@@ -6,13 +6,15 @@
 //! those; only when the whole plan is known is its memory added up, checked against what the
 //! device has free, allocated in one pass and the ops rewritten to the real ids.
 //!
-//! Activations get a buffer each (views such as flatten share their input's); in training, every
+//! Activations get a buffer each while planning (views such as flatten share their input's); in training, every
 //! tensor whose gradient is needed gets a gradient buffer, and what backward needs from forward
 //! gets a named buffer ([`crate::model::lower::Forward::save`]). Gradient buffers are reused by
 //! lifetime: each is live from the op that first writes it to the op that last reads it, and a
 //! buffer of the same length free over that span is taken instead of a new one. Gradients flowing
 //! into one tensor from several consumers (a residual fork) are summed by letting the first
-//! writer overwrite and the others accumulate, in the order backward runs.
+//! writer overwrite and the others accumulate, in the order backward runs. Activations are then
+//! shared the same way over forward and backward (`share_activations`): those backward never reads
+//! die within forward and lend their buffers to later ones.
 
 use std::collections::HashSet;
 
