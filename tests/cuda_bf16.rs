@@ -422,6 +422,7 @@ fn half_nhwc_batch_norm_and_joins_match_the_cpu() {
                         invstd: f[10],
                         running: Some((f[3], f[4], 0.1)),
                         sync: false,
+                        act: None,
                     }),
                     Op::Act(Act { f: ActFn::Silu, len, x: y, y: z }),
                     Op::Add(Add { len, inputs: vec![z, f[0]], y: s }),
@@ -444,6 +445,7 @@ fn half_nhwc_batch_norm_and_joins_match_the_cpu() {
                         dgamma: acc(f[7]),
                         dbeta: acc(f[8]),
                         sync: false,
+                        act: None,
                     }),
                 ]
             };
@@ -505,6 +507,110 @@ fn half_nhwc_batch_norm_and_joins_match_the_cpu() {
                 let err = rel_err(r, v);
                 println!("{half} nhwc batch norm {n}x{c}x{hw} {what}: max rel err {err:.2e}");
                 assert!(within(r, v, TOL), "{half} {n}x{c}x{hw} {what}: {err:.2e} from the CPU's f32");
+            }
+        }
+    }
+}
+
+/// Batch norm with a fused activation (`exec/fuse.rs`) on half NHWC rows, forward and backward,
+/// against the CPU's fused op in f32 NCHW (which equals batch norm then the activation bit for
+/// bit, tests/fusion.rs): the activated output, the accumulated input gradient, the parameter
+/// gradients and the statistics, within [`TOL`]. The backward reads the half activated output
+/// and the half gradient of it.
+fn half_nhwc_fused_batch_norm_matches_the_cpu() {
+    use MemoryFormat::{Nchw, Nhwc};
+    use ops::{ActFn, BatchNormBackward, BatchNormTrain, BnGeom, FusedAct};
+    for half in [DType::BF16, DType::F16] {
+        let mut gpu = cuda();
+        for f in [ActFn::Relu, ActFn::LeakyRelu(0.1), ActFn::Elu(1.0), ActFn::Sigmoid, ActFn::Tanh] {
+            for (n, c, hw) in [(4, 16, 49), (2, 40, 100), (3, 70, 1)] {
+                let len = n * c * hw;
+                let g = BnGeom { n, c, hw, eps: 1e-5 };
+                let (xv, dzv, dx0) = (random(len, 51), random(len, 52), random(len, 53));
+                let (gv, bv, rmv, rvv) = (random(c, 54), random(c, 55), random(c, 56), vec![1.0; c]);
+                let (dg0, db0) = (random(c, 57), random(c, 58));
+                let mut cpu = CpuBackend::<f32>::new(Some(2)).unwrap();
+                let bufs = |b: &mut dyn Backend, dt: DType, vals: &[&[f32]]| -> Vec<BufId> {
+                    vals.iter()
+                        .map(|v| {
+                            let id = b.alloc(v.len(), dt).unwrap();
+                            b.write(id, v).unwrap();
+                            id
+                        })
+                        .collect()
+                };
+                let zeros = vec![0.0; len];
+                let zc = vec![0.0; c];
+                // 0 x, 1 gamma, 2 beta, 3 rmean, 4 rvar, 5 dz, 6 dx, 7 dgamma, 8 dbeta, 9 mean, 10 invstd
+                let vals: [&[f32]; 11] = [&xv, &gv, &bv, &rmv, &rvv, &dzv, &dx0, &dg0, &db0, &zc, &zc];
+                let acc = |buf| Some(GradOut { buf, accumulate: true });
+                let ops_for = |b: &[BufId], g: BnGeom, z: BufId| {
+                    vec![
+                        Op::BatchNormTrain(BatchNormTrain {
+                            g,
+                            x: b[0],
+                            gamma: Some(b[1]),
+                            beta: Some(b[2]),
+                            y: z,
+                            mean: b[9],
+                            invstd: b[10],
+                            running: Some((b[3], b[4], 0.1)),
+                            sync: false,
+                            act: Some(f),
+                        }),
+                        Op::BatchNormBackward(BatchNormBackward {
+                            g,
+                            x: b[0],
+                            gamma: Some(b[1]),
+                            mean: b[9],
+                            invstd: b[10],
+                            dy: b[5],
+                            dx: acc(b[6]),
+                            dgamma: acc(b[7]),
+                            dbeta: acc(b[8]),
+                            sync: false,
+                            act: Some(FusedAct { f, y: z }),
+                        }),
+                    ]
+                };
+                let b = bufs(&mut cpu, DType::F32, &vals);
+                let z = bufs(&mut cpu, DType::F32, &[&zeros])[0];
+                cpu.run(&ops_for(&b, g, z)).unwrap();
+                let want: Vec<Vec<f32>> =
+                    [z, b[6], b[7], b[8], b[9], b[10], b[3], b[4]].iter().map(|&i| cpu.read(i).unwrap()).collect();
+                // The GPU: x, dz and the accumulated dx narrowed to half NHWC, the fused ops on
+                // half rows, z and dx widened back.
+                let b = bufs(&mut gpu, DType::F32, &vals);
+                let h: Vec<BufId> = (0..4).map(|_| gpu.alloc(len, half).unwrap()).collect();
+                let z32 = gpu.alloc(len, DType::F32).unwrap();
+                let perm = |to| (c > 1 && hw > 1).then_some(CastPermute { n, c, hw, to });
+                let cast = |src, dst, to| {
+                    Op::Cast(Cast {
+                        len,
+                        src,
+                        dst: GradOut { buf: dst, accumulate: false },
+                        bias: None,
+                        permute: perm(to),
+                    })
+                };
+                let rows = BnGeom { n: n * hw, c, hw: 1, eps: 1e-5 };
+                // h: 0 x, 1 z, 2 dz, 3 dx
+                let mut hb = b.clone();
+                (hb[0], hb[5], hb[6]) = (h[0], h[2], h[3]);
+                let mut list = vec![cast(b[0], h[0], Nhwc), cast(b[5], h[2], Nhwc), cast(b[6], h[3], Nhwc)];
+                list.extend(ops_for(&hb, rows, h[1]));
+                list.push(cast(h[1], z32, Nchw));
+                list.push(cast(h[3], b[6], Nchw));
+                gpu.run(&list).unwrap();
+                let got: Vec<Vec<f32>> =
+                    [z32, b[6], b[7], b[8], b[9], b[10], b[3], b[4]].iter().map(|&i| gpu.read(i).unwrap()).collect();
+                let names =
+                    ["z", "dx (accumulated)", "dgamma", "dbeta", "mean", "invstd", "running mean", "running var"];
+                for ((what, r), v) in names.iter().zip(&want).zip(&got) {
+                    let err = rel_err(r, v);
+                    println!("{half} nhwc fused {f:?} batch norm {n}x{c}x{hw} {what}: max rel err {err:.2e}");
+                    assert!(within(r, v, TOL), "{half} {f:?} {n}x{c}x{hw} {what}: {err:.2e} from the CPU's f32");
+                }
             }
         }
     }
@@ -633,6 +739,7 @@ fn main() {
         gpu_trial("permuting_casts_match_the_cpu", permuting_casts_match_the_cpu),
         gpu_trial("nhwc_convolutions_match_the_cpu_in_bf16_and_f16", nhwc_convolutions_match_the_cpu_in_bf16_and_f16),
         gpu_trial("half_nhwc_batch_norm_and_joins_match_the_cpu", half_nhwc_batch_norm_and_joins_match_the_cpu),
+        gpu_trial("half_nhwc_fused_batch_norm_matches_the_cpu", half_nhwc_fused_batch_norm_matches_the_cpu),
         gpu_trial("ten_steps_of_the_seed_cnns_stay_close_to_f32", ten_steps_of_the_seed_cnns_stay_close_to_f32),
         gpu_trial("graph_replay_equals_eager_in_bf16", graph_replay_equals_eager_in_bf16),
         gpu_trial("bf16_scratch_is_planned_workspace", bf16_scratch_is_planned_workspace),

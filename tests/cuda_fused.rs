@@ -12,7 +12,7 @@
 
 use kiln::backend::cpu::CpuBackend;
 use kiln::backend::ops::{self, guard, stats};
-use kiln::backend::ops::{BnGeom, GradOut};
+use kiln::backend::ops::{ActFn, BnGeom, FusedAct, GradOut};
 use kiln::backend::{Backend, BufId, CounterId, DType, Op, OptParam, OptRule};
 use kiln::rng::Rng;
 
@@ -317,8 +317,15 @@ fn the_non_finite_check_over_a_set_finds_nan_inf_and_overflow() {
 
 /// Batch norm forward (training, running statistics) then backward with every gradient, the
 /// parameter gradients accumulated, on one backend: returns every buffer after `times` runs
-/// (as CUDA graph replays with `cached`).
-fn batch_norm_on(b: &mut dyn Backend, g: BnGeom, seed: u64, (times, cached): (usize, bool)) -> Vec<Vec<f32>> {
+/// (as CUDA graph replays with `cached`). With `act`, the activation is fused into both
+/// (`exec/fuse.rs`): `y` is the activated output and `dy` its gradient.
+fn batch_norm_on(
+    b: &mut dyn Backend,
+    g: BnGeom,
+    seed: u64,
+    act: Option<ActFn>,
+    (times, cached): (usize, bool),
+) -> Vec<Vec<f32>> {
     let (m, c) = (g.n * g.c * g.hw, g.c);
     let init = [
         random(m, seed, -1.0, 3.0),     // x
@@ -353,6 +360,7 @@ fn batch_norm_on(b: &mut dyn Backend, g: BnGeom, seed: u64, (times, cached): (us
             invstd: id[6],
             running: Some((id[7], id[8], 0.1)),
             sync: false,
+            act,
         }),
         Op::BatchNormBackward(ops::BatchNormBackward {
             g,
@@ -365,6 +373,7 @@ fn batch_norm_on(b: &mut dyn Backend, g: BnGeom, seed: u64, (times, cached): (us
             dgamma: Some(GradOut { buf: id[10], accumulate: true }),
             dbeta: Some(GradOut { buf: id[11], accumulate: false }),
             sync: false,
+            act: act.map(|f| FusedAct { f, y: id[4] }),
         }),
     ];
     for _ in 0..times {
@@ -389,21 +398,87 @@ fn batch_norm_over_many_blocks_matches_the_cpu_and_repeats_bit_for_bit() {
     for (k, &(n, c, hw)) in shapes.iter().enumerate() {
         let g = BnGeom { n, c, hw, eps: 1e-5 };
         // Three runs: the running statistics and dgamma accumulate over them.
-        let want = batch_norm_on(&mut cpu, g, 50 + k as u64, (3, false));
-        let got = batch_norm_on(&mut eager, g, 50 + k as u64, (3, false));
-        let replayed = batch_norm_on(&mut graph, g, 50 + k as u64, (3, true));
+        let want = batch_norm_on(&mut cpu, g, 50 + k as u64, None, (3, false));
+        let got = batch_norm_on(&mut eager, g, 50 + k as u64, None, (3, false));
+        let replayed = batch_norm_on(&mut graph, g, 50 + k as u64, None, (3, true));
         for (i, (w, v)) in want.iter().zip(&got).enumerate() {
             assert!(within(w, v, 1e-5), "{n}x{c}x{hw}: {}: relative error {}", names[i], rel_err(w, v));
         }
         assert!(bits(&got) == bits(&replayed), "{n}x{c}x{hw}: graph replays differ from eager runs");
-        let again = batch_norm_on(&mut eager, g, 50 + k as u64, (3, false));
+        let again = batch_norm_on(&mut eager, g, 50 + k as u64, None, (3, false));
         assert!(bits(&got) == bits(&again), "{n}x{c}x{hw}: two eager runs differ");
+    }
+}
+
+/// Batch norm with each activation it fuses (`exec/fuse.rs`), f32 channels-first, against the
+/// CPU (whose fused op equals batch norm then the activation bit for bit, tests/fusion.rs), and
+/// graph replays bit for bit; then the inference form against batch norm then the activation
+/// on the CPU.
+fn fused_batch_norm_activation_matches_the_cpu() {
+    let acts = [ActFn::Relu, ActFn::LeakyRelu(0.1), ActFn::Elu(1.0), ActFn::Sigmoid, ActFn::Tanh];
+    let shapes = [(64, 7, 33), (9, 700, 1), (2, 5, 1031), (32, 64, 256)];
+    let mut cpu = CpuBackend::<f32>::new(Some(2)).unwrap();
+    let (mut eager, mut graph) = (cuda(), cuda());
+    for f in acts {
+        for (k, &(n, c, hw)) in shapes.iter().enumerate() {
+            let g = BnGeom { n, c, hw, eps: 1e-5 };
+            let seed = 80 + k as u64;
+            let want = batch_norm_on(&mut cpu, g, seed, Some(f), (2, false));
+            let got = batch_norm_on(&mut eager, g, seed, Some(f), (2, false));
+            let replayed = batch_norm_on(&mut graph, g, seed, Some(f), (2, true));
+            for (i, (w, v)) in want.iter().zip(&got).enumerate() {
+                assert!(within(w, v, 1e-5), "{f:?} {n}x{c}x{hw}: buffer {i}: relative error {}", rel_err(w, v));
+            }
+            assert!(bits(&got) == bits(&replayed), "{f:?} {n}x{c}x{hw}: graph replays differ from eager runs");
+        }
+        // Inference: running statistics, then the activation.
+        let g = BnGeom { n: 16, c: 24, hw: 49, eps: 1e-5 };
+        let len = g.n * g.c * g.hw;
+        let infer = |b: &mut dyn Backend, fused: bool| {
+            let vals = [
+                random(len, 90, -2.0, 2.0),
+                random(g.c, 91, 0.5, 1.5),
+                random(g.c, 92, -0.5, 0.5),
+                random(g.c, 93, -0.3, 0.3),
+                random(g.c, 94, 0.5, 2.0),
+                vec![0.0; len],
+                vec![0.0; len],
+            ];
+            let id: Vec<BufId> = vals
+                .iter()
+                .map(|v| {
+                    let i = b.alloc(v.len(), DType::F32).unwrap();
+                    b.write(i, v).unwrap();
+                    i
+                })
+                .collect();
+            let bn = ops::BatchNormInfer {
+                g,
+                x: id[0],
+                gamma: Some(id[1]),
+                beta: Some(id[2]),
+                running_mean: id[3],
+                running_var: id[4],
+                y: id[5],
+                act: None,
+            };
+            let list = if fused {
+                vec![Op::BatchNormInfer(ops::BatchNormInfer { y: id[6], act: Some(f), ..bn })]
+            } else {
+                vec![Op::BatchNormInfer(bn), Op::Act(ops::Act { f, len, x: id[5], y: id[6] })]
+            };
+            b.run(&list).unwrap();
+            b.read(id[6]).unwrap()
+        };
+        let (w, v) = (infer(&mut cpu, false), infer(&mut eager, true));
+        assert!(within(&w, &v, 1e-5), "{f:?} inference: relative error {}", rel_err(&w, &v));
     }
 }
 
 tests! {
     gpu: [
         batch_norm_over_many_blocks_matches_the_cpu_and_repeats_bit_for_bit,
+        fused_batch_norm_activation_matches_the_cpu,
         every_optimizer_over_odd_tensor_sets_matches_the_cpu_and_replays_bit_for_bit,
         a_set_in_one_launch_equals_each_tensor_alone,
         the_non_finite_check_over_a_set_finds_nan_inf_and_overflow,

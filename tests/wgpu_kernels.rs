@@ -113,6 +113,50 @@ mod on_wgpu {
         compare(&format!("norms, reductions through {how}"), norm_model(), gpu);
     }
 
+    /// Batch norm with each activation it fuses (`exec/fuse.rs`: the plans hold the fused ops),
+    /// over images (two segments per channel) and over features: a training step and an
+    /// evaluation prediction against the CPU (whose fused ops equal the unfused ones bit for
+    /// bit, tests/fusion.rs). The convolutions before batch norm have no bias (a bias there
+    /// gets a gradient of about 0, all cancellation, which no relative bound compares).
+    fn fused_batch_norm_matches_the_cpu() {
+        let model = || {
+            ModelBuilder::new(&[16, 4, 20, 20])
+                .conv2d_with(Conv2d::new(6, 3).bias(false))
+                .batch_norm()
+                .relu()
+                .conv2d_with(Conv2d::new(6, 3).bias(false))
+                .batch_norm()
+                .leaky_relu(0.1)
+                .conv2d_with(Conv2d::new(5, 3).bias(false))
+                .batch_norm()
+                .elu(1.0)
+                .conv2d_with(Conv2d::new(4, 3).stride(2).bias(false))
+                .batch_norm()
+                .sigmoid()
+                .flatten()
+                .dense(10)
+                .batch_norm()
+                .tanh()
+                .dense(3)
+        };
+        let built = model().seed(7).build().unwrap();
+        let mut gpu = Executor::new(&built, open()).unwrap();
+        let p = gpu.plan(16, Mode::Train, PlanOptions::default()).unwrap();
+        let fused = gpu
+            .plan_info(p)
+            .forward
+            .iter()
+            .filter(|o| matches!(o, kiln::backend::Op::BatchNormTrain(b) if b.act.is_some()))
+            .count();
+        assert_eq!(fused, 5, "every batch norm carries its activation");
+        compare("fused batch norm + activations", model(), open());
+        let x = kiln::tensor::Tensor::new(&[16, 4, 20, 20], random(16 * 4 * 400, 9)).unwrap();
+        let want = Executor::new(&built, CpuBackend::<f32>::new(None).unwrap()).unwrap().predict(&x, Mode::Eval);
+        let got = gpu.predict(&x, Mode::Eval).unwrap();
+        let (w, g) = (want.unwrap().data().to_vec(), got.data().to_vec());
+        assert!(within(&w, &g, 1e-4), "evaluation: {:e} of the largest value", rel_err(&w, &g));
+    }
+
     /// An unknown tile is an error naming the tiles there are.
     fn unknown_tile_is_an_error() {
         let err = open().force_gemm_tile(Some("48x48")).unwrap_err().to_string();
@@ -126,6 +170,7 @@ mod on_wgpu {
             .collect();
         t.push(wgpu_trial("reductions_with_subgroups_match_the_cpu", || reductions_match_the_cpu(true)));
         t.push(wgpu_trial("reductions_without_subgroups_match_the_cpu", || reductions_match_the_cpu(false)));
+        t.push(wgpu_trial("fused_batch_norm_matches_the_cpu", fused_batch_norm_matches_the_cpu));
         t.push(wgpu_trial("unknown_tile_is_an_error", unknown_tile_is_an_error));
         t
     }

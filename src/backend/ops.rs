@@ -99,7 +99,9 @@ pub use layout::{guard, hyper, scaler, stats};
 pub use linear::{Linear, LinearBackward};
 pub use loss::{Loss, LossFn, Scoring};
 pub use loss_scale::{ScaleLoss, UnscaleGrads};
-pub use norm::{BatchNormBackward, BatchNormInfer, BatchNormTrain, BnGeom, GnGeom, GroupNorm, GroupNormBackward};
+pub use norm::{
+    BatchNormBackward, BatchNormInfer, BatchNormTrain, BnGeom, FusedAct, GnGeom, GroupNorm, GroupNormBackward,
+};
 pub use optim::{AllReduce, CheckFinite, ClipGradNorm, ClipGradValue, OptParam, OptRule, OptimizerStep};
 pub use pool::{AvgPool, AvgPoolBackward, MaxPool, MaxPoolBackward, PoolGeom};
 pub use tensor::{Add, Concat, ConcatBackward, Fill, GradInto};

@@ -369,8 +369,10 @@ impl Pass {
             Op::BatchNormBackward(o) if self.is_half(o.x) => {
                 let geo = (o.g.n, o.g.c, o.g.hw);
                 let dy = self.as_half(o.dy, geo, out);
+                // A fused activation's output (exec/fuse.rs) has the form of batch norm's.
+                let act = o.act.map(|a| ops::FusedAct { y: self.as_half(a.y, geo, out), ..a });
                 let dx = o.dx.map(|d| self.out_half(d, geo, post));
-                out.push(Op::BatchNormBackward(ops::BatchNormBackward { g: rows(o.g), dy, dx, ..*o }));
+                out.push(Op::BatchNormBackward(ops::BatchNormBackward { g: rows(o.g), dy, dx, act, ..*o }));
             }
             Op::Act(o) if self.is_half(o.x) => {
                 let geo = self.halves[&o.x];
@@ -428,6 +430,11 @@ mod tests {
     use crate::zoo;
 
     fn lower_model(builder: ModelBuilder, precision: Precision, mode: Mode) -> (crate::exec::Plan, Table) {
+        lower_fused(builder, precision, mode, false)
+    }
+
+    /// As `lower_model`, with batch norm + activation fusion (`exec/fuse.rs`) as `fuse` says.
+    fn lower_fused(builder: ModelBuilder, precision: Precision, mode: Mode, fuse: bool) -> (crate::exec::Plan, Table) {
         let model = builder.seed(1).build().unwrap();
         let params: Vec<ParamBuffers> = (0..model.params().len())
             .map(|i| ParamBuffers {
@@ -444,6 +451,7 @@ mod tests {
             sync_batch_norm: false,
             update_running_stats: true,
             precision,
+            fuse,
         };
         let mut table = Table::default();
         let plan = compile::network(&model, &params, &vec![None; model.nodes().len()], &low, &mut table).unwrap();
@@ -510,6 +518,7 @@ mod tests {
                 Op::BatchNormBackward(o) if dtype(o.x) == half => {
                     assert_eq!(o.g.hw, 1);
                     assert!(dtype(o.dy) == half && o.dx.is_none_or(|d| dtype(d.buf) == half));
+                    assert!(o.act.is_none_or(|a| dtype(a.y) == half), "a fused activation's output is half too");
                 }
                 Op::Act(o) if dtype(o.x) == half => assert_eq!(dtype(o.y), half),
                 Op::ActBackward(o) if dtype(o.x) == half => {
@@ -617,6 +626,38 @@ mod tests {
         assert_eq!(fwd.iter().filter(|c| is_weight(c)).count(), 21);
         assert_eq!(fwd.len() - 21, 3, "the input, the pool's input, the dense layer's input: {fwd:?}");
         assert!(casts(&p.backward).iter().all(|c| !is_weight(c)));
+    }
+
+    /// With batch norm + activation fusion (exec/fuse.rs, before this pass): ResNet-18's nine
+    /// batch norms that a ReLU follows carry it and run in half NHWC as the others (backward
+    /// reading the half activated output); the casts are those of the unfused plan, and the
+    /// plan holds no more memory.
+    #[test]
+    fn fused_batch_norm_runs_half() {
+        let (p, table) = lower_fused(zoo::resnet18(2, 10), Precision::Bf16Mixed, Mode::Train, true);
+        let (q, tq) = lower_model(zoo::resnet18(2, 10), Precision::Bf16Mixed, Mode::Train);
+        check_dtypes(&p, &table, DType::BF16);
+        let dtype = dtype_in(&table);
+        let half = |b: BufId| dtype(b) == DType::BF16;
+        let fused_fwd = |o: &Op| matches!(o, Op::BatchNormTrain(b) if b.act.is_some() && half(b.x) && half(b.y));
+        assert_eq!(count(&p.forward, fused_fwd), 9);
+        assert_eq!(
+            count(&p.backward, |o| matches!(o, Op::BatchNormBackward(b) if b.act.is_some_and(|a| half(a.y)))),
+            9
+        );
+        assert_eq!(count(&p.forward, |o| matches!(o, Op::Act(_))), 8, "the ReLUs after the sums");
+        assert_eq!(count(&p.backward, |o| matches!(o, Op::ActBackward(a) if half(a.dx.buf))), 8);
+        // The same casts (the table's ids differ: nine entries fewer).
+        let shapes = |c: Vec<ops::Cast>| c.iter().map(|c| (c.len, c.permute, c.dst.accumulate)).collect::<Vec<_>>();
+        assert_eq!(shapes(casts(&p.forward)), shapes(casts(&q.forward)));
+        assert_eq!(shapes(casts(&p.backward)), shapes(casts(&q.backward)));
+        // No more memory of any kind. (The pre-activation buffers die in forward even unfused,
+        // where ReLU's backward reads its output only, and share buffers by lifetime: fusion
+        // drops their ops and passes, here no bytes.)
+        let bytes = |t: &Table, role| t.buffers.iter().filter(|b| b.role == role).map(|b| b.bytes()).sum::<usize>();
+        for role in BufRole::ALL {
+            assert!(bytes(&table, role) <= bytes(&tq, role), "{role:?}");
+        }
     }
 
     #[test]

@@ -224,6 +224,13 @@ impl<'a> Segments<'a> {
         let mut free: Vec<(BufId, usize, DType, BufRole, usize)> = Vec::new();
         for v in order {
             let b = &self.pool.0[v];
+            if first[v] == usize::MAX
+                && !plan.node_outputs.contains(&BufId(POOLED + v))
+                && plan.output != BufId(POOLED + v)
+            {
+                // Named by no op (fused away by exec/fuse.rs): no table entry.
+                continue;
+            }
             if b.pinned || own[v] || first[v] == usize::MAX {
                 physical[v] = table.new_buffer(b.len, b.dtype, b.role, b.label.clone());
                 continue;

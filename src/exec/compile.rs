@@ -55,6 +55,9 @@ pub struct Lowering {
     /// Number format: with [`Precision::Bf16Mixed`], convolutions and matrix products run in
     /// bf16 between casts (see `exec/autocast.rs`).
     pub precision: Precision,
+    /// Batch norm takes in the activation after it, forward and backward (`exec/fuse.rs`):
+    /// the same values, one buffer and one pass over memory fewer each way.
+    pub fuse: bool,
 }
 
 impl Lowering {
@@ -170,6 +173,9 @@ pub(super) fn network(
     let mut grads = Vec::new();
     if low.mode == Mode::Train {
         grads = backward(model, params, low, &mut plan, &saved, &mut segments)?;
+    }
+    if low.fuse {
+        super::fuse::batch_norm_act(&mut plan, table, &mut grads);
     }
     if let Some(half) = super::autocast::half_dtype(low.precision) {
         super::autocast::mixed(&mut plan, table, &mut grads, half);
@@ -365,7 +371,8 @@ fn backward(
 /// Gives the virtual gradients of `plan`'s backward (`grads`, from [`backward`]) table entries
 /// by lifetime over the backward ops: the output gradient is written before backward starts (by
 /// the loss) and the input gradient is read after it ends; a buffer of the same length and
-/// dtype free over a gradient's whole span is reused.
+/// dtype free over a gradient's whole span is reused. A gradient no op names (fused away by
+/// `exec/fuse.rs`) gets none.
 fn assign_gradients(table: &mut Table, plan: &mut Plan, grads: &[VirtualGrad]) {
     if grads.is_empty() {
         return;
@@ -395,6 +402,9 @@ fn assign_gradients(table: &mut Table, plan: &mut Plan, grads: &[VirtualGrad]) {
     // (buffer, length, dtype, free after op index)
     let mut pool: Vec<(BufId, usize, DType, usize)> = Vec::new();
     for v in order {
+        if first[v] == usize::MAX {
+            continue;
+        }
         let g = &grads[v];
         let reuse = pool.iter().position(|&(_, l, d, free_after)| l == g.len && d == g.dtype && free_after < first[v]);
         physical[v] = match reuse {

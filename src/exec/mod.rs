@@ -19,6 +19,7 @@
 mod autocast;
 mod checkpoint;
 mod compile;
+mod fuse;
 pub mod plan;
 mod profile;
 mod scaler;
@@ -60,6 +61,8 @@ pub struct Executor<B: Backend> {
     plans: Vec<Plan>,
     /// What training steps share (optimizer state, metric sums), once set up.
     training: Option<Training>,
+    /// Plans fuse batch norm with the activation after it (`exec/fuse.rs`).
+    fuse: bool,
 }
 
 /// What a plan was compiled from.
@@ -69,6 +72,12 @@ enum Key {
     Network(Lowering),
     /// A whole step.
     Step(StepDesc),
+}
+
+/// `KILN_FUSION=0`: executors compile plans without fusion (`exec/fuse.rs`) unless told
+/// otherwise ([`Executor::set_fusion`]); for measuring what it saves.
+fn fusion_default() -> bool {
+    std::env::var("KILN_FUSION").map_or(true, |v| v != "0")
 }
 
 /// `KILN_DEBUG=1`: print each plan's memory when it is compiled.
@@ -103,7 +112,20 @@ impl<B: Backend> Executor<B> {
             keys: Vec::new(),
             plans: Vec::new(),
             training: None,
+            fuse: fusion_default(),
         })
+    }
+
+    /// Whether plans compiled from now on fuse batch norm with the activation after it
+    /// (`exec/fuse.rs`; on by default, off with `KILN_FUSION=0`): the same values (bit for bit
+    /// on the CPU), one buffer and one pass over memory fewer per fused pair. Set it before the
+    /// first plan: afterwards it is an error (plans already compiled would not follow it).
+    pub fn set_fusion(&mut self, on: bool) -> Result<()> {
+        if !self.plans.is_empty() && on != self.fuse {
+            return Err(Error::State("Executor::set_fusion must be called before the first plan is compiled".into()));
+        }
+        self.fuse = on;
+        Ok(())
     }
 
     /// As [`Executor::new`], with dropout masks drawn from `seed` instead of the model's seed.
@@ -131,6 +153,7 @@ impl<B: Backend> Executor<B> {
             sync_batch_norm: false,
             update_running_stats: true,
             precision: Precision::F32,
+            fuse: self.fuse,
         }
     }
 

@@ -440,6 +440,7 @@ impl<B: Backend> Executor<B> {
             sync_batch_norm: parallel.is_some_and(|p| p.sync_batch_norm),
             update_running_stats: true,
             precision: desc.precision,
+            fuse: self.fuse,
         };
         let net = self.compile(low)?;
         let out_len: usize = self.model.nodes().last().expect("a model has nodes").shape.iter().product();

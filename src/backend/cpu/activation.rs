@@ -28,7 +28,7 @@ const FRAC_1_SQRT_2: f64 = std::f64::consts::FRAC_1_SQRT_2;
 const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
 
 #[inline]
-fn apply<T: Float>(f: ActFn, x: T) -> T {
+pub(super) fn apply<T: Float>(f: ActFn, x: T) -> T {
     match f {
         // `x <= 0`, not `!(x > 0)`: NaN stays NaN (PyTorch's `clamp_min`).
         ActFn::Relu => {
@@ -97,6 +97,40 @@ fn derivative<T: Float>(f: ActFn, x: T, y: T) -> T {
             let pdf = T::from_f64(INV_SQRT_2PI) * (T::from_f64(-0.5) * x * x).exp();
             cdf + x * pdf
         }
+    }
+}
+
+/// `f'(x)` from the output `y = f(x)` alone, for the functions where that is exact
+/// ([`ActFn::derivative_from_output`]; batch norm's fused activation): the same value and NaN
+/// branch as [`derivative`] from the input, since `y <= 0` exactly where `x <= 0` (`y > 0`
+/// where `x > 0`) for those. NaN for the others (never asked: such a fused op is refused).
+#[inline]
+pub(super) fn derivative_from_output<T: Float>(f: ActFn, y: T) -> T {
+    match f {
+        ActFn::Relu => {
+            if y <= T::ZERO {
+                T::ZERO
+            } else {
+                T::ONE
+            }
+        }
+        ActFn::LeakyRelu(s) => {
+            if y > T::ZERO {
+                T::ONE
+            } else {
+                T::from_f32(s)
+            }
+        }
+        ActFn::Elu(a) => {
+            if y <= T::ZERO {
+                y + T::from_f32(a)
+            } else {
+                T::ONE
+            }
+        }
+        ActFn::Sigmoid => y * (T::ONE - y),
+        ActFn::Tanh => T::ONE - y * y,
+        ActFn::Silu | ActFn::Gelu => T::from_f64(f64::NAN),
     }
 }
 

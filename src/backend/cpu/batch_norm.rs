@@ -16,8 +16,7 @@ use super::float::Float;
 use super::{Grad, store};
 use crate::Result;
 use crate::backend::Communicator;
-use crate::backend::ops::BnGeom;
-use crate::backend::ops::{self, OpDesc, RunOp};
+use crate::backend::ops::{self, ActFn, BnGeom, OpDesc, RunOp};
 
 /// Per channel: f64 sums of `f(x)` over the batch and spatial positions.
 fn channel_sums<T: Float>(g: &BnGeom, x: &[T], f: impl Fn(usize, T) -> f64 + Sync) -> Vec<f64> {
@@ -36,15 +35,32 @@ fn channel_sums<T: Float>(g: &BnGeom, x: &[T], f: impl Fn(usize, T) -> f64 + Syn
         .collect()
 }
 
-/// `y[n, c, i] = x[n, c, i] * scale[c] + shift[c]`, image by image in parallel.
-fn affine<T: Float>(g: &BnGeom, x: &[T], scale: &[T], shift: &[T], y: &mut [T]) {
+/// `y[n, c, i] = f(x[n, c, i] * scale[c] + shift[c])` (`f` the fused activation, if any),
+/// image by image in parallel. The affine value is rounded to `T` before `f`, as batch norm
+/// then an activation op compute it.
+fn affine<T: Float>(g: &BnGeom, x: &[T], scale: &[T], shift: &[T], act: Option<ActFn>, y: &mut [T]) {
     y.par_chunks_mut(g.c * g.hw).zip(x.par_chunks(g.c * g.hw)).for_each(|(y, x)| {
         for c in 0..g.c {
             let (a, b) = (scale[c], shift[c]);
             let r = c * g.hw..(c + 1) * g.hw;
-            y[r.clone()].iter_mut().zip(&x[r]).for_each(|(y, &x)| *y = x * a + b);
+            let pairs = y[r.clone()].iter_mut().zip(&x[r]);
+            match act {
+                None => pairs.for_each(|(y, &x)| *y = x * a + b),
+                Some(f) => pairs.for_each(|(y, &x)| *y = super::activation::apply(f, x * a + b)),
+            }
         }
     });
+}
+
+/// The gradient batch norm's own output gets: `dy`, or with a fused activation
+/// `dy * f'(from the activated output z)`, rounded to `T` as the activation's backward op
+/// would store it.
+#[inline]
+fn grad_in<T: Float>(dy: &[T], act: Option<(ActFn, &[T])>, i: usize) -> T {
+    match act {
+        None => dy[i],
+        Some((f, z)) => super::activation::derivative_from_output(f, z[i]) * dy[i],
+    }
 }
 
 fn gamma_beta<T: Float>(c: usize, gamma: Option<&[T]>, beta: Option<&[T]>) -> (Vec<T>, Vec<T>) {
@@ -55,12 +71,13 @@ fn gamma_beta<T: Float>(c: usize, gamma: Option<&[T]>, beta: Option<&[T]>) -> (V
 }
 
 /// Training forward. `running` is `(running_mean, running_var, momentum)`; `sync` the group
-/// whose statistics to use (synchronised batch norm).
+/// whose statistics to use (synchronised batch norm); `act` the activation fused into the
+/// output, if any.
 pub fn forward_train<T: Float>(
     g: &BnGeom,
     x: &[T],
     (gamma, beta): (Option<&[T]>, Option<&[T]>),
-    y: &mut [T],
+    (y, act): (&mut [T], Option<ActFn>),
     (mean, invstd): (&mut [T], &mut [T]),
     running: Option<(&mut [T], &mut [T], f32)>,
     mut sync: Option<&mut dyn Communicator>,
@@ -96,38 +113,38 @@ pub fn forward_train<T: Float>(
     let (gm, bt) = gamma_beta(g.c, gamma, beta);
     let scale: Vec<T> = (0..g.c).map(|c| gm[c] * invstd[c]).collect();
     let shift: Vec<T> = (0..g.c).map(|c| bt[c] - mean[c] * scale[c]).collect();
-    affine(g, x, &scale, &shift, y);
+    affine(g, x, &scale, &shift, act, y);
     Ok(())
 }
 
-/// Evaluation forward with running statistics.
+/// Evaluation forward with running statistics, then the fused activation `act`, if any.
 pub fn forward_infer<T: Float>(
     g: &BnGeom,
     x: &[T],
-    gamma: Option<&[T]>,
-    beta: Option<&[T]>,
-    rm: &[T],
-    rv: &[T],
+    (gamma, beta): (Option<&[T]>, Option<&[T]>),
+    (rm, rv): (&[T], &[T]),
+    act: Option<ActFn>,
     y: &mut [T],
 ) {
     let (gm, bt) = gamma_beta(g.c, gamma, beta);
     let eps = T::from_f32(g.eps);
     let scale: Vec<T> = (0..g.c).map(|c| gm[c] / (rv[c] + eps).sqrt()).collect();
     let shift: Vec<T> = (0..g.c).map(|c| bt[c] - rm[c] * scale[c]).collect();
-    affine(g, x, &scale, &shift, y);
+    affine(g, x, &scale, &shift, act, y);
 }
 
 /// Backward of the training forward:
 /// `dx = gamma * invstd / M * (M * dy - sum(dy) - xhat * sum(dy * xhat))`,
 /// `dgamma = sum(dy * xhat)`, `dbeta = sum(dy)`, with `M = n * hw`. With `sync`, `dx` takes
 /// the sums and `M` over the group; `dgamma` and `dbeta` stay local (the gradient all-reduce
-/// averages them).
+/// averages them). With a fused activation `act` = (f, its output z), `dy` is the gradient
+/// of `z` and batch norm's own output gradient is `dy * f'(z)`.
 pub fn backward<T: Float>(
     g: &BnGeom,
     x: &[T],
     gamma: Option<&[T]>,
     (mean, invstd): (&[T], &[T]),
-    dy: &[T],
+    (dy, act): (&[T], Option<(ActFn, &[T])>),
     [dx, dgamma, dbeta]: [Option<Grad<'_, T>>; 3],
     sync: Option<&mut dyn Communicator>,
 ) -> Result<()> {
@@ -138,10 +155,10 @@ pub fn backward<T: Float>(
             let (mut sdy, mut sdyx) = (0.0, 0.0);
             for n in 0..g.n {
                 let base = (n * g.c + c) * g.hw;
-                for i in base..base + g.hw {
-                    let d = dy[i].to_f64();
+                for (i, xv) in x.iter().enumerate().skip(base).take(g.hw) {
+                    let d = grad_in(dy, act, i).to_f64();
                     sdy += d;
-                    sdyx += d * (x[i].to_f64() - m) * is;
+                    sdyx += d * (xv.to_f64() - m) * is;
                 }
             }
             (sdy, sdyx)
@@ -175,7 +192,7 @@ pub fn backward<T: Float>(
                 let base = (n * g.c + c) * g.hw;
                 for i in 0..g.hw {
                     let xhat = (x[base + i].to_f64() - m) * is;
-                    let v = k * (count * dy[base + i].to_f64() - sdy - xhat * sdyx);
+                    let v = k * (count * grad_in(dy, act, base + i).to_f64() - sdy - xhat * sdyx);
                     store(&mut dxn[c * g.hw + i], T::from_f64(v), acc);
                 }
             }
@@ -186,7 +203,7 @@ pub fn backward<T: Float>(
 
 impl<T: Float> RunOp<ops::BatchNormTrain> for CpuBackend<T> {
     fn run_op(&mut self, o: &ops::BatchNormTrain) -> Result<()> {
-        let ops::BatchNormTrain { g, x, gamma, beta, y, mean, invstd, running, sync } = o;
+        let ops::BatchNormTrain { g, x, gamma, beta, y, mean, invstd, running, sync, act } = o;
         let comm = match sync {
             true => Some(super::group(&mut self.comm, ops::BatchNormTrain::NAME)?),
             false => None,
@@ -201,7 +218,7 @@ impl<T: Float> RunOp<ops::BatchNormTrain> for CpuBackend<T> {
             g,
             &b[x.0],
             (gamma.map(|i| b[i.0].as_slice()), beta.map(|i| b[i.0].as_slice())),
-            &mut yv,
+            (&mut yv, *act),
             (&mut mv, &mut iv),
             rv.as_mut().map(|(m, v, mom)| (m.as_mut_slice(), v.as_mut_slice(), *mom)),
             comm,
@@ -219,16 +236,15 @@ impl<T: Float> RunOp<ops::BatchNormTrain> for CpuBackend<T> {
 
 impl<T: Float> RunOp<ops::BatchNormInfer> for CpuBackend<T> {
     fn run_op(&mut self, o: &ops::BatchNormInfer) -> Result<()> {
-        let ops::BatchNormInfer { g, x, gamma, beta, running_mean, running_var, y } = o;
+        let ops::BatchNormInfer { g, x, gamma, beta, running_mean, running_var, y, act } = o;
         let mut yv = self.take(*y);
         let b = &self.bufs;
         forward_infer(
             g,
             &b[x.0],
-            gamma.map(|i| b[i.0].as_slice()),
-            beta.map(|i| b[i.0].as_slice()),
-            &b[running_mean.0],
-            &b[running_var.0],
+            (gamma.map(|i| b[i.0].as_slice()), beta.map(|i| b[i.0].as_slice())),
+            (&b[running_mean.0], &b[running_var.0]),
+            *act,
             &mut yv,
         );
         self.put(*y, yv);
@@ -238,7 +254,7 @@ impl<T: Float> RunOp<ops::BatchNormInfer> for CpuBackend<T> {
 
 impl<T: Float> RunOp<ops::BatchNormBackward> for CpuBackend<T> {
     fn run_op(&mut self, o: &ops::BatchNormBackward) -> Result<()> {
-        let ops::BatchNormBackward { g, x, gamma, mean, invstd, dy, dx, dgamma, dbeta, sync } = *o;
+        let ops::BatchNormBackward { g, x, gamma, mean, invstd, dy, dx, dgamma, dbeta, sync, act } = *o;
         self.with_grads([dx, dgamma, dbeta], |b, grads| {
             let comm = match sync {
                 true => Some(super::group(&mut b.comm, ops::BatchNormBackward::NAME)?),
@@ -246,7 +262,8 @@ impl<T: Float> RunOp<ops::BatchNormBackward> for CpuBackend<T> {
             };
             let bufs = &b.bufs;
             let gamma = gamma.map(|i| bufs[i.0].as_slice());
-            backward(&g, &bufs[x.0], gamma, (&bufs[mean.0], &bufs[invstd.0]), &bufs[dy.0], grads, comm)
+            let act = act.map(|a| (a.f, bufs[a.y.0].as_slice()));
+            backward(&g, &bufs[x.0], gamma, (&bufs[mean.0], &bufs[invstd.0]), (&bufs[dy.0], act), grads, comm)
         })
     }
 }

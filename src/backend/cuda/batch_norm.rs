@@ -25,7 +25,7 @@ use super::CudaBackend;
 use super::nvrtc::ModuleSrc;
 use crate::backend::ops;
 use crate::backend::ops::RunOp;
-use crate::backend::ops::{BnGeom, BufId, GradOut};
+use crate::backend::ops::{ActFn, BnGeom, BufId, GradOut};
 use crate::{Error, Result};
 
 /// Threads per block of the partial-sum kernels (a power of two, for the block reduction).
@@ -44,13 +44,13 @@ kernels! {
     bn_totals(part: (const double*), segs: int, totals: (double*), dgamma: (float*), dbeta: (float*), acc_dgamma: int, acc_dbeta: int, c: i64, count: double);
     bn_finalize(part: (const double*), segs: int, totals: (const double*), mean: (float*), invstd: (float*), rmean: (float*), rvar: (float*), gamma: (const float*), beta: (const float*), coef: (float*), c: i64, m: i64, eps: float, momentum: float);
     bn_stats(x: (const float*), part: (double*), n: i64, c: i64, hw: i64, per: i64, done: (unsigned*), mean: (float*), invstd: (float*), rmean: (float*), rvar: (float*), gamma: (const float*), beta: (const float*), coef: (float*), eps: float, momentum: float);
-    bn_stats_grad(x: (const float*), dy: (const float*), mean: (const float*), invstd: (const float*), part: (double*), n: i64, c: i64, hw: i64, per: i64, done: (unsigned*), totals: (double*), dgamma: (float*), dbeta: (float*), acc_dgamma: int, acc_dbeta: int);
-    bn_apply(x: (const void*), coef: (const float*), y: (void*), total: i64, c: i64, hw: i64, xk: int, yk: int);
-    bn_infer_forward(x: (const void*), gamma: (const float*), beta: (const float*), rmean: (const float*), rvar: (const float*), y: (void*), n: i64, c: i64, hw: i64, eps: float, xk: int, yk: int);
-    bn_apply_grad(x: (const void*), gamma: (const float*), mean: (const float*), invstd: (const float*), dy: (const void*), sums: (const double*), dx: (void*), total: i64, c: i64, hw: i64, acc: int, xk: int, dyk: int, dxk: int);
+    bn_stats_grad(x: (const float*), dy: (const float*), z: (const float*), f: int, p: float, mean: (const float*), invstd: (const float*), part: (double*), n: i64, c: i64, hw: i64, per: i64, done: (unsigned*), totals: (double*), dgamma: (float*), dbeta: (float*), acc_dgamma: int, acc_dbeta: int);
+    bn_apply(x: (const void*), coef: (const float*), y: (void*), total: i64, c: i64, hw: i64, xk: int, yk: int, f: int, p: float);
+    bn_infer_forward(x: (const void*), gamma: (const float*), beta: (const float*), rmean: (const float*), rvar: (const float*), y: (void*), n: i64, c: i64, hw: i64, eps: float, xk: int, yk: int, f: int, p: float);
+    bn_apply_grad(x: (const void*), gamma: (const float*), mean: (const float*), invstd: (const float*), dy: (const void*), z: (const void*), f: int, p: float, sums: (const double*), dx: (void*), total: i64, c: i64, hw: i64, acc: int, xk: int, dyk: int, zk: int, dxk: int);
     bn_rows_partial(x: (const void*), xk: int, part: (double*), rows: i64, c: i64, per: i64, segs: int);
     bn_rows_stats(x: (const void*), xk: int, part: (double*), rows: i64, c: i64, per: i64, segs: int, done: (unsigned*), mean: (float*), invstd: (float*), rmean: (float*), rvar: (float*), gamma: (const float*), beta: (const float*), coef: (float*), eps: float, momentum: float);
-    bn_rows_stats_grad(x: (const void*), xk: int, dy: (const void*), dyk: int, mean: (const float*), invstd: (const float*), part: (double*), rows: i64, c: i64, per: i64, segs: int, done: (unsigned*), totals: (double*), dgamma: (float*), dbeta: (float*), acc_dgamma: int, acc_dbeta: int);
+    bn_rows_stats_grad(x: (const void*), xk: int, dy: (const void*), dyk: int, z: (const void*), zk: int, f: int, p: float, mean: (const float*), invstd: (const float*), part: (double*), rows: i64, c: i64, per: i64, segs: int, done: (unsigned*), totals: (double*), dgamma: (float*), dbeta: (float*), acc_dgamma: int, acc_dbeta: int);
 }
 
 pub(super) const MODULE: ModuleSrc = ModuleSrc {
@@ -68,6 +68,35 @@ pub(super) const MODULE: ModuleSrc = ModuleSrc {
 // arithmetic per value and, in bn_partial, the order of the additions are what they were with
 // one value per iteration, so the results are the same bits.
 #define ILP 4
+
+// The activation fused into batch norm (exec/fuse.rs): f is activation.rs's code (-1 none, 0
+// relu, 1 leaky relu with slope p, 2 elu with alpha p, 3 sigmoid, 4 tanh; the formulas of
+// backend/cpu/activation.rs), and its derivative from the activated output z alone
+// (derivative_from_output there: exact for these functions, NaN taking PyTorch's branch).
+__device__ __forceinline__ float bn_act(int f, float p, float v) {
+    switch (f) {
+    case 0: return v <= 0.f ? 0.f : v;
+    case 1: return v > 0.f ? v : v * p;
+    case 2: return v > 0.f ? v : p * (expf(v) - 1.f);
+    case 3: {
+        if (v >= 0.f) return 1.f / (1.f + expf(-v));
+        float e = expf(v);
+        return e / (1.f + e);
+    }
+    case 4: return tanhf(v);
+    default: return v;
+    }
+}
+__device__ __forceinline__ float bn_dact(int f, float p, float z) {
+    switch (f) {
+    case 0: return z <= 0.f ? 0.f : 1.f;
+    case 1: return z > 0.f ? 1.f : p;
+    case 2: return z <= 0.f ? z + p : 1.f;
+    case 3: return z * (1.f - z);
+    case 4: return 1.f - z * z;
+    default: return 1.f;
+    }
+}
 
 // Where a grid-stride loop over an [n, c, hw] tensor is: the value's offset j in its row and its
 // channel ch, advanced by the loop's stride without dividing. A step adds the stride's offset
@@ -90,11 +119,12 @@ __device__ __forceinline__ void chan_next(ChanWalk& w) {
 }
 
 // Block (s, ch) sums f(x) and g(x) over samples [s*per, min(n, (s+1)*per)) of channel ch:
-// mode 0: x and x^2 (forward); mode 1: dy and dy * (x - mean) * invstd (backward). Thread t
+// mode 0: x and x^2 (forward); mode 1: dy and dy * (x - mean) * invstd (backward; with a fused
+// activation af >= 0, dy is bn_dact(z) * the given dy, z the activated output). Thread t
 // adds values t, t + blockDim.x, ... of the segment in that order (ILP loads at a time); the
 // value's row and offset are stepped, not divided out.
-__device__ void bn_block_sums(const float* x, const float* dy, const float* mean, const float* invstd,
-                              double* part, i64 n, i64 c, i64 hw, i64 per, int mode) {
+__device__ void bn_block_sums(const float* x, const float* dy, const float* z, int af, float ap, const float* mean,
+                              const float* invstd, double* part, i64 n, i64 c, i64 hw, i64 per, int mode) {
     __shared__ double sh[256];
     i64 ch = blockIdx.y, s = blockIdx.x, segs = gridDim.x;
     i64 n0 = s * per, n1 = n0 + per < n ? n0 + per : n;
@@ -111,6 +141,7 @@ __device__ void bn_block_sums(const float* x, const float* dy, const float* mean
             i64 i = (row * c + ch) * hw + j;
             xv[k] = ok ? x[i] : 0.f;
             dv[k] = ok && mode ? dy[i] : 0.f;
+            if (ok && mode && af >= 0) dv[k] = bn_dact(af, ap, z[i]) * dv[k];
             j += dj;
             row += drow;
             if (j >= hw) { j -= hw; row++; }
@@ -139,7 +170,7 @@ __device__ void bn_block_sums(const float* x, const float* dy, const float* mean
 
 extern "C" __global__ void bn_partial(const float* x, const float* dy, const float* mean, const float* invstd,
                                       double* part, i64 n, i64 c, i64 hw, i64 per, int mode) {
-    bn_block_sums(x, dy, mean, invstd, part, n, c, hw, per, mode);
+    bn_block_sums(x, dy, 0, -1, 0.f, mean, invstd, part, n, c, hw, per, mode);
 }
 
 
@@ -195,15 +226,17 @@ extern "C" __global__ void bn_finalize(const double* part, int segs, const doubl
 extern "C" __global__ void bn_stats(const float* x, double* part, i64 n, i64 c, i64 hw, i64 per, unsigned* done,
                                     float* mean, float* invstd, float* rmean, float* rvar, const float* gamma,
                                     const float* beta, float* coef, float eps, float momentum) {
-    bn_block_sums(x, 0, 0, 0, part, n, c, hw, per, 0);
+    bn_block_sums(x, 0, 0, -1, 0.f, 0, 0, part, n, c, hw, per, 0);
     if (!last_block(done)) return;
     for (i64 ch = threadIdx.x; ch < c; ch += blockDim.x)
         bn_finalize_ch(ch, part, gridDim.x, 0, mean, invstd, rmean, rvar, gamma, beta, coef, c, n * hw, eps, momentum);
 }
 
 // The element-wise kernels take each operand's kind (xk, yk, ...: 0 f32, 1 bf16, 2 f16; the
-// arithmetic in f32 or f64 as before, a half result rounded once).
-extern "C" __global__ void bn_apply(const void* x, const float* coef, void* y, i64 total, i64 c, i64 hw, int xk, int yk) {
+// arithmetic in f32 or f64 as before, a half result rounded once). f, p: the fused activation
+// (bn_act; -1 none), applied to the normalised value in f32 before it is stored.
+extern "C" __global__ void bn_apply(const void* x, const float* coef, void* y, i64 total, i64 c, i64 hw, int xk, int yk,
+                                    int f, float p) {
     i64 i0 = (i64)blockIdx.x * blockDim.x + threadIdx.x, stride = (i64)gridDim.x * blockDim.x;
     ChanWalk w = chan_walk(i0, stride, hw, c);
     for (i64 i = i0; i < total; i += ILP * stride) {
@@ -219,13 +252,14 @@ extern "C" __global__ void bn_apply(const void* x, const float* coef, void* y, i
 #pragma unroll
         for (int k = 0; k < ILP; k++) {
             i64 at = i + k * stride;
-            if (at < total) put_any(y, at, v[k] * coef[2 * ch[k]] + coef[2 * ch[k] + 1], yk, 0);
+            if (at < total) put_any(y, at, bn_act(f, p, v[k] * coef[2 * ch[k]] + coef[2 * ch[k] + 1]), yk, 0);
         }
     }
 }
 
 extern "C" __global__ void bn_infer_forward(const void* x, const float* gamma, const float* beta, const float* rmean,
-                                            const float* rvar, void* y, i64 n, i64 c, i64 hw, float eps, int xk, int yk) {
+                                            const float* rvar, void* y, i64 n, i64 c, i64 hw, float eps, int xk, int yk,
+                                            int f, float p) {
     i64 total = n * c * hw;
     i64 i0 = (i64)blockIdx.x * blockDim.x + threadIdx.x, stride = (i64)gridDim.x * blockDim.x;
     ChanWalk w = chan_walk(i0, stride, hw, c);
@@ -248,7 +282,7 @@ extern "C" __global__ void bn_infer_forward(const void* x, const float* gamma, c
             float b = beta ? beta[ch] : 0.f;
             float scale = g / sqrtf(rvar[ch] + eps);
             float shift = b - rmean[ch] * scale;
-            put_any(y, at, v[k] * scale + shift, yk, 0);
+            put_any(y, at, bn_act(f, p, v[k] * scale + shift), yk, 0);
         }
     }
 }
@@ -274,10 +308,11 @@ extern "C" __global__ void bn_totals(const double* part, int segs, double* total
 
 // The backward pass's sums in one launch: bn_partial's (mode 1), then the last block to finish
 // writes the totals, the count, dgamma and dbeta as bn_totals does (same additions and order).
-extern "C" __global__ void bn_stats_grad(const float* x, const float* dy, const float* mean, const float* invstd,
-                                         double* part, i64 n, i64 c, i64 hw, i64 per, unsigned* done, double* totals,
-                                         float* dgamma, float* dbeta, int acc_dgamma, int acc_dbeta) {
-    bn_block_sums(x, dy, mean, invstd, part, n, c, hw, per, 1);
+extern "C" __global__ void bn_stats_grad(const float* x, const float* dy, const float* z, int f, float p,
+                                         const float* mean, const float* invstd, double* part, i64 n, i64 c, i64 hw,
+                                         i64 per, unsigned* done, double* totals, float* dgamma, float* dbeta,
+                                         int acc_dgamma, int acc_dbeta) {
+    bn_block_sums(x, dy, z, f, p, mean, invstd, part, n, c, hw, per, 1);
     if (!last_block(done)) return;
     for (i64 ch = threadIdx.x; ch < c; ch += blockDim.x)
         bn_totals_ch(ch, part, gridDim.x, totals, dgamma, dbeta, acc_dgamma, acc_dbeta);
@@ -286,10 +321,10 @@ extern "C" __global__ void bn_stats_grad(const float* x, const float* dy, const 
 
 // dx = gamma * invstd / M * (M * dy - sum(dy) - xhat * sum(dy * xhat)), with the sums and the
 // count M from bn_totals (the group's, for synchronised batch norm): sums[2ch], sums[2ch + 1],
-// M = sums[2c].
+// M = sums[2c]. With a fused activation (f >= 0), dy is bn_dact(z) * the given dy.
 extern "C" __global__ void bn_apply_grad(const void* x, const float* gamma, const float* mean, const float* invstd,
-                                         const void* dy, const double* sums, void* dx, i64 total, i64 c, i64 hw,
-                                         int acc, int xk, int dyk, int dxk) {
+                                         const void* dy, const void* z, int f, float p, const double* sums, void* dx,
+                                         i64 total, i64 c, i64 hw, int acc, int xk, int dyk, int zk, int dxk) {
     double count = sums[2 * c];
     i64 i0 = (i64)blockIdx.x * blockDim.x + threadIdx.x, stride = (i64)gridDim.x * blockDim.x;
     ChanWalk w = chan_walk(i0, stride, hw, c);
@@ -303,6 +338,7 @@ extern "C" __global__ void bn_apply_grad(const void* x, const float* gamma, cons
             chan_next(w);
             xv[k] = at < total ? load_any(x, at, xk) : 0.f;
             dv[k] = at < total ? load_any(dy, at, dyk) : 0.f;
+            if (at < total && f >= 0) dv[k] = bn_dact(f, p, load_any(z, at, zk)) * dv[k];
         }
 #pragma unroll
         for (int k = 0; k < ILP; k++) {
@@ -325,8 +361,9 @@ extern "C" __global__ void bn_apply_grad(const void* x, const float* gamma, cons
 // part[(ch * segs + s) * 2 + {0, 1}], the layout bn_finalize_ch and bn_totals_ch read. mode 0:
 // x and x^2; mode 1: dy and dy * (x - mean) * invstd. Deterministic: the segmentation depends on
 // the shape and the GPU only.
-__device__ void bn_rows_sums(const void* x, int xk, const void* dy, int dyk, const float* mean, const float* invstd,
-                             double* part, i64 rows, i64 c, i64 per, int segs, int mode) {
+__device__ void bn_rows_sums(const void* x, int xk, const void* dy, int dyk, const void* z, int zk, int af, float ap,
+                             const float* mean, const float* invstd, double* part, i64 rows, i64 c, i64 per,
+                             int segs, int mode) {
     __shared__ double sa[8][33], sb[8][33];
     int tx = threadIdx.x % 32, ty = threadIdx.x / 32;
     i64 groups = (c + 31) / 32;
@@ -343,6 +380,7 @@ __device__ void bn_rows_sums(const void* x, int xk, const void* dy, int dyk, con
                 int ok = rr < r1;
                 xv[k] = ok ? load_any(x, rr * c + ch, xk) : 0.f;
                 dv[k] = ok && mode ? load_any(dy, rr * c + ch, dyk) : 0.f;
+                if (ok && mode && af >= 0) dv[k] = bn_dact(af, ap, load_any(z, rr * c + ch, zk)) * dv[k];
             }
 #pragma unroll
             for (int k = 0; k < ILP; k++) {
@@ -372,25 +410,25 @@ __device__ void bn_rows_sums(const void* x, int xk, const void* dy, int dyk, con
 
 // The partial sums alone (synchronised batch norm: bn_totals and bn_finalize follow).
 extern "C" __global__ void bn_rows_partial(const void* x, int xk, double* part, i64 rows, i64 c, i64 per, int segs) {
-    bn_rows_sums(x, xk, 0, 0, 0, 0, part, rows, c, per, segs, 0);
+    bn_rows_sums(x, xk, 0, 0, 0, 0, -1, 0.f, 0, 0, part, rows, c, per, segs, 0);
 }
 
 // Forward statistics in one launch, as bn_stats: the sums, then the last block finalizes.
 extern "C" __global__ void bn_rows_stats(const void* x, int xk, double* part, i64 rows, i64 c, i64 per, int segs,
                                          unsigned* done, float* mean, float* invstd, float* rmean, float* rvar,
                                          const float* gamma, const float* beta, float* coef, float eps, float momentum) {
-    bn_rows_sums(x, xk, 0, 0, 0, 0, part, rows, c, per, segs, 0);
+    bn_rows_sums(x, xk, 0, 0, 0, 0, -1, 0.f, 0, 0, part, rows, c, per, segs, 0);
     if (!last_block(done)) return;
     for (i64 ch = threadIdx.x; ch < c; ch += blockDim.x)
         bn_finalize_ch(ch, part, segs, 0, mean, invstd, rmean, rvar, gamma, beta, coef, c, rows, eps, momentum);
 }
 
 // Backward sums in one launch, as bn_stats_grad.
-extern "C" __global__ void bn_rows_stats_grad(const void* x, int xk, const void* dy, int dyk, const float* mean,
-                                              const float* invstd, double* part, i64 rows, i64 c, i64 per, int segs,
-                                              unsigned* done, double* totals, float* dgamma, float* dbeta,
-                                              int acc_dgamma, int acc_dbeta) {
-    bn_rows_sums(x, xk, dy, dyk, mean, invstd, part, rows, c, per, segs, 1);
+extern "C" __global__ void bn_rows_stats_grad(const void* x, int xk, const void* dy, int dyk, const void* z, int zk,
+                                              int f, float p, const float* mean, const float* invstd, double* part,
+                                              i64 rows, i64 c, i64 per, int segs, unsigned* done, double* totals,
+                                              float* dgamma, float* dbeta, int acc_dgamma, int acc_dbeta) {
+    bn_rows_sums(x, xk, dy, dyk, z, zk, f, p, mean, invstd, part, rows, c, per, segs, 1);
     if (!last_block(done)) return;
     for (i64 ch = threadIdx.x; ch < c; ch += blockDim.x)
         bn_totals_ch(ch, part, segs, totals, dgamma, dbeta, acc_dgamma, acc_dbeta);
@@ -407,6 +445,21 @@ fn row_segments(g: &BnGeom, sms: usize) -> (usize, usize) {
     let want = (4 * sms).div_ceil(g.c.div_ceil(32).max(1)).clamp(1, g.n.div_ceil(64).max(1));
     let per = g.n.div_ceil(want).max(1);
     (g.n.div_ceil(per).max(1), per)
+}
+
+/// The kernels' code and parameter of a fused activation (`bn_act`; -1 for none).
+fn act_code(op: &str, f: Option<ActFn>) -> Result<(i32, f32)> {
+    Ok(match f {
+        None => (-1, 0.0),
+        Some(ActFn::Relu) => (0, 0.0),
+        Some(ActFn::LeakyRelu(s)) => (1, s),
+        Some(ActFn::Elu(a)) => (2, a),
+        Some(ActFn::Sigmoid) => (3, 0.0),
+        Some(ActFn::Tanh) => (4, 0.0),
+        Some(f @ (ActFn::Silu | ActFn::Gelu)) => {
+            return Err(Error::State(format!("{op}: {f:?} cannot be fused into batch norm")));
+        }
+    })
 }
 
 impl CudaBackend {
@@ -435,9 +488,10 @@ impl CudaBackend {
 
 impl RunOp<ops::BatchNormTrain> for CudaBackend {
     fn run_op(&mut self, o: &ops::BatchNormTrain) -> Result<()> {
-        let ops::BatchNormTrain { x, gamma, beta, y, mean, invstd, running, sync, .. } = *o;
+        let ops::BatchNormTrain { x, gamma, beta, y, mean, invstd, running, sync, act, .. } = *o;
         let g = &o.g;
         let rows = self.bn_rows("batch_norm_train", x, g)?;
+        let (f, p) = act_code("batch_norm_train", act)?;
         let (xk, yk) = (self.kind_of(x, "batch norm input")?, self.kind_of(y, "batch norm output")?);
         let sms = self.gpu.sm_count as usize;
         let (segs, per) = if rows { row_segments(g, sms) } else { segments(g, sms) };
@@ -512,7 +566,7 @@ impl RunOp<ops::BatchNormTrain> for CudaBackend {
             self.bn_sync_finalize(scratch, segs, totals, g, (mean, invstd, rm, rv, gamma, beta, coef), momentum)?;
         }
         let total = g.n * g.c * g.hw;
-        let apply = bn_apply { x: xp, coef, y: self.ptr(y), total, c: g.c, hw: g.hw, xk, yk };
+        let apply = bn_apply { x: xp, coef, y: self.ptr(y), total, c: g.c, hw: g.hw, xk, yk, f, p };
         self.launch_elems(total, &apply)
     }
 }
@@ -566,9 +620,10 @@ impl CudaBackend {
 
 impl RunOp<ops::BatchNormInfer> for CudaBackend {
     fn run_op(&mut self, o: &ops::BatchNormInfer) -> Result<()> {
-        let ops::BatchNormInfer { x, gamma, beta, running_mean, running_var, y, .. } = *o;
+        let ops::BatchNormInfer { x, gamma, beta, running_mean, running_var, y, act, .. } = *o;
         let g = &o.g;
         self.bn_rows("batch_norm_infer", x, g)?;
+        let (f, p) = act_code("batch_norm_infer", act)?;
         let (xk, yk) = (self.kind_of(x, "batch norm input")?, self.kind_of(y, "batch norm output")?);
         let args = bn_infer_forward {
             x: self.ptr(x),
@@ -583,6 +638,8 @@ impl RunOp<ops::BatchNormInfer> for CudaBackend {
             eps: g.eps,
             xk,
             yk,
+            f,
+            p,
         };
         self.launch_elems(g.n * g.c * g.hw, &args)
     }
@@ -590,10 +647,23 @@ impl RunOp<ops::BatchNormInfer> for CudaBackend {
 
 impl RunOp<ops::BatchNormBackward> for CudaBackend {
     fn run_op(&mut self, o: &ops::BatchNormBackward) -> Result<()> {
-        let ops::BatchNormBackward { x, gamma, mean, invstd, dy, dx, dgamma, dbeta, sync, .. } = *o;
+        let ops::BatchNormBackward { x, gamma, mean, invstd, dy, dx, dgamma, dbeta, sync, act, .. } = *o;
         let g = &o.g;
         let rows = self.bn_rows("batch_norm_backward", x, g)?;
         let (xk, dyk) = (self.kind_of(x, "batch norm input")?, self.kind_of(dy, "batch norm output gradient")?);
+        // A fused activation: its output z (0 and kind 0 where none).
+        let (f, p) = act_code("batch_norm_backward", act.map(|a| a.f))?;
+        let (zp, zk) = match act {
+            Some(a) => (self.ptr(a.y), self.kind_of(a.y, "batch norm activated output")?),
+            None => (0, 0),
+        };
+        if !rows && (dyk, zk) != (0, 0) {
+            return Err(Error::State(format!(
+                "batch_norm_backward: channels-first batch norm takes an f32 output gradient and activated output, got {} and {}",
+                self.dtype_of(dy),
+                act.map_or(crate::backend::DType::F32, |a| self.dtype_of(a.y))
+            )));
+        }
         let sms = self.gpu.sm_count as usize;
         let (segs, per) = if rows { row_segments(g, sms) } else { segments(g, sms) };
         // Scratch: partial sums, then the totals (2 f64 per channel and the count).
@@ -610,6 +680,10 @@ impl RunOp<ops::BatchNormBackward> for CudaBackend {
                 xk,
                 dy: dyp,
                 dyk,
+                z: zp,
+                zk,
+                f,
+                p,
                 mean: mp,
                 invstd: ip,
                 part: scratch,
@@ -626,7 +700,15 @@ impl RunOp<ops::BatchNormBackward> for CudaBackend {
             };
             self.launch_blocks(Self::bn_row_blocks(g, segs), BN_THREADS, 0, &stats)?;
         } else {
-            self.bn_plain_stats_grad(g, (xp, dyp, mp, ip), (scratch, sums), (segs, per), ((dgp, dga), (dbp, dba)))?;
+            let act = (zp, f, p);
+            self.bn_plain_stats_grad(
+                g,
+                (xp, dyp, mp, ip),
+                act,
+                (scratch, sums),
+                (segs, per),
+                ((dgp, dga), (dbp, dba)),
+            )?;
         }
         let Some(d) = dx else { return Ok(()) };
         if sync {
@@ -639,6 +721,9 @@ impl RunOp<ops::BatchNormBackward> for CudaBackend {
             mean: mp,
             invstd: ip,
             dy: dyp,
+            z: zp,
+            f,
+            p,
             sums,
             dx: self.ptr(d.buf),
             total,
@@ -647,6 +732,7 @@ impl RunOp<ops::BatchNormBackward> for CudaBackend {
             acc: d.accumulate as i32,
             xk,
             dyk,
+            zk,
             dxk: self.kind_of(d.buf, "batch norm input gradient")?,
         };
         self.launch_elems(total, &args)
@@ -657,11 +743,13 @@ impl RunOp<ops::BatchNormBackward> for CudaBackend {
 type BnParamGrads = ((u64, i32), (u64, i32));
 
 impl CudaBackend {
-    /// The backward sums of channels-first batch norm (and `dgamma`, `dbeta`) in one launch.
+    /// The backward sums of channels-first batch norm (and `dgamma`, `dbeta`) in one launch;
+    /// `(z, f, p)` the fused activation's output, code and parameter (`f` -1 where none).
     fn bn_plain_stats_grad(
         &mut self,
         g: &BnGeom,
         (xp, dyp, mp, ip): (u64, u64, u64, u64),
+        (z, f, p): (u64, i32, f32),
         (scratch, sums): (u64, u64),
         (segs, per): (usize, usize),
         ((dgp, dga), (dbp, dba)): BnParamGrads,
@@ -669,6 +757,9 @@ impl CudaBackend {
         let stats = bn_stats_grad {
             x: xp,
             dy: dyp,
+            z,
+            f,
+            p,
             mean: mp,
             invstd: ip,
             part: scratch,

@@ -22,6 +22,23 @@ pub enum ActFn {
     Gelu,
 }
 
+impl ActFn {
+    /// Whether `f'(x)` follows from the output `y = f(x)` alone, with the same value and the
+    /// same NaN branch as from the input (what batch norm's fused activation needs: its backward
+    /// keeps the activated output, not the normalised values): ReLU (`y <= 0` exactly where
+    /// `x <= 0`), leaky ReLU with a slope of at least 0 and ELU with an alpha of at least 0
+    /// (the sign of `y` is that of `x`), sigmoid and tanh (derivatives of `y`). Not SiLU or
+    /// GELU, nor the negative-slope forms (two inputs give one output).
+    pub fn derivative_from_output(self) -> bool {
+        match self {
+            ActFn::Relu | ActFn::Sigmoid | ActFn::Tanh => true,
+            ActFn::LeakyRelu(s) => s >= 0.0,
+            ActFn::Elu(a) => a >= 0.0,
+            ActFn::Silu | ActFn::Gelu => false,
+        }
+    }
+}
+
 /// `y = f(x)` over `len` values.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Act {

@@ -1,6 +1,7 @@
 //! Batch norm and group norm: their shapes and the forward and backward ops.
 
-use super::{BufId, GradOut, OpDesc};
+use super::{ActFn, BufId, GradOut, OpDesc};
+use crate::{Error, Result};
 
 /// Batch-norm shape: `n` samples, `c` channels, `hw` values per channel per sample.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -56,6 +57,10 @@ pub struct BatchNormTrain {
     pub running: Option<(BufId, BufId, f32)>,
     /// Statistics over the whole data-parallel group.
     pub sync: bool,
+    /// An activation applied to the output (`y = f(gamma * xhat + beta)`), fused in by the
+    /// compiler (`exec/fuse.rs`); one whose derivative follows from its output
+    /// ([`ActFn::derivative_from_output`]).
+    pub act: Option<ActFn>,
 }
 
 /// Batch norm with running statistics (evaluation).
@@ -75,6 +80,8 @@ pub struct BatchNormInfer {
     pub running_var: BufId,
     /// Output.
     pub y: BufId,
+    /// An activation applied to the output, as [`BatchNormTrain::act`].
+    pub act: Option<ActFn>,
 }
 
 /// The gradients of [`Op::BatchNormTrain`](super::Op::BatchNormTrain). With `sync`, `dx` uses the sums of `dy` and
@@ -102,6 +109,18 @@ pub struct BatchNormBackward {
     pub dbeta: Option<GradOut>,
     /// Statistics over the whole data-parallel group.
     pub sync: bool,
+    /// The activation the forward applied ([`BatchNormTrain::act`]): then `dy` is the gradient
+    /// of the activated output, which is multiplied by `f'` (from that output) before the sums.
+    pub act: Option<FusedAct>,
+}
+
+/// The activation fused into batch norm, as its backward sees it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FusedAct {
+    /// The function (one whose derivative follows from its output).
+    pub f: ActFn,
+    /// The activated output of the forward.
+    pub y: BufId,
 }
 
 /// Group norm (PyTorch's `nn.GroupNorm`, the same in training and evaluation): saves the
@@ -145,6 +164,25 @@ pub struct GroupNormBackward {
     pub dgamma: Option<GradOut>,
     /// Gradient of the shift, where wanted.
     pub dbeta: Option<GradOut>,
+}
+
+/// A fused activation's function checked: batch norm fuses only those whose derivative
+/// follows from their output.
+fn check_act(op: &str, f: Option<ActFn>) -> Result<()> {
+    match f {
+        Some(f) if !f.derivative_from_output() => Err(Error::State(format!(
+            "{op}: {f:?} cannot be fused into batch norm (its derivative does not follow from its output)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The shape for debug logs, with the fused activation.
+fn describe_act(g: &BnGeom, f: Option<ActFn>) -> String {
+    match f {
+        Some(f) => format!("{} +{f:?}", g.describe()),
+        None => g.describe(),
+    }
 }
 
 impl BnGeom {
@@ -191,7 +229,10 @@ impl OpDesc for BatchNormTrain {
         }
     });
     fn shapes(&self) -> String {
-        self.g.describe()
+        describe_act(&self.g, self.act)
+    }
+    fn check(&self) -> Result<()> {
+        check_act(Self::NAME, self.act)
     }
 }
 
@@ -211,7 +252,10 @@ impl OpDesc for BatchNormInfer {
         f(r!(o.y), n, W);
     });
     fn shapes(&self) -> String {
-        self.g.describe()
+        describe_act(&self.g, self.act)
+    }
+    fn check(&self) -> Result<()> {
+        check_act(Self::NAME, self.act)
     }
 }
 
@@ -226,6 +270,9 @@ impl OpDesc for BatchNormBackward {
         f(r!(o.mean), c, R);
         f(r!(o.invstd), c, R);
         f(r!(o.dy), n, R);
+        if let Some(a) = r!(o.act) {
+            f(r!(a.y), n, R);
+        }
         if let Some(d) = r!(o.dx) {
             f(r!(d.buf), n, grad_access(d.accumulate));
         }
@@ -237,7 +284,10 @@ impl OpDesc for BatchNormBackward {
         }
     });
     fn shapes(&self) -> String {
-        self.g.describe()
+        describe_act(&self.g, self.act.map(|a| a.f))
+    }
+    fn check(&self) -> Result<()> {
+        check_act(Self::NAME, self.act.map(|a| a.f))
     }
 }
 

@@ -5,7 +5,9 @@ use super::record::{Bind, Kernel, Recorder, f, grid, u};
 use crate::Result;
 use crate::backend::ops::{self, ActFn};
 
-const ACT_FNS: &str = r#"
+/// The activation functions and their derivatives (also batch norm's fused activation,
+/// `norm.rs`).
+pub(super) const ACT_FNS: &str = r#"
 fn sigmoid(x: f32) -> f32 {
     if (x >= 0.0) { return 1.0 / (1.0 + exp(-x)); }
     let e = exp(x);
@@ -96,7 +98,7 @@ static ACT_BACKWARD: Kernel = Kernel {
 };
 
 /// The kernels' code for a function and its parameter.
-fn act_code(fun: ActFn) -> (u32, f32) {
+pub(super) fn act_code(fun: ActFn) -> (u32, f32) {
     match fun {
         ActFn::Relu => (0, 0.0),
         ActFn::LeakyRelu(s) => (1, s),

@@ -18,9 +18,38 @@
 //! subgroup and the subgroups' sums added in subgroup order.
 
 use super::REDUCE;
+use super::elementwise::{ACT_FNS, act_code};
 use super::record::{Bind, Kernel, Recorder, f, grid, u, unsupported};
 use crate::Result;
-use crate::backend::ops::{self, GradOut};
+use crate::backend::ops::{self, ActFn, GradOut};
+
+/// The fused activation (`exec/fuse.rs`) in WGSL: `fused_act(code, a, v)` applies activation
+/// `code - 1` (elementwise.rs's codes; 0: none), `fused_grad(code, a, z, d)` multiplies the
+/// gradient `d` of the activated output by the derivative from that output `z` (`deriv` with
+/// `z` for both its input and output: for the fusable functions the branches on the input's
+/// sign are the same on the output's, as `backend/cpu/activation.rs` says).
+const FUSED_ACT: &str = "
+fn fused_act(code: u32, a: f32, v: f32) -> f32 {
+    if (code == 0u) { return v; }
+    return act(code - 1u, a, v);
+}
+fn fused_grad(code: u32, a: f32, z: f32, d: f32) -> f32 {
+    if (code == 0u) { return d; }
+    return deriv(code - 1u, a, z, z) * d;
+}
+";
+
+/// A fused activation's kernel parameters: code + 1 (0 for none) and its constant's bits.
+fn fused(op: &str, act: Option<ActFn>) -> Result<[u32; 2]> {
+    match act {
+        None => Ok([0, 0]),
+        Some(fun) if fun.derivative_from_output() => {
+            let (code, a) = act_code(fun);
+            Ok([code + 1, f(a)])
+        }
+        Some(fun) => Err(crate::Error::State(format!("{op}: {fun:?} cannot be fused into batch norm"))),
+    }
+}
 
 /// Workgroup counts for one workgroup per set, `segs` per set along z.
 fn per_set(sets: usize, segs: usize) -> Result<[u32; 3]> {
@@ -188,12 +217,16 @@ static NORM_STATS_FINAL: Kernel = Kernel {
 };
 
 /// `y = x * scale + shift` with the value's channel `(i / hw) % c` and statistics index
-/// `(i / P[3]) % P[4]`. `P`: len, hw, c, stat div, stat mod, has gamma, has beta, mode
-/// (0: batch statistics `S1` = mean, `S2` = invstd; 1: running `S1` = mean, `S2` = variance), eps.
+/// `(i / P[3]) % P[4]`, then the fused activation. `P`: len, hw, c, stat div, stat mod, has
+/// gamma, has beta, mode (0: batch statistics `S1` = mean, `S2` = invstd; 1: running `S1` =
+/// mean, `S2` = variance), eps, fused activation code, its constant.
 static NORM_APPLY: Kernel = Kernel {
     name: "norm_apply",
-    parts: &[concat!(
-        "@group(0) @binding(0) var<storage, read> P: array<u32>;
+    parts: &[
+        ACT_FNS,
+        FUSED_ACT,
+        concat!(
+            "@group(0) @binding(0) var<storage, read> P: array<u32>;
 @group(0) @binding(1) var<storage, read> X: array<f32>;
 @group(0) @binding(2) var<storage, read> GAMMA: array<f32>;
 @group(0) @binding(3) var<storage, read> BETA: array<f32>;
@@ -201,8 +234,8 @@ static NORM_APPLY: Kernel = Kernel {
 @group(0) @binding(5) var<storage, read> S2: array<f32>;
 @group(0) @binding(6) var<storage, read_write> Y: array<f32>;
 ",
-        main1d!(),
-        "    if (i >= P[0]) { return; }
+            main1d!(),
+            "    if (i >= P[0]) { return; }
     let ch = (i / P[1]) % P[2];
     let st = (i / P[3]) % P[4];
     var gm = 1.0;
@@ -212,29 +245,37 @@ static NORM_APPLY: Kernel = Kernel {
     var scale = 0.0;
     if (P[7] == 0u) { scale = gm * S2[st]; } else { scale = gm / sqrt(S2[st] + pf(P[8])); }
     let shift = bt - S1[st] * scale;
-    Y[i] = X[i] * scale + shift;
+    Y[i] = fused_act(P[9], pf(P[10]), X[i] * scale + shift);
 }"
-    )],
+        ),
+    ],
 };
 
 /// Per (channel, segment): `sum(dy)` and `sum(dy * xhat)` over the segment's samples and
-/// positions, into `PART[2 (ch * segs + seg) ..]`. `P`: n * hw, hw, c, stat div, stat mod, has
-/// dgamma, accumulate dgamma, has dbeta, accumulate dbeta, segs, segment length.
+/// positions, into `PART[2 (ch * segs + seg) ..]`, `dy` through the fused activation's
+/// derivative (its output `Z`). `P`: n * hw, hw, c, stat div, stat mod, has dgamma, accumulate
+/// dgamma, has dbeta, accumulate dbeta, segs, segment length, fused activation code, constant.
 static NORM_PARAM_SUMS: Reduction = reduction!(
     "norm_param_sums",
-    ["@group(0) @binding(0) var<storage, read> P: array<u32>;
+    [
+        ACT_FNS,
+        FUSED_ACT,
+        "@group(0) @binding(0) var<storage, read> P: array<u32>;
 @group(0) @binding(1) var<storage, read> X: array<f32>;
 @group(0) @binding(2) var<storage, read> MEAN: array<f32>;
 @group(0) @binding(3) var<storage, read> INVSTD: array<f32>;
 @group(0) @binding(4) var<storage, read> DY: array<f32>;
-@group(0) @binding(5) var<storage, read_write> PART: array<f32>;
+@group(0) @binding(5) var<storage, read> Z: array<f32>;
+@group(0) @binding(6) var<storage, read_write> PART: array<f32>;
 fn term(ch: u32, e: u32) -> vec2<f32> {
     let idx = ((e / P[1]) * P[2] + ch) * P[1] + e % P[1];
     let st = (idx / P[3]) % P[4];
-    let d = DY[idx];
+    var d = DY[idx];
+    if (P[11] != 0u) { d = fused_grad(P[11], pf(P[12]), Z[idx], d); }
     return vec2<f32>(d, d * ((X[idx] - MEAN[st]) * INVSTD[st]));
 }
-"],
+"
+    ],
     "    let live = grp < P[2];
     let start = seg * P[10];
     var end = min(P[0], start + P[10]);
@@ -287,32 +328,40 @@ static NORM_PARAM_FINAL: Kernel = Kernel {
     )],
 };
 
-/// Batch norm's input gradient from the per-channel sums. `P`: len, hw, c, has gamma,
-/// accumulate, count (f32).
+/// Batch norm's input gradient from the per-channel sums, `dy` through the fused activation's
+/// derivative. `P`: len, hw, c, has gamma, accumulate, count (f32), fused activation code,
+/// constant.
 static BN_DX: Kernel = Kernel {
     name: "bn_dx",
-    parts: &[concat!(
-        "@group(0) @binding(0) var<storage, read> P: array<u32>;
+    parts: &[
+        ACT_FNS,
+        FUSED_ACT,
+        concat!(
+            "@group(0) @binding(0) var<storage, read> P: array<u32>;
 @group(0) @binding(1) var<storage, read> X: array<f32>;
 @group(0) @binding(2) var<storage, read> GAMMA: array<f32>;
 @group(0) @binding(3) var<storage, read> MEAN: array<f32>;
 @group(0) @binding(4) var<storage, read> INVSTD: array<f32>;
 @group(0) @binding(5) var<storage, read> DY: array<f32>;
 @group(0) @binding(6) var<storage, read> SUMS: array<f32>;
-@group(0) @binding(7) var<storage, read_write> DX: array<f32>;
+@group(0) @binding(7) var<storage, read> Z: array<f32>;
+@group(0) @binding(8) var<storage, read_write> DX: array<f32>;
 ",
-        main1d!(),
-        "    if (i >= P[0]) { return; }
+            main1d!(),
+            "    if (i >= P[0]) { return; }
     let ch = (i / P[1]) % P[2];
     var gm = 1.0;
     if (P[3] != 0u) { gm = GAMMA[ch]; }
     let is = INVSTD[ch];
     let count = pf(P[5]);
     let xhat = (X[i] - MEAN[ch]) * is;
-    let v = gm * is / count * (count * DY[i] - SUMS[2u * ch] - xhat * SUMS[2u * ch + 1u]);
+    var d = DY[i];
+    if (P[6] != 0u) { d = fused_grad(P[6], pf(P[7]), Z[i], d); }
+    let v = gm * is / count * (count * d - SUMS[2u * ch] - xhat * SUMS[2u * ch + 1u]);
     if (P[4] != 0u) { DX[i] = DX[i] + v; } else { DX[i] = v; }
 }"
-    )],
+        ),
+    ],
 };
 
 /// Group norm's input gradient, one workgroup per (sample, group) of `P[0]` contiguous values.
@@ -470,6 +519,7 @@ fn normalise(
     (x, gamma, beta, y): (ops::BufId, Option<ops::BufId>, Option<ops::BufId>, ops::BufId),
     (mean, invstd): (ops::BufId, ops::BufId),
     running: Option<(ops::BufId, ops::BufId, f32)>,
+    [code, a]: [u32; 2],
 ) -> Result<()> {
     let (rm, rv, momentum) = match running {
         Some((a, b, m)) => (Bind::Buf(a), Bind::Buf(b), m),
@@ -495,7 +545,8 @@ fn normalise(
     let writes = [Bind::Buf(mean), Bind::Buf(invstd), rm, rv];
     r.dispatch(&NORM_STATS_FINAL, &params, (&[part], &writes), grid(l.sets))?;
     let len = count * l.sets;
-    let params = [u(len)?, u(hw)?, u(c)?, u(l.div)?, u(l.modulo)?, gamma.is_some() as u32, beta.is_some() as u32, 0, 0];
+    let params =
+        [u(len)?, u(hw)?, u(c)?, u(l.div)?, u(l.modulo)?, gamma.is_some() as u32, beta.is_some() as u32, 0, 0, code, a];
     let reads = [Bind::Buf(x), opt(r, gamma), opt(r, beta), Bind::Buf(mean), Bind::Buf(invstd)];
     r.dispatch(&NORM_APPLY, &params, (&reads, &[Bind::Buf(y)]), grid(len))
 }
@@ -505,32 +556,37 @@ fn batch_norm_train(r: &mut Recorder, o: &ops::BatchNormTrain) -> Result<()> {
         return Err(unsupported(o, "synchronised batch norm needs a data-parallel group"));
     }
     let g = &o.g;
-    normalise(r, (&bn_layout(g), g.hw, g.c, g.eps), (o.x, o.gamma, o.beta, o.y), (o.mean, o.invstd), o.running)
+    let act = fused("batch_norm_train", o.act)?;
+    normalise(r, (&bn_layout(g), g.hw, g.c, g.eps), (o.x, o.gamma, o.beta, o.y), (o.mean, o.invstd), o.running, act)
 }
 
 fn batch_norm_infer(r: &mut Recorder, o: &ops::BatchNormInfer) -> Result<()> {
     let g = &o.g;
     let len = g.n * g.c * g.hw;
-    let params =
-        [u(len)?, u(g.hw)?, u(g.c)?, u(g.hw)?, u(g.c)?, o.gamma.is_some() as u32, o.beta.is_some() as u32, 1, f(g.eps)];
+    let [code, a] = fused("batch_norm_infer", o.act)?;
+    let (has_gamma, has_beta) = (o.gamma.is_some() as u32, o.beta.is_some() as u32);
+    let params = [u(len)?, u(g.hw)?, u(g.c)?, u(g.hw)?, u(g.c)?, has_gamma, has_beta, 1, f(g.eps), code, a];
     let reads = [Bind::Buf(o.x), opt(r, o.gamma), opt(r, o.beta), Bind::Buf(o.running_mean), Bind::Buf(o.running_var)];
     r.dispatch(&NORM_APPLY, &params, (&reads, &[Bind::Buf(o.y)]), grid(len))
 }
 
-/// The parameter-gradient sums of both norms; returns the per-channel sums buffer.
+/// The parameter-gradient sums of both norms; returns the per-channel sums buffer. `act`: the
+/// fused activation's output, code and constant (batch norm; `None` for none).
 fn param_sums(
     r: &mut Recorder,
     (l, n, c, hw): (&Layout, usize, usize, usize),
     (x, mean, invstd, dy): (ops::BufId, ops::BufId, ops::BufId, ops::BufId),
+    act: Option<(ops::BufId, [u32; 2])>,
     (dgamma, dbeta): (Option<GradOut>, Option<GradOut>),
 ) -> Result<Bind> {
     let sums = r.scratch(2 * c);
     let flag = |d: Option<GradOut>| (d.is_some() as u32, d.is_some_and(|d| d.accumulate) as u32);
     let ((hg, ag), (hb, ab)) = (flag(dgamma), flag(dbeta));
     let (segs, seg_len) = segments(c, n * hw);
-    let params = [u(n * hw)?, u(hw)?, u(c)?, u(l.div)?, u(l.modulo)?, hg, ag, hb, ab, u(segs)?, u(seg_len)?];
+    let (z, [code, a]) = act.unwrap_or((dy, [0, 0]));
+    let params = [u(n * hw)?, u(hw)?, u(c)?, u(l.div)?, u(l.modulo)?, hg, ag, hb, ab, u(segs)?, u(seg_len)?, code, a];
     let part = r.scratch(2 * c * segs);
-    let reads = [Bind::Buf(x), Bind::Buf(mean), Bind::Buf(invstd), Bind::Buf(dy)];
+    let reads = [Bind::Buf(x), Bind::Buf(mean), Bind::Buf(invstd), Bind::Buf(dy), Bind::Buf(z)];
     let k = NORM_PARAM_SUMS.pick(r);
     r.dispatch(k, &params, (&reads, std::slice::from_ref(&part)), per_set(c, segs)?)?;
     let writes = [sums.clone(), opt(r, dgamma.map(|d| d.buf)), opt(r, dbeta.map(|d| d.buf))];
@@ -544,13 +600,17 @@ fn batch_norm_backward(r: &mut Recorder, o: &ops::BatchNormBackward) -> Result<(
     }
     let g = &o.g;
     let l = bn_layout(g);
-    let sums = param_sums(r, (&l, g.n, g.c, g.hw), (o.x, o.mean, o.invstd, o.dy), (o.dgamma, o.dbeta))?;
+    let code = fused("batch_norm_backward", o.act.map(|a| a.f))?;
+    let act = o.act.map(|a| (a.y, code));
+    let sums = param_sums(r, (&l, g.n, g.c, g.hw), (o.x, o.mean, o.invstd, o.dy), act, (o.dgamma, o.dbeta))?;
     if let Some(dx) = o.dx {
         let len = g.n * g.c * g.hw;
+        let count = f((g.n * g.hw) as f32);
         let params =
-            [u(len)?, u(g.hw)?, u(g.c)?, o.gamma.is_some() as u32, dx.accumulate as u32, f((g.n * g.hw) as f32)];
+            [u(len)?, u(g.hw)?, u(g.c)?, o.gamma.is_some() as u32, dx.accumulate as u32, count, code[0], code[1]];
         let gamma = opt(r, o.gamma);
-        let reads = [Bind::Buf(o.x), gamma, Bind::Buf(o.mean), Bind::Buf(o.invstd), Bind::Buf(o.dy), sums];
+        let z = Bind::Buf(o.act.map_or(o.dy, |a| a.y));
+        let reads = [Bind::Buf(o.x), gamma, Bind::Buf(o.mean), Bind::Buf(o.invstd), Bind::Buf(o.dy), sums, z];
         r.dispatch(&BN_DX, &params, (&reads, &[Bind::Buf(dx.buf)]), grid(len))?;
     }
     Ok(())
@@ -558,14 +618,14 @@ fn batch_norm_backward(r: &mut Recorder, o: &ops::BatchNormBackward) -> Result<(
 
 fn group_norm(r: &mut Recorder, o: &ops::GroupNorm) -> Result<()> {
     let g = &o.g;
-    normalise(r, (&gn_layout(g), g.hw, g.c, g.eps), (o.x, o.gamma, o.beta, o.y), (o.mean, o.invstd), None)
+    normalise(r, (&gn_layout(g), g.hw, g.c, g.eps), (o.x, o.gamma, o.beta, o.y), (o.mean, o.invstd), None, [0, 0])
 }
 
 fn group_norm_backward(r: &mut Recorder, o: &ops::GroupNormBackward) -> Result<()> {
     let g = &o.g;
     let l = gn_layout(g);
     if o.dgamma.is_some() || o.dbeta.is_some() {
-        param_sums(r, (&l, g.n, g.c, g.hw), (o.x, o.mean, o.invstd, o.dy), (o.dgamma, o.dbeta))?;
+        param_sums(r, (&l, g.n, g.c, g.hw), (o.x, o.mean, o.invstd, o.dy), None, (o.dgamma, o.dbeta))?;
     }
     if let Some(dx) = o.dx {
         let params = [

@@ -167,9 +167,16 @@ impl LayerKind for BatchNorm {
         let rm = cx.param(ParamRole::RunningMean);
         let rv = cx.param(ParamRole::RunningVar);
         match (cx.mode, rm, rv) {
-            (Mode::Eval, Some(running_mean), Some(running_var)) => {
-                cx.push(Op::BatchNormInfer(ops::BatchNormInfer { g, x, gamma, beta, running_mean, running_var, y }))
-            }
+            (Mode::Eval, Some(running_mean), Some(running_var)) => cx.push(Op::BatchNormInfer(ops::BatchNormInfer {
+                g,
+                x,
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                y,
+                act: None,
+            })),
             _ => {
                 let mean = cx.save(g.c, "mean");
                 let invstd = cx.save(g.c, "invstd");
@@ -178,7 +185,8 @@ impl LayerKind for BatchNorm {
                     _ => None,
                 };
                 let sync = cx.sync_batch_norm && cx.mode == Mode::Train;
-                cx.push(Op::BatchNormTrain(ops::BatchNormTrain { g, x, gamma, beta, y, mean, invstd, running, sync }));
+                let op = ops::BatchNormTrain { g, x, gamma, beta, y, mean, invstd, running, sync, act: None };
+                cx.push(Op::BatchNormTrain(op));
             }
         }
         Ok(())
@@ -192,7 +200,7 @@ impl LayerKind for BatchNorm {
         if dx.is_some() || dgamma.is_some() {
             let gamma = cx.param(ParamRole::Weight);
             let (mean, invstd, sync) = (cx.saved(0), cx.saved(1), cx.sync_batch_norm);
-            let op = ops::BatchNormBackward { g, x, gamma, mean, invstd, dy, dx, dgamma, dbeta, sync };
+            let op = ops::BatchNormBackward { g, x, gamma, mean, invstd, dy, dx, dgamma, dbeta, sync, act: None };
             cx.push(Op::BatchNormBackward(op));
         }
         Ok(())
