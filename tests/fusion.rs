@@ -389,7 +389,12 @@ fn the_plan_has_the_fused_ops_and_less_memory() {
 fn evaluation_plans_fuse_and_fusion_is_set_before_the_first_plan() {
     let m = model(false).seed(5).build().unwrap();
     let mut e = Executor::new(&m, cpu()).unwrap();
-    e.set_fusion(true).unwrap();
+    // The CPU fuses by default (unless KILN_FUSION says otherwise).
+    if std::env::var_os("KILN_FUSION").is_none() {
+        assert!(cpu().fuses_norm_activation());
+    } else {
+        e.set_fusion(true).unwrap();
+    }
     let id = e.plan(4, Mode::Eval, PlanOptions::default()).unwrap();
     let p = e.plan_info(id);
     let fused = p.forward.iter().filter(|o| matches!(o, Op::BatchNormInfer(b) if b.act.is_some())).count();

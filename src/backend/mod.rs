@@ -67,6 +67,13 @@ pub trait Backend: Send {
         None
     }
 
+    /// Whether plans for this backend fuse batch norm with the activation after it by default
+    /// (`exec/fuse.rs`; `Executor::set_fusion` and `KILN_FUSION` decide otherwise): yes where
+    /// the fused kernels have been checked on the device kind (CPU, wgpu).
+    fn fuses_norm_activation(&self) -> bool {
+        true
+    }
+
     /// Releases a buffer's memory (after a plan failed part-way); the id must not be used again.
     fn free(&mut self, buf: BufId) -> Result<()>;
 
@@ -198,6 +205,9 @@ impl Backend for Box<dyn Backend> {
     }
     fn tf32(&self) -> Option<bool> {
         (**self).tf32()
+    }
+    fn fuses_norm_activation(&self) -> bool {
+        (**self).fuses_norm_activation()
     }
     fn write_host(&mut self, buf: BufId, data: HostSlice<'_>) -> Result<()> {
         (**self).write_host(buf, data)

@@ -23,7 +23,9 @@
 //! (`exec/checkpoint.rs`) it fuses the recomputed forward too (those ops sit in the backward
 //! list), over pooled buffers. Every backend runs the fused ops (CPU, CUDA, wgpu).
 //!
-//! `Lowering::fuse` (on by default; `Executor::set_fusion`, `KILN_FUSION=0`) turns the pass on.
+//! `Lowering::fuse` turns the pass on: by default where the backend says so
+//! (`Backend::fuses_norm_activation`: the CPU and wgpu; not CUDA until its fused kernels have run
+//! on a GPU), `KILN_FUSION=0`/`1` off or on everywhere, `Executor::set_fusion` per executor.
 
 use std::collections::HashMap;
 

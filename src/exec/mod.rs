@@ -74,10 +74,15 @@ enum Key {
     Step(StepDesc),
 }
 
-/// `KILN_FUSION=0`: executors compile plans without fusion (`exec/fuse.rs`) unless told
-/// otherwise ([`Executor::set_fusion`]); for measuring what it saves.
-fn fusion_default() -> bool {
-    std::env::var("KILN_FUSION").map_or(true, |v| v != "0")
+/// Whether a new executor's plans fuse batch norm with the activation after it (`exec/fuse.rs`):
+/// `KILN_FUSION=0` off, `KILN_FUSION=1` on, else the backend's default
+/// ([`Backend::fuses_norm_activation`]); [`Executor::set_fusion`] decides afterwards.
+fn fusion_default<B: Backend + ?Sized>(backend: &B) -> bool {
+    match std::env::var("KILN_FUSION").as_deref() {
+        Ok("0") => false,
+        Ok("1") => true,
+        _ => backend.fuses_norm_activation(),
+    }
 }
 
 /// `KILN_DEBUG=1`: print each plan's memory when it is compiled.
@@ -103,6 +108,7 @@ impl<B: Backend> Executor<B> {
                 _ => None,
             });
         }
+        let fuse = fusion_default(&backend);
         Ok(Executor {
             backend,
             model: model.clone(),
@@ -112,14 +118,15 @@ impl<B: Backend> Executor<B> {
             keys: Vec::new(),
             plans: Vec::new(),
             training: None,
-            fuse: fusion_default(),
+            fuse,
         })
     }
 
     /// Whether plans compiled from now on fuse batch norm with the activation after it
-    /// (`exec/fuse.rs`; on by default, off with `KILN_FUSION=0`): the same values (bit for bit
-    /// on the CPU), one buffer and one pass over memory fewer per fused pair. Set it before the
-    /// first plan: afterwards it is an error (plans already compiled would not follow it).
+    /// (`exec/fuse.rs`; by default as `KILN_FUSION` or the backend says: on for the CPU and
+    /// wgpu, off for CUDA until its fused kernels have run on a GPU): the same values (bit for
+    /// bit on the CPU), passes over memory and launches fewer. Set it before the first plan:
+    /// afterwards it is an error (plans already compiled would not follow it).
     pub fn set_fusion(&mut self, on: bool) -> Result<()> {
         if !self.plans.is_empty() && on != self.fuse {
             return Err(Error::State("Executor::set_fusion must be called before the first plan is compiled".into()));
