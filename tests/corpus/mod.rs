@@ -173,6 +173,22 @@ pub fn cases() -> Vec<Case> {
             img(3, 2, 4, 4).conv2d_with(no_bias(3, 3)).batch_norm_with(BatchNorm::new().track_running_stats(false))
         }),
         parity_only("batch_norm_large", || img(16, 8, 16, 16).conv2d_with(no_bias(16, 3)).batch_norm()),
+        // Batch norm with each activation it fuses (exec/fuse.rs; ReLU is in batch_norm_2d).
+        bn_case("batch_norm_fused_activations", || {
+            img(3, 2, 4, 4)
+                .conv2d_with(no_bias(4, 3))
+                .batch_norm()
+                .leaky_relu(0.1)
+                .conv2d_with(no_bias(4, 1))
+                .batch_norm()
+                .sigmoid()
+                .conv2d_with(no_bias(4, 1))
+                .batch_norm_with(BatchNorm::new().affine(false))
+                .tanh()
+                .conv2d_with(no_bias(3, 1))
+                .batch_norm()
+                .elu(1.0)
+        }),
         // Group norm.
         bn_case("group_norm", || img(2, 4, 3, 3).conv2d(6, 1).group_norm(3)),
         bn_case("group_norm_no_affine_eps", || {
