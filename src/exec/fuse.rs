@@ -21,7 +21,9 @@
 //! on the f32 NCHW plan as lowered, before mixed precision (`exec/autocast.rs`), which then gives
 //! the fused ops the form of their input as for any batch norm; inside checkpointed segments
 //! (`exec/checkpoint.rs`) it fuses the recomputed forward too (those ops sit in the backward
-//! list), over pooled buffers. Every backend runs the fused ops (CPU, CUDA, wgpu).
+//! list), over pooled buffers, and a segment's last batch norm fuses with the activation after
+//! the segment (its backward reads the recomputed statistics, the same bits as the forward's).
+//! Every backend runs the fused ops (CPU, CUDA, wgpu).
 //!
 //! `Lowering::fuse` turns the pass on: by default where the backend says so
 //! (`Backend::fuses_norm_activation`: the CPU and wgpu; not CUDA until its fused kernels have run
