@@ -523,7 +523,10 @@ fn half_nhwc_fused_batch_norm_matches_the_cpu() {
     for half in [DType::BF16, DType::F16] {
         let mut gpu = cuda();
         for f in [ActFn::Relu, ActFn::LeakyRelu(0.1), ActFn::Elu(1.0), ActFn::Sigmoid, ActFn::Tanh] {
-            for (n, c, hw) in [(4, 16, 49), (2, 40, 100), (3, 70, 1)] {
+            // 70 channels after a dense layer over 24 samples (rows of a partial channel group); not
+            // 3 samples, where batch norm's input gradient is mostly cancellation and bf16 inputs
+            // alone move it past the bound (the unfused test's 3x70x1 case, lead 04:00).
+            for (n, c, hw) in [(4, 16, 49), (2, 40, 100), (24, 70, 1)] {
                 let len = n * c * hw;
                 let g = BnGeom { n, c, hw, eps: 1e-5 };
                 let (xv, dzv, dx0) = (random(len, 51), random(len, 52), random(len, 53));
