@@ -15,7 +15,7 @@
 //! counter. A segment's last layer is recomputed only if it saved something (a batch norm's
 //! statistics, a dropout mask); otherwise its backward reads its kept output.
 
-use super::compile::{GRADIENT, Lowering, PLANNED, Table, node_params};
+use super::compile::{GRADIENT, Lowering, PLANNED, Table, lifetime_holders, node_params};
 use super::plan::{BufRole, Mode, ParamBuffers, Plan};
 use crate::Result;
 use crate::backend::ops::Access;
@@ -217,13 +217,12 @@ impl<'a> Segments<'a> {
                 }
             });
         }
-        let mut order: Vec<usize> = (0..n).collect();
-        order.sort_by_key(|&v| first[v]);
+        let pool = &self.pool.0;
+        let key = |v: usize| (pool[v].len, pool[v].dtype, pool[v].role);
+        let (order, holder) = lifetime_holders(&first, &last, key, |v| !pool[v].pinned && !own[v]);
         let mut physical = vec![BufId(0); n];
-        // (buffer, length, dtype, role, free after op index)
-        let mut free: Vec<(BufId, usize, DType, BufRole, usize)> = Vec::new();
         for v in order {
-            let b = &self.pool.0[v];
+            let b = &pool[v];
             if first[v] == usize::MAX
                 && !plan.node_outputs.contains(&BufId(POOLED + v))
                 && plan.output != BufId(POOLED + v)
@@ -231,23 +230,12 @@ impl<'a> Segments<'a> {
                 // Named by no op (fused away by exec/fuse.rs): no table entry.
                 continue;
             }
-            if b.pinned || own[v] || first[v] == usize::MAX {
-                physical[v] = table.new_buffer(b.len, b.dtype, b.role, b.label.clone());
-                continue;
-            }
-            let fits = |f: &&mut (BufId, usize, DType, BufRole, usize)| {
-                f.1 == b.len && f.2 == b.dtype && f.3 == b.role && f.4 < first[v]
-            };
-            physical[v] = match free.iter_mut().find(fits) {
-                Some(f) => {
-                    f.4 = last[v];
-                    f.0
-                }
-                None => {
-                    let id = table.new_buffer(b.len, b.dtype, b.role, format!("{} (checkpointed)", b.label));
-                    free.push((id, b.len, b.dtype, b.role, last[v]));
-                    id
-                }
+            physical[v] = if holder[v] != v {
+                physical[holder[v]]
+            } else if b.pinned || own[v] || first[v] == usize::MAX {
+                table.new_buffer(b.len, b.dtype, b.role, b.label.clone())
+            } else {
+                table.new_buffer(b.len, b.dtype, b.role, format!("{} (checkpointed)", b.label))
             };
         }
         let mut map = |b: &mut BufId| {

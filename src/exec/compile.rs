@@ -186,6 +186,40 @@ pub(super) fn network(
     Ok(plan)
 }
 
+/// Buffer reuse by lifetime, the one rule of every pool a plan has (activation gradients,
+/// checkpointed segments, activations): items are visited in order of first use (`first[i]`,
+/// an op index; `usize::MAX` for an item no op names), and one that may share (`shares(i)`)
+/// takes the buffer of the first earlier holder with the same `key` whose last use
+/// (`last`) came strictly before its first; any other item holds a buffer of its own, which
+/// only sharing items after it can take. Returns the visiting order (every item) and each
+/// item's holder (itself when it holds a buffer).
+pub(super) fn lifetime_holders<K: PartialEq>(
+    first: &[usize],
+    last: &[usize],
+    key: impl Fn(usize) -> K,
+    shares: impl Fn(usize) -> bool,
+) -> (Vec<usize>, Vec<usize>) {
+    let mut order: Vec<usize> = (0..first.len()).collect();
+    order.sort_by_key(|&i| first[i]);
+    let mut holder: Vec<usize> = (0..first.len()).collect();
+    // (holding item, free after op index)
+    let mut pool: Vec<(usize, usize)> = Vec::new();
+    for &i in &order {
+        if first[i] == usize::MAX || !shares(i) {
+            continue;
+        }
+        let k = key(i);
+        match pool.iter_mut().find(|slot| key(slot.0) == k && slot.1 < first[i]) {
+            Some(slot) => {
+                holder[i] = slot.0;
+                slot.1 = last[i];
+            }
+            None => pool.push((i, last[i])),
+        }
+    }
+    (order, holder)
+}
+
 /// Lets activations share storage by lifetime, as [`assign_gradients`] does for gradients: an
 /// activation is live from the op that first writes it to the op that last reads it, over
 /// forward then backward (in training, most are read again by backward and live that long;
@@ -217,26 +251,8 @@ fn share_activations(table: &mut Table, plan: &mut Plan) {
             last[i] = last[i].max(k);
         });
     }
-    let mut order: Vec<usize> = (0..n).filter(|&i| shares[i] && first[i] != usize::MAX).collect();
-    order.sort_by_key(|&i| first[i]);
-    // For each entry, the entry whose buffer it takes (itself when it keeps its own).
-    let mut holder: Vec<usize> = (0..n).collect();
-    // (holding entry, free after op index)
-    let mut pool: Vec<(usize, usize)> = Vec::new();
-    for i in order {
-        let (len, dtype) = (table.buffers[i].len, table.buffers[i].dtype);
-        let fits = |slot: &&mut (usize, usize)| {
-            let h = &table.buffers[slot.0];
-            h.len == len && h.dtype == dtype && slot.1 < first[i]
-        };
-        match pool.iter_mut().find(fits) {
-            Some(slot) => {
-                holder[i] = slot.0;
-                slot.1 = last[i];
-            }
-            None => pool.push((i, last[i])),
-        }
-    }
+    let key = |i: usize| (table.buffers[i].len, table.buffers[i].dtype);
+    let (_, holder) = lifetime_holders(&first, &last, key, |i| shares[i]);
     if holder.iter().enumerate().all(|(i, &h)| i == h) {
         return;
     }
@@ -396,27 +412,17 @@ fn assign_gradients(table: &mut Table, plan: &mut Plan, grads: &[VirtualGrad]) {
     if let Some(ig) = plan.input_grad {
         last[ig.0 - GRADIENT] = ops.len() + 1;
     }
-    let mut order: Vec<usize> = (0..n_virtual).collect();
-    order.sort_by_key(|&v| first[v]);
+    let (order, holder) = lifetime_holders(&first, &last, |v| (grads[v].len, grads[v].dtype), |_| true);
     let mut physical = vec![BufId(0); n_virtual];
-    // (buffer, length, dtype, free after op index)
-    let mut pool: Vec<(BufId, usize, DType, usize)> = Vec::new();
     for v in order {
         if first[v] == usize::MAX {
             continue;
         }
         let g = &grads[v];
-        let reuse = pool.iter().position(|&(_, l, d, free_after)| l == g.len && d == g.dtype && free_after < first[v]);
-        physical[v] = match reuse {
-            Some(p) => {
-                pool[p].3 = last[v];
-                pool[p].0
-            }
-            None => {
-                let id = table.new_buffer(g.len, g.dtype, BufRole::Gradient, g.label.clone());
-                pool.push((id, g.len, g.dtype, last[v]));
-                id
-            }
+        physical[v] = if holder[v] == v {
+            table.new_buffer(g.len, g.dtype, BufRole::Gradient, g.label.clone())
+        } else {
+            physical[holder[v]]
         };
     }
     let mut map = |b: &mut BufId| {
