@@ -212,6 +212,11 @@ pub fn adapters() -> Vec<AdapterSummary> {
     pollster::block_on(instance().enumerate_adapters(wgpu::Backends::PRIMARY)).iter().map(summary).collect()
 }
 
+/// `KILN_WGPU_ARENA=1`: plan buffers as ranges of one wgpu buffer ([`WgpuBackend::with_arena`]).
+fn one_arena_from_env() -> bool {
+    std::env::var("KILN_WGPU_ARENA").is_ok_and(|v| v == "1")
+}
+
 fn device_error(ordinal: usize, reason: impl Into<String>) -> Error {
     Error::Device { device: format!("wgpu:{ordinal}"), reason: reason.into() }
 }
@@ -220,7 +225,7 @@ impl WgpuBackend {
     /// Opens adapter `ordinal` of [`adapters`]; an error when there is no such adapter (no
     /// Vulkan/Metal/DX12 driver) or its device cannot be created.
     pub fn new(ordinal: usize) -> Result<Self> {
-        Self::with_arena(ordinal, std::env::var("KILN_WGPU_ARENA").is_ok_and(|v| v == "1"))
+        Self::with_arena(ordinal, one_arena_from_env())
     }
 
     /// [`WgpuBackend::new`], with the plan buffers as ranges of one wgpu buffer (`one_arena`,
@@ -247,7 +252,7 @@ impl WgpuBackend {
         let list = pollster::block_on(instance().enumerate_adapters(wgpu::Backends::PRIMARY));
         let names: Vec<String> = list.iter().map(|a| summary(a).name).collect();
         match list.into_iter().enumerate().find(|(_, a)| summary(a).is_gpu) {
-            Some((i, a)) => Self::with_adapter(i, a, std::env::var("KILN_WGPU_ARENA").is_ok_and(|v| v == "1")),
+            Some((i, a)) => Self::with_adapter(i, a, one_arena_from_env()),
             None if names.is_empty() => Err(device_error(0, "no wgpu adapter")),
             None => Err(device_error(0, format!("no wgpu GPU adapter (only CPU drivers: {})", names.join(", ")))),
         }
